@@ -1,0 +1,139 @@
+"""The core-attention interface every registered variant implements, and the mask helpers they share.
+
+Tensors are heads-first: q (B, H, L, D), k (B, H, S, D), v (B, H, S, Dv) -> (B, H, L, Dv).
+``key_padding_mask`` is (B, S) bool with True = padding, as in ``torch.nn.MultiheadAttention``.
+A query that sees no key (every key padded, or every key up to it under ``causal``) outputs zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Attention(nn.Module):
+    """Base class: validates inputs, then calls :meth:`attend`.
+
+    Subclasses implement ``attend(q, k, v, key_padding_mask, causal)`` on validated tensors and set
+    ``supports_causal`` / ``supports_key_padding`` to False for options they cannot honour
+    (those then raise instead of being ignored).
+    """
+
+    supports_causal: bool = True
+    supports_key_padding: bool = True
+
+    def __init__(self, head_dim: int, num_heads: int) -> None:
+        super().__init__()
+        for name, value in (("head_dim", head_dim), ("num_heads", num_heads)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.head_dim = head_dim
+        self.num_heads = num_heads
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        causal: bool = False,
+    ) -> Tensor:
+        check_inputs(q, k, v, key_padding_mask, causal, self.num_heads, self.head_dim)
+        name = type(self).__name__
+        if causal and not self.supports_causal:
+            raise ValueError(f"{name} does not support causal=True")
+        if key_padding_mask is not None and not self.supports_key_padding:
+            raise ValueError(f"{name} does not support key_padding_mask")
+        return self.attend(q, k, v, key_padding_mask, causal)
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, num_heads={self.num_heads}"
+
+
+def check_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    num_heads: int,
+    head_dim: int,
+) -> None:
+    """Raise ``ValueError`` naming the shapes when q, k, v and the mask do not fit together."""
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D (B, H, L|S, D), got {shapes}")
+    (b, h, length, d), (bk, hk, s, dk), (bv, hv, sv, _) = q.shape, k.shape, v.shape
+    if not (b == bk == bv and h == hk == hv):
+        raise ValueError(f"q, k, v must share batch and head dims, got {shapes}")
+    if h != num_heads or d != head_dim or dk != head_dim:
+        raise ValueError(
+            f"expected {num_heads} heads of dim {head_dim} (B, {num_heads}, L, {head_dim}), got {shapes}"
+        )
+    if s != sv:
+        raise ValueError(f"k and v must have the same length S, got {shapes}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if causal and length != s:
+        raise ValueError(f"causal=True needs self-attention (L == S), got {shapes}")
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (b, s) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(
+                f"key_padding_mask must be bool of shape (B, S) = ({b}, {s}) with True = padding, "
+                f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)} for {shapes}"
+            )
+
+
+def empty_rows(key_padding_mask: Tensor, length: int, causal: bool) -> Tensor:
+    """(B, 1, L, 1) bool: True where a query sees no key at all (its output is defined as zero)."""
+    visible = ~key_padding_mask  # (B, S)
+    if causal:
+        empty = visible.cumsum(-1) == 0  # (B, L): nothing visible in keys 0..t
+    else:
+        empty = (~visible.any(-1, keepdim=True)).expand(-1, length)  # (B, L)
+    return empty[:, None, :, None]
+
+
+def allowed_pairs(key_padding_mask: Tensor, length: int, causal: bool) -> tuple[Tensor, Tensor]:
+    """Boolean (B, 1, L, S) mask, True = query may attend key, and the (B, 1, L, 1) empty rows.
+
+    Empty rows are let through to every key (so softmax stays finite and gradients NaN-free);
+    callers zero those rows' outputs afterwards.
+    """
+    s = key_padding_mask.shape[-1]
+    allowed = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
+    if causal:
+        tril = torch.ones(length, s, dtype=torch.bool, device=key_padding_mask.device).tril()
+        allowed = allowed & tril  # (B, 1, L, S)
+    empty = empty_rows(key_padding_mask, length, causal)  # (B, 1, L, 1)
+    return allowed | empty, empty
+
+
+def softmax_attention(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool, scale: float
+) -> Tensor:
+    """softmax(scale · q kᵀ + mask) v through ``F.scaled_dot_product_attention`` (fused kernels)."""
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    allowed, empty = allowed_pairs(key_padding_mask, q.shape[-2], causal)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)  # (B, H, L, Dv)
+    return out.masked_fill(empty, 0.0)
+
+
+def masked_softmax(scores: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
+    """Row softmax of explicit (B, H, L, S) scores under the masks; empty rows become zeros."""
+    if key_padding_mask is None and not causal:
+        return scores.softmax(-1)
+    length, s = scores.shape[-2:]
+    if key_padding_mask is None:
+        key_padding_mask = torch.zeros(scores.shape[0], s, dtype=torch.bool, device=scores.device)
+    allowed, empty = allowed_pairs(key_padding_mask, length, causal)
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)  # (B, H, L, S)
+    return weights.masked_fill(empty, 0.0)

@@ -1,0 +1,89 @@
+"""FAVOR+ (Choromanski et al. 2021, "Rethinking Attention with Performers")."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..registry import register_attention
+from .features import KERNELS, gaussian_projection, positive_features, relu_features, trig_features
+from .kernel import KernelAttention
+
+
+@register_attention("favor")
+class FavorAttention(KernelAttention):
+    """FAVOR+: softmax (or ReLU) kernel attention via random features.
+
+    out_i = φ(q_i)ᵀ Σ_j φ(k_j) v_jᵀ / φ(q_i)ᵀ Σ_j φ(k_j),  φ(q)·φ(k) ≈ exp(qᵀk/√d);
+    kernel="softmax": positive features exp(wᵀx − ‖x‖²/2)/√m (FAVOR+),
+    kernel="softmax_trig": exp(‖x‖²/2)[sin wᵀx, cos wᵀx] (2m features), kernel="relu": relu(wᵀx) + eps.
+    O(L·m·d) time, O(L·(m+d)) memory; causal by chunked prefix sums, O(L·(m+d) + chunk²) memory.
+    Masks: key padding yes; causal yes. The m×d projection (rows w, shared by all heads) is a
+    buffer, so it is saved in checkpoints; it is redrawn every ``redraw_interval`` training
+    forward calls (0 = never; never in eval mode), from ``seed`` if given (same on every process).
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        num_heads: int,
+        *,
+        num_features: int = 256,
+        kernel: str = "softmax",
+        orthogonal: bool = True,
+        redraw_interval: int = 0,
+        kernel_eps: float = 1e-3,
+        seed: int | None = None,
+        chunk_size: int = 64,
+    ) -> None:
+        super().__init__(head_dim, num_heads, chunk_size=chunk_size)
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if num_features < 1 or redraw_interval < 0 or kernel_eps < 0:
+            raise ValueError(
+                "need num_features >= 1, redraw_interval >= 0, kernel_eps >= 0; got "
+                f"{num_features}, {redraw_interval}, {kernel_eps}"
+            )
+        self.num_features, self.kernel, self.orthogonal = num_features, kernel, orthogonal
+        self.redraw_interval, self.kernel_eps, self.seed = redraw_interval, kernel_eps, seed
+        self.register_buffer("projection", torch.empty(num_features, head_dim))  # (m, d)
+        self.register_buffer("num_draws", torch.zeros((), dtype=torch.long))
+        self.register_buffer("calls_since_draw", torch.zeros((), dtype=torch.long))
+        self.redraw_features()
+
+    @torch.no_grad()
+    def redraw_features(self) -> None:
+        """Draw a fresh projection: from ``seed`` and the draw count if a seed is set, else from torch's RNG."""
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.num_draws))
+        w = gaussian_projection(
+            self.num_features, self.head_dim, orthogonal=self.orthogonal, generator=generator
+        )
+        self.projection.copy_(w)
+        self.num_draws += 1
+        self.calls_since_draw.zero_()
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool
+    ) -> Tensor:
+        if self.training and self.redraw_interval > 0:
+            if int(self.calls_since_draw) >= self.redraw_interval:
+                self.redraw_features()
+            self.calls_since_draw += 1
+        return super().attend(q, k, v, key_padding_mask, causal)
+
+    def feature_map(self, x: Tensor, is_query: bool) -> Tensor:
+        x = x * self.head_dim**-0.25  # (B, H, N, d): φ(q)·φ(k) ≈ exp(qᵀk/√d)
+        w = self.projection.to(x.dtype)  # (m, d)
+        if self.kernel == "softmax":
+            return positive_features(x, w, is_query)
+        if self.kernel == "softmax_trig":
+            return trig_features(x, w, is_query)
+        return relu_features(x, w, self.kernel_eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, num_features={self.num_features}, kernel={self.kernel!r}, "
+            f"orthogonal={self.orthogonal}, redraw_interval={self.redraw_interval}"
+        )

@@ -1,0 +1,25 @@
+"""Katharopoulos et al. 2020 linear attention ("Transformers are RNNs")."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..registry import register_attention
+from .kernel import KernelAttention
+
+
+@register_attention("linear")
+class LinearAttention(KernelAttention):
+    """Linear attention with the elu+1 feature map.
+
+    out_i = φ(q_i)ᵀ Σ_j φ(k_j) v_jᵀ / φ(q_i)ᵀ Σ_j φ(k_j),  φ(x) = elu(x) + 1 (M = D features).
+    O(L·D·Dv) time; O(L·(D+Dv)) memory; causal by chunked prefix sums (``chunk_size``).
+    Masks: key padding yes; causal yes.
+    """
+
+    def __init__(self, head_dim: int, num_heads: int, *, chunk_size: int = 64) -> None:
+        super().__init__(head_dim, num_heads, chunk_size=chunk_size)
+
+    def feature_map(self, x: Tensor, is_query: bool) -> Tensor:
+        return F.elu(x) + 1.0  # (B, H, N, D)

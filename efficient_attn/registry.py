@@ -1,0 +1,91 @@
+"""The attention registry: one name per variant, one constructor, loud errors.
+
+    @register_attention("softmax")
+    class SoftmaxAttention(Attention): ...
+
+    attn = create_attention("softmax", head_dim=64, num_heads=8)
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Callable, TypeVar
+
+from torch import nn
+
+_REGISTRY: dict[str, type[nn.Module]] = {}
+_SHARED_ARGS = ("head_dim", "num_heads")
+
+T = TypeVar("T", bound=type[nn.Module])
+
+
+def register_attention(name: str) -> Callable[[T], T]:
+    """Class decorator adding an attention variant to the registry under ``name``."""
+
+    def decorator(cls: T) -> T:
+        if name in _REGISTRY:
+            raise ValueError(
+                f"attention {name!r} is already registered by {_REGISTRY[name].__qualname__}; "
+                "pick another name"
+            )
+        params = inspect.signature(cls.__init__).parameters
+        missing = [arg for arg in _SHARED_ARGS if arg not in params]
+        positional = [
+            key for key, p in params.items()
+            if key != "self" and key not in _SHARED_ARGS and p.kind is not p.KEYWORD_ONLY
+        ]
+        if missing or positional:
+            raise TypeError(
+                f"{cls.__qualname__}.__init__ must accept {list(_SHARED_ARGS)} and take every other "
+                f"option keyword-only (missing: {missing}, not keyword-only: {positional})"
+            )
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def list_attentions() -> list[str]:
+    """Names of every registered attention, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_attention_class(name: str) -> type[nn.Module]:
+    """The class registered under ``name``; unknown names raise ``ValueError`` listing the known ones."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"unknown attention {name!r}.{hint} Registered attentions: {', '.join(list_attentions())}"
+        )
+    return _REGISTRY[name]
+
+
+def attention_options(name: str) -> dict[str, object]:
+    """The keyword options ``name`` accepts (beyond head_dim/num_heads) and their defaults."""
+    params = inspect.signature(get_attention_class(name).__init__).parameters
+    return {
+        key: (None if p.default is inspect.Parameter.empty else p.default)
+        for key, p in params.items()
+        if key != "self" and key not in _SHARED_ARGS and p.kind is p.KEYWORD_ONLY
+    }
+
+
+def create_attention(name: str, *, head_dim: int, num_heads: int, **kwargs) -> nn.Module:
+    """Build the attention registered under ``name``.
+
+    Unknown ``name`` raises ``ValueError`` (closest match and every registered name);
+    an unknown keyword raises ``TypeError`` listing the accepted ones with their defaults.
+    """
+    cls = get_attention_class(name)
+    accepted = attention_options(name)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        listing = ", ".join(f"{k}={v!r}" for k, v in accepted.items()) or "(none)"
+        close = [m for u in unknown for m in difflib.get_close_matches(u, accepted, n=1)]
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise TypeError(
+            f"attention {name!r} got unknown option(s) {unknown}.{hint} Accepted: {listing}"
+        )
+    return cls(head_dim=head_dim, num_heads=num_heads, **kwargs)
