@@ -3,6 +3,7 @@
 Tensors are heads-first: q (B, H, L, D), k (B, H, S, D), v (B, H, S, Dv) -> (B, H, L, Dv).
 ``key_padding_mask`` is (B, S) bool with True = padding, as in ``torch.nn.MultiheadAttention``.
 A query that sees no key (every key padded, or every key up to it under ``causal``) outputs zeros.
+Padded keys and values are zeroed before any variant sees them, so whatever they hold cannot leak.
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ class Attention(nn.Module):
         name = type(self).__name__
         if causal and not self.supports_causal:
             raise ValueError(f"{name} does not support causal=True")
-        if key_padding_mask is not None and not self.supports_key_padding:
-            raise ValueError(f"{name} does not support key_padding_mask")
+        if key_padding_mask is not None:
+            if not self.supports_key_padding:
+                raise ValueError(f"{name} does not support key_padding_mask")
+            pad = key_padding_mask[:, None, :, None]  # (B, 1, S, 1)
+            k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)  # padding (even inf/NaN) cannot leak
         return self.attend(q, k, v, key_padding_mask, causal)
 
     def attend(

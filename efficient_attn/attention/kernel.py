@@ -19,8 +19,8 @@ class KernelAttention(Attention):
     """Base for attentions of the form φ(q)ᵀφ(k)-weighted averages; subclasses define ``feature_map``.
 
     Features and products are computed in float32 (float64 if the inputs are float64), also under
-    bf16/fp16 autocast; the output comes back in v's dtype. Padded keys are zeroed before the
-    feature map, so their values (even inf) cannot reach any output.
+    bf16/fp16 autocast; the output comes back in v's dtype. Padded keys get a zero row in the
+    value-and-normalizer matrix, so their features never reach any output.
     """
 
     def __init__(self, head_dim: int, num_heads: int, *, chunk_size: int = 64) -> None:
@@ -41,10 +41,8 @@ class KernelAttention(Attention):
         with torch.autocast(q.device.type, enabled=False):
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
             v1 = F.pad(v, (0, 1), value=1.0)  # (B, H, S, Dv+1): last column sums the normalizer
-            if key_padding_mask is not None:
-                pad = key_padding_mask[:, None, :, None]  # (B, 1, S, 1)
-                k = k.masked_fill(pad, 0.0)
-                v1 = v1.masked_fill(pad, 0.0)
+            if key_padding_mask is not None:  # k, v are zero there already; drop their normalizer too
+                v1 = v1.masked_fill(key_padding_mask[:, None, :, None], 0.0)
             phi_q = self.feature_map(q, is_query=True)  # (B, H, L, M)
             phi_k = self.feature_map(k, is_query=False)  # (B, H, S, M)
             if causal:

@@ -1,0 +1,420 @@
+"""Benchmark: forward+backward time and peak memory of every attention against sequence length L.
+
+What: for each (attention, mode in {causal, noncausal}, L) point, self-attention on random
+q, k, v of shape (B, H, L, D) with requires_grad, one step = ``attn(q, k, v).mean().backward()``.
+How: each point runs in a fresh subprocess (``python -m efficient_attn.bench --worker JSON``) with
+``torch.set_num_threads`` and OMP/MKL_NUM_THREADS set, so peak memory is per point. The worker
+builds inputs, reads RSS (``base_rss_mib``), runs 1 warm-up step and ``--repeats`` timed steps
+(median ``time_s`` and ``time_min_s``; CUDA synchronized), then reports the process peak RSS
+(``getrusage`` ru_maxrss) and, on CUDA, ``torch.cuda.max_memory_allocated``. On CPU the worker
+caps its address space (RLIMIT_AS) at what is free, so a point too big fails as ``oom``
+instead of waking the OOM killer. A point that times out / OOMs / errors ends its series: larger
+L are recorded as ``skipped``. Baselines in the same run: performer-pytorch ``FastAttention``
+(``performer_pytorch``) and raw ``F.scaled_dot_product_attention`` (``sdpa``). A square matmul
+in a subprocess gives the machine's peak GFLOP/s for the same dtype and thread count.
+Outputs in ``--out``: ``bench_<device>.csv``, ``bench_<device>.png``, ``summary_<device>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import math
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384]
+QUICK_LENGTHS = [256, 512, 1024]
+BASELINES = ["performer_pytorch", "sdpa"]
+FEATURE_ATTENTIONS = {"favor", "performer_pytorch"}  # FLOPs 3 × 8·L·m·d per head (fwd 8Lmd, bwd ≈ 2× fwd)
+QUADRATIC_ATTENTIONS = {"softmax", "dot", "bilinear", "sdpa"}  # FLOPs 3 × 4·L²·d per head, noncausal only
+FAILED = ("timeout", "oom", "error")
+FIELDS = ["attention", "mode", "L", "batch", "heads", "head_dim", "num_features", "dtype", "device",
+          "threads", "status", "time_s", "time_min_s", "peak_rss_mib", "base_rss_mib", "peak_cuda_mib",
+          "gflops", "frac_of_matmul", "torch_version", "message"]
+MARK = "BENCH_RESULT "
+MIB = 2**20
+
+
+# ---------------------------------------------------------------- worker side (one point per process)
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+
+
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+def _cap_address_space() -> None:
+    """Let this process map at most its current size plus 90% of free RAM: OOM becomes an exception."""
+    with open("/proc/self/status") as f:
+        vm_size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    limit = vm_size + int(0.9 * _available_bytes())
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _build(spec: dict[str, Any]) -> Callable:
+    """The callable f(q, k, v) timed for ``spec['attention']``."""
+    import torch
+    import torch.nn.functional as F
+
+    name, causal = spec["attention"], spec["mode"] == "causal"
+    if name == "sdpa":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if name == "performer_pytorch":
+        from performer_pytorch import FastAttention
+
+        module = FastAttention(dim_heads=spec["head_dim"], nb_features=spec["num_features"], causal=causal)
+        return module.to(spec["device"])
+    import efficient_attn as ea
+
+    kwargs = {"num_features": spec["num_features"]} if "num_features" in ea.attention_options(name) else {}
+    module = ea.create_attention(name, head_dim=spec["head_dim"], num_heads=spec["heads"], **kwargs)
+    module = module.to(spec["device"])
+    return lambda q, k, v: module(q, k, v, causal=causal)
+
+
+def run_point(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time one (attention, mode, L) point in this process; returns the measured fields."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    device, cuda = torch.device(spec["device"]), spec["device"].startswith("cuda")
+    dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[spec["dtype"]])
+    fn = _build(spec)
+    params = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
+    shape = (spec["batch"], spec["heads"], spec["L"], spec["head_dim"])
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=dtype).requires_grad_() for _ in range(3))
+    leaves = [q, k, v, *params]
+
+    def step() -> None:
+        for t in leaves:
+            t.grad = None
+        fn(q, k, v).mean().backward()
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base_rss = _rss_mib()
+    step()  # warm-up
+    times = []
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {
+        "status": "ok", "time_s": statistics.median(times), "time_min_s": min(times),
+        "base_rss_mib": base_rss, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mib": torch.cuda.max_memory_allocated() / MIB if cuda else None,
+    }
+
+
+def run_matmul(spec: dict[str, Any]) -> dict[str, Any]:
+    """Best-of-repeats GFLOP/s of an n×n @ n×n matmul (2n³ FLOPs)."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    n, cuda = spec["L"], spec["device"].startswith("cuda")
+    dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[spec["dtype"]])
+    a, b = (torch.randn(n, n, device=spec["device"], dtype=dtype) for _ in range(2))
+    times = []
+    for _ in range(spec["repeats"] + 1):  # the first is the warm-up
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    best = min(times[1:])
+    return {"status": "ok", "time_s": statistics.median(times[1:]), "time_min_s": best,
+            "gflops": 2 * n**3 / best / 1e9, "frac_of_matmul": 1.0}
+
+
+def worker_main(spec_json: str) -> None:
+    """Entry of the subprocess: run the point, print one ``BENCH_RESULT {json}`` line."""
+    spec = json.loads(spec_json)
+    try:
+        if not spec["device"].startswith("cuda"):
+            _cap_address_space()
+        result = (run_matmul if spec["attention"] == "matmul" else run_point)(spec)
+    except Exception as exc:  # recorded, not raised: one failure must not end the benchmark
+        text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+        oom = isinstance(exc, MemoryError) or re.search(r"out of memory|can't allocate", str(exc), re.I)
+        result = {"status": "oom" if oom else "error", "message": text}
+    print(MARK + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------- parent side
+
+def run_subprocess(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one point in a fresh interpreter with the thread count pinned; never raises."""
+    threads = str(spec["threads"])
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    cmd = [sys.executable, "-m", "efficient_attn.bench", "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "message": f"over {timeout:g} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    if proc.returncode in (-9, 137):
+        return {"status": "oom", "message": "killed by SIGKILL (likely out of memory)"}
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+    return {"status": "error", "message": f"exit {proc.returncode}: {tail}"}
+
+
+def estimate_bytes(name: str, causal: bool, length: int, cfg: dict[str, Any]) -> float | None:
+    """Rough peak bytes for variants whose memory is known to blow up; None = not estimated."""
+    elem = cfg["batch"] * cfg["heads"] * {"fp32": 4, "bf16": 2, "fp16": 2}[cfg["dtype"]]
+    if name == "additive":  # scores, weights and their grads: 4 (B, H, L, L) tensors
+        return 4 * elem * length**2
+    if name == "performer_pytorch" and causal:  # CPU fallback keeps (L, m, d) contexts and their cumsum
+        return 3 * elem * length * cfg["num_features"] * cfg["head_dim"]
+    return None
+
+
+def flops(name: str, causal: bool, length: int, cfg: dict[str, Any]) -> float | None:
+    """Nominal forward+backward FLOPs (backward ≈ 2× forward, hence the factor 3), all heads."""
+    heads = cfg["batch"] * cfg["heads"]
+    if name in FEATURE_ATTENTIONS:  # features of q and k (4Lmd), φ(k)ᵀv (2Lmd), φ(q)·kv (2Lmd)
+        return 3 * 8 * length * cfg["num_features"] * cfg["head_dim"] * heads
+    if name in QUADRATIC_ATTENTIONS and not causal:  # q kᵀ (2L²d) and P v (2L²d)
+        return 3 * 4 * length**2 * cfg["head_dim"] * heads
+    return None
+
+
+def make_row(name: str, mode: str, length: int, cfg: dict[str, Any], result: dict[str, Any],
+             peak_gflops: float | None) -> dict[str, Any]:
+    """One CSV row: configuration, the worker's result, and derived GFLOP/s."""
+    row = {key: cfg.get(key) for key in FIELDS} | {"attention": name, "mode": mode, "L": length}
+    row["num_features"] = cfg["num_features"] if name in FEATURE_ATTENTIONS else None
+    row.update({key: result.get(key) for key in FIELDS if key in result})
+    count = flops(name, mode == "causal", length, cfg)
+    if row["status"] == "ok" and count and row["time_s"]:
+        row["gflops"] = count / row["time_s"] / 1e9
+        row["frac_of_matmul"] = row["gflops"] / peak_gflops if peak_gflops else None
+    return row
+
+
+def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) -> list[dict[str, Any]]:
+    """All lengths of one (attention, mode); after a failure the larger L are skipped."""
+    rows, stop = [], None
+    for length in cfg["lengths"]:
+        estimate = estimate_bytes(name, mode == "causal", length, cfg)
+        if stop:
+            result = {"status": "skipped", "message": stop}
+        elif cfg["device"] == "cpu" and estimate and estimate > _available_bytes():
+            result = {"status": "skipped", "message": f"estimated {estimate / 2**30:.1f} GiB > available RAM"}
+        else:
+            spec = {key: cfg[key] for key in ("batch", "heads", "head_dim", "num_features", "dtype",
+                                              "device", "threads", "repeats")}
+            result = run_subprocess(spec | {"attention": name, "mode": mode, "L": length}, cfg["timeout"])
+        if result["status"] in FAILED or (result["status"] == "skipped" and not stop):
+            stop = f"after {result['status']} at L={length}"
+        rows.append(make_row(name, mode, length, cfg, result, peak))
+        shown = f"{result['time_s']:.4f} s" if result["status"] == "ok" else result.get("message", "")
+        print(f"  {name:<18} {mode:<9} L={length:<6} {result['status']:<8} {shown}", file=sys.stderr, flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- reporting
+
+def memory_mib(row: dict[str, Any]) -> float | None:
+    """Peak memory of a point: CUDA max allocated, else peak RSS minus RSS before the first call."""
+    if row.get("status") != "ok":
+        return None
+    if row.get("peak_cuda_mib") is not None:
+        return row["peak_cuda_mib"]
+    return row["peak_rss_mib"] - row["base_rss_mib"]
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Log-log time and memory vs L; one colour per attention, solid noncausal, dashed causal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    names = list(dict.fromkeys(r["attention"] for r in rows))
+    for i, name in enumerate(names):
+        for mode, style in (("noncausal", "-"), ("causal", "--")):
+            pts = [r for r in rows if r["attention"] == name and r["mode"] == mode and r["status"] == "ok"]
+            for ax, value in zip(axes, (lambda r: r["time_s"], memory_mib)):
+                xy = [(r["L"], value(r)) for r in pts if (value(r) or 0) > 0]
+                if xy:
+                    ax.plot(*zip(*xy), style, marker="o", ms=3, color=f"C{i % 10}", label=f"{name} ({mode})")
+    mem_label = "peak memory (MiB; CUDA max allocated, CPU peak RSS − base RSS)"
+    for ax, ylabel in zip(axes, ("forward+backward time (s)", mem_label)):
+        ax.set(xscale="log", yscale="log", xlabel="sequence length L", ylabel=ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def crossover(rows: list[dict[str, Any]], mode: str) -> str:
+    """Smallest L from which favor beats sdpa at every larger measured L (failed sdpa = slower)."""
+    def time_of(name: str, length: int) -> float | None:
+        row = next((r for r in rows if (r["attention"], r["mode"], r["L"]) == (name, mode, length)), None)
+        if row is None or row["status"] in ("", None):
+            return None
+        return row["time_s"] if row["status"] == "ok" else math.inf
+
+    pairs = [(L, time_of("favor", L), time_of("sdpa", L)) for L in sorted({r["L"] for r in rows})]
+    pairs = [(L, f, s) for L, f, s in pairs if f is not None and s is not None and min(f, s) < math.inf]
+    found = None
+    for length, fav, sdpa in reversed(pairs):
+        if fav >= sdpa:
+            break
+        found = length
+    return f"L = {found}" if found else "not reached"
+
+
+def summary(rows: list[dict[str, Any]], cfg: dict[str, Any], machine: str, peak: float | None) -> str:
+    """Markdown: machine, matmul peak, favor vs baselines tables, ratios, crossover, efficiency."""
+    cols = [(n, m) for n in ("favor", "performer_pytorch", "sdpa") for m in ("noncausal", "causal")]
+    get = {(r["attention"], r["mode"], r["L"]): r for r in rows}
+    lengths = cfg["lengths"]
+
+    def cell(key: tuple, value: Callable[[dict], float | None], fmt: str) -> str:
+        row = get.get(key)
+        return "–" if row is None else (fmt.format(value(row)) if row["status"] == "ok" else row["status"])
+
+    def ratio(a: tuple, b: tuple, value: Callable[[dict], float | None]) -> str:
+        ra, rb = get.get(a), get.get(b)
+        ok = ra and rb and ra["status"] == rb["status"] == "ok" and value(rb)
+        return f"{value(ra) / value(rb):.2f}" if ok else "–"
+
+    head = "| L | " + " | ".join(f"{n} {m}" for n, m in cols) + " |\n|" + "---|" * (len(cols) + 1)
+    lines = [f"# Attention benchmark ({cfg['device']})", "", f"- machine: {machine}",
+             f"- config: B={cfg['batch']}, H={cfg['heads']}, D={cfg['head_dim']}, m={cfg['num_features']}, "
+             f"{cfg['dtype']}, {cfg['repeats']} timed repeats (median), forward+backward",
+             f"- matmul peak ({cfg['matmul_size']}² {cfg['dtype']}): "
+             + (f"{peak:.1f} GFLOP/s" if peak else "failed"), "", "## Time (ms)", "", head]
+    time_ms = lambda r: r["time_s"] * 1e3  # noqa: E731
+    lines += [f"| {L} | " + " | ".join(cell((n, m, L), time_ms, "{:.1f}") for n, m in cols) + " |" for L in lengths]
+    lines += ["", "## Peak memory (MiB; " + ("CUDA max allocated" if cfg["device"] != "cpu"
+              else "peak RSS − RSS before the first call") + ")", "", head]
+    lines += [f"| {L} | " + " | ".join(cell((n, m, L), memory_mib, "{:.0f}") for n, m in cols) + " |" for L in lengths]
+    lines += ["", "## Ratios", "", "| L | perf/favor time nc | perf/favor time c | favor c/nc time | "
+              "perf/favor mem nc | perf/favor mem c | favor c/nc mem |", "|" + "---|" * 7]
+    for L in lengths:
+        f_nc, f_c = ("favor", "noncausal", L), ("favor", "causal", L)
+        p_nc, p_c = ("performer_pytorch", "noncausal", L), ("performer_pytorch", "causal", L)
+        t = lambda r: r["time_s"]  # noqa: E731
+        vals = [ratio(p_nc, f_nc, t), ratio(p_c, f_c, t), ratio(f_c, f_nc, t),
+                ratio(p_nc, f_nc, memory_mib), ratio(p_c, f_c, memory_mib), ratio(f_c, f_nc, memory_mib)]
+        lines.append(f"| {L} | " + " | ".join(vals) + " |")
+    frac = get.get(("favor", "noncausal", 8192), {}).get("frac_of_matmul")
+    lines += ["", f"- favor faster than sdpa from (noncausal): {crossover(rows, 'noncausal')}",
+              f"- favor faster than sdpa from (causal): {crossover(rows, 'causal')}",
+              "- favor noncausal at L=8192: " + (f"{frac:.1%} of matmul peak" if frac else "not measured")]
+    return "\n".join(lines) + "\n"
+
+
+def machine_info(device: str, threads: int) -> tuple[str, str]:
+    """(description, file-name slug) of the device."""
+    import torch
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = "unknown CPU"
+    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads"
+    if device.startswith("cuda"):
+        gpu = torch.cuda.get_device_name(torch.device(device))
+        return f"{gpu}; host {desc}", re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
+    return desc, "cpu"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--attentions", help="comma-separated subset (default: every registered one)")
+    p.add_argument("--modes", default="causal,noncausal")
+    p.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--num-features", type=int, default=256)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=120.0, help="per-point wall limit (s)")
+    p.add_argument("--matmul-size", type=int, default=4096)
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--quick", action="store_true", help="lengths 256 512 1024, 1 repeat, 2048² matmul")
+    p.add_argument("--out", type=Path, default=Path("results/benchmarks"))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.lengths, args.repeats, args.matmul_size = QUICK_LENGTHS, 1, min(args.matmul_size, 2048)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark (or, with ``--worker``, one point of it)."""
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+    import torch
+
+    import efficient_attn as ea
+
+    names = args.attentions.split(",") if args.attentions else ea.list_attentions()
+    for name in names:
+        if name not in BASELINES:
+            ea.get_attention_class(name)  # unknown names fail now, with the registered ones listed
+    if args.baselines:
+        if importlib.util.find_spec("performer_pytorch") is None:
+            print("note: performer_pytorch not installed (pip install -e '.[bench]'); baseline skipped")
+        names += [b for b in BASELINES if b not in names and (b != "performer_pytorch" or importlib.util.find_spec(b))]
+    cfg = vars(args) | {"torch_version": torch.__version__}
+    machine, slug = machine_info(args.device, args.threads)
+    spec = {k: cfg[k] for k in ("dtype", "device", "threads", "repeats")} | {"attention": "matmul", "L": args.matmul_size}
+    matmul = run_subprocess(spec, args.timeout)
+    peak = matmul.get("gflops")
+    print(f"matmul {args.matmul_size}²: " + (f"{peak:.1f} GFLOP/s" if peak else matmul.get("message", "")), file=sys.stderr)
+    rows = [make_row("matmul", "", args.matmul_size, cfg, matmul, peak)]
+    for name in names:
+        for mode in args.modes.split(","):
+            rows += run_series(name, mode, cfg, peak)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / f"bench_{slug}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    points = [r for r in rows if r["attention"] != "matmul"]
+    plot(points, args.out / f"bench_{slug}.png", f"{machine} · B={args.batch} H={args.heads} D={args.head_dim} {args.dtype}")
+    text = summary(points, cfg, machine, peak)
+    (args.out / f"summary_{slug}.md").write_text(text)
+    print(text)
+    print(f"wrote {args.out}/bench_{slug}.csv, .png and summary_{slug}.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
