@@ -10,6 +10,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 KERNELS = ("softmax", "softmax_trig", "relu")
 _MAX_KEY_LOG_SCALE = 40.0
@@ -44,14 +45,39 @@ def positive_features(x: Tensor, w: Tensor, is_query: bool) -> Tensor:
     c = min(d/4, 40) keeps typical products far from fp32 underflow for d up to ~256.
     x (B, H, N, d), w (m, d) -> (B, H, N, m).
     """
-    c = min(w.shape[1] / 4.0, _MAX_KEY_LOG_SCALE)
-    w_half_sq = w.square().sum(-1) / 2.0  # (m,)
-    logits = x @ w.T  # (B, H, N, m)
-    if is_query:
-        logits = logits + (w_half_sq - c)
-        return torch.exp(logits - logits.amax(-1, keepdim=True).detach())
-    x_half_sq = x.square().sum(-1, keepdim=True) / 2.0  # (B, H, N, 1)
-    return torch.exp(logits - x_half_sq - (w_half_sq - c))
+    return _PositiveFeatures.apply(x, w, is_query)
+
+
+class _PositiveFeatures(torch.autograd.Function):
+    """exp of one matrix product, with a backward that allocates no (N, m) buffer: on CPU, fresh
+    buffers of that size cost as much as the arithmetic. The incoming gradient is overwritten in
+    place; it is always a fresh product from the attention's own backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, is_query: bool) -> Tensor:
+        c = min(w.shape[1] / 4.0, _MAX_KEY_LOG_SCALE)
+        bias = w.square().sum(-1) / 2.0 - c  # (m,): ‖wᵢ‖²/2 − c
+        if is_query:
+            logits = torch.matmul(x, w.T).add_(bias)  # (B, H, N, m)
+            logits.sub_(logits.amax(-1, keepdim=True))  # r_x; cancels in the ratio, so no gradient
+        else:  # one product gives wᵢᵀx − ‖x‖²/2: x gains a column ‖x‖²/2, w a column −1
+            w = torch.cat([w, -torch.ones_like(w[:, :1])], dim=-1)  # (m, d+1)
+            x_aug = torch.cat([x, x.square().sum(-1, keepdim=True) / 2.0], dim=-1)  # (B, H, N, d+1)
+            logits = torch.matmul(x_aug, w.T).sub_(bias)  # (B, H, N, m)
+        phi = logits.exp_()
+        ctx.save_for_backward(phi, x, w)
+        ctx.is_query = is_query
+        return phi
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_phi: Tensor):
+        phi, x, w = ctx.saved_tensors
+        grad_logits = grad_phi.mul_(phi)  # (B, H, N, m): dφ/dlogits = φ
+        grad_x = torch.matmul(grad_logits, w)  # (B, H, N, d) or (B, H, N, d+1)
+        if not ctx.is_query:  # d(‖x‖²/2)/dx = x
+            grad_x = grad_x[..., :-1].addcmul_(x, grad_x[..., -1:])  # (B, H, N, d)
+        return grad_x, None, None
 
 
 def trig_features(x: Tensor, w: Tensor, is_query: bool) -> Tensor:

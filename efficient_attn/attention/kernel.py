@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Attention
+from .causal_linear import causal_linear_attention
 
 
 class KernelAttention(Attention):
@@ -48,34 +49,11 @@ class KernelAttention(Attention):
             if causal:
                 out1 = causal_linear_attention(phi_q, phi_k, v1, self.chunk_size)
             else:
-                out1 = phi_q @ (phi_k.transpose(-1, -2) @ v1)  # (B, H, L, M) @ (B, H, M, Dv+1)
+                kv_t = v1.transpose(-1, -2) @ phi_k  # (B, H, Dv+1, M); this order keeps dφ(k) contiguous
+                out1 = phi_q @ kv_t.transpose(-1, -2)  # (B, H, L, M) @ (B, H, M, Dv+1)
             num, den = out1[..., :-1], out1[..., -1:]  # (B, H, L, Dv), (B, H, L, 1)
             out = num / torch.where(den == 0, 1.0, den)  # a query seeing no key gets 0, not NaN
         return out.to(out_dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
-
-
-def causal_linear_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, chunk_size: int) -> Tensor:
-    """Σ_{j≤i} (φ(q_i)·φ(k_j)) v_j for every i, by chunked prefix sums.
-
-    Within a chunk: masked (C, C) products; across chunks: a running (M, E) state per chunk.
-    Time O(L·M·E + L·C·(M+E)), memory O(L·(M+E) + (L/C)·M·E) -- never an (L, M, E) tensor.
-    phi_q, phi_k (B, H, L, M), v (B, H, L, E) -> (B, H, L, E).
-    """
-    b, h, length, m = phi_q.shape
-    e = v.shape[-1]
-    c = min(chunk_size, length)
-    pad = (-length) % c
-    if pad:  # zero keys and values contribute nothing; padded query rows are sliced off
-        phi_q, phi_k, v = (F.pad(t, (0, 0, 0, pad)) for t in (phi_q, phi_k, v))
-    n = (length + pad) // c
-    q = phi_q.reshape(b, h, n, c, m)  # (B, H, N, C, M)
-    k = phi_k.reshape(b, h, n, c, m)  # (B, H, N, C, M)
-    vc = v.reshape(b, h, n, c, e)  # (B, H, N, C, E)
-    kv = k.transpose(-1, -2) @ vc  # (B, H, N, M, E): each chunk's Σ φ(k_j) v_jᵀ
-    state = F.pad(kv.cumsum(2)[:, :, :-1], (0, 0, 0, 0, 1, 0))  # (B, H, N, M, E): earlier chunks only
-    scores = torch.tril(q @ k.transpose(-1, -2))  # (B, H, N, C, C): j ≤ i inside the chunk
-    out = q @ state + scores @ vc  # (B, H, N, C, E)
-    return out.reshape(b, h, n * c, e)[:, :, :length]  # (B, H, L, E)
