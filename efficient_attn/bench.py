@@ -21,7 +21,6 @@ import argparse
 import csv
 import importlib.util
 import json
-import math
 import os
 import re
 import resource
@@ -31,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from .bench_report import machine_info, plot, summary
 
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384]
 QUICK_LENGTHS = [256, 512, 1024]
@@ -68,7 +69,6 @@ def _cap_address_space() -> None:
 
 def _build(spec: dict[str, Any]) -> Callable:
     """The callable f(q, k, v) timed for ``spec['attention']``."""
-    import torch
     import torch.nn.functional as F
 
     name, causal = spec["attention"], spec["mode"] == "causal"
@@ -235,127 +235,13 @@ def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) ->
     return rows
 
 
-# ---------------------------------------------------------------- reporting
-
-def memory_mib(row: dict[str, Any]) -> float | None:
-    """Peak memory of a point: CUDA max allocated, else peak RSS minus RSS before the first call."""
-    if row.get("status") != "ok":
-        return None
-    if row.get("peak_cuda_mib") is not None:
-        return row["peak_cuda_mib"]
-    return row["peak_rss_mib"] - row["base_rss_mib"]
-
-
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Log-log time and memory vs L; one colour per attention, solid noncausal, dashed causal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    names = list(dict.fromkeys(r["attention"] for r in rows))
-    for i, name in enumerate(names):
-        for mode, style in (("noncausal", "-"), ("causal", "--")):
-            pts = [r for r in rows if r["attention"] == name and r["mode"] == mode and r["status"] == "ok"]
-            for ax, value in zip(axes, (lambda r: r["time_s"], memory_mib)):
-                xy = [(r["L"], value(r)) for r in pts if (value(r) or 0) > 0]
-                if xy:
-                    ax.plot(*zip(*xy), style, marker="o", ms=3, color=f"C{i % 10}", label=f"{name} ({mode})")
-    mem_label = "peak memory (MiB; CUDA max allocated, CPU peak RSS − base RSS)"
-    for ax, ylabel in zip(axes, ("forward+backward time (s)", mem_label)):
-        ax.set(xscale="log", yscale="log", xlabel="sequence length L", ylabel=ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def crossover(rows: list[dict[str, Any]], mode: str) -> str:
-    """Smallest L from which favor beats sdpa at every larger measured L (failed sdpa = slower)."""
-    def time_of(name: str, length: int) -> float | None:
-        row = next((r for r in rows if (r["attention"], r["mode"], r["L"]) == (name, mode, length)), None)
-        if row is None or row["status"] in ("", None):
-            return None
-        return row["time_s"] if row["status"] == "ok" else math.inf
-
-    pairs = [(L, time_of("favor", L), time_of("sdpa", L)) for L in sorted({r["L"] for r in rows})]
-    pairs = [(L, f, s) for L, f, s in pairs if f is not None and s is not None and min(f, s) < math.inf]
-    found = None
-    for length, fav, sdpa in reversed(pairs):
-        if fav >= sdpa:
-            break
-        found = length
-    return f"L = {found}" if found else "not reached"
-
-
-def summary(rows: list[dict[str, Any]], cfg: dict[str, Any], machine: str, peak: float | None) -> str:
-    """Markdown: machine, matmul peak, favor vs baselines tables, ratios, crossover, efficiency."""
-    cols = [(n, m) for n in ("favor", "performer_pytorch", "sdpa") for m in ("noncausal", "causal")]
-    get = {(r["attention"], r["mode"], r["L"]): r for r in rows}
-    lengths = cfg["lengths"]
-
-    def cell(key: tuple, value: Callable[[dict], float | None], fmt: str) -> str:
-        row = get.get(key)
-        return "–" if row is None else (fmt.format(value(row)) if row["status"] == "ok" else row["status"])
-
-    def ratio(a: tuple, b: tuple, value: Callable[[dict], float | None]) -> str:
-        ra, rb = get.get(a), get.get(b)
-        ok = ra and rb and ra["status"] == rb["status"] == "ok" and value(rb)
-        return f"{value(ra) / value(rb):.2f}" if ok else "–"
-
-    head = "| L | " + " | ".join(f"{n} {m}" for n, m in cols) + " |\n|" + "---|" * (len(cols) + 1)
-    lines = [f"# Attention benchmark ({cfg['device']})", "", f"- machine: {machine}",
-             f"- config: B={cfg['batch']}, H={cfg['heads']}, D={cfg['head_dim']}, m={cfg['num_features']}, "
-             f"{cfg['dtype']}, {cfg['repeats']} timed repeats (median), forward+backward",
-             f"- matmul peak ({cfg['matmul_size']}² {cfg['dtype']}): "
-             + (f"{peak:.1f} GFLOP/s" if peak else "failed"), "", "## Time (ms)", "", head]
-    time_ms = lambda r: r["time_s"] * 1e3  # noqa: E731
-    lines += [f"| {L} | " + " | ".join(cell((n, m, L), time_ms, "{:.1f}") for n, m in cols) + " |" for L in lengths]
-    lines += ["", "## Peak memory (MiB; " + ("CUDA max allocated" if cfg["device"] != "cpu"
-              else "peak RSS − RSS before the first call") + ")", "", head]
-    lines += [f"| {L} | " + " | ".join(cell((n, m, L), memory_mib, "{:.0f}") for n, m in cols) + " |" for L in lengths]
-    lines += ["", "## Ratios", "", "| L | perf/favor time nc | perf/favor time c | favor c/nc time | "
-              "perf/favor mem nc | perf/favor mem c | favor c/nc mem |", "|" + "---|" * 7]
-    for L in lengths:
-        f_nc, f_c = ("favor", "noncausal", L), ("favor", "causal", L)
-        p_nc, p_c = ("performer_pytorch", "noncausal", L), ("performer_pytorch", "causal", L)
-        t = lambda r: r["time_s"]  # noqa: E731
-        vals = [ratio(p_nc, f_nc, t), ratio(p_c, f_c, t), ratio(f_c, f_nc, t),
-                ratio(p_nc, f_nc, memory_mib), ratio(p_c, f_c, memory_mib), ratio(f_c, f_nc, memory_mib)]
-        lines.append(f"| {L} | " + " | ".join(vals) + " |")
-    frac = get.get(("favor", "noncausal", 8192), {}).get("frac_of_matmul")
-    lines += ["", f"- favor faster than sdpa from (noncausal): {crossover(rows, 'noncausal')}",
-              f"- favor faster than sdpa from (causal): {crossover(rows, 'causal')}",
-              "- favor noncausal at L=8192: " + (f"{frac:.1%} of matmul peak" if frac else "not measured")]
-    return "\n".join(lines) + "\n"
-
-
-def machine_info(device: str, threads: int) -> tuple[str, str]:
-    """(description, file-name slug) of the device."""
-    import torch
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = "unknown CPU"
-    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads"
-    if device.startswith("cuda"):
-        gpu = torch.cuda.get_device_name(torch.device(device))
-        return f"{gpu}; host {desc}", re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
-    return desc, "cpu"
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     import torch
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--attentions", help="comma-separated subset (default: every registered one)")
     p.add_argument("--modes", default="causal,noncausal")
-    p.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS)
+    p.add_argument("--lengths", type=int, nargs="+", help=f"default {DEFAULT_LENGTHS}")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
@@ -367,12 +253,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=120.0, help="per-point wall limit (s)")
     p.add_argument("--matmul-size", type=int, default=4096)
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--quick", action="store_true", help="lengths 256 512 1024, 1 repeat, 2048² matmul")
-    p.add_argument("--out", type=Path, default=Path("results/benchmarks"))
+    p.add_argument("--quick", action="store_true", help="lengths 256 512 1024 (unless --lengths), 1 repeat, 2048² matmul")
+    p.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default: bench_out)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.lengths, args.repeats, args.matmul_size = QUICK_LENGTHS, 1, min(args.matmul_size, 2048)
+        args.repeats, args.matmul_size = 1, min(args.matmul_size, 2048)
+    args.lengths = args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
     return args
 
 
