@@ -150,3 +150,13 @@ def test_additive_chunking_is_exact(chunk):
     attn.chunk_size = 10_000
     attn(q, k, v).sum().backward()
     torch.testing.assert_close(grad_chunked, q.grad)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_additive_scores_gradcheck_including_parameters(rows):
+    from efficient_attn.attention.additive import _AdditiveScores
+
+    qp = torch.randn(1, 2, 5, 3, dtype=torch.float64, requires_grad=True)
+    kp = torch.randn(1, 2, 4, 3, dtype=torch.float64, requires_grad=True)
+    w_out = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, w: _AdditiveScores.apply(a, b, w, rows), (qp, kp, w_out))

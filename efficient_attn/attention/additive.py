@@ -6,12 +6,12 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from ..registry import register_attention
 from .base import Attention, masked_softmax
 
-_CHUNK_ELEMENTS = 1 << 22  # tanh elements alive at once when chunk_size is automatic (16 MiB fp32)
+_CHUNK_ELEMENTS = 1 << 21  # tanh elements alive at once when chunk_size is automatic (8 MiB fp32)
 
 
 @register_attention("additive")
@@ -20,7 +20,7 @@ class AdditiveAttention(Attention):
 
     score(q, k) = w_hᵀ tanh(W_q q + W_k k + b),  out = softmax(scores) V.
     O(L·S·hidden) time; O(L·S + chunk·S·hidden) memory: the (L, S, hidden) tanh tensor is never
-    formed, queries go through in chunks, recomputed in backward (activation checkpointing).
+    formed; query rows go through in chunks, and backward recomputes each chunk's tanh.
     Masks: key padding yes; causal yes.
     """
 
@@ -58,15 +58,7 @@ class AdditiveAttention(Attention):
         dtype = q.dtype
         qp = torch.einsum("bhld,hdn->bhln", q, self.w_q.to(dtype)) + self.bias.to(dtype)[:, None]  # (B, H, L, n)
         kp = torch.einsum("bhsd,hdn->bhsn", k, self.w_k.to(dtype))  # (B, H, S, n)
-        w_out = self.w_out.to(dtype)
-        recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (qp, kp, w_out))
-        chunks = []
-        for qp_chunk in qp.split(self._chunk_rows(kp), dim=2):
-            if recompute:
-                chunks.append(checkpoint(_additive_scores, qp_chunk, kp, w_out, use_reentrant=False))
-            else:
-                chunks.append(_additive_scores(qp_chunk, kp, w_out))
-        scores = torch.cat(chunks, dim=2)  # (B, H, L, S)
+        scores = _AdditiveScores.apply(qp, kp, self.w_out.to(dtype), self._chunk_rows(kp))  # (B, H, L, S)
         weights = masked_softmax(scores, key_padding_mask, causal)  # (B, H, L, S)
         return weights @ v  # (B, H, L, Dv)
 
@@ -80,7 +72,44 @@ class AdditiveAttention(Attention):
         return f"{super().extra_repr()}, hidden_dim={self.hidden_dim}, chunk_size={self.chunk_size}"
 
 
-def _additive_scores(qp: Tensor, kp: Tensor, w_out: Tensor) -> Tensor:
-    """w_hᵀ tanh(qp_i + kp_j) for one chunk of queries: (B, H, c, n), (B, H, S, n) -> (B, H, c, S)."""
-    hidden = torch.tanh(qp[:, :, :, None, :] + kp[:, :, None, :, :])  # (B, H, c, S, n)
-    return torch.einsum("bhcsn,hn->bhcs", hidden, w_out)  # (B, H, c, S)
+class _AdditiveScores(torch.autograd.Function):
+    """scores[i, j] = w_hᵀ tanh(qp_i + kp_j), a chunk of query rows at a time, forward and backward.
+
+    One (B, H, rows, S, n) buffer is reused by every chunk and nothing of that size is saved:
+    backward recomputes tanh per chunk. qp (B, H, L, n), kp (B, H, S, n), w_out (H, n) -> (B, H, L, S).
+    """
+
+    @staticmethod
+    def forward(ctx, qp: Tensor, kp: Tensor, w_out: Tensor, rows: int) -> Tensor:
+        b, h, length, n = qp.shape
+        scores = qp.new_empty(b, h, length, kp.shape[2])  # (B, H, L, S)
+        buf = qp.new_empty(b, h, min(rows, length), kp.shape[2], n)  # (B, H, rows, S, n)
+        for s in range(0, length, rows):
+            hidden = _tanh_sum(buf, qp[:, :, s : s + rows], kp)  # (B, H, c, S, n)
+            scores[:, :, s : s + rows] = (hidden @ w_out[:, None, :, None]).squeeze(-1)  # (B, H, c, S)
+        ctx.save_for_backward(qp, kp, w_out)
+        ctx.rows = rows
+        return scores
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        qp, kp, w_out = ctx.saved_tensors
+        rows, length = ctx.rows, qp.shape[2]
+        grad_qp, grad_kp, grad_w = torch.empty_like(qp), torch.zeros_like(kp), torch.zeros_like(w_out)
+        buf = qp.new_empty(qp.shape[0], qp.shape[1], min(rows, length), kp.shape[2], qp.shape[3])
+        for s in range(0, length, rows):
+            hidden = _tanh_sum(buf, qp[:, :, s : s + rows], kp)  # (B, H, c, S, n)
+            g = grad[:, :, s : s + rows].unsqueeze(-1)  # (B, H, c, S, 1)
+            grad_w += torch.einsum("bhcsx,bhcsn->hn", g, hidden)  # (H, n)
+            pre = hidden.mul_(hidden).neg_().add_(1.0).mul_(g).mul_(w_out[:, None, None, :])  # g·w·(1 − tanh²)
+            grad_qp[:, :, s : s + rows] = pre.sum(3)  # (B, H, c, n)
+            grad_kp += pre.sum(2)  # (B, H, S, n)
+        return grad_qp, grad_kp, grad_w, None
+
+
+def _tanh_sum(buf: Tensor, qp: Tensor, kp: Tensor) -> Tensor:
+    """tanh(qp_i + kp_j) written into buf: (B, H, c, n), (B, H, S, n) -> (B, H, c, S, n) view of buf."""
+    out = buf[:, :, : qp.shape[2]]
+    torch.add(qp[:, :, :, None, :], kp[:, :, None, :, :], out=out)
+    return out.tanh_()

@@ -4,8 +4,9 @@ out_i = Σ_{j≤i} (φ(q_i)·φ(k_j)) v_j  for φ(q), φ(k) (L, M) and v (L, E).
 
 Chunks of C rows: inside a chunk a masked (C, C) product; across chunks one running (M, E) state.
 The backward walks the chunks again (forward order for dq, reverse order for dk and dv), so
-nothing larger than the inputs is ever stored: no (L, M, E) tensor, no per-chunk states.
-Time O(L·M·E + L·C·(M+E)); extra memory O(B·H·(M·E + C²)).
+nothing larger than the inputs is ever stored: no (L, M, E) tensor, no per-chunk states; only
+the masked (C, C) blocks are kept between the passes.
+Time O(L·M·E + L·C·(M+E)); extra memory O(B·H·(M·E + L·C)).
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ class _CausalLinear(torch.autograd.Function):
         bh, length, m = q.shape
         out = torch.empty(bh, length, v.shape[-1], dtype=q.dtype, device=q.device)  # (BH, L, E)
         state = q.new_zeros(bh, m, v.shape[-1])  # (BH, M, E): Σ φ(k_j) v_jᵀ over earlier chunks
+        ctx.scores = []  # per chunk (BH, C, C), kept for backward: O(L·C) memory
         for s in _chunks(length, chunk):
             qc, kc, vc = q[:, s], k[:, s], v[:, s]  # (BH, C, M), (BH, C, M), (BH, C, E)
             scores = torch.bmm(qc, kc.transpose(1, 2)).tril_()  # (BH, C, C): j ≤ i
             out[:, s] = torch.bmm(scores, vc).baddbmm_(qc, state)  # (BH, C, E)
             state.baddbmm_(kc.transpose(1, 2), vc)  # (BH, M, E)
+            ctx.scores.append(scores)
         ctx.save_for_backward(q, k, v)
         ctx.chunk = chunk
         return out
@@ -51,16 +54,17 @@ class _CausalLinear(torch.autograd.Function):
         chunks = _chunks(q.shape[1], ctx.chunk)
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         state = q.new_zeros(q.shape[0], q.shape[2], v.shape[2])  # (BH, M, E), as in forward
+        gvs = []
         for s in chunks:  # dq_i = Σ_{j≤i} (g_i·v_j) φ(k_j)
             kc, vc, gc = k[:, s], v[:, s], grad_out[:, s]
             gv = torch.bmm(gc, vc.transpose(1, 2)).tril_()  # (BH, C, C)
             grad_q[:, s] = torch.bmm(gv, kc).baddbmm_(gc, state.transpose(1, 2))  # (BH, C, M)
             state.baddbmm_(kc.transpose(1, 2), vc)
+            gvs.append(gv)
         rev = state.zero_()  # (BH, M, E): Σ φ(q_i) g_iᵀ over later chunks
-        for s in reversed(chunks):  # dk_j = Σ_{i≥j} (g_i·v_j) φ(q_i);  dv_j = Σ_{i≥j} (φ(q_i)·φ(k_j)) g_i
+        for s, gv, scores in reversed(list(zip(chunks, gvs, ctx.scores))):
+            # dk_j = Σ_{i≥j} (g_i·v_j) φ(q_i);  dv_j = Σ_{i≥j} (φ(q_i)·φ(k_j)) g_i
             qc, kc, vc, gc = q[:, s], k[:, s], v[:, s], grad_out[:, s]
-            gv = torch.bmm(gc, vc.transpose(1, 2)).tril_()  # (BH, C, C)
-            scores = torch.bmm(qc, kc.transpose(1, 2)).tril_()  # (BH, C, C)
             grad_k[:, s] = torch.bmm(gv.transpose(1, 2), qc).baddbmm_(vc, rev.transpose(1, 2))  # (BH, C, M)
             grad_v[:, s] = torch.bmm(scores.transpose(1, 2), gc).baddbmm_(kc, rev)  # (BH, C, E)
             rev.baddbmm_(qc.transpose(1, 2), gc)

@@ -1,0 +1,51 @@
+"""The benchmark script end to end (tiny sizes), and its crossover logic."""
+
+import csv
+
+import pytest
+
+from efficient_attn import bench
+from efficient_attn.bench_report import crossover
+
+
+@pytest.mark.slow
+def test_bench_writes_csv_plot_and_summary(tmp_path, capsys):
+    bench.main(["--attentions", "softmax,favor", "--modes", "causal,noncausal", "--lengths", "32", "64",
+                "--heads", "2", "--head-dim", "16", "--num-features", "32", "--repeats", "1",
+                "--matmul-size", "256", "--no-baselines", "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / "bench_cpu.csv")))
+    points = [r for r in rows if r["attention"] != "matmul"]
+    assert {(r["attention"], r["mode"], r["L"]) for r in points} == {
+        (a, m, L) for a in ("softmax", "favor") for m in ("causal", "noncausal") for L in ("32", "64")}
+    assert all(r["status"] == "ok" and float(r["time_s"]) > 0 and float(r["peak_rss_mib"]) > 0 for r in points)
+    assert all(r["num_features"] == "32" for r in points if r["attention"] == "favor")
+    assert (tmp_path / "bench_cpu.png").stat().st_size > 10_000
+    assert "matmul peak" in (tmp_path / "summary_cpu.md").read_text()
+
+
+@pytest.mark.slow
+def test_failed_point_skips_the_rest_of_its_series(tmp_path):
+    bench.main(["--attentions", "softmax", "--modes", "noncausal", "--lengths", "32", "64",
+                "--repeats", "1", "--matmul-size", "64", "--no-baselines", "--timeout", "0.01",
+                "--out", str(tmp_path)])
+    rows = [r for r in csv.DictReader(open(tmp_path / "bench_cpu.csv")) if r["attention"] == "softmax"]
+    assert [r["status"] for r in rows] == ["timeout", "skipped"]
+
+
+def test_unknown_attention_fails_before_running(tmp_path):
+    with pytest.raises(ValueError, match="Registered attentions"):
+        bench.main(["--attentions", "sofmax", "--out", str(tmp_path)])
+
+
+def _row(name, mode, length, time_s, status="ok"):
+    return {"attention": name, "mode": mode, "L": length, "time_s": time_s, "status": status}
+
+
+def test_crossover():
+    rows = [_row("favor", "noncausal", 256, 2.0), _row("sdpa", "noncausal", 256, 1.0),
+            _row("favor", "noncausal", 512, 0.5), _row("sdpa", "noncausal", 512, 1.0),  # a lucky dip
+            _row("favor", "noncausal", 1024, 3.0), _row("sdpa", "noncausal", 1024, 2.0),
+            _row("favor", "noncausal", 2048, 3.0), _row("sdpa", "noncausal", 2048, 8.0),
+            _row("favor", "noncausal", 4096, 6.0), _row("sdpa", "noncausal", 4096, None, "oom")]
+    assert crossover(rows, "noncausal") == "L = 2048"
+    assert crossover(rows[:6], "noncausal") == "not reached"
