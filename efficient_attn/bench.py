@@ -39,8 +39,9 @@ BASELINES = ["performer_pytorch", "sdpa"]
 FEATURE_ATTENTIONS = {"favor", "performer_pytorch"}  # FLOPs 3 × 8·L·m·d per head (fwd 8Lmd, bwd ≈ 2× fwd)
 QUADRATIC_ATTENTIONS = {"softmax", "dot", "bilinear", "sdpa"}  # FLOPs 3 × 4·L²·d per head, noncausal only
 FAILED = ("timeout", "oom", "error")
+SLOW_STEP_S = 20.0  # predicted seconds per step above which a point is timed once
 FIELDS = ["attention", "mode", "L", "batch", "heads", "head_dim", "num_features", "dtype", "device",
-          "threads", "status", "time_s", "time_min_s", "peak_rss_mib", "base_rss_mib", "peak_cuda_mib",
+          "threads", "repeats", "status", "time_s", "time_min_s", "peak_rss_mib", "base_rss_mib", "peak_cuda_mib",
           "gflops", "frac_of_matmul", "torch_version", "message"]
 MARK = "BENCH_RESULT "
 MIB = 2**20
@@ -181,13 +182,11 @@ def run_subprocess(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     return {"status": "error", "message": f"exit {proc.returncode}: {tail}"}
 
 
-def estimate_bytes(name: str, causal: bool, length: int, cfg: dict[str, Any]) -> float | None:
+def estimate_bytes(name: str, length: int, cfg: dict[str, Any]) -> float | None:
     """Rough peak bytes for variants whose memory is known to blow up; None = not estimated."""
     elem = cfg["batch"] * cfg["heads"] * {"fp32": 4, "bf16": 2, "fp16": 2}[cfg["dtype"]]
     if name == "additive":  # scores, weights and their grads: 4 (B, H, L, L) tensors
         return 4 * elem * length**2
-    if name == "performer_pytorch" and causal:  # CPU fallback keeps (L, m, d) contexts and their cumsum
-        return 3 * elem * length * cfg["num_features"] * cfg["head_dim"]
     return None
 
 
@@ -215,18 +214,27 @@ def make_row(name: str, mode: str, length: int, cfg: dict[str, Any], result: dic
 
 
 def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) -> list[dict[str, Any]]:
-    """All lengths of one (attention, mode); after a failure the larger L are skipped."""
-    rows, stop = [], None
+    """All lengths of one (attention, mode). After a failure the larger L are skipped; a point whose
+    step is predicted (quadratically from the last one) to overrun the time limit is skipped too,
+    and one predicted to take over ``SLOW_STEP_S`` per step is timed once instead of ``repeats`` times."""
+    rows, stop, last = [], None, None
     for length in cfg["lengths"]:
-        estimate = estimate_bytes(name, mode == "causal", length, cfg)
+        estimate = estimate_bytes(name, length, cfg)
+        step = last[1] * (length / last[0]) ** 2 if last else 0.0  # predicted seconds per step
+        repeats = cfg["repeats"] if step < SLOW_STEP_S else 1
         if stop:
             result = {"status": "skipped", "message": stop}
         elif cfg["device"] == "cpu" and estimate and estimate > _available_bytes():
             result = {"status": "skipped", "message": f"estimated {estimate / 2**30:.1f} GiB > available RAM"}
+        elif step * (repeats + 1) > cfg["timeout"]:
+            result = {"status": "skipped", "message": f"predicted {step:.0f} s per step > time limit"}
         else:
             spec = {key: cfg[key] for key in ("batch", "heads", "head_dim", "num_features", "dtype",
-                                              "device", "threads", "repeats")}
-            result = run_subprocess(spec | {"attention": name, "mode": mode, "L": length}, cfg["timeout"])
+                                              "device", "threads")}
+            spec |= {"attention": name, "mode": mode, "L": length, "repeats": repeats}
+            result = run_subprocess(spec, cfg["timeout"]) | {"repeats": repeats}
+        if result["status"] == "ok":
+            last = (length, result["time_s"])
         if result["status"] in FAILED or (result["status"] == "skipped" and not stop):
             stop = f"after {result['status']} at L={length}"
         rows.append(make_row(name, mode, length, cfg, result, peak))
