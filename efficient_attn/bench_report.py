@@ -34,11 +34,14 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
                 xy = [(r["L"], value(r)) for r in pts if (value(r) or 0) > 0]
                 if xy:
                     ax.plot(*zip(*xy), style, marker="o", ms=3, color=f"C{i % 10}", label=f"{name} ({mode})")
-    mem_label = "peak memory (MiB; CUDA max allocated, or CPU process peak RSS)"
-    for ax, ylabel in zip(axes, ("forward+backward time (s)", mem_label)):
-        ax.set(xscale="log", yscale="log", xlabel="sequence length L", ylabel=ylabel)
+    panels = (("forward+backward time", "seconds"),
+              ("peak memory", "MiB (CUDA max allocated, or process peak RSS)"))
+    for ax, (panel, ylabel) in zip(axes, panels):
+        ax.set_xscale("log", base=2)
+        ax.set(yscale="log", xlabel="sequence length L", ylabel=ylabel, title=panel)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
