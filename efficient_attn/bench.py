@@ -44,6 +44,7 @@ FIELDS = ["attention", "mode", "L", "batch", "heads", "head_dim", "num_features"
           "threads", "repeats", "status", "time_s", "time_min_s", "peak_rss_mib", "base_rss_mib", "peak_cuda_mib",
           "gflops", "frac_of_matmul", "torch_version", "message"]
 MARK = "BENCH_RESULT "
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 MIB = 2**20
 
 
@@ -94,7 +95,7 @@ def run_point(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     device, cuda = torch.device(spec["device"]), spec["device"].startswith("cuda")
-    dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[spec["dtype"]])
+    dtype = getattr(torch, DTYPES[spec["dtype"]])
     fn = _build(spec)
     params = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
     shape = (spec["batch"], spec["heads"], spec["L"], spec["head_dim"])
@@ -132,7 +133,7 @@ def run_matmul(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec["threads"])
     n, cuda = spec["L"], spec["device"].startswith("cuda")
-    dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[spec["dtype"]])
+    dtype = getattr(torch, DTYPES[spec["dtype"]])
     a, b = (torch.randn(n, n, device=spec["device"], dtype=dtype) for _ in range(2))
     times = []
     for _ in range(spec["repeats"] + 1):  # the first is the warm-up
