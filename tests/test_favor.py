@@ -120,3 +120,13 @@ def test_seeding_reproduces_features():
     assert not torch.equal(favor(seed=4).projection, c.projection)
     c.redraw_features(), d.redraw_features()
     assert torch.equal(c.projection, d.projection) and not torch.equal(c.projection, e.projection)
+
+
+def test_feature_gradients_when_called_directly():
+    """Outside the attention the features' incoming gradient may be shared or expanded: untouched."""
+    attn = favor()
+    x = torch.randn(1, 2, 6, 16, dtype=torch.float64, requires_grad=True)
+    other = torch.randn(1, 2, 6, 32, dtype=torch.float64, requires_grad=True)
+    (attn.feature_map(x, is_query=False) + other).sum().backward()  # add shares one grad buffer
+    assert torch.equal(other.grad, torch.ones_like(other))
+    assert torch.autograd.gradcheck(lambda t: attn.double().feature_map(t, is_query=False), (x,))

@@ -73,11 +73,11 @@ class FavorAttention(KernelAttention):
             self.calls_since_draw += 1
         return super().attend(q, k, v, key_padding_mask, causal)
 
-    def feature_map(self, x: Tensor, is_query: bool) -> Tensor:
+    def feature_map(self, x: Tensor, is_query: bool, *, fresh_grad: bool = False) -> Tensor:
         x = x * self.head_dim**-0.25  # (B, H, N, d): φ(q)·φ(k) ≈ exp(qᵀk/√d)
         w = self.projection.to(x.dtype)  # (m, d)
         if self.kernel == "softmax":
-            return positive_features(x, w, is_query)
+            return positive_features(x, w, is_query, fresh_grad=fresh_grad)
         if self.kernel == "softmax_trig":
             return trig_features(x, w, is_query)
         return relu_features(x, w, self.kernel_eps)

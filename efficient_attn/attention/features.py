@@ -34,7 +34,7 @@ def gaussian_projection(
     return rows * norms[:, None]
 
 
-def positive_features(x: Tensor, w: Tensor, is_query: bool) -> Tensor:
+def positive_features(x: Tensor, w: Tensor, is_query: bool, *, fresh_grad: bool = False) -> Tensor:
     """Positive softmax-kernel features exp(wᵢᵀx − ‖x‖²/2), stabilized without any cross-key statistic.
 
     Keys:    exp(c − ‖x − wᵢ‖²/2)  = exp(wᵢᵀx − ‖x‖²/2) · exp(c − ‖wᵢ‖²/2)   ≤ e^c for every input
@@ -43,18 +43,18 @@ def positive_features(x: Tensor, w: Tensor, is_query: bool) -> Tensor:
     factor per query row and cancels in the row's ratio. No future or padded key can move the
     scale of another key, so causal and padded outputs are exact (no leak through a global max).
     c = min(d/4, 40) keeps typical products far from fp32 underflow for d up to ~256.
-    x (B, H, N, d), w (m, d) -> (B, H, N, m).
+    x (B, H, N, d), w (m, d) -> (B, H, N, m). ``fresh_grad``: see ``KernelAttention.feature_map``.
     """
-    return _PositiveFeatures.apply(x, w, is_query)
+    return _PositiveFeatures.apply(x, w, is_query, fresh_grad)
 
 
 class _PositiveFeatures(torch.autograd.Function):
-    """exp of one matrix product, with a backward that allocates no (N, m) buffer: on CPU, fresh
-    buffers of that size cost as much as the arithmetic. The incoming gradient is overwritten in
-    place; it is always a fresh product from the attention's own backward."""
+    """exp of one matrix product. With ``fresh_grad`` the backward allocates no (N, m) buffer (on
+    CPU, fresh buffers of that size cost as much as the arithmetic): it overwrites the incoming
+    gradient, which the caller promises no one else holds."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, is_query: bool) -> Tensor:
+    def forward(ctx, x: Tensor, w: Tensor, is_query: bool, fresh_grad: bool) -> Tensor:
         c = min(w.shape[1] / 4.0, _MAX_KEY_LOG_SCALE)
         bias = w.square().sum(-1) / 2.0 - c  # (m,): ‖wᵢ‖²/2 − c
         if is_query:
@@ -66,18 +66,19 @@ class _PositiveFeatures(torch.autograd.Function):
             logits = torch.matmul(x_aug, w.T).sub_(bias)  # (B, H, N, m)
         phi = logits.exp_()
         ctx.save_for_backward(phi, x, w)
-        ctx.is_query = is_query
+        ctx.is_query, ctx.fresh_grad = is_query, fresh_grad
         return phi
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_phi: Tensor):
         phi, x, w = ctx.saved_tensors
-        grad_logits = grad_phi.mul_(phi)  # (B, H, N, m): dφ/dlogits = φ
+        reuse = ctx.fresh_grad and grad_phi.is_contiguous()
+        grad_logits = grad_phi.mul_(phi) if reuse else grad_phi * phi  # (B, H, N, m): dφ/dlogits = φ
         grad_x = torch.matmul(grad_logits, w)  # (B, H, N, d) or (B, H, N, d+1)
         if not ctx.is_query:  # d(‖x‖²/2)/dx = x
             grad_x = grad_x[..., :-1].addcmul_(x, grad_x[..., -1:])  # (B, H, N, d)
-        return grad_x, None, None
+        return grad_x, None, None, None
 
 
 def trig_features(x: Tensor, w: Tensor, is_query: bool) -> Tensor:

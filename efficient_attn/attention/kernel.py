@@ -30,8 +30,12 @@ class KernelAttention(Attention):
             raise ValueError(f"chunk_size must be positive, got {chunk_size!r}")
         self.chunk_size = chunk_size
 
-    def feature_map(self, x: Tensor, is_query: bool) -> Tensor:
-        """(B, H, N, D) -> (B, H, N, M) non-negative (or, for trig features, signed) features."""
+    def feature_map(self, x: Tensor, is_query: bool, *, fresh_grad: bool = False) -> Tensor:
+        """(B, H, N, D) -> (B, H, N, M) non-negative (or, for trig features, signed) features.
+
+        ``fresh_grad=True`` promises that the gradient reaching the features in backward is a
+        buffer no one else holds, so a map may overwrite it (``attend`` guarantees this).
+        """
         raise NotImplementedError
 
     def attend(
@@ -44,8 +48,8 @@ class KernelAttention(Attention):
             v1 = F.pad(v, (0, 1), value=1.0)  # (B, H, S, Dv+1): last column sums the normalizer
             if key_padding_mask is not None:  # k, v are zero there already; drop their normalizer too
                 v1 = v1.masked_fill(key_padding_mask[:, None, :, None], 0.0)
-            phi_q = self.feature_map(q, is_query=True)  # (B, H, L, M)
-            phi_k = self.feature_map(k, is_query=False)  # (B, H, S, M)
+            phi_q = self.feature_map(q, is_query=True, fresh_grad=True)  # (B, H, L, M)
+            phi_k = self.feature_map(k, is_query=False, fresh_grad=True)  # (B, H, S, M)
             if causal:
                 out1 = causal_linear_attention(phi_q, phi_k, v1, self.chunk_size)
             else:
