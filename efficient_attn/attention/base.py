@@ -57,6 +57,22 @@ class Attention(nn.Module):
     ) -> Tensor:
         raise NotImplementedError
 
+    def decode_step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One step of causal self-attention: the newest query against every key so far.
+
+        q, k, v (B, H, 1, D) for position t; ``state`` is what the previous step returned (None at
+        t = 0). Returns (out (B, H, 1, Dv), new state). Stepping through a sequence gives the rows of
+        ``forward(..., causal=True)``. This default keeps a key/value cache (O(t) per step);
+        kernelized variants keep a constant-size running sum instead.
+        """
+        check_step(q, k, v)
+        if state is not None:
+            k = torch.cat([state["k"], k], dim=2)  # (B, H, t+1, D)
+            v = torch.cat([state["v"], v], dim=2)  # (B, H, t+1, Dv)
+        return self(q, k, v), {"k": k, "v": v}
+
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, num_heads={self.num_heads}"
 
@@ -93,6 +109,15 @@ def check_inputs(
                 f"key_padding_mask must be bool of shape (B, S) = ({b}, {s}) with True = padding, "
                 f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)} for {shapes}"
             )
+
+
+def check_step(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """A decoding step takes exactly one new position."""
+    if q.dim() != 4 or q.shape[2] != 1 or k.shape[2:3] != (1,) or v.shape[2:3] != (1,):
+        raise ValueError(
+            f"decode_step takes one position: q, k, v of shape (B, H, 1, D), got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
 
 
 def empty_rows(key_padding_mask: Tensor, length: int, causal: bool) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Attention
+from .base import Attention, check_inputs, check_step
 from .causal_linear import causal_linear_attention
 
 
@@ -58,6 +58,26 @@ class KernelAttention(Attention):
             num, den = out1[..., :-1], out1[..., -1:]  # (B, H, L, Dv), (B, H, L, 1)
             out = num / torch.where(den == 0, 1.0, den)  # a query seeing no key gets 0, not NaN
         return out.to(out_dtype)
+
+    def decode_step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One causal step in O(M·Dv), whatever t: the state is Σ_{j≤t} φ(k_j)[v_j, 1]ᵀ (B, H, M, Dv+1).
+        Features are never redrawn here, so a whole decode uses one projection."""
+        check_step(q, k, v)
+        check_inputs(q, k, v, None, True, self.num_heads, self.head_dim)
+        out_dtype = v.dtype
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        with torch.autocast(q.device.type, enabled=False):
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            v1 = F.pad(v, (0, 1), value=1.0)  # (B, H, 1, Dv+1)
+            kv = self.feature_map(k, is_query=False).transpose(-1, -2) @ v1  # (B, H, M, Dv+1)
+            if state is not None:
+                kv = state["kv"] + kv
+            out1 = self.feature_map(q, is_query=True) @ kv  # (B, H, 1, Dv+1)
+            num, den = out1[..., :-1], out1[..., -1:]
+            out = num / torch.where(den == 0, 1.0, den)
+        return out.to(out_dtype), {"kv": kv}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}"

@@ -1,0 +1,49 @@
+"""Incremental decoding: stepping through a sequence reproduces the full causal forward."""
+
+import pytest
+import torch
+
+import efficient_attn as ea
+
+from .conftest import make_qkv
+
+
+@pytest.mark.parametrize("name", ea.list_attentions())
+def test_step_by_step_equals_causal_forward(name):
+    torch.manual_seed(1)
+    attn = ea.create_attention(name, head_dim=8, num_heads=2).double().eval()
+    q, k, v = make_qkv(b=2, h=2, length=13, d=8, dv=5)
+    full = attn(q, k, v, causal=True)
+    state, rows = None, []
+    for t in range(13):
+        out, state = attn.decode_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
+        rows.append(out)
+    torch.testing.assert_close(torch.cat(rows, dim=2), full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["favor", "linear"])
+def test_kernel_state_is_constant_size(name):
+    attn = ea.create_attention(name, head_dim=8, num_heads=2)
+    q, k, v = make_qkv(b=1, h=2, length=6, d=8, dtype=torch.float32)
+    state = None
+    for t in range(6):
+        _, state = attn.decode_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
+        assert set(state) == {"kv"} and state["kv"].shape[-1] == 9  # (B, H, M, Dv+1) at every t
+
+
+def test_decoding_never_redraws_features():
+    attn = ea.create_attention("favor", head_dim=8, num_heads=2, redraw_interval=1).train()
+    before = attn.projection.clone()
+    q, k, v = make_qkv(b=1, h=2, length=4, d=8, dtype=torch.float32)
+    state = None
+    for t in range(4):
+        _, state = attn.decode_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
+    assert torch.equal(attn.projection, before)
+
+
+@pytest.mark.parametrize("name", ea.list_attentions())
+def test_step_takes_one_position(name):
+    attn = ea.create_attention(name, head_dim=8, num_heads=2)
+    q, k, v = make_qkv(b=1, h=2, length=3, d=8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="one position"):
+        attn.decode_step(q, k, v)
