@@ -42,7 +42,8 @@ def positive_features(x: Tensor, w: Tensor, is_query: bool, *, fresh_grad: bool 
     The per-feature factors exp(±(‖wᵢ‖²/2 − c)) cancel in the product; exp(−‖q‖²/2 − r_q) is one
     factor per query row and cancels in the row's ratio. No future or padded key can move the
     scale of another key, so causal and padded outputs are exact (no leak through a global max).
-    c = min(d/4, 40) keeps typical products far from fp32 underflow for d up to ~256.
+    c = min(d/4, 40) keeps typical products well inside fp32 range for d ≤ 128 (tested at 4× norms
+    for d = 64); around d = 256 the smallest useful products approach fp32 underflow.
     x (B, H, N, d), w (m, d) -> (B, H, N, m). ``fresh_grad``: see ``KernelAttention.feature_map``.
     """
     return _PositiveFeatures.apply(x, w, is_query, fresh_grad)
