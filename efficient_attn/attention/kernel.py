@@ -42,10 +42,8 @@ class KernelAttention(Attention):
         self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool
     ) -> Tensor:
         out_dtype = v.dtype
-        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         with torch.autocast(q.device.type, enabled=False):
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-            v1 = F.pad(v, (0, 1), value=1.0)  # (B, H, S, Dv+1): last column sums the normalizer
+            q, k, v1 = _upcast_with_ones(q, k, v)  # v1 (B, H, S, Dv+1)
             if key_padding_mask is not None:  # k, v are zero there already; drop their normalizer too
                 v1 = v1.masked_fill(key_padding_mask[:, None, :, None], 0.0)
             phi_q = self.feature_map(q, is_query=True, fresh_grad=True)  # (B, H, L, M)
@@ -55,9 +53,7 @@ class KernelAttention(Attention):
             else:
                 kv_t = v1.transpose(-1, -2) @ phi_k  # (B, H, Dv+1, M); this order keeps dφ(k) contiguous
                 out1 = phi_q @ kv_t.transpose(-1, -2)  # (B, H, L, M) @ (B, H, M, Dv+1)
-            num, den = out1[..., :-1], out1[..., -1:]  # (B, H, L, Dv), (B, H, L, 1)
-            out = num / torch.where(den == 0, 1.0, den)  # a query seeing no key gets 0, not NaN
-        return out.to(out_dtype)
+        return _normalize(out1).to(out_dtype)
 
     def decode_step(
         self, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Tensor] | None = None
@@ -67,17 +63,25 @@ class KernelAttention(Attention):
         check_step(q, k, v)
         check_inputs(q, k, v, None, True, self.num_heads, self.head_dim)
         out_dtype = v.dtype
-        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         with torch.autocast(q.device.type, enabled=False):
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-            v1 = F.pad(v, (0, 1), value=1.0)  # (B, H, 1, Dv+1)
+            q, k, v1 = _upcast_with_ones(q, k, v)  # v1 (B, H, 1, Dv+1)
             kv = self.feature_map(k, is_query=False).transpose(-1, -2) @ v1  # (B, H, M, Dv+1)
             if state is not None:
                 kv = state["kv"] + kv
             out1 = self.feature_map(q, is_query=True) @ kv  # (B, H, 1, Dv+1)
-            num, den = out1[..., :-1], out1[..., -1:]
-            out = num / torch.where(den == 0, 1.0, den)
-        return out.to(out_dtype), {"kv": kv}
+        return _normalize(out1).to(out_dtype), {"kv": kv}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
+
+
+def _upcast_with_ones(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k in float32 (float64 stays float64); v with a column of ones appended: (…, S, Dv+1)."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.to(dtype), k.to(dtype), F.pad(v.to(dtype), (0, 1), value=1.0)
+
+
+def _normalize(out1: Tensor) -> Tensor:
+    """(…, L, Dv+1) numerators and normalizer -> (…, L, Dv); a query seeing no key gets 0, not NaN."""
+    num, den = out1[..., :-1], out1[..., -1:]  # (…, L, Dv), (…, L, 1)
+    return num / torch.where(den == 0, 1.0, den)
