@@ -68,9 +68,45 @@ class MultiHeadAttention(nn.Module):
                 f"expected (B, L, {self.d_model}) inputs, got query {tuple(query.shape)}, "
                 f"key {tuple(key.shape)}, value {tuple(value.shape)}"
             )
-        q = rearrange(self.q_proj(query), "b l (h d) -> b h l d", h=self.num_heads)  # (B, H, L, D)
+        k, v = self.project_kv(key, value)  # (B, H, S, D) each
+        return self.attend_projected(query, k, v, key_padding_mask=key_padding_mask, causal=causal)
+
+    def project_kv(self, key: Tensor, value: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(B, S, d_model) keys/values -> heads (B, H, S, D); decoders cache this for cross-attention."""
+        value = key if value is None else value
         k = rearrange(self.k_proj(key), "b s (h d) -> b h s d", h=self.num_heads)  # (B, H, S, D)
         v = rearrange(self.v_proj(value), "b s (h d) -> b h s d", h=self.num_heads)  # (B, H, S, D)
+        return k, v
+
+    def attend_projected(
+        self,
+        query: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        causal: bool = False,
+    ) -> Tensor:
+        """Attention of (B, L, d_model) queries over already projected keys/values (B, H, S, D)."""
+        q = rearrange(self.q_proj(query), "b l (h d) -> b h l d", h=self.num_heads)  # (B, H, L, D)
         out = self.attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal)  # (B, H, L, D)
+        return self._merge(out)
+
+    def decode_step(
+        self, x: Tensor, state: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Causal self-attention for one new position: x (B, 1, d_model) -> ((B, 1, d_model), state).
+
+        The state is the core attention's (a key/value cache, or a running sum for kernelized
+        variants); every tensor in it has the batch first, so beam search can reorder it.
+        """
+        if x.dim() != 3 or x.shape[1] != 1 or x.shape[-1] != self.d_model:
+            raise ValueError(f"decode_step expects (B, 1, {self.d_model}), got {tuple(x.shape)}")
+        q = rearrange(self.q_proj(x), "b l (h d) -> b h l d", h=self.num_heads)  # (B, H, 1, D)
+        k, v = self.project_kv(x)  # (B, H, 1, D) each
+        out, state = self.attention.decode_step(q, k, v, state)  # (B, H, 1, D)
+        return self._merge(out), state
+
+    def _merge(self, out: Tensor) -> Tensor:
         out = rearrange(out, "b h l d -> b l (h d)")  # (B, L, H·D)
         return self.out_proj(self.dropout(out))  # (B, L, d_model)

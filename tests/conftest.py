@@ -15,3 +15,29 @@ def make_qkv(b=2, h=2, length=12, s=None, d=8, dv=None, dtype=torch.float64, sca
     k = torch.randn(b, h, s, d, dtype=dtype) * scale
     v = torch.randn(b, h, s, dv, dtype=dtype)
     return q, k, v
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_env(tmp_path_factory):
+    """W&B off with every W&B dir in a temp dir; a temp cache; the shared data dir when it exists."""
+    from tests.helpers import SHARED_DATA
+
+    patch = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("env")
+    patch.setenv("WANDB_MODE", "disabled")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        patch.setenv(var, str(root / var.lower()))
+    patch.setenv("EFFICIENT_ATTN_CACHE", str(root / "cache"))
+    if SHARED_DATA.exists():
+        patch.setenv("EFFICIENT_ATTN_DATA", str(SHARED_DATA))
+    yield
+    patch.undo()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and do not stall when the 2 cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

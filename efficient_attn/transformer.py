@@ -1,0 +1,362 @@
+"""A plain-PyTorch Transformer whose every attention site takes a registered attention by name.
+
+Three models share one layer stack: :class:`Seq2SeqTransformer` (encoder–decoder, translation),
+:class:`TransformerClassifier` (encoder only, e.g. ListOps) and :class:`TransformerLM`
+(decoder only). Token tensors are (B, T) int64; padding masks are (B, T) bool with True = padding.
+Decoders also run one token at a time (``decode_step``): O(1) per token in the prefix for
+kernelized attentions (running sums), a key/value cache for the quadratic ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .multihead import MultiHeadAttention
+from .registry import attention_options, get_attention_class
+
+DecodeState = dict[str, Any]
+
+
+@dataclass
+class AttentionSpec:
+    """Which registered attention an attention site uses, and its options."""
+
+    name: str = "softmax"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, where: str) -> None:
+        get_attention_class(self.name)  # ValueError naming the known attentions
+        unknown = sorted(set(self.kwargs) - set(attention_options(self.name)))
+        if unknown:
+            raise TypeError(
+                f"{where}: attention {self.name!r} has no option(s) {unknown}; "
+                f"accepted: {attention_options(self.name)}"
+            )
+
+
+@dataclass
+class TransformerConfig:
+    """Architecture hyper-parameters (Vaswani et al. 2017 names: d_model, h, d_k, d_ff, N)."""
+
+    d_model: int = 256
+    num_heads: int = 4
+    head_dim: int | None = None  # d_k; None = d_model // num_heads
+    d_ff: int = 1024
+    encoder_layers: int = 3
+    decoder_layers: int = 3
+    dropout: float = 0.1
+    activation: str = "relu"  # relu | gelu
+    norm_first: bool = True  # pre-LN (True) or post-LN as in the paper (False)
+    positional: str = "sinusoidal"  # sinusoidal | learned (Table 3 row E)
+    max_len: int = 1024
+    tie_embeddings: bool = True  # one embedding for source, target and output projection
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "num_heads", "d_ff", "max_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("encoder_layers", "decoder_layers"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"model.{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; "
+                "change one of them or set model.head_dim (d_k) explicitly"
+            )
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim < 1):
+            raise ValueError(f"model.head_dim must be a positive int or null, got {self.head_dim!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f"model.activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
+        if self.positional not in ("sinusoidal", "learned"):
+            raise ValueError(f"model.positional must be 'sinusoidal' or 'learned', got {self.positional!r}")
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+
+class TokenEmbedding(nn.Module):
+    """Token embedding × √d_model plus sinusoidal or learned positions, then dropout."""
+
+    def __init__(self, vocab_size: int, cfg: TransformerConfig, embedding: nn.Embedding | None = None):
+        super().__init__()
+        self.tokens = embedding if embedding is not None else nn.Embedding(vocab_size, cfg.d_model)
+        if embedding is None:
+            nn.init.normal_(self.tokens.weight, std=cfg.d_model**-0.5)
+        self.scale = math.sqrt(cfg.d_model)
+        self.max_len = cfg.max_len
+        if cfg.positional == "learned":
+            self.learned = nn.Embedding(cfg.max_len, cfg.d_model)
+            nn.init.normal_(self.learned.weight, std=0.02)
+        else:
+            self.learned = None
+            self.register_buffer("table", sinusoid_table(cfg.max_len, cfg.d_model), persistent=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, tokens: Tensor, offset: int = 0) -> Tensor:
+        length = tokens.shape[1]
+        if offset + length > self.max_len:
+            raise ValueError(
+                f"sequence of length {offset + length} exceeds model.max_len={self.max_len}; "
+                "raise model.max_len or shorten the data"
+            )
+        pos = torch.arange(offset, offset + length, device=tokens.device)  # (T,)
+        pe = self.learned(pos) if self.learned is not None else self.table[pos]  # (T, d_model)
+        return self.dropout(self.tokens(tokens) * self.scale + pe)  # (B, T, d_model)
+
+
+def sinusoid_table(length: int, dim: int) -> Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...): (length, dim)."""
+    pos = torch.arange(length, dtype=torch.float64)[:, None]  # (T, 1)
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return table.float()
+
+
+class Block(nn.Module):
+    """One layer: (causal) self-attention, optional cross-attention, feed-forward; pre- or post-LN."""
+
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        self_attention: AttentionSpec,
+        cross_attention: AttentionSpec | None = None,
+        *,
+        causal: bool = False,
+    ) -> None:
+        super().__init__()
+        self.causal, self.norm_first = causal, cfg.norm_first
+
+        def mha(spec: AttentionSpec) -> MultiHeadAttention:
+            return MultiHeadAttention(
+                cfg.d_model, cfg.num_heads, spec.name, spec.kwargs, head_dim=cfg.head_dim
+            )
+
+        self.self_attn = mha(self_attention)
+        self.cross_attn = mha(cross_attention) if cross_attention is not None else None
+        self.ff = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.d_ff),
+            _ACTIVATIONS[cfg.activation](),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.d_ff, cfg.d_model),
+        )
+        self.norms = nn.ModuleList(nn.LayerNorm(cfg.d_model) for _ in range(3 if cross_attention else 2))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def _residual(self, i: int, x: Tensor, fn) -> Tensor:
+        if self.norm_first:
+            return x + self.dropout(fn(self.norms[i](x)))
+        return self.norms[i](x + self.dropout(fn(x)))
+
+    def forward(
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None = None,
+        memory_kv: tuple[Tensor, Tensor] | None = None,
+        memory_mask: Tensor | None = None,
+    ) -> Tensor:
+        x = self._residual(
+            0, x, lambda h: self.self_attn(h, key_padding_mask=padding_mask, causal=self.causal)
+        )
+        if self.cross_attn is not None:
+            k, v = memory_kv  # (B, H, S, D) each
+            x = self._residual(
+                1, x, lambda h: self.cross_attn.attend_projected(h, k, v, key_padding_mask=memory_mask)
+            )
+        return self._residual(len(self.norms) - 1, x, self.ff)
+
+    def step(self, x: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
+        """x (B, 1, d_model) for the next position; state holds this layer's self-attention state."""
+        new: DecodeState = dict(state)
+
+        def self_attend(h: Tensor) -> Tensor:
+            out, new["self"] = self.self_attn.decode_step(h, state.get("self"))
+            return out
+
+        x = self._residual(0, x, self_attend)
+        if self.cross_attn is not None:
+            k, v = state["memory_kv"]
+            x = self._residual(
+                1, x, lambda h: self.cross_attn.attend_projected(h, k, v, key_padding_mask=state["memory_mask"])
+            )
+        return self._residual(len(self.norms) - 1, x, self.ff), new
+
+
+class Stack(nn.Module):
+    """N blocks plus the final LayerNorm that pre-LN needs."""
+
+    def __init__(self, cfg: TransformerConfig, num_layers: int, **block_kwargs: Any) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Block(cfg, **block_kwargs) for _ in range(num_layers))
+        self.final_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None, memory=None, memory_mask=None) -> Tensor:
+        for layer in self.layers:
+            memory_kv = layer.cross_attn.project_kv(memory) if memory is not None else None
+            x = layer(x, padding_mask, memory_kv, memory_mask)
+        return self.final_norm(x)
+
+    def start(self, memory: Tensor | None = None, memory_mask: Tensor | None = None) -> DecodeState:
+        """Decoding state before the first token; cross-attention keys/values are projected once."""
+        layers = []
+        for layer in self.layers:
+            st: DecodeState = {"self": None}
+            if memory is not None:
+                st["memory_kv"] = layer.cross_attn.project_kv(memory)  # (B, H, S, D) each
+                st["memory_mask"] = memory_mask
+            layers.append(st)
+        return {"pos": 0, "layers": layers}
+
+    def step(self, x: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
+        layers = []
+        for layer, st in zip(self.layers, state["layers"]):
+            x, st = layer.step(x, st)
+            layers.append(st)
+        return self.final_norm(x), {"pos": state["pos"] + 1, "layers": layers}
+
+
+def reorder_state(state: Any, index: Tensor) -> Any:
+    """Select batch rows of every tensor in a decoding state (beam search): tensors are batch-first."""
+    if isinstance(state, Tensor):
+        return state.index_select(0, index)
+    if isinstance(state, dict):
+        return {key: reorder_state(value, index) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(reorder_state(value, index) for value in state)
+    return state
+
+
+class _Decoding:
+    """Shared next-token machinery: embed, run the decoder stack, project to the vocabulary."""
+
+    embed_tgt: TokenEmbedding
+    decoder: Stack
+    output: nn.Linear
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.output(hidden)  # (B, T, V)
+
+    def decode_step(self, tokens: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
+        """tokens (B,) at position state["pos"] -> (logits (B, V), next state)."""
+        x = self.embed_tgt(tokens[:, None], offset=state["pos"])  # (B, 1, d_model)
+        hidden, state = self.decoder.step(x, state)  # (B, 1, d_model)
+        return self.logits(hidden)[:, 0], state
+
+
+def _output_layer(cfg: TransformerConfig, vocab_size: int, embedding: nn.Embedding) -> nn.Linear:
+    output = nn.Linear(cfg.d_model, vocab_size, bias=False)
+    if cfg.tie_embeddings:
+        output.weight = embedding.weight
+    return output
+
+
+class Seq2SeqTransformer(_Decoding, nn.Module):
+    """Encoder–decoder (Vaswani et al. 2017). With ``tie_embeddings`` the source, target and output
+    embeddings are one matrix (joint vocabulary), else three."""
+
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        vocab_size: int,
+        *,
+        encoder_attention: AttentionSpec,
+        decoder_attention: AttentionSpec,
+        cross_attention: AttentionSpec,
+    ) -> None:
+        super().__init__()
+        for where, spec in (("encoder", encoder_attention), ("decoder", decoder_attention), ("cross", cross_attention)):
+            spec.check(f"{where} attention")
+        self.cfg = cfg
+        self.embed_src = TokenEmbedding(vocab_size, cfg)
+        shared = self.embed_src.tokens if cfg.tie_embeddings else None
+        self.embed_tgt = TokenEmbedding(vocab_size, cfg, embedding=shared)
+        self.encoder = Stack(cfg, cfg.encoder_layers, self_attention=encoder_attention)
+        self.decoder = Stack(
+            cfg, cfg.decoder_layers, self_attention=decoder_attention, cross_attention=cross_attention, causal=True
+        )
+        self.output = _output_layer(cfg, vocab_size, self.embed_tgt.tokens)
+
+    def encode(self, src: Tensor, src_mask: Tensor | None = None) -> Tensor:
+        return self.encoder(self.embed_src(src), src_mask)  # (B, S, d_model)
+
+    def forward(
+        self, src: Tensor, tgt_in: Tensor, src_mask: Tensor | None = None, tgt_mask: Tensor | None = None
+    ) -> Tensor:
+        """Teacher forcing: src (B, S), tgt_in (B, T) -> logits (B, T, V)."""
+        memory = self.encode(src, src_mask)  # (B, S, d_model)
+        hidden = self.decoder(self.embed_tgt(tgt_in), tgt_mask, memory, src_mask)  # (B, T, d_model)
+        return self.logits(hidden)
+
+    def start(self, src: Tensor, src_mask: Tensor | None = None) -> DecodeState:
+        """Encode once and return the state for :meth:`decode_step`."""
+        return self.decoder.start(self.encode(src, src_mask), src_mask)
+
+
+class TransformerLM(_Decoding, nn.Module):
+    """Decoder-only causal language model: tokens (B, T) -> next-token logits (B, T, V)."""
+
+    def __init__(self, cfg: TransformerConfig, vocab_size: int, *, attention: AttentionSpec) -> None:
+        super().__init__()
+        attention.check("decoder attention")
+        self.cfg = cfg
+        self.embed_tgt = TokenEmbedding(vocab_size, cfg)
+        self.decoder = Stack(cfg, cfg.decoder_layers, self_attention=attention, causal=True)
+        self.output = _output_layer(cfg, vocab_size, self.embed_tgt.tokens)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.logits(self.decoder(self.embed_tgt(tokens)))  # (B, T, V)
+
+    def start(self) -> DecodeState:
+        """State before the first token (every layer's self-attention state is empty)."""
+        return self.decoder.start()
+
+
+class TransformerClassifier(nn.Module):
+    """Encoder with mean (over non-padding) or first-token pooling and a linear head: (B, T) -> (B, C)."""
+
+    def __init__(
+        self, cfg: TransformerConfig, vocab_size: int, num_classes: int, *, attention: AttentionSpec,
+        pooling: str = "mean",
+    ) -> None:
+        super().__init__()
+        attention.check("encoder attention")
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        self.cfg, self.pooling = cfg, pooling
+        self.embed = TokenEmbedding(vocab_size, cfg)
+        self.encoder = Stack(cfg, cfg.encoder_layers, self_attention=attention)
+        self.head = nn.Linear(cfg.d_model, num_classes)
+
+    def forward(self, tokens: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        hidden = self.encoder(self.embed(tokens), padding_mask)  # (B, T, d_model)
+        if self.pooling == "cls":
+            return self.head(hidden[:, 0])  # (B, C)
+        keep = torch.ones_like(tokens, dtype=hidden.dtype) if padding_mask is None else (~padding_mask).to(hidden.dtype)
+        pooled = (hidden * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp_min(1.0)  # (B, d_model)
+        return self.head(pooled)  # (B, C)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Trainable parameters, each shared tensor counted once."""
+    seen = {id(p): p for p in module.parameters() if p.requires_grad}
+    return sum(p.numel() for p in seen.values())
+
+
+__all__ = [
+    "AttentionSpec",
+    "Seq2SeqTransformer",
+    "TransformerClassifier",
+    "TransformerConfig",
+    "TransformerLM",
+    "count_parameters",
+    "reorder_state",
+    "sinusoid_table",
+]

@@ -1,0 +1,1 @@
+"""Lightning tasks (translation, listops, lm) and the efficient-attn-train app."""

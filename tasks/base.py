@@ -1,0 +1,125 @@
+"""What every task shares: config schemas, the model builder, the optimiser and schedule, throughput.
+
+A task module (``tasks/<name>.py``) exposes ``Config`` (a dataclass: its ``task:`` config schema,
+with a ``name`` field) and ``build(cfg) -> (LightningDataModule, TaskModule)``. The module's
+``monitor`` / ``monitor_mode`` name the validation metric that picks the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from efficient_attn.transformer import AttentionSpec, TransformerConfig, count_parameters
+
+
+@dataclass
+class ModelConfig(TransformerConfig):
+    """Architecture plus optional per-site attention overrides (null = the top-level ``attention``)."""
+
+    encoder_attention: Any = None
+    decoder_attention: Any = None
+    cross_attention: Any = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 1000
+    schedule: str = "inverse_sqrt"  # inverse_sqrt (Vaswani et al.) | cosine | constant
+
+
+@dataclass
+class AttentionConfig:
+    name: str = "softmax"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def transformer_config(cfg: DictConfig) -> TransformerConfig:
+    fields = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if not k.endswith("_attention")}
+    return TransformerConfig(**fields)
+
+
+def attention_spec(cfg: DictConfig, site: str) -> AttentionSpec:
+    """The attention for one site (``encoder``, ``decoder`` or ``cross``): its override or the default."""
+    chosen = cfg.model.get(f"{site}_attention") or cfg.attention
+    spec = OmegaConf.to_container(chosen, resolve=True)
+    return AttentionSpec(spec["name"], dict(spec.get("kwargs") or {}))
+
+
+class TaskModule(pl.LightningModule):
+    """Optimiser, schedule, token counting and shared logging; subclasses own model, loss and metrics."""
+
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        self.optim_cfg = OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+
+    def batch_tokens(self, batch: Any) -> int:
+        """Tokens the model processed in one training batch (non-padding, inputs and targets)."""
+        raise NotImplementedError
+
+    def num_parameters(self) -> int:
+        return count_parameters(self.model)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.optim_cfg
+        decay = [p for n, p in self.named_parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for n, p in self.named_parameters() if p.requires_grad and p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr,
+            betas=tuple(o.betas),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _lr_factor(self, step: int) -> float:
+        o, step = self.optim_cfg, step + 1
+        warm = min(1.0, step / max(1, o.warmup_steps))
+        if o.schedule == "constant":
+            return warm
+        if o.schedule == "inverse_sqrt":
+            return warm * math.sqrt(max(1, o.warmup_steps) / max(step, o.warmup_steps))
+        if o.schedule == "cosine":
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            progress = min(1.0, max(0, step - o.warmup_steps) / max(1, total - o.warmup_steps))
+            return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+        raise ValueError(f"optim.schedule must be inverse_sqrt, cosine or constant, got {o.schedule!r}")
+
+
+class Throughput(pl.Callback):
+    """Training tokens per second (forward + backward + optimiser time only) and peak memory."""
+
+    def __init__(self) -> None:
+        self.tokens, self.seconds, self._start = 0, 0.0, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seconds += time.perf_counter() - self._start
+        self.tokens += int(pl_module.batch_tokens(batch))
+        if self.seconds > 0:
+            pl_module.log("train/tokens_per_s", self.tokens / self.seconds, on_step=True, on_epoch=False)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds > 0 else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tokens, self.seconds = state["tokens"], state["seconds"]

@@ -1,0 +1,351 @@
+"""ListOps (Nangia & Bowman 2018) as in Long Range Arena (Tay et al. 2021): classify the value of a
+nested list expression, e.g. ``[MAX 2 9 [MIN 4 7 ] 0 ]`` -> 9.
+
+Operators MIN, MAX, MED (median) and SM (sum modulo 10) over the digits 0-9; 10 classes.
+The generator follows LRA's ``generate_tree``: below the root a node is an operator with
+probability 0.25 (else a digit) while its depth is below ``max_depth`` (the root has depth 1, so
+operators nest at most ``max_depth - 1`` deep); expressions are rejection-sampled until their
+length in tokens lies strictly between ``min_length`` and ``max_length`` (LRA: 500 < len < 2000).
+Brackets are tokens; a sequence is split on whitespace. Splits are generated once, deduplicated
+like LRA's, and cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from efficient_attn.transformer import TransformerClassifier
+
+from .base import TaskModule, attention_spec, transformer_config
+from .data import DataError, cache_dir
+
+OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
+END = "]"
+DIGITS = tuple(str(d) for d in range(10))
+VOCAB = ("<pad>", "<cls>", *OPERATORS, END, *DIGITS)
+TOKEN_ID = {token: i for i, token in enumerate(VOCAB)}
+PAD_ID, CLS_ID = TOKEN_ID["<pad>"], TOKEN_ID["<cls>"]
+VOCAB_SIZE, NUM_CLASSES = len(VOCAB), 10
+OPERATOR_P = 0.25  # LRA's VALUE_P: a non-root node below max_depth is an operator with this probability
+MIN_ARGS = 2  # arguments per operator: MIN_ARGS..max_args, as LRA's generator (randint(2, max_args))
+CACHE_VERSION = 2  # bump when the generator or the file layout changes
+SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
+
+
+def apply(op: str, args: Sequence[int]) -> int:
+    """Value of one operator. MED of an even count is the floor of the mean of the two middle
+    values, i.e. LRA's ``int(np.median(args))``."""
+    if op == "[MIN":
+        return min(args)
+    if op == "[MAX":
+        return max(args)
+    if op == "[SM":
+        return sum(args) % 10
+    if op == "[MED":
+        s, n = sorted(args), len(args)
+        return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) // 2
+    raise ValueError(f"unknown operator {op!r}; known: {OPERATORS}")
+
+
+def evaluate(tokens: Sequence[str]) -> int:
+    """Value of one tokenized expression; ValueError if it is malformed."""
+    stack: list[tuple[str, list[int]]] = []
+    result: int | None = None
+    for token in tokens:
+        if token in OPERATORS:
+            stack.append((token, []))
+            continue
+        if token == END:
+            if not stack or not stack[-1][1]:
+                raise ValueError(f"unbalanced or empty operator at {token!r} in {' '.join(tokens)!r}")
+            op, args = stack.pop()
+            value = apply(op, args)
+        elif token in DIGITS:
+            value = int(token)
+        else:
+            raise ValueError(f"unknown token {token!r}; known: {VOCAB[2:]}")
+        if stack:
+            stack[-1][1].append(value)
+        elif result is None:
+            result = value
+        else:
+            raise ValueError(f"more than one top-level expression in {' '.join(tokens)!r}")
+    if stack or result is None:
+        raise ValueError(f"incomplete expression {' '.join(tokens)!r}")
+    return result
+
+
+def longest_expression(max_depth: int, max_args: int) -> int:
+    """Tokens in the largest expression: a full max_args-ary tree, operators at depths 1..max_depth-1."""
+    operators = sum(max_args**d for d in range(max_depth - 1))
+    return 2 * operators + max_args ** (max_depth - 1)
+
+
+def check_params(min_length: int, max_length: int, max_depth: int, max_args: int) -> None:
+    """ValueError saying what to change if no expression can satisfy the parameters."""
+    if max_depth < 2:
+        raise ValueError(f"max_depth={max_depth} leaves no room for an operator; use max_depth >= 2")
+    if max_args < MIN_ARGS:
+        raise ValueError(f"max_args={max_args} must be >= {MIN_ARGS}")
+    if min_length >= max_length - 1:
+        raise ValueError(
+            f"min_length={min_length} and max_length={max_length}: lengths are strictly between them, "
+            "so max_length must exceed min_length + 1"
+        )
+    shortest = MIN_ARGS + 2  # e.g. [MAX 1 2 ]
+    if max_length <= shortest:
+        raise ValueError(f"max_length={max_length}: the shortest expression has {shortest} tokens; raise max_length")
+    longest = longest_expression(max_depth, max_args)
+    if longest <= min_length:
+        raise ValueError(
+            f"min_length={min_length}: the longest expression with max_depth={max_depth} and "
+            f"max_args={max_args} has {longest} tokens; lower min_length or raise max_depth / max_args"
+        )
+
+
+class _TooLong(Exception):
+    """Raised to abandon a tree as soon as it cannot end shorter than max_length."""
+
+
+def _sample(rng: random.Random, depth: int, max_depth: int, max_args: int, out: list[str], limit: int) -> int:
+    """Append one random node (root at depth 1) to ``out`` and return its value."""
+    if depth > 1 and (depth >= max_depth or rng.random() >= OPERATOR_P):
+        value = rng.randrange(10)
+        out.append(DIGITS[value])
+        if len(out) + depth - 1 >= limit:  # depth - 1 operators are still open
+            raise _TooLong
+        return value
+    op = rng.choice(OPERATORS)
+    out.append(op)
+    args = [_sample(rng, depth + 1, max_depth, max_args, out, limit) for _ in range(rng.randint(MIN_ARGS, max_args))]
+    out.append(END)
+    return apply(op, args)
+
+
+def generate_listops(
+    n: int,
+    *,
+    seed: int,
+    min_length: int,
+    max_length: int,
+    max_depth: int = 10,
+    max_args: int = 10,
+    seen: set[bytes] | None = None,
+) -> list[tuple[list[str], int]]:
+    """``n`` distinct (tokens, value) pairs with min_length < len(tokens) < max_length.
+
+    ``seen`` holds digests of expressions to skip (e.g. other splits'); accepted ones are added.
+    """
+    check_params(min_length, max_length, max_depth, max_args)
+    rng, seen = random.Random(seed), set() if seen is None else seen
+    samples: list[tuple[list[str], int]] = []
+    max_attempts = 1000 * max(n, 1)
+    for _ in range(max_attempts):
+        if len(samples) == n:
+            return samples
+        tokens: list[str] = []
+        try:
+            value = _sample(rng, 1, max_depth, max_args, tokens, max_length)
+        except _TooLong:
+            continue
+        digest = hashlib.blake2b(" ".join(tokens).encode(), digest_size=16).digest()
+        if len(tokens) > min_length and digest not in seen:
+            seen.add(digest)
+            samples.append((tokens, value))
+    if len(samples) == n:
+        return samples
+    raise ValueError(
+        f"found only {len(samples)} of {n} distinct expressions in {max_attempts} attempts with "
+        f"min_length={min_length}, max_length={max_length}, max_depth={max_depth}, max_args={max_args}; "
+        "widen the length range, adjust max_depth / max_args, or ask for fewer samples"
+    )
+
+
+@dataclass
+class Config:
+    name: str = "listops"
+    train_size: int = 96000
+    val_size: int = 2000
+    test_size: int = 2000
+    min_length: int = 500  # tokens, exclusive
+    max_length: int = 2000  # tokens, exclusive
+    max_depth: int = 10
+    max_args: int = 10
+    data_seed: int = 1234
+    batch_size: int = 32
+    pooling: str = "mean"  # mean | cls (prepends <cls>)
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("train_size", "val_size", "test_size", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"task.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.pooling not in ("mean", "cls"):
+            raise ValueError(f"task.pooling must be 'mean' or 'cls', got {self.pooling!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"task.num_workers must be >= 0, got {self.num_workers}")
+        check_params(self.min_length, self.max_length, self.max_depth, self.max_args)
+
+    @property
+    def longest_sequence(self) -> int:
+        """Most tokens the model sees in one sequence, <cls> included."""
+        return self.max_length - 1 + (self.pooling == "cls")
+
+
+def _generate_splits(task: Config) -> dict[str, dict[str, Any]]:
+    """val, then test, then train, each from its own seed; later splits skip earlier splits' expressions."""
+    seen: set[bytes] = set()
+    splits = {}
+    for split in ("val", "test", "train"):
+        samples = generate_listops(
+            getattr(task, f"{split}_size"), seed=3 * task.data_seed + SPLIT_OFFSET[split], seen=seen,
+            min_length=task.min_length, max_length=task.max_length, max_depth=task.max_depth, max_args=task.max_args,
+        )
+        ids = [TOKEN_ID[t] for tokens, _ in samples for t in tokens]
+        splits[split] = {
+            "tokens": torch.tensor(ids, dtype=torch.int8),  # (sum of lengths,) concatenated
+            "lengths": torch.tensor([len(tokens) for tokens, _ in samples], dtype=torch.int64),
+            "labels": torch.tensor([value for _, value in samples], dtype=torch.int64),
+        }
+    return splits
+
+
+class ListOpsDataset(Dataset):
+    """One split: token ids (with <cls> first if asked) and labels."""
+
+    def __init__(self, split: dict[str, Tensor], cls: bool = False) -> None:
+        self.tokens, self.labels, self.cls = split["tokens"], split["labels"], cls
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), split["lengths"].cumsum(0)])  # (N + 1,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        ids = self.tokens[self.offsets[i] : self.offsets[i + 1]].long()  # (L,)
+        if self.cls:
+            ids = torch.cat([torch.tensor([CLS_ID]), ids])  # (L + 1,)
+        return ids, int(self.labels[i])
+
+
+def collate(items: list[tuple[Tensor, int]]) -> dict[str, Tensor]:
+    """Pad to the longest sequence in the batch; padding_mask is True at padding."""
+    lengths = torch.tensor([len(ids) for ids, _ in items])  # (B,)
+    tokens = pad_sequence([ids for ids, _ in items], batch_first=True, padding_value=PAD_ID)  # (B, T)
+    padding_mask = torch.arange(tokens.shape[1])[None, :] >= lengths[:, None]  # (B, T)
+    return {"tokens": tokens, "padding_mask": padding_mask, "label": torch.tensor([y for _, y in items])}
+
+
+class ListOpsData(pl.LightningDataModule):
+    """Generates the splits once into the cache (``prepare_data``) and loads them (``setup``)."""
+
+    def __init__(self, task: Config, cache: str | os.PathLike | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.task, self.seed = task, seed
+        params = {k: v for k, v in asdict(task).items() if k not in ("name", "batch_size", "pooling", "num_workers")}
+        self.params = {"version": CACHE_VERSION, **params}
+        digest = hashlib.sha256(json.dumps(self.params, sort_keys=True).encode()).hexdigest()[:16]
+        self.path = cache_dir(cache) / "listops" / f"{digest}.pt"
+        self.splits: dict[str, ListOpsDataset] = {}
+
+    def prepare_data(self) -> None:
+        if self.path.exists():
+            return
+        data = {"params": self.params, "splits": _generate_splits(self.task)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=self.path.parent, suffix=".tmp", delete=False) as tmp:
+            torch.save(data, tmp)
+        os.replace(tmp.name, self.path)
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.path.exists():
+            self.prepare_data()
+        try:
+            data = torch.load(self.path, weights_only=True)
+        except Exception as err:  # truncated or foreign file
+            raise DataError(f"cannot read cached ListOps data {self.path}: {err}; delete it to regenerate") from None
+        if data.get("params") != self.params:
+            raise DataError(f"{self.path} was generated with {data.get('params')}, not {self.params}; delete it")
+        cls = self.task.pooling == "cls"
+        self.splits = {name: ListOpsDataset(split, cls) for name, split in data["splits"].items()}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        workers = self.task.num_workers
+        return DataLoader(
+            self.splits[split], batch_size=self.task.batch_size, shuffle=shuffle, generator=generator,
+            collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class ListOpsModule(TaskModule):
+    """Encoder classifier trained with cross-entropy; accuracy is the selection metric."""
+
+    monitor = "val/acc"
+    monitor_mode = "max"
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        self.model = TransformerClassifier(
+            transformer_config(cfg), VOCAB_SIZE, NUM_CLASSES,
+            attention=attention_spec(cfg, "encoder"), pooling=cfg.task.pooling,
+        )
+        self.val_acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.model(batch["tokens"], batch["padding_mask"])  # (B, 10)
+
+    def batch_tokens(self, batch: dict[str, Tensor]) -> int:
+        return int((~batch["padding_mask"]).sum())
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = F.cross_entropy(self(batch), batch["label"])
+        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=len(batch["label"]))
+        return loss
+
+    def _evaluate(self, batch: dict[str, Tensor], split: str, accuracy: MulticlassAccuracy) -> None:
+        logits, n = self(batch), len(batch["label"])
+        accuracy.update(logits, batch["label"])
+        self.log(f"{split}/loss", F.cross_entropy(logits, batch["label"]), on_epoch=True, batch_size=n)
+        self.log(f"{split}/acc", accuracy, on_epoch=True, batch_size=n)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc)
+
+
+def build(cfg: DictConfig) -> tuple[ListOpsData, ListOpsModule]:
+    """Data module and Lightning module for the composed run config."""
+    task = Config(**OmegaConf.to_container(cfg.task, resolve=True))
+    if cfg.model.max_len < task.longest_sequence:
+        raise ValueError(
+            f"ListOps sequences reach {task.longest_sequence} tokens (task.max_length={task.max_length}, "
+            f"pooling={task.pooling}) but model.max_len={cfg.model.max_len}; raise model.max_len"
+        )
+    return ListOpsData(task, cfg.get("cache_dir"), cfg.seed), ListOpsModule(cfg)

@@ -1,0 +1,266 @@
+"""Byte-level language modelling: next-byte prediction on a UTF-8 text, scored in bits per byte.
+
+Vocabulary: the 256 byte values, no special tokens. Datasets: ``tinyshakespeare`` (split by
+``task.split`` fractions), ``enwik8`` (the standard first 90M / next 5M / last 5M bytes) and
+``file`` (any UTF-8 text file at ``task.path``, split by fractions). Training draws random
+windows of ``context_length + 1`` bytes (input = window[:-1], target = window[1:]); validation and
+test walk the split in contiguous windows whose targets tile it, so each byte after the split's
+first is predicted once (a tail shorter than one window is dropped).
+"""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchmetrics import MeanMetric
+
+from efficient_attn.transformer import TransformerLM
+
+from .base import TaskModule, attention_spec, transformer_config
+from .data import DataError, data_dir, fetch
+
+VOCAB_SIZE = 256
+DATASETS = ("tinyshakespeare", "enwik8", "file")
+ENWIK8_SPLIT = (90_000_000, 5_000_000)  # train, val bytes; test = the last 5M
+Batch = dict[str, Tensor]
+
+
+@dataclass
+class Config:
+    """The ``task:`` group for ``task=lm`` (configs/task/lm.yaml)."""
+
+    name: str = "lm"
+    dataset: str = "tinyshakespeare"  # tinyshakespeare | enwik8 | file
+    path: str | None = None  # the text file when dataset=file
+    context_length: int = 1024
+    batch_size: int = 16
+    train_batches_per_epoch: int = 1000
+    eval_batches: int | None = None  # cap on val/test batches; None = the whole split
+    split: tuple[float, float] = (0.9, 0.05)  # train, val fractions; test = the rest (not enwik8)
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"task.dataset must be one of {list(DATASETS)}, got {self.dataset!r}")
+        if self.dataset == "file" and not self.path:
+            raise ValueError("task.dataset=file needs task.path (a UTF-8 text file)")
+        for name in ("context_length", "batch_size", "train_batches_per_epoch"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"task.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.eval_batches is not None and (not isinstance(self.eval_batches, int) or self.eval_batches < 1):
+            raise ValueError(f"task.eval_batches must be a positive int or null, got {self.eval_batches!r}")
+        self.split = tuple(float(f) for f in self.split)
+        if len(self.split) != 2 or min(self.split) <= 0 or sum(self.split) >= 1:
+            raise ValueError(f"task.split must be two positive fractions (train, val) summing to < 1, got {self.split}")
+
+
+def task_config(cfg: DictConfig) -> Config:
+    """The ``task:`` group as a checked :class:`Config` (unknown keys are a TypeError)."""
+    return Config(**OmegaConf.to_container(cfg.task, resolve=True))
+
+
+def bits(loss: Tensor) -> Tensor:
+    """Cross-entropy in nats -> bits (per byte, i.e. per character for ASCII text)."""
+    return loss / math.log(2)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def source_path(cfg: Config, root: Path) -> Path:
+    """Where the dataset's file is, downloading (and verifying) a named dataset if it is missing."""
+    if cfg.dataset == "tinyshakespeare":
+        return fetch("tinyshakespeare/input.txt", root)
+    if cfg.dataset == "enwik8":
+        return fetch("enwik8/enwik8.zip", root)
+    path = Path(cfg.path).expanduser()
+    if not path.is_file():
+        raise DataError(f"task.path {path} does not exist (or is not a file); dataset=file needs a UTF-8 text file")
+    return path
+
+
+def read_bytes(cfg: Config, path: Path) -> Tensor:
+    """The dataset's raw bytes as a uint8 tensor (N,); a ``file`` must be UTF-8."""
+    try:
+        if cfg.dataset == "enwik8":
+            with zipfile.ZipFile(path) as archive:
+                raw = archive.read("enwik8")
+        else:
+            raw = path.read_bytes()
+    except (OSError, KeyError, zipfile.BadZipFile) as err:
+        raise DataError(f"cannot read {path}: {err} (corrupt or truncated file?); delete it to download it again") from None
+    if cfg.dataset == "file":
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path} is not UTF-8 text: {err}") from None
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)  # (N,)
+
+
+def split_bytes(cfg: Config, data: Tensor) -> dict[str, Tensor]:
+    """Train / val / test byte ranges: enwik8's standard 90M/5M/5M, else ``cfg.split`` fractions."""
+    if cfg.dataset == "enwik8":
+        n_train, n_val = ENWIK8_SPLIT
+    else:
+        n_train, n_val = (int(len(data) * f) for f in cfg.split)
+    splits = {"train": data[:n_train], "val": data[n_train : n_train + n_val], "test": data[n_train + n_val :]}
+    for name, part in splits.items():
+        if len(part) < cfg.context_length + 1:
+            raise ValueError(
+                f"the {cfg.dataset} {name} split has {len(part)} bytes, fewer than one window of "
+                f"context_length + 1 = {cfg.context_length + 1}; shorten task.context_length"
+            )
+    return splits
+
+
+def window(data: Tensor, start: int, length: int) -> Batch:
+    """Bytes [start, start + length] as input tokens (T,) and next-byte targets (T,)."""
+    chunk = data[start : start + length + 1].long()  # (T+1,)
+    return {"tokens": chunk[:-1], "targets": chunk[1:]}
+
+
+class Windows(Dataset):
+    """Windows of ``length`` tokens at given start offsets; item i starts at ``starts[i]``."""
+
+    def __init__(self, data: Tensor, length: int, starts: range | None = None) -> None:
+        self.data, self.length = data, length
+        self.starts = starts if starts is not None else range(len(data) - length)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> Batch:
+        return window(self.data, self.starts[index], self.length)
+
+
+class RandomWindows(Sampler[int]):
+    """``num_samples`` uniform random indices per epoch, drawn from a generator seeded by (seed, epoch)."""
+
+    def __init__(self, num_starts: int, num_samples: int, seed: int) -> None:
+        self.num_starts, self.num_samples, self.seed, self.epoch = num_starts, num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from torch.randint(self.num_starts, (self.num_samples,), generator=generator).tolist()
+
+
+def eval_windows(data: Tensor, length: int, max_windows: int | None) -> Windows:
+    """Contiguous windows whose targets tile ``data[1:]`` (the tail shorter than a window is dropped)."""
+    count = (len(data) - 1) // length
+    if max_windows is not None:
+        count = min(count, max_windows)
+    return Windows(data, length, range(0, count * length, length))
+
+
+class ByteLMData(pl.LightningDataModule):
+    """Downloads in ``prepare_data``, reads and splits in ``setup``; batches are dicts of (B, T) int64."""
+
+    def __init__(self, cfg: Config, data_root: str | Path | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg, self.root, self.seed = cfg, data_dir(data_root), seed
+        self.splits: dict[str, Tensor] | None = None
+
+    def prepare_data(self) -> None:
+        source_path(self.cfg, self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            self.splits = split_bytes(self.cfg, read_bytes(self.cfg, source_path(self.cfg, self.root)))
+
+    def train_dataloader(self) -> DataLoader:
+        data = Windows(self.splits["train"], self.cfg.context_length)
+        num_samples = self.cfg.train_batches_per_epoch * self.cfg.batch_size
+        return self._loader(data, sampler=RandomWindows(len(data), num_samples, self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        cap = None if self.cfg.eval_batches is None else self.cfg.eval_batches * self.cfg.batch_size
+        return self._loader(eval_windows(self.splits[split], self.cfg.context_length, cap))
+
+    def _loader(self, data: Dataset, sampler: Sampler | None = None) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(
+            data, batch_size=self.cfg.batch_size, sampler=sampler, shuffle=False,
+            num_workers=workers, persistent_workers=workers > 0,
+        )
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class ByteLMModule(TaskModule):
+    """Decoder-only Transformer over bytes; loss = mean next-byte cross-entropy, metric = bits per byte."""
+
+    monitor = "val/bpc"
+    monitor_mode = "min"
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        context_length = task_config(cfg).context_length
+        model_cfg = transformer_config(cfg)
+        if model_cfg.max_len < context_length:
+            raise ValueError(
+                f"task.context_length={context_length} exceeds model.max_len={model_cfg.max_len}; "
+                "raise model.max_len (or shorten task.context_length)"
+            )
+        self.model = TransformerLM(model_cfg, VOCAB_SIZE, attention=attention_spec(cfg, "decoder"))
+        # token-weighted means over an evaluation epoch (the last batch may be smaller)
+        self.eval_metrics = torch.nn.ModuleDict(
+            {f"{split}_{name}": MeanMetric() for split in ("val", "test") for name in ("loss", "bpc")}
+        )
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.model(tokens)  # (B, T, 256)
+
+    def loss(self, batch: Batch) -> Tensor:
+        logits = self(batch["tokens"])  # (B, T, V)
+        return F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), batch["targets"].reshape(-1))  # mean over B*T
+
+    def batch_tokens(self, batch: Batch) -> int:
+        return batch["tokens"].numel()
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss = self.loss(batch)
+        size = batch["tokens"].shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
+        self.log("train/bpc", bits(loss), on_step=True, on_epoch=False, batch_size=size)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: Batch, split: str) -> None:
+        loss, count, size = self.loss(batch), batch["targets"].numel(), batch["tokens"].shape[0]
+        for name, value in (("loss", loss), ("bpc", bits(loss))):
+            metric = self.eval_metrics[f"{split}_{name}"]
+            metric.update(value, weight=count)
+            self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True, batch_size=size)
+
+
+def build(cfg: DictConfig) -> tuple[ByteLMData, ByteLMModule]:
+    """The data module and the Lightning module for a composed config (task, model, attention, optim)."""
+    return ByteLMData(task_config(cfg), cfg.get("data_dir"), seed=cfg.get("seed") or 0), ByteLMModule(cfg)

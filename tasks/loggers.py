@@ -1,0 +1,86 @@
+"""Metric loggers: W&B that never blocks (online when logged in, else offline), CSV, or none."""
+
+from __future__ import annotations
+
+import netrc
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+
+LOGGER_KEYS = {
+    "wandb": {"kind", "project", "entity", "mode", "init_timeout", "log_model"},
+    "csv": {"kind"},
+    "none": {"kind"},
+}
+
+
+def wandb_mode(configured: str | None) -> str:
+    """Config ``logger.mode``, else ``WANDB_MODE``, else online when an API key is known, else offline."""
+    if configured:
+        return configured
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if _logged_in() else "offline"
+
+
+def _logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def make_logger(cfg: DictConfig, out_dir: Path) -> Logger | bool:
+    """The configured logger; W&B falls back to offline if an online start fails or times out."""
+    kind = cfg.logger.kind
+    if kind == "none":
+        return False
+    if kind == "csv":
+        return CSVLogger(out_dir, name="", version="")
+    return _wandb_logger(cfg, out_dir, wandb_mode(cfg.logger.mode))
+
+
+def _wandb_logger(cfg: DictConfig, out_dir: Path, mode: str) -> WandbLogger:
+    import wandb
+
+    kwargs: dict[str, Any] = dict(
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        group=cfg.name,
+        tags=[cfg.attention.name, cfg.task.name],
+        name=out_dir.name,
+        save_dir=str(out_dir),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        log_model=cfg.logger.log_model,
+        settings=wandb.Settings(init_timeout=float(cfg.logger.init_timeout), silent=True),
+    )
+    logger = WandbLogger(mode=mode, **kwargs)
+    try:
+        logger.experiment  # starts the run now, so a failure is caught here and not mid-training
+    except Exception as err:  # noqa: BLE001 - any failure to reach W&B: bad key, no network, timeout
+        if mode != "online":
+            raise
+        warnings.warn(f"W&B online start failed ({type(err).__name__}: {err}); logging offline instead")
+        finish_wandb()
+        logger = WandbLogger(mode="offline", **kwargs)
+        logger.experiment
+    return logger
+
+
+def finish_wandb() -> None:
+    """End the active W&B run, if any (multirun jobs otherwise log into one run)."""
+    import sys
+
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()

@@ -1,0 +1,321 @@
+"""Translation: Multi30k (default), any parallel text files, HF `datasets` corpora, or generated copy/reverse.
+
+Tokenization is one joint SentencePiece model trained on the training split and cached.
+Validation decodes greedily for BLEU; test decodes with beam search from the best checkpoint.
+BLEU is sacreBLEU on detokenized output against the raw references; its signature is recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytorch_lightning as pl
+import sacrebleu
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from efficient_attn.generate import beam_search, greedy_search
+from efficient_attn.transformer import Seq2SeqTransformer
+
+from .base import TaskModule, attention_spec, transformer_config
+from .data import DataError, cache_dir, data_dir, fetch, read_lines
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+SPLITS = ("train", "val", "test")
+MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
+
+
+@dataclass
+class Config:
+    name: str = "translation"
+    source: str = "multi30k"  # multi30k | files | hf | synthetic
+    src_lang: str = "en"
+    tgt_lang: str = "de"
+    files: dict[str, list[str]] | None = None  # source=files: {train: [src, tgt], val: [...], test: [...]}
+    hf_name: str | None = None  # source=hf, e.g. wmt14 / iwslt2017
+    hf_config: str | None = None  # e.g. de-en / iwslt2017-en-de
+    synthetic: str = "reverse"  # source=synthetic: copy | reverse
+    synthetic_sizes: list[int] = field(default_factory=lambda: [4000, 200, 200])
+    synthetic_symbols: int = 16
+    synthetic_length: list[int] = field(default_factory=lambda: [4, 12])
+    data_seed: int = 1234
+    tokenizer: str = "bpe"  # SentencePiece model type: bpe | unigram | char
+    vocab_size: int = 8000
+    max_tokens: int = 128  # training pairs longer than this (either side) are dropped, with a count
+    batch_size: int = 64
+    label_smoothing: float = 0.1
+    val_bleu: bool = True  # greedy-decode the validation set for BLEU (the checkpoint metric)
+    beam_size: int = 4  # test decoding; 1 = greedy
+    length_penalty: float = 0.6
+    max_len_a: float = 1.5  # generate at most a·|src| + b tokens
+    max_len_b: int = 10
+    num_workers: int = 0
+
+
+# ----------------------------------------------------------------------------- raw text pairs
+def load_pairs(cfg: DictConfig) -> dict[str, tuple[list[str], list[str]]]:
+    """{split: (source lines, target lines)} for the configured corpus."""
+    t = cfg.task
+    if t.source == "multi30k":
+        root = data_dir(cfg.data_dir)
+        get = lambda split, lang: read_lines(fetch(f"multi30k/{MULTI30K_SPLITS[split]}.{lang}.gz", root))
+        return {s: _checked(get(s, t.src_lang), get(s, t.tgt_lang), s) for s in SPLITS}
+    if t.source == "files":
+        if not t.files or set(t.files) != set(SPLITS):
+            raise ValueError("task.source=files needs task.files={train: [src, tgt], val: [src, tgt], test: [src, tgt]}")
+        return {s: _checked(read_lines(Path(t.files[s][0])), read_lines(Path(t.files[s][1])), s) for s in SPLITS}
+    if t.source == "hf":
+        return _load_hf(t)
+    if t.source == "synthetic":
+        return _synthetic(t)
+    raise ValueError(f"task.source must be multi30k, files, hf or synthetic, got {t.source!r}")
+
+
+def _checked(src: list[str], tgt: list[str], split: str) -> tuple[list[str], list[str]]:
+    if len(src) != len(tgt):
+        raise DataError(f"{split}: source has {len(src)} lines but target has {len(tgt)}; parallel files must align")
+    return src, tgt
+
+
+def _load_hf(t: DictConfig) -> dict[str, tuple[list[str], list[str]]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("task.source=hf needs the `datasets` package: pip install datasets") from None
+    if not t.hf_name:
+        raise ValueError("task.source=hf needs task.hf_name (e.g. wmt14) and task.hf_config (e.g. de-en)")
+    corpus = datasets.load_dataset(t.hf_name, t.hf_config)
+    names = {"train": "train", "val": "validation", "test": "test"}
+    out = {}
+    for split, hf_split in names.items():
+        rows = corpus[hf_split]["translation"]
+        out[split] = ([r[t.src_lang] for r in rows], [r[t.tgt_lang] for r in rows])
+    return out
+
+
+def _synthetic(t: DictConfig) -> dict[str, tuple[list[str], list[str]]]:
+    """Random space-separated letters (so BLEU sees words); the target copies or reverses them."""
+    if t.synthetic not in ("copy", "reverse"):
+        raise ValueError(f"task.synthetic must be copy or reverse, got {t.synthetic!r}")
+    lo, hi = t.synthetic_length
+    if not 1 <= lo <= hi or not 1 <= t.synthetic_symbols <= 26:
+        raise ValueError("task.synthetic_length must be [min, max] with 1 <= min <= max; synthetic_symbols in 1..26")
+    letters = [chr(ord("a") + i) for i in range(t.synthetic_symbols)]
+    out = {}
+    for i, (split, n) in enumerate(zip(SPLITS, t.synthetic_sizes)):
+        rng = random.Random(t.data_seed * 1000 + i)
+        src = [[rng.choice(letters) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+        tgt = src if t.synthetic == "copy" else [s[::-1] for s in src]
+        out[split] = ([" ".join(s) for s in src], [" ".join(s) for s in tgt])
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def train_tokenizer(pairs: tuple[list[str], list[str]], t: DictConfig, root: Path) -> spm.SentencePieceProcessor:
+    """A joint SentencePiece model over both sides of the training split, cached by content hash."""
+    key = hashlib.sha256()
+    for line in (*pairs[0], *pairs[1]):
+        key.update(line.encode() + b"\n")
+    key.update(f"{t.tokenizer}|{t.vocab_size}".encode())
+    path = root / "sentencepiece" / f"{key.hexdigest()[:16]}.model"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{random.getrandbits(32)}")
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter([s for s in (*pairs[0], *pairs[1]) if s.strip()]),
+            model_prefix=str(tmp),
+            vocab_size=t.vocab_size,
+            model_type=t.tokenizer,
+            character_coverage=1.0,
+            hard_vocab_limit=False,
+            pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
+            num_threads=2,
+            minloglevel=2,
+        )
+        Path(f"{tmp}.model").replace(path)
+        Path(f"{tmp}.vocab").unlink(missing_ok=True)
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+# ----------------------------------------------------------------------------- data module
+class TranslationData(pl.LightningDataModule):
+    """Encodes each split once; training batches group sentences of similar length."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        self.cfg, self.t = cfg, cfg.task
+        self.sp: spm.SentencePieceProcessor | None = None
+        self.data: dict[str, list[tuple[list[int], list[int], str]]] = {}
+        self.dropped: dict[str, int] = {}
+
+    def prepare_data(self) -> None:
+        self.setup()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.sp is not None:
+            return
+        pairs = load_pairs(self.cfg)
+        self.sp = train_tokenizer(pairs["train"], self.t, cache_dir(self.cfg.cache_dir))
+        for split, (src, tgt) in pairs.items():
+            src_ids, tgt_ids = self.sp.encode(src), self.sp.encode(tgt)
+            rows = list(zip(src_ids, tgt_ids, tgt))
+            if split == "train":  # drop empty and overlong pairs, and say how many
+                keep = [r for r in rows if 0 < len(r[0]) <= self.t.max_tokens and 0 < len(r[1]) <= self.t.max_tokens]
+                self.dropped[split] = len(rows) - len(keep)
+                if self.dropped[split]:
+                    print(f"translation: dropped {self.dropped[split]} of {len(rows)} training pairs "
+                          f"(empty, or longer than task.max_tokens={self.t.max_tokens})")
+                rows = keep
+            if not rows:
+                raise DataError(f"translation: the {split} split is empty")
+            self.data[split] = rows
+
+    @property
+    def vocab_size(self) -> int:
+        self.setup()
+        return self.sp.get_piece_size()
+
+    def train_dataloader(self) -> DataLoader:
+        rows = self.data["train"]
+        return DataLoader(rows, batch_sampler=LengthBatches(rows, self.t.batch_size, self.cfg.seed),
+                          collate_fn=collate, num_workers=self.t.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(self.data[split], batch_size=self.t.batch_size, collate_fn=collate,
+                          num_workers=self.t.num_workers)
+
+
+class LengthBatches(torch.utils.data.Sampler):
+    """Shuffled batches of sentences of similar length (less padding), new order each epoch."""
+
+    def __init__(self, rows: list, batch_size: int, seed: int) -> None:
+        self.lengths = [len(s) + len(t) for s, t, _ in rows]
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+
+    def __iter__(self):
+        g = random.Random(self.seed * 7919 + self.epoch)
+        self.epoch += 1
+        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], g.random()))
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        g.shuffle(batches)
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+
+def collate(rows: list[tuple[list[int], list[int], str]]) -> dict:
+    """src (B, S); tgt_in = BOS + y and tgt_out = y + EOS (B, T); masks True at padding."""
+    src = _pad([s for s, _, _ in rows])  # (B, S)
+    tgt_in = _pad([[BOS] + t for _, t, _ in rows])  # (B, T)
+    tgt_out = _pad([t + [EOS] for _, t, _ in rows])  # (B, T)
+    return {"src": src, "src_mask": src == PAD, "tgt_in": tgt_in, "tgt_out": tgt_out,
+            "tgt_mask": tgt_out == PAD, "refs": [r for _, _, r in rows]}
+
+
+def _pad(seqs: list[list[int]]) -> torch.Tensor:
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), PAD, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+# ----------------------------------------------------------------------------- Lightning module
+class TranslationModule(TaskModule):
+    """Label-smoothed cross-entropy; BLEU (greedy on val, beam on test) and perplexity."""
+
+    def __init__(self, cfg: DictConfig, vocab_size: int, sp: spm.SentencePieceProcessor) -> None:
+        super().__init__(cfg)
+        self.t, self.sp = cfg.task, sp
+        self.model = Seq2SeqTransformer(
+            transformer_config(cfg), vocab_size,
+            encoder_attention=attention_spec(cfg, "encoder"),
+            decoder_attention=attention_spec(cfg, "decoder"),
+            cross_attention=attention_spec(cfg, "cross"),
+        )
+        self.monitor, self.monitor_mode = ("val/bleu", "max") if self.t.val_bleu else ("val/loss", "min")
+        self._outputs: dict[str, list] = {}
+        self.bleu_signature: str | None = None
+
+    def batch_tokens(self, batch: dict) -> int:
+        return int((~batch["src_mask"]).sum() + (~batch["tgt_mask"]).sum())
+
+    def _nll(self, batch: dict, smoothing: float) -> tuple[torch.Tensor, int]:
+        logits = self.model(batch["src"], batch["tgt_in"], batch["src_mask"], batch["tgt_mask"])  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["tgt_out"].flatten(), ignore_index=PAD,
+                               label_smoothing=smoothing)
+        return loss, int((~batch["tgt_mask"]).sum())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, n = self._nll(batch, self.t.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("val", batch, beam=1 if self.t.val_bleu else 0)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("test", batch, beam=self.t.beam_size)
+
+    def _eval_step(self, split: str, batch: dict, beam: int) -> None:
+        nll, n = self._nll(batch, 0.0)
+        out = self._outputs.setdefault(split, [])
+        out.append((float(nll) * n, n, self.translate(batch, beam) if beam else [], batch["refs"]))
+
+    def translate(self, batch: dict, beam: int) -> list[str]:
+        """Detokenized hypotheses for a batch (beam=1: greedy)."""
+        src, mask = batch["src"], batch["src_mask"]
+        lengths = (~mask).sum(1)
+        max_len = min(self.model.cfg.max_len, int(self.t.max_len_a * int(lengths.max()) + self.t.max_len_b))
+        state = self.model.start(src, mask)
+        kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len=max_len)
+        if beam <= 1:
+            ids = greedy_search(self.model, state, src.shape[0], **kw)
+        else:
+            ids = beam_search(self.model, state, src.shape[0], beam_size=beam,
+                              length_penalty=self.t.length_penalty, **kw)
+        return [self.sp.decode(_strip(row.tolist())) for row in ids]
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def _log_epoch(self, split: str) -> None:
+        rows = self._outputs.pop(split, [])
+        if not rows:
+            return
+        total, n = sum(r[0] for r in rows), sum(r[1] for r in rows)
+        self.log(f"{split}/loss", total / n)
+        self.log(f"{split}/ppl", float(torch.tensor(total / n).exp()))
+        hyps = [h for r in rows for h in r[2]]
+        if hyps:
+            refs = [x for r in rows for x in r[3]]
+            bleu = sacrebleu.metrics.BLEU()
+            self.log(f"{split}/bleu", bleu.corpus_score(hyps, [refs]).score)
+            self.bleu_signature = str(bleu.get_signature())
+            if split == "test":
+                self.test_hypotheses = hyps
+
+
+def _strip(ids: list[int]) -> list[int]:
+    return ids[: ids.index(EOS)] if EOS in ids else [i for i in ids if i != PAD]
+
+
+def build(cfg: DictConfig) -> tuple[TranslationData, TranslationModule]:
+    data = TranslationData(cfg)
+    data.setup()
+    return data, TranslationModule(cfg, data.vocab_size, data.sp)

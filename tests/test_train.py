@@ -1,0 +1,176 @@
+"""The training app: every config composes and checks, every task × attention runs a fast_dev_run
+through the real config path, translation learns, resume continues, and bad input fails clearly."""
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import efficient_attn as ea
+from tasks import translation
+from tasks.data import DataError
+from tasks.train import CONFIG_DIR, ConfigError, check_config, run
+from tests.helpers import SHARED_DATA, LossLog
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = {
+    "translation": ["task.source=synthetic", "task.synthetic_sizes=[64,16,16]", "task.vocab_size=40",
+                    "task.batch_size=16"],
+    "listops": ["task.train_size=64", "task.val_size=16", "task.test_size=16", "task.min_length=10",
+                "task.max_length=40", "task.batch_size=16"],
+    "lm": ["task.context_length=32", "task.batch_size=4", "task.train_batches_per_epoch=4", "task.eval_batches=2"],
+}
+QUIET = ["trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false"]
+needs_data = pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def tiny(task: str, attention: str, *extra: str):
+    return config(f"task={task}", f"attention={attention}", "model=tiny", "logger=none", *TINY[task], *QUIET, *extra)
+
+
+def config_files(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["task", "attention", "model", "trainer", "logger", "experiment"])
+def test_every_config_file_composes_and_checks(group):
+    files = config_files(group)
+    assert files, f"configs/{group}/ is empty"
+    for name in files:
+        cfg = config(f"{group}={name}")
+        check_config(cfg)
+        if group == "attention":
+            assert cfg.attention.name in ea.list_attentions()
+
+
+@pytest.mark.parametrize("attention", config_files("attention"))
+@pytest.mark.parametrize("task", ["translation", "listops", "lm"])
+def test_fast_dev_run_every_task_and_attention(tmp_path, task, attention):
+    if task == "lm" and not SHARED_DATA.exists():
+        pytest.skip("needs ../shared/data")
+    record = run(tiny(task, attention, "++trainer.fast_dev_run=true"), tmp_path)
+    assert record["attention"] == config(f"attention={attention}").attention.name
+    assert record["num_parameters"] > 0 and record["train_tokens_per_s"] > 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["config"]["task"]["name"] == task and saved["metrics"]["test"]
+    assert set(saved["versions"]) >= {"torch", "pytorch-lightning"} and saved["hardware"]
+
+
+@pytest.mark.parametrize("attention", ea.list_attentions())
+def test_translation_loss_falls(tmp_path, attention):
+    log = LossLog()
+    cfg = config("experiment=quickstart", f"attention={'favor_plus' if attention == 'favor' else attention}",
+                 "logger=none", "task.synthetic_sizes=[1280,16,16]", "trainer.max_epochs=1", "test=false",
+                 "trainer.limit_val_batches=0", "optim.warmup_steps=5", "optim.schedule=constant", *QUIET)
+    run(cfg, tmp_path, callbacks=[log])
+    assert len(log.losses) == 20 and log.fell(), log.losses
+
+
+def test_resume_continues_at_the_saved_step(tmp_path):
+    first = run(tiny("listops", "softmax", "trainer.max_epochs=1", "test=false"), tmp_path / "a")
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    assert first["steps"] == 4 and last.exists()
+    log = LossLog()
+    resumed = run(tiny("listops", "softmax", "trainer.max_epochs=2", "test=false", f"ckpt_path={last}"),
+                  tmp_path / "b", callbacks=[log])
+    assert resumed["steps"] == 8 and len(log.losses) == 4  # only the second epoch was trained
+
+
+def test_results_record_the_best_checkpoint_and_test_uses_it(tmp_path):
+    record = run(tiny("listops", "softmax", "trainer.max_epochs=2"), tmp_path)
+    best = record["metrics"]["best_checkpoint"]
+    assert best and Path(best).exists() and "best" in Path(best).name
+    assert record["metrics"]["monitor"] == "val/acc" and record["metrics"]["val_best"] is not None
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_misspelled_keys_are_errors_that_name_the_key():
+    cfg = config("task=listops", "++task.min_lenght=10")
+    with pytest.raises(ConfigError, match=r"task.min_lenght; did you mean task.min_length"):
+        check_config(cfg)
+    with pytest.raises(ConfigError, match=r"attention 'favor' has no option\(s\) \['num_feature'\]"):
+        check_config(config("attention=favor_plus", "++attention.kwargs.num_feature=8"))
+    with pytest.raises(ConfigError, match="trainer.max_epoch; did you mean trainer.max_epochs"):
+        check_config(config("++trainer.max_epoch=3"))
+    with pytest.raises(ConfigError, match="not divisible by model.num_heads"):
+        check_config(config("model.d_model=30"))
+    with pytest.raises(ConfigError, match="unknown task 'mt'"):
+        check_config(config("task.name=mt"))
+
+
+def test_unknown_attention_and_misspelled_override_stop_the_cli():
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    cmd = [sys.executable, "-m", "tasks.train"]
+    out = subprocess.run([*cmd, "attention=favr"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0 and "Could not find 'attention/favr'" in out.stderr
+    assert "favor_plus" in out.stderr  # Hydra lists the available options
+    out = subprocess.run([*cmd, "model.d_modle=64"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0 and "d_modle" in out.stderr
+
+
+def test_missing_data_dir_without_network_is_a_clear_error(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network unreachable")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    cfg = config("task=translation", f"data_dir={tmp_path / 'nowhere'}")
+    with pytest.raises(DataError, match=r"multi30k/train.en.gz is not in the data dir .* point data_dir="):
+        translation.load_pairs(cfg)
+
+
+def files_override(src: Path, tgt: Path) -> str:
+    pair = f"['{src}','{tgt}']"
+    return f"task.files={{train:{pair},val:{pair},test:{pair}}}"
+
+
+def test_parallel_files_of_unequal_length_are_rejected(tmp_path):
+    for name, n in (("a.src", 3), ("a.tgt", 2)):
+        (tmp_path / name).write_text("x y\n" * n)
+    cfg = config("task=translation", "task.source=files", files_override(tmp_path / "a.src", tmp_path / "a.tgt"))
+    with pytest.raises(DataError, match="source has 3 lines but target has 2"):
+        translation.load_pairs(cfg)
+
+
+def test_corrupt_or_altered_files_are_clear_errors(tmp_path):
+    (tmp_path / "multi30k").mkdir()
+    for split in ("train", "val", "test_2016_flickr"):
+        for lang in ("en", "de"):
+            (tmp_path / "multi30k" / f"{split}.{lang}.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    with pytest.raises(DataError, match="does not match its SHA-256 .* delete it to download it again"):
+        translation.load_pairs(config("task=translation", f"data_dir={tmp_path}"))
+    gz = tmp_path / "multi30k" / "train.en.gz"
+    with pytest.raises(DataError, match="cannot read .*train.en.gz.*corrupt or truncated"):
+        translation.load_pairs(config("task=translation", "task.source=files", files_override(gz, gz)))
+
+
+def test_wandb_logger_runs_disabled_with_dirs_in_temp(tmp_path):
+    assert os.environ["WANDB_MODE"] == "disabled"
+    record = run(tiny("listops", "softmax", "logger=wandb", "++trainer.fast_dev_run=true"), tmp_path)
+    assert record["config"]["logger"]["kind"] == "wandb"
+    import wandb
+
+    assert wandb.run is None  # finished, so the next multirun job starts its own run
+
+
+@needs_data
+def test_quickstart_multirun_prints_a_side_by_side_summary(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    cmd = ["efficient-attn-train", "-m", "experiment=quickstart", "attention=softmax,linear",
+           "task.synthetic_sizes=[64,16,16]", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+           f"hydra.sweep.dir={tmp_path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(list(tmp_path.glob("*/results.json"))) == 2
+    table = out.stdout[out.stdout.index("2 run(s) in"):]
+    assert "| softmax |" in table and "| linear |" in table and "tokens/s" in table
