@@ -34,6 +34,7 @@ from efficient_attn.transformer import AttentionSpec
 from .base import AttentionConfig, ModelConfig, OptimConfig, Throughput, transformer_config
 from .data import DataError
 from .loggers import LOGGER_KEYS, finish_wandb, make_logger
+from .report import find_runs, markdown, table
 
 TASKS = {"translation": "tasks.translation", "listops": "tasks.listops", "lm": "tasks.lm"}
 TOP_LEVEL = {"seed", "name", "data_dir", "cache_dir", "ckpt_path", "test", "threads",
@@ -200,20 +201,8 @@ class RunSummary(Callback):
     """Hydra callback: after a multirun, print every job's metric, speed and memory side by side."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        paths = sorted(Path(config.hydra.sweep.dir).glob("*/results.json"))
-        print(summary_table([json.loads(p.read_text()) for p in paths], config.hydra.sweep.dir))
-
-
-def summary_table(records: list[dict[str, Any]], where: str) -> str:
-    head = "| job | task | attention | seed | best val | test | params | tokens/s | peak MiB | wall s |"
-    rows = [head, "|" + "---|" * 10]
-    for r in records:
-        m = r["metrics"]
-        test = ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in sorted(m["test"].items()) if "loss" not in k)
-        rows.append(f"| {r['config'].get('name')} | {r['task']} | {r['attention']} | {r['seed']} | "
-                    f"{m['monitor']} {_fmt(m['val_best'])} | {test} | {r['num_parameters']:,} | "
-                    f"{_fmt(r['train_tokens_per_s'])} | {r['peak_memory_mib']:.0f} | {r['wall_time_s']:.0f} |")
-    return f"\n{len(records)} run(s) in {where}\n" + "\n".join(rows)
+        records, missing = find_runs([Path(config.hydra.sweep.dir)])
+        print(f"\n{len(records)} run(s) in {config.hydra.sweep.dir}\n" + markdown(*table(records, missing)))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -173,4 +173,4 @@ def test_quickstart_multirun_prints_a_side_by_side_summary(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert len(list(tmp_path.glob("*/results.json"))) == 2
     table = out.stdout[out.stdout.index("2 run(s) in"):]
-    assert "| softmax |" in table and "| linear |" in table and "tokens/s" in table
+    assert "| softmax |" in table and "| linear |" in table and "train_tokens_per_s" in table
