@@ -174,3 +174,13 @@ def test_quickstart_multirun_prints_a_side_by_side_summary(tmp_path):
     assert len(list(tmp_path.glob("*/results.json"))) == 2
     table = out.stdout[out.stdout.index("2 run(s) in"):]
     assert "| softmax |" in table and "| linear |" in table and "train_tokens_per_s" in table
+
+
+def test_wandb_online_start_without_network_or_valid_key_falls_back_to_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # looks logged in, but the key is bad / the host unreachable
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = tiny("listops", "softmax", "logger=wandb", "logger.init_timeout=3", "++trainer.fast_dev_run=true")
+    with pytest.warns(UserWarning, match="logging offline instead"):
+        run(cfg, tmp_path / "run")
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
