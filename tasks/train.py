@@ -108,8 +108,9 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
                              logger=logger, callbacks=[checkpoint, throughput, *callbacks])
         if logger:
             logger.log_hyperparams({"num_parameters": module.num_parameters()})
+        fit_start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        fit_s = time.perf_counter() - start
+        fit_s = time.perf_counter() - fit_start
         test = {}
         if cfg.test:
             best = checkpoint.best_model_path or None

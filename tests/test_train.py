@@ -71,10 +71,10 @@ def test_fast_dev_run_every_task_and_attention(tmp_path, task, attention):
 def test_translation_loss_falls(tmp_path, attention):
     log = LossLog()
     cfg = config("experiment=quickstart", f"attention={'favor_plus' if attention == 'favor' else attention}",
-                 "logger=none", "task.synthetic_sizes=[1280,16,16]", "trainer.max_epochs=1", "test=false",
+                 "logger=none", "task.synthetic_sizes=[2560,16,16]", "trainer.max_epochs=1", "test=false",
                  "trainer.limit_val_batches=0", "optim.warmup_steps=5", "optim.schedule=constant", *QUIET)
     run(cfg, tmp_path, callbacks=[log])
-    assert len(log.losses) == 20 and log.fell(), log.losses
+    assert len(log.losses) == 40 and log.fell(), log.losses
 
 
 def test_resume_continues_at_the_saved_step(tmp_path):
@@ -132,6 +132,23 @@ def test_missing_data_dir_without_network_is_a_clear_error(tmp_path, monkeypatch
 def files_override(src: Path, tgt: Path) -> str:
     pair = f"['{src}','{tgt}']"
     return f"task.files={{train:{pair},val:{pair},test:{pair}}}"
+
+
+def test_hf_datasets_corpora_are_read_by_split_and_language(monkeypatch):
+    rows = {"train": [{"en": "a cat", "de": "eine Katze"}], "validation": [{"en": "a", "de": "ein"}],
+            "test": [{"en": "dog", "de": "Hund"}]}
+    calls = []
+
+    def load_dataset(name, config):
+        calls.append((name, config))
+        return {split: {"translation": items} for split, items in rows.items()}
+
+    monkeypatch.setitem(sys.modules, "datasets", type(sys)("datasets"))
+    monkeypatch.setattr(sys.modules["datasets"], "load_dataset", load_dataset, raising=False)
+    pairs = translation.load_pairs(config("task=translation", "task.source=hf", "task.hf_name=wmt14",
+                                          "task.hf_config=de-en"))
+    assert calls == [("wmt14", "de-en")]
+    assert pairs["train"] == (["a cat"], ["eine Katze"]) and pairs["val"] == (["a"], ["ein"])
 
 
 def test_parallel_files_of_unequal_length_are_rejected(tmp_path):
