@@ -166,7 +166,8 @@ def hardware() -> str:
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     cpu = platform.processor() or platform.machine()
     try:
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
         cpu = names[0] if names else cpu
     except OSError:
         pass
