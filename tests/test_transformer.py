@@ -155,3 +155,13 @@ def test_too_long_input_and_bad_attention_raise():
         TransformerLM(config(), VOCAB, attention=AttentionSpec("sofmax"))
     with pytest.raises(TypeError, match="num_feature"):
         TransformerLM(config(), VOCAB, attention=AttentionSpec("favor", {"num_feature": 8}))
+
+
+@pytest.mark.parametrize("name, constant", [("favor", True), ("linear", True), ("softmax", False), ("additive", False)])
+def test_decoding_state_is_constant_size_for_kernelized_attention(name, constant):
+    model = TransformerLM(config(), VOCAB, attention=spec(name)).eval()
+    state, sizes = model.start(), []
+    for t in range(6):
+        _, state = model.decode_step(torch.tensor([t + 4]), state)
+        sizes.append(sum(x.numel() for layer in state["layers"] for x in layer["self"].values()))
+    assert (len(set(sizes)) == 1) == constant, sizes
