@@ -1,0 +1,1 @@
+"""Analysis: approximation error of kernelized attention against exact softmax."""

@@ -1,0 +1,46 @@
+"""Approximation-error curves: the estimates use the registry's favor, shrink with m, count NaNs."""
+
+import math
+
+import pytest
+
+from efficient_attn.analysis.approx import ESTIMATORS, Estimator, error_vs_features, error_vs_scale
+from efficient_attn.analysis.approx_report import main
+
+POSITIVE_ORTH, POSITIVE_IID = ESTIMATORS[0], ESTIMATORS[1]
+TRIG = Estimator("trig", "favor", {"kernel": "softmax_trig", "orthogonal": True})
+
+
+def test_error_falls_towards_zero_as_features_grow():
+    rows = error_vs_features([4, 64, 1024], length=128, dim=8, draws=6, scale=0.5, estimators=[POSITIVE_ORTH])
+    errors = [r["mse_mean"] for r in rows]
+    assert errors[0] > 4 * errors[1] > 16 * errors[2] > 0, errors
+    assert all(r["draws"] == 6 and r["non_finite"] == 0 for r in rows)
+
+
+def test_orthogonal_beats_iid_at_small_scale():
+    kw = dict(length=128, dim=16, draws=12, scale=0.5)
+    orth = error_vs_features([16], estimators=[POSITIVE_ORTH], **kw)[0]["mse_mean"]
+    iid = error_vs_features([16], estimators=[POSITIVE_IID], **kw)[0]["mse_mean"]
+    assert orth < iid
+
+
+def test_trig_overflow_is_counted_not_averaged():
+    row = error_vs_scale([20.0], num_features=8, length=32, dim=16, draws=3, estimators=[TRIG])[0]
+    assert row["non_finite"] == 3 and row["draws"] == 3 and math.isnan(row["mse_mean"])
+    positive = error_vs_scale([20.0], num_features=8, length=32, dim=16, draws=3, estimators=[POSITIVE_ORTH])[0]
+    assert positive["non_finite"] == 0 and math.isfinite(positive["mse_mean"])
+
+
+def test_cli_writes_csv_and_png(tmp_path):
+    main(["--quick", "--length", "64", "--draws", "2", "--out", str(tmp_path)])
+    for name in ("error_vs_features", "error_vs_scale"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
+        header = (tmp_path / f"{name}.csv").read_text().splitlines()[0]
+        assert header == "estimator,num_features,scale,draws,mse_mean,mse_std,non_finite"
+
+
+@pytest.mark.parametrize("est", ESTIMATORS, ids=lambda e: e.label)
+def test_every_estimator_is_a_registered_attention(est):
+    rows = error_vs_features([8], length=16, dim=4, draws=1, scale=0.5, estimators=[est])
+    assert rows[0]["draws"] == 1 and math.isfinite(rows[0]["mse_mean"])
