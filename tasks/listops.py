@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
+from tqdm.auto import tqdm
 
 from efficient_attn.transformer import TransformerClassifier
 
@@ -155,8 +156,10 @@ def generate_listops(
     rng, seen = random.Random(seed), set() if seen is None else seen
     samples: list[tuple[list[str], int]] = []
     max_attempts = 1000 * max(n, 1)
+    progress = tqdm(total=n, desc="generating ListOps", unit="seq", disable=n < 5000, leave=False)
     for _ in range(max_attempts):
         if len(samples) == n:
+            progress.close()
             return samples
         tokens: list[str] = []
         try:
@@ -167,6 +170,8 @@ def generate_listops(
         if len(tokens) > min_length and digest not in seen:
             seen.add(digest)
             samples.append((tokens, value))
+            progress.update()
+    progress.close()
     if len(samples) == n:
         return samples
     raise ValueError(
