@@ -123,3 +123,35 @@ class Throughput(pl.Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tokens, self.seconds = state["tokens"], state["seconds"]
+
+
+class NonFiniteGuard(pl.Callback):
+    """Stops the run (or skips the update) when a training step yields a NaN/Inf loss or gradient.
+
+    Checked after backward, before the optimizer step: ``policy="stop"`` raises with the step and
+    the attention; ``policy="skip"`` drops that update (gradients cleared) and counts it.
+    """
+
+    def __init__(self, policy: str, attention: str) -> None:
+        if policy not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {policy!r}")
+        self.policy, self.attention, self.skipped = policy, attention, 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if not grads or torch.stack([torch.isfinite(g).all() for g in grads]).all():
+            return
+        if self.policy == "stop":
+            raise FloatingPointError(
+                f"non-finite loss or gradient at step {trainer.global_step} with attention {self.attention!r}; "
+                "lower optim.lr, train in precision=32-true, or set nonfinite=skip to drop such updates"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        self.skipped += 1
+        pl_module.log("train/skipped_updates", float(self.skipped))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped = state["skipped"]

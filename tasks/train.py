@@ -31,13 +31,13 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from efficient_attn.transformer import AttentionSpec
 
-from .base import AttentionConfig, ModelConfig, OptimConfig, Throughput, transformer_config
+from .base import AttentionConfig, ModelConfig, NonFiniteGuard, OptimConfig, Throughput, transformer_config
 from .data import DataError
 from .loggers import LOGGER_KEYS, finish_wandb, make_logger
 from .report import find_runs, markdown, table
 
 TASKS = {"translation": "tasks.translation", "listops": "tasks.listops", "lm": "tasks.lm"}
-TOP_LEVEL = {"seed", "name", "data_dir", "cache_dir", "ckpt_path", "test", "threads",
+TOP_LEVEL = {"seed", "name", "data_dir", "cache_dir", "ckpt_path", "test", "threads", "nonfinite",
              "optim", "task", "attention", "model", "trainer", "logger"}
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -60,6 +60,8 @@ def check_config(cfg: DictConfig) -> Any:
     if cfg.logger.get("kind") not in LOGGER_KEYS:
         raise ConfigError(f"logger.kind must be one of {sorted(LOGGER_KEYS)}, got {cfg.logger.get('kind')!r}")
     _known(set(cfg.logger.keys()), LOGGER_KEYS[cfg.logger.kind], "logger.")
+    if cfg.nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"nonfinite must be 'stop' or 'skip', got {cfg.nonfinite!r}")
     try:
         transformer_config(cfg)
         for site in ("encoder", "decoder", "cross"):
@@ -103,9 +105,9 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
         logger = make_logger(cfg, out_dir)
         checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", monitor=module.monitor,
                                      mode=module.monitor_mode, save_last=True, filename="best-{step}")
-        throughput = Throughput()
+        throughput, guard = Throughput(), NonFiniteGuard(cfg.nonfinite, cfg.attention.name)
         trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), default_root_dir=str(out_dir),
-                             logger=logger, callbacks=[checkpoint, throughput, *callbacks])
+                             logger=logger, callbacks=[checkpoint, throughput, guard, *callbacks])
         if logger:
             logger.log_hyperparams({"num_parameters": module.num_parameters()})
         fit_start = time.perf_counter()
@@ -116,6 +118,7 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
             best = checkpoint.best_model_path or None
             test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
         record = _record(cfg, module, trainer, checkpoint, throughput, test, fit_s, time.perf_counter() - start)
+        record["skipped_updates"] = guard.skipped
         (out_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
         if getattr(module, "test_hypotheses", None):
             (out_dir / "test_hypotheses.txt").write_text("\n".join(module.test_hypotheses) + "\n")
@@ -211,7 +214,7 @@ class RunSummary(Callback):
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -9,6 +9,8 @@ import urllib.error
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
+import torch
 from hydra import compose, initialize_config_dir
 
 import efficient_attn as ea
@@ -201,3 +203,27 @@ def test_wandb_online_start_without_network_or_valid_key_falls_back_to_offline(t
     with pytest.warns(UserWarning, match="logging offline instead"):
         run(cfg, tmp_path / "run")
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+class PoisonGradient(pl.Callback):
+    """Makes one gradient NaN at a given step (after backward, before the guard looks)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_after_backward(self, trainer, module) -> None:
+        if trainer.global_step == self.step:
+            next(p for p in module.parameters() if p.grad is not None).grad.fill_(float("nan"))
+
+
+def test_nonfinite_gradient_stops_the_run_naming_step_and_attention(tmp_path):
+    cfg = tiny("listops", "favor_plus", "trainer.max_epochs=1", "test=false")
+    with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step 2 with attention 'favor'"):
+        run(cfg, tmp_path, callbacks=[PoisonGradient(2)])
+
+
+def test_nonfinite_update_is_skipped_when_configured(tmp_path):
+    log = LossLog()
+    cfg = tiny("listops", "softmax", "trainer.max_epochs=1", "test=false", "nonfinite=skip")
+    record = run(cfg, tmp_path, callbacks=[PoisonGradient(2), log])
+    assert record["skipped_updates"] == 1 and all(torch.isfinite(torch.tensor(log.losses)))
