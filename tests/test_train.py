@@ -227,3 +227,16 @@ def test_nonfinite_update_is_skipped_when_configured(tmp_path):
     cfg = tiny("listops", "softmax", "trainer.max_epochs=1", "test=false", "nonfinite=skip")
     record = run(cfg, tmp_path, callbacks=[PoisonGradient(2), log])
     assert record["skipped_updates"] == 1 and all(torch.isfinite(torch.tensor(log.losses)))
+
+
+def test_same_seed_gives_bit_identical_losses_including_favor_redraws(tmp_path):
+    def losses(seed: int, name: str) -> list[float]:
+        log = LossLog()
+        cfg = tiny("listops", "favor_plus", "trainer.max_epochs=1", "test=false", f"seed={seed}",
+                   "attention.kwargs.redraw_interval=2", "model.dropout=0.1")
+        run(cfg, tmp_path / name, callbacks=[log])
+        return log.losses
+
+    first = losses(0, "a")
+    assert losses(0, "b") == first
+    assert losses(1, "c") != first
