@@ -66,6 +66,10 @@ class TaskModule(pl.LightningModule):
         self.optim_cfg = OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
 
+    def forward(self, batch: Any) -> torch.Tensor:
+        """The model's output (logits) for one batch as the data module yields it."""
+        raise NotImplementedError
+
     def batch_tokens(self, batch: Any) -> int:
         """Tokens the model processed in one training batch (non-padding, inputs and targets)."""
         raise NotImplementedError

@@ -230,11 +230,11 @@ class ByteLMModule(TaskModule):
             {f"{split}_{name}": MeanMetric() for split in ("val", "test") for name in ("loss", "bpc")}
         )
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        return self.model(tokens)  # (B, T, 256)
+    def forward(self, batch: Batch) -> Tensor:
+        return self.model(batch["tokens"])  # (B, T, 256)
 
     def loss(self, batch: Batch) -> Tensor:
-        logits = self(batch["tokens"])  # (B, T, V)
+        logits = self(batch)  # (B, T, V)
         return F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), batch["targets"].reshape(-1))  # mean over B*T
 
     def batch_tokens(self, batch: Batch) -> int:

@@ -252,8 +252,11 @@ class TranslationModule(TaskModule):
     def batch_tokens(self, batch: dict) -> int:
         return int((~batch["src_mask"]).sum() + (~batch["tgt_mask"]).sum())
 
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model(batch["src"], batch["tgt_in"], batch["src_mask"], batch["tgt_mask"])  # (B, T, V)
+
     def _nll(self, batch: dict, smoothing: float) -> tuple[torch.Tensor, int]:
-        logits = self.model(batch["src"], batch["tgt_in"], batch["src_mask"], batch["tgt_mask"])  # (B, T, V)
+        logits = self(batch)  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["tgt_out"].flatten(), ignore_index=PAD,
                                label_smoothing=smoothing)
         return loss, int((~batch["tgt_mask"]).sum())
