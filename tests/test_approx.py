@@ -1,11 +1,15 @@
 """Approximation-error curves: the estimates use the registry's favor, shrink with m, count NaNs."""
 
+import csv
 import math
 
 import pytest
 
 from efficient_attn.analysis.approx import ESTIMATORS, Estimator, error_vs_features, error_vs_scale
 from efficient_attn.analysis.approx_report import main
+from tasks import approx
+from tasks.train import run
+from tests.test_train import tiny
 
 POSITIVE_ORTH, POSITIVE_IID = ESTIMATORS[0], ESTIMATORS[1]
 TRIG = Estimator("trig", "favor", {"kernel": "softmax_trig", "orthogonal": True})
@@ -44,3 +48,17 @@ def test_cli_writes_csv_and_png(tmp_path):
 def test_every_estimator_is_a_registered_attention(est):
     rows = error_vs_features([8], length=16, dim=4, draws=1, scale=0.5, estimators=[est])
     assert rows[0]["draws"] == 1 and math.isfinite(rows[0]["mse_mean"])
+
+
+def test_checkpoint_errors_per_site_and_depth(tmp_path):
+    run(tiny("listops", "softmax", "trainer.max_epochs=1", "test=false"), tmp_path / "run")
+    ckpt = next((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
+    approx.main(["--checkpoint", str(ckpt), "--draws", "2", "--layer-features", "8", "64", "--batch-size", "4",
+                 "--out", str(tmp_path / "out")])
+    sites = list(csv.DictReader(open(tmp_path / "out" / "error_by_site.csv")))
+    depth = list(csv.DictReader(open(tmp_path / "out" / "error_by_depth.csv")))
+    assert {r["site"] for r in sites} == {f"model.encoder.layers.{i}.self_attn.attention" for i in range(2)}
+    assert [r["site"] for r in depth if r["estimator"] == "m=8"] == ["model.encoder.layers.0", "model.encoder.layers.1"]
+    for rows in (sites, depth):  # more features, smaller error, at every layer
+        by_m = {m: [float(r["mse_mean"]) for r in rows if r["estimator"] == m] for m in ("m=8", "m=64")}
+        assert all(0 < b < a for a, b in zip(by_m["m=8"], by_m["m=64"])), by_m

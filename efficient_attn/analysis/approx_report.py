@@ -29,7 +29,15 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
-def plot(rows: list[dict[str, Any]], x: str, path: Path, title: str) -> None:
+X_LABELS = {
+    "num_features": "random features m",
+    "scale": "input scale (std of q, k entries)",
+    "layer": "layer (attention sites in forward order)",
+}
+
+
+def plot(rows: list[dict[str, Any]], x: str, path: Path, title: str,
+         ylabel: str = "MSE of attention output vs exact softmax") -> None:
     """Log-log mean MSE per estimator with a ±1 std band; points that were all non-finite are left out."""
     import matplotlib
 
@@ -48,10 +56,11 @@ def plot(rows: list[dict[str, Any]], x: str, path: Path, title: str) -> None:
         bad = sum(r["non_finite"] for r in rows if r["estimator"] == est)
         (line,) = ax.plot(xs, mean, marker="o", ms=3, label=est + (f" ({bad} non-finite)" if bad else ""))
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
-    ax.set_xscale("log", base=2 if x == "num_features" else 10)
+    if x != "layer":
+        ax.set_xscale("log", base=2 if x == "num_features" else 10)
     ax.set_yscale("log")
-    ax.set_xlabel({"num_features": "random features m", "scale": "input scale (std of q, k entries)"}[x])
-    ax.set_ylabel("MSE of attention output vs exact softmax")
+    ax.set_xlabel(X_LABELS[x])
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
@@ -72,8 +81,7 @@ def log_to_wandb(outputs: dict[str, tuple[Path, list[dict[str, Any]]]]) -> None:
         wandb.log({f"approx/{name}": wandb.Image(str(png)), f"approx/{name}_table": table})
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="FAVOR+ approximation error against exact softmax.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--features", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512])
@@ -83,9 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale-features", type=int, default=256, help="m for the scale sweep")
     p.add_argument("--seed", type=int, default=0, help="seed of q, k, v")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--quick", action="store_true", help="L=512, 5 draws, 3 scales: seconds")
+    p.add_argument("--quick", action="store_true", help="L=512, 5 draws, 3 m values, 3 scales: seconds")
     p.add_argument("--out", type=Path, default=Path("approx_out"))
-    a = p.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
+    """The m sweep and the scale sweep on random inputs; returns {name: (png, rows)}."""
     if a.quick:
         a.length, a.draws, a.features, a.scales = 512, 5, [8, 32, 128], [0.5, 1.0, 2.0]
     if a.threads:
@@ -99,11 +110,22 @@ def main(argv: list[str] | None = None) -> None:
         ("error_vs_features", by_m, "num_features", f"L={a.length}, d={a.dim}, scale={a.scale}, {a.draws} draws"),
         ("error_vs_scale", by_scale, "scale", f"L={a.length}, d={a.dim}, m={a.scale_features}, {a.draws} draws"),
     ):
-        write_csv(rows, a.out / f"{name}.csv")
-        plot(rows, x, a.out / f"{name}.png", title)
-        outputs[name] = (a.out / f"{name}.png", rows)
-        print(f"wrote {a.out / name}.csv and .png")
+        outputs[name] = save(rows, x, a.out / name, title)
     log_to_wandb(outputs)
+    return outputs
+
+
+def save(rows: list[dict[str, Any]], x: str, stem: Path, title: str, **kw: Any) -> tuple[Path, list[dict[str, Any]]]:
+    write_csv(rows, stem.with_suffix(".csv"))
+    plot(rows, x, stem.with_suffix(".png"), title, **kw)
+    print(f"wrote {stem}.csv and .png")
+    return stem.with_suffix(".png"), rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="FAVOR+ approximation error against exact softmax.")
+    add_arguments(p)
+    run(p.parse_args(argv))
 
 
 if __name__ == "__main__":
