@@ -100,6 +100,7 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
         torch.set_num_threads(int(cfg.threads))
     pl.seed_everything(cfg.seed, workers=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    reset_peak_memory()
     try:
         datamodule, module = task.build(cfg)
         logger = make_logger(cfg, out_dir)
@@ -157,11 +158,26 @@ def _record(cfg, module, trainer, checkpoint, throughput, test, fit_s, wall_s) -
     }
 
 
+def reset_peak_memory() -> None:
+    """Start a fresh peak for this run (multirun jobs share one process)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak resident set size (VmHWM)
+    except OSError:
+        pass
+
+
 def peak_memory_mib() -> float:
-    """Peak GPU memory allocated if CUDA was used, else the process's peak resident set size."""
+    """Peak GPU memory allocated if CUDA was used, else the process's peak resident set size since
+    :func:`reset_peak_memory` (Linux VmHWM; elsewhere the lifetime peak)."""
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return next(int(ln.split()[1]) for ln in status if ln.startswith("VmHWM")) / 1024  # kB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def hardware() -> str:

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 import efficient_attn as ea
 from tasks import translation
 from tasks.data import DataError
-from tasks.train import CONFIG_DIR, ConfigError, check_config, run
+from tasks.train import CONFIG_DIR, ConfigError, check_config, peak_memory_mib, reset_peak_memory, run
 from tests.helpers import SHARED_DATA, LossLog
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -240,3 +240,11 @@ def test_same_seed_gives_bit_identical_losses_including_favor_redraws(tmp_path):
     first = losses(0, "a")
     assert losses(0, "b") == first
     assert losses(1, "c") != first
+
+
+def test_peak_memory_is_per_run_not_per_process(tmp_path):
+    ballast = torch.ones(400 * 2**20 // 4)  # 400 MiB touched
+    high = peak_memory_mib()
+    del ballast
+    reset_peak_memory()
+    assert high > 400 and peak_memory_mib() < high - 300
