@@ -114,11 +114,12 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
         fit_start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         fit_s = time.perf_counter() - fit_start
+        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}  # before test
         test = {}
         if cfg.test:
             best = checkpoint.best_model_path or None
             test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
-        record = _record(cfg, module, trainer, checkpoint, throughput, test, fit_s, time.perf_counter() - start)
+        record = _record(cfg, module, trainer, checkpoint, throughput, val, test, fit_s, time.perf_counter() - start)
         record["skipped_updates"] = guard.skipped
         (out_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
         if getattr(module, "test_hypotheses", None):
@@ -129,8 +130,7 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
         finish_wandb()
 
 
-def _record(cfg, module, trainer, checkpoint, throughput, test, fit_s, wall_s) -> dict[str, Any]:
-    val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+def _record(cfg, module, trainer, checkpoint, throughput, val, test, fit_s, wall_s) -> dict[str, Any]:
     best = checkpoint.best_model_score
     return {
         "name": cfg.name,
@@ -147,7 +147,7 @@ def _record(cfg, module, trainer, checkpoint, throughput, test, fit_s, wall_s) -
         },
         "bleu_signature": getattr(module, "bleu_signature", None),
         "num_parameters": module.num_parameters(),
-        "epochs": trainer.current_epoch,
+        "epochs": trainer.fit_loop.epoch_progress.current.completed,  # completed epochs
         "steps": trainer.global_step,
         "train_tokens_per_s": throughput.tokens_per_s,
         "peak_memory_mib": peak_memory_mib(),

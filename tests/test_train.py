@@ -248,3 +248,9 @@ def test_peak_memory_is_per_run_not_per_process(tmp_path):
     del ballast
     reset_peak_memory()
     assert high > 400 and peak_memory_mib() < high - 300
+
+
+def test_record_counts_completed_epochs_and_keeps_last_validation(tmp_path):
+    record = run(tiny("listops", "softmax", "trainer.max_epochs=2"), tmp_path)
+    assert record["epochs"] == 2 and record["steps"] == 8
+    assert set(record["metrics"]["val_last"]) >= {"val/acc", "val/loss"}
