@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .transformer import reorder_state
 
-_SHARED = ("memory_kv", "memory_mask")  # identical for every beam of one sentence: never reordered
+_SHARED = ("memory",)  # cross-attention memory: identical for every beam of one sentence, never reordered
 
 
 @torch.no_grad()

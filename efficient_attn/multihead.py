@@ -92,6 +92,11 @@ class MultiHeadAttention(nn.Module):
         out = self.attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal)  # (B, H, L, D)
         return self._merge(out)
 
+    def attend_cached(self, query: Tensor, memory: dict[str, Tensor | None]) -> Tensor:
+        """Queries (B, L, d_model) against ``attention.cache_memory(*project_kv(memory))``."""
+        q = rearrange(self.q_proj(query), "b l (h d) -> b h l d", h=self.num_heads)  # (B, H, L, D)
+        return self._merge(self.attention.attend_memory(q, memory))
+
     def decode_step(
         self, x: Tensor, state: dict[str, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:

@@ -183,10 +183,7 @@ class Block(nn.Module):
 
         x = self._residual(0, x, self_attend)
         if self.cross_attn is not None:
-            k, v = state["memory_kv"]
-            x = self._residual(
-                1, x, lambda h: self.cross_attn.attend_projected(h, k, v, key_padding_mask=state["memory_mask"])
-            )
+            x = self._residual(1, x, lambda h: self.cross_attn.attend_cached(h, state["memory"]))
         return self._residual(len(self.norms) - 1, x, self.ff), new
 
 
@@ -205,13 +202,13 @@ class Stack(nn.Module):
         return self.final_norm(x)
 
     def start(self, memory: Tensor | None = None, memory_mask: Tensor | None = None) -> DecodeState:
-        """Decoding state before the first token; cross-attention keys/values are projected once."""
+        """Decoding state before the first token; cross-attention memory is projected and cached once."""
         layers = []
         for layer in self.layers:
             st: DecodeState = {"self": None}
             if memory is not None:
-                st["memory_kv"] = layer.cross_attn.project_kv(memory)  # (B, H, S, D) each
-                st["memory_mask"] = memory_mask
+                k, v = layer.cross_attn.project_kv(memory)  # (B, H, S, D) each
+                st["memory"] = layer.cross_attn.attention.cache_memory(k, v, memory_mask)
             layers.append(st)
         return {"pos": 0, "layers": layers}
 

@@ -47,3 +47,14 @@ def test_step_takes_one_position(name):
     q, k, v = make_qkv(b=1, h=2, length=3, d=8, dtype=torch.float32)
     with pytest.raises(ValueError, match="one position"):
         attn.decode_step(q, k, v)
+
+
+@pytest.mark.parametrize("name", ea.list_attentions())
+def test_cached_memory_equals_cross_attention(name):
+    """cache_memory + attend_memory (decoding's cross-attention) == forward over the same keys."""
+    attn = ea.create_attention(name, head_dim=8, num_heads=2).double().eval()
+    q, k, v = make_qkv(b=2, h=2, length=3, s=7, d=8)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[1, 4:] = True
+    cached = attn.attend_memory(q, attn.cache_memory(k, v, mask))
+    torch.testing.assert_close(cached, attn(q, k, v, key_padding_mask=mask), rtol=0, atol=1e-12)

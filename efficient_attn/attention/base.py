@@ -73,6 +73,20 @@ class Attention(nn.Module):
             v = torch.cat([state["v"], v], dim=2)  # (B, H, t+1, Dv)
         return self(q, k, v), {"k": k, "v": v}
 
+    def cache_memory(
+        self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None
+    ) -> dict[str, Tensor | None]:
+        """What decoding keeps of fixed keys/values (cross-attention), computed once per sequence.
+
+        This default keeps k, v and the mask; kernelized variants keep Σ_j φ(k_j)[v_j, 1]ᵀ, so each
+        step costs O(M·Dv) whatever the source length. Every tensor is batch-first.
+        """
+        return {"k": k, "v": v, "mask": key_padding_mask}
+
+    def attend_memory(self, q: Tensor, memory: dict[str, Tensor | None]) -> Tensor:
+        """q (B, H, L, D) against a :meth:`cache_memory` result -> (B, H, L, Dv)."""
+        return self(q, memory["k"], memory["v"], key_padding_mask=memory["mask"])
+
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, num_heads={self.num_heads}"
 

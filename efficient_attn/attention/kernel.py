@@ -71,6 +71,26 @@ class KernelAttention(Attention):
             out1 = self.feature_map(q, is_query=True) @ kv  # (B, H, 1, Dv+1)
         return _normalize(out1).to(out_dtype), {"kv": kv}
 
+    def cache_memory(
+        self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None
+    ) -> dict[str, Tensor | None]:
+        """Σ_j φ(k_j)[v_j, 1]ᵀ over the (unpadded) memory: (B, H, M, Dv+1), computed once."""
+        check_inputs(k, k, v, key_padding_mask, False, self.num_heads, self.head_dim)
+        with torch.autocast(k.device.type, enabled=False):
+            _, k, v1 = _upcast_with_ones(k, k, v)  # v1 (B, H, S, Dv+1)
+            if key_padding_mask is not None:
+                pad = key_padding_mask[:, None, :, None]  # (B, 1, S, 1)
+                k, v1 = k.masked_fill(pad, 0.0), v1.masked_fill(pad, 0.0)
+            kv = self.feature_map(k, is_query=False).transpose(-1, -2) @ v1  # (B, H, M, Dv+1)
+        return {"kv": kv}
+
+    def attend_memory(self, q: Tensor, memory: dict[str, Tensor | None]) -> Tensor:
+        out_dtype = q.dtype
+        with torch.autocast(q.device.type, enabled=False):
+            kv = memory["kv"]  # (B, H, M, Dv+1)
+            out1 = self.feature_map(q.to(kv.dtype), is_query=True) @ kv  # (B, H, L, Dv+1)
+        return _normalize(out1).to(out_dtype)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
 
