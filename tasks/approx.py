@@ -45,20 +45,25 @@ def capture(module: Any, batch: dict[str, Any]) -> list[dict[str, Any]]:
     """Inputs of every core attention call in one forward pass, in call order."""
     sites: list[dict[str, Any]] = []
 
-    def hook(mod, args, kwargs, out):
+    def record(name, args, kwargs, out):
         q, k, v = args
-        sites.append({"site": names[mod], "q": q, "k": k, "v": v,
+        sites.append({"site": name, "q": q, "k": k, "v": v,
                       "mask": kwargs.get("key_padding_mask"), "causal": kwargs.get("causal", False)})
 
-    names = {m: n for n, m in module.named_modules() if isinstance(m, Attention)}
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in names]
+    _forward_with_hooks(module, batch, Attention, record, with_kwargs=True)
+    return sites
+
+
+def _forward_with_hooks(module: Any, batch: dict[str, Any], kind: type, hook: Any, *, with_kwargs: bool = False) -> None:
+    """One no-grad forward pass calling ``hook(name, *hook_args)`` after every submodule of type ``kind``."""
+    names = {m: n for n, m in module.named_modules() if isinstance(m, kind)}
+    handles = [m.register_forward_hook(lambda mod, *a: hook(names[mod], *a), with_kwargs=with_kwargs) for m in names]
     try:
         with torch.no_grad():
             module(batch)
     finally:
         for h in handles:
             h.remove()
-    return sites
 
 
 def site_errors(sites: list[dict[str, Any]], features: list[int], draws: int) -> list[dict[str, Any]]:
@@ -102,14 +107,7 @@ def _swap_to_favor(module: Any, m: int, seed: int) -> Any:
 
 def _layer_outputs(module: Any, batch: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
     outputs: list[tuple[str, torch.Tensor]] = []
-    names = {b: n for n, b in module.named_modules() if isinstance(b, Block)}
-    handles = [b.register_forward_hook(lambda mod, args, out: outputs.append((names[mod], out))) for b in names]
-    try:
-        with torch.no_grad():
-            module(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with_hooks(module, batch, Block, lambda name, args, out: outputs.append((name, out)))
     return outputs
 
 
