@@ -8,6 +8,7 @@ with a ``name`` field) and ``build(cfg) -> (LightningDataModule, TaskModule)``. 
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +57,12 @@ def attention_spec(cfg: DictConfig, site: str) -> AttentionSpec:
 
 
 class TaskModule(pl.LightningModule):
-    """Optimiser, schedule, token counting and shared logging; subclasses own model, loss and metrics."""
+    """Optimiser, schedule, token counting and shared logging; subclasses own model, loss and metrics.
+
+    Checkpoints also hold the data position (epoch, batches trained in it) and every RNG state, so
+    a run resumed from a mid-epoch checkpoint trains on the same batches with the same dropout
+    masks as the uninterrupted run (see ``tasks/sampling.py``).
+    """
 
     monitor: str = "val/loss"
     monitor_mode: str = "min"
@@ -65,6 +71,27 @@ class TaskModule(pl.LightningModule):
         super().__init__()
         self.optim_cfg = OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+        self.resume_position: dict[str, int] | None = None  # set when restored from a checkpoint
+        self._epoch_batches = 0
+
+    def on_train_epoch_start(self) -> None:
+        resumed = self.resume_position
+        self._epoch_batches = resumed["batches"] if resumed and resumed["epoch"] == self.current_epoch else 0
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._epoch_batches += 1
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        epoch, done = self.current_epoch, self._epoch_batches
+        if done >= self.trainer.num_training_batches:  # saved at the end of an epoch: resume at the next one
+            epoch, done = epoch + 1, 0
+        checkpoint["data_position"] = {"epoch": epoch, "batches": done}
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.resume_position = checkpoint.get("data_position")
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
 
     def forward(self, batch: Any) -> torch.Tensor:
         """The model's output (logits) for one batch as the data module yields it."""
@@ -101,6 +128,29 @@ class TaskModule(pl.LightningModule):
             progress = min(1.0, max(0, step - o.warmup_steps) / max(1, total - o.warmup_steps))
             return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
         raise ValueError(f"optim.schedule must be inverse_sqrt, cosine or constant, got {o.schedule!r}")
+
+
+def rng_states() -> dict[str, Any]:
+    """torch (CPU and CUDA), Python and NumPy RNG states."""
+    import numpy as np
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]  # loadable with weights_only
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class Throughput(pl.Callback):

@@ -34,6 +34,7 @@ from efficient_attn.transformer import TransformerClassifier
 
 from .base import TaskModule, attention_spec, transformer_config
 from .data import DataError, cache_dir
+from .sampling import eval_loader, shuffled, train_loader
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
@@ -288,22 +289,20 @@ class ListOpsData(pl.LightningDataModule):
         cls = self.task.pooling == "cls"
         self.splits = {name: ListOpsDataset(split, cls) for name, split in data["splits"].items()}
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        workers = self.task.num_workers
-        return DataLoader(
-            self.splits[split], batch_size=self.task.batch_size, shuffle=shuffle, generator=generator,
-            collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        data, size = self.splits["train"], self.task.batch_size
+        return train_loader(data, shuffled(len(data), size, self.seed), -(-len(data) // size), self.trainer, self.seed,
+                            **self._loader_args())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return eval_loader(self.splits["val"], self.task.batch_size, **self._loader_args())
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return eval_loader(self.splits["test"], self.task.batch_size, **self._loader_args())
+
+    def _loader_args(self) -> dict:
+        workers = self.task.num_workers
+        return {"collate_fn": collate, "num_workers": workers, "persistent_workers": workers > 0}
 
 
 class ListOpsModule(TaskModule):

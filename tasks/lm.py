@@ -14,20 +14,20 @@ import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanMetric
 
 from efficient_attn.transformer import TransformerLM
 
 from .base import TaskModule, attention_spec, transformer_config
 from .data import DataError, data_dir, fetch
+from .sampling import eval_loader, random_draws, train_loader
 
 VOCAB_SIZE = 256
 DATASETS = ("tinyshakespeare", "enwik8", "file")
@@ -143,23 +143,6 @@ class Windows(Dataset):
         return window(self.data, self.starts[index], self.length)
 
 
-class RandomWindows(Sampler[int]):
-    """``num_samples`` uniform random indices per epoch, drawn from a generator seeded by (seed, epoch)."""
-
-    def __init__(self, num_starts: int, num_samples: int, seed: int) -> None:
-        self.num_starts, self.num_samples, self.seed, self.epoch = num_starts, num_samples, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        yield from torch.randint(self.num_starts, (self.num_samples,), generator=generator).tolist()
-
-
 def eval_windows(data: Tensor, length: int, max_windows: int | None) -> Windows:
     """Contiguous windows whose targets tile ``data[1:]`` (the tail shorter than a window is dropped)."""
     count = (len(data) - 1) // length
@@ -184,9 +167,9 @@ class ByteLMData(pl.LightningDataModule):
             self.splits = split_bytes(self.cfg, read_bytes(self.cfg, source_path(self.cfg, self.root)))
 
     def train_dataloader(self) -> DataLoader:
-        data = Windows(self.splits["train"], self.cfg.context_length)
-        num_samples = self.cfg.train_batches_per_epoch * self.cfg.batch_size
-        return self._loader(data, sampler=RandomWindows(len(data), num_samples, self.seed))
+        data, size = Windows(self.splits["train"], self.cfg.context_length), self.cfg.batch_size
+        draws = random_draws(len(data), self.cfg.train_batches_per_epoch * size, size, self.seed)
+        return train_loader(data, draws, self.cfg.train_batches_per_epoch, self.trainer, self.seed, **self._loader_args())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -196,14 +179,12 @@ class ByteLMData(pl.LightningDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         cap = None if self.cfg.eval_batches is None else self.cfg.eval_batches * self.cfg.batch_size
-        return self._loader(eval_windows(self.splits[split], self.cfg.context_length, cap))
+        data = eval_windows(self.splits[split], self.cfg.context_length, cap)
+        return eval_loader(data, self.cfg.batch_size, **self._loader_args())
 
-    def _loader(self, data: Dataset, sampler: Sampler | None = None) -> DataLoader:
+    def _loader_args(self) -> dict:
         workers = self.cfg.num_workers
-        return DataLoader(
-            data, batch_size=self.cfg.batch_size, sampler=sampler, shuffle=False,
-            num_workers=workers, persistent_workers=workers > 0,
-        )
+        return {"num_workers": workers, "persistent_workers": workers > 0}
 
 
 # ----------------------------------------------------------------------------- model

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 LOGGER_KEYS = {
     "wandb": {"kind", "project", "entity", "mode", "init_timeout", "log_model"},
@@ -62,6 +63,9 @@ def _wandb_logger(cfg: DictConfig, out_dir: Path, mode: str) -> WandbLogger:
         log_model=cfg.logger.log_model,
         settings=wandb.Settings(init_timeout=float(cfg.logger.init_timeout), silent=True),
     )
+    id_file = out_dir / "wandb_id"  # a resumed run (ckpt_path=last) continues the same W&B run
+    if id_file.exists():
+        kwargs.update(id=id_file.read_text().strip(), resume="allow")
     logger = WandbLogger(mode=mode, **kwargs)
     try:
         logger.experiment  # starts the run now, so a failure is caught here and not mid-training
@@ -72,6 +76,8 @@ def _wandb_logger(cfg: DictConfig, out_dir: Path, mode: str) -> WandbLogger:
         finish_wandb()
         logger = WandbLogger(mode="offline", **kwargs)
         logger.experiment
+    if rank_zero_only.rank == 0 and isinstance(getattr(logger.experiment, "id", None), str):
+        id_file.write_text(logger.experiment.id + "\n")
     return logger
 
 

@@ -28,6 +28,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from efficient_attn.transformer import AttentionSpec
 
@@ -37,7 +38,7 @@ from .loggers import LOGGER_KEYS, finish_wandb, make_logger
 from .report import find_runs, markdown, table
 
 TASKS = {"translation": "tasks.translation", "listops": "tasks.listops", "lm": "tasks.lm"}
-TOP_LEVEL = {"seed", "name", "data_dir", "cache_dir", "ckpt_path", "test", "threads", "nonfinite",
+TOP_LEVEL = {"seed", "name", "row", "data_dir", "cache_dir", "ckpt_path", "checkpoint_every", "test", "threads", "nonfinite",
              "optim", "task", "attention", "model", "trainer", "logger"}
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
@@ -92,10 +93,17 @@ def _check_section(node: DictConfig, schema: type, name: str) -> None:
 def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
     """Train, test the best checkpoint, write results.json; returns the record.
 
-    ``callbacks`` are added to the app's own (checkpointing, throughput), e.g. by tests.
+    ``ckpt_path=last`` resumes from ``<out_dir>/checkpoints/last.ckpt`` (same W&B run id, same
+    results.json); a run dir that already holds results.json is not run again. ``callbacks`` are
+    added to the app's own (checkpointing, throughput), e.g. by tests.
     """
     start = time.perf_counter()
     task = check_config(cfg)
+    ckpt_path = resume_checkpoint(cfg.ckpt_path, out_dir)
+    if ckpt_path == "done":
+        record = json.loads((out_dir / "results.json").read_text())
+        print(f"{out_dir} already finished (results.json); nothing to resume")
+        return record
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     pl.seed_everything(cfg.seed, workers=True)
@@ -104,30 +112,70 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
     try:
         datamodule, module = task.build(cfg)
         logger = make_logger(cfg, out_dir)
-        checkpoint = ModelCheckpoint(dirpath=out_dir / "checkpoints", monitor=module.monitor,
-                                     mode=module.monitor_mode, save_last=True, filename="best-{step}")
+        checkpoints = out_dir / "checkpoints"
+        best = ModelCheckpoint(dirpath=checkpoints, monitor=module.monitor, mode=module.monitor_mode, save_last=True,
+                               filename="best-{step}")
         throughput, guard = Throughput(), NonFiniteGuard(cfg.nonfinite, cfg.attention.name)
+        own = [best, throughput, guard, SaveOnInterrupt(checkpoints / "last.ckpt")]
+        if cfg.checkpoint_every:
+            own.append(ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=int(cfg.checkpoint_every),
+                                       save_top_k=0, save_last=True))
         trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), default_root_dir=str(out_dir),
-                             logger=logger, callbacks=[checkpoint, throughput, guard, *callbacks])
+                             logger=logger, callbacks=[*own, *callbacks])
         if logger:
             logger.log_hyperparams({"num_parameters": module.num_parameters()})
         fit_start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         fit_s = time.perf_counter() - fit_start
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}  # before test
         test = {}
         if cfg.test:
-            best = checkpoint.best_model_path or None
-            test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
-        record = _record(cfg, module, trainer, checkpoint, throughput, val, test, fit_s, time.perf_counter() - start)
+            test = trainer.test(module, datamodule=datamodule, ckpt_path=best.best_model_path or None, verbose=False)[0]
+        record = _record(cfg, module, trainer, best, throughput, val, test, fit_s, time.perf_counter() - start)
         record["skipped_updates"] = guard.skipped
-        (out_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-        if getattr(module, "test_hypotheses", None):
-            (out_dir / "test_hypotheses.txt").write_text("\n".join(module.test_hypotheses) + "\n")
-        print(summary_line(record))
+        record["resumed_from"] = str(ckpt_path) if ckpt_path else None
+        if trainer.is_global_zero:
+            (out_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+            if getattr(module, "test_hypotheses", None):
+                (out_dir / "test_hypotheses.txt").write_text("\n".join(module.test_hypotheses) + "\n")
+            print(summary_line(record))
         return record
     finally:
         finish_wandb()
+
+
+def resume_checkpoint(ckpt_path: str | None, out_dir: Path) -> str | None:
+    """``last`` -> this run dir's last.ckpt (None if it has none yet, "done" if the run finished)."""
+    if ckpt_path != "last":
+        if ckpt_path and not Path(ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path={ckpt_path} is not a file; give a .ckpt file or ckpt_path=last")
+        return ckpt_path
+    if (out_dir / "results.json").exists():
+        return "done"
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        print(f"resuming from {last}")
+        return str(last)
+    print(f"ckpt_path=last: no checkpoint in {out_dir} yet; starting from the beginning")
+    return None
+
+
+class SaveOnInterrupt(pl.Callback):
+    """On SIGTERM (Lightning stops at the end of the current step), save ``last.ckpt`` first.
+
+    SIGKILL cannot be caught: such a run resumes from the last periodic (``checkpoint_every``) or
+    validation checkpoint.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            trainer.save_checkpoint(self.path)
+            if trainer.is_global_zero:
+                print(f"interrupted at step {trainer.global_step}; saved {self.path}; "
+                      "run the same command with ckpt_path=last to resume", file=sys.stderr)
 
 
 def _record(cfg, module, trainer, checkpoint, throughput, val, test, fit_s, wall_s) -> dict[str, Any]:
@@ -227,12 +275,45 @@ class RunSummary(Callback):
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
+def _app(cfg: DictConfig) -> None:
     try:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except (ConfigError, DataError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except SIGTERMException:
+        sys.exit(143)  # 128 + SIGTERM; last.ckpt was saved
+
+
+def main() -> None:
+    """``efficient-attn-train``; ``ckpt_path=last`` without a run dir continues this command's latest run."""
+    try:
+        sys.argv[1:] = resume_argv(sys.argv[1:], Path.cwd() / "outputs")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    _app()
+
+
+def resume_argv(argv: list[str], outputs: Path) -> list[str]:
+    """Add ``hydra.run.dir=<latest run dir of the same overrides>`` when resuming a single run.
+
+    The run dir must hold ``checkpoints/last.ckpt``; multiruns resume with the same
+    ``hydra.sweep.dir`` instead (each job finds its own last.ckpt).
+    """
+    if "ckpt_path=last" not in argv or any(a.startswith("hydra.run.dir=") for a in argv) or \
+            any(a in ("-m", "--multirun") for a in argv):
+        return argv
+    wanted = sorted(a for a in argv if not a.startswith("ckpt_path=") and not a.startswith("-"))
+    candidates = sorted(outputs.glob("*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for last in candidates:
+        run_dir = last.parent.parent
+        overrides = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml") if (run_dir / ".hydra").is_dir() else []
+        if sorted(o for o in overrides if not o.startswith("ckpt_path=")) == wanted:
+            print(f"ckpt_path=last: continuing {run_dir}")
+            return [*argv, f"hydra.run.dir={run_dir}"]
+    raise ConfigError(f"ckpt_path=last: no run of these overrides {wanted} with checkpoints/last.ckpt under "
+                      f"{outputs}; pass hydra.run.dir=<run dir> or ckpt_path=<file.ckpt>")
 
 
 if __name__ == "__main__":

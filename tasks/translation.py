@@ -25,6 +25,7 @@ from efficient_attn.transformer import Seq2SeqTransformer
 
 from .base import TaskModule, attention_spec, transformer_config
 from .data import DataError, cache_dir, data_dir, fetch, read_lines
+from .sampling import by_length, eval_loader, train_loader
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPLITS = ("train", "val", "test")
@@ -183,8 +184,9 @@ class TranslationData(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rows = self.data["train"]
-        return DataLoader(rows, batch_sampler=LengthBatches(rows, self.t.batch_size, self.cfg.seed),
-                          collate_fn=collate, num_workers=self.t.num_workers)
+        lengths = [len(s) + len(t) for s, t, _ in rows]
+        return train_loader(rows, by_length(lengths, self.t.batch_size, self.cfg.seed), -(-len(rows) // self.t.batch_size),
+                            self.trainer, self.cfg.seed, collate_fn=collate, num_workers=self.t.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -193,27 +195,7 @@ class TranslationData(pl.LightningDataModule):
         return self._eval_loader("test")
 
     def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(self.data[split], batch_size=self.t.batch_size, collate_fn=collate,
-                          num_workers=self.t.num_workers)
-
-
-class LengthBatches(torch.utils.data.Sampler):
-    """Shuffled batches of sentences of similar length (less padding), new order each epoch."""
-
-    def __init__(self, rows: list, batch_size: int, seed: int) -> None:
-        self.lengths = [len(s) + len(t) for s, t, _ in rows]
-        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
-
-    def __iter__(self):
-        g = random.Random(self.seed * 7919 + self.epoch)
-        self.epoch += 1
-        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], g.random()))
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        g.shuffle(batches)
-        return iter(batches)
-
-    def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
+        return eval_loader(self.data[split], self.t.batch_size, collate_fn=collate, num_workers=self.t.num_workers)
 
 
 def collate(rows: list[tuple[list[int], list[int], str]]) -> dict:

@@ -20,7 +20,11 @@ class FavorAttention(KernelAttention):
     O(L·m·d) time, O(L·(m+d)) memory; causal by chunked prefix sums, O(L·(m+d) + chunk²) memory.
     Masks: key padding yes; causal yes. The m×d projection (rows w, shared by all heads) is a
     buffer, so it is saved in checkpoints; it is redrawn every ``redraw_interval`` training
-    forward calls (0 = never; never in eval mode), from ``seed`` if given (same on every process).
+    forward calls (0 = never; never in eval mode). Draw n uses a generator seeded by (seed, n); with
+    ``seed=None`` the seed is taken once from torch's RNG at construction (so ``seed_everything``
+    fixes it) and kept as a buffer. Redraws therefore never touch torch's global RNG: every process
+    of a DDP run draws the same features at the same step, and a resumed run the same as an
+    uninterrupted one.
     """
 
     def __init__(
@@ -48,15 +52,15 @@ class FavorAttention(KernelAttention):
         self.redraw_interval, self.kernel_eps, self.seed = redraw_interval, kernel_eps, seed
         self.register_buffer("projection", torch.empty(num_features, head_dim))  # (m, d)
         self.register_buffer("num_draws", torch.zeros((), dtype=torch.long))
+        base = seed if seed is not None else int(torch.randint(2**31 - 1, ()))  # one draw from the global RNG
+        self.register_buffer("draw_seed", torch.tensor(base, dtype=torch.long))
         self.register_buffer("calls_since_draw", torch.zeros((), dtype=torch.long))
         self.redraw_features()
 
     @torch.no_grad()
     def redraw_features(self) -> None:
-        """Draw a fresh projection: from ``seed`` and the draw count if a seed is set, else from torch's RNG."""
-        generator = None
-        if self.seed is not None:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.num_draws))
+        """Draw a fresh projection from a generator seeded by (``draw_seed``, draw count)."""
+        generator = torch.Generator().manual_seed(int(self.draw_seed) * 1_000_003 + int(self.num_draws))
         w = gaussian_projection(
             self.num_features, self.head_dim, orthogonal=self.orthogonal, generator=generator
         )
