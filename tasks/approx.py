@@ -5,6 +5,11 @@ With ``--checkpoint <run>/checkpoints/best-*.ckpt``: on the real queries and key
 (captured by forward hooks on every core attention, one validation batch), per attention site, and
 the error of each layer's output when every attention of the model is swapped to FAVOR+
 (Performer App. D.1 / Fig. 14).
+With ``--study sqrt_dk``: why logits are scaled by 1/√d_k (Vaswani et al. 2017, footnote 4) — logit
+variance, softmax saturation and softmax gradient norm against d_k, unscaled vs scaled
+(:mod:`efficient_attn.analysis.scaling`; options ``--dims --length --keys --draws --seed --out``).
+
+    efficient-attn-approx --study sqrt_dk --out results/sqrt_dk
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 from efficient_attn import Attention, MultiHeadAttention, create_attention
-from efficient_attn.analysis import approx_report
+from efficient_attn.analysis import approx_report, scaling
 from efficient_attn.transformer import Block
 
 from .train import TASKS
@@ -117,8 +122,29 @@ def _row(estimator: str, layer: int, site: str, errors: list[float]) -> dict[str
             "non_finite": sum(1 for e in errors if e != e)}
 
 
+STUDIES = ("favor", "sqrt_dk")
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Dispatch on ``--study``: each study has its own options (``--study sqrt_dk --help`` lists them)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--study", choices=STUDIES, default="favor")
+    if pre.parse_known_args(argv)[0].study == "sqrt_dk":
+        sqrt_dk_main(argv)
+    else:
+        favor_main(argv)
+
+
+def sqrt_dk_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Why logits are scaled by 1/√d_k: variance, saturation, gradient.")
+    _add_study(p)
+    scaling.add_arguments(p)
+    scaling.run(p.parse_args(argv))
+
+
+def favor_main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="FAVOR+ approximation error against exact softmax.")
+    _add_study(p)
     approx_report.add_arguments(p)
     p.add_argument("--checkpoint", type=Path, help="a trained run's checkpoint: errors on its real q, k")
     p.add_argument("--batch-size", type=int, default=32, help="validation sequences for --checkpoint")
@@ -140,6 +166,11 @@ def main(argv: list[str] | None = None) -> None:
                                              ylabel="relative error of layer output, all attention swapped"),
     }
     approx_report.log_to_wandb(outputs)
+
+
+def _add_study(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", choices=STUDIES, default="favor",
+                   help="favor: FAVOR+ error (default); sqrt_dk: the 1/√d_k study (see --study sqrt_dk --help)")
 
 
 if __name__ == "__main__":

@@ -78,8 +78,8 @@ class TaskModule(pl.LightningModule):
         resumed = self.resume_position
         self._epoch_batches = resumed["batches"] if resumed and resumed["epoch"] == self.current_epoch else 0
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._epoch_batches += 1
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._epoch_batches += 1  # counted at the start: checkpoints saved at this batch's end include it
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         epoch, done = self.current_epoch, self._epoch_batches

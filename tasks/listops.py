@@ -271,7 +271,10 @@ class ListOpsData(pl.LightningDataModule):
     def prepare_data(self) -> None:
         if self.path.exists():
             return
-        data = {"params": self.params, "splits": _generate_splits(self.task)}
+        try:
+            data = {"params": self.params, "splits": _generate_splits(self.task)}
+        except ValueError as err:  # lengths, depth or argument counts the generator cannot satisfy
+            raise DataError(f"ListOps generator: {err} (task.min_length/max_length/max_depth/max_args)") from None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=self.path.parent, suffix=".tmp", delete=False) as tmp:
             torch.save(data, tmp)

@@ -3,10 +3,20 @@
     efficient-attn-report multirun/2026-11-21 --out results/tables/quickstart
     efficient-attn-report runs/ --rows attention --pivot task --avg       # an LRA-style attention × task table
     efficient-attn-report runs/ --baseline "multi30k_small / softmax"      # Δ and Welch t-test p per row
+    efficient-attn-report multirun/table3 --rows row --metrics "val/bleu (last),val/ppl (last)"
+    efficient-attn-report multirun/table3 --rows row --baseline base --wandb efficient-attn
 
 Rows group runs by ``--rows`` (record fields or ``config.<dotted.key>``); cells are mean ± std over
-the group's runs (seeds) with n. A run dir whose ``results.json`` is missing (crashed, killed, still
-running) gets a row saying so.
+the group's runs (seeds) with n. Metric columns: the best validation value of the monitored metric
+("val <monitor> (best)"), every last validation metric ("val/bleu (last)", ...), every test metric
+("test/bleu", ...), then resources (parameters, tokens/s, memory, time). ``--baseline <row label>``
+adds "Δ <metric> (p)" for every val/ and test/ metric: the difference of means and the two-sided
+Welch t-test p ("n<2" when a side has fewer than two runs), so runs with test=false get Δ on their
+last validation metrics. ``--metrics`` keeps only the named metric columns (n and resources stay);
+an unknown name is an error listing the known ones. ``--wandb PROJECT`` also logs the table as a
+``wandb.Table`` in a run with job_type "report" (mode: ``WANDB_MODE``, else online when logged in,
+else offline). A run dir whose ``results.json`` is missing (crashed, killed, still running) gets a
+row saying so.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import csv
 import json
 import math
 import statistics
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -48,8 +59,10 @@ def field(record: dict[str, Any], key: str) -> Any:
 
 
 def metrics(record: dict[str, Any]) -> dict[str, float | None]:
+    """Metric columns of one run: best val, last val metrics as "<key> (last)", test metrics, resources."""
     m = record["metrics"]
-    row = {f"val {m['monitor']} (best)": m["val_best"], **dict(sorted(m["test"].items()))}
+    last = {f"{k} (last)": v for k, v in sorted((m.get("val_last") or {}).items())}
+    row = {f"val {m['monitor']} (best)": m["val_best"], **last, **dict(sorted(m["test"].items()))}
     return {**row, **{k: record.get(k) for k in RESOURCES}}
 
 
@@ -83,25 +96,45 @@ def group(records: list[dict[str, Any]], keys: list[str]) -> dict[str, list[dict
 
 
 def table(records: list[dict[str, Any]], missing: list[Path], rows: list[str] | None = None,
-          baseline: str | None = None) -> tuple[list[str], list[list[str]]]:
-    """One row per group: n, every metric as mean ± std, and Δ / p against ``baseline`` if given."""
+          baseline: str | None = None, keep: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """One row per group: n, every metric as mean ± std, and Δ / p against ``baseline`` if given.
+
+    ``keep``: only these metric columns, in this order (resources stay); unknown names are an error.
+    """
     groups = group(records, rows or ["name", "task", "attention"])
     flat = {label: [metrics(r) for r in runs] for label, runs in groups.items()}
-    names = list(dict.fromkeys(k for runs in flat.values() for row in runs for k in row))
+    names = columns(flat, keep)
     header = [" / ".join(rows or ["name", "task", "attention"]), "n", *names]
-    tests = [k for k in names if k.startswith("test/")]
+    compared = [k for k in names if k.startswith(("test/", "val/")) and _numeric(flat, k)]  # Δ columns
     if baseline is not None:
         if baseline not in flat:
             raise SystemExit(f"--baseline {baseline!r} is not a row; rows: {list(flat)}")
-        header += [f"Δ {k} (p)" for k in tests]
+        header += [f"Δ {k} (p)" for k in compared]
     body = []
     for label, runs in flat.items():
         row = [label, str(len(runs)), *(mean_std([r.get(k) for r in runs]) for k in names)]
         if baseline is not None:
-            row += [_delta([r.get(k) for r in runs], [r.get(k) for r in flat[baseline]]) for k in tests]
+            row += [_delta([r.get(k) for r in runs], [r.get(k) for r in flat[baseline]]) for k in compared]
         body.append(row)
     body += [[f"{path} (missing results.json)", "0", *["n/a"] * (len(header) - 2)] for path in missing]
     return header, body
+
+
+def columns(flat: dict[str, list[dict[str, Any]]], keep: list[str] | None = None) -> list[str]:
+    """Column names in first-seen order; with ``keep``, only those metrics (in its order) and resources."""
+    names = list(dict.fromkeys(k for runs in flat.values() for row in runs for k in row))
+    if keep is None:
+        return names
+    known = [k for k in names if k not in RESOURCES]
+    unknown = [k for k in keep if k not in known]
+    if unknown:
+        raise SystemExit(f"--metrics: unknown metric(s) {unknown}; known: {known}")
+    return [*dict.fromkeys(keep), *(k for k in names if k in RESOURCES)]
+
+
+def _numeric(flat: dict[str, list[dict[str, Any]]], key: str) -> bool:
+    values = [row.get(key) for runs in flat.values() for row in runs]
+    return all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)
 
 
 def _delta(values: list[float | None], base: list[float | None]) -> str:
@@ -135,27 +168,73 @@ def markdown(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body]) + "\n"
 
 
+def log_to_wandb(project: str, header: list[str], body: list[list[str]], config: dict[str, Any]) -> None:
+    """Log the table as ``report/table`` in a new W&B run (job_type "report"), always finished."""
+    import wandb
+
+    try:
+        run = _start_wandb(project, config)
+        run.log({"report/table": wandb.Table(columns=header, data=body)})
+    finally:
+        wandb.finish()
+
+
+def _start_wandb(project: str, config: dict[str, Any]) -> Any:
+    """A W&B run in ``wandb_mode(None)``; an online start that fails falls back to offline, as training does."""
+    import wandb
+
+    from .loggers import wandb_mode
+
+    mode = wandb_mode(None)
+    try:
+        return wandb.init(project=project, job_type="report", mode=mode, config=config)
+    except Exception as err:  # noqa: BLE001 - any failure to reach W&B: bad key, no network, timeout
+        if mode != "online":
+            raise
+        warnings.warn(f"W&B online start failed ({type(err).__name__}: {err}); logging offline instead")
+        return wandb.init(project=project, job_type="report", mode="offline", config=config)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Tables from efficient-attn run records (results.json).")
+    p.add_argument("dirs", nargs="+", type=Path, help="run or multirun dirs (searched recursively)")
+    p.add_argument("--rows", default="name,task,attention", help="comma-separated grouping keys")
+    p.add_argument("--baseline", help="a row label: adds Δ and Welch t-test p for every val/ and test/ metric")
+    p.add_argument("--metrics", help='comma-separated metric columns to keep, e.g. "val/bleu (last),val/ppl (last)"')
+    p.add_argument("--pivot", choices=["task"], help="columns = tasks (each task's headline test metric)")
+    p.add_argument("--avg", action="store_true", help="with --pivot: an Avg column over tasks")
+    p.add_argument("--out", type=Path, help="write <out>.md and <out>.csv")
+    p.add_argument("--wandb", metavar="PROJECT", help="also log the table to this W&B project (job_type report)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Tables from efficient-attn run records (results.json).")
-    parser.add_argument("dirs", nargs="+", type=Path, help="run or multirun dirs (searched recursively)")
-    parser.add_argument("--rows", default="name,task,attention", help="comma-separated grouping keys")
-    parser.add_argument("--baseline", help="a row label: adds Δ and Welch t-test p for every test metric")
-    parser.add_argument("--pivot", choices=["task"], help="columns = tasks (each task's headline test metric)")
-    parser.add_argument("--avg", action="store_true", help="with --pivot: an Avg column over tasks")
-    parser.add_argument("--out", type=Path, help="write <out>.md and <out>.csv")
-    args = parser.parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.pivot and args.metrics:
+        p.error("--metrics selects columns of the grouped table; --pivot shows each task's headline metric")
     records, missing = find_runs(args.dirs)
     if not records and not missing:
-        parser.error(f"no run dirs (with .hydra/) under {[str(d) for d in args.dirs]}")
+        p.error(f"no run dirs (with .hydra/) under {[str(d) for d in args.dirs]}")
     rows = args.rows.split(",")
-    header, body = pivot(records, missing, rows, args.avg) if args.pivot else table(records, missing, rows, args.baseline)
+    keep = [k.strip() for k in args.metrics.split(",")] if args.metrics else None
+    header, body = (pivot(records, missing, rows, args.avg) if args.pivot
+                    else table(records, missing, rows, args.baseline, keep))
     text = markdown(header, body)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(text)
-        with open(args.out.with_suffix(".csv"), "w", newline="") as f:
-            csv.writer(f).writerows([header, *body])
+        write(header, body, text, args.out)
+    if args.wandb:
+        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "wandb"}
+        log_to_wandb(args.wandb, header, body, {**config, "dirs": [str(d) for d in args.dirs]})
+
+
+def write(header: list[str], body: list[list[str]], text: str, out: Path) -> None:
+    """<out>.md (the Markdown text) and <out>.csv."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        csv.writer(f).writerows([header, *body])
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import platform
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -68,6 +69,9 @@ def check_config(cfg: DictConfig) -> Any:
         for site in ("encoder", "decoder", "cross"):
             chosen = cfg.model.get(f"{site}_attention") or cfg.attention
             _check_section(chosen, AttentionConfig, f"model.{site}_attention")
+            if "causal" in (chosen.kwargs or {}):
+                raise ConfigError(f"{site} attention: causal is not an attention option; the model sets it per site "
+                                  "(decoder self-attention is causal, encoder and cross-attention are not); remove it")
             AttentionSpec(chosen.name, dict(chosen.kwargs or {})).check(f"{site} attention")
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
@@ -106,11 +110,16 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
         return record
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    # Our loaders resume mid-epoch through the module's saved data position (tasks/sampling.py).
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     pl.seed_everything(cfg.seed, workers=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     reset_peak_memory()
     try:
-        datamodule, module = task.build(cfg)
+        try:
+            datamodule, module = task.build(cfg)
+        except ValueError as err:  # a task config value its checks reject (e.g. impossible ListOps lengths)
+            raise ConfigError(f"task.{cfg.task.name}: {err}") from None
         logger = make_logger(cfg, out_dir)
         checkpoints = out_dir / "checkpoints"
         best = ModelCheckpoint(dirpath=checkpoints, monitor=module.monitor, mode=module.monitor_mode, save_last=True,

@@ -167,7 +167,8 @@ class TranslationData(pl.LightningDataModule):
             src_ids, tgt_ids = self.sp.encode(src), self.sp.encode(tgt)
             rows = list(zip(src_ids, tgt_ids, tgt))
             if split == "train":  # drop empty and overlong pairs, and say how many
-                keep = [r for r in rows if 0 < len(r[0]) <= self.t.max_tokens and 0 < len(r[1]) <= self.t.max_tokens]
+                limit = int(self.t.max_tokens)  # a plain int: a config lookup per pair costs seconds
+                keep = [r for r in rows if 0 < len(r[0]) <= limit and 0 < len(r[1]) <= limit]
                 self.dropped[split] = len(rows) - len(keep)
                 if self.dropped[split]:
                     print(f"translation: dropped {self.dropped[split]} of {len(rows)} training pairs "

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from scipy import stats
 
 from tasks.report import main
@@ -64,3 +65,116 @@ def test_pivot_by_task_with_average(tmp_path, capsys):
     assert lines[0] == "| attention | listops test/acc | lm test/bpc | Avg |"
     assert lines[2] == "| favor | 0.3 (n=1) | missing | n/a |"
     assert lines[3] == "| softmax | 0.5 ± 0.1414 (n=2) | 2 (n=1) | 1.25 |"
+
+
+def val_record(row: str, seed: int, bleu: float, ppl: float) -> dict:
+    """A run with test=false (Table 3 style): last validation metrics, no test metrics."""
+    rec = record("softmax", seed, bleu)
+    rec.update(row=row, metrics={"monitor": "val/bleu", "val_best": bleu, "test": {},
+                                 "val_last": {"val/bleu": bleu, "val/ppl": ppl, "val/loss": 1.0}})
+    return rec
+
+
+def table3_runs(tmp_path):
+    for i, (row, seed, bleu, ppl) in enumerate([("base", 0, 20.0, 5.0), ("base", 1, 22.0, 4.0),
+                                                 ("heads1", 0, 17.0, 6.0), ("heads1", 1, 18.0, 7.0),
+                                                 ("dk16", 0, 19.0, 5.5)]):
+        write_run(tmp_path, str(i), val_record(row, seed, bleu, ppl))
+
+
+def test_last_validation_metrics_are_columns_after_best_val(tmp_path, capsys):
+    table3_runs(tmp_path)
+    main([str(tmp_path), "--rows", "row"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("| row | n | val val/bleu (best) | val/bleu (last) | val/loss (last) | val/ppl (last) "
+                        "| num_parameters | train_tokens_per_s | peak_memory_mib | wall_time_s |")
+    assert lines[2].startswith("| base | 2 | 21 ± 1.414 | 21 ± 1.414 | 1 ± 0 | 4.5 ± 0.7071 |")
+
+
+def test_baseline_delta_covers_last_val_metrics_without_test_metrics(tmp_path, capsys):
+    table3_runs(tmp_path)
+    main([str(tmp_path), "--rows", "row", "--baseline", "base"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("| Δ val/bleu (last) (p) | Δ val/loss (last) (p) | Δ val/ppl (last) (p) |")
+    p_bleu = stats.ttest_ind([17.0, 18.0], [20.0, 22.0], equal_var=False).pvalue
+    p_ppl = stats.ttest_ind([6.0, 7.0], [5.0, 4.0], equal_var=False).pvalue
+    assert lines[4].endswith(f"| -3.5 ({p_bleu:.3g}) | +0 (1) | +2 ({p_ppl:.3g}) |")  # heads1
+    assert lines[3].endswith("| -2 (n<2) | +0 (n<2) | +1 (n<2) |")  # dk16: one run
+
+
+def test_metrics_option_keeps_named_columns_n_and_resources(tmp_path, capsys):
+    table3_runs(tmp_path)
+    main([str(tmp_path), "--rows", "row", "--metrics", "val/ppl (last), val/bleu (last)", "--baseline", "base"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("| row | n | val/ppl (last) | val/bleu (last) | num_parameters | train_tokens_per_s "
+                        "| peak_memory_mib | wall_time_s | Δ val/ppl (last) (p) | Δ val/bleu (last) (p) |")
+    assert lines[3] == "| dk16 | 1 | 5.5 | 19 | 1,000 | 2,000 | 500 | 60 | +1 (n<2) | -2 (n<2) |"
+
+
+def test_unknown_metric_is_an_error_listing_the_known_ones(tmp_path):
+    table3_runs(tmp_path)
+    with pytest.raises(SystemExit, match=r"unknown metric\(s\) \['val/blue'\]; known: .*'val/bleu \(last\)'"):
+        main([str(tmp_path), "--metrics", "val/blue"])
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--metrics", "val/bleu (last)", "--pivot", "task"])
+
+
+def test_wandb_option_runs_disabled_and_finishes(tmp_path, capsys):
+    import os
+
+    import wandb
+
+    assert os.environ["WANDB_MODE"] == "disabled"
+    table3_runs(tmp_path)
+    main([str(tmp_path), "--rows", "row", "--wandb", "efficient-attn-test"])
+    assert wandb.run is None and "| base | 2 |" in capsys.readouterr().out
+
+
+class FakeRun:
+    def __init__(self, **kwargs):
+        self.kwargs, self.logged = kwargs, []
+
+    def log(self, data):
+        self.logged.append(data)
+
+
+def test_wandb_option_logs_the_table_offline_unless_logged_in(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    runs_started, finished = [], []
+    monkeypatch.setattr(wandb, "init", lambda **kw: runs_started.append(FakeRun(**kw)) or runs_started[-1])
+    monkeypatch.setattr(wandb, "finish", lambda: finished.append(True))
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: not logged in
+    table3_runs(tmp_path / "runs")
+    main([str(tmp_path / "runs"), "--rows", "row", "--metrics", "val/bleu (last)", "--wandb", "proj"])
+    lines = capsys.readouterr().out.splitlines()
+    (run,) = runs_started
+    assert run.kwargs["project"] == "proj" and run.kwargs["job_type"] == "report" and run.kwargs["mode"] == "offline"
+    assert run.kwargs["config"]["metrics"] == "val/bleu (last)" and finished == [True]
+    (logged,) = run.logged
+    table = logged["report/table"]
+    assert isinstance(table, wandb.Table)
+    assert table.columns == [c.strip() for c in lines[0].strip("|").split("|")]
+    assert table.columns[:3] == ["row", "n", "val/bleu (last)"] and len(table.data) == 3
+
+
+def test_wandb_online_start_that_fails_falls_back_to_offline(tmp_path, monkeypatch):
+    import wandb
+
+    modes = []
+
+    def init(**kw):
+        modes.append(kw["mode"])
+        if kw["mode"] == "online":
+            raise TimeoutError("no network")
+        return FakeRun(**kw)
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # looks logged in
+    table3_runs(tmp_path)
+    with pytest.warns(UserWarning, match="logging offline instead"):
+        main([str(tmp_path), "--wandb", "proj"])
+    assert modes == ["online", "offline"] and wandb.run is None

@@ -1,0 +1,286 @@
+"""Fault injection: kill, resume, run on 2 processes, train in bf16, feed bad input; record what happened.
+
+    python -m tasks.faults --out results/reliability.md     # every scenario on a tiny model (a few minutes)
+
+Each scenario is also a function the tests call (tests/test_reliability.py). A run that must die
+mid-training runs in a subprocess (``python -m tasks.faults run <out_dir> --kill-at N <overrides>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from .train import CONFIG_DIR, run
+
+REPO = Path(__file__).resolve().parent.parent
+# A tiny ListOps run that crosses epochs, validates, redraws FAVOR+ features and uses dropout.
+TINY = ["task=listops", "model=tiny", "logger=none", "test=false", "threads=1", "task.train_size=64",
+        "task.val_size=16", "task.test_size=16", "task.min_length=10", "task.max_length=40", "task.batch_size=8",
+        "trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false", "trainer.max_epochs=-1",
+        "trainer.log_every_n_steps=1"]
+FAVOR = ["attention=favor_plus", "attention.kwargs.num_features=16", "attention.kwargs.redraw_interval=3"]
+
+
+def compose_config(overrides: Sequence[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+class StepLog(pl.Callback):
+    """Per step: the training loss and (optionally) whether every rank holds the same FAVOR+ features."""
+
+    def __init__(self, check_features: bool = False) -> None:
+        self.losses: list[float] = []
+        self.feature_mismatches = 0
+        self.check_features = check_features
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+        if self.check_features:
+            for buf in (b for n, b in module.named_buffers() if n.endswith("projection")):
+                gathered = trainer.strategy.all_gather(buf)  # (world, m, d)
+                if gathered.dim() == 3 and not all(torch.equal(gathered[0], g) for g in gathered[1:]):
+                    self.feature_mismatches += 1
+
+
+class KillAt(pl.Callback):
+    """SIGKILL this process at the end of training step ``step`` (no chance to save anything)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- scenarios
+def resume_after_kill(work: Path, steps: int = 12, kill_at: int = 8, every: int = 5,
+                      extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Uninterrupted run vs. a run SIGKILLed at ``kill_at`` and resumed with ckpt_path=last."""
+    attention = [] if any(e.startswith("attention=") for e in extra) else FAVOR
+    overrides = [*TINY, *attention, "model.dropout=0.1", f"trainer.max_steps={steps}", f"checkpoint_every={every}", *extra]
+    full = StepLog()
+    run(compose_config(overrides), work / "uninterrupted", callbacks=[full])
+    killed = work / "killed"
+    proc = _python(["run", str(killed), "--kill-at", str(kill_at), *overrides])
+    resumed = StepLog()
+    record = run(compose_config([*overrides, "ckpt_path=last"]), killed, callbacks=[resumed])
+    start = steps - len(resumed.losses)
+    diffs = [abs(a - b) for a, b in zip(full.losses[start:], resumed.losses)]
+    return {"returncode": proc.returncode, "resumed_at_step": start, "resumed_steps": len(resumed.losses),
+            "steps": record["steps"], "max_abs_loss_diff": max(diffs), "bit_identical": max(diffs) == 0.0,
+            "losses_full": full.losses, "losses_resumed": resumed.losses}
+
+
+def resume_after_sigterm(work: Path, steps: int = 300, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The console command, SIGTERMed once it has a checkpoint, then re-run with ckpt_path=last."""
+    overrides = [*TINY, "logger=wandb", f"trainer.max_steps={steps}", "checkpoint_every=2"]
+    env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+    cmd = [sys.executable, "-m", "tasks.train", *overrides]
+    work.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    start = time.monotonic()
+    while not list(work.glob("outputs/*/*/checkpoints/last.ckpt")) and time.monotonic() - start < 120:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    first_out, _ = proc.communicate(timeout=120)
+    second = subprocess.run([*cmd, "ckpt_path=last"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    run_dirs = sorted(p.parent for p in work.glob("outputs/*/*/.hydra"))
+    record = json.loads((run_dirs[-1] / "results.json").read_text()) if (run_dirs[-1] / "results.json").exists() else {}
+    wandb_runs = sorted(p.name for p in run_dirs[-1].glob("wandb/offline-run-*"))
+    return {"first_returncode": proc.returncode, "second_returncode": second.returncode,
+            "run_dirs": len(run_dirs), "steps": record.get("steps"), "resumed_from": record.get("resumed_from"),
+            "wandb_runs": wandb_runs, "same_wandb_id": len({r.rsplit("-", 1)[-1] for r in wandb_runs}) == 1,
+            "interrupt_message": [ln for ln in first_out.splitlines() if "interrupted at step" in ln],
+            "second_output": second.stdout[-2000:] + second.stderr[-2000:]}
+
+
+def ddp_vs_single(work: Path, steps: int = 8, devices: int = 2) -> dict[str, Any]:
+    """The same global batch on 1 process and on ``devices`` gloo processes: final weights and val loss."""
+    overrides = [*TINY, *FAVOR, "attention.kwargs.redraw_interval=2", "model.dropout=0.0", f"trainer.max_steps={steps}",
+                 "trainer.accelerator=cpu", "trainer.val_check_interval=1.0"]
+    out = {}
+    for n in (1, devices):
+        extra = ["trainer=ddp", f"trainer.devices={n}"] if n > 1 else []
+        proc = _python(["run", str(work / f"p{n}"), "--check-features", *overrides, *extra])
+        if proc.returncode != 0:
+            raise RuntimeError(f"{n}-process run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        out[n] = json.loads((work / f"p{n}" / "faults.json").read_text())
+    one, many = (torch.load(work / f"p{n}" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+                 for n in (1, devices))
+    param_diff = max(float((one[k].double() - many[k].double()).abs().max()) for k in one if one[k].is_floating_point())
+    return {"devices": devices, "steps": out[devices]["steps"], "max_abs_param_diff": param_diff,
+            "val_loss": {n: out[n]["val_last"].get("val/loss") for n in out},
+            "feature_mismatches": out[devices]["feature_mismatches"]}
+
+
+def bf16_training(attentions: Sequence[str], work: Path, steps: int = 8, scale: float = 8.0) -> dict[str, dict]:
+    """A few bf16-mixed training steps per attention config with embeddings scaled up (large q, k norms)."""
+    out = {}
+    for name in attentions:
+        log = StepLog()
+        cfg = compose_config([*TINY, f"attention={name}", "trainer.precision=bf16-mixed", f"trainer.max_steps={steps}",
+                              "nonfinite=stop"])
+        try:
+            with _scaled_embeddings(scale):
+                record = run(cfg, work / name, callbacks=[log])
+            bad = sum(not torch.isfinite(torch.tensor(x)) for x in log.losses)
+            out[name] = {"steps": record["steps"], "nonfinite_losses": int(bad), "skipped": record["skipped_updates"],
+                         "last_loss": log.losses[-1], "error": None}
+        except FloatingPointError as err:
+            out[name] = {"steps": None, "nonfinite_losses": None, "skipped": None, "last_loss": None, "error": str(err)}
+    return out
+
+
+class _scaled_embeddings:
+    """Multiply every token embedding's output by ``scale`` (queries and keys with large norms)."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def __enter__(self) -> None:
+        from efficient_attn import transformer
+
+        self.original = transformer.TokenEmbedding.forward
+        scale, original = self.scale, self.original
+        transformer.TokenEmbedding.forward = lambda module, *a, **k: original(module, *a, **k) * scale
+
+    def __exit__(self, *exc: Any) -> None:
+        from efficient_attn import transformer
+
+        transformer.TokenEmbedding.forward = self.original
+
+
+QUIET = ["model=tiny", "logger=none", "test=false", "threads=1", "trainer.enable_progress_bar=false"]
+BAD_INPUTS = [  # (what, overrides, expected exit code)
+    ("unknown attention", ["attention=softmx"], 1),
+    ("unknown task", ["task=mt"], 1),
+    ("unknown config group", ["optimizer=adam"], 1),
+    ("misspelled key", ["task=listops", "++task.min_lenght=10"], 2),
+    ("d_model not divisible by heads", ["model.d_model=30"], 2),
+    ("unknown attention option", ["attention=favor_plus", "++attention.kwargs.num_feature=8"], 2),
+    ("causal cross-attention site", ["task=translation", "task.source=synthetic",
+                                     "++model.cross_attention={name: softmax, kwargs: {causal: true}}"], 2),
+    ("data dir missing, no network", ["task=translation", "data_dir=/nonexistent/data"], 2),
+    ("ListOps impossible lengths", ["task=listops", "task.min_length=1", "task.max_length=3"], 2),
+    ("resume with no earlier run", ["task=listops", "ckpt_path=last"], 2),
+    ("checkpoint file missing", ["task=listops", "ckpt_path=/nonexistent.ckpt"], 2),
+]
+
+
+def bad_inputs(work: Path) -> list[dict[str, Any]]:
+    """Each bad input through the console command: its exit code and the error line it printed."""
+    rows = []
+    env = {**os.environ, "WANDB_MODE": "disabled", "EFFICIENT_ATTN_DATA": "/nonexistent/data",
+           "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+    work.mkdir(parents=True, exist_ok=True)
+    for what, overrides, expected in BAD_INPUTS:
+        proc = subprocess.run([sys.executable, "-m", "tasks.train", *QUIET, *overrides], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=300)
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        message = next((ln for ln in lines if ln.startswith(("error:", "Could not", "In "))), lines[-1] if lines else "")
+        rows.append({"input": what, "overrides": " ".join(overrides), "returncode": proc.returncode,
+                     "expected": expected, "message": message.strip()})
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+def write_report(args: argparse.Namespace) -> None:
+    """Run every scenario under ``args.work`` and write the Markdown table to ``args.out``."""
+
+    work, started = args.work, time.time()
+    kill = resume_after_kill(work / "kill")
+    term = resume_after_sigterm(work / "term")
+    ddp = ddp_vs_single(work / "ddp")
+    attentions = sorted(p.stem for p in (Path(CONFIG_DIR) / "attention").glob("*.yaml"))
+    bf16 = bf16_training(attentions, work / "bf16")
+    bad = bad_inputs(work / "bad")
+    lines = [
+        "# Reliability: faults injected and what happened",
+        "",
+        f"Made by `python -m tasks.faults --out {args.out}` on {_machine()}, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}, in {time.time() - started:.0f} s. Tiny ListOps model (d_model 64, 2 layers), one thread.",
+        "",
+        "| fault | what happened |",
+        "|---|---|",
+        f"| SIGKILL at step {kill['resumed_at_step'] + 3} of {kill['steps']} (checkpoint every 5 steps; FAVOR+ m=16 redrawn "
+        f"every 3 steps, dropout 0.1), re-run with `ckpt_path=last` | exit {kill['returncode']} (killed); resumed at step "
+        f"{kill['resumed_at_step']}, trained {kill['resumed_steps']} steps to {kill['steps']}; per-step loss vs. the "
+        f"uninterrupted run: max abs diff {kill['max_abs_loss_diff']:.3g} "
+        f"({'bit-identical' if kill['bit_identical'] else 'not bit-identical'}) |",
+        f"| SIGTERM to `efficient-attn-train` (W&B offline) once it had a checkpoint, then the same command with "
+        f"`ckpt_path=last` | first exit {term['first_returncode']} (`{(term['interrupt_message'] or ['no message'])[0]}`), "
+        f"second exit {term['second_returncode']}; {term['run_dirs']} run dir, results.json steps {term['steps']}, "
+        f"W&B runs {term['wandb_runs']} ({'same id' if term['same_wandb_id'] else 'different ids'}) |",
+        f"| DDP, {ddp['devices']} CPU processes (gloo) vs 1 process, same global batch (8), {ddp['steps']} steps, FAVOR+ "
+        f"redrawn every 2 steps | max abs parameter diff {ddp['max_abs_param_diff']:.3g}; val loss "
+        f"{ddp['val_loss'][1]:.6f} vs {ddp['val_loss'][ddp['devices']]:.6f}; FAVOR+ features differing across ranks "
+        f"at {ddp['feature_mismatches']} step(s) |",
+    ]
+    for name, r in bf16.items():
+        outcome = (f"{r['steps']} steps, non-finite losses {r['nonfinite_losses']}, skipped updates {r['skipped']}, "
+                   f"last loss {r['last_loss']:.4f}") if r["error"] is None else f"stopped: {r['error']}"
+        lines.append(f"| bf16-mixed, embeddings ×8 (large q, k norms), attention={name} | {outcome} |")
+    for r in bad:
+        ok = "as expected" if r["returncode"] == r["expected"] else f"expected exit {r['expected']}"
+        lines.append(f"| bad input: {r['input']} (`{r['overrides']}`) | exit {r['returncode']} ({ok}): "
+                     f"`{r['message'][:300]}` |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _machine() -> str:
+    from .train import hardware
+
+    return hardware()
+
+
+# ----------------------------------------------------------------------------- CLI
+def _python(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, "-m", "tasks.faults", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _run_command(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tasks.faults run")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--kill-at", type=int)
+    parser.add_argument("--check-features", action="store_true")
+    args, overrides = parser.parse_known_args(argv)
+    log = StepLog(check_features=args.check_features)
+    callbacks = [log] + ([KillAt(args.kill_at)] if args.kill_at else [])
+    record = run(compose_config(overrides), args.out_dir, callbacks=callbacks)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+        (args.out_dir / "faults.json").write_text(json.dumps(
+            {"steps": record["steps"], "val_last": record["metrics"]["val_last"], "losses": log.losses,
+             "feature_mismatches": log.feature_mismatches}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "run":
+        return _run_command(argv[1:])
+    parser = argparse.ArgumentParser(description="Inject every fault on a tiny model; write a Markdown table.")
+    parser.add_argument("--out", type=Path, default=Path("results/reliability.md"))
+    parser.add_argument("--work", type=Path, default=Path("faults_work"))
+    write_report(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
