@@ -182,19 +182,51 @@ BAD_INPUTS = [  # (what, overrides, expected exit code)
 ]
 
 
+def data_inputs(work: Path) -> list[tuple[str, list[str], int, dict[str, str], str]]:
+    """Bad files and a bad W&B key: (what, overrides, expected exit, extra env, the line to report)."""
+    corrupt = work / "corrupt" / "multi30k"
+    corrupt.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val", "test_2016_flickr"):
+        for lang in ("en", "de"):
+            (corrupt / f"{split}.{lang}.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    words = ["ab cd", "ef gh ab", "cd ef", "gh ab cd ef"]
+    text = {"src": [words[i % 4] for i in range(40)], "tgt": [words[(i + 1) % 4] for i in range(40)]}
+    text["src"][3], text["tgt"][7] = "", " ".join(["ab"] * 300)  # one empty, one overlong pair
+    for name, lines in {**text, "short": text["tgt"][:39]}.items():
+        (work / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    files = lambda tgt: (f"++task.files={{train: [{work}/src.txt, {work}/{tgt}.txt], "  # noqa: E731
+                         f"val: [{work}/src.txt, {work}/tgt.txt], test: [{work}/src.txt, {work}/tgt.txt]}}")
+    small = ["task=translation", "task.source=files", "task.vocab_size=24", "trainer.max_steps=1"]
+    return [
+        ("corrupt gz in the data dir", ["task=translation", f"data_dir={corrupt.parent}"], 2, {}, "error:"),
+        ("parallel files of unequal length", [*small, files("short")], 2, {}, "error:"),
+        ("an empty and an overlong training pair", [*small, files("tgt")], 0, {}, "translation: dropped"),
+        ("W&B: a bad API key and no network", ["task=listops", "logger=wandb", "logger.init_timeout=5",
+                                               "trainer.max_steps=1", "task.train_size=64", "task.val_size=16",
+                                               "task.test_size=16", "task.min_length=10", "task.max_length=40"],
+         0, {"WANDB_MODE": "", "WANDB_API_KEY": "x" * 40, "HOME": str(work)}, "UserWarning: W&B online start failed"),
+    ]
+
+
 def bad_inputs(work: Path) -> list[dict[str, Any]]:
-    """Each bad input through the console command: its exit code and the error line it printed."""
+    """Each bad input through the console command: exit code, seconds, and the line it printed."""
     rows = []
-    env = {**os.environ, "WANDB_MODE": "disabled", "EFFICIENT_ATTN_DATA": "/nonexistent/data",
-           "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+    base_env = {**os.environ, "WANDB_MODE": "disabled", "EFFICIENT_ATTN_DATA": "/nonexistent/data",
+                "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
     work.mkdir(parents=True, exist_ok=True)
-    for what, overrides, expected in BAD_INPUTS:
+    cases = [(what, overrides, expected, {}, "") for what, overrides, expected in BAD_INPUTS] + data_inputs(work)
+    for what, overrides, expected, env, marker in cases:
+        env = {k: v for k, v in {**base_env, **env}.items() if v != ""}
+        start = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "tasks.train", *QUIET, *overrides], cwd=work, env=env,
                               capture_output=True, text=True, timeout=300)
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-        message = next((ln for ln in lines if ln.startswith(("error:", "Could not", "In "))), lines[-1] if lines else "")
-        rows.append({"input": what, "overrides": " ".join(overrides), "returncode": proc.returncode,
-                     "expected": expected, "message": message.strip()})
+        lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        starts = (marker,) if marker else ("error:", "Could not", "In ")
+        message = next((ln for ln in lines if ln.startswith(starts) or (marker and marker in ln)),
+                       lines[-1] if lines else "")
+        rows.append({"input": what, "overrides": " ".join(o.replace(str(work), "<work>") for o in overrides),
+                     "returncode": proc.returncode, "expected": expected, "seconds": time.monotonic() - start,
+                     "message": message.replace(str(work), "<work>")})
     return rows
 
 
@@ -212,7 +244,7 @@ def write_report(args: argparse.Namespace) -> None:
     lines = [
         "# Reliability: faults injected and what happened",
         "",
-        f"Made by `python -m tasks.faults --out {args.out}` on {_machine()}, torch {torch.__version__}, "
+        f"Made by `python -m tasks.faults --out {args.out} --work {args.work}` on {_machine()}, torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d')}, in {time.time() - started:.0f} s. Tiny ListOps model (d_model 64, 2 layers), one thread.",
         "",
         "| fault | what happened |",
@@ -237,8 +269,8 @@ def write_report(args: argparse.Namespace) -> None:
         lines.append(f"| bf16-mixed, embeddings ×8 (large q, k norms), attention={name} | {outcome} |")
     for r in bad:
         ok = "as expected" if r["returncode"] == r["expected"] else f"expected exit {r['expected']}"
-        lines.append(f"| bad input: {r['input']} (`{r['overrides']}`) | exit {r['returncode']} ({ok}): "
-                     f"`{r['message'][:300]}` |")
+        lines.append(f"| bad input: {r['input']} (`{r['overrides'][:200]}`) | exit {r['returncode']} ({ok}) "
+                     f"after {r['seconds']:.0f} s: `{r['message'][:300]}` |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
