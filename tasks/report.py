@@ -35,6 +35,7 @@ from scipy import stats
 
 RESOURCES = ("num_parameters", "train_tokens_per_s", "peak_memory_mib", "wall_time_s")
 HEADLINE = {"translation": "test/bleu", "listops": "test/acc", "lm": "test/bpc"}  # --pivot task columns
+LOWER_IS_BETTER = {"lm"}  # left out of the Avg column: an average of accuracy and bits/byte means nothing
 
 
 def find_runs(roots: list[Path]) -> tuple[list[dict[str, Any]], list[Path]]:
@@ -145,9 +146,12 @@ def _delta(values: list[float | None], base: list[float | None]) -> str:
 
 
 def pivot(records: list[dict[str, Any]], missing: list[Path], rows: list[str], avg: bool) -> tuple[list[str], list[list[str]]]:
-    """Rows × tasks: each task's headline test metric (mean ± std, n); Avg of the row's task means."""
+    """Rows × tasks: each task's headline test metric (mean ± std, n); Avg of the row's task means
+    over the higher-is-better tasks (accuracy, BLEU), as LRA averages accuracies."""
     tasks = sorted({r["task"] for r in records})
-    header = [" / ".join(rows), *(f"{t} {HEADLINE.get(t, '?')}" for t in tasks)] + (["Avg"] if avg else [])
+    averaged = [t for t in tasks if t not in LOWER_IS_BETTER]
+    avg_header = "Avg" if averaged == tasks else f"Avg ({', '.join(averaged)})"
+    header = [" / ".join(rows), *(f"{t} {HEADLINE.get(t, '?')}" for t in tasks)] + ([avg_header] if avg else [])
     body = []
     for label, runs in group(records, rows).items():
         cells, means = [], []
@@ -155,7 +159,8 @@ def pivot(records: list[dict[str, Any]], missing: list[Path], rows: list[str], a
             values = [r["metrics"]["test"].get(HEADLINE.get(t, "")) for r in runs if r["task"] == t]
             values = [v for v in values if v is not None]
             cells.append(f"{mean_std(values)} (n={len(values)})" if values else "missing")
-            means.append(statistics.mean(values) if values else None)
+            if t in averaged:
+                means.append(statistics.mean(values) if values else None)
         if avg:
             cells.append(_num(statistics.mean(means)) if None not in means else "n/a")
         body.append([label, *cells])

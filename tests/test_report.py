@@ -62,9 +62,18 @@ def test_pivot_by_task_with_average(tmp_path, capsys):
     write_run(tmp_path, "3", record("favor", 0, 0.3, "listops", "test/acc"))
     main([str(tmp_path), "--rows", "attention", "--pivot", "task", "--avg"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "| attention | listops test/acc | lm test/bpc | Avg |"
-    assert lines[2] == "| favor | 0.3 (n=1) | missing | n/a |"
-    assert lines[3] == "| softmax | 0.5 ± 0.1414 (n=2) | 2 (n=1) | 1.25 |"
+    assert lines[0] == "| attention | listops test/acc | lm test/bpc | Avg (listops) |"  # bits/byte not averaged
+    assert lines[2] == "| favor | 0.3 (n=1) | missing | 0.3 |"
+    assert lines[3] == "| softmax | 0.5 ± 0.1414 (n=2) | 2 (n=1) | 0.5 |"
+
+
+def test_average_over_accuracy_tasks_needs_every_one(tmp_path, capsys):
+    write_run(tmp_path, "0", record("softmax", 0, 0.4, "listops", "test/acc"))
+    write_run(tmp_path, "1", record("softmax", 0, 30.0, "translation", "test/bleu"))
+    write_run(tmp_path, "2", record("favor", 0, 0.3, "listops", "test/acc"))
+    main([str(tmp_path), "--rows", "attention", "--pivot", "task", "--avg"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("| Avg |") and lines[2].endswith("| missing | n/a |") and lines[3].endswith("| 15.2 |")
 
 
 def val_record(row: str, seed: int, bleu: float, ppl: float) -> dict:
