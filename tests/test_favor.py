@@ -130,3 +130,20 @@ def test_feature_gradients_when_called_directly():
     (attn.feature_map(x, is_query=False) + other).sum().backward()  # add shares one grad buffer
     assert torch.equal(other.grad, torch.ones_like(other))
     assert torch.autograd.gradcheck(lambda t: attn.double().feature_map(t, is_query=False), (x,))
+
+
+def test_redraws_do_not_touch_the_global_rng_and_old_checkpoints_load():
+    attn = ea.create_attention("favor", head_dim=8, num_heads=2, num_features=4, redraw_interval=1)
+    state = torch.get_rng_state()
+    attn.train()
+    q = torch.randn(1, 2, 5, 8)
+    torch.set_rng_state(state)
+    before = attn.projection.clone()
+    attn(q, q, q)
+    attn(q, q, q)  # the second call redraws
+    assert not torch.equal(before, attn.projection)
+    assert torch.equal(torch.get_rng_state(), state)
+    legacy = {k: v for k, v in attn.state_dict().items() if k != "draw_seed"}  # saved before draw_seed existed
+    fresh = ea.create_attention("favor", head_dim=8, num_heads=2, num_features=4)
+    fresh.load_state_dict(legacy)
+    assert torch.equal(fresh.projection, attn.projection)

@@ -68,6 +68,11 @@ class FavorAttention(KernelAttention):
         self.num_draws += 1
         self.calls_since_draw.zero_()
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # checkpoints from before ``draw_seed`` existed: keep this module's (their features are loaded as saved)
+        state_dict.setdefault(prefix + "draw_seed", self.draw_seed.clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool
     ) -> Tensor:
