@@ -6,7 +6,8 @@
     efficient-attn-report multirun/table3 --rows row --metrics "val/bleu (last),val/ppl (last)"
     efficient-attn-report multirun/table3 --rows row --baseline base --wandb efficient-attn
 
-Rows group runs by ``--rows`` (record fields or ``config.<dotted.key>``); cells are mean ± std over
+Rows group runs by ``--rows`` (record fields such as ``attention``, ``row``, ``seed``;
+``config.<dotted.key>``; ``choices.<group>`` = the config file picked, e.g. ``favor_plus``); cells are mean ± std over
 the group's runs (seeds) with n. Metric columns: the best validation value of the monitored metric
 ("val <monitor> (best)"), every last validation metric ("val/bleu (last)", ...), every test metric
 ("test/bleu", ...), then resources (parameters, tokens/s, memory, time). ``--baseline <row label>``
@@ -31,9 +32,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from scipy import stats
 
-RESOURCES = ("num_parameters", "train_tokens_per_s", "peak_memory_mib", "wall_time_s")
+RESOURCES = ("num_parameters", "steps", "train_tokens_per_s", "peak_memory_mib", "wall_time_s")
 HEADLINE = {"translation": "test/bleu", "listops": "test/acc", "lm": "test/bpc"}  # --pivot task columns
 LOWER_IS_BETTER = {"lm"}  # left out of the Avg column: an average of accuracy and bits/byte means nothing
 
@@ -45,10 +48,20 @@ def find_runs(roots: list[Path]) -> tuple[list[dict[str, Any]], list[Path]]:
         for hydra_dir in sorted(root.rglob(".hydra")):
             result = hydra_dir.parent / "results.json"
             if result.exists():
-                records.append({**json.loads(result.read_text()), "_dir": str(hydra_dir.parent)})
+                record = json.loads(result.read_text())
+                record.setdefault("row", (record.get("config") or {}).get("row"))  # the ablation row label
+                records.append({**record, "_dir": str(hydra_dir.parent), "choices": _choices(hydra_dir)})
             else:
                 missing.append(hydra_dir.parent)
     return records, missing
+
+
+def _choices(hydra_dir: Path) -> dict[str, str]:
+    """The config files the run picked per group (``choices.attention`` = ``favor_plus``, not ``favor``)."""
+    try:
+        return dict(OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.choices)
+    except (OSError, OmegaConfBaseException):
+        return {}
 
 
 def field(record: dict[str, Any], key: str) -> Any:

@@ -12,7 +12,7 @@ def record(attention: str, seed: int, score: float, task: str = "translation", m
     return {
         "name": "exp", "task": task, "attention": attention, "seed": seed,
         "metrics": {"monitor": "val/x", "val_best": score - 1, "test": {metric: score}},
-        "num_parameters": 1000, "train_tokens_per_s": 2000.0, "peak_memory_mib": 500.0, "wall_time_s": 60.0,
+        "num_parameters": 1000, "steps": 100, "train_tokens_per_s": 2000.0, "peak_memory_mib": 500.0, "wall_time_s": 60.0,
     }
 
 
@@ -35,11 +35,12 @@ def test_table_groups_seeds_and_lists_missing_runs(tmp_path, capsys):
     runs(tmp_path)
     main([str(tmp_path), "--out", str(tmp_path / "table")])
     lines = (tmp_path / "table.md").read_text().splitlines()
-    assert lines[0] == ("| name / task / attention | n | val val/x (best) | test/bleu | num_parameters "
+    assert lines[0] == ("| name / task / attention | n | val val/x (best) | test/bleu | num_parameters | steps "
                         "| train_tokens_per_s | peak_memory_mib | wall_time_s |")
-    assert lines[2] == "| exp / translation / favor | 2 | 27 ± 1.414 | 28 ± 1.414 | 1,000 ± 0 | 2,000 ± 0 | 500 ± 0 | 60 ± 0 |"
-    assert lines[3] == "| exp / translation / linear | 1 | 19 | 20 | 1,000 | 2,000 | 500 | 60 |"
-    assert lines[5] == f"| {tmp_path / '5'} (missing results.json) | 0 | n/a | n/a | n/a | n/a | n/a | n/a |"
+    assert lines[2] == ("| exp / translation / favor | 2 | 27 ± 1.414 | 28 ± 1.414 | 1,000 ± 0 | 100 ± 0 | 2,000 ± 0 "
+                        "| 500 ± 0 | 60 ± 0 |")
+    assert lines[3] == "| exp / translation / linear | 1 | 19 | 20 | 1,000 | 100 | 2,000 | 500 | 60 |"
+    assert lines[5] == f"| {tmp_path / '5'} (missing results.json) | 0 | n/a | n/a | n/a | n/a | n/a | n/a | n/a |"
     assert (tmp_path / "table.csv").read_text().count("\n") == 5
     assert "softmax" in capsys.readouterr().out
 
@@ -96,7 +97,7 @@ def test_last_validation_metrics_are_columns_after_best_val(tmp_path, capsys):
     main([str(tmp_path), "--rows", "row"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == ("| row | n | val val/bleu (best) | val/bleu (last) | val/loss (last) | val/ppl (last) "
-                        "| num_parameters | train_tokens_per_s | peak_memory_mib | wall_time_s |")
+                        "| num_parameters | steps | train_tokens_per_s | peak_memory_mib | wall_time_s |")
     assert lines[2].startswith("| base | 2 | 21 ± 1.414 | 21 ± 1.414 | 1 ± 0 | 4.5 ± 0.7071 |")
 
 
@@ -115,9 +116,9 @@ def test_metrics_option_keeps_named_columns_n_and_resources(tmp_path, capsys):
     table3_runs(tmp_path)
     main([str(tmp_path), "--rows", "row", "--metrics", "val/ppl (last), val/bleu (last)", "--baseline", "base"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == ("| row | n | val/ppl (last) | val/bleu (last) | num_parameters | train_tokens_per_s "
+    assert lines[0] == ("| row | n | val/ppl (last) | val/bleu (last) | num_parameters | steps | train_tokens_per_s "
                         "| peak_memory_mib | wall_time_s | Δ val/ppl (last) (p) | Δ val/bleu (last) (p) |")
-    assert lines[3] == "| dk16 | 1 | 5.5 | 19 | 1,000 | 2,000 | 500 | 60 | +1 (n<2) | -2 (n<2) |"
+    assert lines[3] == "| dk16 | 1 | 5.5 | 19 | 1,000 | 100 | 2,000 | 500 | 60 | +1 (n<2) | -2 (n<2) |"
 
 
 def test_unknown_metric_is_an_error_listing_the_known_ones(tmp_path):
@@ -187,3 +188,14 @@ def test_wandb_online_start_that_fails_falls_back_to_offline(tmp_path, monkeypat
     with pytest.warns(UserWarning, match="logging offline instead"):
         main([str(tmp_path), "--wandb", "proj"])
     assert modes == ["online", "offline"] and wandb.run is None
+
+
+def test_rows_by_config_file_choice_and_by_the_configs_row(tmp_path, capsys):
+    for name, choice in (("0", "favor_plus"), ("1", "favor_trig")):
+        rec = record("favor", 0, 10.0)
+        rec["config"] = {"row": f"r{name}"}
+        write_run(tmp_path, name, rec)
+        (tmp_path / name / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    choices:\n      attention: {choice}\n")
+    main([str(tmp_path), "--rows", "choices.attention,row", "--metrics", "test/bleu"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("| favor_plus / r0 | 1 | 10 |") and lines[3].startswith("| favor_trig / r1 | 1 | 10 |")
