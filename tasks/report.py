@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from scipy import stats
 
-RESOURCES = ("num_parameters", "steps", "train_tokens_per_s", "peak_memory_mib", "wall_time_s")
+RESOURCES = ("num_parameters", "steps", "skipped_updates", "train_tokens_per_s", "peak_memory_mib", "wall_time_s")
 HEADLINE = {"translation": "test/bleu", "listops": "test/acc", "lm": "test/bpc"}  # --pivot task columns
 LOWER_IS_BETTER = {"lm"}  # left out of the Avg column: an average of accuracy and bits/byte means nothing
 
@@ -77,7 +77,7 @@ def metrics(record: dict[str, Any]) -> dict[str, float | None]:
     m = record["metrics"]
     last = {f"{k} (last)": v for k, v in sorted((m.get("val_last") or {}).items())}
     row = {f"val {m['monitor']} (best)": m["val_best"], **last, **dict(sorted(m["test"].items()))}
-    return {**row, **{k: record.get(k) for k in RESOURCES}}
+    return {**row, **{k: record[k] for k in RESOURCES if k in record}}  # older records lack some
 
 
 def mean_std(values: list[float | None]) -> str:
