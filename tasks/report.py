@@ -50,7 +50,10 @@ def find_runs(roots: list[Path]) -> tuple[list[dict[str, Any]], list[Path]]:
             if result.exists():
                 record = json.loads(result.read_text())
                 record.setdefault("row", (record.get("config") or {}).get("row"))  # the ablation row label
-                records.append({**record, "_dir": str(hydra_dir.parent), "choices": _choices(hydra_dir)})
+                choices = _choices(hydra_dir)
+                # the attention config file (favor_plus, favor_trig), not the registry name (favor) they share
+                record["attention"] = choices.get("attention") or record.get("attention")
+                records.append({**record, "_dir": str(hydra_dir.parent), "choices": choices})
             else:
                 missing.append(hydra_dir.parent)
     return records, missing

@@ -199,3 +199,12 @@ def test_rows_by_config_file_choice_and_by_the_configs_row(tmp_path, capsys):
     main([str(tmp_path), "--rows", "choices.attention,row", "--metrics", "test/bleu"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].startswith("| favor_plus / r0 | 1 | 10 |") and lines[3].startswith("| favor_trig / r1 | 1 | 10 |")
+
+
+def test_attention_rows_name_the_config_file_not_the_shared_registry_name(tmp_path, capsys):
+    for name, choice in (("0", "favor_plus"), ("1", "favor_trig")):
+        write_run(tmp_path, name, record("favor", 0, 10.0))
+        (tmp_path / name / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    choices:\n      attention: {choice}\n")
+    main([str(tmp_path), "--rows", "attention"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("| favor_plus | 1 |") and lines[3].startswith("| favor_trig | 1 |")
