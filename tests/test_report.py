@@ -16,10 +16,13 @@ def record(attention: str, seed: int, score: float, task: str = "translation", m
     }
 
 
-def write_run(root, name, rec=None):
+def write_run(root, name, rec=None, attention_choice=None):
     (root / name / ".hydra").mkdir(parents=True)
     if rec is not None:
         (root / name / "results.json").write_text(json.dumps(rec))
+    if attention_choice is not None:  # the config file Hydra picked, as in a real run's .hydra/hydra.yaml
+        text = f"hydra:\n  runtime:\n    choices:\n      attention: {attention_choice}\n"
+        (root / name / ".hydra" / "hydra.yaml").write_text(text)
 
 
 def runs(tmp_path):
@@ -194,8 +197,7 @@ def test_rows_by_config_file_choice_and_by_the_configs_row(tmp_path, capsys):
     for name, choice in (("0", "favor_plus"), ("1", "favor_trig")):
         rec = record("favor", 0, 10.0)
         rec["config"] = {"row": f"r{name}"}
-        write_run(tmp_path, name, rec)
-        (tmp_path / name / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    choices:\n      attention: {choice}\n")
+        write_run(tmp_path, name, rec, attention_choice=choice)
     main([str(tmp_path), "--rows", "choices.attention,row", "--metrics", "test/bleu"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].startswith("| favor_plus / r0 | 1 | 10 |") and lines[3].startswith("| favor_trig / r1 | 1 | 10 |")
@@ -203,8 +205,7 @@ def test_rows_by_config_file_choice_and_by_the_configs_row(tmp_path, capsys):
 
 def test_attention_rows_name_the_config_file_not_the_shared_registry_name(tmp_path, capsys):
     for name, choice in (("0", "favor_plus"), ("1", "favor_trig")):
-        write_run(tmp_path, name, record("favor", 0, 10.0))
-        (tmp_path / name / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    choices:\n      attention: {choice}\n")
+        write_run(tmp_path, name, record("favor", 0, 10.0), attention_choice=choice)
     main([str(tmp_path), "--rows", "attention"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].startswith("| favor_plus | 1 |") and lines[3].startswith("| favor_trig | 1 |")
