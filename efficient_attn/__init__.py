@@ -15,6 +15,7 @@ from .registry import (
     list_attentions,
     register_attention,
 )
+from .seeding import attention_optimizer_step, module_seed, seed_attentions
 
 __version__ = "0.1.0"
 
@@ -22,9 +23,12 @@ __all__ = [
     "Attention",
     "KernelAttention",
     "MultiHeadAttention",
+    "attention_optimizer_step",
     "attention_options",
     "create_attention",
     "get_attention_class",
     "list_attentions",
+    "module_seed",
     "register_attention",
+    "seed_attentions",
 ]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from .attention.base import private_rng
 from .registry import create_attention
 
 
@@ -16,6 +18,15 @@ class MultiHeadAttention(nn.Module):
     query (B, L, d_model), key/value (B, S, d_model) (default: key = value = query) -> (B, L, d_model).
     ``dropout`` applies to the merged head outputs before the output projection (attention-weight
     dropout is not defined for kernelized variants, so it is not offered to any, for a fair comparison).
+    The core attention is built on a fork of torch's RNG, so under the same ``torch.manual_seed`` the
+    Q/K/V/O projections, and everything built after this module, are the same for every variant.
+
+    Padding (``key_padding_mask`` (B, S) bool, True = padding) reaches neither outputs nor gradients,
+    whatever the padded rows hold (inf/NaN included): padded key/value rows are zeroed *before* the
+    k/v projections, so no 0·NaN enters a weight gradient and their input gradient is exactly zero.
+    In self-attention (``key`` None) with ``key_padding_mask`` the queries are the same padded
+    sequence: padded query rows are zeroed before the q projection too, and **padded positions
+    output zeros** (not ``out_proj``'s bias), so nothing downstream can read them either.
     """
 
     def __init__(
@@ -47,9 +58,10 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, inner, bias=bias)
         self.v_proj = nn.Linear(d_model, inner, bias=bias)
         self.out_proj = nn.Linear(inner, d_model, bias=bias)
-        self.attention = create_attention(
-            attention, head_dim=head_dim, num_heads=num_heads, **(attention_kwargs or {})
-        )
+        with private_rng():  # the core's own draws leave the global RNG as they found it
+            self.attention = create_attention(
+                attention, head_dim=head_dim, num_heads=num_heads, **(attention_kwargs or {})
+            )
         self.dropout = nn.Dropout(dropout)
 
     def forward(
@@ -61,6 +73,7 @@ class MultiHeadAttention(nn.Module):
         key_padding_mask: Tensor | None = None,
         causal: bool = False,
     ) -> Tensor:
+        self_attention = key is None
         key = query if key is None else key
         value = key if value is None else value
         if query.dim() != 3 or key.dim() != 3 or value.dim() != 3 or query.shape[-1] != self.d_model:
@@ -68,12 +81,26 @@ class MultiHeadAttention(nn.Module):
                 f"expected (B, L, {self.d_model}) inputs, got query {tuple(query.shape)}, "
                 f"key {tuple(key.shape)}, value {tuple(value.shape)}"
             )
-        k, v = self.project_kv(key, value)  # (B, H, S, D) each
-        return self.attend_projected(query, k, v, key_padding_mask=key_padding_mask, causal=causal)
+        k, v = self.project_kv(key, value, key_padding_mask=key_padding_mask)  # (B, H, S, D) each
+        if not (self_attention and key_padding_mask is not None):
+            return self.attend_projected(query, k, v, key_padding_mask=key_padding_mask, causal=causal)
+        # self-attention: the queries are the padded sequence too; keep them out of q_proj's gradient
+        query = _zero_padded(query, key_padding_mask)  # (B, L, d_model)
+        out = self.attend_projected(query, k, v, key_padding_mask=key_padding_mask, causal=causal)
+        return out.masked_fill(key_padding_mask[:, :, None], 0.0)  # (B, L, d_model): padded rows 0
 
-    def project_kv(self, key: Tensor, value: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(B, S, d_model) keys/values -> heads (B, H, S, D); decoders cache this for cross-attention."""
+    def project_kv(
+        self, key: Tensor, value: Tensor | None = None, *, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(B, S, d_model) keys/values -> heads (B, H, S, D); decoders cache this for cross-attention.
+
+        With ``key_padding_mask`` (B, S) the padded rows are zeroed before projecting, so whatever
+        they hold (inf/NaN) reaches no gradient; without it a NaN in a padded row makes the k/v
+        weight gradients NaN (0·NaN), even though the core attention ignores that row's output.
+        """
         value = key if value is None else value
+        if key_padding_mask is not None:
+            key, value = _zero_padded(key, key_padding_mask), _zero_padded(value, key_padding_mask)
         k = rearrange(self.k_proj(key), "b s (h d) -> b h s d", h=self.num_heads)  # (B, H, S, D)
         v = rearrange(self.v_proj(value), "b s (h d) -> b h s d", h=self.num_heads)  # (B, H, S, D)
         return k, v
@@ -115,3 +142,13 @@ class MultiHeadAttention(nn.Module):
     def _merge(self, out: Tensor) -> Tensor:
         out = rearrange(out, "b h l d -> b l (h d)")  # (B, L, H·D)
         return self.out_proj(self.dropout(out))  # (B, L, d_model)
+
+
+def _zero_padded(x: Tensor, key_padding_mask: Tensor) -> Tensor:
+    """x (B, S, d) with the rows where ``key_padding_mask`` (B, S) is True set to 0 (gradient 0 there)."""
+    if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != x.shape[:2]:
+        raise ValueError(
+            f"key_padding_mask must be bool of shape (B, S) = {tuple(x.shape[:2])} with True = padding, "
+            f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)} for input {tuple(x.shape)}"
+        )
+    return x.masked_fill(key_padding_mask[:, :, None], 0.0)  # (B, S, d)

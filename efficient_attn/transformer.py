@@ -3,6 +3,9 @@
 Three models share one layer stack: :class:`Seq2SeqTransformer` (encoder–decoder, translation),
 :class:`TransformerClassifier` (encoder only, e.g. ListOps) and :class:`TransformerLM`
 (decoder only). Token tensors are (B, T) int64; padding masks are (B, T) bool with True = padding.
+Every parameter outside the core attentions comes from torch's global RNG in the same order
+whatever the attentions, so one seed gives the same embeddings, projections and feed-forwards for
+every variant; each core attention draws from its own stream (``efficient_attn.seed_attentions``).
 Decoders also run one token at a time (``decode_step``): O(1) per token in the prefix for
 kernelized attentions (running sums), a key/value cache for the quadratic ones.
 """
@@ -18,6 +21,7 @@ from torch import Tensor, nn
 
 from .multihead import MultiHeadAttention
 from .registry import attention_options, get_attention_class
+from .seeding import seed_attentions
 
 DecodeState = dict[str, Any]
 
@@ -196,8 +200,12 @@ class Stack(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None, memory=None, memory_mask=None) -> Tensor:
+        if padding_mask is not None:  # padded rows (even inf/NaN) reach no output and no gradient
+            x = x.masked_fill(padding_mask[:, :, None], 0.0)  # (B, T, d_model)
         for layer in self.layers:
-            memory_kv = layer.cross_attn.project_kv(memory) if memory is not None else None
+            memory_kv = (
+                layer.cross_attn.project_kv(memory, key_padding_mask=memory_mask) if memory is not None else None
+            )
             x = layer(x, padding_mask, memory_kv, memory_mask)
         return self.final_norm(x)
 
@@ -207,7 +215,7 @@ class Stack(nn.Module):
         for layer in self.layers:
             st: DecodeState = {"self": None}
             if memory is not None:
-                k, v = layer.cross_attn.project_kv(memory)  # (B, H, S, D) each
+                k, v = layer.cross_attn.project_kv(memory, key_padding_mask=memory_mask)  # (B, H, S, D) each
                 st["memory"] = layer.cross_attn.attention.cache_memory(k, v, memory_mask)
             layers.append(st)
         return {"pos": 0, "layers": layers}
@@ -280,6 +288,7 @@ class Seq2SeqTransformer(_Decoding, nn.Module):
             cfg, cfg.decoder_layers, self_attention=decoder_attention, cross_attention=cross_attention, causal=True
         )
         self.output = _output_layer(cfg, vocab_size, self.embed_tgt.tokens)
+        seed_attentions(self)  # each attention its own stream from (torch.initial_seed(), its name)
 
     def encode(self, src: Tensor, src_mask: Tensor | None = None) -> Tensor:
         return self.encoder(self.embed_src(src), src_mask)  # (B, S, d_model)
@@ -307,6 +316,7 @@ class TransformerLM(_Decoding, nn.Module):
         self.embed_tgt = TokenEmbedding(vocab_size, cfg)
         self.decoder = Stack(cfg, cfg.decoder_layers, self_attention=attention, causal=True)
         self.output = _output_layer(cfg, vocab_size, self.embed_tgt.tokens)
+        seed_attentions(self)  # each attention its own stream from (torch.initial_seed(), its name)
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.logits(self.decoder(self.embed_tgt(tokens)))  # (B, T, V)
@@ -331,6 +341,7 @@ class TransformerClassifier(nn.Module):
         self.embed = TokenEmbedding(vocab_size, cfg)
         self.encoder = Stack(cfg, cfg.encoder_layers, self_attention=attention)
         self.head = nn.Linear(cfg.d_model, num_classes)
+        seed_attentions(self)  # each attention its own stream from (torch.initial_seed(), its name)
 
     def forward(self, tokens: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         hidden = self.encoder(self.embed(tokens), padding_mask)  # (B, T, d_model)

@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from efficient_attn import attention_optimizer_step
 from efficient_attn.transformer import AttentionSpec, TransformerConfig, count_parameters
 
 
@@ -92,6 +93,15 @@ class TaskModule(pl.LightningModule):
         self.resume_position = checkpoint.get("data_position")
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The optimizer step, then the attentions' step hooks (FAVOR+ redraw schedules).
+
+        Lightning calls this once per real step (after the last of ``accumulate_grad_batches``
+        micro-batches), before ``on_train_batch_end``, so checkpoints saved there include the hooks' effect.
+        """
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        attention_optimizer_step(self)
 
     def forward(self, batch: Any) -> torch.Tensor:
         """The model's output (logits) for one batch as the data module yields it."""

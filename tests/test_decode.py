@@ -28,7 +28,10 @@ def test_kernel_state_is_constant_size(name):
     state = None
     for t in range(6):
         _, state = attn.decode_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
-        assert set(state) == {"kv"} and state["kv"].shape[-1] == 9  # (B, H, M, Dv+1) at every t
+        assert state["kv"].shape[-1] == 9  # (B, H, M, Dv+1) at every t
+        assert set(state) == ({"kv", "log_scale"} if name == "favor" else {"kv"})
+        if name == "favor":  # the running maximum key log-scale G_t, one number per (batch, head)
+            assert state["log_scale"].shape == (1, 2, 1, 1)
 
 
 def test_decoding_never_redraws_features():

@@ -74,23 +74,24 @@ def test_projection_structure():
     assert (iid @ iid.T - torch.diag((iid @ iid.T).diagonal())).abs().max() > 1.0
 
 
-def test_redraw_every_n_training_calls_never_in_eval():
+def test_redraw_every_n_optimizer_steps_never_in_forward():
     attn = favor(redraw_interval=2).train()
     q, k, v = make_qkv(b=1, h=2, length=5, d=16, dtype=torch.float32)
-    seen = []
+    seen = [attn.projection.clone()]
     for _ in range(5):
         attn(q, k, v)
+        attn(q, k, v)  # a second forward (e.g. an accumulated micro-batch) does not count
+        assert torch.equal(attn.projection, seen[-1])
+        attn.optimizer_step()
         seen.append(attn.projection.clone())
     assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
     assert torch.equal(seen[2], seen[3]) and not torch.equal(seen[3], seen[4])
-    attn.eval()
-    for _ in range(4):
-        attn(q, k, v)
-    assert torch.equal(attn.projection, seen[4])
+    assert torch.equal(seen[4], seen[5])
     fixed = favor(redraw_interval=0).train()
     before = fixed.projection.clone()
     for _ in range(4):
         fixed(q, k, v)
+        fixed.optimizer_step()
     assert torch.equal(fixed.projection, before)
 
 
@@ -99,8 +100,9 @@ def test_features_are_checkpointed_buffers():
     q, k, v = make_qkv(b=1, h=2, length=5, d=16, dtype=torch.float32)
     for _ in range(3):
         attn(q, k, v)
+        attn.optimizer_step()
     state = attn.state_dict()
-    assert {"projection", "num_draws", "calls_since_draw"} <= set(state)
+    assert {"projection", "num_draws", "draw_seed", "steps_since_draw"} <= set(state)
     restored = favor(redraw_interval=1)
     restored.load_state_dict(state)
     restored.eval(), attn.eval()
@@ -127,9 +129,16 @@ def test_feature_gradients_when_called_directly():
     attn = favor()
     x = torch.randn(1, 2, 6, 16, dtype=torch.float64, requires_grad=True)
     other = torch.randn(1, 2, 6, 32, dtype=torch.float64, requires_grad=True)
-    (attn.feature_map(x, is_query=False) + other).sum().backward()  # add shares one grad buffer
+    (attn.feature_map(x, is_query=False)[0] + other).sum().backward()  # add shares one grad buffer
     assert torch.equal(other.grad, torch.ones_like(other))
-    assert torch.autograd.gradcheck(lambda t: attn.double().feature_map(t, is_query=False), (x,))
+    assert torch.autograd.gradcheck(lambda t: _true_key_features(attn.double(), t), (x,))
+
+
+def _true_key_features(attn, x):
+    """features · exp(log_scale) = exp(Wx − ‖x‖²/2): the returned log-scale is a constant for autograd,
+    so the features' own gradient must carry all of it (−‖x‖²/2 included)."""
+    phi, log_scale = attn.feature_map(x, is_query=False)
+    return phi * log_scale.exp()[..., None]
 
 
 def test_redraws_do_not_touch_the_global_rng_and_old_checkpoints_load():
@@ -140,7 +149,7 @@ def test_redraws_do_not_touch_the_global_rng_and_old_checkpoints_load():
     torch.set_rng_state(state)
     before = attn.projection.clone()
     attn(q, q, q)
-    attn(q, q, q)  # the second call redraws
+    attn.optimizer_step()  # redraws
     assert not torch.equal(before, attn.projection)
     assert torch.equal(torch.get_rng_state(), state)
     legacy = {k: v for k, v in attn.state_dict().items() if k != "draw_seed"}  # saved before draw_seed existed

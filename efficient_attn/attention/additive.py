@@ -6,10 +6,10 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from ..registry import register_attention
 from .base import Attention, masked_softmax
+from .differentiable import double_backward_by_recompute
 
 _CHUNK_ELEMENTS = 1 << 21  # tanh elements alive at once when chunk_size is automatic (8 MiB fp32)
 
@@ -77,6 +77,7 @@ class _AdditiveScores(torch.autograd.Function):
 
     One (B, H, rows, S, n) buffer is reused by every chunk and nothing of that size is saved:
     backward recomputes tanh per chunk. qp (B, H, L, n), kp (B, H, S, n), w_out (H, n) -> (B, H, L, S).
+    Second derivatives (``create_graph=True``) are exact, through a plain autograd re-computation.
     """
 
     @staticmethod
@@ -92,10 +93,11 @@ class _AdditiveScores(torch.autograd.Function):
         return scores
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor):
         qp, kp, w_out = ctx.saved_tensors
         rows, length = ctx.rows, qp.shape[2]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate a plain re-computation
+            return (*double_backward_by_recompute(_scores_plain, (qp, kp, w_out), (grad,)), None)
         grad_qp, grad_kp, grad_w = torch.empty_like(qp), torch.zeros_like(kp), torch.zeros_like(w_out)
         buf = qp.new_empty(qp.shape[0], qp.shape[1], min(rows, length), kp.shape[2], qp.shape[3])
         for s in range(0, length, rows):
@@ -106,6 +108,12 @@ class _AdditiveScores(torch.autograd.Function):
             grad_qp[:, :, s : s + rows] = pre.sum(3)  # (B, H, c, n)
             grad_kp += pre.sum(2)  # (B, H, S, n)
         return grad_qp, grad_kp, grad_w, None
+
+
+def _scores_plain(qp: Tensor, kp: Tensor, w_out: Tensor) -> Tensor:
+    """The same scores in plain autograd ops, with the (B, H, L, S, n) tanh tensor materialised."""
+    hidden = torch.tanh(qp[:, :, :, None, :] + kp[:, :, None, :, :])  # (B, H, L, S, n)
+    return torch.einsum("bhlsn,hn->bhls", hidden, w_out)  # (B, H, L, S)
 
 
 def _tanh_sum(buf: Tensor, qp: Tensor, kp: Tensor) -> Tensor:

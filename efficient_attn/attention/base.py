@@ -8,6 +8,10 @@ Padded keys and values are zeroed before any variant sees them, so whatever they
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from itertools import chain
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,6 +27,7 @@ class Attention(nn.Module):
 
     supports_causal: bool = True
     supports_key_padding: bool = True
+    seed: int | None = None  # an explicit seed option; :func:`~efficient_attn.seed_attentions` derives from it
 
     def __init__(self, head_dim: int, num_heads: int) -> None:
         super().__init__()
@@ -87,8 +92,45 @@ class Attention(nn.Module):
         """q (B, H, L, D) against a :meth:`cache_memory` result -> (B, H, L, Dv)."""
         return self(q, memory["k"], memory["v"], key_padding_mask=memory["mask"])
 
+    def reset_random(self, seed: int) -> None:
+        """Redraw everything random this module owns from ``seed`` alone, leaving torch's RNG as it was.
+
+        This default reruns ``reset_parameters`` (if the variant has one) on a private RNG seeded
+        with ``seed``; variants with other random state (FAVOR+ features) override it.
+        :func:`~efficient_attn.seed_attentions` calls it with a seed per module.
+        """
+        reset = getattr(self, "reset_parameters", None)
+        if reset is not None:
+            with private_rng(seed, self):
+                reset()
+
+    def optimizer_step(self) -> None:
+        """Called once after every optimizer step (:func:`~efficient_attn.attention_optimizer_step`);
+        a no-op unless the variant keeps a schedule (FAVOR+ redraws)."""
+
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, num_heads={self.num_heads}"
+
+
+@contextmanager
+def private_rng(seed: int | None = None, module: nn.Module | None = None) -> Iterator[None]:
+    """Run a block on a copy of torch's RNG: afterwards the global RNG state is what it was before.
+
+    With ``seed`` the block draws from that seed alone, on the CPU and on every GPU that ``module``'s
+    tensors (or the default device) live on; without it the block continues from the current state.
+    """
+    devices = set()
+    if module is not None:
+        devices = {t.device.index for t in chain(module.parameters(), module.buffers()) if t.is_cuda}
+    default = torch.get_default_device()
+    if default.type == "cuda":
+        devices.add(default.index if default.index is not None else torch.cuda.current_device())
+    with torch.random.fork_rng(devices=sorted(devices)):
+        if seed is not None:
+            torch.random.default_generator.manual_seed(seed)
+            for index in devices:
+                torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 def check_inputs(

@@ -19,12 +19,16 @@ class FavorAttention(KernelAttention):
     kernel="softmax_trig": exp(‖x‖²/2)[sin wᵀx, cos wᵀx] (2m features), kernel="relu": relu(wᵀx) + eps.
     O(L·m·d) time, O(L·(m+d)) memory; causal by chunked prefix sums, O(L·(m+d) + chunk²) memory.
     Masks: key padding yes; causal yes. The m×d projection (rows w, shared by all heads) is a
-    buffer, so it is saved in checkpoints; it is redrawn every ``redraw_interval`` training
-    forward calls (0 = never; never in eval mode). Draw n uses a generator seeded by (seed, n); with
-    ``seed=None`` the seed is taken once from torch's RNG at construction (so ``seed_everything``
-    fixes it) and kept as a buffer. Redraws therefore never touch torch's global RNG: every process
-    of a DDP run draws the same features at the same step, and a resumed run the same as an
-    uninterrupted one.
+    float32 buffer (float64 under ``.double()``; it stays float32 when the module is cast to
+    bf16/fp16), saved in checkpoints. It is redrawn every ``redraw_interval`` optimizer steps
+    (0 = never), counted by :meth:`optimizer_step`, which the training loop calls once per step
+    (``efficient_attn.attention_optimizer_step``); forward and decoding never redraw. Draw n uses a
+    generator seeded by (``draw_seed``, n). Standalone, ``draw_seed`` is ``seed``, or with
+    ``seed=None`` one draw from torch's RNG; inside a model, ``efficient_attn.seed_attentions``
+    sets it per module from (``seed`` or the run's seed, the module's name), so every FAVOR+ module
+    has its own features. Redraws never touch torch's global RNG, and ``draw_seed``, the draw count
+    and the steps since the last draw are buffers: every process of a DDP run draws the same
+    features at the same step, and a resumed run the same as an uninterrupted one.
     """
 
     def __init__(
@@ -54,7 +58,8 @@ class FavorAttention(KernelAttention):
         self.register_buffer("num_draws", torch.zeros((), dtype=torch.long))
         base = seed if seed is not None else int(torch.randint(2**31 - 1, ()))  # one draw from the global RNG
         self.register_buffer("draw_seed", torch.tensor(base, dtype=torch.long))
-        self.register_buffer("calls_since_draw", torch.zeros((), dtype=torch.long))
+        self.register_buffer("steps_since_draw", torch.zeros((), dtype=torch.long))  # saved for resume
+        self._steps_since_draw = 0  # host copy of the buffer: counting steps never syncs a GPU
         self.redraw_features()
 
     @torch.no_grad()
@@ -66,23 +71,48 @@ class FavorAttention(KernelAttention):
         )
         self.projection.copy_(w)
         self.num_draws += 1
-        self.calls_since_draw.zero_()
+        self.steps_since_draw.zero_()
+        self._steps_since_draw = 0
+
+    @torch.no_grad()
+    def reset_random(self, seed: int) -> None:
+        """Restart the features from ``seed``: draw 0 of a new stream, redraw schedule from zero."""
+        self.draw_seed.fill_(seed)
+        self.num_draws.zero_()
+        self.redraw_features()
+
+    @torch.no_grad()
+    def optimizer_step(self) -> None:
+        """Count one optimizer step; redraw once ``redraw_interval`` of them have passed since the last draw."""
+        if self.redraw_interval == 0:
+            return
+        self._steps_since_draw += 1
+        if self._steps_since_draw >= self.redraw_interval:
+            self.redraw_features()
+        else:
+            self.steps_since_draw.fill_(self._steps_since_draw)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         # checkpoints from before ``draw_seed`` existed: keep this module's (their features are loaded as saved)
         state_dict.setdefault(prefix + "draw_seed", self.draw_seed.clone())
+        # checkpoints that counted training forward calls: one call per step without accumulation
+        legacy = state_dict.pop(prefix + "calls_since_draw", None)
+        if legacy is not None:
+            state_dict.setdefault(prefix + "steps_since_draw", legacy)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._steps_since_draw = int(self.steps_since_draw)
 
-    def attend(
-        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool
-    ) -> Tensor:
-        if self.training and self.redraw_interval > 0:
-            if int(self.calls_since_draw) >= self.redraw_interval:
-                self.redraw_features()
-            self.calls_since_draw += 1
-        return super().attend(q, k, v, key_padding_mask, causal)
+    def _apply(self, fn, recurse: bool = True):
+        # a bf16/fp16 cast of the module keeps the projection float32, with its values unrounded
+        before = self.projection
+        super()._apply(fn, recurse)
+        if self.projection.dtype in (torch.float16, torch.bfloat16):
+            self.projection = before.to(device=self.projection.device, dtype=torch.float32)
+        return self
 
-    def feature_map(self, x: Tensor, is_query: bool, *, fresh_grad: bool = False) -> Tensor:
+    def feature_map(
+        self, x: Tensor, is_query: bool, *, fresh_grad: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
         x = x * self.head_dim**-0.25  # (B, H, N, d): φ(q)·φ(k) ≈ exp(qᵀk/√d)
         w = self.projection.to(x.dtype)  # (m, d)
         if self.kernel == "softmax":

@@ -2,6 +2,12 @@
 
 Inputs x are already scaled by D^(-1/4), so that φ(q)·φ(k) estimates exp(qᵀk/√D).
 Constant factors that cancel between numerator and denominator (1/√m, h(q)) are left out.
+
+Every map returns ``(features, log_scale)``: the true features are ``features · exp(log_scale)``,
+with ``log_scale`` (B, H, N) one number per row (None when the features are exact as returned).
+Keys carry their scale apart, so that the attention can set it against the largest key it may
+see (the whole unpadded set, or the causal prefix) — see ``KernelAttention``. A query's scale is
+one factor per output row and cancels in the row's ratio, so queries only divide it out.
 """
 
 from __future__ import annotations
@@ -10,10 +16,12 @@ import math
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from .differentiable import double_backward_by_recompute
 
 KERNELS = ("softmax", "softmax_trig", "relu")
-_MAX_KEY_LOG_SCALE = 40.0
+
+Features = tuple[Tensor, "Tensor | None"]
 
 
 def gaussian_projection(
@@ -34,68 +42,83 @@ def gaussian_projection(
     return rows * norms[:, None]
 
 
-def positive_features(x: Tensor, w: Tensor, is_query: bool, *, fresh_grad: bool = False) -> Tensor:
-    """Positive softmax-kernel features exp(wᵢᵀx − ‖x‖²/2), stabilized without any cross-key statistic.
+def positive_features(x: Tensor, w: Tensor, is_query: bool, *, fresh_grad: bool = False) -> Features:
+    """Positive softmax-kernel features exp(wᵢᵀx − ‖x‖²/2), returned as (exp(wᵢᵀx − r_x), log_scale).
 
-    Keys:    exp(c − ‖x − wᵢ‖²/2)  = exp(wᵢᵀx − ‖x‖²/2) · exp(c − ‖wᵢ‖²/2)   ≤ e^c for every input
-    Queries: exp(wᵢᵀx + ‖wᵢ‖²/2 − c − r_x), r_x = max_i(wᵢᵀx + ‖wᵢ‖²/2 − c)  ≤ 1
-    The per-feature factors exp(±(‖wᵢ‖²/2 − c)) cancel in the product; exp(−‖q‖²/2 − r_q) is one
-    factor per query row and cancels in the row's ratio. No future or padded key can move the
-    scale of another key, so causal and padded outputs are exact (no leak through a global max).
-    c = min(d/4, 40) keeps typical products well inside fp32 range for d ≤ 128 (tested at 4× norms
-    for d = 64); around d = 256 the smallest useful products approach fp32 underflow.
-    x (B, H, N, d), w (m, d) -> (B, H, N, m). ``fresh_grad``: see ``KernelAttention.feature_map``.
+    r_x = maxᵢ wᵢᵀx, so every returned feature lies in (0, 1] and the largest is exactly 1:
+    nothing overflows and a row's own dominant feature never underflows, whatever ‖x‖.
+    Keys: log_scale = r_x − ‖x‖²/2, applied by the attention against the largest visible key.
+    Queries: log_scale = None (exp(r_x − ‖x‖²/2) is one factor per output row and cancels).
+    Gradients treat r_x as a constant (it cancels), and include the −‖x‖²/2 of keys.
+    x (B, H, N, d), w (m, d) -> features (B, H, N, m), log_scale (B, H, N) or None.
+    ``fresh_grad``: see ``KernelAttention.feature_map``.
     """
-    return _PositiveFeatures.apply(x, w, is_query, fresh_grad)
+    phi, row_max = _PositiveFeatures.apply(x, w, is_query, fresh_grad)
+    if is_query:
+        return phi, None
+    return phi, row_max - x.detach().square().sum(-1) / 2.0  # (B, H, N)
 
 
 class _PositiveFeatures(torch.autograd.Function):
-    """exp of one matrix product. With ``fresh_grad`` the backward allocates no (N, m) buffer (on
-    CPU, fresh buffers of that size cost as much as the arithmetic): it overwrites the incoming
-    gradient, which the caller promises no one else holds."""
+    """exp(xWᵀ − r_x) with r_x its row maximum (a constant for autograd). With ``fresh_grad`` the
+    backward allocates no (N, m) buffer (on CPU, fresh buffers of that size cost as much as the
+    arithmetic): it overwrites the incoming gradient, which the caller promises no one else holds.
+    Second derivatives (``create_graph=True``) are exact: the backward then re-runs a plain autograd
+    version of the same function."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, is_query: bool, fresh_grad: bool) -> Tensor:
-        c = min(w.shape[1] / 4.0, _MAX_KEY_LOG_SCALE)
-        bias = w.square().sum(-1) / 2.0 - c  # (m,): ‖wᵢ‖²/2 − c
-        if is_query:
-            logits = torch.matmul(x, w.T).add_(bias)  # (B, H, N, m)
-            logits.sub_(logits.amax(-1, keepdim=True))  # r_x; cancels in the ratio, so no gradient
-        else:  # one product gives wᵢᵀx − ‖x‖²/2: x gains a column ‖x‖²/2, w a column −1
-            w = torch.cat([w, -torch.ones_like(w[:, :1])], dim=-1)  # (m, d+1)
-            x_aug = torch.cat([x, x.square().sum(-1, keepdim=True) / 2.0], dim=-1)  # (B, H, N, d+1)
-            logits = torch.matmul(x_aug, w.T).sub_(bias)  # (B, H, N, m)
-        phi = logits.exp_()
+    def forward(ctx, x: Tensor, w: Tensor, is_query: bool, fresh_grad: bool) -> tuple[Tensor, Tensor]:
+        logits = torch.matmul(x, w.T)  # (B, H, N, m)
+        row_max = logits.amax(-1)  # (B, H, N)
+        phi = logits.sub_(row_max[..., None]).exp_()  # (B, H, N, m), in (0, 1]
         ctx.save_for_backward(phi, x, w)
         ctx.is_query, ctx.fresh_grad = is_query, fresh_grad
-        return phi
+        ctx.mark_non_differentiable(row_max)
+        return phi, row_max
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_phi: Tensor):
+    def backward(ctx, grad_phi: Tensor, _grad_row_max: Tensor | None):
         phi, x, w = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate a plain re-computation
+            (grad_x,) = double_backward_by_recompute(
+                lambda t: _positive_features_plain(t, w, ctx.is_query), (x,), (grad_phi,)
+            )
+            return grad_x, None, None, None
         reuse = ctx.fresh_grad and grad_phi.is_contiguous()
         grad_logits = grad_phi.mul_(phi) if reuse else grad_phi * phi  # (B, H, N, m): dφ/dlogits = φ
-        grad_x = torch.matmul(grad_logits, w)  # (B, H, N, d) or (B, H, N, d+1)
-        if not ctx.is_query:  # d(‖x‖²/2)/dx = x
-            grad_x = grad_x[..., :-1].addcmul_(x, grad_x[..., -1:])  # (B, H, N, d)
+        grad_x = torch.matmul(grad_logits, w)  # (B, H, N, d)
+        if not ctx.is_query:  # keys' features carry −‖x‖²/2, whose gradient is −x
+            grad_x.sub_(x * grad_logits.sum(-1, keepdim=True))
         return grad_x, None, None, None
 
 
-def trig_features(x: Tensor, w: Tensor, is_query: bool) -> Tensor:
+def _positive_features_plain(x: Tensor, w: Tensor, is_query: bool) -> Tensor:
+    """The forward of ``_PositiveFeatures`` in plain autograd ops (same value, same constant r_x)."""
+    logits = x @ w.T  # (B, H, N, m)
+    phi = torch.exp(logits - logits.detach().amax(-1, keepdim=True))
+    if is_query:
+        return phi
+    half_sq = x.square().sum(-1, keepdim=True) / 2.0  # (B, H, N, 1)
+    return phi * torch.exp(half_sq.detach() - half_sq)  # value unchanged; gradient of −‖x‖²/2
+
+
+def trig_features(x: Tensor, w: Tensor, is_query: bool) -> Features:
     """Trigonometric features h(x)[sin(Wx), cos(Wx)], h(x) = exp(‖x‖²/2) (2m features).
 
     Unbiased but not positive: the normalizer can be near zero or negative (the paper's point).
-    h(q) is one factor per query row and cancels, so queries use h = 1.
-    x (B, H, N, d), w (m, d) -> (B, H, N, 2m).
+    Keys return h in log form (log_scale = ‖x‖²/2), so it cannot overflow; h(q) is one factor per
+    query row and cancels, so queries use h = 1.
+    x (B, H, N, d), w (m, d) -> features (B, H, N, 2m), log_scale (B, H, N) or None.
     """
     logits = x @ w.T  # (B, H, N, m)
     feats = torch.cat([torch.sin(logits), torch.cos(logits)], dim=-1)  # (B, H, N, 2m)
     if is_query:
-        return feats
-    return feats * torch.exp(x.square().sum(-1, keepdim=True) / 2.0)  # (B, H, N, 2m)
+        return feats, None
+    half_sq = x.square().sum(-1, keepdim=True) / 2.0  # (B, H, N, 1)
+    feats = feats * torch.exp(half_sq - half_sq.detach())  # value unchanged; gradient of h(x)
+    return feats, half_sq.detach().squeeze(-1)
 
 
-def relu_features(x: Tensor, w: Tensor, eps: float) -> Tensor:
-    """Generalized-attention features relu(Wx) + eps (Performer's ReLU kernel). -> (B, H, N, m)."""
-    return torch.relu(x @ w.T) + eps  # (B, H, N, m)
+def relu_features(x: Tensor, w: Tensor, eps: float) -> Features:
+    """Generalized-attention features relu(Wx) + eps (Performer's ReLU kernel). -> (B, H, N, m), None."""
+    return torch.relu(x @ w.T) + eps, None  # (B, H, N, m)

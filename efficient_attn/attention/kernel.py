@@ -4,6 +4,13 @@ out_i = φ(q_i)ᵀ Σ_j φ(k_j) v_jᵀ / φ(q_i)ᵀ Σ_j φ(k_j)   (sums over vi
 
 The normalizer rides along as an extra column of ones appended to v, so numerator and
 denominator come out of the same matrix products.
+
+Key features may come with a per-key log-scale g_j (true features φ̃(k_j)·e^{g_j}; FAVOR+ keys
+span hundreds of nats at large norms, far outside float32). They are set against the largest
+scale a row may see, which cancels in its ratio: non-causal, G = max over the unpadded keys of
+each (batch, head), every one visible to every query; causal, the running maximum G_i over keys
+0..i (``causal_linear``), as online softmax does. Both depend only on keys the row sees, so padded
+and future keys cannot move an output, and every factor e^{g_j − G} is ≤ 1.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from torch import Tensor
 
 from .base import Attention, check_inputs, check_step
 from .causal_linear import causal_linear_attention
+
+_PADDED_LOG_SCALE = -1e30  # below any real key's log-scale; finite, so differences stay defined
 
 
 class KernelAttention(Attention):
@@ -30,8 +39,12 @@ class KernelAttention(Attention):
             raise ValueError(f"chunk_size must be positive, got {chunk_size!r}")
         self.chunk_size = chunk_size
 
-    def feature_map(self, x: Tensor, is_query: bool, *, fresh_grad: bool = False) -> Tensor:
-        """(B, H, N, D) -> (B, H, N, M) non-negative (or, for trig features, signed) features.
+    def feature_map(
+        self, x: Tensor, is_query: bool, *, fresh_grad: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """(B, H, N, D) -> features (B, H, N, M), non-negative (signed for trig features), and a
+        per-row log-scale (B, H, N) or None: the true features are ``features · exp(log_scale)``.
+        A query's log-scale is ignored (it cancels in its row's ratio).
 
         ``fresh_grad=True`` promises that the gradient reaching the features in backward is a
         buffer no one else holds, so a map may overwrite it (``attend`` guarantees this).
@@ -46,11 +59,13 @@ class KernelAttention(Attention):
             q, k, v1 = _upcast_with_ones(q, k, v)  # v1 (B, H, S, Dv+1)
             if key_padding_mask is not None:  # k, v are zero there already; drop their normalizer too
                 v1 = v1.masked_fill(key_padding_mask[:, None, :, None], 0.0)
-            phi_q = self.feature_map(q, is_query=True, fresh_grad=True)  # (B, H, L, M)
-            phi_k = self.feature_map(k, is_query=False, fresh_grad=True)  # (B, H, S, M)
+            phi_q, _ = self.feature_map(q, is_query=True, fresh_grad=True)  # (B, H, L, M)
+            phi_k, log_scale = self.feature_map(k, is_query=False, fresh_grad=True)  # (B, H, S, M)
+            log_scale = _mask_log_scale(log_scale, key_padding_mask)  # (B, H, S) or None
             if causal:
-                out1 = causal_linear_attention(phi_q, phi_k, v1, self.chunk_size)
+                out1 = causal_linear_attention(phi_q, phi_k, v1, self.chunk_size, log_scale)
             else:
+                v1 = _scale_values(v1, log_scale)  # (B, H, S, Dv+1): · e^{g_j − max g}
                 kv_t = v1.transpose(-1, -2) @ phi_k  # (B, H, Dv+1, M); this order keeps dφ(k) contiguous
                 out1 = phi_q @ kv_t.transpose(-1, -2)  # (B, H, L, M) @ (B, H, M, Dv+1)
         return _normalize(out1).to(out_dtype)
@@ -58,18 +73,31 @@ class KernelAttention(Attention):
     def decode_step(
         self, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """One causal step in O(M·Dv), whatever t: the state is Σ_{j≤t} φ(k_j)[v_j, 1]ᵀ (B, H, M, Dv+1).
-        Features are never redrawn here, so a whole decode uses one projection."""
+        """One causal step in O(M·Dv), whatever t: the state is Σ_{j≤t} φ(k_j)[v_j, 1]ᵀ (B, H, M, Dv+1),
+        held relative to the running maximum key log-scale G_t (state ``log_scale`` (B, H, 1, 1)) and
+        rescaled when it grows, as the causal forward does. Features are never redrawn here, so a
+        whole decode uses one projection."""
         check_step(q, k, v)
         check_inputs(q, k, v, None, True, self.num_heads, self.head_dim)
         out_dtype = v.dtype
         with torch.autocast(q.device.type, enabled=False):
             q, k, v1 = _upcast_with_ones(q, k, v)  # v1 (B, H, 1, Dv+1)
-            kv = self.feature_map(k, is_query=False).transpose(-1, -2) @ v1  # (B, H, M, Dv+1)
+            phi_k, log_scale = self.feature_map(k, is_query=False)  # (B, H, 1, M), (B, H, 1) or None
+            new_state = {}
+            if log_scale is not None:
+                g = log_scale[..., None]  # (B, H, 1, 1)
+                run_max = g if state is None else torch.maximum(state["log_scale"], g)  # G_t
+                v1 = v1 * (g - run_max).exp()  # (B, H, 1, Dv+1)
+                new_state["log_scale"] = run_max
+            kv = phi_k.transpose(-1, -2) @ v1  # (B, H, M, Dv+1)
             if state is not None:
-                kv = state["kv"] + kv
-            out1 = self.feature_map(q, is_query=True) @ kv  # (B, H, 1, Dv+1)
-        return _normalize(out1).to(out_dtype), {"kv": kv}
+                carried = state["kv"]
+                if log_scale is not None:
+                    carried = carried * (state["log_scale"] - run_max).exp()
+                kv = carried + kv
+            new_state["kv"] = kv
+            out1 = self.feature_map(q, is_query=True)[0] @ kv  # (B, H, 1, Dv+1)
+        return _normalize(out1).to(out_dtype), new_state
 
     def cache_memory(
         self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None
@@ -81,14 +109,16 @@ class KernelAttention(Attention):
             if key_padding_mask is not None:
                 pad = key_padding_mask[:, None, :, None]  # (B, 1, S, 1)
                 k, v1 = k.masked_fill(pad, 0.0), v1.masked_fill(pad, 0.0)
-            kv = self.feature_map(k, is_query=False).transpose(-1, -2) @ v1  # (B, H, M, Dv+1)
+            phi_k, log_scale = self.feature_map(k, is_query=False)  # (B, H, S, M), (B, H, S) or None
+            v1 = _scale_values(v1, _mask_log_scale(log_scale, key_padding_mask))
+            kv = phi_k.transpose(-1, -2) @ v1  # (B, H, M, Dv+1)
         return {"kv": kv}
 
     def attend_memory(self, q: Tensor, memory: dict[str, Tensor | None]) -> Tensor:
         out_dtype = q.dtype
         with torch.autocast(q.device.type, enabled=False):
             kv = memory["kv"]  # (B, H, M, Dv+1)
-            out1 = self.feature_map(q.to(kv.dtype), is_query=True) @ kv  # (B, H, L, Dv+1)
+            out1 = self.feature_map(q.to(kv.dtype), is_query=True)[0] @ kv  # (B, H, L, Dv+1)
         return _normalize(out1).to(out_dtype)
 
     def extra_repr(self) -> str:
@@ -99,6 +129,21 @@ def _upcast_with_ones(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, 
     """q, k in float32 (float64 stays float64); v with a column of ones appended: (…, S, Dv+1)."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.to(dtype), k.to(dtype), F.pad(v.to(dtype), (0, 1), value=1.0)
+
+
+def _mask_log_scale(log_scale: Tensor | None, key_padding_mask: Tensor | None) -> Tensor | None:
+    """(B, H, S) key log-scales with padded keys set below every real one (they never set a max)."""
+    if log_scale is None or key_padding_mask is None:
+        return log_scale
+    return log_scale.masked_fill(key_padding_mask[:, None, :], _PADDED_LOG_SCALE)
+
+
+def _scale_values(v1: Tensor, log_scale: Tensor | None) -> Tensor:
+    """Non-causal: v1 (B, H, S, Dv+1) rows times e^{g_j − G}, G the largest log-scale of the (b, h)."""
+    if log_scale is None:
+        return v1
+    weights = (log_scale - log_scale.amax(-1, keepdim=True)).exp()  # (B, H, S), ≤ 1
+    return v1 * weights[..., None]
 
 
 def _normalize(out1: Tensor) -> Tensor:
