@@ -17,7 +17,8 @@ class FavorAttention(KernelAttention):
     out_i = φ(q_i)ᵀ Σ_j φ(k_j) v_jᵀ / φ(q_i)ᵀ Σ_j φ(k_j),  φ(q)·φ(k) ≈ exp(qᵀk/√d);
     kernel="softmax": positive features exp(wᵀx − ‖x‖²/2)/√m (FAVOR+),
     kernel="softmax_trig": exp(‖x‖²/2)[sin wᵀx, cos wᵀx] (2m features), kernel="relu": relu(wᵀx) + eps.
-    O(L·m·d) time, O(L·(m+d)) memory; causal by chunked prefix sums, O(L·(m+d) + chunk²) memory.
+    O(L·m·d) time, O(L·(m+d)) memory; causal by chunked prefix sums, O(L·(m+d) + L·chunk) memory.
+    Stabilized per key (a log-scale against the largest visible key: see ``kernel`` and ``features``).
     Masks: key padding yes; causal yes. The m×d projection (rows w, shared by all heads) is a
     float32 buffer (float64 under ``.double()``; it stays float32 when the module is cast to
     bf16/fp16), saved in checkpoints. It is redrawn every ``redraw_interval`` optimizer steps
