@@ -1,0 +1,134 @@
+"""Greedy and beam search against plain per-sentence Python references on a toy recurrent model.
+
+The toy model's next-token logits depend on its hidden state (so beams must carry the right
+state when reordered), on the last token, and on a per-sentence ``memory`` shared by the beams.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from efficient_attn.generate import beam_search, greedy_search
+
+BOS, EOS, PAD = 0, 1, 2
+
+
+class ToyModel(nn.Module):
+    """h_{t+1} = tanh(h_t W + E[token]);  logits = h_{t+1} C + memory (float64, batch-first state)."""
+
+    def __init__(self, vocab: int = 6, dim: int = 4, eos_bias: float = 0.0, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = nn.Parameter(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+        self.embed = nn.Parameter(torch.randn(vocab, dim, generator=g, dtype=torch.float64))
+        self.out = nn.Parameter(2 * torch.randn(dim, vocab, generator=g, dtype=torch.float64))
+        self.eos_bias = eos_bias
+
+    def start(self, memory: Tensor) -> dict[str, Tensor]:
+        return {"h": torch.zeros(memory.shape[0], self.w.shape[0], dtype=torch.float64), "memory": memory}
+
+    def decode_step(self, tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        h = torch.tanh(state["h"] @ self.w + self.embed[tokens])  # (B, dim)
+        logits = h @ self.out + state["memory"]  # (B, V)
+        logits[:, EOS] += self.eos_bias
+        return logits, {"h": h, "memory": state["memory"]}
+
+
+@torch.no_grad()
+def one_step(model: ToyModel, h: Tensor, token: int, memory: Tensor) -> tuple[Tensor, Tensor]:
+    """(log-probabilities (V,), new h) for one sentence."""
+    logits, state = model.decode_step(torch.tensor([token]), {"h": h[None], "memory": memory[None]})
+    return torch.log_softmax(logits[0].double(), -1), state["h"][0]
+
+
+def greedy_reference(model: ToyModel, memory: Tensor, max_len: int) -> list[list[int]]:
+    rows = []
+    for b in range(memory.shape[0]):
+        h, token, row = torch.zeros(model.w.shape[0], dtype=torch.float64), BOS, []
+        for _ in range(max_len):
+            logp, h = one_step(model, h, token, memory[b])
+            token = int(logp.argmax())
+            row.append(token)
+            if token == EOS:
+                break
+        rows.append(row)
+    width = max(len(r) for r in rows)
+    return [r + [PAD] * (width - len(r)) for r in rows]
+
+
+def beam_reference(
+    model: ToyModel, memory: Tensor, k: int, max_len: int, alpha: float
+) -> tuple[list[list[int]], int]:
+    """Per sentence: beams (score, tokens, h, finished); finished beams extend with PAD at no cost.
+    Returns each sentence's pick and the number of steps the batch runs (until every beam is done)."""
+    finals, steps = [], 0
+    for b in range(memory.shape[0]):
+        beams = [(0.0, [], torch.zeros(model.w.shape[0], dtype=torch.float64), False)]
+        for step in range(max_len):
+            cands = []
+            for score, toks, h, done in beams:
+                if done:
+                    cands.append((score, toks + [PAD], h, True))
+                    continue
+                logp, h2 = one_step(model, h, toks[-1] if toks else BOS, memory[b])
+                cands += [(score + float(logp[t]), toks + [t], h2, t == EOS) for t in range(len(logp))]
+            beams = sorted(cands, key=lambda c: -c[0])[:k]
+            if all(c[3] for c in beams):
+                break
+        steps = max(steps, step + 1)
+        finals.append(beams)
+    return [max(beams, key=lambda c: _normalized(c[0], c[1], alpha))[1] for beams in finals], steps
+
+
+def _normalized(score: float, tokens: list[int], alpha: float) -> float:
+    """Wu et al. 2016 length penalty; |y| counts tokens up to and including EOS."""
+    length = tokens.index(EOS) + 1 if EOS in tokens else len(tokens)
+    return score / ((5.0 + length) / 6.0) ** alpha
+
+
+def memories(batch: int, vocab: int, seed: int) -> Tensor:
+    return torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("eos_bias", [-1.0, 1.5])
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_equals_reference(seed, eos_bias):
+    model = ToyModel(eos_bias=eos_bias, seed=seed)
+    memory = memories(3, 6, seed)
+    got = greedy_search(model, model.start(memory), 3, bos=BOS, eos=EOS, pad=PAD, max_len=7)
+    assert got.tolist() == greedy_reference(model, memory, 7)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 2.0])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("eos_bias", [-1.0, 1.0])
+@pytest.mark.parametrize("seed", range(4))
+def test_beam_equals_reference(seed, eos_bias, k, alpha):
+    model = ToyModel(eos_bias=eos_bias, seed=seed)
+    memory = memories(3, 6, 10 + seed)
+    got = beam_search(model, model.start(memory), 3, bos=BOS, eos=EOS, pad=PAD, max_len=6,
+                      beam_size=k, length_penalty=alpha)
+    want, steps = beam_reference(model, memory, k, 6, alpha)
+    assert got.shape == (3, steps)  # stops as soon as every beam of every sentence has finished
+    assert got.tolist() == [row[:steps] + [PAD] * (steps - len(row)) for row in want]
+
+
+def test_beam_one_equals_greedy():
+    for seed in range(3):
+        model = ToyModel(eos_bias=0.5, seed=seed)
+        memory = memories(4, 6, seed)
+        kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len=8)
+        greedy = greedy_search(model, model.start(memory), 4, **kw)
+        beam = beam_search(model, model.start(memory), 4, beam_size=1, **kw)
+        assert torch.equal(beam, greedy)
+
+
+def test_zero_steps_and_bad_beam_size():
+    model = ToyModel()
+    memory = memories(2, 6, 0)
+    assert greedy_search(model, model.start(memory), 2, bos=BOS, eos=EOS, pad=PAD, max_len=0).shape == (2, 0)
+    with pytest.raises(ValueError, match="beam_size"):
+        beam_search(model, model.start(memory), 2, bos=BOS, eos=EOS, pad=PAD, max_len=3, beam_size=0)
+
