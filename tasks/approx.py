@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from efficient_attn import Attention, MultiHeadAttention, create_attention
+from efficient_attn import Attention, MultiHeadAttention, create_attention, seed_attentions
 from efficient_attn.analysis import approx_report, scaling
 from efficient_attn.transformer import Block
 
@@ -103,10 +103,12 @@ def depth_errors(module: Any, batch: dict[str, Any], features: list[int], draws:
 
 
 def _swap_to_favor(module: Any, m: int, seed: int) -> Any:
+    """A copy with every attention FAVOR+ (m features); each site its own features, from (seed, its name)."""
     swapped = copy.deepcopy(module)
     for mha in (x for x in swapped.modules() if isinstance(x, MultiHeadAttention)):
         mha.attention = create_attention("favor", head_dim=mha.head_dim, num_heads=mha.num_heads,
                                          num_features=m, seed=seed).double().eval()
+    seed_attentions(swapped)  # per-site features: errors of different layers are not correlated
     return swapped
 
 

@@ -1,5 +1,10 @@
+from pathlib import Path
+
 import pytest
 import torch
+
+# the read-only data beside the repo (tests/helpers.py has it too; not imported here: it loads Lightning)
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
@@ -20,8 +25,6 @@ def make_qkv(b=2, h=2, length=12, s=None, d=8, dv=None, dtype=torch.float64, sca
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_env(tmp_path_factory):
     """W&B off with every W&B dir in a temp dir; a temp cache; the shared data dir when it exists."""
-    from tests.helpers import SHARED_DATA
-
     patch = pytest.MonkeyPatch()
     root = tmp_path_factory.mktemp("env")
     patch.setenv("WANDB_MODE", "disabled")

@@ -12,7 +12,8 @@ e^{g_j − G_i}, e^{G_prev − G_i} is ≤ 1, so nothing overflows.
 Chunks of C rows: inside a chunk a masked (C, C) product; across chunks one running (M, E) state,
 kept relative to the running maximum and rescaled when it grows. The backward walks the chunks
 again (forward order for dq, reverse order for dk and dv), so no (L, M, E) tensor and no per-chunk
-state is stored; only the masked (C, C) blocks are kept between the passes.
+state is stored; only the masked (C, C) blocks (and their e^{g_j − G_i} factors) are kept between
+the passes.
 Time O(L·M·E + L·C·(M+E)); extra memory O(B·H·(M·E + L·C)).
 Second derivatives (``create_graph=True``) are exact through a plain autograd re-computation,
 which holds the (L, L) weights: fine for gradient penalties, not meant for long sequences.
@@ -43,37 +44,61 @@ def _chunks(length: int, size: int) -> list[slice]:
 
 
 def _intra_weights(g: Tensor, run_max: Tensor, s: slice) -> Tensor:
-    """(BH, C, C) factors e^{g_j − G_i} for j ≤ i inside chunk s, 0 above the diagonal."""
-    logits = g[:, None, s] - run_max[:, s, None]  # (BH, C, C): [i, j] = g_j − G_i
-    n = logits.shape[-1]
-    future = torch.ones(n, n, dtype=torch.bool, device=g.device).triu_(1)  # j > i
-    return logits.masked_fill_(future, float("-inf")).exp_()
+    """(BH, C, C) factors e^{g_j − G_i} for j ≤ i inside chunk s; above the diagonal ≤ 1 garbage that the
+    caller's ``tril_`` on the scores zeroes (clamped at 0 before exp, so it never overflows)."""
+    logits = g[:, None, s] - run_max[:, s, None]  # (BH, C, C): [i, j] = g_j − G_i, ≤ 0 for j ≤ i
+    return logits.clamp_max_(0.0).exp_()
+
+
+class _Scales:
+    """Every per-row and per-chunk factor of the scaled recurrences, computed once, all ≤ 1.
+
+    g (BH, L) key log-scales, G = running max. Forward (state referenced to G at the previous
+    chunk's last key, ``ref``): ``carry`` e^{ref − G_i} per row, ``decay`` e^{g_j − G_end} per key,
+    ``shrink`` e^{ref − G_end} per chunk. Backward's reverse state is referenced to G at the first
+    row of the following chunk (``start``): ``later`` e^{g_j − start_next} per key, ``weight``
+    e^{start − G_i} per row, ``grow`` e^{start − start_next} per chunk.
+    """
+
+    def __init__(self, g: Tensor, run_max: Tensor, chunks: list[slice]) -> None:
+        length = g.shape[1]
+        chunk_of = torch.arange(length, device=g.device) // chunks[0].stop  # (L,)
+        ends = torch.tensor([c.stop - 1 for c in chunks], device=g.device)  # (N,)
+        refs = torch.cat([ends.new_zeros(1), ends[:-1]])  # (N,): the previous chunk's last key (0 at first)
+        starts = torch.tensor([c.start for c in chunks], device=g.device)  # (N,)
+        nexts = torch.cat([starts[1:], starts.new_full((1,), length - 1)])  # (N,): next chunk's first row
+        g_end, g_ref = run_max[:, ends], run_max[:, refs]  # (BH, N)
+        g_start, g_next = run_max[:, starts], run_max[:, nexts]  # (BH, N)
+        self.carry = (g_ref[:, chunk_of] - run_max).exp_()[..., None]  # (BH, L, 1)
+        self.decay = (g - g_end[:, chunk_of]).exp_()[..., None]  # (BH, L, 1)
+        self.shrink = (g_ref - g_end).exp_()[..., None, None]  # (BH, N, 1, 1)
+        self.later = (g - g_next[:, chunk_of]).exp_()[..., None]  # (BH, L, 1)
+        self.weight = (g_start[:, chunk_of] - run_max).exp_()[..., None]  # (BH, L, 1)
+        self.grow = (g_start - g_next).exp_()[..., None, None]  # (BH, N, 1, 1)
 
 
 class _CausalLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, chunk: int) -> Tensor:
         bh, length, m = q.shape
+        chunks = _chunks(length, chunk)
         out = torch.empty(bh, length, v.shape[-1], dtype=q.dtype, device=q.device)  # (BH, L, E)
-        state = q.new_zeros(bh, m, v.shape[-1])  # (BH, M, E): Σ φ(k_j) v_jᵀ e^{g_j − ref} over earlier chunks
+        state = q.new_zeros(bh, m, v.shape[-1])  # (BH, M, E): Σ φ(k_j) v_jᵀ (· e^{g_j − ref}) so far
         run_max = None if g is None else g.cummax(-1).values  # (BH, L): G_i
-        ref = None if g is None else run_max[:, :1]  # (BH, 1): the state's reference, G at its last key
-        ctx.scores = []  # per chunk (BH, C, C), kept for backward: O(L·C) memory
-        for s in _chunks(length, chunk):
-            qc, kc, vc = q[:, s], k[:, s], v[:, s]  # (BH, C, M), (BH, C, M), (BH, C, E)
-            scores = torch.bmm(qc, kc.transpose(1, 2))  # (BH, C, C)
-            if g is None:
-                scores.tril_()  # j ≤ i
-                out[:, s] = torch.bmm(scores, vc).baddbmm_(qc, state)  # (BH, C, E)
-                state.baddbmm_(kc.transpose(1, 2), vc)  # (BH, M, E)
-            else:
-                scores.mul_(_intra_weights(g, run_max, s))  # (BH, C, C): · e^{g_j − G_i}, j ≤ i
-                carried = torch.bmm(qc, state).mul_((ref - run_max[:, s]).exp_()[..., None])  # (BH, C, E)
-                out[:, s] = torch.bmm(scores, vc).add_(carried)
-                end = run_max[:, s.stop - 1 : s.stop]  # (BH, 1): G at the chunk's last key
-                decay = (g[:, s] - end).exp_()[..., None]  # (BH, C, 1)
-                state.mul_((ref - end).exp_()[..., None]).baddbmm_(kc.transpose(1, 2), vc * decay)
-                ref = end
+        scales = None if g is None else _Scales(g, run_max, chunks)
+        v_in = v if g is None else v * scales.decay  # (BH, L, E): what enters the state
+        ctx.scores, ctx.weights = [], []  # per chunk (BH, C, C), kept for backward: O(L·C) memory
+        for n, s in enumerate(chunks):
+            qc, kc = q[:, s], k[:, s]  # (BH, C, M)
+            scores = torch.bmm(qc, kc.transpose(1, 2)).tril_()  # (BH, C, C): j ≤ i
+            carried = torch.bmm(qc, state)  # (BH, C, E)
+            if g is not None:
+                ctx.weights.append(_intra_weights(g, run_max, s))
+                scores.mul_(ctx.weights[-1])  # · e^{g_j − G_i}
+                carried.mul_(scales.carry[:, s])  # · e^{ref − G_i}
+                state.mul_(scales.shrink[:, n])  # re-reference to G at this chunk's last key
+            out[:, s] = carried.baddbmm_(scores, v[:, s])  # (BH, C, E)
+            state.baddbmm_(kc.transpose(1, 2), v_in[:, s])  # (BH, M, E)
             ctx.scores.append(scores)
         ctx.save_for_backward(q, k, v, g, run_max)
         ctx.chunk = chunk
@@ -87,64 +112,46 @@ class _CausalLinear(torch.autograd.Function):
                 lambda a, b, c: _causal_plain(a, b, c, g), (q, k, v), (grad_out,)
             )
             return (*grads, None, None)
-        grad_out = grad_out.contiguous()
-        if g is None:
-            return (*_backward_plain(ctx, q, k, v, grad_out), None, None)
-        return (*_backward_scaled(ctx, q, k, v, g, run_max, grad_out), None, None)
+        return (*_backward(ctx, q, k, v, g, run_max, grad_out.contiguous()), None, None)
 
 
-def _backward_plain(ctx, q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    chunks = _chunks(q.shape[1], ctx.chunk)
-    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    state = q.new_zeros(q.shape[0], q.shape[2], v.shape[2])  # (BH, M, E), as in forward
-    gvs = []
-    for s in chunks:  # dq_i = Σ_{j≤i} (g_i·v_j) φ(k_j)
-        kc, vc, gc = k[:, s], v[:, s], grad_out[:, s]
-        gv = torch.bmm(gc, vc.transpose(1, 2)).tril_()  # (BH, C, C)
-        grad_q[:, s] = torch.bmm(gv, kc).baddbmm_(gc, state.transpose(1, 2))  # (BH, C, M)
-        state.baddbmm_(kc.transpose(1, 2), vc)
-        gvs.append(gv)
-    rev = state.zero_()  # (BH, M, E): Σ φ(q_i) g_iᵀ over later chunks
-    for s, gv, scores in reversed(list(zip(chunks, gvs, ctx.scores))):
-        # dk_j = Σ_{i≥j} (g_i·v_j) φ(q_i);  dv_j = Σ_{i≥j} (φ(q_i)·φ(k_j)) g_i
-        qc, kc, vc, gc = q[:, s], k[:, s], v[:, s], grad_out[:, s]
-        grad_k[:, s] = torch.bmm(gv.transpose(1, 2), qc).baddbmm_(vc, rev.transpose(1, 2))  # (BH, C, M)
-        grad_v[:, s] = torch.bmm(scores.transpose(1, 2), gc).baddbmm_(kc, rev)  # (BH, C, E)
-        rev.baddbmm_(qc.transpose(1, 2), gc)
-    return grad_q, grad_k, grad_v
-
-
-def _backward_scaled(
-    ctx, q: Tensor, k: Tensor, v: Tensor, g: Tensor, run_max: Tensor, grad_out: Tensor
+def _backward(
+    ctx, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, run_max: Tensor | None, grad_out: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """As ``_backward_plain`` with the factors w_ij = e^{g_j − G_i}; every exponent formed is ≤ 0."""
+    """dq_i = Σ_{j≤i} (g_i·v_j) w_ij φ(k_j);  dk_j = Σ_{i≥j} (g_i·v_j) w_ij φ(q_i);
+    dv_j = Σ_{i≥j} (φ(q_i)·φ(k_j)) w_ij g_i,  w_ij = e^{g_j − G_i} (1 without log-scales).
+    The saved score blocks already carry w; every other factor comes from ``_Scales`` (all ≤ 1)."""
     chunks = _chunks(q.shape[1], ctx.chunk)
+    scales = None if g is None else _Scales(g, run_max, chunks)
+    v_in = v if g is None else v * scales.decay  # (BH, L, E), as in forward
+    g_in = grad_out if g is None else grad_out * scales.weight  # (BH, L, E): what enters rev
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     state = q.new_zeros(q.shape[0], q.shape[2], v.shape[2])  # (BH, M, E), as in forward
-    ref = run_max[:, :1]  # (BH, 1)
     gvs = []
-    for s in chunks:  # dq_i = Σ_{j≤i} (g_i·v_j) w_ij φ(k_j)
-        kc, vc, gc = k[:, s], v[:, s], grad_out[:, s]
-        gv = torch.bmm(gc, vc.transpose(1, 2)).mul_(_intra_weights(g, run_max, s))  # (BH, C, C)
-        carried = torch.bmm(gc, state.transpose(1, 2)).mul_((ref - run_max[:, s]).exp_()[..., None])
-        grad_q[:, s] = torch.bmm(gv, kc).add_(carried)  # (BH, C, M)
-        end = run_max[:, s.stop - 1 : s.stop]  # (BH, 1)
-        decay = (g[:, s] - end).exp_()[..., None]  # (BH, C, 1)
-        state.mul_((ref - end).exp_()[..., None]).baddbmm_(kc.transpose(1, 2), vc * decay)
-        ref = end
+    for n, s in enumerate(chunks):
+        kc, gc = k[:, s], grad_out[:, s]
+        gv = torch.bmm(gc, v[:, s].transpose(1, 2)).tril_()  # (BH, C, C)
+        carried = torch.bmm(gc, state.transpose(1, 2))  # (BH, C, M)
+        if g is not None:
+            gv.mul_(ctx.weights[n])
+            carried.mul_(scales.carry[:, s])
+            state.mul_(scales.shrink[:, n])
+        grad_q[:, s] = carried.baddbmm_(gv, kc)  # (BH, C, M)
+        state.baddbmm_(kc.transpose(1, 2), v_in[:, s])
         gvs.append(gv)
-    rev = state.zero_()  # (BH, M, E): Σ φ(q_i) g_iᵀ e^{ref − G_i} over later chunks
-    ref = run_max[:, -1:]  # (BH, 1): G at the first later row (any value while rev is 0)
-    for s, gv, scores in reversed(list(zip(chunks, gvs, ctx.scores))):
-        # dk_j = Σ_{i≥j} (g_i·v_j) w_ij φ(q_i);  dv_j = Σ_{i≥j} (φ(q_i)·φ(k_j)) w_ij g_i
+    rev = state.zero_()  # (BH, M, E): Σ φ(q_i) g_iᵀ (· e^{start − G_i}) over later chunks
+    for n in reversed(range(len(chunks))):
+        s, gv, scores = chunks[n], gvs[n], ctx.scores[n]
         qc, kc, vc, gc = q[:, s], k[:, s], v[:, s], grad_out[:, s]
-        later = (g[:, s] - ref).exp_()[..., None]  # (BH, C, 1): e^{g_j − ref} ≤ 1
-        grad_k[:, s] = torch.bmm(gv.transpose(1, 2), qc).add_(torch.bmm(vc, rev.transpose(1, 2)).mul_(later))
-        grad_v[:, s] = torch.bmm(scores.transpose(1, 2), gc).add_(torch.bmm(kc, rev).mul_(later))
-        start = run_max[:, s.start : s.start + 1]  # (BH, 1): G at this chunk's first row
-        weight = (start - run_max[:, s]).exp_()[..., None]  # (BH, C, 1): e^{start − G_i} ≤ 1
-        rev.mul_((start - ref).exp_()[..., None]).baddbmm_(qc.transpose(1, 2), gc * weight)
-        ref = start
+        from_later_k = torch.bmm(vc, rev.transpose(1, 2))  # (BH, C, M)
+        from_later_v = torch.bmm(kc, rev)  # (BH, C, E)
+        if g is not None:
+            from_later_k.mul_(scales.later[:, s])
+            from_later_v.mul_(scales.later[:, s])
+            rev.mul_(scales.grow[:, n])  # re-reference to G at this chunk's first row
+        grad_k[:, s] = from_later_k.baddbmm_(gv.transpose(1, 2), qc)  # (BH, C, M)
+        grad_v[:, s] = from_later_v.baddbmm_(scores.transpose(1, 2), gc)  # (BH, C, E)
+        rev.baddbmm_(qc.transpose(1, 2), g_in[:, s])
     return grad_q, grad_k, grad_v
 
 
@@ -155,4 +162,4 @@ def _causal_plain(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None) -> Tensor:
     if g is None:
         return scores.tril() @ v
     weights = _intra_weights(g, g.cummax(-1).values, slice(0, length))  # (BH, L, L)
-    return (scores * weights) @ v
+    return (scores.tril() * weights) @ v

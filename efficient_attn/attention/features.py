@@ -86,10 +86,13 @@ class _PositiveFeatures(torch.autograd.Function):
             return grad_x, None, None, None
         reuse = ctx.fresh_grad and grad_phi.is_contiguous()
         grad_logits = grad_phi.mul_(phi) if reuse else grad_phi * phi  # (B, H, N, m): dφ/dlogits = φ
-        grad_x = torch.matmul(grad_logits, w)  # (B, H, N, d)
-        if not ctx.is_query:  # keys' features carry −‖x‖²/2, whose gradient is −x
-            grad_x.sub_(x * grad_logits.sum(-1, keepdim=True))
-        return grad_x, None, None, None
+        if ctx.is_query:
+            return torch.matmul(grad_logits, w), None, None, None  # (B, H, N, d)
+        # keys' features carry −‖x‖²/2, whose gradient is −x·Σᵢ grad_logitsᵢ: a column of −1 appended
+        # to w makes the same product return that sum, so no extra pass over (N, m)
+        w_aug = torch.cat([w, -torch.ones_like(w[:, :1])], dim=-1)  # (m, d+1)
+        grad_aug = torch.matmul(grad_logits, w_aug)  # (B, H, N, d+1)
+        return grad_aug[..., :-1].addcmul_(x, grad_aug[..., -1:]), None, None, None  # (B, H, N, d)
 
 
 def _positive_features_plain(x: Tensor, w: Tensor, is_query: bool) -> Tensor:
