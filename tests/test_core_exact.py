@@ -190,3 +190,14 @@ def test_cache_memory_and_decode_step_check_shapes(name):
             attn.attend_memory(q, attn.cache_memory(bad_k, bad_v, mask))
     with pytest.raises(ValueError):
         attn.decode_step(q[..., :4], k[:, :, :1, :4], v[:, :, :1])  # wrong head_dim
+
+
+def test_additive_initialisation_follows_its_fan_in():
+    """Uniform(±1/√fan_in) (as nn.Linear): w_q, w_k and the bias by head_dim, w_out by hidden_dim.
+    A wrong constant in the bound would change every additive run's starting point."""
+    torch.manual_seed(0)
+    attn = ea.create_attention("additive", head_dim=64, num_heads=4, hidden_dim=16)
+    for param, fan_in in ((attn.w_q, 64), (attn.w_k, 64), (attn.bias, 64), (attn.w_out, 16)):
+        bound = fan_in**-0.5
+        assert param.abs().max() <= bound
+        assert param.abs().max() > 0.8 * bound  # thousands of draws reach near the bound

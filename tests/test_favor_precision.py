@@ -113,3 +113,37 @@ def test_decoding_matches_causal_at_large_norms():
         rows.append(out)
     torch.testing.assert_close(torch.cat(rows, dim=2), full, rtol=1e-4, atol=1e-5)
     assert full.norm(dim=-1).min() > 0
+
+
+def test_decoding_rescales_when_a_later_key_dominates():
+    """Key 0 of huge norm (log-scale hundreds of nats below the next keys'): the decoding state must
+    follow the running maximum, or e^{g − G} overflows; the steps must still equal causal forward."""
+    attn = _favor(64)
+    q, k, v, _ = _inputs(64, 1.0)
+    q, k, v = (t[:, :, :12].float() for t in (q, k, v))
+    k[:, :, 0] *= 12.0
+    full = attn(q, k, v, causal=True)
+    state, rows = None, []
+    for t in range(12):
+        out, state = attn.decode_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
+        rows.append(out)
+    assert full.isfinite().all()
+    torch.testing.assert_close(torch.cat(rows, dim=2), full, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_memory_ignores_nan_in_padded_keys_and_passes_query_gradients():
+    """cache_memory/attend_memory (decoder cross-attention) equal the forward: NaN in padded memory
+    rows reaches nothing, and gradients through the queries are the forward's."""
+    attn = _favor(16).double()
+    q, k, v, mask = _inputs(16, 2.0)
+    q, k, v = q[:, :, :20].clone(), k.clone(), v.clone()
+    k[mask[:, None, :, None].expand_as(k)] = float("nan")
+    v[mask[:, None, :, None].expand_as(v)] = float("inf")
+    q1, q2 = q.clone().requires_grad_(), q.clone().requires_grad_()
+    want = attn(q1, k, v, key_padding_mask=mask)
+    got = attn.attend_memory(q2, attn.cache_memory(k, v, mask))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    weights = torch.randn_like(want)
+    (want * weights).sum().backward()
+    (got * weights).sum().backward()
+    torch.testing.assert_close(q2.grad, q1.grad, rtol=1e-9, atol=1e-12)

@@ -132,3 +132,20 @@ def test_zero_steps_and_bad_beam_size():
     with pytest.raises(ValueError, match="beam_size"):
         beam_search(model, model.start(memory), 2, bos=BOS, eos=EOS, pad=PAD, max_len=3, beam_size=0)
 
+
+
+def test_reorder_beams_reaches_every_tensor_in_nested_states_but_shared_memory():
+    """Beam states nest dicts, lists and tuples (the Transformer's layers); every tensor is reordered
+    by batch row, keeping its container type, except the cross-attention ``memory`` shared by beams."""
+    from efficient_attn.generate import _reorder_beams
+
+    rows = torch.arange(4.0)[:, None]  # (4, 1): row i holds i
+    state = {"layers": [{"self": (rows, rows * 10)}, {"self": [rows]}], "memory": rows, "pos": 3}
+    index = torch.tensor([2, 2, 0, 1])
+    out = _reorder_beams(state, index)
+    assert isinstance(out["layers"], list) and isinstance(out["layers"][0]["self"], tuple)
+    assert isinstance(out["layers"][1]["self"], list)
+    assert out["layers"][0]["self"][0].flatten().tolist() == [2, 2, 0, 1]
+    assert out["layers"][0]["self"][1].flatten().tolist() == [20, 20, 0, 10]
+    assert out["layers"][1]["self"][0].flatten().tolist() == [2, 2, 0, 1]
+    assert out["memory"] is rows and out["pos"] == 3

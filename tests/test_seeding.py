@@ -1,7 +1,6 @@
 """One seed, one model whatever the attention; per-module random features; redraws per optimizer step."""
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
 import efficient_attn as ea
@@ -179,29 +178,35 @@ def test_low_precision_casts_keep_the_projection_float32_and_unrounded(cast):
     assert all(back[n].dtype == torch.float32 and torch.equal(back[n], before[n]) for n in before)
 
 
-class ProjectionLog(pl.Callback):
-    """Per training batch: global step after it, and whether the features changed in its forward/backward
-    (batch start to just before the optimizer step, or to the batch end when no step is taken) or at all."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, bool, bool]] = []
-        self.start: dict[str, torch.Tensor] = {}
-        self.before_step: dict[str, torch.Tensor] | None = None
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        self.start, self.before_step = projections(module), None
-
-    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
-        self.before_step = projections(module)
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        end = projections(module)
-        in_pass = not same(self.start, self.before_step if self.before_step is not None else end)
-        self.rows.append((trainer.global_step, in_pass, not same(self.start, end)))
-
-
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def projection_log():
+    """A Lightning callback (built on demand: importing Lightning costs seconds)."""
+    import pytorch_lightning as pl
+
+    class ProjectionLog(pl.Callback):
+        """Per training batch: global step after it, and whether the features changed in its forward/backward
+        (batch start to just before the optimizer step, or to the batch end when no step is taken) or at all."""
+
+        def __init__(self) -> None:
+            self.rows: list[tuple[int, bool, bool]] = []
+            self.start: dict[str, torch.Tensor] = {}
+            self.before_step: dict[str, torch.Tensor] | None = None
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            self.start, self.before_step = projections(module), None
+
+        def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+            self.before_step = projections(module)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            end = projections(module)
+            in_pass = not same(self.start, self.before_step if self.before_step is not None else end)
+            self.rows.append((trainer.global_step, in_pass, not same(self.start, end)))
+
+    return ProjectionLog()
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -209,7 +214,7 @@ def test_lightning_redraws_at_optimizer_steps_with_gradient_accumulation(tmp_pat
     from tasks import faults
     from tasks.train import run
 
-    log = ProjectionLog()
+    log = projection_log()
     cfg = faults.compose_config([*faults.TINY, *faults.FAVOR, "attention.kwargs.redraw_interval=2",
                                  "trainer.accumulate_grad_batches=2", "trainer.max_steps=6"])
     run(cfg, tmp_path, callbacks=[log])
