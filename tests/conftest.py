@@ -44,3 +44,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def decode_sequence(attn, q, k, v):
+    """Run ``attn.decode_step`` over every position of q, k, v (B, H, L, ·); outputs (B, H, L, Dv)."""
+    state, rows = None, []
+    for t in range(q.shape[2]):
+        out, state = attn.decode_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
+        rows.append(out)
+    return torch.cat(rows, dim=2)

@@ -5,7 +5,7 @@ import torch
 
 import efficient_attn as ea
 
-from .conftest import make_qkv
+from .conftest import decode_sequence, make_qkv
 
 
 @pytest.mark.parametrize("name", ea.list_attentions())
@@ -14,11 +14,8 @@ def test_step_by_step_equals_causal_forward(name):
     attn = ea.create_attention(name, head_dim=8, num_heads=2).double().eval()
     q, k, v = make_qkv(b=2, h=2, length=13, d=8, dv=5)
     full = attn(q, k, v, causal=True)
-    state, rows = None, []
-    for t in range(13):
-        out, state = attn.decode_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
-        rows.append(out)
-    torch.testing.assert_close(torch.cat(rows, dim=2), full, rtol=1e-10, atol=1e-10)
+    stepped = decode_sequence(attn, q, k, v)
+    torch.testing.assert_close(stepped, full, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", ["favor", "linear"])

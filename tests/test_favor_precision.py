@@ -10,6 +10,8 @@ import torch
 
 import efficient_attn as ea
 
+from .conftest import decode_sequence
+
 B, H, L, M = 2, 2, 256, 256
 
 
@@ -107,11 +109,8 @@ def test_decoding_matches_causal_at_large_norms():
     q, k, v, _ = _inputs(128, 5.0)
     q, k, v = (t[:, :, :40].float() for t in (q, k, v))
     full = attn(q, k, v, causal=True)
-    state, rows = None, []
-    for t in range(40):
-        out, state = attn.decode_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
-        rows.append(out)
-    torch.testing.assert_close(torch.cat(rows, dim=2), full, rtol=1e-4, atol=1e-5)
+    stepped = decode_sequence(attn, q, k, v)
+    torch.testing.assert_close(stepped, full, rtol=1e-4, atol=1e-5)
     assert full.norm(dim=-1).min() > 0
 
 
@@ -123,12 +122,9 @@ def test_decoding_rescales_when_a_later_key_dominates():
     q, k, v = (t[:, :, :12].float() for t in (q, k, v))
     k[:, :, 0] *= 12.0
     full = attn(q, k, v, causal=True)
-    state, rows = None, []
-    for t in range(12):
-        out, state = attn.decode_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
-        rows.append(out)
+    stepped = decode_sequence(attn, q, k, v)
     assert full.isfinite().all()
-    torch.testing.assert_close(torch.cat(rows, dim=2), full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stepped, full, rtol=1e-4, atol=1e-5)
 
 
 def test_cached_memory_ignores_nan_in_padded_keys_and_passes_query_gradients():

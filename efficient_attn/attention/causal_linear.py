@@ -68,13 +68,19 @@ class _Scales:
         starts = torch.tensor([c.start for c in chunks], device=g.device)  # (N,)
         nexts = torch.cat([starts[1:], starts.new_full((1,), length - 1)])  # (N,): next chunk's first row
         g_end, g_ref = run_max[:, ends], run_max[:, refs]  # (BH, N)
-        g_start, g_next = run_max[:, starts], run_max[:, nexts]  # (BH, N)
         self.carry = (g_ref[:, chunk_of] - run_max).exp_()[..., None]  # (BH, L, 1)
         self.decay = (g - g_end[:, chunk_of]).exp_()[..., None]  # (BH, L, 1)
         self.shrink = (g_ref - g_end).exp_()[..., None, None]  # (BH, N, 1, 1)
+        self._backward_args = (g, run_max, chunk_of, starts, nexts)
+
+    def reverse(self) -> "_Scales":
+        """Add the reverse pass's factors (backward only, so forward does not pay for them)."""
+        g, run_max, chunk_of, starts, nexts = self._backward_args
+        g_start, g_next = run_max[:, starts], run_max[:, nexts]  # (BH, N)
         self.later = (g - g_next[:, chunk_of]).exp_()[..., None]  # (BH, L, 1)
         self.weight = (g_start[:, chunk_of] - run_max).exp_()[..., None]  # (BH, L, 1)
         self.grow = (g_start - g_next).exp_()[..., None, None]  # (BH, N, 1, 1)
+        return self
 
 
 class _CausalLinear(torch.autograd.Function):
@@ -122,7 +128,7 @@ def _backward(
     dv_j = Σ_{i≥j} (φ(q_i)·φ(k_j)) w_ij g_i,  w_ij = e^{g_j − G_i} (1 without log-scales).
     The saved score blocks already carry w; every other factor comes from ``_Scales`` (all ≤ 1)."""
     chunks = _chunks(q.shape[1], ctx.chunk)
-    scales = None if g is None else _Scales(g, run_max, chunks)
+    scales = None if g is None else _Scales(g, run_max, chunks).reverse()
     v_in = v if g is None else v * scales.decay  # (BH, L, E), as in forward
     g_in = grad_out if g is None else grad_out * scales.weight  # (BH, L, E): what enters rev
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
