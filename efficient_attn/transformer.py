@@ -352,6 +352,26 @@ class TransformerClassifier(nn.Module):
         return self.head(pooled)  # (B, C)
 
 
+@torch.no_grad()
+def decode_state_size(model: "TransformerLM", seq_len: int) -> int:
+    """Numbers one decoder layer keeps per sequence after decoding ``seq_len`` tokens (its
+    self-attention state, measured by stepping a batch of one): a KV cache is 2·L·d_model, a
+    kernel attention's running sum H·M·(D+1) plus its normaliser terms, whatever L."""
+    device = next(model.parameters()).device
+    state, token = model.start(), torch.zeros(1, dtype=torch.long, device=device)  # (1,)
+    for _ in range(seq_len):
+        _, state = model.decode_step(token, state)
+    return sum(t.numel() for t in _tensors(state["layers"][0]["self"]))
+
+
+def _tensors(tree: Any) -> list[Tensor]:
+    if isinstance(tree, Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    return [t for item in tree or () for t in _tensors(item)] if isinstance(tree, (list, tuple)) else []
+
+
 def count_parameters(module: nn.Module) -> int:
     """Trainable parameters, each shared tensor counted once."""
     seen = {id(p): p for p in module.parameters() if p.requires_grad}
@@ -365,6 +385,7 @@ __all__ = [
     "TransformerConfig",
     "TransformerLM",
     "count_parameters",
+    "decode_state_size",
     "reorder_state",
     "sinusoid_table",
 ]

@@ -38,7 +38,7 @@ from .data import DataError
 from .loggers import LOGGER_KEYS, finish_wandb, make_logger
 from .report import find_runs, markdown, table
 
-TASKS = {"translation": "tasks.translation", "listops": "tasks.listops", "lm": "tasks.lm"}
+TASKS = {"translation": "tasks.translation", "listops": "tasks.listops", "lm": "tasks.lm", "mqar": "tasks.mqar"}
 TOP_LEVEL = {"seed", "name", "row", "data_dir", "cache_dir", "ckpt_path", "checkpoint_every", "test", "threads", "nonfinite",
              "optim", "task", "attention", "model", "trainer", "logger"}
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")

@@ -26,6 +26,7 @@ COMPOSE_ONLY = {  # composed and checked, not trained here; why:
 SMALL_DATA = {  # data-size keys only, by task (and translation source)
     "listops": ["task.train_size=32", "task.val_size=16", "task.test_size=16"],
     "synthetic": ["task.synthetic_sizes=[64,16,16]"],
+    "mqar": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
 }
 RUN = ["logger=none", "test=false", "threads=1", "++trainer.fast_dev_run=true", *QUIET]
 UNCHANGED = ("attention", "model", "optim")  # what an experiment is about: the test must not touch it
@@ -37,8 +38,8 @@ def experiment(name: str, *overrides: str):
 
 def small_data(cfg) -> list[str]:
     """Overrides shrinking the generated data of a composed experiment; nothing else."""
-    if cfg.task.name == "listops":
-        return SMALL_DATA["listops"]
+    if cfg.task.name in ("listops", "mqar"):
+        return SMALL_DATA[cfg.task.name]
     if cfg.task.name == "translation" and cfg.task.source == "synthetic":
         return SMALL_DATA["synthetic"]
     return []  # multi30k, tinyshakespeare: fixed files, read as they are

@@ -27,6 +27,8 @@ TINY = {
     "listops": ["task.train_size=64", "task.val_size=16", "task.test_size=16", "task.min_length=10",
                 "task.max_length=40", "task.batch_size=16"],
     "lm": ["task.context_length=32", "task.batch_size=4", "task.train_batches_per_epoch=4", "task.eval_batches=2"],
+    "mqar": ["task.vocab_size=32", "task.seq_len=16", "task.num_kv_pairs=2", "task.train_size=32", "task.val_size=16",
+             "task.test_size=16", "task.batch_size=16"],
 }
 QUIET = ["trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false"]
 needs_data = pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
@@ -57,7 +59,7 @@ def test_every_config_file_composes_and_checks(group):
 
 
 @pytest.mark.parametrize("attention", config_files("attention"))
-@pytest.mark.parametrize("task", ["translation", "listops", "lm"])
+@pytest.mark.parametrize("task", ["translation", "listops", "lm", "mqar"])
 def test_fast_dev_run_every_task_and_attention(tmp_path, task, attention):
     if task == "lm" and not SHARED_DATA.exists():
         pytest.skip("needs ../shared/data")
