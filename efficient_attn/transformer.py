@@ -19,11 +19,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .attention.base import unsupported_use
 from .multihead import MultiHeadAttention
 from .registry import attention_options, get_attention_class
 from .seeding import seed_attentions
 
 DecodeState = dict[str, Any]
+
+# How each attention site calls its core: decoder self-attention is causal; cross-attention reads
+# another sequence (S ≠ L). Variants that cannot serve a site (``Attention.supports_*``) are refused.
+SITE_USE = {
+    "encoder": {"causal": False, "cross": False},
+    "decoder": {"causal": True, "cross": False},
+    "cross": {"causal": False, "cross": True},
+}
 
 
 @dataclass
@@ -33,14 +42,19 @@ class AttentionSpec:
     name: str = "softmax"
     kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def check(self, where: str) -> None:
-        get_attention_class(self.name)  # ValueError naming the known attentions
+    def check(self, where: str, site: str | None = None) -> None:
+        """Name and options exist; with ``site`` (a :data:`SITE_USE` key) the attention can also serve
+        there (a causal-only variant is no encoder), else ``ValueError`` naming the site."""
+        cls = get_attention_class(self.name)  # ValueError naming the known attentions
         unknown = sorted(set(self.kwargs) - set(attention_options(self.name)))
         if unknown:
             raise TypeError(
                 f"{where}: attention {self.name!r} has no option(s) {unknown}; "
                 f"accepted: {attention_options(self.name)}"
             )
+        problem = None if site is None else unsupported_use(cls, **SITE_USE[site])
+        if problem:
+            raise ValueError(f"{where}: attention {self.name!r} cannot serve as {site} attention: {problem}")
 
 
 @dataclass
@@ -278,7 +292,7 @@ class Seq2SeqTransformer(_Decoding, nn.Module):
     ) -> None:
         super().__init__()
         for where, spec in (("encoder", encoder_attention), ("decoder", decoder_attention), ("cross", cross_attention)):
-            spec.check(f"{where} attention")
+            spec.check(f"{where} attention", where)
         self.cfg = cfg
         self.embed_src = TokenEmbedding(vocab_size, cfg)
         shared = self.embed_src.tokens if cfg.tie_embeddings else None
@@ -311,7 +325,7 @@ class TransformerLM(_Decoding, nn.Module):
 
     def __init__(self, cfg: TransformerConfig, vocab_size: int, *, attention: AttentionSpec) -> None:
         super().__init__()
-        attention.check("decoder attention")
+        attention.check("decoder attention", "decoder")
         self.cfg = cfg
         self.embed_tgt = TokenEmbedding(vocab_size, cfg)
         self.decoder = Stack(cfg, cfg.decoder_layers, self_attention=attention, causal=True)
@@ -334,7 +348,7 @@ class TransformerClassifier(nn.Module):
         pooling: str = "mean",
     ) -> None:
         super().__init__()
-        attention.check("encoder attention")
+        attention.check("encoder attention", "encoder")
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         self.cfg, self.pooling = cfg, pooling
@@ -379,6 +393,7 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = [
+    "SITE_USE",
     "AttentionSpec",
     "Seq2SeqTransformer",
     "TransformerClassifier",

@@ -23,7 +23,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from .train import CONFIG_DIR, run
+from .train import CONFIG_DIR, ConfigError, run
 
 REPO = Path(__file__).resolve().parent.parent
 # A tiny ListOps run that crosses epochs, validates, redraws FAVOR+ features and uses dropout.
@@ -141,7 +141,7 @@ def bf16_training(attentions: Sequence[str], work: Path, steps: int = 8, scale: 
             bad = sum(not torch.isfinite(torch.tensor(x)) for x in log.losses)
             out[name] = {"steps": record["steps"], "nonfinite_losses": int(bad), "skipped": record["skipped_updates"],
                          "last_loss": log.losses[-1], "error": None}
-        except FloatingPointError as err:
+        except (FloatingPointError, ConfigError) as err:  # ConfigError: cannot serve ListOps' encoder
             out[name] = {"steps": None, "nonfinite_losses": None, "skipped": None, "last_loss": None, "error": str(err)}
     return out
 

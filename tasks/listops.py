@@ -36,6 +36,7 @@ from .base import TaskModule, attention_spec, transformer_config
 from .data import DataError, cache_dir
 from .sampling import eval_loader, shuffled, train_loader
 
+ATTENTION_SITES = ("encoder",)  # the model's attention sites (check_config)
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
 DIGITS = tuple(str(d) for d in range(10))

@@ -30,6 +30,7 @@ from .data import DataError, data_dir, fetch
 from .sampling import eval_loader, random_draws, train_loader
 
 VOCAB_SIZE = 256
+ATTENTION_SITES = ("decoder",)  # the model's attention sites (check_config)
 DATASETS = ("tinyshakespeare", "enwik8", "file")
 ENWIK8_SPLIT = (90_000_000, 5_000_000)  # train, val bytes; test = the last 5M
 Batch = dict[str, Tensor]

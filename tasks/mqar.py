@@ -33,6 +33,7 @@ from .base import TaskModule, attention_spec, transformer_config
 from .sampling import eval_loader, shuffled, train_loader
 
 IGNORE = -100  # target at non-query positions: no loss, no accuracy
+ATTENTION_SITES = ("decoder",)  # the model's attention sites (check_config)
 SPLITS = ("train", "val", "test")
 Batch = dict[str, Tensor]
 

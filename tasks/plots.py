@@ -66,6 +66,9 @@ def plot(points: list[Point], out: Path, *, x: str, y: str, series: list[str] | 
     return out
 
 
+BOUNDS = {"acc": (0.0, 1.0), "accuracy": (0.0, 1.0)}  # metric name -> range its CI band is clipped to
+
+
 def x_column(point: Point, x: str) -> str:
     """``x`` itself for a rows key, ``<x>_mean`` for a metric."""
     for column in (x, f"{x}_mean"):
@@ -84,13 +87,19 @@ def draw(ax: Any, points: list[Point], x_col: str, y: str, series: list[str],
             raise SystemExit(f"--plot: x values must be numbers; got {xv!r} in {x_col}")
         if _number(mean) and math.isfinite(xv) and (xv > 0 or not logx):
             lines[_values(pt, series)].append((float(xv), float(mean), float(ci)))
+    low, high = BOUNDS.get(y.rsplit("/", 1)[-1], (-math.inf, math.inf))  # an accuracy's CI stops at 0 and 1
     for s, line in sorted(lines.items(), key=lambda item: _order_all(item[0])):
         line.sort()
         xs, means, cis = zip(*line)
+        lo = [max(low, m - h) for m, h in zip(means, cis)]
+        hi = [min(high, m + h) for m, h in zip(means, cis)]
         color, marker = styles[s]
         ax.plot(xs, means, color=color, marker=marker, markersize=4, linewidth=1.2)
-        ax.fill_between(xs, [m - h for m, h in zip(means, cis)], [m + h for m, h in zip(means, cis)],
-                        color=color, alpha=0.2, linewidth=0)
+        ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
+        ax.errorbar(xs, means, yerr=[[m - a for m, a in zip(means, lo)], [b - m for m, b in zip(means, hi)]],
+                    fmt="none", ecolor=color, elinewidth=0.8, capsize=2, alpha=0.7)  # shows a lone point's CI
+    if math.isfinite(low) and math.isfinite(high):
+        ax.set_ylim(low - 0.03 * (high - low), high + 0.03 * (high - low))
     if logx:
         ax.set_xscale("log")
     ax.grid(alpha=0.3)

@@ -72,7 +72,14 @@ def check_config(cfg: DictConfig) -> Any:
             if "causal" in (chosen.kwargs or {}):
                 raise ConfigError(f"{site} attention: causal is not an attention option; the model sets it per site "
                                   "(decoder self-attention is causal, encoder and cross-attention are not); remove it")
-            AttentionSpec(chosen.name, dict(chosen.kwargs or {})).check(f"{site} attention")
+            spec = AttentionSpec(chosen.name, dict(chosen.kwargs or {}))
+            spec.check(f"{site} attention")
+            if site in task.ATTENTION_SITES:  # the task's model has this site: the attention must serve it
+                try:
+                    spec.check(f"{site} attention", site)
+                except ValueError as err:
+                    raise ConfigError(f"task {cfg.task.name}: {err}; choose another attention for this site, "
+                                      f"e.g. ++model.{site}_attention={{name: softmax, kwargs: {{}}}}") from None
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
     return task

@@ -29,6 +29,7 @@ from .sampling import by_length, eval_loader, train_loader
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPLITS = ("train", "val", "test")
+ATTENTION_SITES = ("encoder", "decoder", "cross")  # the model's attention sites (check_config)
 MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
 
 

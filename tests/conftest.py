@@ -1,7 +1,12 @@
+import re
 from pathlib import Path
 
 import pytest
 import torch
+
+import efficient_attn as ea
+from efficient_attn.attention.base import unsupported_use
+from efficient_attn.transformer import SITE_USE, AttentionSpec
 
 # the read-only data beside the repo (tests/helpers.py has it too; not imported here: it loads Lightning)
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -53,3 +58,20 @@ def decode_sequence(attn, q, k, v):
         out, state = attn.decode_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
         rows.append(out)
     return torch.cat(rows, dim=2)
+
+
+def skip_unsupported(name: str, call, *, causal: bool = False, cross: bool = False) -> None:
+    """If attention ``name`` cannot run this way (its ``supports_*`` flags: causal-only, self-attention
+    only), ``call()`` must raise its clear error, and the test stops there, skipped with that reason."""
+    problem = unsupported_use(ea.get_attention_class(name), causal=causal, cross=cross)
+    if problem is not None:
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            call()
+        pytest.skip(problem)
+
+
+def site_specs(spec: AttentionSpec, sites=("encoder", "decoder", "cross")) -> dict[str, AttentionSpec]:
+    """{site: spec} for a model's sites: ``spec`` where its attention can serve (``SITE_USE``), softmax
+    elsewhere (a causal-only variant is no encoder; a self-attention-only one no cross-attention)."""
+    cls = ea.get_attention_class(spec.name)
+    return {site: spec if unsupported_use(cls, **SITE_USE[site]) is None else AttentionSpec() for site in sites}

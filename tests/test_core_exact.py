@@ -14,7 +14,9 @@ from torch import Tensor
 
 import efficient_attn as ea
 
-from .conftest import make_qkv
+from efficient_attn.attention.base import unsupported_use
+
+from .conftest import make_qkv, skip_unsupported
 from .test_reference import REFERENCE_KERNELS, reference
 
 ALL = ea.list_attentions()
@@ -26,6 +28,10 @@ CONFIGS = [(n, {}) for n in ALL] + [
     ("favor", {"kernel": "softmax_trig", "num_features": 32}),
     ("favor", {"kernel": "relu", "num_features": 32, "kernel_eps": 0.05}),
     ("favor", {"orthogonal": False, "num_features": 40}),
+    ("sliding_window", {"window": 1}),
+    ("sliding_window", {"window": 4}),  # 13 = 3·4 + 1, 130 = 32·4 + 2: a partial last block
+    ("sliding_window", {"window": 5}),
+    ("retention", {"gammas": [0.5, 1.0]}),  # a fast decay, and none
 ]
 # (L, chunk): 13 = 3·4 + 1 = 2·5 + 3; 64 = 12·5 + 4 = 1·64; 130 = 2·64 + 2 = 26·5
 LENGTH_CHUNKS = [(13, 4), (13, 5), (64, 5), (64, 64), (130, 64), (130, 5)]
@@ -82,6 +88,7 @@ def test_self_attention_exact(config, length, chunk, causal, pad):
     attn = build(name, chunk=chunk or None, **kwargs)
     q, k, v = make_qkv(b=2, h=2, length=length, d=8, dv=5, scale=0.7)
     mask = padding(2, length, pad)
+    skip_unsupported(name, lambda: attn(q, k, v, key_padding_mask=mask, causal=causal), causal=causal)
     got = attn(q, k, v, key_padding_mask=mask, causal=causal)
     want = reference(name, attn, q, k, v, mask, causal)
     torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
@@ -95,6 +102,7 @@ def test_cross_attention_exact(config, pad, s):
     attn = build(name, chunk=4, **kwargs)
     q, k, v = make_qkv(b=2, h=2, length=7, s=s, d=8, dv=3, scale=0.7)
     mask = padding(2, s, pad)
+    skip_unsupported(name, lambda: attn(q, k, v, key_padding_mask=mask), cross=True)
     got = attn(q, k, v, key_padding_mask=mask)
     torch.testing.assert_close(got, reference(name, attn, q, k, v, mask), rtol=RTOL, atol=ATOL)
 
@@ -107,6 +115,7 @@ def test_fully_padded_rows_are_zero_and_others_exact(name, causal):
     mask = torch.zeros(3, 10, dtype=torch.bool)
     mask[0] = True
     mask[2, :4] = True
+    skip_unsupported(name, lambda: attn(q, k, v, key_padding_mask=mask, causal=causal), causal=causal)
     got = attn(q, k, v, key_padding_mask=mask, causal=causal)
     assert (got[0] == 0).all()
     torch.testing.assert_close(got, reference(name, attn, q, k, v, mask, causal), rtol=RTOL, atol=ATOL)
@@ -134,6 +143,7 @@ def test_cached_memory_equals_reference(config, pad):
     attn = build(name, **kwargs)
     q, k, v = make_qkv(b=2, h=2, length=4, s=9, d=8, dv=3, scale=0.7)
     mask = padding(2, 9, pad)
+    skip_unsupported(name, lambda: attn.cache_memory(k, v, mask), cross=True)
     got = attn.attend_memory(q, attn.cache_memory(k, v, mask))
     torch.testing.assert_close(got, reference(name, attn, q, k, v, mask), rtol=RTOL, atol=ATOL)
 
@@ -142,6 +152,10 @@ def test_cached_memory_of_all_padding_gives_zeros():
     for name in ALL:
         attn = build(name)
         q, k, v = make_qkv(b=1, h=2, length=3, s=5, d=8)
+        if unsupported_use(type(attn), causal=False, cross=True):  # no cross-attention: refused at caching
+            with pytest.raises(ValueError, match="causal-only|self-attention only"):
+                attn.cache_memory(k, v)
+            continue
         got = attn.attend_memory(q, attn.cache_memory(k, v, torch.ones(1, 5, dtype=torch.bool)))
         assert got.isfinite().all() and (got == 0).all(), name
 

@@ -13,11 +13,12 @@ from torch.func import functional_call
 
 import efficient_attn as ea
 
-from .conftest import make_qkv
+from .conftest import make_qkv, skip_unsupported
 
 ALL = ea.list_attentions()
 SMALL_OPTIONS = {"favor": {"num_features": 6}}  # small m keeps the numerical Jacobian cheap
 EXTRA = [("favor", {"num_features": 6, "kernel": "relu"}), ("favor", {"num_features": 4, "kernel": "softmax_trig"})]
+EXTRA += [("sliding_window", {"window": 3}), ("sliding_window", {"window": 4})]  # L 11, 12: partial and full blocks
 LENGTH_CHUNKS = [(11, 3), (11, 4), (11, 11), (12, 4)]
 FAST = {"fast_mode": True}  # random-projection gradcheck: one Jacobian-vector product per input, not L·D
 
@@ -60,6 +61,7 @@ def test_gradcheck_q_k_v(case, causal):
     q, k, v = make_qkv(b=2, h=1, length=length, d=3, dv=2, scale=0.8)
     mask = padding(length)
     inputs = tuple(t.requires_grad_() for t in (q, k, v))
+    skip_unsupported(name, lambda: attn(q, k, v, causal=causal), causal=causal)
     assert torch.autograd.gradcheck(
         lambda q, k, v: attn(q, k, v, key_padding_mask=mask, causal=causal), inputs, **FAST
     )
@@ -72,6 +74,7 @@ def test_gradcheck_cross_attention(name):
     q, k, v = make_qkv(b=2, h=1, length=5, s=7, d=3, dv=2, scale=0.8)
     mask = padding(7)
     inputs = tuple(t.requires_grad_() for t in (q, k, v))
+    skip_unsupported(name, lambda: attn(q, k, v, key_padding_mask=mask), cross=True)
     assert torch.autograd.gradcheck(lambda q, k, v: attn(q, k, v, key_padding_mask=mask), inputs, **FAST)
 
 

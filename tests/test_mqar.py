@@ -140,3 +140,6 @@ def test_quick_comparison_separates_softmax_from_linear(tmp_path, capsys):
     linear = next(line for line in table.splitlines() if line.startswith("| linear"))
     assert " * |" in linear  # the paired difference is significant (p < 0.05)
     assert "4,160" in linear and "8,192" in table  # H·D·(D+1) against 2·L·d
+    again = subprocess.run([*cmd, "ckpt_path=last"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already finished") == 6  # the grid resumes: finished jobs are not run again

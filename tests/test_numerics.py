@@ -8,7 +8,8 @@ import torch
 
 import efficient_attn as ea
 
-from .test_reference import reference
+from .conftest import skip_unsupported
+from .test_reference import UNNORMALISED, reference
 
 ALL = ea.list_attentions()
 # Trigonometric features are unbounded (h(k) = exp(‖k‖²/2)) and can cancel to a zero normalizer:
@@ -23,6 +24,8 @@ def large_qkv(dtype, b=2, h=2, length=96, d=64, scale=4.0):
 
 
 # (mean, max) of |out − float64 answer| / max|v|; measured at about a third of these (seeded).
+# Unnormalised variants (retention) divide by max|answer| instead: their rows are not averages of v
+# (here max|out| ≈ 90·max|v|), and rounding the output alone errs by up to |out|·2^-8 in bf16.
 # Unit-scale logits (dot, bilinear: scale 1) make softmax nearly one-hot at these norms, so one
 # rounding can move a whole row to another key: their max bound is looser, their mean is not.
 TOLERANCE = {torch.bfloat16: (1.5e-3, 0.01), torch.float16: (2e-4, 1.5e-3)}
@@ -39,11 +42,12 @@ def test_low_precision_large_logits_match_float64(name, kwargs, dtype, causal):
     q, k, v = large_qkv(dtype)
     mask = torch.zeros(2, 96, dtype=torch.bool)
     mask[1, 80:] = True
+    skip_unsupported(name, lambda: attn(q, k, v, key_padding_mask=mask, causal=causal), causal=causal)
     out = attn(q, k, v, key_padding_mask=mask, causal=causal)
     assert out.dtype == dtype and out.isfinite().all()
     exact = copy.deepcopy(attn).double()  # the same rounded weights, upcast exactly
     want = reference(name, exact, q.double(), k.double(), v.double(), mask, causal)
-    err = (out.double() - want).abs() / v.abs().max().double()
+    err = (out.double() - want).abs() / (want if name in UNNORMALISED else v).abs().max().double()
     mean_tol, max_tol = TOLERANCE[dtype]
     max_tol = max(max_tol, ONE_HOT.get(name, 0.0) * (1 if dtype == torch.bfloat16 else 0.1))
     assert err.mean() < mean_tol and err.max() < max_tol, (err.mean().item(), err.max().item())

@@ -21,6 +21,8 @@ from efficient_attn.transformer import (
     TransformerConfig,
 )
 
+from .conftest import site_specs, skip_unsupported
+
 D_MODEL, HEADS, LENGTH = 16, 2, 7
 POISONS = ("nan", "inf", "mixed")
 EXACT = dict(rtol=0.0, atol=0.0)
@@ -95,6 +97,8 @@ def run(mha: ea.MultiHeadAttention, inputs: dict[str, Tensor], mask: Tensor, cau
 def test_poisoned_padding_reaches_no_output_or_gradient(name, causal, mode, how, loss):
     mha = ea.MultiHeadAttention(D_MODEL, HEADS, attention=name).double()
     inputs, mask, counted = make_inputs(mode, causal)
+    cross = "key" in inputs and inputs["key"].shape[1] != LENGTH
+    skip_unsupported(name, lambda: mha(**inputs, key_padding_mask=mask, causal=causal), causal=causal, cross=cross)
     ref_out, ref_params, ref_inputs = run(mha, poison(inputs, mask, "zeros"), mask, causal, counted, loss)
     assert ref_params["k_proj.weight"].abs().sum() > 0 and ref_params["q_proj.weight"].abs().sum() > 0
 
@@ -122,6 +126,8 @@ def test_projected_and_cached_cross_attention_ignore_poisoned_memory(name, how):
     query = torch.randn(4, LENGTH, D_MODEL, dtype=torch.float64)  # (B, L, d_model)
     memory = torch.randn(4, LENGTH + 3, D_MODEL, dtype=torch.float64)  # (B, S, d_model)
     mask = padding_mask(LENGTH + 3)
+    skip_unsupported(name, lambda: mha.attention.cache_memory(*mha.project_kv(memory, key_padding_mask=mask), mask),
+                     cross=True)
 
     def run_paths(fill: str) -> list[tuple[Tensor, list[Tensor], Tensor]]:
         results = []
@@ -163,12 +169,16 @@ def _config() -> TransformerConfig:
 
 
 def _models(name: str) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
-    """(model, source embedding) for a Seq2SeqTransformer and a TransformerClassifier."""
-    spec = AttentionSpec(name)
-    seq2seq = Seq2SeqTransformer(_config(), 20, encoder_attention=spec, decoder_attention=spec,
-                                 cross_attention=spec).double()
-    classifier = TransformerClassifier(_config(), 20, 3, attention=spec).double()
-    return [(seq2seq, seq2seq.embed_src), (classifier, classifier.embed)]
+    """(model, source embedding) for a Seq2SeqTransformer and a TransformerClassifier; ``name`` at
+    the sites it can serve, softmax at the others (no classifier for a causal-only variant)."""
+    sites = site_specs(AttentionSpec(name))
+    seq2seq = Seq2SeqTransformer(_config(), 20, encoder_attention=sites["encoder"], decoder_attention=sites["decoder"],
+                                 cross_attention=sites["cross"]).double()
+    models = [(seq2seq, seq2seq.embed_src)]
+    if sites["encoder"].name == name:
+        classifier = TransformerClassifier(_config(), 20, 3, attention=sites["encoder"]).double()
+        models.append((classifier, classifier.embed))
+    return models
 
 
 def _model_grads(model: torch.nn.Module, embed: torch.nn.Module, fill: str) -> tuple[Tensor, dict[str, Tensor]]:

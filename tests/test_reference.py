@@ -2,6 +2,8 @@
 
 Each reference builds the (L, S) matrix of unnormalized attention weights K[i, j] for one
 (batch, head), keeps the visible keys, and normalizes rows: out_i = Σ_j K_ij v_j / Σ_j K_ij.
+Variants that see only a band of keys by design (sliding window) add it to the visible keys
+(``REFERENCE_BANDS``); unnormalised variants (retention) are out_i = Σ_j K_ij v_j (``UNNORMALISED``).
 """
 
 import math
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 import efficient_attn as ea
 from efficient_attn.attention.features import KERNELS
 
-from .conftest import make_qkv
+from .conftest import make_qkv, skip_unsupported
 
 
 def kernel_softmax(attn, q, k, h):
@@ -53,10 +55,42 @@ def kernel_favor(attn, q, k, h):
     return phi(x_q) @ phi(x_k).T
 
 
+def kernel_taylor(attn, q, k, h):
+    """Based: 1 + t + t²/2 with t = q̃·k̃/√d', q̃ = q W_h, k̃ = k W_h (2nd-order Taylor of exp(t))."""
+    t = (q @ attn.weight[h]) @ (k @ attn.weight[h]).T / math.sqrt(attn.feature_dim)
+    return 1 + t + t**2 / 2
+
+
+def kernel_cosformer(attn, q, k, h):
+    """(ReLU(q_i) + ε)·(ReLU(k_j) + ε) · cos(π/2 · (i − j)/M), i, j the row and column indices."""
+    i = torch.arange(q.shape[0], dtype=torch.float64)[:, None]
+    j = torch.arange(k.shape[0], dtype=torch.float64)[None, :]
+    relu = (torch.relu(q) + attn.kernel_eps) @ (torch.relu(k) + attn.kernel_eps).T
+    return relu * torch.cos(math.pi / 2 * (i - j) / attn.max_len)
+
+
+def kernel_retention(attn, q, k, h):
+    """γ_h^{i−j} · scale · q_i·k_j, unnormalised (the causal mask keeps j ≤ i)."""
+    gap = torch.arange(q.shape[0])[:, None] - torch.arange(k.shape[0])[None, :]  # (L, S): i − j
+    return attn.gammas[h] ** gap.clamp_min(0).double() * (q @ k.T) * attn.scale
+
+
+def band_sliding_window(attn, length, s):
+    """|i − j| < window (with the causal mask: i − window < j ≤ i)."""
+    gap = torch.arange(length)[:, None] - torch.arange(s)[None, :]  # (L, S): i − j
+    return gap.abs() < attn.window
+
+
 REFERENCE_KERNELS = {
     "softmax": kernel_softmax, "dot": kernel_dot, "bilinear": kernel_bilinear,
     "additive": kernel_additive, "linear": kernel_linear, "favor": kernel_favor,
+    "taylor": kernel_taylor, "cosformer": kernel_cosformer,
+    "sliding_window": kernel_softmax, "retention": kernel_retention,
 }
+# variants that see only some keys by design: name -> (attn, L, S) -> (L, S) bool, True = may attend
+REFERENCE_BANDS = {"sliding_window": band_sliding_window}
+# variants whose output is Σ_j K_ij v_j, not divided by Σ_j K_ij (RetNet normalises outside the core)
+UNNORMALISED = {"retention"}
 
 
 def reference(name, attn, q, k, v, mask=None, causal=False):
@@ -71,9 +105,14 @@ def reference(name, attn, q, k, v, mask=None, causal=False):
                 visible &= ~mask[b][None, :]
             if causal:
                 visible &= torch.ones(L, S, dtype=torch.bool).tril()
+            if name in REFERENCE_BANDS:
+                visible &= REFERENCE_BANDS[name](attn, L, S)
             K = torch.where(visible, K, torch.zeros_like(K))
             seen = visible.any(-1)  # (L,): rows that see no key stay zero
-            out[b, h, seen] = (K @ v[b, h])[seen] / K.sum(-1, keepdim=True)[seen]
+            if name in UNNORMALISED:
+                out[b, h, seen] = (K @ v[b, h])[seen]
+            else:
+                out[b, h, seen] = (K @ v[b, h])[seen] / K.sum(-1, keepdim=True)[seen]
     return out
 
 
@@ -111,6 +150,7 @@ def test_matches_reference(name, causal):
     mask = torch.zeros(2, 11, dtype=torch.bool)
     mask[0, 8:] = True  # right padding
     mask[1, :2] = True  # left padding: under causal, rows 0-1 see nothing -> zeros
+    skip_unsupported(name, lambda: attn(q, k, v, causal=causal), causal=causal)
     for m in (None, mask):
         got = attn(q, k, v, key_padding_mask=m, causal=causal)
         want = reference(name, attn, q, k, v, m, causal)
@@ -125,6 +165,7 @@ def test_cross_attention_matches_reference(name):
     q, k, v = make_qkv(b=2, h=2, length=5, s=9, d=8, dv=3)
     mask = torch.zeros(2, 9, dtype=torch.bool)
     mask[1, 6:] = True
+    skip_unsupported(name, lambda: attn(q, k, v, key_padding_mask=mask), cross=True)
     got = attn(q, k, v, key_padding_mask=mask)
     torch.testing.assert_close(got, reference(name, attn, q, k, v, mask), rtol=1e-10, atol=1e-11)
 

@@ -12,7 +12,7 @@ from efficient_attn.transformer import (
     TransformerLM,
 )
 
-from .conftest import make_qkv
+from .conftest import make_qkv, site_specs
 
 CFG = TransformerConfig(d_model=16, num_heads=2, d_ff=32, encoder_layers=2, decoder_layers=2, max_len=64,
                         positional="learned", tie_embeddings=False)  # untied: an output layer built last
@@ -26,11 +26,14 @@ MODELS = ["seq2seq", "classifier", "lm"]
 
 
 def build(kind: str, spec: AttentionSpec, seed: int = 3) -> torch.nn.Module:
+    """``spec`` at every site it can serve (softmax at the others: no encoder for a causal-only variant)."""
     torch.manual_seed(seed)
+    sites = site_specs(spec)
     if kind == "seq2seq":
-        return Seq2SeqTransformer(CFG, 20, encoder_attention=spec, decoder_attention=spec, cross_attention=spec)
+        return Seq2SeqTransformer(CFG, 20, encoder_attention=sites["encoder"], decoder_attention=sites["decoder"],
+                                  cross_attention=sites["cross"])
     if kind == "classifier":
-        return TransformerClassifier(CFG, 20, 5, attention=spec)
+        return TransformerClassifier(CFG, 20, 5, attention=sites["encoder"])
     return TransformerLM(CFG, 20, attention=spec)
 
 

@@ -1,8 +1,10 @@
 """The training app: every config composes and checks, every task × attention runs a fast_dev_run
 through the real config path, translation learns, resume continues, and bad input fails clearly."""
 
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -14,9 +16,12 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import efficient_attn as ea
+from efficient_attn.attention.base import unsupported_use
+from efficient_attn.transformer import SITE_USE, AttentionSpec
 from tasks import translation
 from tasks.data import DataError
-from tasks.train import CONFIG_DIR, ConfigError, check_config, peak_memory_mib, reset_peak_memory, run
+from tasks.train import CONFIG_DIR, TASKS, ConfigError, check_config, peak_memory_mib, reset_peak_memory, run
+from tests.conftest import site_specs
 from tests.helpers import SHARED_DATA, LossLog
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,12 +52,24 @@ def config_files(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
 
 
+def cannot_run(task: str, attention: str) -> str | None:
+    """Why configs/attention/<attention>.yaml cannot serve an attention site of the task's model (a
+    causal-only variant is no encoder, a self-attention-only one no cross-attention), or None."""
+    cls = ea.get_attention_class(config(f"attention={attention}").attention.name)
+    problems = [unsupported_use(cls, **SITE_USE[site]) for site in importlib.import_module(TASKS[task]).ATTENTION_SITES]
+    return next((p for p in problems if p), None)
+
+
 @pytest.mark.parametrize("group", ["task", "attention", "model", "trainer", "logger", "experiment"])
 def test_every_config_file_composes_and_checks(group):
     files = config_files(group)
     assert files, f"configs/{group}/ is empty"
     for name in files:
         cfg = config(f"{group}={name}")
+        if group == "attention" and cannot_run(cfg.task.name, name):  # refused clearly; checked on a decoder-only task
+            with pytest.raises(ConfigError, match=re.escape(cannot_run(cfg.task.name, name))):
+                check_config(cfg)
+            cfg = config(f"{group}={name}", "task=lm")
         check_config(cfg)
         if group == "attention":
             assert cfg.attention.name in ea.list_attentions()
@@ -63,6 +80,11 @@ def test_every_config_file_composes_and_checks(group):
 def test_fast_dev_run_every_task_and_attention(tmp_path, task, attention):
     if task == "lm" and not SHARED_DATA.exists():
         pytest.skip("needs ../shared/data")
+    problem = cannot_run(task, attention)
+    if problem:  # the config check refuses it, naming the reason: nothing to run
+        with pytest.raises(ConfigError, match=re.escape(problem)):
+            check_config(tiny(task, attention))
+        pytest.skip(f"attention={attention} cannot run task={task}: {problem}")
     record = run(tiny(task, attention, "++trainer.fast_dev_run=true"), tmp_path)
     assert record["attention"] == config(f"attention={attention}").attention.name
     assert record["num_parameters"] > 0 and record["train_tokens_per_s"] > 0
@@ -73,10 +95,15 @@ def test_fast_dev_run_every_task_and_attention(tmp_path, task, attention):
 
 @pytest.mark.parametrize("attention", ea.list_attentions())
 def test_translation_loss_falls(tmp_path, attention):
+    """``attention`` at every site it can serve; softmax at the others (a causal-only variant trains
+    as the decoder's self-attention, a self-attention-only one not as cross-attention)."""
     log = LossLog()
+    softmax_sites = [f"++model.{site}_attention={{name: softmax, kwargs: {{}}}}"
+                     for site, spec in site_specs(AttentionSpec(attention)).items() if spec.name != attention]
     cfg = config("experiment=quickstart", f"attention={'favor_plus' if attention == 'favor' else attention}",
                  "logger=none", "task.synthetic_sizes=[2560,16,16]", "trainer.max_epochs=1", "test=false",
-                 "trainer.limit_val_batches=0", "optim.warmup_steps=5", "optim.schedule=constant", *QUIET)
+                 "trainer.limit_val_batches=0", "optim.warmup_steps=5", "optim.schedule=constant", *softmax_sites,
+                 *QUIET)
     run(cfg, tmp_path, callbacks=[log])
     assert len(log.losses) == 40 and log.fell(), log.losses
 

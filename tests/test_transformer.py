@@ -16,6 +16,8 @@ from efficient_attn.transformer import (
     sinusoid_table,
 )
 
+from .conftest import site_specs
+
 VOCAB, BOS, EOS, PAD = 40, 2, 3, 0
 
 
@@ -29,8 +31,10 @@ def config(**kw) -> TransformerConfig:
 
 
 def seq2seq(name: str, **kw) -> Seq2SeqTransformer:
-    s = spec(name)
-    model = Seq2SeqTransformer(config(**kw), VOCAB, encoder_attention=s, decoder_attention=s, cross_attention=s)
+    """``name`` at every site it can serve, softmax at the others (``site_specs``)."""
+    s = site_specs(spec(name))
+    model = Seq2SeqTransformer(config(**kw), VOCAB, encoder_attention=s["encoder"], decoder_attention=s["decoder"],
+                               cross_attention=s["cross"])
     return model.double().eval()
 
 
@@ -157,7 +161,8 @@ def test_too_long_input_and_bad_attention_raise():
         TransformerLM(config(), VOCAB, attention=AttentionSpec("favor", {"num_feature": 8}))
 
 
-@pytest.mark.parametrize("name, constant", [("favor", True), ("linear", True), ("softmax", False), ("additive", False)])
+@pytest.mark.parametrize("name, constant", [("favor", True), ("linear", True), ("softmax", False), ("additive", False),
+                                            ("retention", True)])
 def test_decoding_state_is_constant_size_for_kernelized_attention(name, constant):
     model = TransformerLM(config(), VOCAB, attention=spec(name)).eval()
     state, sizes = model.start(), []

@@ -1,6 +1,8 @@
 """Attention variants; importing this package registers every one of them."""
 
-from . import additive, bilinear, dot, favor, linear, softmax  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    additive, bilinear, cosformer, dot, favor, linear, retention, sliding_window, softmax, taylor,
+)
 from .base import Attention
 from .kernel import KernelAttention
 

@@ -21,12 +21,15 @@ class Attention(nn.Module):
     """Base class: validates inputs, then calls :meth:`attend`.
 
     Subclasses implement ``attend(q, k, v, key_padding_mask, causal)`` on validated tensors and set
-    ``supports_causal`` / ``supports_key_padding`` to False for options they cannot honour
-    (those then raise instead of being ignored).
+    ``supports_causal`` / ``supports_key_padding`` / ``supports_noncausal`` /
+    ``supports_cross_attention`` to False for uses they cannot honour (those then raise, with the
+    message of :func:`unsupported_use`, instead of being ignored).
     """
 
     supports_causal: bool = True
     supports_key_padding: bool = True
+    supports_noncausal: bool = True  # False: causal-only (a recurrence such as retention)
+    supports_cross_attention: bool = True  # False: needs S == L, query i and key i the same position
     seed: int | None = None  # an explicit seed option; :func:`~efficient_attn.seed_attentions` derives from it
 
     def __init__(self, head_dim: int, num_heads: int) -> None:
@@ -47,12 +50,12 @@ class Attention(nn.Module):
         causal: bool = False,
     ) -> Tensor:
         check_inputs(q, k, v, key_padding_mask, causal, self.num_heads, self.head_dim)
-        name = type(self).__name__
-        if causal and not self.supports_causal:
-            raise ValueError(f"{name} does not support causal=True")
+        problem = unsupported_use(type(self), causal=causal, cross=q.shape[-2] != k.shape[-2])
+        if problem:
+            raise ValueError(problem)
         if key_padding_mask is not None:
             if not self.supports_key_padding:
-                raise ValueError(f"{name} does not support key_padding_mask")
+                raise ValueError(f"{type(self).__name__} does not support key_padding_mask")
             pad = key_padding_mask[:, None, :, None]  # (B, 1, S, 1)
             k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)  # padding (even inf/NaN) cannot leak
         return self.attend(q, k, v, key_padding_mask, causal)
@@ -85,7 +88,11 @@ class Attention(nn.Module):
 
         This default keeps k, v and the mask; kernelized variants keep Σ_j φ(k_j)[v_j, 1]ᵀ, so each
         step costs O(M·Dv) whatever the source length. Every tensor is batch-first.
+        Variants that cannot cross-attend (:func:`unsupported_use`) raise here.
         """
+        problem = unsupported_use(type(self), causal=False, cross=True)
+        if problem:
+            raise ValueError(problem)
         return {"k": k, "v": v, "mask": key_padding_mask}
 
     def attend_memory(self, q: Tensor, memory: dict[str, Tensor | None]) -> Tensor:
@@ -110,6 +117,23 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, num_heads={self.num_heads}"
+
+
+def unsupported_use(cls: type[Attention], *, causal: bool, cross: bool) -> str | None:
+    """Why ``cls`` cannot run (non-)causal self- or cross-attention (its ``supports_*`` flags), or None.
+
+    Forward raises this message; ``AttentionSpec.check`` reports it for a model's attention sites.
+    """
+    name = cls.__name__
+    if causal and not cls.supports_causal:
+        return f"{name} does not support causal=True"
+    if not causal and not cls.supports_noncausal:
+        return (f"{name} is causal-only: it needs causal=True (decoder self-attention), "
+                "not non-causal encoder or cross-attention")
+    if cross and not cls.supports_cross_attention:
+        return (f"{name} is self-attention only: it needs keys aligned with the queries (S == L), "
+                "not cross-attention over another sequence")
+    return None
 
 
 @contextmanager

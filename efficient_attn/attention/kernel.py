@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Attention, check_inputs, check_step
+from .base import Attention, check_inputs, check_step, unsupported_use
 from .causal_linear import causal_linear_attention
 
 _PADDED_LOG_SCALE = -1e30  # below any real key's log-scale; finite, so differences stay defined
@@ -103,6 +103,9 @@ class KernelAttention(Attention):
         self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None
     ) -> dict[str, Tensor | None]:
         """Σ_j φ(k_j)[v_j, 1]ᵀ over the (unpadded) memory: (B, H, M, Dv+1), computed once."""
+        problem = unsupported_use(type(self), causal=False, cross=True)
+        if problem:
+            raise ValueError(problem)
         check_inputs(k, k, v, key_padding_mask, False, self.num_heads, self.head_dim)
         with torch.autocast(k.device.type, enabled=False):
             _, k, v1 = _upcast_with_ones(k, k, v)  # v1 (B, H, S, Dv+1)

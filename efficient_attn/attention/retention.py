@@ -1,0 +1,149 @@
+"""Retention (Sun et al. 2023, "Retentive Network: A Successor to Transformer for Large Language Models")."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..registry import register_attention
+from .base import Attention, check_inputs, check_step
+
+
+@register_attention("retention")
+class RetentionAttention(Attention):
+    """RetNet's retention: causal, unnormalised, a fixed decay γ_h per head.
+
+    out_t = Σ_{j≤t} γ_h^{t−j} (scale · q_t·k_j) v_j,  γ_h = 1 − 2^{−5−h} for head h = 0..H−1 (RetNet),
+    or ``gammas``: one value for every head or one per head, each in (0, 1] (γ = 1: no decay);
+    scale = 1/√d by default (RetNet scales k by d^{−1/2}). No softmax and no normaliser: RetNet
+    normalises each head with a GroupNorm (and gates it) outside this core, so rows are not weighted
+    averages (their weights can be negative and need not sum to one).
+    Three forms that agree: parallel (an (L, L) decay mask; :func:`parallel_retention`, the reference
+    for short sequences), chunked (the forward: ``chunk_size`` C rows at once, a (D, Dv) state carried
+    across chunks and decayed by γ^C; O(L·C·D + L·D·Dv) time, O(L·C + (L/C)·D·Dv) memory) and
+    recurrent (:meth:`decode_step`: S_t = γ S_{t−1} + k_tᵀ v_t, out_t = scale · q_t S_t, S (B, H, D, Dv)).
+    Masks: causal only (``causal=False`` raises: retention is a causal recurrence); self-attention
+    only (S ≠ L raises); key padding yes: padded keys and values are zeroed, so they add nothing
+    (they still count as positions in the decay), and a row that sees no real key outputs zeros.
+    Computed in float32 (float64 stays float64), also under autocast; the output comes in v's dtype.
+    """
+
+    supports_noncausal = False
+    supports_cross_attention = False
+
+    def __init__(
+        self,
+        head_dim: int,
+        num_heads: int,
+        *,
+        gammas: float | Sequence[float] | None = None,
+        scale: float | None = None,
+        chunk_size: int = 64,
+    ) -> None:
+        super().__init__(head_dim, num_heads)
+        self.gammas = _gammas(gammas, num_heads)  # a tuple of floats: not a buffer, so no cast rounds it
+        if scale is not None and not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale!r}")
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        self.scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+        self.chunk_size = chunk_size
+
+    def log_gammas(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """(H,) log γ_h, computed in float64 and then cast."""
+        return torch.tensor(self.gammas, dtype=torch.float64, device=device).log().to(dtype)
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool
+    ) -> Tensor:
+        # causal=False and S ≠ L were refused by the base class; padded k, v are zero already
+        out_dtype = v.dtype
+        with torch.autocast(q.device.type, enabled=False):
+            q, k, v = _upcast(q, k, v)
+            log_gamma = self.log_gammas(q.dtype, q.device)  # (H,)
+            out = chunked_retention(q * self.scale, k, v, log_gamma, self.chunk_size)  # (B, H, L, Dv)
+        return out.to(out_dtype)
+
+    def decode_step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The recurrent form, O(D·Dv) per step whatever t: state ``kv`` = S_t (B, H, D, Dv)."""
+        check_step(q, k, v)
+        check_inputs(q, k, v, None, True, self.num_heads, self.head_dim)
+        out_dtype = v.dtype
+        with torch.autocast(q.device.type, enabled=False):
+            q, k, v = _upcast(q, k, v)
+            kv = k.transpose(-1, -2) @ v  # (B, H, D, Dv): k_tᵀ v_t
+            if state is not None:
+                gamma = self.log_gammas(q.dtype, q.device).exp()[:, None, None]  # (H, 1, 1)
+                kv = state["kv"] * gamma + kv  # S_t = γ S_{t−1} + k_tᵀ v_t
+            out = (q * self.scale) @ kv  # (B, H, 1, Dv)
+        return out.to(out_dtype), {"kv": kv}
+
+    def extra_repr(self) -> str:
+        gammas = ", ".join(f"{g:.6g}" for g in self.gammas)
+        return f"{super().extra_repr()}, gammas=({gammas}), scale={self.scale:.4g}, chunk_size={self.chunk_size}"
+
+
+def _gammas(gammas: float | Sequence[float] | None, num_heads: int) -> tuple[float, ...]:
+    """RetNet's γ_h = 1 − 2^{−5−h} by default; else one γ for all heads or one per head, each in (0, 1]."""
+    if gammas is None:
+        return tuple(1.0 - 2.0 ** (-5 - h) for h in range(num_heads))
+    if isinstance(gammas, (int, float)) and not isinstance(gammas, bool):
+        values = [float(gammas)] * num_heads
+    elif isinstance(gammas, Sequence) and not isinstance(gammas, str):
+        values = [float(g) for g in gammas]
+    else:
+        raise ValueError(f"gammas must be a float or a list of {num_heads} floats (one per head), got {gammas!r}")
+    if len(values) != num_heads or not all(0.0 < g <= 1.0 for g in values):
+        raise ValueError(f"gammas must be {num_heads} decays (one per head) in (0, 1], got {list(values)}")
+    return tuple(values)
+
+
+def _decay(log_gamma: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """(H, R, C) γ^{i−j} for row positions i and column positions j with j ≤ i, 0 above (no overflow)."""
+    gap = rows[:, None] - cols[None, :]  # (R, C): i − j
+    return torch.exp(log_gamma[:, None, None] * gap.clamp_min(0)).masked_fill(gap < 0, 0.0)
+
+
+def parallel_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor) -> Tensor:
+    """The parallel form: (Q Kᵀ ⊙ D) V, D[i, j] = γ^{i−j} (j ≤ i), an (L, L) mask; q (B, H, L, D) scaled."""
+    pos = torch.arange(q.shape[-2], dtype=q.dtype, device=q.device)  # (L,)
+    return ((q @ k.transpose(-1, -2)) * _decay(log_gamma, pos, pos)) @ v  # (B, H, L, Dv)
+
+
+def chunked_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, chunk_size: int) -> Tensor:
+    """The chunkwise form: q (B, H, L, D) (scaled), k (B, H, L, D), v (B, H, L, Dv), log γ (H,).
+
+    Chunk n's row i (of C): Σ_{j≤i in chunk} γ^{i−j} (q_i·k_j) v_j + γ^{i+1} q_i S_n, where S_n is the
+    state after the previous chunks: S_{n+1} = γ^C S_n + Σ_j γ^{C−1−j} k_jᵀ v_j. The last chunk is
+    padded with zero rows (they add nothing and their outputs are dropped).
+    """
+    b, h, length, d = q.shape
+    c = max(1, min(chunk_size, length))
+    n = -(-length // c)  # chunks
+    pad = (0, 0, 0, n * c - length)
+    qc, kc, vc = (F.pad(t, pad).view(b, h, n, c, -1) for t in (q, k, v))  # (B, H, N, C, ·)
+    pos = torch.arange(c, dtype=q.dtype, device=q.device)  # (C,)
+    out = ((qc @ kc.transpose(-1, -2)) * _decay(log_gamma, pos, pos)[:, None]) @ vc  # (B, H, N, C, Dv)
+    if n > 1:
+        lg = log_gamma[:, None]  # (H, 1)
+        into_state = torch.exp(lg * (c - 1 - pos))[:, None, :, None]  # (H, 1, C, 1): γ^{C−1−j}
+        from_state = torch.exp(lg * (pos + 1))[:, None, :, None]  # (H, 1, C, 1): γ^{i+1}
+        chunk_decay = torch.exp(lg * c)[..., None]  # (H, 1, 1): γ^C
+        kv = (kc * into_state).transpose(-1, -2) @ vc  # (B, H, N, D, Dv): each chunk's Σ_j γ^{C−1−j} k_jᵀ v_j
+        states = [kv.new_zeros(b, h, d, kv.shape[-1])]  # S_0 = 0
+        for i in range(n - 1):
+            states.append(states[-1] * chunk_decay + kv[:, :, i])  # (B, H, D, Dv)
+        out = out + (qc * from_state) @ torch.stack(states, dim=2)  # (B, H, N, C, Dv)
+    return out.reshape(b, h, n * c, -1)[:, :, :length]  # (B, H, L, Dv)
+
+
+def _upcast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v in float32 (float64 stays float64)."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.to(dtype), k.to(dtype), v.to(dtype)

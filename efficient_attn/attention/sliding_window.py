@@ -1,0 +1,112 @@
+"""Sliding-window (local) softmax attention (Longformer, Beltagy et al. 2020; Mistral 7B, Jiang et al. 2023)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..registry import register_attention
+from .base import Attention, check_inputs, check_step
+
+
+@register_attention("sliding_window")
+class SlidingWindowAttention(Attention):
+    """Softmax attention over a band of w = ``window`` keys around each query.
+
+    out_i = Σ_{j∈W(i)} softmax_j(scale · q_i·k_j) v_j,  W(i) = {j : |i − j| < w} (bidirectional) or
+    {j : i − w < j ≤ i} (causal: the query itself and the w − 1 keys before it); scale = 1/√d by default.
+    Blocked: rows in blocks of w queries, each against its own key block and the neighbouring one(s)
+    (2 blocks causal, 3 bidirectional) under a banded mask: O(L·w·d) time, O(L·w) memory, and no
+    (L, L) tensor ever exists. Row max subtracted (softmax); a row that sees no key outputs zeros.
+    Masks: key padding yes; causal yes. Self-attention only: query i and key i are the same position,
+    so cross-attention (S ≠ L) raises. Decoding keeps the last w keys/values (a cache bounded by w).
+    Computed in float32 (float64 stays float64), also under autocast; the output comes in v's dtype.
+    """
+
+    supports_cross_attention = False
+
+    def __init__(self, head_dim: int, num_heads: int, *, window: int = 64, scale: float | None = None) -> None:
+        super().__init__(head_dim, num_heads)
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"window must be a positive int, got {window!r}")
+        if scale is not None and not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale!r}")
+        self.window = window
+        self.scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool
+    ) -> Tensor:
+        out_dtype = v.dtype
+        with torch.autocast(q.device.type, enabled=False):
+            q, k, v = _upcast(q, k, v)
+            out = banded_softmax_attention(q, k, v, key_padding_mask, causal, self.window, self.scale)
+        return out.to(out_dtype)
+
+    def decode_step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One causal step against the last w keys; the state is those keys/values, (B, H, ≤ w, ·)."""
+        check_step(q, k, v)
+        check_inputs(q, k, v, None, True, self.num_heads, self.head_dim)
+        if state is not None:
+            k = torch.cat([state["k"], k], dim=2)[:, :, -self.window :]  # (B, H, ≤w, D): what this query sees
+            v = torch.cat([state["v"], v], dim=2)[:, :, -self.window :]  # (B, H, ≤w, Dv)
+        with torch.autocast(q.device.type, enabled=False):
+            q32, k32, v32 = _upcast(q, k, v)
+            weights = (q32 @ k32.transpose(-1, -2) * self.scale).softmax(-1)  # (B, H, 1, ≤w)
+            out = weights @ v32  # (B, H, 1, Dv)
+        return out.to(v.dtype), {"k": k, "v": v}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, window={self.window}, scale={self.scale:.4g}"
+
+
+def banded_softmax_attention(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool, window: int, scale: float
+) -> Tensor:
+    """q, k (B, H, L, D), v (B, H, L, Dv) -> (B, H, L, Dv), softmax over each query's band of keys.
+
+    Blocks of w = min(window, L) rows (a window past the sequence's length sees all of it); block n's
+    queries meet keys of blocks n−1, n (and n+1 unless causal): a (w, 2w or 3w) score block each.
+    """
+    b, h, length, d = q.shape
+    w = min(window, length)
+    n = -(-length // w)  # number of query blocks
+    span = 2 * w if causal else 3 * w  # keys a block meets
+    right = n * w - length + (0 if causal else w)  # zero keys after the sequence, so every block has a full span
+    qb = F.pad(q, (0, 0, 0, n * w - length)).view(b, h, n, w, d)  # (B, H, N, w, D)
+    kb = F.pad(k, (0, 0, w, right)).unfold(2, span, w)  # (B, H, N, D, span): keys from (n − 1)·w on
+    vb = F.pad(v, (0, 0, w, right)).unfold(2, span, w)  # (B, H, N, Dv, span)
+    allowed = _block_mask(key_padding_mask, b, length, w, span, right, causal, q.device)  # (B, 1, N, w, span)
+    empty = ~allowed.any(-1, keepdim=True)  # (B, 1, N, w, 1): rows that see no key
+    scores = (qb @ kb) * scale  # (B, H, N, w, span)
+    # empty rows are let through to their whole span (finite: padding is zeroed) and zeroed afterwards
+    weights = scores.masked_fill(~(allowed | empty), float("-inf")).softmax(-1)  # row max subtracted inside
+    out = (weights @ vb.transpose(-1, -2)).masked_fill(empty, 0.0)  # (B, H, N, w, Dv)
+    return out.reshape(b, h, n * w, -1)[:, :, :length]  # (B, H, L, Dv)
+
+
+def _block_mask(
+    key_padding_mask: Tensor | None, b: int, length: int, w: int, span: int, right: int, causal: bool,
+    device: torch.device,
+) -> Tensor:
+    """(B, 1, N, w, span) bool: query a of block n (position n·w + a) may attend key c of its span
+    (position n·w − w + c): inside the band, a real position, and not padding."""
+    rows = torch.arange(w, device=device)[:, None]  # (w, 1)
+    cols = torch.arange(span, device=device)[None, :]  # (1, span)
+    offset = cols - w - rows  # (w, span): j − i
+    band = (offset <= 0) & (offset > -w) if causal else offset.abs() < w  # (w, span)
+    real = torch.zeros(b, w + length + right, dtype=torch.bool, device=device)  # (B, w + L + right)
+    real[:, w : w + length] = True if key_padding_mask is None else ~key_padding_mask
+    real = real.unfold(1, span, w)  # (B, N, span)
+    return band & real[:, None, :, None, :]  # (B, 1, N, w, span)
+
+
+def _upcast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v in float32 (float64 stays float64)."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.to(dtype), k.to(dtype), v.to(dtype)
