@@ -60,13 +60,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from scipy import stats
+from .stats import _finite, _is_number, _num, ci_halfwidth, mean_ci, mean_std, paired_p, welch
 
 RESOURCES = ("num_parameters", "steps", "skipped_updates", "train_tokens_per_s", "peak_memory_mib", "wall_time_s")
 HEADLINE = {"translation": "test/bleu", "listops": "test/acc", "lm": "test/bpc", "mqar": "test/acc"}  # --pivot task columns
 LOWER_IS_BETTER = {"lm"}  # left out of the Avg column: an average of accuracy and bits/byte means nothing
 LOSS_LIKE = ("loss", "ppl", "bpc")  # --tune minimises a monitor whose name holds one of these
-CI_LEVEL = 0.95  # --ci, <out>_stats.csv and the --plot bands
 SIGNIFICANT = 0.05  # --paired appends " *" to a p below this
 
 
@@ -124,28 +123,6 @@ def metrics(record: dict[str, Any]) -> dict[str, float | None]:
     return {**row, **{k: record[k] for k in RESOURCES if k in record}}  # older records lack some
 
 
-def mean_std(values: list[float | None]) -> str:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return _num(values[0])
-    return f"{_num(statistics.mean(values))} ± {_num(statistics.stdev(values))}"
-
-
-def _num(x: float) -> str:
-    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
-
-
-def welch(a: list[float], b: list[float]) -> str:
-    """Two-sided Welch t-test p-value, or why there is none."""
-    if len(a) < 2 or len(b) < 2:
-        return "n<2"
-    if statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0:
-        return "1" if statistics.mean(a) == statistics.mean(b) else "0"
-    return f"{stats.ttest_ind(a, b, equal_var=False).pvalue:.3g}"
-
-
 def group(records: list[dict[str, Any]], keys: list[str]) -> dict[str, list[dict[str, Any]]]:
     """Runs by their ``keys`` values, labelled "v1 / v2", sorted by the values (numbers numerically)."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -165,13 +142,6 @@ def _order(value: Any) -> tuple[int, float, str]:
     return (1, 0.0, str(value))
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _finite(values: list[Any]) -> list[float]:
-    """The numbers among ``values`` that are neither None nor nan/inf."""
-    return [float(v) for v in values if _is_number(v) and math.isfinite(v)]
 
 
 def _hashable(value: Any) -> Any:
@@ -203,24 +173,6 @@ def minimises(runs: list[dict[str, Any]]) -> bool:
     if len(monitors) != 1:
         raise SystemExit(f"--tune: the runs of one row monitor different metrics {monitors}")
     return any(word in monitors[0].lower() for word in LOSS_LIKE)
-
-
-def ci_halfwidth(values: list[float]) -> float:
-    """Half-width of the 95% confidence interval of the mean: t(0.975, n-1) · s / √n; 0 for n < 2."""
-    n = len(values)
-    if n < 2:
-        return 0.0
-    return float(stats.t.ppf(0.5 + CI_LEVEL / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n)
-
-
-def mean_ci(values: list[float | None]) -> str:
-    """The cell "mean ± 95% CI half-width" over the finite values; just the mean for one value."""
-    finite = _finite(values)
-    if not finite:
-        return "n/a"
-    if len(finite) == 1:
-        return _num(finite[0])
-    return f"{_num(statistics.mean(finite))} ± {_num(ci_halfwidth(finite))}"
 
 
 def is_state_size(name: str) -> bool:
@@ -331,15 +283,6 @@ def by_seed(row: Row, key: str) -> dict[Any, float]:
         if _finite([flat.get(key)]):
             values[seed] = float(flat[key])
     return values
-
-
-def paired_p(a: list[float], b: list[float]) -> float:
-    """Two-sided paired t-test p of a vs b (n ≥ 2); 1 when every difference is 0, 0 when they are all one
-    non-zero number (the t statistic is undefined there and scipy says nan)."""
-    diffs = [x - y for x, y in zip(a, b)]
-    if all(d == diffs[0] for d in diffs):
-        return 1.0 if diffs[0] == 0 else 0.0
-    return float(stats.ttest_rel(a, b).pvalue)
 
 
 def paired_test(row: Row, base: Row | None, key: str) -> tuple[float | None, float | None, str]:

@@ -9,7 +9,8 @@ import pytest
 from scipy import stats
 
 from tasks import plots
-from tasks.report import ci_halfwidth, main
+from tasks.report import main
+from tasks.stats import ci_halfwidth
 
 T_975_2 = 4.302652729749462  # t distribution, 97.5% quantile, 2 degrees of freedom (from a t table: 4.303)
 ROWS = "attention,config.task.seq_len"
