@@ -7,6 +7,7 @@
 """
 
 from .attention import Attention, KernelAttention
+from .aux_loss import attention_aux_loss
 from .multihead import MultiHeadAttention
 from .registry import (
     attention_options,
@@ -23,6 +24,7 @@ __all__ = [
     "Attention",
     "KernelAttention",
     "MultiHeadAttention",
+    "attention_aux_loss",
     "attention_optimizer_step",
     "attention_options",
     "create_attention",

@@ -2,6 +2,12 @@
 
 What: for each (attention, mode in {causal, noncausal}, L) point, self-attention on random
 q, k, v of shape (B, H, L, D) with requires_grad, one step = ``attn(q, k, v).mean().backward()``.
+Mode ``decode``: generation at context L: the state after an L-token prefix (``attn.prefill``,
+timed as ``prefill_s``), then ``--decode-steps`` timed ``decode_step`` calls (median per token,
+``tokens_per_s`` = B / that); ``state_mib`` is the decoding state after them (a KV cache grows
+with L, a kernel attention's running sum does not). The ``sdpa`` baseline decodes from a
+preallocated KV cache (the usual fast cache; the registry's default cache concatenates).
+A mode a variant cannot run (``supports_*``: retention is causal-only) is recorded as ``n/a``.
 How: each point runs in a fresh subprocess (``python -m efficient_attn.bench --worker JSON``) with
 ``torch.set_num_threads`` and OMP/MKL_NUM_THREADS set, so peak memory is per point. The worker
 builds inputs, reads RSS (``base_rss_mib``), runs 1 warm-up step and ``--repeats`` timed steps
@@ -39,10 +45,11 @@ BASELINES = ["performer_pytorch", "sdpa"]
 FEATURE_ATTENTIONS = {"favor", "performer_pytorch"}  # FLOPs 3 × 8·L·m·d per head (fwd 8Lmd, bwd ≈ 2× fwd)
 QUADRATIC_ATTENTIONS = {"softmax", "dot", "bilinear", "sdpa"}  # FLOPs 3 × 4·L²·d per head, noncausal only
 FAILED = ("timeout", "oom", "error")
+MODES = ("causal", "noncausal", "decode")
 SLOW_STEP_S = 20.0  # predicted seconds per step above which a point is timed once
 FIELDS = ["attention", "mode", "L", "batch", "heads", "head_dim", "num_features", "dtype", "device",
           "threads", "repeats", "status", "time_s", "time_min_s", "peak_rss_mib", "base_rss_mib", "peak_cuda_mib",
-          "gflops", "frac_of_matmul", "torch_version", "message"]
+          "gflops", "frac_of_matmul", "tokens_per_s", "prefill_s", "state_mib", "torch_version", "message"]
 MARK = "BENCH_RESULT "
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 MIB = 2**20
@@ -81,12 +88,99 @@ def _build(spec: dict[str, Any]) -> Callable:
 
         module = FastAttention(dim_heads=spec["head_dim"], nb_features=spec["num_features"], causal=causal)
         return module.to(spec["device"])
+    module = _attention_module(spec)
+    return lambda q, k, v: module(q, k, v, causal=causal)
+
+
+def _attention_module(spec: dict[str, Any]):
+    """The registered attention of ``spec`` with the benchmark's options: ``num_features`` for
+    feature-based variants, ``max_len`` (cosFormer's M) covering every position the point uses."""
     import efficient_attn as ea
 
-    kwargs = {"num_features": spec["num_features"]} if "num_features" in ea.attention_options(name) else {}
+    name, options = spec["attention"], ea.attention_options(spec["attention"])
+    kwargs = {"num_features": spec["num_features"]} if "num_features" in options else {}
+    if "max_len" in options:
+        kwargs["max_len"] = spec["L"] + spec.get("decode_steps", 0) + 1
     module = ea.create_attention(name, head_dim=spec["head_dim"], num_heads=spec["heads"], **kwargs)
-    module = module.to(spec["device"])
-    return lambda q, k, v: module(q, k, v, causal=causal)
+    return module.to(spec["device"])
+
+
+def _state_mib(state: Any) -> float:
+    """Bytes of every tensor in a decoding state, in MiB."""
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size() / MIB
+    if isinstance(state, dict):
+        state = list(state.values())
+    return sum(_state_mib(x) for x in state) if isinstance(state, (list, tuple)) else 0.0
+
+
+class _PreallocatedCache:
+    """The ``sdpa`` decoding baseline: a KV cache allocated once for L + steps positions, written in place."""
+
+    def __init__(self, k: Any, v: Any, capacity: int) -> None:
+        import torch
+
+        b, h, length, d = k.shape
+        self.k = torch.empty(b, h, capacity, d, device=k.device, dtype=k.dtype)  # (B, H, capacity, D)
+        self.v = torch.empty(b, h, capacity, v.shape[-1], device=v.device, dtype=v.dtype)
+        self.k[:, :, :length], self.v[:, :, :length] = k, v
+        self.length = length
+
+    def decode_step(self, q: Any, k: Any, v: Any, state: Any) -> tuple[Any, Any]:
+        import torch.nn.functional as F
+
+        t = self.length
+        self.k[:, :, t : t + 1], self.v[:, :, t : t + 1] = k, v
+        self.length = t + 1
+        out = F.scaled_dot_product_attention(q, self.k[:, :, : t + 1], self.v[:, :, : t + 1])  # (B, H, 1, Dv)
+        return out, {"k": self.k, "v": self.v}
+
+
+def run_decode(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time ``decode_steps`` generation steps after an L-token prefix; no gradients."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    device, cuda = torch.device(spec["device"]), spec["device"].startswith("cuda")
+    dtype = getattr(torch, DTYPES[spec["dtype"]])
+    steps = spec["decode_steps"]
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (spec["batch"], spec["heads"], spec["L"], spec["head_dim"])
+    k, v = (torch.randn(shape, generator=gen, device=device, dtype=dtype) for _ in range(2))  # (B, H, L, D)
+    new = [torch.randn(3, *shape[:2], 1, shape[3], generator=gen, device=device, dtype=dtype) for _ in range(steps + 1)]
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        base_rss = _rss_mib()
+        sync()
+        start = time.perf_counter()
+        if spec["attention"] == "sdpa":
+            module, state = _PreallocatedCache(k, v, spec["L"] + steps + 1), None
+        else:
+            module = _attention_module(spec).eval()
+            state = module.prefill(k, v)
+        sync()
+        prefill_s = time.perf_counter() - start
+        del k, v
+        times = []
+        for i, (q1, k1, v1) in enumerate(new):  # step 0 is the warm-up
+            start = time.perf_counter()
+            _, state = module.decode_step(q1, k1, v1, state)
+            sync()
+            if i:
+                times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {
+        "status": "ok", "time_s": median, "time_min_s": min(times), "tokens_per_s": spec["batch"] / median,
+        "prefill_s": prefill_s, "state_mib": _state_mib(state), "base_rss_mib": base_rss,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mib": torch.cuda.max_memory_allocated() / MIB if cuda else None,
+    }
 
 
 def run_point(spec: dict[str, Any]) -> dict[str, Any]:
@@ -155,7 +249,10 @@ def worker_main(spec_json: str) -> None:
     try:
         if not spec["device"].startswith("cuda"):
             _cap_address_space()
-        result = (run_matmul if spec["attention"] == "matmul" else run_point)(spec)
+        if spec["attention"] == "matmul":
+            result = run_matmul(spec)
+        else:
+            result = (run_decode if spec["mode"] == "decode" else run_point)(spec)
     except Exception as exc:  # recorded, not raised: one failure must not end the benchmark
         text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
         oom = isinstance(exc, MemoryError) or re.search(r"out of memory|can't allocate", str(exc), re.I)
@@ -207,23 +304,39 @@ def make_row(name: str, mode: str, length: int, cfg: dict[str, Any], result: dic
     row = {key: cfg.get(key) for key in FIELDS} | {"attention": name, "mode": mode, "L": length}
     row["num_features"] = cfg["num_features"] if name in FEATURE_ATTENTIONS else None
     row.update({key: result.get(key) for key in FIELDS if key in result})
-    count = flops(name, mode == "causal", length, cfg)
+    count = flops(name, mode == "causal", length, cfg) if mode != "decode" else None
     if row["status"] == "ok" and count and row["time_s"]:
         row["gflops"] = count / row["time_s"] / 1e9
         row["frac_of_matmul"] = row["gflops"] / peak_gflops if peak_gflops else None
     return row
 
 
+def not_applicable(name: str, mode: str) -> str | None:
+    """Why ``name`` cannot run ``mode`` (a causal-only variant non-causally; a baseline without decoding)."""
+    if mode == "decode":
+        return "performer-pytorch has no incremental decoding" if name == "performer_pytorch" else None
+    if name in BASELINES:
+        return None
+    import efficient_attn as ea
+    from efficient_attn.attention.base import unsupported_use
+
+    return unsupported_use(ea.get_attention_class(name), causal=mode != "noncausal", cross=False)
+
+
 def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) -> list[dict[str, Any]]:
     """All lengths of one (attention, mode). After a failure the larger L are skipped; a point whose
     step is predicted (quadratically from the last one) to overrun the time limit is skipped too,
-    and one predicted to take over ``SLOW_STEP_S`` per step is timed once instead of ``repeats`` times."""
+    and one predicted to take over ``SLOW_STEP_S`` per step is timed once instead of ``repeats`` times.
+    A mode the variant cannot run is ``n/a`` at every L."""
     rows, stop, last = [], None, None
+    reason = not_applicable(name, mode)
     for length in cfg["lengths"]:
-        estimate = estimate_bytes(name, length, cfg)
+        estimate = estimate_bytes(name, length, cfg) if mode != "decode" else None
         step = last[1] * (length / last[0]) ** 2 if last else 0.0  # predicted seconds per step
         repeats = cfg["repeats"] if step < SLOW_STEP_S else 1
-        if stop:
+        if reason:
+            result = {"status": "n/a", "message": reason}
+        elif stop:
             result = {"status": "skipped", "message": stop}
         elif cfg["device"] == "cpu" and estimate and estimate > _available_bytes():
             result = {"status": "skipped", "message": f"estimated {estimate / 2**30:.1f} GiB > available RAM"}
@@ -231,7 +344,7 @@ def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) ->
             result = {"status": "skipped", "message": f"predicted {step:.0f} s per step > time limit"}
         else:
             spec = {key: cfg[key] for key in ("batch", "heads", "head_dim", "num_features", "dtype",
-                                              "device", "threads")}
+                                              "device", "threads", "decode_steps")}
             spec |= {"attention": name, "mode": mode, "L": length, "repeats": repeats}
             result = run_subprocess(spec, cfg["timeout"]) | {"repeats": repeats}
         if result["status"] == "ok":
@@ -249,7 +362,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--attentions", help="comma-separated subset (default: every registered one)")
-    p.add_argument("--modes", default="causal,noncausal")
+    p.add_argument("--modes", default="causal,noncausal",
+                   help="comma-separated from causal, noncausal (forward+backward) and decode (generation "
+                        "after an L-token prefix); default causal,noncausal")
     p.add_argument("--lengths", type=int, nargs="+", help=f"default {DEFAULT_LENGTHS}")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
@@ -259,6 +374,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decode-steps", type=int, default=32,
+                   help="decode mode: timed generation steps per point, after 1 warm-up (default 32)")
     p.add_argument("--timeout", type=float, default=120.0, help="per-point wall limit (s)")
     p.add_argument("--matmul-size", type=int, default=4096)
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
@@ -266,8 +383,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default: bench_out)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    unknown = sorted(set(args.modes.split(",")) - set(MODES))
+    if unknown:
+        p.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
     if args.quick:
         args.repeats, args.matmul_size = 1, min(args.matmul_size, 2048)
+        args.decode_steps = min(args.decode_steps, 8)
     args.lengths = args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
     return args
 

@@ -25,23 +25,30 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    decode = any(r["mode"] == "decode" for r in rows)
+    fig, axes = plt.subplots(1, 3 if decode else 2, figsize=(19 if decode else 13, 5))
     names = list(dict.fromkeys(r["attention"] for r in rows))
     for i, name in enumerate(names):
-        for mode, style in (("noncausal", "-"), ("causal", "--")):
+        for mode, style in (("noncausal", "-"), ("causal", "--"), ("decode", ":")):
             pts = [r for r in rows if r["attention"] == name and r["mode"] == mode and r["status"] == "ok"]
-            for ax, value in zip(axes, (lambda r: r["time_s"], memory_mib)):
+            if not pts:
+                continue
+            panels = [(axes[2], lambda r: r["time_s"] * 1e3), (axes[1], memory_mib)] if mode == "decode" else \
+                [(axes[0], lambda r: r["time_s"]), (axes[1], memory_mib)]
+            for ax, value in panels:
                 xy = [(r["L"], value(r)) for r in pts if (value(r) or 0) > 0]
                 if xy:
                     ax.plot(*zip(*xy), style, marker="o", ms=3, color=f"C{i % 10}", label=f"{name} ({mode})")
     panels = (("forward+backward time", "seconds"),
-              ("peak memory", "MiB (CUDA max allocated, or process peak RSS)"))
+              ("peak memory", "MiB (CUDA max allocated, or process peak RSS)"),
+              ("decoding: time per generated token after L", "milliseconds per step"))
     for ax, (panel, ylabel) in zip(axes, panels):
         ax.set_xscale("log", base=2)
         ax.set(yscale="log", xlabel="sequence length L", ylabel=ylabel, title=panel)
         ax.grid(True, which="both", alpha=0.3)
-    if axes[0].get_legend_handles_labels()[0]:
-        axes[0].legend(fontsize=7, ncol=2)
+    for ax in axes[::2]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, ncol=2)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -106,7 +113,62 @@ def summary(rows: list[dict[str, Any]], cfg: dict[str, Any], machine: str, peak:
     lines += ["", f"- favor faster than sdpa from (noncausal): {crossover(rows, 'noncausal')}",
               f"- favor faster than sdpa from (causal): {crossover(rows, 'causal')}",
               "- favor noncausal at L=8192: " + (f"{frac:.1%} of matmul peak" if frac else "not measured")]
+    lines += against_references(rows, [L for L in (4096, 16384) if L in lengths] or lengths[-2:])
+    lines += decode_table(rows, lengths)
     return "\n".join(lines) + "\n"
+
+
+REFERENCES = ("softmax", "favor")
+
+
+def against_references(rows: list[dict[str, Any]], lengths: list[int]) -> list[str]:
+    """Every attention's forward+backward time at ``lengths``, and its ratio to softmax and favor
+    (same mode, same run; > 1 = slower than the reference)."""
+    get = {(r["attention"], r["mode"], r["L"]): r for r in rows}
+    names = list(dict.fromkeys(r["attention"] for r in rows if r["mode"] in ("causal", "noncausal")))
+    if not names:
+        return []
+
+    def show(row: dict | None) -> str:
+        return "–" if row is None else (f"{row['time_s'] * 1e3:.1f}" if row["status"] == "ok" else row["status"])
+
+    def ratio(row: dict | None, ref: dict | None) -> str:
+        ok = row and ref and row["status"] == ref["status"] == "ok"
+        return f"{row['time_s'] / ref['time_s']:.2f}×" if ok else "–"
+
+    head = ["| attention | mode |"] + [f" L={L} ms | ÷softmax | ÷favor |" for L in lengths]
+    lines = ["", "## Every attention against softmax and favor (forward+backward, same run)", "",
+             "".join(head), "|" + "---|" * (2 + 3 * len(lengths))]
+    for name in names:
+        for mode in ("noncausal", "causal"):
+            cells = []
+            for L in lengths:
+                row = get.get((name, mode, L))
+                cells += [show(row), *(ratio(row, get.get((ref, mode, L))) for ref in REFERENCES)]
+            lines.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def decode_table(rows: list[dict[str, Any]], lengths: list[int]) -> list[str]:
+    """Decoding: ms per generated token after an L-token prefix, the state it keeps, and the speed-up
+    over the registry's softmax KV cache (same run)."""
+    get = {(r["attention"], r["L"]): r for r in rows if r["mode"] == "decode"}
+    names = list(dict.fromkeys(name for name, _ in get))
+    if not names:
+        return []
+    lines = ["", "## Decoding (ms per token after an L-token prefix · state MiB · speed-up over softmax)", "",
+             "| attention | " + " | ".join(f"L={L}" for L in lengths) + " |", "|" + "---|" * (1 + len(lengths))]
+    for name in names:
+        cells = []
+        for L in lengths:
+            row, ref = get.get((name, L)), get.get(("softmax", L))
+            if row is None or row["status"] != "ok":
+                cells.append("–" if row is None else row["status"])
+                continue
+            speed = f" · {ref['time_s'] / row['time_s']:.1f}×" if ref and ref["status"] == "ok" else ""
+            cells.append(f"{row['time_s'] * 1e3:.3g} · {row['state_mib']:.3g}{speed}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def machine_info(device: str, threads: int) -> tuple[str, str]:

@@ -8,13 +8,17 @@ whatever the attentions, so one seed gives the same embeddings, projections and 
 every variant; each core attention draws from its own stream (``efficient_attn.seed_attentions``).
 Decoders also run one token at a time (``decode_step``): O(1) per token in the prefix for
 kernelized attentions (running sums), a key/value cache for the quadratic ones.
+
+Self-attention sites take one :class:`AttentionSpec` (every layer) or a sequence of exactly one
+per layer (a hybrid such as Based: sliding-window and Taylor linear-attention layers); every layer
+is checked for its site, and decoding steps each layer with its own state.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +49,10 @@ class AttentionSpec:
     def check(self, where: str, site: str | None = None) -> None:
         """Name and options exist; with ``site`` (a :data:`SITE_USE` key) the attention can also serve
         there (a causal-only variant is no encoder), else ``ValueError`` naming the site."""
-        cls = get_attention_class(self.name)  # ValueError naming the known attentions
+        try:
+            cls = get_attention_class(self.name)  # ValueError naming the known attentions
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
         unknown = sorted(set(self.kwargs) - set(attention_options(self.name)))
         if unknown:
             raise TypeError(
@@ -55,6 +62,31 @@ class AttentionSpec:
         problem = None if site is None else unsupported_use(cls, **SITE_USE[site])
         if problem:
             raise ValueError(f"{where}: attention {self.name!r} cannot serve as {site} attention: {problem}")
+
+
+def layer_specs(attention: Any, num_layers: int, where: str, site: str) -> list[AttentionSpec]:
+    """One spec per layer of a stack, each checked for ``site`` (a :data:`SITE_USE` key).
+
+    ``attention`` is one :class:`AttentionSpec` (every layer) or a sequence of exactly ``num_layers``
+    (layer i uses entry i; no repetition: a Based-style pattern is tiled by the caller). A wrong
+    length, or a layer whose attention cannot serve ``site``, is a ``ValueError`` naming the layer.
+    """
+    if isinstance(attention, AttentionSpec):
+        attention.check(where, site)
+        return [attention] * num_layers
+    if isinstance(attention, (str, bytes)) or not isinstance(attention, Sequence):
+        raise TypeError(f"{where}: expected an AttentionSpec or a sequence of them, got {attention!r}")
+    specs = list(attention)
+    if len(specs) != num_layers:
+        raise ValueError(
+            f"{where}: {len(specs)} per-layer attention(s) for {num_layers} layer(s); give one AttentionSpec "
+            f"(every layer) or exactly one per layer"
+        )
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, AttentionSpec):
+            raise TypeError(f"{where}, layer {i}: expected an AttentionSpec, got {spec!r}")
+        spec.check(f"{where}, layer {i}", site)
+    return specs
 
 
 @dataclass
@@ -206,11 +238,19 @@ class Block(nn.Module):
 
 
 class Stack(nn.Module):
-    """N blocks plus the final LayerNorm that pre-LN needs."""
+    """N blocks plus the final LayerNorm that pre-LN needs.
 
-    def __init__(self, cfg: TransformerConfig, num_layers: int, **block_kwargs: Any) -> None:
+    ``self_attention``: one spec for every block, or exactly one per block (:func:`layer_specs`);
+    the blocks are built in order, so the shared weights are drawn alike whatever each layer's core.
+    """
+
+    def __init__(
+        self, cfg: TransformerConfig, num_layers: int, self_attention: Any, **block_kwargs: Any
+    ) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(Block(cfg, **block_kwargs) for _ in range(num_layers))
+        site = "decoder" if block_kwargs.get("causal") else "encoder"
+        specs = layer_specs(self_attention, num_layers, f"{site} attention", site)
+        self.layers = nn.ModuleList(Block(cfg, spec, **block_kwargs) for spec in specs)
         self.final_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None, memory=None, memory_mask=None) -> Tensor:
@@ -279,20 +319,22 @@ def _output_layer(cfg: TransformerConfig, vocab_size: int, embedding: nn.Embeddi
 
 class Seq2SeqTransformer(_Decoding, nn.Module):
     """Encoder–decoder (Vaswani et al. 2017). With ``tie_embeddings`` the source, target and output
-    embeddings are one matrix (joint vocabulary), else three."""
+    embeddings are one matrix (joint vocabulary), else three. ``encoder_attention`` /
+    ``decoder_attention``: one spec or one per layer; ``cross_attention``: one spec (every layer)."""
 
     def __init__(
         self,
         cfg: TransformerConfig,
         vocab_size: int,
         *,
-        encoder_attention: AttentionSpec,
-        decoder_attention: AttentionSpec,
+        encoder_attention: AttentionSpec | Sequence[AttentionSpec],
+        decoder_attention: AttentionSpec | Sequence[AttentionSpec],
         cross_attention: AttentionSpec,
     ) -> None:
         super().__init__()
-        for where, spec in (("encoder", encoder_attention), ("decoder", decoder_attention), ("cross", cross_attention)):
-            spec.check(f"{where} attention", where)
+        layer_specs(encoder_attention, cfg.encoder_layers, "encoder attention", "encoder")
+        layer_specs(decoder_attention, cfg.decoder_layers, "decoder attention", "decoder")
+        cross_attention.check("cross attention", "cross")
         self.cfg = cfg
         self.embed_src = TokenEmbedding(vocab_size, cfg)
         shared = self.embed_src.tokens if cfg.tie_embeddings else None
@@ -321,11 +363,14 @@ class Seq2SeqTransformer(_Decoding, nn.Module):
 
 
 class TransformerLM(_Decoding, nn.Module):
-    """Decoder-only causal language model: tokens (B, T) -> next-token logits (B, T, V)."""
+    """Decoder-only causal language model: tokens (B, T) -> next-token logits (B, T, V).
+    ``attention``: one spec for every layer, or exactly one per layer (``cfg.decoder_layers``)."""
 
-    def __init__(self, cfg: TransformerConfig, vocab_size: int, *, attention: AttentionSpec) -> None:
+    def __init__(
+        self, cfg: TransformerConfig, vocab_size: int, *, attention: AttentionSpec | Sequence[AttentionSpec]
+    ) -> None:
         super().__init__()
-        attention.check("decoder attention", "decoder")
+        layer_specs(attention, cfg.decoder_layers, "decoder attention", "decoder")
         self.cfg = cfg
         self.embed_tgt = TokenEmbedding(vocab_size, cfg)
         self.decoder = Stack(cfg, cfg.decoder_layers, self_attention=attention, causal=True)
@@ -341,14 +386,15 @@ class TransformerLM(_Decoding, nn.Module):
 
 
 class TransformerClassifier(nn.Module):
-    """Encoder with mean (over non-padding) or first-token pooling and a linear head: (B, T) -> (B, C)."""
+    """Encoder with mean (over non-padding) or first-token pooling and a linear head: (B, T) -> (B, C).
+    ``attention``: one spec for every layer, or exactly one per layer (``cfg.encoder_layers``)."""
 
     def __init__(
-        self, cfg: TransformerConfig, vocab_size: int, num_classes: int, *, attention: AttentionSpec,
-        pooling: str = "mean",
+        self, cfg: TransformerConfig, vocab_size: int, num_classes: int, *,
+        attention: AttentionSpec | Sequence[AttentionSpec], pooling: str = "mean",
     ) -> None:
         super().__init__()
-        attention.check("encoder attention", "encoder")
+        layer_specs(attention, cfg.encoder_layers, "encoder attention", "encoder")
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         self.cfg, self.pooling = cfg, pooling
@@ -367,15 +413,24 @@ class TransformerClassifier(nn.Module):
 
 
 @torch.no_grad()
-def decode_state_size(model: "TransformerLM", seq_len: int) -> int:
+def decode_state_size(model: "TransformerLM", seq_len: int, layer: int | None = None) -> float:
     """Numbers one decoder layer keeps per sequence after decoding ``seq_len`` tokens (its
     self-attention state, measured by stepping a batch of one): a KV cache is 2·L·d_model, a
-    kernel attention's running sum H·M·(D+1) plus its normaliser terms, whatever L."""
+    kernel attention's running sum H·M·(D+1) plus its normaliser terms, whatever L.
+
+    ``layer`` None: the mean over the decoder's layers (any layer's size when all use one attention;
+    a hybrid's average per layer, e.g. a sliding window's w-bounded cache and a running sum); an int:
+    that layer's. An int when it is whole, else a float.
+    """
     device = next(model.parameters()).device
     state, token = model.start(), torch.zeros(1, dtype=torch.long, device=device)  # (1,)
     for _ in range(seq_len):
         _, state = model.decode_step(token, state)
-    return sum(t.numel() for t in _tensors(state["layers"][0]["self"]))
+    sizes = [sum(t.numel() for t in _tensors(st["self"])) for st in state["layers"]]
+    if layer is not None:
+        return sizes[layer]
+    total, n = sum(sizes), max(len(sizes), 1)
+    return total // n if total % n == 0 else total / n
 
 
 def _tensors(tree: Any) -> list[Tensor]:
@@ -401,6 +456,7 @@ __all__ = [
     "TransformerLM",
     "count_parameters",
     "decode_state_size",
+    "layer_specs",
     "reorder_state",
     "sinusoid_table",
 ]

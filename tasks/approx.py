@@ -1,6 +1,7 @@
 """``efficient-attn-approx``: FAVOR+ approximation error against exact softmax.
 
-Without ``--checkpoint``: the library's sweeps on random inputs (error vs m, vs input scale).
+Without ``--checkpoint``: the library's sweeps on random inputs (output MSE and KL(P ‖ P̂) of the
+attention rows, vs m and vs input scale; :mod:`efficient_attn.analysis.approx`).
 With ``--checkpoint <run>/checkpoints/best-*.ckpt``: on the real queries and keys of a trained model
 (captured by forward hooks on every core attention, one validation batch), per attention site, and
 the error of each layer's output when every attention of the model is swapped to FAVOR+

@@ -33,7 +33,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from efficient_attn.transformer import AttentionSpec
 
-from .base import AttentionConfig, ModelConfig, NonFiniteGuard, OptimConfig, Throughput, transformer_config
+from .base import (AttentionConfig, ModelConfig, NonFiniteGuard, OptimConfig, Throughput, attention_label,
+                   attention_spec, transformer_config)
 from .data import DataError
 from .loggers import LOGGER_KEYS, finish_wandb, make_logger
 from .report import find_runs, markdown, table
@@ -72,17 +73,37 @@ def check_config(cfg: DictConfig) -> Any:
             if "causal" in (chosen.kwargs or {}):
                 raise ConfigError(f"{site} attention: causal is not an attention option; the model sets it per site "
                                   "(decoder self-attention is causal, encoder and cross-attention are not); remove it")
-            spec = AttentionSpec(chosen.name, dict(chosen.kwargs or {}))
-            spec.check(f"{site} attention")
+            if chosen.get("layers") is None:  # a hybrid's name is a label; its layers are checked below
+                AttentionSpec(chosen.name, dict(chosen.kwargs or {})).check(f"{site} attention")
             if site in task.ATTENTION_SITES:  # the task's model has this site: the attention must serve it
                 try:
-                    spec.check(f"{site} attention", site)
+                    specs = attention_spec(cfg, site)  # one spec, or one per layer (hybrids, model.layer_attentions)
                 except ValueError as err:
-                    raise ConfigError(f"task {cfg.task.name}: {err}; choose another attention for this site, "
-                                      f"e.g. ++model.{site}_attention={{name: softmax, kwargs: {{}}}}") from None
+                    raise ConfigError(f"task {cfg.task.name}: {err}") from None
+                _check_site(cfg.task.name, site, specs)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
     return task
+
+
+def _check_site(task: str, site: str, specs: AttentionSpec | list[AttentionSpec]) -> None:
+    """Every layer's attention exists, takes its options and can serve ``site``; errors name the layer."""
+    if isinstance(specs, AttentionSpec):
+        try:
+            specs.check(f"{site} attention", site)
+        except ValueError as err:
+            raise ConfigError(f"task {task}: {err}; choose another attention for this site, "
+                              f"e.g. ++model.{site}_attention={{name: softmax, kwargs: {{}}}}") from None
+        return
+    for i, spec in enumerate(specs):
+        where = f"{site} attention, layer {i}"
+        if "causal" in spec.kwargs:
+            raise ConfigError(f"{where}: causal is not an attention option; the model sets it per site; remove it")
+        try:
+            spec.check(where, site)
+        except ValueError as err:
+            raise ConfigError(f"task {task}: {err}; choose another attention for that layer "
+                              "(model.layer_attentions or the hybrid's attention.layers)") from None
 
 
 def _known(keys: set[str], allowed: set[str], prefix: str) -> None:
@@ -131,7 +152,7 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
         checkpoints = out_dir / "checkpoints"
         best = ModelCheckpoint(dirpath=checkpoints, monitor=module.monitor, mode=module.monitor_mode, save_last=True,
                                filename="best-{step}")
-        throughput, guard = Throughput(), NonFiniteGuard(cfg.nonfinite, cfg.attention.name)
+        throughput, guard = Throughput(), NonFiniteGuard(cfg.nonfinite, attention_label(cfg))
         own = [best, throughput, guard, SaveOnInterrupt(checkpoints / "last.ckpt")]
         if cfg.checkpoint_every:
             own.append(ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=int(cfg.checkpoint_every),
@@ -199,7 +220,7 @@ def _record(cfg, module, trainer, checkpoint, throughput, val, test, fit_s, wall
     return {
         "name": cfg.name,
         "task": cfg.task.name,
-        "attention": cfg.attention.name,
+        "attention": attention_label(cfg),  # attention.name, or the model.layer_attentions joined by "+"
         "seed": cfg.seed,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "metrics": {

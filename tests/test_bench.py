@@ -49,3 +49,30 @@ def test_crossover():
             _row("favor", "noncausal", 4096, 6.0), _row("sdpa", "noncausal", 4096, None, "oom")]
     assert crossover(rows, "noncausal") == "L = 2048"
     assert crossover(rows[:6], "noncausal") == "not reached"
+
+
+@pytest.mark.slow
+def test_decode_mode_and_causal_only_variants(tmp_path):
+    """Decode points time real decoding states (a KV cache grows with L, a running sum does not);
+    retention, causal-only, is n/a non-causally; cosformer gets a max_len covering the positions."""
+    bench.main(["--attentions", "softmax,retention,cosformer", "--modes", "noncausal,decode", "--lengths", "32", "64",
+                "--heads", "2", "--head-dim", "8", "--repeats", "1", "--decode-steps", "2", "--threads", "1",
+                "--matmul-size", "64", "--no-baselines", "--out", str(tmp_path)])
+    rows = {(r["attention"], r["mode"], r["L"]): r for r in csv.DictReader(open(tmp_path / "bench_cpu.csv"))}
+    assert rows["retention", "noncausal", "32"]["status"] == "n/a"
+    assert "causal-only" in rows["retention", "noncausal", "64"]["message"]
+    for name in ("softmax", "retention", "cosformer"):
+        for length in ("32", "64"):
+            row = rows[name, "decode", length]
+            assert row["status"] == "ok" and float(row["tokens_per_s"]) > 0, row
+    state = lambda name, length: float(rows[name, "decode", length]["state_mib"])  # noqa: E731
+    # softmax: 2 × B·H·(L + 3)·D float32 after the prefix, the warm-up and 2 timed steps
+    assert state("softmax", "64") == pytest.approx(2 * 2 * 67 * 8 * 4 / 2**20)
+    assert state("retention", "64") == state("retention", "32") == pytest.approx(2 * 8 * 8 * 4 / 2**20)
+    summary = (tmp_path / "summary_cpu.md").read_text()
+    assert "## Decoding" in summary and "| retention | noncausal | n/a |" in summary
+
+
+def test_unknown_mode_is_an_error(tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(["--modes", "causal,decoding", "--out", str(tmp_path)])

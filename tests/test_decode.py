@@ -18,6 +18,30 @@ def test_step_by_step_equals_causal_forward(name):
     torch.testing.assert_close(stepped, full, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("prefix", [1, 5, 9])
+@pytest.mark.parametrize("name", ea.list_attentions())
+def test_prefill_equals_stepping(name, prefix):
+    """``prefill`` of the first t positions gives the state t steps give, and decoding from it
+    continues the causal forward (t = 5 < the window of the test's sliding window, 9 > it)."""
+    torch.manual_seed(2)
+    kwargs = {"window": 4} if name == "sliding_window" else {}
+    attn = ea.create_attention(name, head_dim=8, num_heads=2, **kwargs).double().eval()
+    q, k, v = make_qkv(b=2, h=2, length=13, d=8, dv=5, scale=2.0)
+    state = attn.prefill(k[:, :, :prefix], v[:, :, :prefix])
+    stepped = None
+    for t in range(prefix):
+        _, stepped = attn.decode_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], stepped)
+    assert state.keys() == stepped.keys()
+    for key in state:
+        torch.testing.assert_close(state[key], stepped[key], rtol=1e-10, atol=1e-12)
+    rows = []
+    for t in range(prefix, 13):
+        out, state = attn.decode_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
+        rows.append(out)
+    full = attn(q, k, v, causal=True)[:, :, prefix:]
+    torch.testing.assert_close(torch.cat(rows, dim=2), full, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("name", ["favor", "linear"])
 def test_kernel_state_is_constant_size(name):
     attn = ea.create_attention(name, head_dim=8, num_heads=2)
@@ -59,3 +83,17 @@ def test_cached_memory_equals_cross_attention(name):
     skip_unsupported(name, lambda: attn.cache_memory(k, v, mask), cross=True)
     cached = attn.attend_memory(q, attn.cache_memory(k, v, mask))
     torch.testing.assert_close(cached, attn(q, k, v, key_padding_mask=mask), rtol=0, atol=1e-12)
+
+
+def test_prefill_fallback_steps_through_the_prefix():
+    """A variant with its own ``decode_step`` but no ``prefill`` gets the stepped state, not a raw cache."""
+    from efficient_attn.attention.base import Attention
+    from efficient_attn.attention.sliding_window import SlidingWindowAttention
+
+    class NoPrefill(SlidingWindowAttention):
+        prefill = Attention.prefill
+
+    attn = NoPrefill(8, 2, window=3).double()
+    _, k, v = make_qkv(b=1, h=2, length=7, d=8)
+    state = attn.prefill(k, v)
+    torch.testing.assert_close(state["k"], k[:, :, -3:], rtol=0, atol=0)

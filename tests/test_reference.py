@@ -41,12 +41,15 @@ def kernel_linear(attn, q, k, h):
 
 
 def kernel_favor(attn, q, k, h):
-    """Performer's features, unstabilized: φ(x) = exp(Wx − ‖x‖²/2)/√m (or trig / relu)."""
+    """Performer's features, unstabilized: φ(x) = exp(Wx − ‖x‖²/2)/√m (or hyperbolic / trig / relu)."""
     w = attn.projection.double()
     m = w.shape[0]
     x_q, x_k = q * attn.head_dim**-0.25, k * attn.head_dim**-0.25
     if attn.kernel == "softmax":
         phi = lambda x: torch.exp(x @ w.T - (x * x).sum(-1, keepdim=True) / 2) / math.sqrt(m)
+    elif attn.kernel == "softmax_hyp":  # exp(−‖x‖²/2)[exp(Wx), exp(−Wx)]/√(2m)
+        phi = lambda x: torch.exp(-(x * x).sum(-1, keepdim=True) / 2) * torch.cat(
+            [torch.exp(x @ w.T), torch.exp(-x @ w.T)], -1) / math.sqrt(2 * m)
     elif attn.kernel == "softmax_trig":
         phi = lambda x: torch.exp((x * x).sum(-1, keepdim=True) / 2) * torch.cat(
             [torch.sin(x @ w.T), torch.cos(x @ w.T)], -1) / math.sqrt(m)
@@ -59,6 +62,14 @@ def kernel_taylor(attn, q, k, h):
     """Based: 1 + t + t²/2 with t = q̃·k̃/√d', q̃ = q W_h, k̃ = k W_h (2nd-order Taylor of exp(t))."""
     t = (q @ attn.weight[h]) @ (k @ attn.weight[h]).T / math.sqrt(attn.feature_dim)
     return 1 + t + t**2 / 2
+
+
+def kernel_hedgehog(attn, q, k, h):
+    """Hedgehog: φ(x) = [softmax(x W_h + b_h), softmax(−(x W_h + b_h))], K = φ(q)·φ(k) (no q, k scaling)."""
+    q_low, k_low = q @ attn.weight[h] + attn.bias[h], k @ attn.weight[h] + attn.bias[h]  # (L, d'), (S, d')
+    positive = torch.softmax(q_low, -1) @ torch.softmax(k_low, -1).T  # (L, S)
+    negative = torch.softmax(-q_low, -1) @ torch.softmax(-k_low, -1).T  # (L, S)
+    return positive + negative
 
 
 def kernel_cosformer(attn, q, k, h):
@@ -84,7 +95,7 @@ def band_sliding_window(attn, length, s):
 REFERENCE_KERNELS = {
     "softmax": kernel_softmax, "dot": kernel_dot, "bilinear": kernel_bilinear,
     "additive": kernel_additive, "linear": kernel_linear, "favor": kernel_favor,
-    "taylor": kernel_taylor, "cosformer": kernel_cosformer,
+    "taylor": kernel_taylor, "cosformer": kernel_cosformer, "hedgehog": kernel_hedgehog,
     "sliding_window": kernel_softmax, "retention": kernel_retention,
 }
 # variants that see only some keys by design: name -> (attn, L, S) -> (L, S) bool, True = may attend

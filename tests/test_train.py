@@ -54,9 +54,14 @@ def config_files(group: str) -> list[str]:
 
 def cannot_run(task: str, attention: str) -> str | None:
     """Why configs/attention/<attention>.yaml cannot serve an attention site of the task's model (a
-    causal-only variant is no encoder, a self-attention-only one no cross-attention), or None."""
-    cls = ea.get_attention_class(config(f"attention={attention}").attention.name)
-    problems = [unsupported_use(cls, **SITE_USE[site]) for site in importlib.import_module(TASKS[task]).ATTENTION_SITES]
+    causal-only variant is no encoder, a self-attention-only one no cross-attention), or None. A
+    per-layer hybrid (``layers``, e.g. based) serves self-attention sites only, each layer checked."""
+    chosen = config(f"attention={attention}").attention
+    sites = importlib.import_module(TASKS[task]).ATTENTION_SITES
+    names = [chosen.name] if chosen.get("layers") is None else [layer.name for layer in chosen.layers]
+    if chosen.get("layers") is not None and "cross" in sites:
+        return "is a per-layer hybrid of self-attentions; cross-attention takes one attention"
+    problems = [unsupported_use(ea.get_attention_class(name), **SITE_USE[site]) for name in names for site in sites]
     return next((p for p in problems if p), None)
 
 
@@ -71,8 +76,9 @@ def test_every_config_file_composes_and_checks(group):
                 check_config(cfg)
             cfg = config(f"{group}={name}", "task=lm")
         check_config(cfg)
-        if group == "attention":
-            assert cfg.attention.name in ea.list_attentions()
+        if group == "attention":  # one registered attention, or a hybrid whose every layer is one
+            layers = cfg.attention.get("layers") or [cfg.attention]
+            assert {layer.name for layer in layers} <= set(ea.list_attentions())
 
 
 @pytest.mark.parametrize("attention", config_files("attention"))

@@ -3,9 +3,12 @@
     efficient-attn-approx --out results/approx_error            # Performer protocol: L=4096, d=16, 15 draws
     efficient-attn-approx --quick --out /tmp/approx              # a smaller, seconds-long version
 
-Writes error_vs_features.{csv,png} (MSE against m) and error_vs_scale.{csv,png} (MSE against the
-input scale at fixed m, with the count of non-finite outputs per point), and logs both to the
-active W&B run, if any.
+Writes error_vs_features.{csv,png} (error against m) and error_vs_scale.{csv,png} (error against the
+input scale at fixed m), and logs both to the active W&B run, if any. Two errors, each mean ± std
+over the draws with its count of non-finite draws: the MSE of the attention output (``mse_*``,
+``non_finite``) and KL(P ‖ P̂) between exact and estimated attention rows on the first ``--kl-rows``
+queries (``kl_*``, ``kl_non_finite``: draws with a row whose estimate has a weight ≤ 0, i.e. trig
+features; see :mod:`efficient_attn.analysis.approx`). The PNGs have an MSE panel and a KL panel.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .approx import ESTIMATORS, error_vs_features, error_vs_scale
+from .approx import ESTIMATORS, KL_ROWS, error_vs_features, error_vs_scale
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -36,34 +39,45 @@ X_LABELS = {
 }
 
 
+KL_LABEL = "KL(P ‖ P̂) of attention rows vs exact softmax"
+
+
 def plot(rows: list[dict[str, Any]], x: str, path: Path, title: str,
          ylabel: str = "MSE of attention output vs exact softmax") -> None:
-    """Log-log mean MSE per estimator with a ±1 std band; points that were all non-finite are left out."""
+    """Log-log mean error per estimator with a ±1 std band: an MSE panel, and a KL panel beside it when
+    the rows have ``kl_mean``; points that were all non-finite are left out (their count is in the legend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for est in dict.fromkeys(r["estimator"] for r in rows):
-        pts = [r for r in rows if r["estimator"] == est and not math.isnan(r["mse_mean"])]
-        if not pts:
-            continue
-        xs = [r[x] for r in pts]
-        mean = [r["mse_mean"] for r in pts]
-        lo = [max(m - r["mse_std"], m * 1e-3) for m, r in zip(mean, pts)]
-        hi = [m + r["mse_std"] for m, r in zip(mean, pts)]
-        bad = sum(r["non_finite"] for r in rows if r["estimator"] == est)
-        (line,) = ax.plot(xs, mean, marker="o", ms=3, label=est + (f" ({bad} non-finite)" if bad else ""))
-        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
-    if x != "layer":
-        ax.set_xscale("log", base=2 if x == "num_features" else 10)
-    ax.set_yscale("log")
-    ax.set_xlabel(X_LABELS[x])
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    panels = [("mse_mean", "mse_std", "non_finite", ylabel)]
+    if "kl_mean" in rows[0]:
+        panels.append(("kl_mean", "kl_std", "kl_non_finite", KL_LABEL))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, (mean_key, std_key, bad_key, label) in zip(axes[0], panels):
+        for i, est in enumerate(dict.fromkeys(r["estimator"] for r in rows)):
+            color = f"C{i % 10}"  # one colour per estimator in both panels
+            bad = sum(r[bad_key] for r in rows if r["estimator"] == est)
+            pts = [r for r in rows if r["estimator"] == est and not math.isnan(r[mean_key])]
+            tag = est + (f" ({bad} non-finite)" if bad else "")
+            if not pts:
+                ax.plot([], [], color=color, label=tag + ", no finite point")
+                continue
+            xs = [r[x] for r in pts]
+            mean = [r[mean_key] for r in pts]
+            lo = [max(m - r[std_key], m * 1e-3) for m, r in zip(mean, pts)]
+            hi = [m + r[std_key] for m, r in zip(mean, pts)]
+            ax.plot(xs, mean, marker="o", ms=3, color=color, label=tag)
+            ax.fill_between(xs, lo, hi, color=color, alpha=0.2)
+        if x != "layer":
+            ax.set_xscale("log", base=2 if x == "num_features" else 10)
+        ax.set_yscale("log")
+        ax.set_xlabel(X_LABELS[x])
+        ax.set_ylabel(label)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -90,6 +104,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
     p.add_argument("--scale-features", type=int, default=256, help="m for the scale sweep")
     p.add_argument("--seed", type=int, default=0, help="seed of q, k, v")
+    p.add_argument("--kl-rows", type=int, default=KL_ROWS,
+                   help="query rows the KL(P ‖ P̂) is measured on (the first ones; 0: no KL)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="L=512, 5 draws, 3 m values, 3 scales: seconds")
     p.add_argument("--out", type=Path, default=Path("approx_out"))
@@ -102,7 +118,7 @@ def run(a: argparse.Namespace) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
     if a.threads:
         torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
-    common = dict(length=a.length, dim=a.dim, draws=a.draws, seed=a.seed, estimators=ESTIMATORS)
+    common = dict(length=a.length, dim=a.dim, draws=a.draws, seed=a.seed, estimators=ESTIMATORS, kl_rows=a.kl_rows)
     by_m = error_vs_features(a.features, scale=a.scale, **common)
     by_scale = error_vs_scale(a.scales, num_features=a.scale_features, **common)
     outputs = {}

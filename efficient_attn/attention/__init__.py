@@ -1,7 +1,7 @@
 """Attention variants; importing this package registers every one of them."""
 
 from . import (  # noqa: F401  (registration)
-    additive, bilinear, cosformer, dot, favor, linear, retention, sliding_window, softmax, taylor,
+    additive, bilinear, cosformer, dot, favor, hedgehog, linear, retention, sliding_window, softmax, taylor,
 )
 from .base import Attention
 from .kernel import KernelAttention

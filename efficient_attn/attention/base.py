@@ -31,6 +31,9 @@ class Attention(nn.Module):
     supports_noncausal: bool = True  # False: causal-only (a recurrence such as retention)
     supports_cross_attention: bool = True  # False: needs S == L, query i and key i the same position
     seed: int | None = None  # an explicit seed option; :func:`~efficient_attn.seed_attentions` derives from it
+    # an auxiliary training loss (scalar, weighted) that the last training-mode forward produced, else
+    # None (Hedgehog distillation); :func:`~efficient_attn.attention_aux_loss` sums and clears them
+    aux_loss: Tensor | None = None
 
     def __init__(self, head_dim: int, num_heads: int) -> None:
         super().__init__()
@@ -80,6 +83,23 @@ class Attention(nn.Module):
             k = torch.cat([state["k"], k], dim=2)  # (B, H, t+1, D)
             v = torch.cat([state["v"], v], dim=2)  # (B, H, t+1, Dv)
         return self(q, k, v), {"k": k, "v": v}
+
+    def prefill(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
+        """The :meth:`decode_step` state after the keys/values of a whole prefix, in one call.
+
+        k (B, H, t, D), v (B, H, t, Dv) for positions 0..t−1 -> the state that t calls of
+        :meth:`decode_step` would return (their outputs are not computed), so decoding continues at
+        position t. This default is the key/value cache; a variant that overrides ``decode_step``
+        without overriding this falls back to stepping through the prefix (correct, O(t) calls).
+        """
+        check_inputs(k, k, v, None, True, self.num_heads, self.head_dim)
+        if type(self).decode_step is Attention.decode_step:
+            return {"k": k, "v": v}
+        state = None
+        for t in range(k.shape[2]):
+            kt, vt = k[:, :, t : t + 1], v[:, :, t : t + 1]  # (B, H, 1, ·)
+            _, state = self.decode_step(kt, kt, vt, state)
+        return state
 
     def cache_memory(
         self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None

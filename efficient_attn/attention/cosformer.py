@@ -66,6 +66,10 @@ class CosformerAttention(KernelAttention):
         phi = torch.relu(x) + self.kernel_eps  # (B, H, N, D)
         return torch.cat([phi * torch.cos(theta), phi * torch.sin(theta)], dim=-1), None  # (B, H, N, 2D)
 
+    def prefill(self, k: Tensor, v: Tensor) -> dict[str, Tensor | int]:
+        """The decoding state after positions 0..t−1: the kernel sum and ``position`` = t."""
+        return super().prefill(k, v) | {"position": k.shape[2]}
+
     def decode_step(
         self, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Tensor | int] | None = None
     ) -> tuple[Tensor, dict[str, Tensor | int]]:

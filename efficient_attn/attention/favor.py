@@ -6,7 +6,15 @@ import torch
 from torch import Tensor
 
 from ..registry import register_attention
-from .features import KERNELS, gaussian_projection, positive_features, relu_features, trig_features
+from .features import (
+    KERNELS,
+    PROJECTIONS,
+    hyperbolic_features,
+    positive_features,
+    random_projection,
+    relu_features,
+    trig_features,
+)
 from .kernel import KernelAttention
 
 
@@ -16,7 +24,15 @@ class FavorAttention(KernelAttention):
 
     out_i = φ(q_i)ᵀ Σ_j φ(k_j) v_jᵀ / φ(q_i)ᵀ Σ_j φ(k_j),  φ(q)·φ(k) ≈ exp(qᵀk/√d);
     kernel="softmax": positive features exp(wᵀx − ‖x‖²/2)/√m (FAVOR+),
+    kernel="softmax_hyp": hyperbolic positive features exp(−‖x‖²/2)[exp(wᵀx), exp(−wᵀx)]/√(2m)
+    (2m features from m projections; unbiased, lower variance than "softmax": Performer Lemma 1),
     kernel="softmax_trig": exp(‖x‖²/2)[sin wᵀx, cos wᵀx] (2m features), kernel="relu": relu(wᵀx) + eps.
+    Projection rows w (each marginally N(0, I)): ``projection`` "iid", "orthogonal" (blocks of d
+    orthogonal directions, ORFs) or "simplex" (blocks of d directions on a regular simplex, pairwise
+    cosine −1/(d−1): SimRFs, Reid et al. 2023, lower kernel-estimate MSE than orthogonal); both block
+    kinds carry chi_d row norms (see ``features.random_projection``). ``projection=None`` takes it
+    from the older flag ``orthogonal`` (False: "iid", else "orthogonal", the default); giving both
+    and contradicting (``orthogonal=True`` with "iid", ``False`` with a block kind) raises ValueError.
     O(L·m·d) time, O(L·(m+d)) memory; causal by chunked prefix sums, O(L·(m+d) + L·chunk) memory.
     Stabilized per key (a log-scale against the largest visible key: see ``kernel`` and ``features``).
     Masks: key padding yes; causal yes. The m×d projection (rows w, shared by all heads) is a
@@ -39,7 +55,8 @@ class FavorAttention(KernelAttention):
         *,
         num_features: int = 256,
         kernel: str = "softmax",
-        orthogonal: bool = True,
+        orthogonal: bool | None = None,
+        projection: str | None = None,
         redraw_interval: int = 0,
         kernel_eps: float = 1e-3,
         seed: int | None = None,
@@ -53,7 +70,9 @@ class FavorAttention(KernelAttention):
                 "need num_features >= 1, redraw_interval >= 0, kernel_eps >= 0; got "
                 f"{num_features}, {redraw_interval}, {kernel_eps}"
             )
-        self.num_features, self.kernel, self.orthogonal = num_features, kernel, orthogonal
+        projection = _resolve_projection(projection, orthogonal)
+        self.num_features, self.kernel, self.projection_kind = num_features, kernel, projection
+        self.orthogonal = projection != "iid"
         self.redraw_interval, self.kernel_eps, self.seed = redraw_interval, kernel_eps, seed
         self.register_buffer("projection", torch.empty(num_features, head_dim))  # (m, d)
         self.register_buffer("num_draws", torch.zeros((), dtype=torch.long))
@@ -67,9 +86,7 @@ class FavorAttention(KernelAttention):
     def redraw_features(self) -> None:
         """Draw a fresh projection from a generator seeded by (``draw_seed``, draw count)."""
         generator = torch.Generator().manual_seed(int(self.draw_seed) * 1_000_003 + int(self.num_draws))
-        w = gaussian_projection(
-            self.num_features, self.head_dim, orthogonal=self.orthogonal, generator=generator
-        )
+        w = random_projection(self.num_features, self.head_dim, self.projection_kind, generator)
         self.projection.copy_(w)
         self.num_draws += 1
         self.steps_since_draw.zero_()
@@ -118,6 +135,8 @@ class FavorAttention(KernelAttention):
         w = self.projection.to(x.dtype)  # (m, d)
         if self.kernel == "softmax":
             return positive_features(x, w, is_query, fresh_grad=fresh_grad)
+        if self.kernel == "softmax_hyp":
+            return hyperbolic_features(x, w, is_query, fresh_grad=fresh_grad)
         if self.kernel == "softmax_trig":
             return trig_features(x, w, is_query)
         return relu_features(x, w, self.kernel_eps)
@@ -125,5 +144,19 @@ class FavorAttention(KernelAttention):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, num_features={self.num_features}, kernel={self.kernel!r}, "
-            f"orthogonal={self.orthogonal}, redraw_interval={self.redraw_interval}"
+            f"projection={self.projection_kind!r}, redraw_interval={self.redraw_interval}"
         )
+
+
+def _resolve_projection(projection: str | None, orthogonal: bool | None) -> str:
+    """The projection kind from ``projection`` and the older ``orthogonal`` flag (None = unset)."""
+    if projection is None:
+        return "iid" if orthogonal is False else "orthogonal"
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    if orthogonal is not None and bool(orthogonal) != (projection != "iid"):
+        raise ValueError(
+            f"orthogonal={orthogonal} contradicts projection={projection!r}: orthogonal is True for the "
+            "block kinds ('orthogonal', 'simplex') and False for 'iid'; give only projection"
+        )
+    return projection

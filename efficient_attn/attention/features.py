@@ -19,27 +19,62 @@ from torch import Tensor
 
 from .differentiable import double_backward_by_recompute
 
-KERNELS = ("softmax", "softmax_trig", "relu")
+KERNELS = ("softmax", "softmax_hyp", "softmax_trig", "relu")
+PROJECTIONS = ("iid", "orthogonal", "simplex")
 
 Features = tuple[Tensor, "Tensor | None"]
+
+
+def random_projection(
+    num_features: int, dim: int, kind: str = "orthogonal", generator: torch.Generator | None = None,
+    *, dtype: torch.dtype | None = None,
+) -> Tensor:
+    """(m, d) matrix whose rows are each marginally N(0, I_d), drawn from ``generator``.
+
+    kind="iid": independent Gaussian rows.
+    kind="orthogonal" (ORFs, Choromanski et al. 2021): blocks of d rows, the d directions of each
+    block orthonormal (one Haar-random d×d rotation per block).
+    kind="simplex" (SimRFs, Reid et al. 2023, "Simplex Random Features"): in each block the d
+    directions are the vertices of a regular simplex centred at 0 (pairwise cosine −1/(d−1)) under
+    one Haar-random rotation: the rows of ``_simplex(d)`` times the same rotation the orthogonal
+    block would use.
+    Both block kinds then scale every row by an independent chi_d norm (the norm of a fresh Gaussian
+    row), so each row is marginally N(0, I_d) and the estimators stay unbiased; the last block is
+    cut to m rows. With the same generator state the two block kinds share rotations and norms.
+    d = 1 has no simplex: it falls back to orthogonal (a single ±1 direction per block).
+    ``dtype``: of the draws (torch's default dtype if None).
+    """
+    if kind not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {kind!r}")
+    if kind == "iid":
+        return torch.randn(num_features, dim, generator=generator, dtype=dtype)
+    simplex = _simplex(dim, dtype) if kind == "simplex" and dim > 1 else None  # (d, d) or None
+    blocks = []
+    for _ in range(math.ceil(num_features / dim)):
+        gauss = torch.randn(dim, dim, generator=generator, dtype=dtype)
+        q, r = torch.linalg.qr(gauss)  # q (d, d) orthogonal
+        q = q * torch.sign(torch.diagonal(r))  # sign fix: makes q Haar-distributed
+        blocks.append(q.T if simplex is None else simplex @ q.T)  # rows: unit directions, rotated
+    rows = torch.cat(blocks)[:num_features]  # (m, d)
+    norms = torch.randn(num_features, dim, generator=generator, dtype=dtype).norm(dim=1)  # (m,) ~ chi_d
+    return rows * norms[:, None]
+
+
+def _simplex(dim: int, dtype: torch.dtype | None = None) -> Tensor:
+    """(d, d): the d vertices of a regular simplex centred at 0, as unit rows in R^d.
+
+    Row i is e_i − 1/d·𝟙 normalised (norm² (d−1)/d): the rows sum to 0 and span the d−1 dimensions
+    orthogonal to 𝟙, with pairwise dot products (−1/d)/((d−1)/d) = −1/(d−1).
+    """
+    centred = torch.eye(dim, dtype=torch.float64) - 1.0 / dim  # (d, d)
+    return (centred * math.sqrt(dim / (dim - 1))).to(dtype or torch.get_default_dtype())
 
 
 def gaussian_projection(
     num_features: int, dim: int, *, orthogonal: bool, generator: torch.Generator | None = None
 ) -> Tensor:
-    """(m, d) matrix of Gaussian rows; orthogonal=True stacks Haar-random orthogonal d×d blocks whose
-    rows are rescaled by chi_d-distributed norms (so each row is marginally N(0, I_d))."""
-    if not orthogonal:
-        return torch.randn(num_features, dim, generator=generator)
-    blocks = []
-    for _ in range(math.ceil(num_features / dim)):
-        gauss = torch.randn(dim, dim, generator=generator)
-        q, r = torch.linalg.qr(gauss)  # q (d, d) orthogonal
-        q = q * torch.sign(torch.diagonal(r))  # sign fix: makes q Haar-distributed
-        blocks.append(q.T)  # rows orthonormal
-    rows = torch.cat(blocks)[:num_features]  # (m, d)
-    norms = torch.randn(num_features, dim, generator=generator).norm(dim=1)  # (m,) ~ chi_d
-    return rows * norms[:, None]
+    """``random_projection`` with kind "orthogonal" or "iid" (the original API)."""
+    return random_projection(num_features, dim, "orthogonal" if orthogonal else "iid", generator)
 
 
 def positive_features(x: Tensor, w: Tensor, is_query: bool, *, fresh_grad: bool = False) -> Features:
@@ -103,6 +138,19 @@ def _positive_features_plain(x: Tensor, w: Tensor, is_query: bool) -> Tensor:
         return phi
     half_sq = x.square().sum(-1, keepdim=True) / 2.0  # (B, H, N, 1)
     return phi * torch.exp(half_sq.detach() - half_sq)  # value unchanged; gradient of −‖x‖²/2
+
+
+def hyperbolic_features(x: Tensor, w: Tensor, is_query: bool, *, fresh_grad: bool = False) -> Features:
+    """Hyperbolic positive features exp(−‖x‖²/2)[exp(wᵢᵀx), exp(−wᵢᵀx)] (2m features; Performer
+    paper, Lemma 1: φ(x)·φ(y) averages exp(−(‖x‖²+‖y‖²)/2)·cosh(wᵢᵀ(x+y)), unbiased for exp(xᵀy),
+    with lower variance than ``positive_features`` with the same m projections).
+
+    These are exactly the positive features of the 2m rows [w; −w], so this is
+    ``positive_features(x, [w; −w])`` with the same stabilisation: r_x = maxᵢ |wᵢᵀx| over the 2m
+    logits ±wᵢᵀx, features in (0, 1], a key's log_scale r_x − ‖x‖²/2, queries' scale dropped; the
+    constant 1/√(2m) cancels and is left out. x (B, H, N, d), w (m, d) -> (B, H, N, 2m), log_scale.
+    """
+    return positive_features(x, torch.cat([w, -w]), is_query, fresh_grad=fresh_grad)  # w: (2m, d)
 
 
 def trig_features(x: Tensor, w: Tensor, is_query: bool) -> Features:

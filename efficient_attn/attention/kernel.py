@@ -99,6 +99,22 @@ class KernelAttention(Attention):
             out1 = self.feature_map(q, is_query=True)[0] @ kv  # (B, H, 1, Dv+1)
         return _normalize(out1).to(out_dtype), new_state
 
+    def prefill(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
+        """The decoding state after keys 0..t−1 in one pass: ``kv`` = Σ_j φ(k_j)[v_j, 1]ᵀ relative to
+        G = the largest key log-scale (``log_scale`` (B, H, 1, 1), the running maximum at t − 1)."""
+        check_inputs(k, k, v, None, True, self.num_heads, self.head_dim)
+        with torch.autocast(k.device.type, enabled=False):
+            _, k, v1 = _upcast_with_ones(k, k, v)  # v1 (B, H, t, Dv+1)
+            phi_k, log_scale = self.prefix_features(k)  # (B, H, t, M), (B, H, t) or None
+            state = {"kv": phi_k.transpose(-1, -2) @ _scale_values(v1, log_scale)}  # (B, H, M, Dv+1)
+            if log_scale is not None:
+                state["log_scale"] = log_scale.amax(-1)[..., None, None]  # (B, H, 1, 1)
+        return state
+
+    def prefix_features(self, k: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Key features of positions 0..t−1 (variants whose features depend on position override)."""
+        return self.feature_map(k, is_query=False)
+
     def cache_memory(
         self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None
     ) -> dict[str, Tensor | None]:

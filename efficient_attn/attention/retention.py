@@ -68,6 +68,16 @@ class RetentionAttention(Attention):
             out = chunked_retention(q * self.scale, k, v, log_gamma, self.chunk_size)  # (B, H, L, Dv)
         return out.to(out_dtype)
 
+    def prefill(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
+        """The recurrent state after positions 0..t−1 in one product: S = Σ_j γ^{t−1−j} k_jᵀ v_j."""
+        check_inputs(k, k, v, None, True, self.num_heads, self.head_dim)
+        with torch.autocast(k.device.type, enabled=False):
+            _, k, v = _upcast(k, k, v)
+            age = torch.arange(k.shape[2] - 1, -1, -1, device=k.device, dtype=k.dtype)  # (t,): t−1−j
+            decay = (self.log_gammas(k.dtype, k.device)[:, None] * age).exp()  # (H, t)
+            kv = (k * decay[:, :, None]).transpose(-1, -2) @ v  # (B, H, D, Dv)
+        return {"kv": kv}
+
     def decode_step(
         self, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:

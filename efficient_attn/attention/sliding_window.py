@@ -46,6 +46,12 @@ class SlidingWindowAttention(Attention):
             out = banded_softmax_attention(q, k, v, key_padding_mask, causal, self.window, self.scale)
         return out.to(out_dtype)
 
+    def prefill(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
+        """The decoding state after positions 0..t−1: the last w keys/values, as stepping keeps them."""
+        check_inputs(k, k, v, None, True, self.num_heads, self.head_dim)
+        start = max(k.shape[2] - self.window, 0)
+        return {"k": k[:, :, start:], "v": v[:, :, start:]}  # (B, H, min(t, w), ·)
+
     def decode_step(
         self, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
