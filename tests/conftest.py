@@ -60,6 +60,37 @@ def decode_sequence(attn, q, k, v):
     return torch.cat(rows, dim=2)
 
 
+def assert_same_grads(got, want, inputs, params=(), *, rtol=1e-9, atol=1e-11) -> None:
+    """``got()`` and ``want()`` (same-shape outputs) have the same gradients, with respect to the
+    ``inputs`` (leaf tensors) and ``params``, of one random weighting of their entries."""
+    weights = None
+
+    def grads(fn):
+        nonlocal weights
+        leaves = [*inputs, *params]
+        for t in leaves:
+            t.grad = None
+        out = fn()
+        weights = torch.randn_like(out) if weights is None else weights
+        (out * weights).sum().backward()
+        return [t.grad.clone() for t in leaves]
+
+    for g, w in zip(grads(got), grads(want), strict=True):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
+
+
+def assert_reset_random_is_seeded(attn, draw) -> None:
+    """``attn.reset_random(seed)`` redraws ``draw(attn)`` from the seed alone (same seed, same
+    tensor; another seed, another), and leaves torch's global RNG where it was."""
+    state = torch.get_rng_state()
+    attn.reset_random(7)
+    first = draw(attn).detach().clone()
+    attn.reset_random(7)
+    assert torch.equal(draw(attn), first) and torch.equal(torch.get_rng_state(), state)
+    attn.reset_random(8)
+    assert not torch.equal(draw(attn), first)
+
+
 def skip_unsupported(name: str, call, *, causal: bool = False, cross: bool = False) -> None:
     """If attention ``name`` cannot run this way (its ``supports_*`` flags: causal-only, self-attention
     only), ``call()`` must raise its clear error, and the test stops there, skipped with that reason."""

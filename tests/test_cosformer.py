@@ -9,7 +9,7 @@ import torch
 
 import efficient_attn as ea
 
-from .conftest import decode_sequence, make_qkv
+from .conftest import assert_same_grads, decode_sequence, make_qkv
 from .test_reference import reference
 
 
@@ -72,19 +72,11 @@ def test_gradients_across_chunks_match_float64_reference(chunk):
     q, k, v = (t.requires_grad_() for t in make_qkv(b=2, h=2, length=13, d=8, dv=5))
     mask = torch.zeros(2, 13, dtype=torch.bool)
     mask[1, :2] = True
-    weights = torch.randn(2, 2, 13, 5, dtype=torch.float64)
-
-    def grads(fn):
-        (fn() * weights).sum().backward()
-        found = [t.grad.clone() for t in (q, k, v)]
-        for t in (q, k, v):
-            t.grad = None
-        return found
-
-    got = grads(lambda: attn(q, k, v, key_padding_mask=mask, causal=True))
-    want = grads(lambda: reference("cosformer", attn, q, k, v, mask, causal=True))
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+    assert_same_grads(
+        lambda: attn(q, k, v, key_padding_mask=mask, causal=True),
+        lambda: reference("cosformer", attn, q, k, v, mask, causal=True),
+        (q, k, v),
+    )
 
 
 def test_decoding_keeps_a_constant_state_and_its_position():

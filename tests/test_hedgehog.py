@@ -10,7 +10,7 @@ import torch
 import efficient_attn as ea
 from efficient_attn.attention.hedgehog import HedgehogAttention
 
-from .conftest import decode_sequence, make_qkv
+from .conftest import assert_reset_random_is_seeded, assert_same_grads, decode_sequence, make_qkv
 from .test_reference import kernel_hedgehog, reference
 
 
@@ -76,13 +76,7 @@ def test_other_feature_dims_start_gaussian_and_are_seeded_per_module():
     attn = ea.create_attention("hedgehog", head_dim=16, num_heads=4, feature_dim=32)
     assert attn.weight.shape == (4, 16, 32) and torch.equal(attn.bias, torch.zeros(4, 32))
     assert abs(attn.weight.std().item() - 16**-0.5) < 0.02 and abs(attn.weight.mean().item()) < 0.02
-    state = torch.get_rng_state()
-    attn.reset_random(7)
-    first = attn.weight.detach().clone()
-    attn.reset_random(7)
-    assert torch.equal(attn.weight, first) and torch.equal(torch.get_rng_state(), state)
-    attn.reset_random(8)
-    assert not torch.equal(attn.weight, first)
+    assert_reset_random_is_seeded(attn, lambda a: a.weight)
 
 
 def test_bad_options_raise():
@@ -114,20 +108,11 @@ def test_gradients_across_chunks_match_float64_reference(chunk):
     attn = build(chunk_size=chunk)
     q, k, v = (t.requires_grad_() for t in make_qkv(b=2, h=2, length=13, d=8, dv=5))
     mask = mask_of(2, 13, {1: slice(0, 2)})
-    weights = torch.randn(2, 2, 13, 5, dtype=torch.float64)
-
-    def grads(fn):
-        attn.zero_grad(set_to_none=True)
-        (fn() * weights).sum().backward()
-        found = [t.grad.clone() for t in (q, k, v, attn.weight, attn.bias)]
-        for t in (q, k, v):
-            t.grad = None
-        return found
-
-    got = grads(lambda: attn(q, k, v, key_padding_mask=mask, causal=True))
-    want = grads(lambda: reference("hedgehog", attn, q, k, v, mask, causal=True))
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+    assert_same_grads(
+        lambda: attn(q, k, v, key_padding_mask=mask, causal=True),
+        lambda: reference("hedgehog", attn, q, k, v, mask, causal=True),
+        (q, k, v), [attn.weight, attn.bias],
+    )
 
 
 def test_decoding_state_is_constant_size_and_equals_the_causal_forward():

@@ -9,7 +9,7 @@ import torch
 
 import efficient_attn as ea
 
-from .conftest import decode_sequence, make_qkv
+from .conftest import assert_reset_random_is_seeded, assert_same_grads, decode_sequence, make_qkv
 from .test_reference import reference
 
 
@@ -80,20 +80,11 @@ def test_gradients_across_chunks_match_float64_reference(chunk):
     q, k, v = (t.requires_grad_() for t in make_qkv(b=2, h=2, length=13, d=8, dv=5))
     mask = torch.zeros(2, 13, dtype=torch.bool)
     mask[1, :2] = True
-    weights = torch.randn(2, 2, 13, 5, dtype=torch.float64)
-
-    def grads(fn):
-        attn.zero_grad(set_to_none=True)
-        (fn() * weights).sum().backward()
-        found = [t.grad.clone() for t in (q, k, v, attn.weight)]
-        for t in (q, k, v):
-            t.grad = None
-        return found
-
-    got = grads(lambda: attn(q, k, v, key_padding_mask=mask, causal=True))
-    want = grads(lambda: reference("taylor", attn, q, k, v, mask, causal=True))
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
+    assert_same_grads(
+        lambda: attn(q, k, v, key_padding_mask=mask, causal=True),
+        lambda: reference("taylor", attn, q, k, v, mask, causal=True),
+        (q, k, v), [attn.weight],
+    )
 
 
 def test_decoding_state_is_constant_size_and_equals_the_causal_forward():
@@ -108,10 +99,4 @@ def test_decoding_state_is_constant_size_and_equals_the_causal_forward():
 
 def test_projection_is_seeded_per_module_and_leaves_the_global_rng():
     attn = build()
-    state = torch.get_rng_state()
-    attn.reset_random(7)
-    first = attn.weight.detach().clone()
-    attn.reset_random(7)
-    assert torch.equal(attn.weight, first) and torch.equal(torch.get_rng_state(), state)
-    attn.reset_random(8)
-    assert not torch.equal(attn.weight, first)
+    assert_reset_random_is_seeded(attn, lambda a: a.weight)
