@@ -91,8 +91,11 @@ def find_runs(roots: list[Path]) -> tuple[list[dict[str, Any]], list[Path]]:
                 record = json.loads(result.read_text())
                 record.setdefault("row", (record.get("config") or {}).get("row"))  # the ablation row label
                 choices = _choices(hydra_dir)
-                # the attention config file (favor_plus, favor_trig), not the registry name (favor) they share
-                record["attention"] = choices.get("attention") or record.get("attention")
+                # the attention config file (favor_plus, favor_trig), not the registry name (favor) they
+                # share; per-layer runs keep their recorded label (the layer configs joined by "+")
+                per_layer = ((record.get("config") or {}).get("model") or {}).get("layer_attentions")
+                if not per_layer:
+                    record["attention"] = choices.get("attention") or record.get("attention")
                 records.append({**record, "_dir": str(hydra_dir.parent), "choices": choices})
             else:
                 missing.append(hydra_dir.parent)

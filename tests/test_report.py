@@ -209,3 +209,14 @@ def test_attention_rows_name_the_config_file_not_the_shared_registry_name(tmp_pa
     main([str(tmp_path), "--rows", "attention"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].startswith("| favor_plus | 1 |") and lines[3].startswith("| favor_trig | 1 |")
+
+
+def test_per_layer_runs_keep_their_label_not_the_attention_choice(tmp_path, capsys):
+    """A model.layer_attentions run composes attention=softmax; its row is the layers' label."""
+    write_run(tmp_path, "0", record("softmax", 0, 10.0), attention_choice="softmax")
+    hybrid = record("taylor+sliding_window_w16", 0, 20.0)
+    hybrid["config"] = {"model": {"layer_attentions": ["taylor", "sliding_window_w16"]}}
+    write_run(tmp_path, "1", hybrid, attention_choice="softmax")
+    main([str(tmp_path), "--rows", "attention"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("| softmax | 1 |") and lines[3].startswith("| taylor+sliding_window_w16 | 1 |")
