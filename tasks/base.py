@@ -1,4 +1,6 @@
-"""What every task shares: config schemas, the model builder, the optimiser and schedule, throughput.
+"""What every task shares: the model builder, the optimiser and schedule, throughput.
+
+The config schemas live in tasks/schema.py (checked before Lightning loads) and are re-exported here.
 
 A task module (``tasks/<name>.py``) exposes ``Config`` (a dataclass: its ``task:`` config schema,
 with a ``name`` field) and ``build(cfg) -> (LightningDataModule, TaskModule)``. The module's
@@ -10,10 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import random
-import re
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -21,143 +20,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from efficient_attn import attention_aux_loss, attention_optimizer_step
-from efficient_attn.transformer import AttentionSpec, TransformerConfig, count_parameters
+from efficient_attn.transformer import count_parameters
 
-
-@dataclass
-class ModelConfig(TransformerConfig):
-    """Architecture plus optional per-site attention overrides (null = the top-level ``attention``)
-    and ``layer_attentions``: one attention per self-attention layer (see :func:`attention_spec`)."""
-
-    encoder_attention: Any = None
-    decoder_attention: Any = None
-    cross_attention: Any = None
-    layer_attentions: Any = None
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
-    warmup_steps: int = 1000
-    schedule: str = "inverse_sqrt"  # inverse_sqrt (Vaswani et al.) | cosine | constant
-
-
-@dataclass
-class AttentionConfig:
-    """One registered attention (``name``, ``kwargs``), or a per-layer hybrid: ``layers`` a list of
-    attentions (``{name, kwargs}`` or attention config names), a pattern tiled over each
-    self-attention stack; ``name`` is then only the label (e.g. ``based``) and ``kwargs`` empty."""
-
-    name: str = "softmax"
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    layers: Any = None
-
-
-ATTENTION_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "attention"  # the CLI's group
-_ENTRY_KEYS = {"name", "kwargs"}
-
-
-def transformer_config(cfg: DictConfig) -> TransformerConfig:
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    fields = {k: v for k, v in model.items() if not k.endswith("_attention") and k != "layer_attentions"}
-    return TransformerConfig(**fields)
-
-
-def attention_spec(cfg: DictConfig, site: str) -> AttentionSpec | list[AttentionSpec]:
-    """The attention for one site (``encoder``, ``decoder`` or ``cross``): one spec, or one per layer.
-
-    First match wins: ``model.<site>_attention``; for self-attention sites ``model.layer_attentions``
-    (exactly one entry per layer of the site's stack; translation: encoder and decoder alike);
-    ``attention``. An attention with ``layers`` (a hybrid, ``attention=based``) has its pattern
-    tiled over the stack: layer i uses ``layers[i % len(layers)]``. Entries are attention config
-    names (``configs/attention/<name>.yaml``, its kwargs applied) or ``{name, kwargs}``.
-    Cross-attention takes one attention: a hybrid there is a ``ValueError`` saying what to set.
-    """
-    override = cfg.model.get(f"{site}_attention")
-    per_layer = cfg.model.get("layer_attentions")
-    if not override and per_layer is not None and site != "cross":
-        entries = _entries(per_layer, "model.layer_attentions")
-        count = _num_layers(cfg, site)
-        if len(entries) != count:
-            raise ValueError(
-                f"model.layer_attentions has {len(entries)} entries but the {site} has {count} layers "
-                f"(model.{site}_layers); give exactly one attention per layer"
-            )
-        return [layer_entry(e, f"model.layer_attentions[{i}]") for i, e in enumerate(entries)]
-    where = f"model.{site}_attention" if override else "attention"
-    node = _container(override or cfg.attention)
-    if not isinstance(node, dict):
-        raise ValueError(f"{where} must be {{name, kwargs}}, got {node!r}")
-    if node.get("layers") is None:
-        return AttentionSpec(node["name"], dict(node.get("kwargs") or {}))
-    pattern = _entries(node["layers"], f"{where}.layers")
-    if not pattern:
-        raise ValueError(f"{where}.layers is empty; give at least one attention, or null for a single attention")
-    if node.get("kwargs"):
-        raise ValueError(f"{where}: a per-layer hybrid ({node['name']!r}) takes no kwargs of its own; "
-                         f"set each layer's kwargs in {where}.layers")
-    if site == "cross":
-        raise ValueError(
-            f"{where} {node['name']!r} is a per-layer hybrid of self-attentions; cross-attention takes one "
-            "attention: set model.cross_attention, e.g. ++model.cross_attention={name: softmax, kwargs: {}}"
-        )
-    specs = [layer_entry(e, f"{where}.layers[{i}]") for i, e in enumerate(pattern)]
-    return [specs[i % len(specs)] for i in range(_num_layers(cfg, site))]
-
-
-def layer_entry(entry: Any, where: str) -> AttentionSpec:
-    """One layer's attention: a config name (``configs/attention/<name>.yaml``) or ``{name, kwargs}``."""
-    if isinstance(entry, str):
-        path = ATTENTION_CONFIG_DIR / f"{entry}.yaml"
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", entry) or not path.is_file():
-            raise ValueError(
-                f"{where}: unknown attention config {entry!r}; choose one of {attention_config_names()} "
-                "(configs/attention/), or give {name: <registered attention>, kwargs: {...}}"
-            )
-        node = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    elif isinstance(entry, dict):
-        node = entry
-        unknown = sorted(set(node) - _ENTRY_KEYS - {"layers"})
-        if unknown or "name" not in node:
-            raise ValueError(f"{where}: a layer's attention is {{name, kwargs}}, got keys {sorted(node)}")
-    else:
-        raise ValueError(f"{where}: expected an attention config name or {{name, kwargs}}, got {entry!r}")
-    if node.get("layers") is not None:
-        raise ValueError(f"{where}: {node.get('name')!r} is itself a per-layer hybrid; a layer takes one attention")
-    return AttentionSpec(node["name"], dict(node.get("kwargs") or {}))
-
-
-def attention_config_names() -> list[str]:
-    """The single-attention configs a layer can name (``configs/attention/*.yaml`` without ``layers``)."""
-    paths = sorted(ATTENTION_CONFIG_DIR.glob("*.yaml"))
-    return [p.stem for p in paths if OmegaConf.load(p).get("layers") is None]
-
-
-def attention_label(cfg: DictConfig) -> str:
-    """The attention's name in results rows: ``attention.name`` (``based`` for the hybrid config), or
-    the ``model.layer_attentions`` entries joined by ``+`` when those override it."""
-    per_layer = cfg.model.get("layer_attentions")
-    if per_layer is None:
-        return str(cfg.attention.name)
-    entries = _entries(per_layer, "model.layer_attentions")
-    return "+".join(e if isinstance(e, str) else str(e.get("name")) for e in entries)
-
-
-def _container(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
-def _entries(node: Any, where: str) -> list[Any]:
-    value = _container(node)
-    if not isinstance(value, list):
-        raise ValueError(f"{where} must be a list of attentions, got {value!r}")
-    return value
-
-
-def _num_layers(cfg: DictConfig, site: str) -> int:
-    return int(cfg.model.get(f"{site}_layers"))
+from .schema import (ATTENTION_CONFIG_DIR, AttentionConfig, ModelConfig, OptimConfig, attention_config_names,  # noqa: F401
+                     attention_label, attention_spec, layer_entry, transformer_config)
 
 
 class TaskModule(pl.LightningModule):

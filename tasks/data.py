@@ -1,6 +1,6 @@
 """Where data lives: the data-dir override, the cache dir, checksummed downloads, safe readers.
 
-Data dir: config ``data_dir``, else env ``EFFICIENT_ATTN_DATA``, else ``<cache>/data``.
+Data dir: config ``data_dir``, else env ``EFFICIENT_ATTN_DATA``, else ``<cache dir>/data``.
 Cache dir (tokenizers, generated data): config ``cache_dir``, else env ``EFFICIENT_ATTN_CACHE``,
 else ``$XDG_CACHE_HOME/efficient_attn`` (``~/.cache/efficient_attn``).
 A file already in the data dir is used as is (after its checksum); a missing one is downloaded
@@ -60,12 +60,14 @@ RESOURCES: dict[str, Resource] = {
 DOWNLOAD_TIMEOUT_S = 30
 
 
-def data_dir(configured: str | os.PathLike | None = None) -> Path:
+def data_dir(configured: str | os.PathLike | None = None, cache: str | os.PathLike | None = None) -> Path:
+    """``configured`` (config ``data_dir``), else ``$EFFICIENT_ATTN_DATA``, else ``<cache dir>/data`` (see
+    :func:`cache_dir`; ``cache`` is config ``cache_dir``)."""
     if configured:
         return Path(configured).expanduser()
     if os.environ.get("EFFICIENT_ATTN_DATA"):
         return Path(os.environ["EFFICIENT_ATTN_DATA"]).expanduser()
-    return cache_dir() / "data"
+    return cache_dir(cache) / "data"
 
 
 def cache_dir(configured: str | os.PathLike | None = None) -> Path:
@@ -89,6 +91,28 @@ def fetch(key: str, root: Path) -> Path:
             "delete it to download it again"
         )
     return target
+
+
+def fetch_all(keys: list[str], root: Path) -> dict[str, Path]:
+    """Paths of resources ``keys`` under ``root``, downloading the missing ones; if any cannot be had,
+    one DataError lists every missing file (after the first failed download the rest are not tried)."""
+    missing = [k for k in keys if not (root / RESOURCES[k].path).exists()]
+    failure = None
+    for key in missing:
+        try:
+            fetch(key, root)
+        except DataError as err:
+            failure = err
+            break
+    still = [k for k in missing if not (root / RESOURCES[k].path).exists()]
+    if still:
+        names = ", ".join(RESOURCES[k].path for k in still)
+        raise DataError(
+            f"{len(still)} of {len(keys)} data files are not in the data dir {root} and could not be downloaded: "
+            f"{names} (first failure: {failure}). Put the files there, or point data_dir= / EFFICIENT_ATTN_DATA "
+            f"at a directory that has them"
+        )
+    return {k: fetch(k, root) for k in keys}
 
 
 def _download(res: Resource, target: Path) -> None:

@@ -17,7 +17,7 @@ import json
 import os
 import random
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
@@ -35,8 +35,11 @@ from efficient_attn.transformer import TransformerClassifier
 from .base import TaskModule, attention_spec, transformer_config
 from .data import DataError, cache_dir
 from .sampling import eval_loader, shuffled, train_loader
+from .schema import MIN_ARGS, TASK_SITES, check_params, longest_expression  # noqa: F401
+from .schema import ListOpsConfig as Config
 
-ATTENTION_SITES = ("encoder",)  # the model's attention sites (check_config)
+ATTENTION_SITES = TASK_SITES["listops"]  # the model's attention sites (check_config)
+
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
 DIGITS = tuple(str(d) for d in range(10))
@@ -45,7 +48,6 @@ TOKEN_ID = {token: i for i, token in enumerate(VOCAB)}
 PAD_ID, CLS_ID = TOKEN_ID["<pad>"], TOKEN_ID["<cls>"]
 VOCAB_SIZE, NUM_CLASSES = len(VOCAB), 10
 OPERATOR_P = 0.25  # LRA's VALUE_P: a non-root node below max_depth is an operator with this probability
-MIN_ARGS = 2  # arguments per operator: MIN_ARGS..max_args, as LRA's generator (randint(2, max_args))
 CACHE_VERSION = 2  # bump when the generator or the file layout changes
 SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
 
@@ -91,34 +93,6 @@ def evaluate(tokens: Sequence[str]) -> int:
     if stack or result is None:
         raise ValueError(f"incomplete expression {' '.join(tokens)!r}")
     return result
-
-
-def longest_expression(max_depth: int, max_args: int) -> int:
-    """Tokens in the largest expression: a full max_args-ary tree, operators at depths 1..max_depth-1."""
-    operators = sum(max_args**d for d in range(max_depth - 1))
-    return 2 * operators + max_args ** (max_depth - 1)
-
-
-def check_params(min_length: int, max_length: int, max_depth: int, max_args: int) -> None:
-    """ValueError saying what to change if no expression can satisfy the parameters."""
-    if max_depth < 2:
-        raise ValueError(f"max_depth={max_depth} leaves no room for an operator; use max_depth >= 2")
-    if max_args < MIN_ARGS:
-        raise ValueError(f"max_args={max_args} must be >= {MIN_ARGS}")
-    if min_length >= max_length - 1:
-        raise ValueError(
-            f"min_length={min_length} and max_length={max_length}: lengths are strictly between them, "
-            "so max_length must exceed min_length + 1"
-        )
-    shortest = MIN_ARGS + 2  # e.g. [MAX 1 2 ]
-    if max_length <= shortest:
-        raise ValueError(f"max_length={max_length}: the shortest expression has {shortest} tokens; raise max_length")
-    longest = longest_expression(max_depth, max_args)
-    if longest <= min_length:
-        raise ValueError(
-            f"min_length={min_length}: the longest expression with max_depth={max_depth} and "
-            f"max_args={max_args} has {longest} tokens; lower min_length or raise max_depth / max_args"
-        )
 
 
 class _TooLong(Exception):
@@ -181,37 +155,6 @@ def generate_listops(
         f"min_length={min_length}, max_length={max_length}, max_depth={max_depth}, max_args={max_args}; "
         "widen the length range, adjust max_depth / max_args, or ask for fewer samples"
     )
-
-
-@dataclass
-class Config:
-    name: str = "listops"
-    train_size: int = 96000
-    val_size: int = 2000
-    test_size: int = 2000
-    min_length: int = 500  # tokens, exclusive
-    max_length: int = 2000  # tokens, exclusive
-    max_depth: int = 10
-    max_args: int = 10
-    data_seed: int = 1234
-    batch_size: int = 32
-    pooling: str = "mean"  # mean | cls (prepends <cls>)
-    num_workers: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("train_size", "val_size", "test_size", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"task.{name} must be a positive int, got {getattr(self, name)!r}")
-        if self.pooling not in ("mean", "cls"):
-            raise ValueError(f"task.pooling must be 'mean' or 'cls', got {self.pooling!r}")
-        if self.num_workers < 0:
-            raise ValueError(f"task.num_workers must be >= 0, got {self.num_workers}")
-        check_params(self.min_length, self.max_length, self.max_depth, self.max_args)
-
-    @property
-    def longest_sequence(self) -> int:
-        """Most tokens the model sees in one sequence, <cls> included."""
-        return self.max_length - 1 + (self.pooling == "cls")
 
 
 def _generate_splits(task: Config) -> dict[str, dict[str, Any]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -28,41 +27,14 @@ from efficient_attn.transformer import TransformerLM
 from .base import TaskModule, attention_spec, transformer_config
 from .data import DataError, data_dir, fetch
 from .sampling import eval_loader, random_draws, train_loader
+from .schema import LM_DATASETS as DATASETS  # noqa: F401
+from .schema import TASK_SITES
+from .schema import LMConfig as Config
 
 VOCAB_SIZE = 256
-ATTENTION_SITES = ("decoder",)  # the model's attention sites (check_config)
-DATASETS = ("tinyshakespeare", "enwik8", "file")
+ATTENTION_SITES = TASK_SITES["lm"]  # the model's attention sites (check_config)
 ENWIK8_SPLIT = (90_000_000, 5_000_000)  # train, val bytes; test = the last 5M
 Batch = dict[str, Tensor]
-
-
-@dataclass
-class Config:
-    """The ``task:`` group for ``task=lm`` (configs/task/lm.yaml)."""
-
-    name: str = "lm"
-    dataset: str = "tinyshakespeare"  # tinyshakespeare | enwik8 | file
-    path: str | None = None  # the text file when dataset=file
-    context_length: int = 1024
-    batch_size: int = 16
-    train_batches_per_epoch: int = 1000
-    eval_batches: int | None = None  # cap on val/test batches; None = the whole split
-    split: tuple[float, float] = (0.9, 0.05)  # train, val fractions; test = the rest (not enwik8)
-    num_workers: int = 0
-
-    def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"task.dataset must be one of {list(DATASETS)}, got {self.dataset!r}")
-        if self.dataset == "file" and not self.path:
-            raise ValueError("task.dataset=file needs task.path (a UTF-8 text file)")
-        for name in ("context_length", "batch_size", "train_batches_per_epoch"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"task.{name} must be a positive int, got {getattr(self, name)!r}")
-        if self.eval_batches is not None and (not isinstance(self.eval_batches, int) or self.eval_batches < 1):
-            raise ValueError(f"task.eval_batches must be a positive int or null, got {self.eval_batches!r}")
-        self.split = tuple(float(f) for f in self.split)
-        if len(self.split) != 2 or min(self.split) <= 0 or sum(self.split) >= 1:
-            raise ValueError(f"task.split must be two positive fractions (train, val) summing to < 1, got {self.split}")
 
 
 def task_config(cfg: DictConfig) -> Config:
@@ -155,9 +127,10 @@ def eval_windows(data: Tensor, length: int, max_windows: int | None) -> Windows:
 class ByteLMData(pl.LightningDataModule):
     """Downloads in ``prepare_data``, reads and splits in ``setup``; batches are dicts of (B, T) int64."""
 
-    def __init__(self, cfg: Config, data_root: str | Path | None = None, seed: int = 0) -> None:
+    def __init__(self, cfg: Config, data_root: str | Path | None = None, seed: int = 0,
+                 cache_root: str | Path | None = None) -> None:
         super().__init__()
-        self.cfg, self.root, self.seed = cfg, data_dir(data_root), seed
+        self.cfg, self.root, self.seed = cfg, data_dir(data_root, cache_root), seed
         self.splits: dict[str, Tensor] | None = None
 
     def prepare_data(self) -> None:
@@ -245,4 +218,5 @@ class ByteLMModule(TaskModule):
 
 def build(cfg: DictConfig) -> tuple[ByteLMData, ByteLMModule]:
     """The data module and the Lightning module for a composed config (task, model, attention, optim)."""
-    return ByteLMData(task_config(cfg), cfg.get("data_dir"), seed=cfg.get("seed") or 0), ByteLMModule(cfg)
+    return ByteLMData(task_config(cfg), cfg.get("data_dir"), seed=cfg.get("seed") or 0,
+                      cache_root=cfg.get("cache_dir")), ByteLMModule(cfg)

@@ -6,18 +6,15 @@ import netrc
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
-from pytorch_lightning.utilities import rank_zero_only
 
-LOGGER_KEYS = {
-    "wandb": {"kind", "project", "entity", "mode", "init_timeout", "log_model"},
-    "csv": {"kind"},
-    "none": {"kind"},
-}
+from .train import LOGGER_KEYS  # noqa: F401  (the config check's copy: one list of keys)
+
+if TYPE_CHECKING:
+    from pytorch_lightning.loggers import Logger, WandbLogger
 
 
 def wandb_mode(configured: str | None) -> str:
@@ -45,12 +42,16 @@ def make_logger(cfg: DictConfig, out_dir: Path) -> Logger | bool:
     if kind == "none":
         return False
     if kind == "csv":
+        from pytorch_lightning.loggers import CSVLogger
+
         return CSVLogger(out_dir, name="", version="")
     return _wandb_logger(cfg, out_dir, wandb_mode(cfg.logger.mode))
 
 
 def _wandb_logger(cfg: DictConfig, out_dir: Path, mode: str) -> WandbLogger:
     import wandb
+    from pytorch_lightning.loggers import WandbLogger
+    from pytorch_lightning.utilities import rank_zero_only
 
     kwargs: dict[str, Any] = dict(
         project=cfg.logger.project,
@@ -90,3 +91,24 @@ def finish_wandb() -> None:
 
         if wandb.run is not None:
             wandb.finish()
+
+
+def wandb_offline_note() -> str | None:
+    """``W&B offline: sync with: wandb sync <dir>`` while an offline W&B run is active, else None."""
+    import sys
+
+    if "wandb" not in sys.modules:
+        return None
+    import wandb
+
+    run = wandb.run
+    if run is None:
+        return None
+    try:
+        settings = run.settings
+        if getattr(settings, "mode", None) not in ("offline", "dryrun") and not getattr(settings, "_offline", False):
+            return None
+        sync_dir = getattr(settings, "sync_dir", None) or str(Path(run.dir).parent)
+    except Exception:  # noqa: BLE001 - a note is never worth failing a finished run
+        return None
+    return f"W&B offline: sync with: wandb sync {sync_dir}"

@@ -4,45 +4,54 @@
     efficient-attn-train -m experiment=quickstart attention=softmax,favor_plus seed=0,1,2
 
 Each run's output dir holds the resolved config (.hydra/), checkpoints/ and results.json.
+``--help`` (or no arguments) prints configs/train.yaml's ``hydra.help.template``. Importing this module
+loads neither torch nor Lightning: the config checks need torch only (tasks/schema.py), and
+Lightning, W&B and the task's code load when a run starts.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
 import importlib
+import importlib.util
 import inspect
 import json
 import platform
 import resource
+import shutil
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import hydra
-import pytorch_lightning as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from efficient_attn.transformer import AttentionSpec
-
-from .base import (AttentionConfig, ModelConfig, NonFiniteGuard, OptimConfig, Throughput, attention_label,
-                   attention_spec, transformer_config)
 from .data import DataError
-from .loggers import LOGGER_KEYS, finish_wandb, make_logger
-from .report import find_runs, markdown, table
 
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+    from efficient_attn.transformer import AttentionSpec
+
+# Start-up stays light: --help, the config checks and their errors load neither Lightning nor W&B
+# nor sacreBLEU (tests/test_cli.py); run() imports them when a run starts.
 TASKS = {"translation": "tasks.translation", "listops": "tasks.listops", "lm": "tasks.lm", "mqar": "tasks.mqar"}
 TOP_LEVEL = {"seed", "name", "row", "data_dir", "cache_dir", "ckpt_path", "checkpoint_every", "test", "threads", "nonfinite",
              "optim", "task", "attention", "model", "trainer", "logger"}
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+LOGGER_KEYS = {  # tasks/loggers.py builds them
+    "wandb": {"kind", "project", "entity", "mode", "init_timeout", "log_model"},
+    "csv": {"kind"},
+    "none": {"kind"},
+}
 
 
 class ConfigError(ValueError):
@@ -51,20 +60,32 @@ class ConfigError(ValueError):
 
 # ----------------------------------------------------------------------------- strict checks
 def check_config(cfg: DictConfig) -> Any:
-    """Validate every section against its schema; return the task's module."""
+    """Validate every section against its schema; return the task's module.
+
+    Everything is checked before the task's module (Lightning, its data code) is imported: a wrong
+    top-level, task, optim, attention, trainer or logger key fails before torch loads, a wrong model
+    or attention choice in about the time torch takes to import.
+    """
+    from . import schema
+
     _known(set(cfg.keys()), TOP_LEVEL, "")
     if cfg.task.get("name") not in TASKS:
         raise ConfigError(f"unknown task {cfg.task.get('name')!r}; choose one of {sorted(TASKS)}")
-    task = importlib.import_module(TASKS[cfg.task.name])
-    for section, schema in (("task", task.Config), ("model", ModelConfig), ("optim", OptimConfig),
-                            ("attention", AttentionConfig)):
-        _check_section(cfg[section], schema, section)
-    _known(set(cfg.trainer.keys()), set(inspect.signature(pl.Trainer).parameters), "trainer.")
+    # the sections whose schemas need no torch first, so their typos are reported fastest
+    for section, schema_class in (("task", schema.TASK_SCHEMAS[cfg.task.name]), ("optim", schema.OptimConfig),
+                                  ("attention", schema.AttentionConfig)):
+        _check_section(cfg[section], schema_class, section)
+    _known(set(cfg.trainer.keys()), trainer_arguments(), "trainer.")
     if cfg.logger.get("kind") not in LOGGER_KEYS:
         raise ConfigError(f"logger.kind must be one of {sorted(LOGGER_KEYS)}, got {cfg.logger.get('kind')!r}")
     _known(set(cfg.logger.keys()), LOGGER_KEYS[cfg.logger.kind], "logger.")
     if cfg.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"nonfinite must be 'stop' or 'skip', got {cfg.nonfinite!r}")
+    from efficient_attn.transformer import AttentionSpec  # torch loads here
+
+    from .schema import TASK_SITES, AttentionConfig, ModelConfig, attention_spec, transformer_config
+
+    _check_section(cfg.model, ModelConfig, "model")
     try:
         transformer_config(cfg)
         for site in ("encoder", "decoder", "cross"):
@@ -75,7 +96,7 @@ def check_config(cfg: DictConfig) -> Any:
                                   "(decoder self-attention is causal, encoder and cross-attention are not); remove it")
             if chosen.get("layers") is None:  # a hybrid's name is a label; its layers are checked below
                 AttentionSpec(chosen.name, dict(chosen.kwargs or {})).check(f"{site} attention")
-            if site in task.ATTENTION_SITES:  # the task's model has this site: the attention must serve it
+            if site in TASK_SITES[cfg.task.name]:  # the task's model has this site: the attention must serve it
                 try:
                     specs = attention_spec(cfg, site)  # one spec, or one per layer (hybrids, model.layer_attentions)
                 except ValueError as err:
@@ -83,10 +104,32 @@ def check_config(cfg: DictConfig) -> Any:
                 _check_site(cfg.task.name, site, specs)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
-    return task
+    return importlib.import_module(TASKS[cfg.task.name])  # Lightning and the task's code load here
+
+
+@functools.lru_cache(maxsize=1)
+def trainer_arguments() -> frozenset[str]:
+    """``pytorch_lightning.Trainer``'s keyword arguments, read from its source without importing
+    Lightning (seconds); the imported signature if the source cannot be read."""
+    try:
+        spec = importlib.util.find_spec("pytorch_lightning")
+        source = Path(spec.origin).parent / "trainer" / "trainer.py"
+        tree = ast.parse(source.read_text())
+        cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+        init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+        names = {a.arg for a in (*init.args.args[1:], *init.args.kwonlyargs)}
+        if names:
+            return frozenset(names)
+    except (AttributeError, OSError, SyntaxError, StopIteration, TypeError, ValueError):
+        pass
+    import pytorch_lightning as pl
+
+    return frozenset(inspect.signature(pl.Trainer).parameters)
 
 
 def _check_site(task: str, site: str, specs: AttentionSpec | list[AttentionSpec]) -> None:
+    from efficient_attn.transformer import AttentionSpec
+
     """Every layer's attention exists, takes its options and can serve ``site``; errors name the layer."""
     if isinstance(specs, AttentionSpec):
         try:
@@ -131,6 +174,15 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
     """
     start = time.perf_counter()
     task = check_config(cfg)
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from .base import NonFiniteGuard, Throughput, attention_label
+    from .callbacks import EpochLine, SaveOnInterrupt, progress_bar, quiet_lightning
+    from .loggers import finish_wandb, make_logger, wandb_offline_note
+
+    quiet_lightning()
     ckpt_path = resume_checkpoint(cfg.ckpt_path, out_dir)
     if ckpt_path == "done":
         record = json.loads((out_dir / "results.json").read_text())
@@ -140,6 +192,8 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
         torch.set_num_threads(int(cfg.threads))
     # Our loaders resume mid-epoch through the module's saved data position (tasks/sampling.py).
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    # Lightning's own use of a torch API that torch deprecated; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     pl.seed_everything(cfg.seed, workers=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     reset_peak_memory()
@@ -157,8 +211,11 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
         if cfg.checkpoint_every:
             own.append(ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=int(cfg.checkpoint_every),
                                        save_top_k=0, save_last=True))
-        trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), default_root_dir=str(out_dir),
-                             logger=logger, callbacks=[*own, *callbacks])
+        trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+        trainer_args["enable_progress_bar"] = progress_bar(trainer_args.get("enable_progress_bar"))
+        if not trainer_args["enable_progress_bar"]:
+            own.append(EpochLine())
+        trainer = pl.Trainer(**trainer_args, default_root_dir=str(out_dir), logger=logger, callbacks=[*own, *callbacks])
         if logger:
             logger.log_hyperparams({"num_parameters": module.num_parameters()})
         fit_start = time.perf_counter()
@@ -178,7 +235,10 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
             print(summary_line(record))
         return record
     finally:
+        note = wandb_offline_note()
         finish_wandb()
+        if note:
+            print(note)
 
 
 def resume_checkpoint(ckpt_path: str | None, out_dir: Path) -> str | None:
@@ -197,25 +257,9 @@ def resume_checkpoint(ckpt_path: str | None, out_dir: Path) -> str | None:
     return None
 
 
-class SaveOnInterrupt(pl.Callback):
-    """On SIGTERM (Lightning stops at the end of the current step), save ``last.ckpt`` first.
-
-    SIGKILL cannot be caught: such a run resumes from the last periodic (``checkpoint_every``) or
-    validation checkpoint.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
-            trainer.save_checkpoint(self.path)
-            if trainer.is_global_zero:
-                print(f"interrupted at step {trainer.global_step}; saved {self.path}; "
-                      "run the same command with ckpt_path=last to resume", file=sys.stderr)
-
-
 def _record(cfg, module, trainer, checkpoint, throughput, val, test, fit_s, wall_s) -> dict[str, Any]:
+    from .base import attention_label
+
     best = checkpoint.best_model_score
     return {
         "name": cfg.name,
@@ -245,6 +289,8 @@ def _record(cfg, module, trainer, checkpoint, throughput, val, test, fit_s, wall
 
 def reset_peak_memory() -> None:
     """Start a fresh peak for this run (multirun jobs share one process)."""
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -256,6 +302,8 @@ def reset_peak_memory() -> None:
 def peak_memory_mib() -> float:
     """Peak GPU memory allocated if CUDA was used, else the process's peak resident set size since
     :func:`reset_peak_memory` (Linux VmHWM; elsewhere the lifetime peak)."""
+    import torch
+
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return torch.cuda.max_memory_allocated() / 2**20
     try:
@@ -266,6 +314,8 @@ def peak_memory_mib() -> float:
 
 
 def hardware() -> str:
+    import torch
+
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     cpu = platform.processor() or platform.machine()
@@ -307,23 +357,50 @@ class RunSummary(Callback):
     """Hydra callback: after a multirun, print every job's metric, speed and memory side by side."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from .report import find_runs, markdown, table
+
         records, missing = find_runs([Path(config.hydra.sweep.dir)])
         print(f"\n{len(records)} run(s) in {config.hydra.sweep.dir}\n" + markdown(*table(records, missing)))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _app(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (ConfigError, DataError, FloatingPointError) as err:
+        run(cfg, out_dir)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        remove_unstarted_run_dir(out_dir)
+        sys.exit(2)
+    except FloatingPointError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except SIGTERMException:
-        sys.exit(143)  # 128 + SIGTERM; last.ckpt was saved
+    except SystemExit as err:
+        if type(err).__name__ == "SIGTERMException":  # Lightning's, raised at the end of the step after SIGTERM
+            sys.exit(143)  # 128 + SIGTERM; last.ckpt was saved
+        raise
+
+
+def remove_unstarted_run_dir(out_dir: Path) -> bool:
+    """Delete a run dir that holds only what Hydra put there (``.hydra/``, the job's ``.log``): the run
+    stopped on its config or data before writing anything, so nothing is lost and no empty run is left."""
+    try:
+        out_dir = out_dir.resolve()
+        entries = list(out_dir.iterdir())
+    except OSError:
+        return False
+    if out_dir == Path.cwd().resolve() or not entries or \
+            any(not (e.name == ".hydra" or (e.suffix == ".log" and e.is_file())) for e in entries):
+        return False
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return True
 
 
 def main() -> None:
-    """``efficient-attn-train``; ``ckpt_path=last`` without a run dir continues this command's latest run."""
+    """``efficient-attn-train``: no arguments prints the help (a bare run would start a long ListOps
+    training); ``ckpt_path=last`` without a run dir continues this command's latest run."""
+    if not sys.argv[1:]:
+        sys.argv.append("--help")
     try:
         sys.argv[1:] = resume_argv(sys.argv[1:], Path.cwd() / "outputs")
     except ConfigError as err:

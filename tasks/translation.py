@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -24,40 +23,15 @@ from efficient_attn.generate import beam_search, greedy_search
 from efficient_attn.transformer import Seq2SeqTransformer
 
 from .base import TaskModule, attention_spec, transformer_config
-from .data import DataError, cache_dir, data_dir, fetch, read_lines
+from .data import RESOURCES, DataError, cache_dir, data_dir, fetch_all, read_lines
 from .sampling import by_length, eval_loader, train_loader
+from .schema import TASK_SITES
+from .schema import TranslationConfig as Config
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPLITS = ("train", "val", "test")
-ATTENTION_SITES = ("encoder", "decoder", "cross")  # the model's attention sites (check_config)
+ATTENTION_SITES = TASK_SITES["translation"]  # the model's attention sites (check_config)
 MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
-
-
-@dataclass
-class Config:
-    name: str = "translation"
-    source: str = "multi30k"  # multi30k | files | hf | synthetic
-    src_lang: str = "en"
-    tgt_lang: str = "de"
-    files: dict[str, list[str]] | None = None  # source=files: {train: [src, tgt], val: [...], test: [...]}
-    hf_name: str | None = None  # source=hf, e.g. wmt14 / iwslt2017
-    hf_config: str | None = None  # e.g. de-en / iwslt2017-en-de
-    synthetic: str = "reverse"  # source=synthetic: copy | reverse
-    synthetic_sizes: list[int] = field(default_factory=lambda: [4000, 200, 200])
-    synthetic_symbols: int = 16
-    synthetic_length: list[int] = field(default_factory=lambda: [4, 12])
-    data_seed: int = 1234
-    tokenizer: str = "bpe"  # SentencePiece model type: bpe | unigram | char
-    vocab_size: int = 8000
-    max_tokens: int = 128  # training pairs longer than this (either side) are dropped, with a count
-    batch_size: int = 64
-    label_smoothing: float = 0.1
-    val_bleu: bool = True  # greedy-decode the validation set for BLEU (the checkpoint metric)
-    beam_size: int = 4  # test decoding; 1 = greedy
-    length_penalty: float = 0.6
-    max_len_a: float = 1.5  # generate at most a·|src| + b tokens
-    max_len_b: int = 10
-    num_workers: int = 0
 
 
 # ----------------------------------------------------------------------------- raw text pairs
@@ -65,8 +39,14 @@ def load_pairs(cfg: DictConfig) -> dict[str, tuple[list[str], list[str]]]:
     """{split: (source lines, target lines)} for the configured corpus."""
     t = cfg.task
     if t.source == "multi30k":
-        root = data_dir(cfg.data_dir)
-        get = lambda split, lang: read_lines(fetch(f"multi30k/{MULTI30K_SPLITS[split]}.{lang}.gz", root))
+        root = data_dir(cfg.data_dir, cfg.get("cache_dir"))
+        key = lambda split, lang: f"multi30k/{MULTI30K_SPLITS[split]}.{lang}.gz"
+        keys = [key(s, lang) for s in SPLITS for lang in (t.src_lang, t.tgt_lang)]
+        unknown = [k for k in keys if k not in RESOURCES]
+        if unknown:
+            raise DataError(f"Multi30k has no {', '.join(unknown)}; task.src_lang / task.tgt_lang must be en, de or fr")
+        paths = fetch_all(keys, root)  # every missing file named in one error
+        get = lambda split, lang: read_lines(paths[key(split, lang)])
         return {s: _checked(get(s, t.src_lang), get(s, t.tgt_lang), s) for s in SPLITS}
     if t.source == "files":
         if not t.files or set(t.files) != set(SPLITS):

@@ -162,7 +162,7 @@ def test_missing_data_dir_without_network_is_a_clear_error(tmp_path, monkeypatch
 
     monkeypatch.setattr("urllib.request.urlopen", offline)
     cfg = config("task=translation", f"data_dir={tmp_path / 'nowhere'}")
-    with pytest.raises(DataError, match=r"multi30k/train.en.gz is not in the data dir .* point data_dir="):
+    with pytest.raises(DataError, match=r"6 of 6 data files are not in the data dir .*multi30k/train.en.gz.* point data_dir="):
         translation.load_pairs(cfg)
 
 
