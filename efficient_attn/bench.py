@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .bench_report import machine_info, plot, summary
+from .cli import wrote
 
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384]
 QUICK_LENGTHS = [256, 512, 1024]
@@ -357,31 +358,59 @@ def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) ->
     return rows
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    import torch
+EXAMPLES = (
+    "efficient-attn-bench --quick --out /tmp/bench            # every attention, L = 256 512 1024, 1 repeat",
+    "efficient-attn-bench --attentions softmax,favor,linear --lengths 1024 4096 16384 --out results/bench",
+    "efficient-attn-bench --modes decode --attentions softmax,favor,retention --quick --out /tmp/decode",
+)
+OUTPUTS = (
+    "in --out (default bench_out/), <device> = cpu or the GPU's name:",
+    "bench_<device>.csv   one row per attention x mode x L: status, time, peak memory, GFLOP/s, tokens/s",
+    "bench_<device>.png   log-log time and peak memory against L",
+    "summary_<device>.md  ratios to softmax and favor, crossovers (also printed)",
+)
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--attentions", help="comma-separated subset (default: every registered one)")
+
+def parser() -> argparse.ArgumentParser:
+    """The command line (no torch: ``--help`` stays fast; ``--device auto`` is resolved after parsing)."""
+    from .cli import parser as cli_parser
+
+    p = cli_parser("efficient-attn-bench", "Time forward+backward (or decoding) and measure peak memory of every "
+                   "attention against sequence length L,\neach point in a fresh subprocess, with performer-pytorch "
+                   "and F.scaled_dot_product_attention as baselines.", EXAMPLES, OUTPUTS)
+    p.add_argument("--attentions", metavar="NAMES",
+                   help="comma-separated registered attentions (default: every registered one)")
     p.add_argument("--modes", default="causal,noncausal",
                    help="comma-separated from causal, noncausal (forward+backward) and decode (generation "
-                        "after an L-token prefix); default causal,noncausal")
-    p.add_argument("--lengths", type=int, nargs="+", help=f"default {DEFAULT_LENGTHS}")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--num-features", type=int, default=256)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=3)
+                        "after an L-token prefix)")
+    p.add_argument("--lengths", type=int, nargs="+", metavar="L",
+                   help=f"sequence lengths (default: {' '.join(map(str, DEFAULT_LENGTHS))}; "
+                        f"with --quick {' '.join(map(str, QUICK_LENGTHS))})")
+    p.add_argument("--batch", type=int, default=1, help="batch size B")
+    p.add_argument("--heads", type=int, default=8, help="heads H")
+    p.add_argument("--head-dim", type=int, default=64, help="head size D")
+    p.add_argument("--num-features", type=int, default=256, help="random features m of favor and performer-pytorch")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="input and parameter dtype")
+    p.add_argument("--threads", type=int, default=2, help="torch / OpenMP / MKL threads per point")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto = cuda when available, else cpu")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per point after 1 warm-up (median reported)")
     p.add_argument("--decode-steps", type=int, default=32,
-                   help="decode mode: timed generation steps per point, after 1 warm-up (default 32)")
-    p.add_argument("--timeout", type=float, default=120.0, help="per-point wall limit (s)")
-    p.add_argument("--matmul-size", type=int, default=4096)
-    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--quick", action="store_true", help="lengths 256 512 1024 (unless --lengths), 1 repeat, 2048² matmul")
-    p.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default: bench_out)")
+                   help="decode mode: timed generation steps per point, after 1 warm-up")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="per-point wall limit in seconds; a point over it ends its series")
+    p.add_argument("--matmul-size", type=int, default=4096, help="n of the n x n matmul that measures peak GFLOP/s")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time performer-pytorch FastAttention (if installed) and sdpa")
+    p.add_argument("--quick", action="store_true",
+                   help="lengths 256 512 1024 (unless --lengths), 1 repeat, <= 8 decode steps, <= 2048 matmul")
+    p.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parsed options with --quick applied, the lengths filled in and --device auto resolved."""
+    p = parser()
     args = p.parse_args(argv)
     unknown = sorted(set(args.modes.split(",")) - set(MODES))
     if unknown:
@@ -390,6 +419,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.repeats, args.matmul_size = 1, min(args.matmul_size, 2048)
         args.decode_steps = min(args.decode_steps, 8)
     args.lengths = args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
+    if args.device == "auto" and not args.worker:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
 
 
@@ -430,7 +463,8 @@ def main(argv: list[str] | None = None) -> None:
     text = summary(points, cfg, machine, peak)
     (args.out / f"summary_{slug}.md").write_text(text)
     print(text)
-    print(f"wrote {args.out}/bench_{slug}.csv, .png and summary_{slug}.md", file=sys.stderr)
+    wrote(*(args.out / name for name in (f"bench_{slug}.csv", f"bench_{slug}.png", f"summary_{slug}.md")),
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

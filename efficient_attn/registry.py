@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 from typing import Callable, TypeVar
 
@@ -46,13 +47,21 @@ def register_attention(name: str) -> Callable[[T], T]:
     return decorator
 
 
+def _load_builtins() -> None:
+    """Import the built-in variants (they register on import): a caller may reach the registry without
+    ``efficient_attn.attention`` having been imported, since the package's ``__init__`` is lazy."""
+    importlib.import_module(".attention", __package__)
+
+
 def list_attentions() -> list[str]:
     """Names of every registered attention, sorted."""
+    _load_builtins()
     return sorted(_REGISTRY)
 
 
 def get_attention_class(name: str) -> type[nn.Module]:
     """The class registered under ``name``; unknown names raise ``ValueError`` listing the known ones."""
+    _load_builtins()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""

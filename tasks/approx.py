@@ -5,127 +5,47 @@ attention rows, vs m and vs input scale; :mod:`efficient_attn.analysis.approx`).
 With ``--checkpoint <run>/checkpoints/best-*.ckpt``: on the real queries and keys of a trained model
 (captured by forward hooks on every core attention, one validation batch), per attention site, and
 the error of each layer's output when every attention of the model is swapped to FAVOR+
-(Performer App. D.1 / Fig. 14).
+(Performer App. D.1 / Fig. 14; :mod:`tasks.approx_checkpoint`).
 With ``--study sqrt_dk``: why logits are scaled by 1/√d_k (Vaswani et al. 2017, footnote 4) — logit
 variance, softmax saturation and softmax gradient norm against d_k, unscaled vs scaled
 (:mod:`efficient_attn.analysis.scaling`; options ``--dims --length --keys --draws --seed --out``).
 
     efficient-attn-approx --study sqrt_dk --out results/sqrt_dk
+
+Building the parsers imports neither torch nor Lightning (``--help`` is fast); a study imports them.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import importlib
-import statistics
 from pathlib import Path
-from typing import Any
 
-import torch
-from omegaconf import OmegaConf
-
-from efficient_attn import Attention, MultiHeadAttention, create_attention, seed_attentions
 from efficient_attn.analysis import approx_report, scaling
-from efficient_attn.transformer import Block
-
-from .train import TASKS
-
-
-def load(checkpoint: Path) -> tuple[Any, Any]:
-    """(data module, task module in eval mode, float64) rebuilt from a checkpoint's own config."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
-    data, module = importlib.import_module(TASKS[cfg.task.name]).build(cfg)
-    module.load_state_dict(ckpt["state_dict"])
-    return data, module.double().eval()
-
-
-def validation_batch(data: Any, size: int) -> dict[str, Any]:
-    data.setup("validate")
-    batch = next(iter(data.val_dataloader()))
-    return {k: v[:size] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()}
-
-
-def capture(module: Any, batch: dict[str, Any]) -> list[dict[str, Any]]:
-    """Inputs of every core attention call in one forward pass, in call order."""
-    sites: list[dict[str, Any]] = []
-
-    def record(name, args, kwargs, out):
-        q, k, v = args
-        sites.append({"site": name, "q": q, "k": k, "v": v,
-                      "mask": kwargs.get("key_padding_mask"), "causal": kwargs.get("causal", False)})
-
-    _forward_with_hooks(module, batch, Attention, record, with_kwargs=True)
-    return sites
-
-
-def _forward_with_hooks(module: Any, batch: dict[str, Any], kind: type, hook: Any, *, with_kwargs: bool = False) -> None:
-    """One no-grad forward pass calling ``hook(name, *hook_args)`` after every submodule of type ``kind``."""
-    names = {m: n for n, m in module.named_modules() if isinstance(m, kind)}
-    handles = [m.register_forward_hook(lambda mod, *a: hook(names[mod], *a), with_kwargs=with_kwargs) for m in names]
-    try:
-        with torch.no_grad():
-            module(batch)
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def site_errors(sites: list[dict[str, Any]], features: list[int], draws: int) -> list[dict[str, Any]]:
-    """MSE of FAVOR+ (positive, orthogonal) against exact softmax on each site's real q, k, v."""
-    rows = []
-    for layer, s in enumerate(sites):
-        h, d = s["q"].shape[1], s["q"].shape[-1]
-        kw = dict(key_padding_mask=s["mask"], causal=s["causal"])
-        with torch.no_grad():
-            exact = create_attention("softmax", head_dim=d, num_heads=h)(s["q"], s["k"], s["v"], **kw)
-            for m in features:
-                errs = []
-                for draw in range(draws):
-                    favor = create_attention("favor", head_dim=d, num_heads=h, num_features=m, seed=draw).double()
-                    errs.append(float((favor(s["q"], s["k"], s["v"], **kw) - exact).pow(2).mean()))
-                rows.append(_row(f"m={m}", layer, s["site"], errs))
-    return rows
-
-
-def depth_errors(module: Any, batch: dict[str, Any], features: list[int], draws: int) -> list[dict[str, Any]]:
-    """Relative error ‖h_favor − h‖² / ‖h‖² of every layer's output with all attentions swapped to FAVOR+."""
-    exact = _layer_outputs(module, batch)
-    rows = []
-    for m in features:
-        per_layer: list[list[float]] = [[] for _ in exact]
-        for draw in range(draws):
-            swapped = _swap_to_favor(module, m, draw)
-            for i, (name, h) in enumerate(_layer_outputs(swapped, batch)):
-                per_layer[i].append(float((h - exact[i][1]).pow(2).sum() / exact[i][1].pow(2).sum()))
-        rows += [_row(f"m={m}", i, exact[i][0], errs) for i, errs in enumerate(per_layer)]
-    return rows
-
-
-def _swap_to_favor(module: Any, m: int, seed: int) -> Any:
-    """A copy with every attention FAVOR+ (m features); each site its own features, from (seed, its name)."""
-    swapped = copy.deepcopy(module)
-    for mha in (x for x in swapped.modules() if isinstance(x, MultiHeadAttention)):
-        mha.attention = create_attention("favor", head_dim=mha.head_dim, num_heads=mha.num_heads,
-                                         num_features=m, seed=seed).double().eval()
-    seed_attentions(swapped)  # per-site features: errors of different layers are not correlated
-    return swapped
-
-
-def _layer_outputs(module: Any, batch: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
-    outputs: list[tuple[str, torch.Tensor]] = []
-    _forward_with_hooks(module, batch, Block, lambda name, args, out: outputs.append((name, out)))
-    return outputs
-
-
-def _row(estimator: str, layer: int, site: str, errors: list[float]) -> dict[str, Any]:
-    return {"estimator": estimator, "layer": layer, "site": site, "draws": len(errors),
-            "mse_mean": statistics.mean(errors), "mse_std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
-            "non_finite": sum(1 for e in errors if e != e)}
-
+from efficient_attn.cli import parser as cli_parser
 
 STUDIES = ("favor", "sqrt_dk")
+FAVOR_EXAMPLES = (
+    "efficient-attn-approx --quick --out /tmp/approx                # seconds: L=512, 5 draws",
+    "efficient-attn-approx --out results/approx_error               # Performer protocol: L=4096, d=16, 15 draws",
+    "efficient-attn-approx --checkpoint outputs/<run>/checkpoints/best-step=<n>.ckpt --out approx_ckpt",
+)
+FAVOR_OUTPUTS = (
+    "in --out (default approx_out/); each CSV has its PNG beside it (log-log, ±1 std bands):",
+    "error_vs_features.csv/.png   MSE and KL(P ‖ P̂) against random features m, per estimator",
+    "error_vs_scale.csv/.png      the same against the input scale at fixed m",
+    "with --checkpoint instead: error_by_site.csv/.png, error_by_depth.csv/.png",
+    "both are also logged to the active W&B run, if any",
+)
+SQRT_DK_EXAMPLES = (
+    "efficient-attn-approx --study sqrt_dk --out results/sqrt_dk      # d_k 16…256, L = S = 256, 20 draws",
+    "efficient-attn-approx --study sqrt_dk --dims 16 64 256 --length 64 --draws 5 --out /tmp/sqrt_dk",
+    "efficient-attn-approx --study sqrt_dk --keys 64 --out /tmp/sqrt_dk_s64   # fewer keys than queries",
+)
+SQRT_DK_OUTPUTS = (
+    "in --out (default approx_out/):",
+    "sqrt_dk.csv   one row per d_k x scaling: logit variance, max prob, entropy, Jacobian norm (mean, std)",
+    "sqrt_dk.png   one panel per statistic against d_k, unscaled vs scaled",
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,42 +58,47 @@ def main(argv: list[str] | None = None) -> None:
         favor_main(argv)
 
 
-def sqrt_dk_main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Why logits are scaled by 1/√d_k: variance, saturation, gradient.")
+def sqrt_dk_parser() -> argparse.ArgumentParser:
+    """Options of ``--study sqrt_dk``."""
+    p = cli_parser("efficient-attn-approx --study sqrt_dk", "Why logits are scaled by 1/√d_k: logit variance, "
+                   "softmax saturation and softmax gradient norm against d_k,\nunscaled vs scaled, on random "
+                   "q, k in float64.", SQRT_DK_EXAMPLES, SQRT_DK_OUTPUTS)
     _add_study(p)
     scaling.add_arguments(p)
-    scaling.run(p.parse_args(argv))
+    return p
+
+
+def favor_parser() -> argparse.ArgumentParser:
+    """Options of the default study: FAVOR+ error on random inputs, or on a checkpoint's q, k."""
+    p = cli_parser("efficient-attn-approx", "FAVOR+ approximation error against exact softmax attention: on random "
+                   "q, k, v (the registry's own favor\nmodules, several feature kinds), or with --checkpoint on a "
+                   "trained model's real queries and keys.", FAVOR_EXAMPLES, FAVOR_OUTPUTS)
+    _add_study(p)
+    approx_report.add_arguments(p)
+    p.add_argument("--checkpoint", type=Path, help="a trained run's checkpoint: errors on its real q, k "
+                                                    "(default: random inputs)")
+    p.add_argument("--batch-size", type=int, default=32, help="validation sequences for --checkpoint")
+    p.add_argument("--layer-features", type=int, nargs="+", default=[16, 64, 256], help="m for --checkpoint")
+    return p
+
+
+def sqrt_dk_main(argv: list[str] | None = None) -> None:
+    scaling.run(sqrt_dk_parser().parse_args(argv))
 
 
 def favor_main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="FAVOR+ approximation error against exact softmax.")
-    _add_study(p)
-    approx_report.add_arguments(p)
-    p.add_argument("--checkpoint", type=Path, help="a trained run's checkpoint: errors on its real q, k")
-    p.add_argument("--batch-size", type=int, default=32, help="validation sequences for --checkpoint")
-    p.add_argument("--layer-features", type=int, nargs="+", default=[16, 64, 256], help="m for --checkpoint")
-    a = p.parse_args(argv)
+    a = favor_parser().parse_args(argv)
     if a.checkpoint is None:
         approx_report.run(a)
         return
-    a.out.mkdir(parents=True, exist_ok=True)
-    data, module = load(a.checkpoint)
-    batch = validation_batch(data, a.batch_size)
-    sites = capture(module, batch)
-    title = f"{a.checkpoint.parent.parent.name}, {a.batch_size} validation sequences, {a.draws} draws"
-    outputs = {
-        "error_by_site": approx_report.save(site_errors(sites, a.layer_features, a.draws), "layer",
-                                            a.out / "error_by_site", title),
-        "error_by_depth": approx_report.save(depth_errors(module, batch, a.layer_features, a.draws), "layer",
-                                             a.out / "error_by_depth", title,
-                                             ylabel="relative error of layer output, all attention swapped"),
-    }
-    approx_report.log_to_wandb(outputs)
+    from . import approx_checkpoint  # torch, Lightning and the task's code load here
+
+    approx_checkpoint.run(a)
 
 
 def _add_study(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", choices=STUDIES, default="favor",
-                   help="favor: FAVOR+ error (default); sqrt_dk: the 1/√d_k study (see --study sqrt_dk --help)")
+                   help="favor: FAVOR+ error; sqrt_dk: the 1/√d_k study (see --study sqrt_dk --help)")
 
 
 if __name__ == "__main__":

@@ -58,8 +58,9 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from efficient_attn.cli import parser as cli_parser
+from efficient_attn.cli import wrote
+
 from .stats import _finite, _is_number, _num, ci_halfwidth, mean_ci, mean_std, paired_p, welch
 
 RESOURCES = ("num_parameters", "steps", "skipped_updates", "train_tokens_per_s", "peak_memory_mib", "wall_time_s")
@@ -90,24 +91,31 @@ def find_runs(roots: list[Path]) -> tuple[list[dict[str, Any]], list[Path]]:
             if result.exists():
                 record = json.loads(result.read_text())
                 record.setdefault("row", (record.get("config") or {}).get("row"))  # the ablation row label
-                choices = _choices(hydra_dir)
+                choices, job = hydra_job(hydra_dir)
                 # the attention config file (favor_plus, favor_trig), not the registry name (favor) they
                 # share; per-layer runs keep their recorded label (the layer configs joined by "+")
                 per_layer = ((record.get("config") or {}).get("model") or {}).get("layer_attentions")
                 if not per_layer:
                     record["attention"] = choices.get("attention") or record.get("attention")
-                records.append({**record, "_dir": str(hydra_dir.parent), "choices": choices})
+                records.append({**record, "_dir": str(hydra_dir.parent), "_job": job, "choices": choices})
             else:
                 missing.append(hydra_dir.parent)
     return records, missing
 
 
-def _choices(hydra_dir: Path) -> dict[str, str]:
-    """The config files the run picked per group (``choices.attention`` = ``favor_plus``, not ``favor``)."""
+def hydra_job(hydra_dir: Path) -> tuple[dict[str, str], int | None]:
+    """(the config files the run picked per group, its job number in the sweep) from ``.hydra/hydra.yaml``:
+    ``choices["attention"]`` = ``favor_plus``, not ``favor``; the number orders jobs as they were launched.
+    ({}, None) when the file is missing or unreadable."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
-        return dict(OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.choices)
+        hydra = OmegaConf.load(hydra_dir / "hydra.yaml").get("hydra") or {}
     except (OSError, OmegaConfBaseException):
-        return {}
+        return {}, None
+    choices = (hydra.get("runtime") or {}).get("choices") or {}
+    return dict(choices), (hydra.get("job") or {}).get("num")
 
 
 def field(record: dict[str, Any], key: str) -> Any:
@@ -411,22 +419,46 @@ def _start_wandb(project: str, config: dict[str, Any]) -> Any:
         return wandb.init(project=project, job_type="report", mode="offline", config=config)
 
 
+EXAMPLES = (
+    "efficient-attn-report multirun/2026-11-21 --rows attention --ci --out results/tables/quickstart",
+    "efficient-attn-report runs/ --rows attention --baseline softmax            # Δ and Welch t-test p per row",
+    "efficient-attn-report multirun/mqar_grid --rows attention,config.task.num_kv_pairs --tune config.optim.lr "
+    "--ci --paired softmax",
+)
+OUTPUTS = (
+    "the Markdown table on stdout; a \"wrote <path>\" line for every file written:",
+    "--out X        X.md (the table), X.csv, X_stats.csv (per row: n, <metric>_mean, <metric>_ci, for plots)",
+    "--plot P.png   the plot",
+    "--wandb PROJ   the table as a wandb.Table in a W&B run with job_type report",
+)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Tables from efficient-attn run records (results.json).")
+    """The command line (``--help`` imports neither scipy nor omegaconf)."""
+    p = cli_parser("efficient-attn-report", "Tables from efficient-attn run records (results.json) under run or "
+                   "multirun dirs, never from W&B files:\nrows group runs by --rows, cells are mean ± std (or "
+                   "± 95% CI) over the row's runs (seeds) with n;\na run dir without results.json (crashed, killed, "
+                   "running) gets a row saying so. Details: tasks/report.py.", EXAMPLES, OUTPUTS)
     p.add_argument("dirs", nargs="+", type=Path, help="run or multirun dirs (searched recursively)")
-    p.add_argument("--rows", default="name,task,attention", help="comma-separated grouping keys")
+    p.add_argument("--rows", default="name,task,attention",
+                   help="comma-separated grouping keys: record fields (attention, row, seed, task), "
+                        "config.<dotted.key>, choices.<group>")
     compare = p.add_mutually_exclusive_group()
-    compare.add_argument("--baseline", help="a row label: adds Δ and Welch t-test p for every val/ and test/ metric")
+    compare.add_argument("--baseline", metavar="ROW",
+                         help="a row label: adds Δ and Welch t-test p for every val/ and test/ metric")
     compare.add_argument("--paired", metavar="ATTENTION",
                          help="adds Δ and paired (by seed) t-test p against the row with this attention and the "
                               "same other --rows values; needs attention in --rows")
-    p.add_argument("--metrics", help='comma-separated metric columns to keep, e.g. "val/bleu (last),val/ppl (last)"')
+    p.add_argument("--metrics", help='comma-separated metric columns to keep, e.g. "val/bleu (last),val/ppl (last)" '
+                                     "(default: every metric)")
     p.add_argument("--tune", metavar="KEY", help="e.g. config.optim.lr (not a --rows key): per row, keep the runs of "
                                                  "the value with the best mean val_best over seeds")
     p.add_argument("--ci", action="store_true", help="cells are mean ± 95%% CI half-width (t) instead of ± std")
-    p.add_argument("--pivot", choices=["task"], help="columns = tasks (each task's headline test metric)")
+    p.add_argument("--pivot", choices=["task"], help="columns = tasks (each task's headline test metric); "
+                                                       "default: one column per metric")
     p.add_argument("--avg", action="store_true", help="with --pivot: an Avg column over tasks")
-    p.add_argument("--out", type=Path, help="write <out>.md, <out>.csv and <out>_stats.csv (numbers for plots)")
+    p.add_argument("--out", type=Path, help="write <out>.md, <out>.csv and <out>_stats.csv (numbers for plots); "
+                                            "default: print only")
     p.add_argument("--wandb", metavar="PROJECT", help="also log the table to this W&B project (job_type report)")
     plot = p.add_argument_group("plot", "a line plot of the table rows (after --tune): mean and a 95% CI band")
     plot.add_argument("--plot", type=Path, metavar="OUT.png", help="write the plot here")
@@ -530,7 +562,7 @@ def plot_rows(args: argparse.Namespace, rows: list[str], built: list[Row], names
     header, body = stats_table(built, names, rows, args.tune)
     plot([dict(zip(header, line)) for line in body], args.plot, x=args.x, y=y, series=_keys(args.series),
          panel=_keys(args.panel), logx=args.logx, xlabel_key=args.xlabel_key)
-    print(f"plot: {args.plot}")
+    wrote(args.plot)
 
 
 def write(header: list[str], body: list[list[str]], text: str, out: Path) -> None:
@@ -539,6 +571,7 @@ def write(header: list[str], body: list[list[str]], text: str, out: Path) -> Non
     out.with_suffix(".md").write_text(text)
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         csv.writer(f).writerows([header, *body])
+    wrote(out.with_suffix(".md"), out.with_suffix(".csv"))
 
 
 def stats_path(out: Path) -> Path:
@@ -552,6 +585,7 @@ def write_stats(header: list[str], body: list[list[Any]], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(stats_path(out), "w", newline="") as f:
         csv.writer(f).writerows([header, *body])
+    wrote(stats_path(out))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,6 @@ import math
 import statistics
 from typing import Any
 
-from scipy import stats
-
 CI_LEVEL = 0.95  # --ci, <out>_stats.csv and the --plot bands
 
 
@@ -31,6 +29,8 @@ def welch(a: list[float], b: list[float]) -> str:
         return "n<2"
     if statistics.pstdev(a) == 0 and statistics.pstdev(b) == 0:
         return "1" if statistics.mean(a) == statistics.mean(b) else "0"
+    from scipy import stats  # here, not at the top: the commands' --help must not wait for scipy
+
     return f"{stats.ttest_ind(a, b, equal_var=False).pvalue:.3g}"
 
 def _is_number(value: Any) -> bool:
@@ -47,6 +47,8 @@ def ci_halfwidth(values: list[float]) -> float:
     n = len(values)
     if n < 2:
         return 0.0
+    from scipy import stats
+
     return float(stats.t.ppf(0.5 + CI_LEVEL / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n)
 
 
@@ -66,4 +68,6 @@ def paired_p(a: list[float], b: list[float]) -> float:
     diffs = [x - y for x, y in zip(a, b)]
     if all(d == diffs[0] for d in diffs):
         return 1.0 if diffs[0] == 0 else 0.0
+    from scipy import stats
+
     return float(stats.ttest_rel(a, b).pvalue)

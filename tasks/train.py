@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import platform
 import resource
 import shutil
@@ -188,8 +189,9 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
         record = json.loads((out_dir / "results.json").read_text())
         print(f"{out_dir} already finished (results.json); nothing to resume")
         return record
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    threads = default_threads(cfg.threads, joblib_n_jobs(), os.cpu_count() or 1)
+    if threads:
+        torch.set_num_threads(threads)
     # Our loaders resume mid-epoch through the module's saved data position (tasks/sampling.py).
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     # Lightning's own use of a torch API that torch deprecated; nothing a user can act on.
@@ -228,6 +230,7 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
         record = _record(cfg, module, trainer, best, throughput, val, test, fit_s, time.perf_counter() - start)
         record["skipped_updates"] = guard.skipped
         record["resumed_from"] = str(ckpt_path) if ckpt_path else None
+        record["threads"] = torch.get_num_threads()
         if trainer.is_global_zero:
             (out_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
             if getattr(module, "test_hypotheses", None):
@@ -239,6 +242,33 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
         finish_wandb()
         if note:
             print(note)
+
+
+def default_threads(threads: int | None, n_jobs: int | None, cpus: int) -> int | None:
+    """Torch threads for one run: ``threads`` when set; for a job of a joblib multirun (``n_jobs`` = the
+    launcher's n_jobs, None when not under joblib) that runs k > 1 jobs at once, max(1, cpus // k), so
+    the jobs share the cores instead of each starting one thread per core; else None (torch's default).
+    A negative n_jobs counts back from the CPU count (-1: all of them), as in joblib."""
+    if threads:
+        return int(threads)
+    if n_jobs is None:
+        return None
+    at_once = cpus + 1 + n_jobs if n_jobs < 0 else n_jobs
+    return max(1, cpus // at_once) if at_once > 1 else None
+
+
+def joblib_n_jobs() -> int | None:
+    """``hydra.launcher.n_jobs`` when this process runs a multirun job under Hydra's joblib launcher, else None
+    (joblib's own n_jobs=None means one job at a time)."""
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN or "joblib" not in str(hydra_cfg.launcher.get("_target_", "")).lower():
+        return None
+    n_jobs = hydra_cfg.launcher.get("n_jobs")
+    return 1 if n_jobs is None else int(n_jobs)
 
 
 def resume_checkpoint(ckpt_path: str | None, out_dir: Path) -> str | None:
@@ -354,13 +384,14 @@ def _fmt(x: float | None) -> str:
 
 
 class RunSummary(Callback):
-    """Hydra callback: after a multirun, print every job's metric, speed and memory side by side."""
+    """Hydra callback: after a multirun, print a compact table (tasks/summary.py): per attention config its
+    main metric (mean ± 95% CI over seeds), speed, memory and time, in launch order, failed jobs listed,
+    then the ``efficient-attn-report`` command for the full table."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from .report import find_runs, markdown, table
+        from .summary import summary
 
-        records, missing = find_runs([Path(config.hydra.sweep.dir)])
-        print(f"\n{len(records)} run(s) in {config.hydra.sweep.dir}\n" + markdown(*table(records, missing)))
+        print("\n" + summary(config.hydra.sweep.dir))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -1,6 +1,7 @@
 """The benchmark script end to end (tiny sizes), and its crossover logic."""
 
 import csv
+import re
 
 import pytest
 
@@ -21,6 +22,8 @@ def test_bench_writes_csv_plot_and_summary(tmp_path, capsys):
     assert all(r["num_features"] == "32" for r in points if r["attention"] == "favor")
     assert (tmp_path / "bench_cpu.png").stat().st_size > 10_000
     assert "matmul peak" in (tmp_path / "summary_cpu.md").read_text()
+    wrote = re.findall(r"^wrote (.+)$", capsys.readouterr().err, flags=re.M)
+    assert wrote == [str(tmp_path / name) for name in ("bench_cpu.csv", "bench_cpu.png", "summary_cpu.md")]
 
 
 @pytest.mark.slow

@@ -1,22 +1,32 @@
 """The command line: --help and a bare run explain the app, start-up stays light (no Lightning, W&B or
-sacreBLEU before a run starts), logs suit a non-terminal, data errors name every missing file."""
+sacreBLEU before a run starts), logs suit a non-terminal, data errors name every missing file; the other
+commands' --help (every option with its default, examples, outputs, no torch or scipy), the compact
+multirun summary, the thread count of parallel sweep jobs."""
 
+import argparse
 import inspect
 import io
+import json
 import os
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from scipy import stats as scipy_stats
 
-from tasks import data, translation
+from efficient_attn import bench
+from efficient_attn.cli import HelpFormatter
+from tasks import approx, data, report, translation
 from tasks.callbacks import progress_bar
 from tasks.data import DataError
-from tasks.train import CONFIG_DIR, remove_unstarted_run_dir, run, trainer_arguments
+from tasks.stats import _num
+from tasks.summary import summary
+from tasks.train import CONFIG_DIR, default_threads, remove_unstarted_run_dir, run, trainer_arguments
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -171,8 +181,9 @@ def test_offline_wandb_run_ends_with_the_sync_command(tmp_path, monkeypatch, cap
 
 def test_disabled_wandb_prints_no_sync_note(tmp_path, capfd):
     assert os.environ["WANDB_MODE"] == "disabled"
-    run(config(*TINY, "logger=wandb", "++trainer.fast_dev_run=true"), tmp_path)
+    record = run(config(*TINY, "logger=wandb", "++trainer.fast_dev_run=true"), tmp_path)
     assert "W&B offline" not in capfd.readouterr().out
+    assert record["threads"] == 1  # the one_thread fixture's count, recorded (threads=null, no joblib)
 
 
 def test_missing_multi30k_lists_every_missing_file_and_tries_one_download(tmp_path, monkeypatch):
@@ -209,3 +220,173 @@ def test_data_dir_is_under_the_cache_dir_as_the_readme_says(tmp_path, monkeypatc
     assert data.data_dir(tmp_path / "x") == tmp_path / "x"
     readme = (REPO / "README.md").read_text()
     assert "else `$EFFICIENT_ATTN_DATA`, else `<cache dir>/data`" in readme
+
+
+# ----------------------------------------------------------------------------- bench, approx, report --help
+COMMANDS = {  # console script -> (module run by `python -m`, extra argv, parser builder)
+    "efficient-attn-bench": ("efficient_attn.bench", [], bench.parser),
+    "efficient-attn-approx": ("tasks.approx", [], approx.favor_parser),
+    "efficient-attn-approx --study sqrt_dk": ("tasks.approx", ["--study", "sqrt_dk"], approx.sqrt_dk_parser),
+    "efficient-attn-report": ("tasks.report", [], report.parser),
+}
+NOT_FOR_HELP = ("torch", "scipy", "matplotlib", "pandas", "pytorch_lightning", "lightning")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_has_examples_outputs_and_every_option_with_its_default(command):
+    module, extra, build = COMMANDS[command]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", module, *extra, "--help"], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=60)
+    seconds = time.perf_counter() - start
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    examples = text[text.index("\nexamples:\n"):text.index("\noutputs:\n")]
+    name = command.split()[0]
+    assert len(re.findall(rf"^  {name} ", examples, flags=re.M)) == 3, examples
+    assert "--out" in text[text.index("\noutputs:\n"):]  # where the files go
+    formatter = HelpFormatter(name)
+    for action in build()._actions:
+        if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{command}: {action.option_strings or action.dest} has no help"
+        for option in action.option_strings:
+            assert re.search(rf"(^|[\s,]){re.escape(option)}\b", text), f"{command}: {option} not in --help"
+        if action.option_strings:  # shown with its default: "(default: ...)" or the help's own "default ..."
+            assert "default" in formatter._get_help_string(action), f"{command}: {action.option_strings}"
+    assert seconds < 10, seconds  # measured ~0.3 s; the import check below is the real guard
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_imports_neither_torch_nor_scipy(command):
+    module, extra, _ = COMMANDS[command]
+    out = _fresh_python(
+        "import contextlib, io, sys\n"
+        f"from {module} import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n"
+        f"        main({[*extra, '--help']!r})\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code == 0, exit.code\n"
+        f"loaded = [m for m in {NOT_FOR_HELP!r} if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_approx_says_where_it_wrote(tmp_path, capsys):
+    approx.main(["--study", "sqrt_dk", "--dims", "8", "--length", "8", "--draws", "2", "--out", str(tmp_path)])
+    wrote = re.findall(r"^wrote (.+)$", capsys.readouterr().out, flags=re.M)
+    assert wrote == [str(tmp_path / "sqrt_dk.csv"), str(tmp_path / "sqrt_dk.png")]
+    assert all(Path(p).stat().st_size > 0 for p in wrote)
+
+
+# ----------------------------------------------------------------------------- the multirun summary
+def _job(root: Path, num: int, choice: str, seed: int, score: float | None, lr: float = 1e-3) -> None:
+    """A fake multirun job dir: .hydra/ with its choices, job number and overrides; results.json unless
+    ``score`` is None (a failed job)."""
+    run_dir = root / f"{num}_{choice}"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "hydra.yaml").write_text(
+        f"hydra:\n  job:\n    num: {num}\n  runtime:\n    choices:\n      attention: {choice}\n"
+        "      task: translation\n")
+    (run_dir / ".hydra" / "overrides.yaml").write_text(
+        f"- attention={choice}\n- seed={seed}\n- optim.lr={lr}\n- experiment=quickstart\n")
+    if score is None:
+        return
+    record = {"name": "quickstart", "task": "translation", "attention": choice.split("_")[0], "seed": seed,
+              "config": {"seed": seed, "optim": {"lr": lr}},
+              "metrics": {"monitor": "val/bleu", "val_best": score - 1, "val_last": {"val/bleu": score - 1},
+                          "test": {"test/bleu": score, "test/loss": 1.0}},
+              "num_parameters": 1000, "steps": 100, "train_tokens_per_s": 2000.0 + seed, "peak_memory_mib": 500.0,
+              "wall_time_s": 60.0}
+    (run_dir / "results.json").write_text(json.dumps(record))
+
+
+def _table(text: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+
+
+def test_multirun_summary_is_compact_in_launch_order_with_ci_and_failed_runs(tmp_path):
+    for num, (choice, seed, score) in enumerate([("softmax", 0, 30.0), ("favor_plus", 0, 29.0), ("softmax", 1, 32.0),
+                                                 ("favor_plus", 1, 27.0), ("linear", 0, None), ("bilinear", 0, 20.0),
+                                                 ("additive", 0, 25.0), ("dot", 0, 21.0), ("taylor", 0, 22.0),
+                                                 ("hedgehog", 0, 23.0), ("cosformer", 0, 24.0)]):
+        _job(tmp_path, num, choice, seed, score)
+    text = summary(tmp_path)
+    rows = _table(text)
+    assert rows[0] == ["attention", "n", "test/bleu", "tokens/s", "peak MiB", "wall s"]
+    labels = [r[0] for r in rows[2:]]
+    assert labels[:-1] == ["softmax", "favor_plus", "bilinear", "additive", "dot", "taylor", "hedgehog", "cosformer"]
+    half = scipy_stats.t.ppf(0.975, 1) * scipy_stats.tstd([30.0, 32.0]) / 2 ** 0.5
+    assert rows[2] == ["softmax", "2", f"31 ± {_num(half)}", "2,000", "500", "60"]  # tokens/s: mean of 2000, 2001
+    assert rows[3][:3] == ["favor_plus", "2", f"28 ± {_num(half)}"]  # the config name, not the registry's favor
+    assert rows[4][:3] == ["bilinear", "1", "20"]  # one seed: no interval
+    assert labels[-1].startswith("linear (no results.json, seed 0, job 4") and rows[-1][1:] == ["0", *["n/a"] * 4]
+    assert text.splitlines()[0] == f"10 run(s) in {tmp_path}, 1 without results.json"
+    assert text.splitlines()[-1] == f"Full table (every metric): efficient-attn-report {tmp_path} --rows attention --ci"
+
+
+def test_multirun_summary_splits_rows_by_other_swept_values(tmp_path, capsys):
+    for num, (lr, seed, score) in enumerate([(1e-3, 0, 30.0), (1e-3, 1, 31.0), (3e-3, 0, 20.0), (3e-3, 1, 22.0)]):
+        _job(tmp_path, num, "softmax", seed, score, lr=lr)
+    text = summary(tmp_path)
+    rows = _table(text)
+    assert rows[0][0] == "attention / optim.lr" and [r[:2] for r in rows[2:]] == [["softmax / 0.001", "2"],
+                                                                                  ["softmax / 0.003", "2"]]
+    command = text.splitlines()[-1].split(": ", 1)[1]
+    assert command == f"efficient-attn-report {tmp_path} --rows attention,config.optim.lr --ci"
+    report.main(command.split()[1:])  # the printed command works and gives the same rows
+    full = _table(capsys.readouterr().out)
+    assert [r[:2] for r in full[2:]] == [["softmax / 0.001", "2"], ["softmax / 0.003", "2"]]
+
+
+# ----------------------------------------------------------------------------- threads of parallel sweep jobs
+@pytest.mark.parametrize("threads, n_jobs, cpus, expected", [
+    (None, None, 16, None),  # not under joblib: torch's default
+    (None, 2, 16, 8),  # 2 jobs at once share 16 cores
+    (None, 3, 2, 1),  # never below one thread
+    (None, 1, 16, None),  # one job at a time: torch's default
+    (None, -1, 8, 1),  # joblib's -1: as many jobs as CPUs
+    (None, -3, 8, 1),  # 8 + 1 - 3 = 6 jobs
+    (None, -7, 8, 4),  # 2 jobs
+    (4, 2, 16, 4),  # an explicit threads=N wins
+    (0, 2, 16, 8),  # 0 is unset, as in the config check
+])
+def test_default_threads(threads, n_jobs, cpus, expected):
+    assert default_threads(threads, n_jobs, cpus) == expected
+
+
+APP = """
+import os, sys
+import hydra
+from hydra.core.config_store import ConfigStore
+from tasks.train import default_threads, joblib_n_jobs
+
+@hydra.main(version_base="1.3", config_path=None, config_name="cfg")
+def app(cfg):  # one file per job: parallel jobs' prints would interleave
+    with open(f"job{cfg.x}.txt", "w") as f:
+        f.write(f"JOB {cfg.x} {joblib_n_jobs()} {default_threads(None, joblib_n_jobs(), 4)}")
+
+ConfigStore.instance().store(name="cfg", node={"x": 0, "defaults": ["_self_", {"override hydra/launcher": "joblib"}]})
+app()
+"""
+
+
+def test_joblib_jobs_are_read_from_the_hydra_config(tmp_path):
+    (tmp_path / "app.py").write_text(APP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    def jobs(*args: str) -> list[str]:
+        out = subprocess.run([sys.executable, "app.py", *args], capture_output=True, text=True, env=env, cwd=tmp_path,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        found = sorted(p.read_text() for p in tmp_path.glob("job*.txt"))
+        for p in tmp_path.glob("job*.txt"):
+            p.unlink()
+        return found
+
+    assert jobs("-m", "x=1,2", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path / 'm'}") == \
+        ["JOB 1 2 2", "JOB 2 2 2"]  # 4 CPUs // 2 jobs
+    assert jobs("x=3", f"hydra.run.dir={tmp_path / 'r'}") == ["JOB 3 None None"]  # a single run

@@ -1,6 +1,8 @@
 """efficient-attn-report: run records in, exact tables out (mean ± std, n, Δ with Welch p, pivot, missing runs)."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from scipy import stats
@@ -45,7 +47,11 @@ def test_table_groups_seeds_and_lists_missing_runs(tmp_path, capsys):
     assert lines[3] == "| exp / translation / linear | 1 | 19 | 20 | 1,000 | 100 | 2,000 | 500 | 60 |"
     assert lines[5] == f"| {tmp_path / '5'} (missing results.json) | 0 | n/a | n/a | n/a | n/a | n/a | n/a | n/a |"
     assert (tmp_path / "table.csv").read_text().count("\n") == 5
-    assert "softmax" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "softmax" in out
+    wrote = [str(tmp_path / name) for name in ("table.md", "table.csv", "table_stats.csv")]
+    assert re.findall(r"^wrote (.+)$", out, flags=re.M) == wrote  # one line per file, each there
+    assert all(Path(p).is_file() for p in wrote)
 
 
 def test_baseline_adds_delta_and_welch_p(tmp_path, capsys):

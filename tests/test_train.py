@@ -227,7 +227,9 @@ def test_quickstart_multirun_prints_a_side_by_side_summary(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert len(list(tmp_path.glob("*/results.json"))) == 2
     table = out.stdout[out.stdout.index("2 run(s) in"):]
-    assert "translation / softmax |" in table and "translation / linear |" in table and "train_tokens_per_s" in table
+    assert "| attention | n | test/bleu | tokens/s | peak MiB | wall s |" in table
+    assert table.index("| softmax | 1 |") < table.index("| linear | 1 |")  # launch order
+    assert f"efficient-attn-report {tmp_path} --rows attention --ci" in table
 
 
 def test_wandb_online_start_without_network_or_valid_key_falls_back_to_offline(tmp_path, monkeypatch):

@@ -20,9 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .approx import ESTIMATORS, KL_ROWS, error_vs_features, error_vs_scale
+from ..cli import wrote
+from . import KL_ROWS
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -96,23 +95,30 @@ def log_to_wandb(outputs: dict[str, tuple[Path, list[dict[str, Any]]]]) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--length", type=int, default=4096)
-    p.add_argument("--dim", type=int, default=16)
-    p.add_argument("--features", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512])
+    """The sweeps' options (``efficient-attn-approx --help``)."""
+    p.add_argument("--length", type=int, default=4096, help="sequence length L of the random q, k, v")
+    p.add_argument("--dim", type=int, default=16, help="head size d")
+    p.add_argument("--features", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512],
+                   help="random features m of the error-vs-m sweep")
     p.add_argument("--draws", type=int, default=15, help="independent feature draws per point")
     p.add_argument("--scale", type=float, default=1.0, help="std of q, k entries for the m sweep")
-    p.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
+    p.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0],
+                   help="input scales (std of q, k entries) of the error-vs-scale sweep")
     p.add_argument("--scale-features", type=int, default=256, help="m for the scale sweep")
     p.add_argument("--seed", type=int, default=0, help="seed of q, k, v")
     p.add_argument("--kl-rows", type=int, default=KL_ROWS,
                    help="query rows the KL(P ‖ P̂) is measured on (the first ones; 0: no KL)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--quick", action="store_true", help="L=512, 5 draws, 3 m values, 3 scales: seconds")
-    p.add_argument("--out", type=Path, default=Path("approx_out"))
+    p.add_argument("--out", type=Path, default=Path("approx_out"), help="output folder")
 
 
 def run(a: argparse.Namespace) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
     """The m sweep and the scale sweep on random inputs; returns {name: (png, rows)}."""
+    import torch
+
+    from .approx import ESTIMATORS, error_vs_features, error_vs_scale
+
     if a.quick:
         a.length, a.draws, a.features, a.scales = 512, 5, [8, 32, 128], [0.5, 1.0, 2.0]
     if a.threads:
@@ -134,7 +140,7 @@ def run(a: argparse.Namespace) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
 def save(rows: list[dict[str, Any]], x: str, stem: Path, title: str, **kw: Any) -> tuple[Path, list[dict[str, Any]]]:
     write_csv(rows, stem.with_suffix(".csv"))
     plot(rows, x, stem.with_suffix(".png"), title, **kw)
-    print(f"wrote {stem}.csv and .png")
+    wrote(stem.with_suffix(".csv"), stem.with_suffix(".png"))
     return stem.with_suffix(".png"), rows
 
 

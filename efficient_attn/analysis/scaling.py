@@ -29,10 +29,11 @@ import argparse
 import math
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch loads when a study runs, so the command's --help does not wait for it
+    import torch
+    from torch import Tensor
 
 DIMS = (16, 32, 64, 128, 256)
 SCALINGS = ("unscaled", "scaled")  # logits q·k and q·k/√d_k
@@ -67,6 +68,8 @@ def softmax_stats(logits: Tensor) -> dict[str, Tensor]:
 
 def unscaled_logits(d_k: int, queries: int, keys: int, draws: int, generator: torch.Generator) -> Tensor:
     """q·k for q (draws, L, d_k), k (draws, S, d_k) with iid N(0, 1) entries: (draws, L, S) float64."""
+    import torch
+
     q = torch.randn(draws, queries, d_k, generator=generator, dtype=torch.float64)
     k = torch.randn(draws, keys, d_k, generator=generator, dtype=torch.float64)
     return q @ k.transpose(-1, -2)  # (draws, L, S)
@@ -78,6 +81,8 @@ def sqrt_dk_study(dims: tuple[int, ...] = DIMS, queries: int = 256, keys: int = 
 
     Both scalings of one d_k see the same q, k, so their difference is the scaling alone.
     """
+    import torch
+
     if draws < 2:
         raise ValueError(f"draws must be >= 2 for a std over draws, got {draws}")
     rows = []
@@ -159,17 +164,21 @@ def _references(ax: Any, stat: str, dims: list[int], keys: int) -> None:
 
 # ----------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The study's options (``efficient-attn-approx --study sqrt_dk --help``)."""
     p.add_argument("--dims", type=int, nargs="+", default=list(DIMS), help="head sizes d_k")
     p.add_argument("--length", type=int, default=256, help="queries L per draw")
-    p.add_argument("--keys", type=int, default=None, help="keys S per draw (default: L)")
+    p.add_argument("--keys", type=int, default=None, help="keys S per draw (default: --length)")
     p.add_argument("--draws", type=int, default=20, help="independent draws of q, k per d_k")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=Path("approx_out"))
+    p.add_argument("--seed", type=int, default=0, help="seed of q, k (each d_k adds its own offset)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--out", type=Path, default=Path("approx_out"), help="output folder for sqrt_dk.csv and .png")
 
 
 def run(a: argparse.Namespace) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
     """The study, written to <out>/sqrt_dk.{csv,png} and logged to the active W&B run, if any."""
+    import torch
+
+    from ..cli import wrote
     from .approx_report import log_to_wandb, write_csv
 
     if a.threads:
@@ -180,7 +189,7 @@ def run(a: argparse.Namespace) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
     csv_path, png = a.out / "sqrt_dk.csv", a.out / "sqrt_dk.png"
     write_csv(rows, csv_path)
     plot(rows, png, f"q, k ~ N(0, I), L={a.length}, S={keys}, {a.draws} draws, float64")
-    print(f"wrote {csv_path} and {png}")
+    wrote(csv_path, png)
     outputs = {"sqrt_dk": (png, rows)}
     log_to_wandb(outputs)
     return outputs

@@ -1,0 +1,123 @@
+"""The compact table a multirun prints when it ends (``RunSummary`` in tasks/train.py).
+
+One row per attention config (``favor_plus``, not the registry's ``favor``) and per value of any other
+swept override except the seed; the main metric as mean ± 95% CI over the row's runs (seeds) with n,
+then training tokens/s, peak memory and wall time (means); rows in the order their first job was
+launched; runs without ``results.json`` (failed, killed) listed after them. A last line gives the
+``efficient-attn-report`` command for the full table. Statistics come from tasks/report.py and
+tasks/stats.py.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .report import find_runs, hydra_job, markdown, metrics
+from .stats import _finite, _num, mean_ci
+
+NOT_ROWS = {"seed", "attention", "ckpt_path"}  # overrides that never split rows (attention leads every label)
+RESOURCES = (("tokens/s", "train_tokens_per_s"), ("peak MiB", "peak_memory_mib"), ("wall s", "wall_time_s"))
+
+
+def main_metric(records: list[dict[str, Any]]) -> str:
+    """The headline column of ``records``: the test counterpart of the monitored metric when the runs were
+    tested (``val/bleu`` -> ``test/bleu``), else the monitor's best validation value (report's column name)."""
+    monitor = records[0]["metrics"]["monitor"]
+    test = "test/" + monitor.split("/", 1)[-1]
+    if any(test in (r["metrics"].get("test") or {}) for r in records):
+        return test
+    return f"val {monitor} (best)"
+
+
+def overrides(run_dir: Path) -> dict[str, str]:
+    """The job's command-line and sweep overrides (``.hydra/overrides.yaml``) as {key: value}, "+" prefixes dropped."""
+    import yaml
+
+    try:
+        items = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    except (OSError, yaml.YAMLError):
+        return {}
+    pairs = (str(item).split("=", 1) for item in items if "=" in str(item))
+    return {key.lstrip("+~"): value for key, value in pairs}
+
+
+def swept(jobs: list[dict[str, str]]) -> list[str]:
+    """Override keys whose value differs between jobs, besides the seed and the attention, in first-seen order."""
+    keys = dict.fromkeys(k for job in jobs for k in job if k not in NOT_ROWS)
+    return [k for k in keys if len({job.get(k) for job in jobs}) > 1]
+
+
+def row_label(attention: Any, found: dict[str, str], keys: list[str]) -> str:
+    """A row's label: the attention config, then the value of each swept key, " / "-joined as report's rows."""
+    return " / ".join([str(attention), *(str(found.get(k)) for k in keys)])
+
+
+def rows_in_launch_order(records: list[dict[str, Any]], keys: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Runs by row label, rows in the order their first job was launched (Hydra's job number)."""
+    ordered = sorted(records, key=lambda r: (r.get("_job") is None, r.get("_job") or 0, r["_dir"]))
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for r in ordered:
+        rows.setdefault(row_label(r["attention"], r["_overrides"], keys), []).append(r)
+    return rows
+
+
+def load_sweep(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """(run records with their overrides, jobs without results.json, the swept keys that split rows)."""
+    records, missing = find_runs([sweep_dir])
+    for r in records:
+        r["_overrides"] = overrides(Path(r["_dir"]))
+    failed = [_failed_job(path) for path in missing]
+    return records, failed, swept([r["_overrides"] for r in records] + [job["overrides"] for job in failed])
+
+
+def compact_table(records: list[dict[str, Any]], failed: list[dict[str, Any]],
+                  keys: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: attention config [swept values], n, main metric (mean ± 95% CI), tokens/s, MiB, s."""
+    rows = rows_in_launch_order(records, keys)
+    names = {label: main_metric(runs) for label, runs in rows.items()}
+    one_metric = len(set(names.values())) <= 1
+    header = [" / ".join(["attention", *keys]), "n",
+              next(iter(names.values())) if one_metric and names else "main metric", *(h for h, _ in RESOURCES)]
+    body = []
+    for label, runs in rows.items():
+        value = mean_ci([metrics(r).get(names[label]) for r in runs])
+        body.append([label, str(len(runs)), value if one_metric else f"{names[label]} {value}",
+                     *(_mean([r.get(key) for r in runs]) for _, key in RESOURCES)])
+    for job in sorted(failed, key=lambda j: (j["job"] is None, j["job"] or 0, str(j["dir"]))):
+        seed = f", seed {job['overrides']['seed']}" if "seed" in job["overrides"] else ""
+        number = f", job {job['job']}" if job["job"] is not None else ""
+        body.append([f"{row_label(job['attention'], job['overrides'], keys)} ({'no results.json' + seed + number}: "
+                     "failed, killed or running)", "0", *["n/a"] * (len(header) - 2)])
+    return header, body
+
+
+def _failed_job(run_dir: Path) -> dict[str, Any]:
+    """What is known of a job without results.json: its attention config, job number, overrides."""
+    choices, job = hydra_job(run_dir / ".hydra")
+    found = overrides(run_dir)
+    attention = choices.get("attention") or found.get("attention") or run_dir.name
+    return {"dir": run_dir, "job": job, "overrides": found, "attention": attention}
+
+
+def _mean(values: list[Any]) -> str:
+    finite = _finite(values)
+    return _num(statistics.mean(finite)) if finite else "n/a"
+
+
+def report_command(sweep_dir: Path | str, records: list[dict[str, Any]], keys: list[str]) -> str:
+    """The ``efficient-attn-report`` command for the full table of this sweep (every metric, ± 95% CI)."""
+    choices = records[0].get("choices", {}) if records else {}
+    rows = ["attention", *(f"choices.{k}" if k in choices else f"config.{k}" for k in keys)]
+    return f"efficient-attn-report {sweep_dir} --rows {','.join(rows)} --ci"
+
+
+def summary(sweep_dir: Path | str) -> str:
+    """The text printed after a multirun: run count, the compact table, the full-table command."""
+    records, failed, keys = load_sweep(Path(sweep_dir))
+    header, body = compact_table(records, failed, keys)
+    count = f"{len(records)} run(s) in {sweep_dir}" + (f", {len(failed)} without results.json" if failed else "")
+    return "\n".join([count, markdown(header, body).rstrip(),
+                      "main metric: mean ± 95% CI over the row's runs (seeds), n of them; tokens/s, peak MiB, wall s: "
+                      "means", f"Full table (every metric): {report_command(sweep_dir, records, keys)}"])
