@@ -70,11 +70,13 @@ class TaskModule(pl.LightningModule):
             set_rng_states(checkpoint["rng_states"])
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        """The optimizer step, then the attentions' step hooks (FAVOR+ redraw schedules).
+        """The optimizer step (its learning rate logged as ``train/lr``), then the attentions' step
+        hooks (FAVOR+ redraw schedules).
 
         Lightning calls this once per real step (after the last of ``accumulate_grad_batches``
         micro-batches), before ``on_train_batch_end``, so checkpoints saved there include the hooks' effect.
         """
+        self.log("train/lr", float(optimizer.param_groups[0]["lr"]), on_step=True, on_epoch=False)
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         attention_optimizer_step(self)
 
@@ -109,10 +111,20 @@ class TaskModule(pl.LightningModule):
         if o.schedule == "inverse_sqrt":
             return warm * math.sqrt(max(1, o.warmup_steps) / max(step, o.warmup_steps))
         if o.schedule == "cosine":
-            total = max(1, int(self.trainer.estimated_stepping_batches))
+            total = max(1, self._horizon())
             progress = min(1.0, max(0, step - o.warmup_steps) / max(1, total - o.warmup_steps))
             return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
         raise ValueError(f"optim.schedule must be inverse_sqrt, cosine or constant, got {o.schedule!r}")
+
+    def _horizon(self) -> int:
+        """Optimizer steps the run will take: ``trainer.max_steps`` when set (or fewer if the epochs end
+        first), else epochs × steps per epoch; a run with neither (a time budget) has none."""
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            from .train import COSINE_HORIZON, ConfigError
+
+            raise ConfigError(COSINE_HORIZON)
+        return int(total)
 
 
 def _with_attention_aux_loss(step: Any) -> Any:

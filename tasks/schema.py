@@ -209,7 +209,7 @@ class TranslationConfig:
     label_smoothing: float = 0.1
     val_bleu: bool = True  # greedy-decode the validation set for BLEU (the checkpoint metric)
     beam_size: int = 4  # test decoding; 1 = greedy
-    length_penalty: float = 0.6
+    length_penalty: float = 0.6  # α: beams score sum log p / |y|**α, |y| tokens incl. EOS (fairseq, HF)
     max_len_a: float = 1.5  # generate at most a·|src| + b tokens
     max_len_b: int = 10
     num_workers: int = 0

@@ -59,6 +59,27 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the key and what to do."""
 
 
+COSINE_HORIZON = ("optim.schedule=cosine needs a finite horizon: set trainer.max_steps (trainer.max_time with "
+                  "trainer.max_epochs=-1 gives no step count to decay over), or a finite trainer.max_epochs, "
+                  "or choose optim.schedule=inverse_sqrt or constant")
+
+
+def has_step_horizon(trainer: Any) -> bool:
+    """Whether the run's length in steps is known before it starts: ``max_steps``, ``fast_dev_run``, or a
+    finite epoch count (``max_epochs`` unset means 1000 epochs unless ``max_time`` is set, then none,
+    as Lightning's ``_parse_loop_limits``; -1 means none)."""
+    if trainer.get("max_steps", -1) not in (None, -1) or trainer.get("fast_dev_run"):
+        return True
+    epochs = trainer.get("max_epochs")
+    return trainer.get("max_time") is None if epochs is None else epochs != -1
+
+
+def check_schedule(optim: Any, trainer: Any) -> None:
+    """The cosine schedule decays over the run's step count: refuse at start a run that has none."""
+    if optim.get("schedule") == "cosine" and not has_step_horizon(trainer):
+        raise ConfigError(COSINE_HORIZON)
+
+
 # ----------------------------------------------------------------------------- strict checks
 def check_config(cfg: DictConfig) -> Any:
     """Validate every section against its schema; return the task's module.
@@ -77,6 +98,7 @@ def check_config(cfg: DictConfig) -> Any:
                                   ("attention", schema.AttentionConfig)):
         _check_section(cfg[section], schema_class, section)
     _known(set(cfg.trainer.keys()), trainer_arguments(), "trainer.")
+    check_schedule(cfg.optim, cfg.trainer)
     if cfg.logger.get("kind") not in LOGGER_KEYS:
         raise ConfigError(f"logger.kind must be one of {sorted(LOGGER_KEYS)}, got {cfg.logger.get('kind')!r}")
     _known(set(cfg.logger.keys()), LOGGER_KEYS[cfg.logger.kind], "logger.")

@@ -247,7 +247,7 @@ class TranslationModule(TaskModule):
         lengths = (~mask).sum(1)
         max_len = min(self.model.cfg.max_len, int(self.t.max_len_a * int(lengths.max()) + self.t.max_len_b))
         state = self.model.start(src, mask)
-        kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len=max_len)
+        kw = dict(bos=BOS, eos=EOS, pad=PAD, unk=UNK, max_len=max_len)
         if beam <= 1:
             ids = greedy_search(self.model, state, src.shape[0], **kw)
         else:

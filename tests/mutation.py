@@ -36,10 +36,10 @@ ATTENTION_TESTS = [  # fast and sharp first: with -x a killed mutant stops at it
     "tests/test_favor_precision.py", "tests/test_double_backward.py",
     "tests/test_multihead.py", "tests/test_registry.py", "tests/test_seeding.py",
 ]
-GENERATE_TESTS = ["tests/test_generate.py"]
+GENERATE_TESTS = ["tests/test_generate.py", "tests/test_beam.py"]
 # with --rev the tests come from that revision too, except these, taken from the working tree
 OVERLAY = ["tests/test_reference.py", "tests/test_core_exact.py", "tests/test_gradcheck.py",
-           "tests/test_generate.py", "tests/test_numerics.py", "tests/mutation.py",
+           "tests/test_generate.py", "tests/test_beam.py", "tests/test_numerics.py", "tests/mutation.py",
            "tests/mutation_sites.py", "tests/mutation_equivalent.py"]
 PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-p", "_mutation_guard"]
 

@@ -66,21 +66,13 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ('efficient_attn/attention/kernel.py', 'with torch.autocast(k.device.type, enabled=False):',
      'constant False -> True in `False`'):
         'the check passes k as both queries and keys, so L == S and causal=True adds no condition',
-    ('efficient_attn/generate.py', 'tokens = logits.argmax(-1).masked_fill(done, pad)  # (B,)',
+    ('efficient_attn/generate.py', 'tokens = logp.argmax(-1).masked_fill(done, pad)  # (B,)',
      'drop unary operator in `-1`'):
         'logits are 2-D (B, V): argmax over dim 1 is over dim -1',
-    ('efficient_attn/generate.py', 'normalized = scores / ((5.0 + lengths.reshape(batch_size, k)) / 6.0) ** length_penalty  # (B, K)',
-     'operator -> Mult in `(5.0 + lengths.reshape(batch_size, k)) / 6.0`'):
-        "multiplies every beam's normalized score by the same positive 36^α: the argmax is unchanged",
     ('efficient_attn/attention/favor.py', 'self.num_draws.zero_()',
      'drop statement in `self.num_draws.zero_()`'):
         'the new stream then starts at draw index n instead of 0: still a deterministic function of (seed, module name), distinct per module and the same on every process',
     ('efficient_attn/attention/kernel.py', 'out1 = self.feature_map(q.to(kv.dtype), is_query=True)[0] @ kv  # (B, H, L, Dv+1)',
      'constant True -> False in `True`'):
         "key-style positive features of a query have the same values; their backward adds −x·Σᵢ φᵢ∂L/∂φᵢ, which is 0 for a query: its output is homogeneous of degree 0 in φ(q) (numerator and normalizer both linear), so the gradient is unchanged (tested against the forward's)",
-    ("efficient_attn/generate.py",
-     "normalized = scores / ((5.0 + lengths.reshape(batch_size, k)) / 6.0) ** length_penalty  # (B, K)",
-     "constant 6.0 -> 12.0 in `6.0`"):
-        "scales every beam's normalized score by the same positive 2^α: the argmax is unchanged "
-        "(the /6 of Wu et al. is a convention)",
 }

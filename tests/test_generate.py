@@ -2,6 +2,7 @@
 
 The toy model's next-token logits depend on its hidden state (so beams must carry the right
 state when reordered), on the last token, and on a per-sentence ``memory`` shared by the beams.
+Beam search against exhaustive search on tiny vocabularies: tests/test_beam.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from efficient_attn.generate import beam_search, greedy_search
 
 BOS, EOS, PAD = 0, 1, 2
+NEVER = [BOS, PAD]  # special tokens the searches mask (no UNK in this vocabulary)
 
 
 class ToyModel(nn.Module):
@@ -38,9 +40,11 @@ class ToyModel(nn.Module):
 
 @torch.no_grad()
 def one_step(model: ToyModel, h: Tensor, token: int, memory: Tensor) -> tuple[Tensor, Tensor]:
-    """(log-probabilities (V,), new h) for one sentence."""
+    """(log-probabilities (V,), BOS and PAD at -inf, new h) for one sentence."""
     logits, state = model.decode_step(torch.tensor([token]), {"h": h[None], "memory": memory[None]})
-    return torch.log_softmax(logits[0].double(), -1), state["h"][0]
+    logp = torch.log_softmax(logits[0].double(), -1)
+    logp[NEVER] = float("-inf")
+    return logp, state["h"][0]
 
 
 def greedy_reference(model: ToyModel, memory: Tensor, max_len: int) -> list[list[int]]:
@@ -58,34 +62,33 @@ def greedy_reference(model: ToyModel, memory: Tensor, max_len: int) -> list[list
     return [r + [PAD] * (width - len(r)) for r in rows]
 
 
-def beam_reference(
-    model: ToyModel, memory: Tensor, k: int, max_len: int, alpha: float
-) -> tuple[list[list[int]], int]:
-    """Per sentence: beams (score, tokens, h, finished); finished beams extend with PAD at no cost.
-    Returns each sentence's pick and the number of steps the batch runs (until every beam is done)."""
-    finals, steps = [], 0
+def beam_reference(model: ToyModel, memory: Tensor, k: int, max_len: int, alpha: float) -> list[list[int]]:
+    """Standard beam search, per sentence, in plain Python: K live (sum, tokens, h); each step the best
+    2K one-token extensions; those ending in EOS among the best K are finished, scored sum / len**α;
+    the best K others live on; stop when no live sum s can beat the best finished (s / L**α, L the
+    largest reachable length for α > 0, the shortest for α <= 0); at max_len the live ones are scored too."""
+    picks = []
     for b in range(memory.shape[0]):
-        beams = [(0.0, [], torch.zeros(model.w.shape[0], dtype=torch.float64), False)]
+        live, best = [(0.0, [], torch.zeros(model.w.shape[0], dtype=torch.float64))], (float("-inf"), [])
         for step in range(max_len):
             cands = []
-            for score, toks, h, done in beams:
-                if done:
-                    cands.append((score, toks + [PAD], h, True))
-                    continue
+            for total, toks, h in live:
                 logp, h2 = one_step(model, h, toks[-1] if toks else BOS, memory[b])
-                cands += [(score + float(logp[t]), toks + [t], h2, t == EOS) for t in range(len(logp))]
-            beams = sorted(cands, key=lambda c: -c[0])[:k]
-            if all(c[3] for c in beams):
+                cands += [(total + float(logp[t]), toks + [t], h2) for t in range(len(logp))]
+            cands = sorted(cands, key=lambda c: -c[0])[: 2 * k]
+            for total, toks, _ in cands[:k]:
+                if toks[-1] == EOS and total / len(toks) ** alpha > best[0]:
+                    best = (total / len(toks) ** alpha, toks)
+            live = [c for c in cands if c[1][-1] != EOS][:k]
+            reach = max_len if alpha > 0 else min(step + 2, max_len)
+            if best[0] >= max(c[0] for c in live) / reach**alpha:
                 break
-        steps = max(steps, step + 1)
-        finals.append(beams)
-    return [max(beams, key=lambda c: _normalized(c[0], c[1], alpha))[1] for beams in finals], steps
-
-
-def _normalized(score: float, tokens: list[int], alpha: float) -> float:
-    """Wu et al. 2016 length penalty; |y| counts tokens up to and including EOS."""
-    length = tokens.index(EOS) + 1 if EOS in tokens else len(tokens)
-    return score / ((5.0 + length) / 6.0) ** alpha
+        else:
+            for total, toks, _ in live:
+                if total / max_len**alpha > best[0]:
+                    best = (total / max_len**alpha, toks)
+        picks.append(best[1])
+    return picks
 
 
 def memories(batch: int, vocab: int, seed: int) -> Tensor:
@@ -102,7 +105,7 @@ def test_greedy_equals_reference(seed, eos_bias):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.6, 2.0])
-@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("k", [2, 3, 5])
 @pytest.mark.parametrize("eos_bias", [-1.0, 1.0])
 @pytest.mark.parametrize("seed", range(4))
 def test_beam_equals_reference(seed, eos_bias, k, alpha):
@@ -110,9 +113,9 @@ def test_beam_equals_reference(seed, eos_bias, k, alpha):
     memory = memories(3, 6, 10 + seed)
     got = beam_search(model, model.start(memory), 3, bos=BOS, eos=EOS, pad=PAD, max_len=6,
                       beam_size=k, length_penalty=alpha)
-    want, steps = beam_reference(model, memory, k, 6, alpha)
-    assert got.shape == (3, steps)  # stops as soon as every beam of every sentence has finished
-    assert got.tolist() == [row[:steps] + [PAD] * (steps - len(row)) for row in want]
+    want = beam_reference(model, memory, k, 6, alpha)
+    width = max(len(row) for row in want)  # as wide as the longest pick
+    assert got.tolist() == [row + [PAD] * (width - len(row)) for row in want]
 
 
 def test_beam_one_equals_greedy():
@@ -129,9 +132,9 @@ def test_zero_steps_and_bad_beam_size():
     model = ToyModel()
     memory = memories(2, 6, 0)
     assert greedy_search(model, model.start(memory), 2, bos=BOS, eos=EOS, pad=PAD, max_len=0).shape == (2, 0)
+    assert beam_search(model, model.start(memory), 2, bos=BOS, eos=EOS, pad=PAD, max_len=0).shape == (2, 0)
     with pytest.raises(ValueError, match="beam_size"):
         beam_search(model, model.start(memory), 2, bos=BOS, eos=EOS, pad=PAD, max_len=3, beam_size=0)
-
 
 
 def test_reorder_beams_reaches_every_tensor_in_nested_states_but_shared_memory():

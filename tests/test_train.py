@@ -3,6 +3,7 @@ through the real config path, translation learns, resume continues, and bad inpu
 
 import importlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -129,6 +130,65 @@ def test_results_record_the_best_checkpoint_and_test_uses_it(tmp_path):
     best = record["metrics"]["best_checkpoint"]
     assert best and Path(best).exists() and "best" in Path(best).name
     assert record["metrics"]["monitor"] == "val/acc" and record["metrics"]["val_best"] is not None
+
+
+class LearningRates(pl.Callback):
+    """Records the ``train/lr`` the module logged at every training step."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.lrs.append(float(trainer.callback_metrics["train/lr"]))
+
+
+def test_learning_rate_is_logged_every_step(tmp_path):
+    lrs = LearningRates()
+    run(tiny("listops", "softmax", "trainer.max_steps=3", "test=false", "trainer.limit_val_batches=0",
+             "optim.lr=1e-3", "optim.warmup_steps=2", "optim.schedule=constant"), tmp_path, callbacks=[lrs])
+    assert lrs.lrs == pytest.approx([5e-4, 1e-3, 1e-3])  # warm-up 1/2, 2/2, then constant
+
+
+@pytest.mark.parametrize("trainer, finite", [
+    (dict(max_epochs=-1, max_steps=-1, max_time="00:01:00:00"), False),  # a time budget only
+    (dict(max_epochs=None, max_steps=-1, max_time="00:01:00:00"), False),  # Lightning: no epoch limit either
+    (dict(max_epochs=-1, max_steps=-1), False),
+    (dict(max_epochs=-1, max_steps=500, max_time="00:01:00:00"), True),
+    (dict(max_epochs=3, max_steps=-1), True),
+    (dict(max_epochs=None, max_steps=-1), True),  # Lightning's default: 1000 epochs
+    (dict(max_epochs=-1, max_steps=-1, fast_dev_run=True), True),
+])
+def test_cosine_needs_a_step_horizon(trainer, finite):
+    """``max_epochs=-1`` with ``max_time`` used to crash in the schedule (float infinity to int)."""
+    from tasks.train import has_step_horizon
+
+    assert has_step_horizon(trainer) is finite
+    extra = [f"++trainer.{key}={'null' if value is None else value}" for key, value in trainer.items()]
+    if finite:
+        check_config(tiny("listops", "softmax", "optim.schedule=cosine", *extra))
+    else:
+        with pytest.raises(ConfigError, match=re.escape("optim.schedule=cosine needs a finite horizon: set "
+                                                        "trainer.max_steps")):
+            check_config(tiny("listops", "softmax", "optim.schedule=cosine", *extra))
+        check_config(tiny("listops", "softmax", "optim.schedule=inverse_sqrt", *extra))  # only cosine needs it
+
+
+def test_cosine_horizon_is_the_trainers_step_count():
+    """The schedule reads its horizon from the trainer (max_steps, or epochs × batches); none is an error."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from tasks.base import TaskModule
+
+    optim = dict(lr=1.0, weight_decay=0.0, betas=[0.9, 0.98], warmup_steps=0, schedule="cosine")
+    module = TaskModule(OmegaConf.create({"optim": optim}))
+    module._trainer = SimpleNamespace(estimated_stepping_batches=100)
+    assert module._lr_factor(0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 100)))
+    assert module._lr_factor(49) == pytest.approx(0.5) and module._lr_factor(99) == pytest.approx(0.0)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=float("inf"))
+    with pytest.raises(ConfigError, match="set trainer.max_steps"):
+        module._lr_factor(0)
 
 
 # ----------------------------------------------------------------------------- bad input
