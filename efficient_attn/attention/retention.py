@@ -147,8 +147,9 @@ def chunked_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, chunk_
         chunk_decay = torch.exp(lg * c)[..., None]  # (H, 1, 1): γ^C
         kv = (kc * into_state).transpose(-1, -2) @ vc  # (B, H, N, D, Dv): each chunk's Σ_j γ^{C−1−j} k_jᵀ v_j
         states = [kv.new_zeros(b, h, d, kv.shape[-1])]  # S_0 = 0
-        for i in range(n - 1):
-            states.append(states[-1] * chunk_decay + kv[:, :, i])  # (B, H, D, Dv)
+        # unbind, not kv[:, :, i]: each index's backward fills a zero tensor the size of kv, O(N²) in all
+        for kv_i in kv.unbind(dim=2)[:-1]:  # N−1 × (B, H, D, Dv)
+            states.append(states[-1] * chunk_decay + kv_i)  # (B, H, D, Dv)
         out = out + (qc * from_state) @ torch.stack(states, dim=2)  # (B, H, N, C, Dv)
     return out.reshape(b, h, n * c, -1)[:, :, :length]  # (B, H, L, Dv)
 
