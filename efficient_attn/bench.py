@@ -427,7 +427,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the benchmark (or, with ``--worker``, one point of it)."""
+    """Run the benchmark (or, with ``--worker``, one point of it). With no arguments at all it prints
+    the help: a bare run would time every attention up to L = 16384 (tens of minutes on a CPU)."""
+    if argv is None and len(sys.argv) == 1:
+        parser().print_help()
+        return
     args = parse_args(argv)
     if args.worker:
         return worker_main(args.worker)

@@ -18,6 +18,7 @@ Building the parsers imports neither torch nor Lightning (``--help`` is fast); a
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from efficient_attn.analysis import approx_report, scaling
@@ -49,7 +50,11 @@ SQRT_DK_OUTPUTS = (
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Dispatch on ``--study``: each study has its own options (``--study sqrt_dk --help`` lists them)."""
+    """Dispatch on ``--study``: each study has its own options (``--study sqrt_dk --help`` lists them).
+    With no arguments at all it prints the help rather than start the full study (minutes on a CPU)."""
+    if argv is None and len(sys.argv) == 1:
+        favor_parser().print_help()
+        return
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--study", choices=STUDIES, default="favor")
     if pre.parse_known_args(argv)[0].study == "sqrt_dk":

@@ -258,6 +258,16 @@ def test_help_has_examples_outputs_and_every_option_with_its_default(command):
     assert seconds < 10, seconds  # measured ~0.3 s; the import check below is the real guard
 
 
+@pytest.mark.parametrize("module", ["efficient_attn.bench", "tasks.approx"])
+def test_no_arguments_prints_the_help_instead_of_a_long_run(module):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage:") and "\nexamples:\n" in out.stdout, out.stdout[:300]
+    assert "wrote" not in out.stdout + out.stderr  # nothing was run
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_imports_neither_torch_nor_scipy(command):
     module, extra, _ = COMMANDS[command]
