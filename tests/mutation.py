@@ -77,7 +77,12 @@ def make_copy(dest: Path, rev: str | None) -> Path:
 
 
 def tests_for(path: str) -> list[str]:
-    return GENERATE_TESTS if path.endswith("generate.py") else ATTENTION_TESTS
+    """The suites a mutant of ``path`` runs: a variant's own test file first (tests/test_<file>.py, e.g.
+    test_hedgehog.py for attention/hedgehog.py), then the shared core suites."""
+    if path.endswith("generate.py"):
+        return GENERATE_TESTS
+    own = f"tests/test_{Path(path).stem}.py"
+    return [own, *ATTENTION_TESTS] if own not in ATTENTION_TESTS and (ROOT / own).is_file() else ATTENTION_TESTS
 
 
 def run_tests(copy_dir: Path, tests: list[str], timeout: float) -> tuple[str, float, str]:
