@@ -75,4 +75,35 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ('efficient_attn/attention/kernel.py', 'out1 = self.feature_map(q.to(kv.dtype), is_query=True)[0] @ kv  # (B, H, L, Dv+1)',
      'constant True -> False in `True`'):
         "key-style positive features of a query have the same values; their backward adds −x·Σᵢ φᵢ∂L/∂φᵢ, which is 0 for a query: its output is homogeneous of degree 0 in φ(q) (numerator and normalizer both linear), so the gradient is unchanged (tested against the forward's)",
+    # the newer families (issue 14; results/mutation_variants.md)
+    ("efficient_attn/attention/cosformer.py", "check_inputs(q, k, v, None, True, self.num_heads, self.head_dim)",
+     "constant True -> False in `True`"):
+        "decode_step's q and k are one position each, so the causal check (L == S) holds either way",
+    ("efficient_attn/attention/cosformer.py", "phi_k, _ = self.feature_map(k, is_query=False, start=t)  # (B, H, 1, 2D)",
+     "constant False -> True in `False`"):
+        "cosFormer's feature map is the same for queries and keys (ReLU features times cos/sin of the position); is_query is unused",
+    ("efficient_attn/attention/hedgehog.py", "phi_q, _ = self.feature_map(q, is_query=True)  # (B, H, L, 2d')",
+     "constant True -> False in `True`"):
+        "Hedgehog applies one learned map to queries and keys; is_query is unused",
+    ("efficient_attn/attention/hedgehog.py", "phi_k, _ = self.feature_map(k, is_query=False)  # (B, H, S, 2d')",
+     "constant False -> True in `False`"):
+        "Hedgehog applies one learned map to queries and keys; is_query is unused",
+    ("efficient_attn/attention/hedgehog.py", "cross_entropy = -(teacher * log_student).sum(-1)  # (B, H, L); 0 on empty rows",
+     "drop unary operator in `-1`"):
+        "the per-row sums are only ever summed again (cross_entropy.sum()), so reducing dim 1 first gives the same total",
+    ("efficient_attn/attention/retention.py", "c = max(1, min(chunk_size, length))",
+     "call -> its first argument in `max(1, min(chunk_size, length))`"):
+        "chunk size 1: the chunked form is exact for any chunk size (tested at several), only slower",
+    ("efficient_attn/attention/retention.py", "c = max(1, min(chunk_size, length))",
+     "constant 1 -> 0 in `1`"):
+        "min(chunk_size, L) is already ≥ 1 for L ≥ 1 (chunk_size is validated ≥ 1); the max only guards L = 0",
+    ("efficient_attn/attention/retention.py", "if n > 1:",
+     "constant 1 -> 0 in `1`"):
+        "with one chunk the inter-chunk term runs on the zero initial state and adds exactly 0",
+    ("efficient_attn/attention/sliding_window.py", "check_inputs(q, k, v, None, True, self.num_heads, self.head_dim)",
+     "constant True -> False in `True`"):
+        "decode_step's q and k are one position each, so the causal check (L == S) holds either way",
+    ("efficient_attn/attention/sliding_window.py", "w = min(window, length)",
+     "call -> its first argument in `min(window, length)`"):
+        "a block longer than the sequence is padded and its extra keys masked: the same output, more work",
 }

@@ -18,11 +18,11 @@ def test_step_by_step_equals_causal_forward(name):
     torch.testing.assert_close(stepped, full, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("prefix", [1, 5, 9])
+@pytest.mark.parametrize("prefix", [1, 3, 5, 9])
 @pytest.mark.parametrize("name", ea.list_attentions())
 def test_prefill_equals_stepping(name, prefix):
     """``prefill`` of the first t positions gives the state t steps give, and decoding from it
-    continues the causal forward (t = 5 < the window of the test's sliding window, 9 > it)."""
+    continues the causal forward (window 4 in the test: t = 1, 3 < w, with 3 > w/2, and 5, 9 > w)."""
     torch.manual_seed(2)
     kwargs = {"window": 4} if name == "sliding_window" else {}
     attn = ea.create_attention(name, head_dim=8, num_heads=2, **kwargs).double().eval()
@@ -40,6 +40,18 @@ def test_prefill_equals_stepping(name, prefix):
         rows.append(out)
     full = attn(q, k, v, causal=True)[:, :, prefix:]
     torch.testing.assert_close(torch.cat(rows, dim=2), full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ea.list_attentions())
+def test_prefill_rejects_inputs_that_do_not_fit_the_module(name):
+    """``prefill`` checks its keys and values as the forward does: a wrong head count or head size, or
+    keys and values of different lengths, raise instead of building a state of the wrong shape."""
+    attn = ea.create_attention(name, head_dim=8, num_heads=2).double().eval()
+    _, k, v = make_qkv(b=2, h=2, length=5, d=8, dv=5)
+    _, k3, v3 = make_qkv(b=2, h=3, length=5, d=8, dv=5)
+    for bad_k, bad_v in ((k3, v3), (k[..., :6], v), (k, v[:, :, :4])):
+        with pytest.raises(ValueError):
+            attn.prefill(bad_k, bad_v)
 
 
 @pytest.mark.parametrize("name", ["favor", "linear"])
