@@ -59,6 +59,20 @@ class EpochLine(pl.Callback):
         print(" ".join(parts), file=self.stream or sys.stdout, flush=True)
 
 
+class ValidateAtMaxSteps(pl.Callback):
+    """Validate (and so checkpoint) on the last step of a ``trainer.max_steps`` run.
+
+    Lightning validates when training is stopped through ``trainer.should_stop`` (early stopping,
+    the ``max_time`` timer) but not when ``max_steps`` ends it mid-epoch; the best checkpoint that
+    test then loads could be up to an epoch older than the final weights. Raising ``should_stop``
+    on the last step makes Lightning run its end-of-training validation there too.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
 class SaveOnInterrupt(pl.Callback):
     """On SIGTERM (Lightning stops at the end of the current step), save ``last.ckpt`` first.
 

@@ -202,7 +202,7 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from .base import NonFiniteGuard, Throughput, attention_label
-    from .callbacks import EpochLine, SaveOnInterrupt, progress_bar, quiet_lightning
+    from .callbacks import EpochLine, SaveOnInterrupt, ValidateAtMaxSteps, progress_bar, quiet_lightning
     from .loggers import finish_wandb, make_logger, wandb_offline_note
 
     quiet_lightning()
@@ -231,7 +231,7 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
         best = ModelCheckpoint(dirpath=checkpoints, monitor=module.monitor, mode=module.monitor_mode, save_last=True,
                                filename="best-{step}")
         throughput, guard = Throughput(), NonFiniteGuard(cfg.nonfinite, attention_label(cfg))
-        own = [best, throughput, guard, SaveOnInterrupt(checkpoints / "last.ckpt")]
+        own = [best, throughput, guard, SaveOnInterrupt(checkpoints / "last.ckpt"), ValidateAtMaxSteps()]
         if cfg.checkpoint_every:
             own.append(ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=int(cfg.checkpoint_every),
                                        save_top_k=0, save_last=True))
