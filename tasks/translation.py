@@ -8,7 +8,9 @@ BLEU is sacreBLEU on detokenized output against the raw references; its signatur
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import uuid
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -108,7 +110,8 @@ def train_tokenizer(pairs: tuple[list[str], list[str]], t: DictConfig, root: Pat
     path = root / "sentencepiece" / f"{key.hexdigest()[:16]}.model"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{random.getrandbits(32)}")
+        # a name no seeded RNG can repeat: concurrent runs (same seed) must not share it
+        tmp = path.with_suffix(f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter([s for s in (*pairs[0], *pairs[1]) if s.strip()]),
             model_prefix=str(tmp),
