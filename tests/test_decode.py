@@ -5,6 +5,8 @@ import torch
 
 import efficient_attn as ea
 
+from efficient_attn.transformer import reorder_state
+
 from .conftest import decode_sequence, make_qkv, skip_unsupported
 
 
@@ -109,3 +111,84 @@ def test_prefill_fallback_steps_through_the_prefix():
     _, k, v = make_qkv(b=1, h=2, length=7, d=8)
     state = attn.prefill(k, v)
     torch.testing.assert_close(state["k"], k[:, :, -3:], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- the key/value cache
+def _step_all(attn, q, k, v, state, start, stop):
+    rows = []
+    for t in range(start, stop):
+        out, state = attn.decode_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
+        rows.append(out)
+    return torch.cat(rows, dim=2), state  # (B, H, stop - start, Dv)
+
+
+def test_kv_cache_grows_in_place_with_few_copies():
+    """The softmax cache writes each step into spare capacity: over 200 steps its buffer is
+    reallocated O(log t) times (×1.5 growth), not every step as ``torch.cat`` did, and the
+    state still holds exactly the t keys/values so far."""
+    attn = ea.create_attention("softmax", head_dim=4, num_heads=2).double().eval()
+    q, k, v = make_qkv(b=1, h=2, length=200, d=4, dv=3)
+    state, buffers = None, set()
+    with torch.no_grad():
+        for t in range(200):
+            _, state = attn.decode_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
+            buffers.add(state["k"].data_ptr())
+            assert state["k"].shape[2] == t + 1
+    assert len(buffers) <= 12, f"{len(buffers)} buffers for 200 steps: the cache is copied too often"
+    torch.testing.assert_close(state["k"], k, rtol=0, atol=0)
+    torch.testing.assert_close(state["v"], v, rtol=0, atol=0)
+
+
+def test_kv_cache_branches_from_one_state_without_aliasing():
+    """Two continuations of one prefix (sampling twice from a prompt) must not write into each
+    other's cache: the second step from the same state gets its own buffer."""
+    torch.manual_seed(3)
+    attn = ea.create_attention("softmax", head_dim=8, num_heads=2).double().eval()
+    q, k, v = make_qkv(b=2, h=2, length=12, d=8, dv=5)
+    q2, k2, v2 = make_qkv(b=2, h=2, length=12, d=8, dv=5)  # another continuation
+    with torch.no_grad():
+        _, prompt = _step_all(attn, q, k, v, None, 0, 6)
+        out_a, state_a = _step_all(attn, q, k, v, prompt, 6, 11)
+        out_b, state_b = _step_all(attn, q2, k2, v2, prompt, 6, 12)  # a second branch from the same prompt state
+        last_a, state_a = _step_all(attn, q, k, v, state_a, 11, 12)  # the first branch goes on after it
+        again_a, _ = _step_all(attn, q, k, v, prompt, 6, 12)  # and the first branch again, from the prompt
+    out_a = torch.cat([out_a, last_a], dim=2)
+    torch.testing.assert_close(state_a["k"], k, rtol=0, atol=0)
+    kb, vb = torch.cat([k[:, :, :6], k2[:, :, 6:]], 2), torch.cat([v[:, :, :6], v2[:, :, 6:]], 2)
+    qb = torch.cat([q[:, :, :6], q2[:, :, 6:]], 2)
+    torch.testing.assert_close(out_a, attn(q, k, v, causal=True)[:, :, 6:], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out_b, attn(qb, kb, vb, causal=True)[:, :, 6:], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(again_a, out_a, rtol=0, atol=0)
+
+
+def test_kv_cache_after_beam_reordering():
+    """Reordering a cache (beam search's index_select) and continuing equals decoding the
+    reordered sequences from scratch."""
+    torch.manual_seed(4)
+    attn = ea.create_attention("softmax", head_dim=8, num_heads=2).double().eval()
+    q, k, v = make_qkv(b=3, h=2, length=10, d=8, dv=5)
+    order = torch.tensor([2, 0, 0])
+    with torch.no_grad():
+        _, state = _step_all(attn, q, k, v, None, 0, 5)
+        state = reorder_state(state, order)
+        qr, kr, vr = q[order], k[order], v[order]
+        out, _ = _step_all(attn, qr, kr, vr, state, 5, 10)
+    torch.testing.assert_close(out, attn(qr, kr, vr, causal=True)[:, :, 5:], rtol=1e-10, atol=1e-10)
+
+
+def test_kv_cache_decoding_keeps_gradients():
+    """With autograd on, decoding never writes into a tensor it recorded: gradients through the
+    steps equal those of the causal forward, also when the prompt's cache was built without grad."""
+    torch.manual_seed(5)
+    attn = ea.create_attention("softmax", head_dim=8, num_heads=2).double()
+    q, k, v = (t.requires_grad_() for t in make_qkv(b=1, h=2, length=10, d=8, dv=5))
+    with torch.no_grad():
+        _, prompt = _step_all(attn, q, k, v, None, 0, 3)
+    for start, state in ((0, None), (3, prompt)):
+        out, _ = _step_all(attn, q, k, v, state, start, 10)
+        grads = torch.autograd.grad(out.pow(2).sum(), (q, k, v), allow_unused=True)
+        ref = torch.autograd.grad(attn(q, k, v, causal=True)[:, :, start:].pow(2).sum(), (q, k, v))
+        for g, r in zip(grads, ref):
+            if start:  # the prompt's keys/values were cached without grad: compare the later positions
+                g, r = g[:, :, start:], r[:, :, start:]
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)

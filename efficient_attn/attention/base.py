@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from itertools import chain
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -69,20 +69,19 @@ class Attention(nn.Module):
         raise NotImplementedError
 
     def decode_step(
-        self, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Tensor] | None = None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+        self, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Any] | None = None
+    ) -> tuple[Tensor, dict[str, Any]]:
         """One step of causal self-attention: the newest query against every key so far.
 
         q, k, v (B, H, 1, D) for position t; ``state`` is what the previous step returned (None at
         t = 0). Returns (out (B, H, 1, Dv), new state). Stepping through a sequence gives the rows of
         ``forward(..., causal=True)``. This default keeps a key/value cache (O(t) per step);
-        kernelized variants keep a constant-size running sum instead.
+        kernelized variants keep a constant-size running sum instead. The cache is written in place
+        into spare capacity (:func:`append_kv`), so a step copies O(1) keys amortised, not O(t).
         """
         check_step(q, k, v)
-        if state is not None:
-            k = torch.cat([state["k"], k], dim=2)  # (B, H, t+1, D)
-            v = torch.cat([state["v"], v], dim=2)  # (B, H, t+1, Dv)
-        return self(q, k, v), {"k": k, "v": v}
+        state = append_kv(state, k, v)
+        return self(q, state["k"], state["v"]), state
 
     def prefill(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
         """The :meth:`decode_step` state after the keys/values of a whole prefix, in one call.
@@ -209,6 +208,62 @@ def check_inputs(
                 f"key_padding_mask must be bool of shape (B, S) = ({b}, {s}) with True = padding, "
                 f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)} for {shapes}"
             )
+
+
+class _Spare:
+    """The buffers behind a key/value cache's ``k``/``v`` views and how far they are written.
+
+    Shared by every state that views them; only the state at the written frontier may write the
+    next slot in place.
+    """
+
+    def __init__(self, k: Tensor, v: Tensor, length: int) -> None:
+        self.k, self.v, self.length = k, v, length
+
+
+class KVCache(dict):
+    """A key/value cache state: the dict ``{"k": (B, H, t, D), "v": (B, H, t, Dv)}`` that every
+    reader expects, plus (as an attribute, not a key) the :class:`_Spare` buffers it views. Code that
+    rebuilds the dict (beam reordering) gets a plain dict, which is then copied on the next step."""
+
+    __slots__ = ("spare",)
+
+    def __init__(self, k: Tensor, v: Tensor, spare: _Spare | None = None) -> None:
+        super().__init__(k=k, v=v)
+        self.spare = spare
+
+
+def append_kv(state: dict[str, Any] | None, k: Tensor, v: Tensor, growth: float = 1.5) -> dict[str, Any]:
+    """The key/value cache ``state`` (k (B, H, t, D), v (B, H, t, Dv)) with position t appended.
+
+    ``torch.cat`` would copy all t keys every step (O(t) per token, 9× sdpa's preallocated cache at
+    16K). Instead the keys live in buffers with spare capacity (grown ×``growth`` when full, so a
+    step copies O(1) keys amortised) and ``state["k"]`` / ``state["v"]`` are views of the first t+1
+    slots, so every reader sees exactly the cache it saw before. A state written past (stepped
+    twice, e.g. two continuations of one prompt), reordered (beam search: its views are fresh
+    copies), or recorded for autograd is never written in place; it is copied into new buffers.
+    """
+    if state is None:
+        state = KVCache(k[:, :, :0], v[:, :, :0])  # (B, H, 0, ·)
+    old_k, old_v = state["k"], state["v"]
+    t = old_k.shape[2]
+    spare = getattr(state, "spare", None)
+    in_place = (
+        isinstance(spare, _Spare) and spare.length == t and t < spare.k.shape[2]
+        and spare.k.shape[:2] == k.shape[:2] and spare.k.dtype == k.dtype and spare.k.device == k.device
+        and not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or old_k.requires_grad))
+    )
+    if not in_place:
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or old_k.requires_grad):
+            # autograd records the views: never write into them (the old torch.cat semantics)
+            return KVCache(torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2))  # (B, H, t+1, ·)
+        capacity = max(int(t * growth) + 1, t + 16)
+        b, h = k.shape[:2]
+        spare = _Spare(k.new_empty(b, h, capacity, k.shape[-1]), v.new_empty(b, h, capacity, v.shape[-1]), t)
+        spare.k[:, :, :t], spare.v[:, :, :t] = old_k, old_v  # (B, H, t, ·)
+    spare.k[:, :, t : t + 1], spare.v[:, :, t : t + 1] = k, v
+    spare.length = t + 1
+    return KVCache(spare.k[:, :, : t + 1], spare.v[:, :, : t + 1], spare)  # views (B, H, t+1, ·)
 
 
 def check_step(q: Tensor, k: Tensor, v: Tensor) -> None:
