@@ -94,7 +94,18 @@ def summary(rows: list[dict[str, Any]], cfg: dict[str, Any], machine: str, peak:
              f"{cfg['dtype']}, {cfg['repeats']} timed repeats after 1 warm-up (median; 1 where a step takes over 20 s), "
              "forward+backward",
              f"- matmul peak ({cfg['matmul_size']}² {cfg['dtype']}): "
-             + (f"{peak:.1f} GFLOP/s" if peak else "failed"), "", "## Time (ms)", "", head]
+             + (f"{peak:.1f} GFLOP/s" if peak else "failed")]
+    if any(r["mode"] != "decode" for r in rows):  # a decode-only run has no forward+backward tables
+        lines += kernel_tables(rows, cfg, get, cols, cell, ratio, head)
+    lines += decode_table(rows, lengths)
+    return "\n".join(lines) + "\n"
+
+
+def kernel_tables(rows: list[dict[str, Any]], cfg: dict[str, Any], get: dict, cols: list[tuple], cell: Callable,
+                  ratio: Callable, head: str) -> list[str]:
+    """The forward+backward sections: favor against the baselines, ratios, crossover, every attention."""
+    lengths = cfg["lengths"]
+    lines = ["", "## Time (ms)", "", head]
     time_ms = lambda r: r["time_s"] * 1e3  # noqa: E731
     lines += [f"| {L} | " + " | ".join(cell((n, m, L), time_ms, "{:.1f}") for n, m in cols) + " |" for L in lengths]
     lines += ["", "## Peak memory (MiB; " + ("CUDA max allocated" if cfg["device"] != "cpu"
@@ -114,8 +125,7 @@ def summary(rows: list[dict[str, Any]], cfg: dict[str, Any], machine: str, peak:
               f"- favor faster than sdpa from (causal): {crossover(rows, 'causal')}",
               "- favor noncausal at L=8192: " + (f"{frac:.1%} of matmul peak" if frac else "not measured")]
     lines += against_references(rows, [L for L in (4096, 16384) if L in lengths] or lengths[-2:])
-    lines += decode_table(rows, lengths)
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 REFERENCES = ("softmax", "favor")

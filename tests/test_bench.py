@@ -76,6 +76,14 @@ def test_decode_mode_and_causal_only_variants(tmp_path):
     assert "## Decoding" in summary and "| retention | noncausal | n/a |" in summary
 
 
+def test_decode_only_summary_has_no_empty_kernel_tables(tmp_path):
+    bench.main(["--attentions", "softmax", "--modes", "decode", "--lengths", "32", "--heads", "2", "--head-dim", "8",
+                "--repeats", "1", "--decode-steps", "2", "--threads", "1", "--matmul-size", "64", "--no-baselines",
+                "--out", str(tmp_path)])
+    summary = (tmp_path / "summary_cpu.md").read_text()
+    assert "## Decoding" in summary and "## Time (ms)" not in summary and "## Ratios" not in summary
+
+
 def test_unknown_mode_is_an_error(tmp_path):
     with pytest.raises(SystemExit):
         bench.main(["--modes", "causal,decoding", "--out", str(tmp_path)])
