@@ -203,16 +203,34 @@ class NonFiniteGuard(pl.Callback):
 
     Checked after backward, before the optimizer step: ``policy="stop"`` raises with the step and
     the attention; ``policy="skip"`` drops that update (gradients cleared) and counts it.
+
+    Under fp16 AMP (a precision plugin with a gradient scaler) Lightning unscales the gradients
+    before this check, and non-finite gradients from a finite loss are the scaler's overflow: it
+    skips that step and lowers its scale, as AMP should. Those steps are normal and only counted
+    (``scaler_skipped``); a non-finite loss is an incident with or without a scaler.
     """
 
     def __init__(self, policy: str, attention: str) -> None:
         if policy not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {policy!r}")
-        self.policy, self.attention, self.skipped = policy, attention, 0
+        self.policy, self.attention, self.skipped, self.scaler_skipped = policy, attention, 0, 0
+        self._nonfinite_loss = False  # any micro-batch since the last optimizer step
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        # The loss Lightning backpropagates: times the scaler's scale under fp16 AMP (a finite loss
+        # stays finite unless loss × scale exceeds float32's 3.4e38; the scale starts at 65536).
+        if not bool(torch.isfinite(loss).all()):
+            self._nonfinite_loss = True
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        nonfinite_loss, self._nonfinite_loss = self._nonfinite_loss, False
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if not grads or torch.stack([torch.isfinite(g).all() for g in grads]).all():
+        finite_grads = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if finite_grads and not nonfinite_loss:
+            return
+        if not nonfinite_loss and grad_scaler(trainer) is not None:  # fp16 overflow: the scaler skips this step
+            self.scaler_skipped += 1
+            pl_module.log("train/scaler_skipped_steps", float(self.scaler_skipped))
             return
         if self.policy == "stop":
             raise FloatingPointError(
@@ -224,7 +242,13 @@ class NonFiniteGuard(pl.Callback):
         pl_module.log("train/skipped_updates", float(self.skipped))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped": self.skipped}
+        return {"skipped": self.skipped, "scaler_skipped": self.scaler_skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = state["skipped"]
+        self.scaler_skipped = state.get("scaler_skipped", 0)  # checkpoints from before the count
+
+
+def grad_scaler(trainer: pl.Trainer) -> Any:
+    """The gradient scaler of the trainer's precision plugin (fp16 AMP), or None."""
+    return getattr(trainer.precision_plugin, "scaler", None)

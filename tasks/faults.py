@@ -1,4 +1,4 @@
-"""Fault injection: kill, resume, run on 2 processes, train in bf16, feed bad input; record what happened.
+"""Fault injection: kill, resume, run on 2 processes, train in bf16 and fp16, feed bad input; record what happened.
 
     python -m tasks.faults --out results/reliability.md     # every scenario on a tiny model (a few minutes)
 
@@ -146,6 +146,30 @@ def bf16_training(attentions: Sequence[str], work: Path, steps: int = 8, scale: 
     return out
 
 
+def fp16_overflow(work: Path, steps: int = 12, init_scale: float = 2.0**24,
+                  callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
+    """fp16 AMP with a gradient scaler whose initial scale overflows the fp16 gradients (``nonfinite=stop``).
+
+    Lightning turns ``trainer.precision=16-mixed`` into bf16 on CPU, so the fp16 plugin and its scaler
+    are built here (on the GPU when there is one). The scaler halves its scale at each skipped step
+    and grows it only every 2000 good ones, so ``init_scale · 0.5**skipped == final_scale``.
+    """
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scaler = torch.amp.GradScaler(device, init_scale=init_scale)
+    log = StepLog()
+    cfg = compose_config([*TINY, "trainer.precision=null", f"trainer.max_steps={steps}", "nonfinite=stop"])
+    try:
+        record = run(cfg, work, callbacks=[log, *callbacks], plugins=[MixedPrecision("16-mixed", device, scaler=scaler)])
+    except FloatingPointError as err:
+        return {"steps": None, "scaler_skipped_steps": None, "skipped_updates": None, "precision": None,
+                "init_scale": init_scale, "final_scale": scaler.get_scale(), "losses": log.losses, "error": str(err)}
+    return {"steps": record["steps"], "scaler_skipped_steps": record["scaler_skipped_steps"],
+            "skipped_updates": record["skipped_updates"], "precision": record["precision"], "init_scale": init_scale,
+            "final_scale": scaler.get_scale(), "losses": log.losses, "error": None}
+
+
 class _scaled_embeddings:
     """Multiply every token embedding's output by ``scale`` (queries and keys with large norms)."""
 
@@ -240,6 +264,7 @@ def write_report(args: argparse.Namespace) -> None:
     ddp = ddp_vs_single(work / "ddp")
     attentions = sorted(p.stem for p in (Path(CONFIG_DIR) / "attention").glob("*.yaml"))
     bf16 = bf16_training(attentions, work / "bf16")
+    fp16 = fp16_overflow(work / "fp16")
     bad = bad_inputs(work / "bad")
     lines = [
         "# Reliability: faults injected and what happened",
@@ -267,6 +292,12 @@ def write_report(args: argparse.Namespace) -> None:
         outcome = (f"{r['steps']} steps, non-finite losses {r['nonfinite_losses']}, skipped updates {r['skipped']}, "
                    f"last loss {r['last_loss']:.4f}") if r["error"] is None else f"stopped: {r['error']}"
         lines.append(f"| bf16-mixed, embeddings ×8 (large q, k norms), attention={name} | {outcome} |")
+    outcome = (f"{fp16['steps']} steps, {fp16['scaler_skipped_steps']} skipped by the scaler (counted in results.json "
+               f"`scaler_skipped_steps`; scale {fp16['init_scale']:.3g} → {fp16['final_scale']:.3g}), guard incidents "
+               f"{fp16['skipped_updates']}, last loss {fp16['losses'][-1]:.4f}") if fp16["error"] is None \
+        else f"stopped: {fp16['error']}"
+    lines.append(f"| fp16-mixed with a gradient scaler (initial scale {fp16['init_scale']:.3g}: the first steps' gradients "
+                 f"overflow), nonfinite=stop | {outcome} |")
     for r in bad:
         ok = "as expected" if r["returncode"] == r["expected"] else f"expected exit {r['expected']}"
         lines.append(f"| bad input: {r['input']} (`{r['overrides'][:200]}`) | exit {r['returncode']} ({ok}) "

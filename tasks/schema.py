@@ -214,6 +214,12 @@ class TranslationConfig:
     max_len_b: int = 10
     num_workers: int = 0
 
+    def __post_init__(self) -> None:
+        # 0 used to skip test decoding, so results.json silently had no test BLEU
+        if not isinstance(self.beam_size, int) or self.beam_size < 1:
+            raise ValueError(f"task.beam_size must be an int >= 1 (1 = greedy decoding of the test split), "
+                             f"got {self.beam_size!r}; set test=false to skip testing")
+
 
 def longest_expression(max_depth: int, max_args: int) -> int:
     """Tokens in the largest expression: a full max_args-ary tree, operators at depths 1..max_depth-1."""

@@ -188,12 +188,15 @@ def _check_section(node: DictConfig, schema: type, name: str) -> None:
 
 
 # ----------------------------------------------------------------------------- one run
-def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
+def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = (),
+        plugins: Sequence[Any] = ()) -> dict[str, Any]:
     """Train, test the best checkpoint, write results.json; returns the record.
 
     ``ckpt_path=last`` resumes from ``<out_dir>/checkpoints/last.ckpt`` (same W&B run id, same
     results.json); a run dir that already holds results.json is not run again. ``callbacks`` are
-    added to the app's own (checkpointing, throughput), e.g. by tests.
+    added to the app's own (checkpointing, throughput), e.g. by tests; ``plugins`` go to the Trainer,
+    e.g. fp16 AMP with a gradient scaler on CPU (with ``trainer.precision=null``), which
+    ``trainer.precision=16-mixed`` turns into bf16 there.
     """
     start = time.perf_counter()
     task = check_config(cfg)
@@ -239,6 +242,8 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
         trainer_args["enable_progress_bar"] = progress_bar(trainer_args.get("enable_progress_bar"))
         if not trainer_args["enable_progress_bar"]:
             own.append(EpochLine())
+        if plugins:
+            trainer_args["plugins"] = [*(trainer_args.get("plugins") or []), *plugins]
         trainer = pl.Trainer(**trainer_args, default_root_dir=str(out_dir), logger=logger, callbacks=[*own, *callbacks])
         if logger:
             logger.log_hyperparams({"num_parameters": module.num_parameters()})
@@ -246,11 +251,15 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = ()) -
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         fit_s = time.perf_counter() - fit_start
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}  # before test
-        test = {}
+        test, tested = {}, None
         if cfg.test:
-            test = trainer.test(module, datamodule=datamodule, ckpt_path=best.best_model_path or None, verbose=False)[0]
+            tested = tested_checkpoint(best.best_model_path, trainer.global_step, trainer.is_global_zero)
+            test = trainer.test(module, datamodule=datamodule, ckpt_path=tested["path"], verbose=False)[0]
         record = _record(cfg, module, trainer, best, throughput, val, test, fit_s, time.perf_counter() - start)
+        record["metrics"]["test_checkpoint"] = tested
         record["skipped_updates"] = guard.skipped
+        record["scaler_skipped_steps"] = guard.scaler_skipped  # fp16 AMP overflow steps the scaler skipped (normal)
+        record["precision"] = str(trainer.precision)  # as Lightning ran it (16-mixed on CPU becomes bf16-mixed)
         record["resumed_from"] = str(ckpt_path) if ckpt_path else None
         record["threads"] = torch.get_num_threads()
         if trainer.is_global_zero:
@@ -307,6 +316,24 @@ def resume_checkpoint(ckpt_path: str | None, out_dir: Path) -> str | None:
         return str(last)
     print(f"ckpt_path=last: no checkpoint in {out_dir} yet; starting from the beginning")
     return None
+
+
+def tested_checkpoint(best_path: str, last_step: int, announce: bool = True) -> dict[str, Any]:
+    """Which weights the test split is evaluated with: ``{"checkpoint": "best", "path", "step"}``, the
+    best checkpoint by the task's validation metric; or, when there is none (validation never ran:
+    ``trainer.limit_val_batches=0``, a run shorter than its validation interval, ``fast_dev_run``),
+    ``{"checkpoint": "last", "path": None, "step": last_step}``, the weights at the end of training,
+    said in a warning line (``announce``: this process prints) so a test metric never hides its source.
+    """
+    if best_path:
+        import torch
+
+        step = torch.load(best_path, map_location="cpu", weights_only=False, mmap=True)["global_step"]
+        return {"checkpoint": "best", "path": best_path, "step": int(step)}
+    if announce:
+        print(f"warning: no best checkpoint (validation never ran); testing the last weights, step {last_step}; "
+              "results.json says test_checkpoint: last", file=sys.stderr)
+    return {"checkpoint": "last", "path": None, "step": last_step}
 
 
 def _record(cfg, module, trainer, checkpoint, throughput, val, test, fit_s, wall_s) -> dict[str, Any]:
@@ -395,6 +422,8 @@ def versions() -> dict[str, str]:
 def summary_line(record: dict[str, Any]) -> str:
     m = record["metrics"]
     test = " ".join(f"{k}={v:.4g}" for k, v in sorted(m["test"].items()))
+    if (m.get("test_checkpoint") or {}).get("checkpoint") == "last":
+        test += " (last weights: no best checkpoint)"
     tps = record["train_tokens_per_s"]
     return (f"[{record['task']} / {record['attention']}] best {m['monitor']}={_fmt(m['val_best'])} {test} | "
             f"{record['num_parameters']:,} params | {_fmt(tps)} tok/s | "

@@ -18,7 +18,7 @@ import sacrebleu
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from efficient_attn.generate import beam_search, greedy_search
@@ -286,6 +286,7 @@ def _strip(ids: list[int]) -> list[int]:
 
 
 def build(cfg: DictConfig) -> tuple[TranslationData, TranslationModule]:
+    Config(**OmegaConf.to_container(cfg.task, resolve=True))  # its checks (beam_size) before any data loads
     data = TranslationData(cfg)
     data.setup()
     return data, TranslationModule(cfg, data.vocab_size, data.sp)

@@ -1,6 +1,9 @@
-"""Faults injected into real runs: kill and resume, SIGTERM, DDP on 2 processes, bf16, bad input, determinism."""
+"""Faults injected into real runs: kill and resume, SIGTERM, DDP on 2 processes, bf16, fp16, bad input, determinism."""
+
+import json
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from efficient_attn import create_attention, list_attentions
@@ -97,6 +100,35 @@ def test_bf16_training_of_every_attention_config_has_no_nan(tmp_path):
     results = faults.bf16_training(names, tmp_path, steps=6)
     for name, r in results.items():
         assert r["error"] is None and r["nonfinite_losses"] == 0 and r["skipped"] == 0, (name, r)
+
+
+def test_fp16_gradient_overflow_is_skipped_by_the_scaler_counted_and_training_goes_on(tmp_path):
+    """Initial scale 2**24 overflows the fp16 gradients for the first steps: the scaler skips them (halving
+    its scale each time); the guard (nonfinite=stop) counts them apart instead of stopping the run."""
+    r = faults.fp16_overflow(tmp_path, steps=12, init_scale=2.0**24)
+    assert r["error"] is None and r["steps"] == 12 and r["precision"] == "16-mixed", r
+    assert 0 < r["scaler_skipped_steps"] < 12 and r["skipped_updates"] == 0, r
+    assert r["final_scale"] == r["init_scale"] * 0.5 ** r["scaler_skipped_steps"]  # each scaler skip counted once
+    assert all(torch.isfinite(torch.tensor(r["losses"])))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["scaler_skipped_steps"] == r["scaler_skipped_steps"] and saved["skipped_updates"] == 0
+
+
+class PoisonWeights(pl.Callback):
+    """Fills the first parameter with NaN before a given step: that step's loss is NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(module.parameters()).fill_(float("nan"))
+
+
+def test_fp16_nonfinite_loss_still_stops_the_run(tmp_path):
+    r = faults.fp16_overflow(tmp_path, steps=12, init_scale=2.0**24, callbacks=[PoisonWeights(9)])
+    assert r["error"] and "non-finite loss or gradient at step 9 with attention 'softmax'" in r["error"], r
 
 
 def test_nonfinite_loss_stops_naming_step_and_attention(tmp_path):

@@ -130,6 +130,55 @@ def test_results_record_the_best_checkpoint_and_test_uses_it(tmp_path):
     best = record["metrics"]["best_checkpoint"]
     assert best and Path(best).exists() and "best" in Path(best).name
     assert record["metrics"]["monitor"] == "val/acc" and record["metrics"]["val_best"] is not None
+    step = int(re.search(r"step=(\d+)", Path(best).name).group(1))  # ModelCheckpoint's filename="best-{step}"
+    tested = {"checkpoint": "best", "path": best, "step": step}
+    assert record["metrics"]["test_checkpoint"] == tested
+    assert json.loads((tmp_path / "results.json").read_text())["metrics"]["test_checkpoint"] == tested
+
+
+def test_without_validation_the_test_says_it_used_the_last_weights(tmp_path, capsys):
+    record = run(tiny("listops", "softmax", "trainer.max_steps=3", "trainer.limit_val_batches=0"), tmp_path)
+    last = {"checkpoint": "last", "path": None, "step": 3}
+    assert record["metrics"]["best_checkpoint"] is None and record["metrics"]["test"]
+    assert record["metrics"]["test_checkpoint"] == last
+    assert json.loads((tmp_path / "results.json").read_text())["metrics"]["test_checkpoint"] == last
+    out, err = capsys.readouterr()
+    assert "warning: no best checkpoint (validation never ran); testing the last weights, step 3" in err
+    assert "(last weights: no best checkpoint)" in out
+
+
+class ValidationSteps(pl.Callback):
+    """The global step of every validation run (not the sanity check)."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_validation_end(self, trainer, module) -> None:
+        if not trainer.sanity_checking:
+            self.steps.append(trainer.global_step)
+
+
+@pytest.mark.parametrize("max_steps, validated", [(3, [3]), (4, [4]), (6, [4, 6])])
+def test_max_steps_ending_mid_epoch_validates_and_checkpoints_the_last_step(tmp_path, max_steps, validated):
+    """4 steps per epoch, validation at each epoch's end; a max_steps run also validates at its last step
+    (ValidateAtMaxSteps), once when that is an epoch's end. max_steps=3 validates only there, so the best
+    checkpoint, and the test, are that step's."""
+    seen = ValidationSteps()
+    record = run(tiny("listops", "softmax", f"trainer.max_steps={max_steps}"), tmp_path, callbacks=[seen])
+    assert record["steps"] == max_steps and seen.steps == validated
+    if validated == [3]:
+        assert Path(record["metrics"]["best_checkpoint"]).name == "best-step=3.ckpt"
+        assert record["metrics"]["test_checkpoint"]["checkpoint"] == "best"
+        assert record["metrics"]["test_checkpoint"]["step"] == 3
+
+
+def test_translation_test_bleu_is_never_silently_absent(tmp_path):
+    """beam_size=0 used to skip test decoding (no test/bleu in results.json); it is refused, 1 is greedy."""
+    with pytest.raises(ConfigError, match=r"task.beam_size must be an int >= 1 \(1 = greedy"):
+        run(tiny("translation", "softmax", "task.beam_size=0", "trainer.max_steps=1"), tmp_path / "zero")
+    assert not (tmp_path / "zero" / "results.json").exists()
+    record = run(tiny("translation", "softmax", "task.beam_size=1", "trainer.max_steps=2"), tmp_path / "greedy")
+    assert "test/bleu" in record["metrics"]["test"] and record["bleu_signature"]
 
 
 class LearningRates(pl.Callback):
