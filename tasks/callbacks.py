@@ -65,7 +65,9 @@ class ValidateAtMaxSteps(pl.Callback):
     Lightning validates when training is stopped through ``trainer.should_stop`` (early stopping,
     the ``max_time`` timer) but not when ``max_steps`` ends it mid-epoch; the best checkpoint that
     test then loads could be up to an epoch older than the final weights. Raising ``should_stop``
-    on the last step makes Lightning run its end-of-training validation there too.
+    on the last step makes Lightning run its end-of-training validation there too, in an epoch
+    that validates at all (``check_val_every_n_epoch`` still decides; a run with no best
+    checkpoint says so in results.json, ``metrics.test_checkpoint``).
     """
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
