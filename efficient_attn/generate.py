@@ -1,4 +1,5 @@
-"""Greedy and beam search over any model with ``start`` / ``decode_step`` (incremental decoding).
+"""Greedy and beam search over any model with ``start`` / ``decode_step`` (incremental decoding), and
+sampled continuation of a prompt for a language model with ``prefill`` / ``decode_step``.
 
 A model's ``start(...)`` returns a decoding state and ``decode_step(tokens (B,), state)`` returns
 (logits (B, V), state). Every tensor in the state is batch-first, so beams are reordered by index.
@@ -112,6 +113,40 @@ def _beam(model: Any, state: Any, batch_size: int, *, bos: int, eos: int, pad: i
     return best.tokens[:, : int(best.length.max()) if batch_size else 0]
 
 
+@torch.no_grad()
+def sample(model: Any, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
+           generator: torch.Generator | None = None) -> Tensor:
+    """Continue each row of ``prompt`` (B, T) token ids by ``max_new_tokens`` tokens: (B, max_new_tokens).
+
+    The prompt is read in one ``model.prefill`` call; every new token then costs one ``decode_step`` on
+    the model's incremental state (constant-size for kernel attentions, a growing key/value cache for
+    softmax). Each token is drawn from softmax(logits / ``temperature``) restricted to the ``top_k`` most
+    likely tokens (0: all of them); ``temperature=0`` takes the most likely token (greedy). ``generator``
+    makes the draws reproducible.
+    """
+    if max_new_tokens < 0 or temperature < 0 or top_k < 0:
+        raise ValueError(f"max_new_tokens, temperature and top_k must be >= 0, got {max_new_tokens}, "
+                         f"{temperature}, {top_k}")
+    logits, state = model.prefill(prompt)  # (B, V)
+    out = []
+    for i in range(max_new_tokens):
+        out.append(_draw(logits, temperature, top_k, generator))  # (B,)
+        if i + 1 < max_new_tokens:
+            logits, state = model.decode_step(out[-1], state)
+    return torch.stack(out, dim=1) if out else prompt.new_empty(prompt.shape[0], 0)
+
+
+def _draw(logits: Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> Tensor:
+    """One token per row of ``logits`` (B, V): the argmax at temperature 0, else a draw (B,)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, _NEG_INF)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+
+
 class _Finished:
     """Per sentence, the best finished hypothesis so far: normalized score (B,), tokens (B, max_len), length (B,)."""
 
@@ -180,4 +215,4 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-__all__ = ["beam_search", "greedy_search"]
+__all__ = ["beam_search", "greedy_search", "sample"]

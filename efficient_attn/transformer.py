@@ -7,7 +7,8 @@ Every parameter outside the core attentions comes from torch's global RNG in the
 whatever the attentions, so one seed gives the same embeddings, projections and feed-forwards for
 every variant; each core attention draws from its own stream (``efficient_attn.seed_attentions``).
 Decoders also run one token at a time (``decode_step``): O(1) per token in the prefix for
-kernelized attentions (running sums), a key/value cache for the quadratic ones.
+kernelized attentions (running sums), a key/value cache for the quadratic ones; the language
+model reads a whole prompt into that state in one pass (``prefill``).
 
 Self-attention sites take one :class:`AttentionSpec` (every layer) or a sequence of exactly one
 per layer (a hybrid such as Based: sliding-window and Taylor linear-attention layers); every layer
@@ -236,6 +237,21 @@ class Block(nn.Module):
             x = self._residual(1, x, lambda h: self.cross_attn.attend_cached(h, state["memory"]))
         return self._residual(len(self.norms) - 1, x, self.ff), new
 
+    def prefill(self, x: Tensor) -> tuple[Tensor, DecodeState]:
+        """A causal self-attention layer over a whole prefix x (B, T, d_model): (its output (B, T, d_model),
+        the state :meth:`step` continues from at position T), the attention's state from its ``prefill``."""
+        if not self.causal or self.cross_attn is not None:
+            raise ValueError("prefill is for causal self-attention layers (a decoder-only model)")
+        state: DecodeState = {}
+
+        def self_attend(h: Tensor) -> Tensor:
+            k, v = self.self_attn.project_kv(h)  # (B, H, T, D) each
+            state["self"] = self.self_attn.attention.prefill(k, v)
+            return self.self_attn.attend_projected(h, k, v, causal=True)
+
+        x = self._residual(0, x, self_attend)
+        return self._residual(len(self.norms) - 1, x, self.ff), state
+
 
 class Stack(nn.Module):
     """N blocks plus the final LayerNorm that pre-LN needs.
@@ -280,6 +296,15 @@ class Stack(nn.Module):
             x, st = layer.step(x, st)
             layers.append(st)
         return self.final_norm(x), {"pos": state["pos"] + 1, "layers": layers}
+
+    def prefill(self, x: Tensor) -> tuple[Tensor, DecodeState]:
+        """A whole prefix x (B, T, d_model) at positions 0..T-1 in one pass: (hidden (B, T, d_model), the state
+        that T calls of :meth:`step` from :meth:`start` would leave). Self-attention stacks only."""
+        layers = []
+        for layer in self.layers:
+            x, st = layer.prefill(x)
+            layers.append(st)
+        return self.final_norm(x), {"pos": x.shape[1], "layers": layers}
 
 
 def reorder_state(state: Any, index: Tensor) -> Any:
@@ -383,6 +408,15 @@ class TransformerLM(_Decoding, nn.Module):
     def start(self) -> DecodeState:
         """State before the first token (every layer's self-attention state is empty)."""
         return self.decoder.start()
+
+    def prefill(self, tokens: Tensor) -> tuple[Tensor, DecodeState]:
+        """Read a prompt (B, T), T >= 1, in one pass: (next-token logits (B, V) after it, the state
+        :meth:`decode_step` continues from), as T decode steps from :meth:`start` would give, with each
+        attention's ``prefill`` (a running sum for kernel attentions, a key/value cache otherwise)."""
+        if tokens.dim() != 2 or tokens.shape[1] < 1:
+            raise ValueError(f"prefill expects a (B, T) prompt with T >= 1, got {tuple(tokens.shape)}")
+        hidden, state = self.decoder.prefill(self.embed_tgt(tokens))  # (B, T, d_model)
+        return self.logits(hidden[:, -1]), state
 
 
 class TransformerClassifier(nn.Module):

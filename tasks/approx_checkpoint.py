@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from efficient_attn import Attention, MultiHeadAttention, create_attention, seed_attentions
 from efficient_attn.analysis import approx_report
 from efficient_attn.transformer import Block
 
-from .train import TASKS
+from .checkpoint import load as load_checkpoint
 
 
 def run(a: argparse.Namespace) -> None:
@@ -42,12 +40,9 @@ def run(a: argparse.Namespace) -> None:
 
 
 def load(checkpoint: Path) -> tuple[Any, Any]:
-    """(data module, task module in eval mode, float64) rebuilt from a checkpoint's own config."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
-    data, module = importlib.import_module(TASKS[cfg.task.name]).build(cfg)
-    module.load_state_dict(ckpt["state_dict"])
-    return data, module.double().eval()
+    """(data module, task module in eval mode, float64) rebuilt from a checkpoint's own config (tasks/checkpoint.py)."""
+    loaded = load_checkpoint(checkpoint)
+    return loaded.data, loaded.module.double().eval()
 
 
 def validation_batch(data: Any, size: int) -> dict[str, Any]:

@@ -4,7 +4,9 @@ The config schemas live in tasks/schema.py (checked before Lightning loads) and 
 
 A task module (``tasks/<name>.py``) exposes ``Config`` (a dataclass: its ``task:`` config schema,
 with a ``name`` field) and ``build(cfg) -> (LightningDataModule, TaskModule)``. The module's
-``monitor`` / ``monitor_mode`` name the validation metric that picks the best checkpoint.
+``monitor`` / ``monitor_mode`` name the validation metric that picks the best checkpoint. A task whose
+``build`` reads data to make its module (translation: the tokenizer) also exposes
+``restore(cfg, checkpoint)``, which makes it from what the checkpoint holds (tasks/checkpoint.py).
 """
 
 from __future__ import annotations

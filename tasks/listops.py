@@ -267,6 +267,11 @@ class ListOpsModule(TaskModule):
         self.val_acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also the token vocabulary: a checkpoint loaded by code with another one is refused (tasks/checkpoint.py)."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["vocabulary"] = list(VOCAB)
+
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         return self.model(batch["tokens"], batch["padding_mask"])  # (B, 10)
 

@@ -1,6 +1,7 @@
 """Translation: Multi30k (default), any parallel text files, HF `datasets` corpora, or generated copy/reverse.
 
-Tokenization is one joint SentencePiece model trained on the training split and cached.
+Tokenization is one joint SentencePiece model trained on the training split and cached; every
+checkpoint holds its bytes, so a checkpoint runs alone (``restore``, tasks/checkpoint.py).
 Validation decodes greedily for BLEU; test decodes with beam search from the best checkpoint.
 BLEU is sacreBLEU on detokenized output against the raw references; its signature is recorded.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import sys
 import uuid
 from pathlib import Path
 
@@ -143,10 +145,11 @@ class TranslationData(pl.LightningDataModule):
         self.setup()
 
     def setup(self, stage: str | None = None) -> None:
-        if self.sp is not None:
+        if self.data:
             return
         pairs = load_pairs(self.cfg)
-        self.sp = train_tokenizer(pairs["train"], self.t, cache_dir(self.cfg.cache_dir))
+        if self.sp is None:  # set already when restored from a checkpoint (``restore``)
+            self.sp = train_tokenizer(pairs["train"], self.t, cache_dir(self.cfg.cache_dir))
         for split, (src, tgt) in pairs.items():
             src_ids, tgt_ids = self.sp.encode(src), self.sp.encode(tgt)
             rows = list(zip(src_ids, tgt_ids, tgt))
@@ -215,6 +218,11 @@ class TranslationModule(TaskModule):
         self.monitor, self.monitor_mode = ("val/bleu", "max") if self.t.val_bleu else ("val/loss", "min")
         self._outputs: dict[str, list] = {}
         self.bleu_signature: str | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Also the SentencePiece model's bytes: the checkpoint runs without the data or the tokenizer cache."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["tokenizer"] = self.sp.serialized_model_proto()
 
     def batch_tokens(self, batch: dict) -> int:
         return int((~batch["src_mask"]).sum() + (~batch["tgt_mask"]).sum())
@@ -290,3 +298,16 @@ def build(cfg: DictConfig) -> tuple[TranslationData, TranslationModule]:
     data = TranslationData(cfg)
     data.setup()
     return data, TranslationModule(cfg, data.vocab_size, data.sp)
+
+
+def restore(cfg: DictConfig, checkpoint: dict) -> tuple[TranslationData, TranslationModule]:
+    """``build`` for a saved checkpoint (tasks/checkpoint.py): the tokenizer from the checkpoint's bytes;
+    the data is read only if the data module is set up. A checkpoint saved before it held its tokenizer
+    gets it from the training data, as ``build``."""
+    if "tokenizer" not in checkpoint:
+        print("note: this checkpoint holds no tokenizer (saved before checkpoints did); rebuilding it from the "
+              "training data", file=sys.stderr)
+        return build(cfg)
+    data = TranslationData(cfg)
+    data.sp = spm.SentencePieceProcessor(model_proto=checkpoint["tokenizer"])
+    return data, TranslationModule(cfg, data.sp.get_piece_size(), data.sp)

@@ -21,7 +21,7 @@ from scipy import stats as scipy_stats
 
 from efficient_attn import bench
 from efficient_attn.cli import HelpFormatter
-from tasks import approx, data, report, translation
+from tasks import approx, data, evaluate, generate, report, translate, translation
 from tasks.callbacks import progress_bar
 from tasks.data import DataError
 from tasks.stats import _num
@@ -228,6 +228,9 @@ COMMANDS = {  # console script -> (module run by `python -m`, extra argv, parser
     "efficient-attn-approx": ("tasks.approx", [], approx.favor_parser),
     "efficient-attn-approx --study sqrt_dk": ("tasks.approx", ["--study", "sqrt_dk"], approx.sqrt_dk_parser),
     "efficient-attn-report": ("tasks.report", [], report.parser),
+    "efficient-attn-eval": ("tasks.evaluate", [], evaluate.parser),
+    "efficient-attn-translate": ("tasks.translate", [], translate.parser),
+    "efficient-attn-generate": ("tasks.generate", [], generate.parser),
 }
 NOT_FOR_HELP = ("torch", "scipy", "matplotlib", "pandas", "pytorch_lightning", "lightning")
 
@@ -245,9 +248,13 @@ def test_help_has_examples_outputs_and_every_option_with_its_default(command):
     examples = text[text.index("\nexamples:\n"):text.index("\noutputs:\n")]
     name = command.split()[0]
     assert len(re.findall(rf"^  {name} ", examples, flags=re.M)) == 3, examples
-    assert "--out" in text[text.index("\noutputs:\n"):]  # where the files go
+    actions = build()._actions
+    if any("--out" in action.option_strings for action in actions):
+        assert "--out" in text[text.index("\noutputs:\n"):]  # where the files go
+    else:
+        assert "stdout" in text[text.index("\noutputs:\n"):]  # commands without --out write to stdout
     formatter = HelpFormatter(name)
-    for action in build()._actions:
+    for action in actions:
         if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
             continue
         assert action.help, f"{command}: {action.option_strings or action.dest} has no help"
@@ -258,7 +265,16 @@ def test_help_has_examples_outputs_and_every_option_with_its_default(command):
     assert seconds < 10, seconds  # measured ~0.3 s; the import check below is the real guard
 
 
-@pytest.mark.parametrize("module", ["efficient_attn.bench", "tasks.approx"])
+def test_every_command_is_a_console_script_of_its_module():
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    for command, (module, _, _) in COMMANDS.items():
+        assert scripts.get(command.split()[0]) == f"{module}:main", command
+
+
+@pytest.mark.parametrize("module", ["efficient_attn.bench", "tasks.approx", "tasks.evaluate", "tasks.translate",
+                                    "tasks.generate"])
 def test_no_arguments_prints_the_help_instead_of_a_long_run(module):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, env=env, cwd=REPO,

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from efficient_attn.generate import beam_search, greedy_search
+from efficient_attn.generate import beam_search, greedy_search, sample
+from efficient_attn.transformer import AttentionSpec, TransformerConfig, TransformerLM
 
 BOS, EOS, PAD = 0, 1, 2
 NEVER = [BOS, PAD]  # special tokens the searches mask (no UNK in this vocabulary)
@@ -152,3 +153,49 @@ def test_reorder_beams_reaches_every_tensor_in_nested_states_but_shared_memory()
     assert out["layers"][0]["self"][1].flatten().tolist() == [20, 20, 0, 10]
     assert out["layers"][1]["self"][0].flatten().tolist() == [2, 2, 0, 1]
     assert out["memory"] is rows and out["pos"] == 3
+
+
+# ----------------------------------------------------------------------------- sampled continuation
+def tiny_lm(name: str = "softmax") -> TransformerLM:
+    torch.manual_seed(3)
+    cfg = TransformerConfig(d_model=16, num_heads=2, d_ff=32, decoder_layers=2, dropout=0.0, max_len=32)
+    return TransformerLM(cfg, 11, attention=AttentionSpec(name)).double().eval()
+
+
+def forward_logits(model: TransformerLM, tokens: Tensor) -> Tensor:
+    """Next-token logits (B, V) after ``tokens`` by the full forward: the reference, no decoding state."""
+    with torch.no_grad():
+        return model(tokens)[:, -1]
+
+
+@pytest.mark.parametrize("name", ["softmax", "favor", "linear"])
+def test_greedy_sample_equals_argmax_of_the_full_forward(name):
+    model = tiny_lm(name)
+    prompt = torch.tensor([[1, 4, 7], [2, 2, 9]])
+    got = sample(model, prompt, 6, temperature=0.0)
+    tokens = prompt
+    for _ in range(6):
+        tokens = torch.cat([tokens, forward_logits(model, tokens).argmax(-1, keepdim=True)], dim=1)
+    assert got.tolist() == tokens[:, 3:].tolist()
+
+
+def test_top_k_draws_only_among_the_k_most_likely_and_the_seed_fixes_the_draws():
+    model = tiny_lm()
+    prompt = torch.tensor([[1, 4, 7]] * 8)
+    draw = lambda seed, k, t=1.0: sample(model, prompt, 5, temperature=t, top_k=k,
+                                         generator=torch.Generator().manual_seed(seed))
+    got = draw(0, 3)
+    for step in range(5):
+        context = torch.cat([prompt, got[:, :step]], dim=1)
+        allowed = forward_logits(model, context).topk(3, dim=-1).indices  # (B, 3)
+        assert (allowed == got[:, step : step + 1]).any(-1).all(), step
+    assert torch.equal(draw(0, 3), got) and not torch.equal(draw(1, 3), got)
+    assert torch.equal(draw(5, 1, t=2.0), sample(model, prompt, 5, temperature=0.0))  # top-1 is greedy
+
+
+def test_sample_edge_cases():
+    model = tiny_lm()
+    prompt = torch.tensor([[1, 2]])
+    assert sample(model, prompt, 0).shape == (1, 0)
+    with pytest.raises(ValueError, match=">= 0"):
+        sample(model, prompt, 3, temperature=-1.0)

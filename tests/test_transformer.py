@@ -71,6 +71,34 @@ def test_lm_incremental_decoding_matches_full_forward(name):
     torch.testing.assert_close(step_through(model, model.start(), tokens), model(tokens), rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("prefix", [1, 5, 10])
+@pytest.mark.parametrize("name", ea.list_attentions())
+def test_lm_prefill_gives_the_stepped_state_and_decoding_continues_the_forward(name, prefix):
+    """``prefill`` of a t-token prompt: the logits after it and the state (every layer's) that t steps
+    give, pre-LN and post-LN; decoding from that state continues the full causal forward."""
+    for norm_first, positional in ((True, "sinusoidal"), (False, "learned")):
+        model = TransformerLM(config(norm_first=norm_first, positional=positional), VOCAB,
+                              attention=spec(name)).double().eval()
+        tokens = torch.randint(0, VOCAB, (2, 11))
+        full = model(tokens)  # (B, T, V)
+        logits, state = model.prefill(tokens[:, :prefix])
+        stepped = model.start()
+        for t in range(prefix):
+            _, stepped = model.decode_step(tokens[:, t], stepped)
+        torch.testing.assert_close(state, stepped, rtol=0, atol=1e-10)
+        torch.testing.assert_close(logits, full[:, prefix - 1], rtol=0, atol=1e-10)
+        rest = step_through(model, state, tokens[:, prefix:])
+        torch.testing.assert_close(rest, full[:, prefix:], rtol=0, atol=1e-10)
+
+
+def test_prefill_needs_a_prompt_and_a_decoder_only_stack():
+    model = TransformerLM(config(), VOCAB, attention=spec("softmax"))
+    with pytest.raises(ValueError, match="T >= 1"):
+        model.prefill(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="causal self-attention"):
+        seq2seq("softmax").decoder.prefill(torch.zeros(1, 3, 32, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("name", ["softmax", "favor"])
 def test_decoder_is_causal(name):
     model = seq2seq(name)
