@@ -55,15 +55,15 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def crossover(rows: list[dict[str, Any]], mode: str) -> str:
-    """Smallest L from which favor beats sdpa at every larger measured L (failed sdpa = slower)."""
+def crossover(rows: list[dict[str, Any]], mode: str, name: str = "favor", ref: str = "sdpa") -> str:
+    """Smallest L from which ``name`` beats ``ref`` at every larger measured L (failed ``ref`` = slower)."""
     def time_of(name: str, length: int) -> float | None:
         row = next((r for r in rows if (r["attention"], r["mode"], r["L"]) == (name, mode, length)), None)
         if row is None or row["status"] in ("", None):
             return None
         return row["time_s"] if row["status"] == "ok" else math.inf
 
-    pairs = [(L, time_of("favor", L), time_of("sdpa", L)) for L in sorted({r["L"] for r in rows})]
+    pairs = [(L, time_of(name, L), time_of(ref, L)) for L in sorted({r["L"] for r in rows})]
     pairs = [(L, f, s) for L, f, s in pairs if f is not None and s is not None and min(f, s) < math.inf]
     found = None
     for length, fav, sdpa in reversed(pairs):
@@ -97,7 +97,7 @@ def summary(rows: list[dict[str, Any]], cfg: dict[str, Any], machine: str, peak:
              + (f"{peak:.1f} GFLOP/s" if peak else "failed")]
     if any(r["mode"] != "decode" for r in rows):  # a decode-only run has no forward+backward tables
         lines += kernel_tables(rows, cfg, get, cols, cell, ratio, head)
-    lines += decode_table(rows, lengths)
+    lines += decode_table(rows, lengths, cfg["batch"])
     return "\n".join(lines) + "\n"
 
 
@@ -159,14 +159,17 @@ def against_references(rows: list[dict[str, Any]], lengths: list[int]) -> list[s
     return lines
 
 
-def decode_table(rows: list[dict[str, Any]], lengths: list[int]) -> list[str]:
-    """Decoding: ms per generated token after an L-token prefix, the state it keeps, and the speed-up
-    over the registry's softmax KV cache (same run)."""
+def decode_table(rows: list[dict[str, Any]], lengths: list[int], batch: int = 1) -> list[str]:
+    """Decoding: ms per step (one token for each of the B sequences) after an L-token prefix, the
+    state one layer keeps, the speed-up over the registry's softmax KV cache (same run), and the
+    prefix length from which each attention decodes faster than softmax and than sdpa's
+    preallocated cache."""
     get = {(r["attention"], r["L"]): r for r in rows if r["mode"] == "decode"}
     names = list(dict.fromkeys(name for name, _ in get))
     if not names:
         return []
-    lines = ["", "## Decoding (ms per token after an L-token prefix · state MiB · speed-up over softmax)", "",
+    lines = ["", f"## Decoding (ms per step of B = {batch} tokens after an L-token prefix · state MiB per layer · "
+             "speed-up over softmax)", "",
              "| attention | " + " | ".join(f"L={L}" for L in lengths) + " |", "|" + "---|" * (1 + len(lengths))]
     for name in names:
         cells = []
@@ -178,6 +181,10 @@ def decode_table(rows: list[dict[str, Any]], lengths: list[int]) -> list[str]:
             speed = f" · {ref['time_s'] / row['time_s']:.1f}×" if ref and ref["status"] == "ok" else ""
             cells.append(f"{row['time_s'] * 1e3:.3g} · {row['state_mib']:.3g}{speed}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Faster per token than softmax's KV cache / than sdpa's preallocated cache from (every longer "
+              "prefix too):", ""]
+    lines += [f"- {name}: {crossover(rows, 'decode', name, 'softmax')} / {crossover(rows, 'decode', name, 'sdpa')}"
+              for name in names if name not in ("softmax", "sdpa")]
     return lines
 
 
