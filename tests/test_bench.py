@@ -91,11 +91,11 @@ def test_unknown_mode_is_an_error(tmp_path):
 
 def test_decode_crossover_against_softmax_and_sdpa():
     """The decode summary names, per attention, the prefix from which it is faster than softmax's
-    cache and than sdpa's (here favor: from 4096 against both; linear never against sdpa)."""
+    cache and than sdpa's (here favor from 4096 against both; linear from 4096 against softmax, never against sdpa)."""
     times = {1024: (1, 2, 1.5, 3), 4096: (4, 2, 3, 3.5), 16384: (16, 2, 10, 12)}
     rows = [dict(attention=n, mode="decode", L=L, status="ok", time_s=t / 1000, state_mib=1.0)
             for L, ts in times.items() for n, t in zip(("softmax", "favor", "sdpa", "linear"), ts)]
     lines = bench_report.decode_table(rows, list(times), batch=8)
     assert "B = 8" in lines[1]
     assert "- favor: L = 4096 / L = 4096" in lines
-    assert "- linear: L = 16384 / not reached" in lines
+    assert "- linear: L = 4096 / not reached" in lines
