@@ -19,6 +19,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from efficient_attn import attention_aux_loss, attention_optimizer_step
@@ -89,6 +90,24 @@ class TaskModule(pl.LightningModule):
     def batch_tokens(self, batch: Any) -> int:
         """Tokens the model processed in one training batch (non-padding, inputs and targets)."""
         raise NotImplementedError
+
+    def global_mean(self, mean: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss to backpropagate, the loss to log) from this process's ``mean`` loss over its ``count``
+        loss terms (tokens, queries, examples) of the step's global batch.
+
+        DDP averages the processes' gradients; a per-process mean would then weight a process with few
+        tokens as much as one with many (a mean of means, not one process's mean over the same global
+        batch). Scaled by ``count · world / global count`` instead, the average of the gradients is the
+        gradient of (sum of every process's terms) / (global count): what one process computes (fairseq
+        normalises so too). The logged loss is that global mean. One process: ``mean`` as it is.
+        """
+        world = world_size()
+        if world == 1:
+            return mean, mean.detach()
+        local = torch.stack([mean.detach().double() * count, torch.tensor(float(count), dtype=torch.float64,
+                                                                            device=mean.device)])
+        total, global_count = all_reduce_sum(local).tolist()  # one collective for both
+        return mean * (count * world / global_count), torch.tensor(total / global_count, device=mean.device)
 
     def num_parameters(self) -> int:
         return count_parameters(self.model)
@@ -174,8 +193,46 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+# ----------------------------------------------------------------------------- many processes
+def world_size() -> int:
+    """Processes in the default ``torch.distributed`` group (DDP), 1 when there is none."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over every process (a copy; ``values`` itself on one process)."""
+    if world_size() == 1:
+        return values
+    out = values.clone()
+    dist.all_reduce(out)
+    return out
+
+
+def all_gather_stack(values: torch.Tensor) -> torch.Tensor:
+    """(world, *values.shape): every process's ``values``, in rank order."""
+    if world_size() == 1:
+        return values[None]
+    out = [torch.empty_like(values) for _ in range(world_size())]
+    dist.all_gather(out, values)
+    return torch.stack(out)
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every process's picklable ``obj``, in rank order (``[obj]`` on one process)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 class Throughput(pl.Callback):
-    """Training tokens per second (forward + backward + optimiser time only) and peak memory."""
+    """Training tokens per second (forward + backward + optimiser time only) over all processes.
+
+    Global: each step adds every process's tokens, and the step's time on the slowest process (DDP
+    keeps them in step), so ``tokens_per_s`` is what the whole run trained per second of training,
+    and the saved state is the same on every process (a resumed run continues it).
+    """
 
     def __init__(self) -> None:
         self.tokens, self.seconds, self._start = 0, 0.0, 0.0
@@ -184,8 +241,13 @@ class Throughput(pl.Callback):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.seconds += time.perf_counter() - self._start
-        self.tokens += int(pl_module.batch_tokens(batch))
+        seconds = time.perf_counter() - self._start
+        tokens = int(pl_module.batch_tokens(batch))
+        if world_size() > 1:  # (world, 2): every process's tokens and seconds of this step
+            every = all_gather_stack(torch.tensor([tokens, seconds], dtype=torch.float64, device=pl_module.device))
+            tokens, seconds = int(every[:, 0].sum()), float(every[:, 1].max())
+        self.tokens += tokens
+        self.seconds += seconds
         if self.seconds > 0:
             pl_module.log("train/tokens_per_s", self.tokens / self.seconds, on_step=True, on_epoch=False)
 

@@ -40,12 +40,24 @@ def compose_config(overrides: Sequence[str]) -> DictConfig:
 
 
 class StepLog(pl.Callback):
-    """Per step: the training loss and (optionally) whether every rank holds the same FAVOR+ features."""
+    """Per step: the training loss and (optionally) whether every rank holds the same FAVOR+ features;
+    per test: how many sentences each process decoded (translation batches carry ``refs``)."""
 
     def __init__(self, check_features: bool = False) -> None:
         self.losses: list[float] = []
         self.feature_mismatches = 0
         self.check_features = check_features
+        self.test_sentences = 0
+        self.test_sentences_per_process: list[int] = []
+
+    def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if isinstance(batch, dict) and "refs" in batch:
+            self.test_sentences += len(batch["refs"])
+
+    def on_test_end(self, trainer, module) -> None:
+        from .base import all_gather_objects
+
+        self.test_sentences_per_process = all_gather_objects(self.test_sentences)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
@@ -126,6 +138,49 @@ def ddp_vs_single(work: Path, steps: int = 8, devices: int = 2) -> dict[str, Any
     return {"devices": devices, "steps": out[devices]["steps"], "max_abs_param_diff": param_diff,
             "val_loss": {n: out[n]["val_last"].get("val/loss") for n in out},
             "feature_mismatches": out[devices]["feature_mismatches"]}
+
+
+# Synthetic translation, 7 sentences a batch: on 2 processes 4 and 3 (uneven tokens); val and test of 15
+# sentences make 3 batches (7, 7, 1): one process decodes two of them, the other one. Float64: in float32 the
+# key-projection biases, whose exact gradient is 0 under softmax, get rounding noise that Adam scales to ~lr.
+TRANSLATION = ["task=translation", "task.source=synthetic", "task.synthetic_sizes=[64,15,15]", "task.vocab_size=40",
+               "task.synthetic_length=[2,12]", "task.batch_size=7", "task.beam_size=3", "model=tiny", "model.dropout=0.0",
+               "logger=none", "threads=1", "optim.warmup_steps=1", "trainer.accelerator=cpu", "trainer.precision=64-true",
+               "trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false", "trainer.log_every_n_steps=1"]
+
+
+def translation_ddp_vs_single(work: Path, steps: int = 6, devices: int = 2) -> dict[str, Any]:
+    """Translation on 1 process ("one") and on ``devices`` gloo processes ("many"; same global batches, uneven
+    tokens per process): final weights, val loss and BLEU, tokens counted. Then a ``devices``-process run
+    ("same_weights") resumes the 1-process run at its last step (so trains no further) and tests its best
+    checkpoint: beam BLEU and test_hypotheses.txt on the same weights as the 1-process run's test."""
+    overrides = [*TRANSLATION, f"trainer.max_steps={steps}"]
+    ddp = ["trainer=ddp", f"trainer.devices={devices}"]
+    runs = {"one": overrides, "many": [*overrides, *ddp],
+            "same_weights": [*overrides, *ddp, f"ckpt_path={work / 'one' / 'checkpoints' / 'last.ckpt'}"]}
+    records, hyps = {}, {}
+    for name, args in runs.items():
+        proc = _python(["run", str(work / name), *args])
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        records[name] = json.loads((work / name / "results.json").read_text())
+        records[name]["decoded"] = json.loads((work / name / "faults.json").read_text())["test_sentences_per_process"]
+        hyps[name] = (work / name / "test_hypotheses.txt").read_text().splitlines()
+    one, many = (torch.load(work / n / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+                 for n in ("one", "many"))
+    param_diff = max(float((one[k].double() - many[k].double()).abs().max()) for k in one if one[k].is_floating_point())
+    metric = lambda name, where, key: records[name]["metrics"][where].get(key)  # noqa: E731
+    trained, tested = ("one", "many"), ("one", "same_weights")
+    return {"devices": devices, "steps": records["many"]["steps"], "max_abs_param_diff": param_diff,
+            "val_loss": {n: metric(n, "val_last", "val/loss") for n in trained},
+            "val_bleu": {n: metric(n, "val_last", "val/bleu") for n in trained},
+            "train_tokens": {n: records[n]["train_tokens"] for n in trained},
+            "test_bleu": {n: metric(n, "test", "test/bleu") for n in tested},
+            "test_loss": {n: metric(n, "test", "test/loss") for n in tested},
+            "same_hypotheses": hyps["one"] == hyps["same_weights"], "hypotheses": len(hyps["same_weights"]),
+            "test_sentences_per_process": records["same_weights"]["decoded"],
+            "processes": {n: r["processes"] for n, r in records.items()},
+            "same_weights_steps": records["same_weights"]["steps"]}
 
 
 def bf16_training(attentions: Sequence[str], work: Path, steps: int = 8, scale: float = 8.0) -> dict[str, dict]:
@@ -262,6 +317,7 @@ def write_report(args: argparse.Namespace) -> None:
     kill = resume_after_kill(work / "kill")
     term = resume_after_sigterm(work / "term")
     ddp = ddp_vs_single(work / "ddp")
+    mt = translation_ddp_vs_single(work / "ddp_translation")
     attentions = sorted(p.stem for p in (Path(CONFIG_DIR) / "attention").glob("*.yaml"))
     bf16 = bf16_training(attentions, work / "bf16")
     fp16 = fp16_overflow(work / "fp16")
@@ -287,6 +343,15 @@ def write_report(args: argparse.Namespace) -> None:
         f"redrawn every 2 steps | max abs parameter diff {ddp['max_abs_param_diff']:.3g}; val loss "
         f"{ddp['val_loss'][1]:.6f} vs {ddp['val_loss'][ddp['devices']]:.6f}; FAVOR+ features differing across ranks "
         f"at {ddp['feature_mismatches']} step(s) |",
+        f"| DDP translation, {mt['devices']} CPU processes (gloo) vs 1 process, same global batch (7 sentences: 4 and 3 "
+        f"per process, uneven tokens), {mt['steps']} steps, float64, dropout 0; then {mt['devices']} processes test the 1-process "
+        f"run's best checkpoint (beam 3, 15 sentences) | max abs parameter diff "
+        f"{mt['max_abs_param_diff']:.3g}; training tokens counted {mt['train_tokens']['one']} vs "
+        f"{mt['train_tokens']['many']}; val loss {mt['val_loss']['one']:.6f} vs {mt['val_loss']['many']:.6f}, val BLEU "
+        f"{mt['val_bleu']['one']:.2f} vs {mt['val_bleu']['many']:.2f}; same weights: test BLEU "
+        f"{mt['test_bleu']['one']:.4f} vs {mt['test_bleu']['same_weights']:.4f}, test_hypotheses.txt "
+        f"{'identical' if mt['same_hypotheses'] else 'different'} ({mt['hypotheses']} lines); test sentences decoded "
+        f"per process {mt['test_sentences_per_process']} |",
     ]
     for name, r in bf16.items():
         outcome = (f"{r['steps']} steps, non-finite losses {r['nonfinite_losses']}, skipped updates {r['skipped']}, "
@@ -332,7 +397,7 @@ def _run_command(argv: list[str]) -> None:
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
         (args.out_dir / "faults.json").write_text(json.dumps(
             {"steps": record["steps"], "val_last": record["metrics"]["val_last"], "losses": log.losses,
-             "feature_mismatches": log.feature_mismatches}))
+             "feature_mismatches": log.feature_mismatches, "test_sentences_per_process": log.test_sentences_per_process}))
 
 
 def main(argv: list[str] | None = None) -> None:

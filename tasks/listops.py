@@ -279,8 +279,9 @@ class ListOpsModule(TaskModule):
         return int((~batch["padding_mask"]).sum())
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = F.cross_entropy(self(batch), batch["label"])
-        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=len(batch["label"]))
+        # over the global batch's examples: processes hold unequal shares when task.batch_size % processes != 0
+        loss, logged = self.global_mean(F.cross_entropy(self(batch), batch["label"]), len(batch["label"]))
+        self.log("train/loss", logged, on_step=True, on_epoch=False, batch_size=len(batch["label"]))
         return loss
 
     def _evaluate(self, batch: dict[str, Tensor], split: str, accuracy: MulticlassAccuracy) -> None:

@@ -196,10 +196,11 @@ class ByteLMModule(TaskModule):
         return batch["tokens"].numel()
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        loss = self.loss(batch)
+        # over the global batch's tokens: processes hold unequal rows when task.batch_size % processes != 0
+        loss, logged = self.global_mean(self.loss(batch), batch["targets"].numel())
         size = batch["tokens"].shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
-        self.log("train/bpc", bits(loss), on_step=True, on_epoch=False, batch_size=size)
+        self.log("train/loss", logged, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
+        self.log("train/bpc", bits(logged), on_step=True, on_epoch=False, batch_size=size)
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:

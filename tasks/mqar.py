@@ -169,9 +169,10 @@ class MQARModule(TaskModule):
         return batch["tokens"].numel()
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        loss, acc, _ = self.scores(batch)
+        loss, acc, count = self.scores(batch)
+        loss, logged = self.global_mean(loss, count)  # over the global batch's queries, on any number of processes
         size = batch["tokens"].shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
+        self.log("train/loss", logged, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
         self.log("train/acc", acc, on_step=True, on_epoch=False, batch_size=size)
         return loss
 

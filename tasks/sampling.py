@@ -5,6 +5,8 @@ an order seeded by ``(seed, epoch)``). Process r of w takes ``batch[r::w]`` of e
 so w processes together train on exactly the batches one process would: the DDP run and the
 single-process run see the same data, step for step. A run restarted from a mid-epoch checkpoint
 skips the batches that epoch already trained on (the position is saved by ``TaskModule``).
+Evaluation either runs the whole split on every process (:func:`eval_loader`) or shares it out by
+whole batches (:func:`sharded_eval_loader`, for costly decoding; the task gathers the results).
 
 Loaders never draw from torch's global RNG (each gets its own seeded generator): the global RNG
 then only feeds dropout and the like, and it is saved and restored with the checkpoint.
@@ -101,8 +103,47 @@ def train_loader(data: Dataset, global_batches: GlobalBatches, num_batches: int,
 
 
 def eval_loader(data: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
-    """In order, whole split on every process (metrics such as BLEU need every hypothesis)."""
+    """In order, the whole split on every process (each process's metrics are the whole split's)."""
     return DataLoader(data, batch_size=batch_size, shuffle=False, generator=_generator(0, -1), **kwargs)
+
+
+def eval_shard(num_examples: int, batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """Process ``rank``'s batches of an evaluation split of ``num_examples``, each a list of example indices.
+
+    The split is cut in order into batches of ``batch_size`` (as one process cuts it) and batch i
+    goes to process i % world: every example is evaluated once, by one process, in the same batch
+    as on one process (so its numbers are the same). A split of fewer than ``world`` such batches is
+    cut into ``world`` near-equal ones instead: every process needs at least one (Lightning skips
+    the evaluation loop of a process with none, and the others would wait for it at the gather).
+    """
+    if num_examples < world:
+        raise ValueError(f"{num_examples} examples cannot give each of {world} processes one")
+    batches = [list(range(i, min(i + batch_size, num_examples))) for i in range(0, num_examples, batch_size)]
+    if len(batches) < world:
+        bounds = [r * num_examples // world for r in range(world + 1)]
+        batches = [list(range(bounds[r], bounds[r + 1])) for r in range(world)]
+    return batches[rank::world]
+
+
+class Indexed(Dataset):
+    """``(i, data[i])``: examples that carry their index in the split (to put gathered results in order)."""
+
+    def __init__(self, data: Sequence[Any]) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, self.data[i]
+
+
+def sharded_eval_loader(data: Sequence[Any], batch_size: int, trainer: Any, **kwargs: Any) -> DataLoader:
+    """This process's share of an evaluation split (:func:`eval_shard`), as ``(index, example)`` items in
+    order; the task gathers every process's results and orders them by index (e.g. for corpus BLEU).
+    ``trainer.limit_val_batches`` / ``limit_test_batches`` then count each process's batches."""
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    return DataLoader(Indexed(data), batch_sampler=eval_shard(len(data), batch_size, rank, world), **kwargs)
 
 
 def _generator(seed: int, epoch: int) -> torch.Generator:

@@ -221,6 +221,9 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = (),
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     # Lightning's own use of a torch API that torch deprecated; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # DDP: every process logs the whole split's val/test metrics (it evaluates the whole split, or translation
+    # gathers every process's share), so Lightning's advice to average them over the processes does not apply.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
     pl.seed_everything(cfg.seed, workers=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     reset_peak_memory()
@@ -357,7 +360,10 @@ def _record(cfg, module, trainer, checkpoint, throughput, val, test, fit_s, wall
         "num_parameters": module.num_parameters(),
         "epochs": trainer.fit_loop.epoch_progress.current.completed,  # completed epochs
         "steps": trainer.global_step,
-        "train_tokens_per_s": throughput.tokens_per_s,
+        "processes": trainer.world_size,  # DDP: devices × nodes
+        "train_tokens": throughput.tokens,  # of all processes
+        "train_tokens_per_s": throughput.tokens_per_s,  # global: all processes' tokens / training seconds
+        "train_tokens_per_s_scope": "global (sum over processes)",
         "peak_memory_mib": peak_memory_mib(),
         "fit_time_s": fit_s,
         "wall_time_s": wall_s,

@@ -4,6 +4,8 @@ Tokenization is one joint SentencePiece model trained on the training split and 
 checkpoint holds its bytes, so a checkpoint runs alone (``restore``, tasks/checkpoint.py).
 Validation decodes greedily for BLEU; test decodes with beam search from the best checkpoint.
 BLEU is sacreBLEU on detokenized output against the raw references; its signature is recorded.
+On several processes (DDP) each decodes its share of the sentences (whole batches, as one process
+batches them) and all gather the results in corpus order: the same loss, BLEU and hypotheses as one process.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from torch.utils.data import DataLoader
 from efficient_attn.generate import beam_search, greedy_search
 from efficient_attn.transformer import Seq2SeqTransformer
 
-from .base import TaskModule, attention_spec, transformer_config
+from .base import TaskModule, all_gather_objects, attention_spec, transformer_config
 from .data import RESOURCES, DataError, cache_dir, data_dir, fetch_all, read_lines
-from .sampling import by_length, eval_loader, train_loader
+from .sampling import by_length, sharded_eval_loader, train_loader
 from .schema import TASK_SITES
 from .schema import TranslationConfig as Config
 
@@ -183,7 +185,18 @@ class TranslationData(pl.LightningDataModule):
         return self._eval_loader("test")
 
     def _eval_loader(self, split: str) -> DataLoader:
-        return eval_loader(self.data[split], self.t.batch_size, collate_fn=collate, num_workers=self.t.num_workers)
+        """This process's share of the split; batches also hold each sentence's index (``ids``)."""
+        try:
+            return sharded_eval_loader(self.data[split], self.t.batch_size, self.trainer, collate_fn=collate_indexed,
+                                       num_workers=self.t.num_workers)
+        except ValueError as err:
+            raise DataError(f"translation: the {split} split: {err}; run on fewer processes "
+                            "(trainer.devices × trainer.num_nodes)") from None
+
+
+def collate_indexed(items: list[tuple[int, tuple[list[int], list[int], str]]]) -> dict:
+    """:func:`collate` of the rows, plus ``ids``: their indices in the split."""
+    return {**collate([row for _, row in items]), "ids": [i for i, _ in items]}
 
 
 def collate(rows: list[tuple[list[int], list[int], str]]) -> dict:
@@ -232,13 +245,15 @@ class TranslationModule(TaskModule):
 
     def _nll(self, batch: dict, smoothing: float) -> tuple[torch.Tensor, int]:
         logits = self(batch)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["tgt_out"].flatten(), ignore_index=PAD,
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 up; a float64 run stays float64
+        loss = F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=PAD,
                                label_smoothing=smoothing)
         return loss, int((~batch["tgt_mask"]).sum())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, n = self._nll(batch, self.t.label_smoothing)
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        loss, logged = self.global_mean(loss, n)  # over the global batch's target tokens, on any number of processes
+        self.log("train/loss", logged, prog_bar=True, batch_size=n)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -250,7 +265,7 @@ class TranslationModule(TaskModule):
     def _eval_step(self, split: str, batch: dict, beam: int) -> None:
         nll, n = self._nll(batch, 0.0)
         out = self._outputs.setdefault(split, [])
-        out.append((float(nll) * n, n, self.translate(batch, beam) if beam else [], batch["refs"]))
+        out.append((batch["ids"], float(nll) * n, n, self.translate(batch, beam) if beam else [], batch["refs"]))
 
     def translate(self, batch: dict, beam: int) -> list[str]:
         """Detokenized hypotheses for a batch (beam=1: greedy)."""
@@ -273,20 +288,30 @@ class TranslationModule(TaskModule):
         self._log_epoch("test")
 
     def _log_epoch(self, split: str) -> None:
-        rows = self._outputs.pop(split, [])
+        rows = gathered_in_order(self._outputs.pop(split, []))
         if not rows:
             return
-        total, n = sum(r[0] for r in rows), sum(r[1] for r in rows)
+        total, n = sum(r[1] for r in rows), sum(r[2] for r in rows)  # summed in corpus order, as on one process
         self.log(f"{split}/loss", total / n)
         self.log(f"{split}/ppl", float(torch.tensor(total / n).exp()))
-        hyps = [h for r in rows for h in r[2]]
+        hyps = [h for r in rows for h in r[3]]
         if hyps:
-            refs = [x for r in rows for x in r[3]]
+            refs = [x for r in rows for x in r[4]]
             bleu = sacrebleu.metrics.BLEU()
             self.log(f"{split}/bleu", bleu.corpus_score(hyps, [refs]).score)
             self.bleu_signature = str(bleu.get_signature())
             if split == "test":
                 self.test_hypotheses = hyps
+
+
+def gathered_in_order(rows: list[tuple]) -> list[tuple]:
+    """Every process's evaluation batches (``(ids, ...)`` each), in corpus order: on every process the
+    same list, as one process would have made it. Each sentence must come once (none padded in twice)."""
+    rows = sorted((r for shard in all_gather_objects(rows) for r in shard), key=lambda r: r[0][0])
+    ids = [i for r in rows for i in r[0]]
+    if ids != sorted(set(ids)):
+        raise RuntimeError(f"evaluation batches overlap or are out of order: sentence ids {ids[:20]}...")
+    return rows
 
 
 def _strip(ids: list[int]) -> list[int]:

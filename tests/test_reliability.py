@@ -2,13 +2,15 @@
 
 import json
 
+from typing import Callable
+
 import pytest
 import pytorch_lightning as pl
 import torch
 
 from efficient_attn import create_attention, list_attentions
 from tasks import faults
-from tasks.sampling import ShardedBatches, shuffled
+from tasks.sampling import ShardedBatches, eval_shard, shuffled
 from tasks.train import ConfigError, resume_argv, run
 from tests.conftest import skip_unsupported
 from tests.helpers import LossLog
@@ -80,6 +82,104 @@ def test_ddp_two_gloo_processes_match_one_process_and_share_favor_features(tmp_p
     assert result["max_abs_param_diff"] < 1e-5, result
     assert result["val_loss"][1] == pytest.approx(result["val_loss"][2], abs=1e-5)
     assert result["feature_mismatches"] == 0
+
+
+@pytest.mark.slow
+def test_ddp_translation_with_uneven_tokens_trains_and_decodes_as_one_process(tmp_path):
+    result = faults.translation_ddp_vs_single(tmp_path, steps=6)  # float64; 4 and 3 sentences per process
+    assert result["steps"] == 6 and result["processes"] == {"one": 1, "many": 2, "same_weights": 2}
+    # global token normalisation: a mean of the processes' means moves the weights by ~1e-4 here
+    assert result["max_abs_param_diff"] <= 1e-6, result
+    assert result["train_tokens"]["many"] == result["train_tokens"]["one"]  # throughput counts every process
+    assert result["val_loss"]["many"] == pytest.approx(result["val_loss"]["one"], abs=1e-6)
+    # the 1-process run's best weights decoded on 2 processes: each decodes its share, gathered in corpus order
+    assert result["same_weights_steps"] == 6
+    assert result["test_sentences_per_process"] == [8, 7]  # batches (7, 7, 1) dealt out; no sentence twice
+    assert result["same_hypotheses"] and result["hypotheses"] == 15
+    assert result["test_bleu"]["same_weights"] == result["test_bleu"]["one"]
+    assert result["test_loss"]["same_weights"] == result["test_loss"]["one"]
+
+
+GRAD_TASKS = {  # tiny configs; 5 examples a global batch: 3 and 2 on two processes
+    "translation": ["task=translation", "task.label_smoothing=0.1"],
+    "lm": ["task=lm", "task.context_length=12"],
+    "mqar": ["task=mqar", "task.vocab_size=32", "task.seq_len=16", "task.num_kv_pairs=3"],
+    "listops": ["task=listops"],
+}
+
+
+def global_batch(task: str, cfg) -> tuple[list, Callable[[list], dict]]:
+    """(5 seeded examples of ``task`` with unequal token counts, the task's collate)."""
+    from tasks import listops, mqar, translation
+
+    g = torch.Generator().manual_seed(1)
+    lengths = [3, 9, 4, 7, 2]
+    if task == "translation":
+        ids = lambda n: torch.randint(4, 40, (n,), generator=g).tolist()  # noqa: E731
+        rows = [(ids(n), ids(n + i % 3), "") for i, n in enumerate(lengths)]  # source, target, reference
+        return rows, translation.collate
+    if task == "listops":
+        return [(torch.randint(2, listops.VOCAB_SIZE, (n,), generator=g), i) for i, n in enumerate(lengths)], listops.collate
+    if task == "lm":
+        tokens = torch.randint(256, (5, 13), generator=g)
+        return [{"tokens": t[:-1], "targets": t[1:]} for t in tokens], torch.utils.data.default_collate
+    data = mqar.generate(mqar.task_config(cfg), 5, seed=1)
+    return [{k: v[i] for k, v in data.items()} for i in range(5)], torch.utils.data.default_collate
+
+
+def task_grads(task: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    """Float64 gradients of ``task``'s training loss on this process's share ``[rank::world]`` of the
+    global batch, averaged over the processes as DDP does."""
+    import importlib
+
+    cfg = faults.compose_config([*GRAD_TASKS[task], "model=tiny", "logger=none"])
+    torch.manual_seed(0)
+    module_class = {"translation": "TranslationModule", "lm": "ByteLMModule", "mqar": "MQARModule",
+                    "listops": "ListOpsModule"}[task]
+    cls = getattr(importlib.import_module(f"tasks.{task}"), module_class)
+    module = (cls(cfg, 40, None) if task == "translation" else cls(cfg)).double()
+    rows, collate = global_batch(task, cfg)
+    module.training_step(collate(rows[rank::world]), 0).backward()
+    grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    if world > 1:
+        for g in grads.values():
+            torch.distributed.all_reduce(g)
+            g /= world
+    return grads
+
+
+def _grads_on_rank(rank: int, world: int, store: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    grads = {task: task_grads(task, rank, world) for task in GRAD_TASKS}
+    if rank == 0:
+        torch.save(grads, out)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # training_step without a Trainer
+def test_every_task_normalises_its_loss_by_the_global_count_on_two_processes(tmp_path):
+    """Uneven shares of one global batch (3 and 2 examples; tokens, queries, examples all unequal): the
+    gradient DDP applies equals one process's on the whole batch; a mean of the processes' means would not."""
+    out = tmp_path / "grads.pt"
+    torch.multiprocessing.spawn(_grads_on_rank, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
+    two = torch.load(out)
+    for task in GRAD_TASKS:
+        one = task_grads(task)
+        assert one.keys() == two[task].keys() and len(one) > 10, task
+        for name, g in one.items():
+            torch.testing.assert_close(two[task][name], g, rtol=1e-9, atol=1e-12, msg=lambda m: f"{task} {name}: {m}")
+
+
+def test_evaluation_shards_are_the_one_process_batches_dealt_out():
+    one = eval_shard(15, 7)
+    assert one == [list(range(0, 7)), list(range(7, 14)), [14]]
+    assert eval_shard(15, 7, rank=0, world=2) == [one[0], one[2]] and eval_shard(15, 7, rank=1, world=2) == [one[1]]
+    # fewer batches than processes: near-equal batches, one each (a process without one would hang the gather)
+    assert [eval_shard(5, 8, rank=r, world=4) for r in range(4)] == [[[0]], [[1]], [[2]], [[3, 4]]]
+    with pytest.raises(ValueError, match="3 examples cannot give each of 4 processes one"):
+        eval_shard(3, 8, rank=0, world=4)
 
 
 # ----------------------------------------------------------------------------- precision
