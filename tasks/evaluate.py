@@ -154,8 +154,8 @@ def _translation_files(loaded: Any, src_path: Path, ref_path: Path) -> Any:
     """Parallel source and reference files, in order, batched as the run's test split."""
     from .checkpoint import ConfigError, check_lengths
     from .data import read_lines
-    from .sampling import eval_loader
-    from .translation import collate
+    from .sampling import sharded_eval_loader
+    from .translation import collate_indexed
 
     src, ref = read_lines(src_path), read_lines(ref_path)
     if len(src) != len(ref) or not src:
@@ -166,7 +166,7 @@ def _translation_files(loaded: Any, src_path: Path, ref_path: Path) -> Any:
     check_lengths(src_ids, limit, str(src_path))
     check_lengths(ref_ids, limit - 1, str(ref_path))  # + BOS or EOS when scored
     rows = list(zip(src_ids, ref_ids, ref))
-    return eval_loader(rows, loaded.cfg.task.batch_size, collate_fn=collate)
+    return sharded_eval_loader(rows, loaded.cfg.task.batch_size, None, collate_fn=collate_indexed)  # one process
 
 
 def _lm_file(loaded: Any, path: Path) -> Any:
