@@ -27,6 +27,10 @@ TASK_SITES = {  # each task model's attention sites (check_config)
 }
 MIN_ARGS = 2  # ListOps arguments per operator: MIN_ARGS..max_args, as LRA's generator (randint(2, max_args))
 LM_DATASETS = ("tinyshakespeare", "enwik8", "file")
+SCHEDULES = ("inverse_sqrt", "cosine", "constant")  # tasks/base.py TaskModule._lr_factor
+TRANSLATION_SOURCES = ("multi30k", "files", "hf", "synthetic")
+TOKENIZERS = ("bpe", "unigram", "char")  # SentencePiece model types
+TRANSLATION_MAX_LEN = 1024  # translation's default model.max_len: fairseq's default --max-{source,target}-positions
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,6 +67,12 @@ class OptimConfig:
     warmup_steps: int = 1000
     schedule: str = "inverse_sqrt"  # inverse_sqrt (Vaswani et al.) | cosine | constant
 
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+
 
 @dataclass
 class AttentionConfig:
@@ -79,9 +89,18 @@ ATTENTION_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "att
 _ENTRY_KEYS = {"name", "kwargs"}
 
 
+def model_max_len(cfg: DictConfig) -> int:
+    """``model.max_len``; null (the task's longest sequence) is filled in by tasks.train.check_config."""
+    if cfg.model.get("max_len") is None:
+        raise ValueError("model.max_len is null (the task's longest sequence): run tasks.train.check_config(cfg) "
+                         "first, which fills it in, or set model.max_len")
+    return int(cfg.model.max_len)
+
+
 def transformer_config(cfg: DictConfig) -> TransformerConfig:
     from efficient_attn.transformer import TransformerConfig
 
+    model_max_len(cfg)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     fields = {k: v for k, v in model.items() if not k.endswith("_attention") and k != "layer_attentions"}
     return TransformerConfig(**fields)
@@ -210,7 +229,7 @@ class TranslationConfig:
     val_bleu: bool = True  # greedy-decode the validation set for BLEU (the checkpoint metric)
     beam_size: int = 4  # test decoding; 1 = greedy
     length_penalty: float = 0.6  # α: beams score sum log p / |y|**α, |y| tokens incl. EOS (fairseq, HF)
-    max_len_a: float = 1.5  # generate at most a·|src| + b tokens
+    max_len_a: float = 1.5  # generate at most a·|src| + b tokens (and at most model.max_len)
     max_len_b: int = 10
     num_workers: int = 0
 
@@ -219,6 +238,46 @@ class TranslationConfig:
         if not isinstance(self.beam_size, int) or self.beam_size < 1:
             raise ValueError(f"task.beam_size must be an int >= 1 (1 = greedy decoding of the test split), "
                              f"got {self.beam_size!r}; set test=false to skip testing")
+        if self.source not in TRANSLATION_SOURCES:
+            raise ValueError(f"task.source must be one of {list(TRANSLATION_SOURCES)}, got {self.source!r}")
+        if self.source == "files" and (not isinstance(self.files, dict) or set(self.files) != {"train", "val", "test"}
+                                       or any(len(pair) != 2 for pair in self.files.values())):
+            raise ValueError("task.source=files needs task.files="
+                             "{train: [src, tgt], val: [src, tgt], test: [src, tgt]}")
+        if self.source == "hf" and not self.hf_name:
+            raise ValueError("task.source=hf needs task.hf_name (e.g. wmt14) and task.hf_config (e.g. de-en)")
+        if self.synthetic not in ("copy", "reverse"):
+            raise ValueError(f"task.synthetic must be copy or reverse, got {self.synthetic!r}")
+        if len(self.synthetic_sizes) != 3 or any(not isinstance(n, int) or n < 1 for n in self.synthetic_sizes):
+            raise ValueError(f"task.synthetic_sizes must be three positive ints [train, val, test], "
+                             f"got {list(self.synthetic_sizes)}")
+        length = list(self.synthetic_length)
+        if len(length) != 2 or not 1 <= length[0] <= length[1] or not 1 <= self.synthetic_symbols <= 26:
+            raise ValueError("task.synthetic_length must be [min, max] with 1 <= min <= max; "
+                             "synthetic_symbols in 1..26")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"task.tokenizer must be one of {list(TOKENIZERS)}, got {self.tokenizer!r}")
+        for name in ("vocab_size", "max_tokens", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"task.{name} must be a positive int, got {getattr(self, name)!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"task.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.max_len_a < 0 or not isinstance(self.max_len_b, int) or self.max_len_b < 0:
+            raise ValueError(f"task.max_len_a and task.max_len_b must be >= 0 (max_len_b an int), "
+                             f"got {self.max_len_a!r} and {self.max_len_b!r}")
+        if int(self.max_len_a + self.max_len_b) < 1:
+            raise ValueError(f"task.max_len_a={self.max_len_a}, task.max_len_b={self.max_len_b} let a one-token source "
+                             "generate no token; raise task.max_len_b (e.g. 10)")
+        if self.num_workers < 0:
+            raise ValueError(f"task.num_workers must be >= 0, got {self.num_workers}")
+
+    @property
+    def default_max_len(self) -> int:
+        """model.max_len when it is null. No config key bounds the pairs (training pairs are cut at
+        max_tokens, often far above their real length; validation and test pairs are never cut), so the
+        lengths are checked on the tokenised data (tasks/translation.py ``check_lengths``), and the default is
+        fairseq's 1024 positions, or BOS + max_tokens when that is more (every kept training pair fits)."""
+        return max(TRANSLATION_MAX_LEN, self.max_tokens + 1)
 
 
 def longest_expression(max_depth: int, max_args: int) -> int:
@@ -264,6 +323,8 @@ class ListOpsConfig:
     pooling: str = "mean"  # mean | cls (prepends <cls>)
     num_workers: int = 0
 
+    longest_from = "task.max_length - 1, +1 with task.pooling=cls"  # what longest_sequence follows (errors)
+
     def __post_init__(self) -> None:
         for name in ("train_size", "val_size", "test_size", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -276,7 +337,7 @@ class ListOpsConfig:
 
     @property
     def longest_sequence(self) -> int:
-        """Most tokens the model sees in one sequence, <cls> included."""
+        """Most tokens the model sees in one sequence, <cls> included (the default model.max_len)."""
         return self.max_length - 1 + (self.pooling == "cls")
 
 
@@ -294,6 +355,8 @@ class LMConfig:
     split: tuple[float, float] = (0.9, 0.05)  # train, val fractions; test = the rest (not enwik8)
     num_workers: int = 0
 
+    longest_from = "task.context_length"
+
     def __post_init__(self) -> None:
         if self.dataset not in LM_DATASETS:
             raise ValueError(f"task.dataset must be one of {list(LM_DATASETS)}, got {self.dataset!r}")
@@ -307,6 +370,11 @@ class LMConfig:
         self.split = tuple(float(f) for f in self.split)
         if len(self.split) != 2 or min(self.split) <= 0 or sum(self.split) >= 1:
             raise ValueError(f"task.split must be two positive fractions (train, val) summing to < 1, got {self.split}")
+
+    @property
+    def longest_sequence(self) -> int:
+        """Tokens in one window (the default model.max_len)."""
+        return self.context_length
 
 
 @dataclass
@@ -326,6 +394,8 @@ class MQARConfig:
     batch_size: int = 64
     num_workers: int = 0
 
+    longest_from = "task.seq_len"
+
     def __post_init__(self) -> None:
         for name in ("vocab_size", "seq_len", "num_kv_pairs", "train_size", "val_size", "test_size", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -341,6 +411,11 @@ class MQARConfig:
             raise ValueError(f"task.vocab_size={self.vocab_size} leaves fewer than num_kv_pairs distinct keys")
         if not 0.0 < self.power_a <= 1.0:
             raise ValueError(f"task.power_a must be in (0, 1], got {self.power_a}")
+
+    @property
+    def longest_sequence(self) -> int:
+        """Tokens in one sequence (the default model.max_len)."""
+        return self.seq_len
 
 
 TASK_SCHEMAS = {"translation": TranslationConfig, "listops": ListOpsConfig, "lm": LMConfig, "mqar": MQARConfig}

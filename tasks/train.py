@@ -59,6 +59,18 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the key and what to do."""
 
 
+APP_TRAINER_ARGUMENTS = {  # pl.Trainer arguments run() passes itself: a trainer.* value would clash with them
+    "callbacks": "the app adds its own (checkpoints, throughput, non-finite guard); from Python, pass yours as "
+                 "tasks.train.run(cfg, out_dir, callbacks=[...])",
+    "logger": "choose the logger group instead: logger=wandb, logger=csv or logger=none",
+    "default_root_dir": "the run dir is hydra.run.dir (hydra.sweep.dir with -m); set that instead",
+}
+REFUSED_TRAINER_VALUES = {  # values that switch off what the app relies on: Lightning refuses them mid-start
+    "enable_checkpointing": (False, "the app always checkpoints (best by the task's metric, and last) and tests "
+                                    "the best; remove trainer.enable_checkpointing"),
+    "barebones": (True, "barebones disables the checkpoints and logging the app records; remove trainer.barebones"),
+}
+
 COSINE_HORIZON = ("optim.schedule=cosine needs a finite horizon: set trainer.max_steps (trainer.max_time with "
                   "trainer.max_epochs=-1 gives no step count to decay over), or a finite trainer.max_epochs, "
                   "or choose optim.schedule=inverse_sqrt or constant")
@@ -72,6 +84,35 @@ def has_step_horizon(trainer: Any) -> bool:
         return True
     epochs = trainer.get("max_epochs")
     return trainer.get("max_time") is None if epochs is None else epochs != -1
+
+
+def check_trainer(trainer: Any) -> None:
+    """Refuse the trainer keys the app sets itself (``callbacks``, ``logger``, ``default_root_dir``: Lightning
+    would stop with "got multiple values") and values that switch off its checkpointing."""
+    clash = sorted(set(trainer.keys()) & set(APP_TRAINER_ARGUMENTS))
+    if clash:
+        raise ConfigError(f"trainer.{clash[0]} is set by the app; remove it: {APP_TRAINER_ARGUMENTS[clash[0]]}")
+    for key, (refused, fix) in REFUSED_TRAINER_VALUES.items():
+        if trainer.get(key) is not None and bool(trainer.get(key)) == refused:
+            raise ConfigError(f"trainer.{key}={trainer.get(key)}: {fix}")
+
+
+def check_max_len(cfg: DictConfig, task: Any) -> None:
+    """Fill ``model.max_len: null`` from the task (its ``default_max_len``, else its ``longest_sequence``:
+    ListOps max_length - 1, lm context_length, mqar seq_len), so every task runs with every model group's
+    default; refuse at start, not after the data is built, an explicit model.max_len below a length the
+    task's config fixes. Translation's config fixes none: its pairs are checked once tokenised."""
+    need = getattr(task, "longest_sequence", None)
+    max_len = cfg.model.get("max_len")
+    if max_len is None:
+        cfg.model.max_len = getattr(task, "default_max_len", need)  # cosformer's ${model.max_len}, results.json
+        return
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+        raise ConfigError(f"model.max_len must be a positive int or null (from the task), got {max_len!r}")
+    if need is not None and max_len < need:
+        raise ConfigError(f"task {cfg.task.name}: sequences reach {need} tokens ({task.longest_from}) but "
+                          f"model.max_len={max_len}; raise model.max_len to >= {need} or set it to null (the task's "
+                          "longest sequence), or shorten the task's sequences")
 
 
 def check_schedule(optim: Any, trainer: Any) -> None:
@@ -93,11 +134,14 @@ def check_config(cfg: DictConfig) -> Any:
     _known(set(cfg.keys()), TOP_LEVEL, "")
     if cfg.task.get("name") not in TASKS:
         raise ConfigError(f"unknown task {cfg.task.get('name')!r}; choose one of {sorted(TASKS)}")
-    # the sections whose schemas need no torch first, so their typos are reported fastest
-    for section, schema_class in (("task", schema.TASK_SCHEMAS[cfg.task.name]), ("optim", schema.OptimConfig),
-                                  ("attention", schema.AttentionConfig)):
-        _check_section(cfg[section], schema_class, section)
+    # the sections whose schemas need no torch first, so their typos are reported fastest; the task and
+    # optim sections are built as their dataclasses, so their value checks (__post_init__) run here too
+    task = _validated(cfg.task, schema.TASK_SCHEMAS[cfg.task.name], "task", f"task.{cfg.task.name}: ")
+    _validated(cfg.optim, schema.OptimConfig, "optim")
+    check_max_len(cfg, task)
+    _check_section(cfg.attention, schema.AttentionConfig, "attention")
     _known(set(cfg.trainer.keys()), trainer_arguments(), "trainer.")
+    check_trainer(cfg.trainer)
     check_schedule(cfg.optim, cfg.trainer)
     if cfg.logger.get("kind") not in LOGGER_KEYS:
         raise ConfigError(f"logger.kind must be one of {sorted(LOGGER_KEYS)}, got {cfg.logger.get('kind')!r}")
@@ -187,6 +231,17 @@ def _check_section(node: DictConfig, schema: type, name: str) -> None:
         raise ConfigError(f"{name}: {str(err).splitlines()[0]}") from None
 
 
+def _validated(node: DictConfig, schema: type, name: str, prefix: str = "") -> Any:
+    """The section's keys and types checked, then the section built as ``schema`` (as the task's code builds
+    it later), so the schema's value checks run before any data or model is built; ``prefix`` starts the
+    error when the schema's messages do not name the section."""
+    _check_section(node, schema, name)
+    try:
+        return schema(**OmegaConf.to_container(node, resolve=True))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix}{err}") from None
+
+
 # ----------------------------------------------------------------------------- one run
 def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = (),
         plugins: Sequence[Any] = ()) -> dict[str, Any]:
@@ -230,6 +285,8 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = (),
     try:
         try:
             datamodule, module = task.build(cfg)
+        except ConfigError:
+            raise
         except ValueError as err:  # a task config value its checks reject (e.g. impossible ListOps lengths)
             raise ConfigError(f"task.{cfg.task.name}: {err}") from None
         logger = make_logger(cfg, out_dir)

@@ -31,13 +31,18 @@ from efficient_attn.transformer import Seq2SeqTransformer
 from .base import TaskModule, all_gather_objects, attention_spec, transformer_config
 from .data import RESOURCES, DataError, cache_dir, data_dir, fetch_all, read_lines
 from .sampling import by_length, sharded_eval_loader, train_loader
-from .schema import TASK_SITES
+from .schema import TASK_SITES, model_max_len
 from .schema import TranslationConfig as Config
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SPLITS = ("train", "val", "test")
 ATTENTION_SITES = TASK_SITES["translation"]  # the model's attention sites (check_config)
 MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
+
+
+def task_config(cfg: DictConfig) -> Config:
+    """The ``task:`` group as a checked :class:`Config` (unknown keys are a TypeError, bad values a ValueError)."""
+    return Config(**OmegaConf.to_container(cfg.task, resolve=True))
 
 
 # ----------------------------------------------------------------------------- raw text pairs
@@ -166,6 +171,14 @@ class TranslationData(pl.LightningDataModule):
             if not rows:
                 raise DataError(f"translation: the {split} split is empty")
             self.data[split] = rows
+        max_len = model_max_len(self.cfg)
+        for split, rows in self.data.items():
+            check_lengths(split, rows, max_len, int(self.t.max_tokens))
+        for split in ("val", "test"):
+            note = decoding_cap_note(split, [len(s) for s, _, _ in self.data[split]], max_len,
+                                     float(self.t.max_len_a), int(self.t.max_len_b))
+            if note:
+                print(note)
 
     @property
     def vocab_size(self) -> int:
@@ -197,6 +210,41 @@ class TranslationData(pl.LightningDataModule):
 def collate_indexed(items: list[tuple[int, tuple[list[int], list[int], str]]]) -> dict:
     """:func:`collate` of the rows, plus ``ids``: their indices in the split."""
     return {**collate([row for _, row in items]), "ids": [i for i, _ in items]}
+
+
+def check_lengths(split: str, rows: list[tuple[list[int], list[int], str]], max_len: int, max_tokens: int) -> None:
+    """Every pair fits the model's ``max_len`` positions: the source (encoder), and BOS + target (decoder
+    input; target + EOS is as long). Checked once tokenised, so a long test sentence stops the run before
+    training, not after it; validation and test pairs are never dropped, so the fix is a longer model."""
+    src = max(len(s) for s, _, _ in rows)
+    tgt = max(len(t) for _, t, _ in rows) + 1
+    if max(src, tgt) <= max_len:
+        return
+    from .train import ConfigError
+
+    over = sum(len(s) > max_len or len(t) + 1 > max_len for s, t, _ in rows)
+    fix = (f"lower task.max_tokens to <= {max_len - 1} (longer training pairs are dropped) or raise model.max_len "
+           f"to >= {max(src, tgt)}" if split == "train" else f"raise model.max_len to >= {max(src, tgt)}")
+    raise ConfigError(f"translation: {over} of {len(rows)} {split} pairs exceed model.max_len={max_len} positions "
+                      f"(longest source {src} tokens, longest BOS + target {tgt}; task.max_tokens={max_tokens}); {fix}")
+
+
+def decoding_limit(src_len: int, max_len: int, a: float, b: int) -> int:
+    """Most tokens generated for a source of ``src_len`` tokens: a·|src| + b (task.max_len_a, max_len_b),
+    capped at ``max_len`` (model.max_len): decoding feeds BOS and the generated tokens at positions
+    0..limit-1. The cap only cuts a hypothesis longer than any reference the model can take (each has at
+    most max_len - 1 tokens + EOS, :func:`check_lengths`), so it is applied with a note, not refused."""
+    return min(max_len, int(a * src_len + b))
+
+
+def decoding_cap_note(split: str, src_lens: list[int], max_len: int, a: float, b: int) -> str | None:
+    """A line saying how many sources of ``split`` have their decoding limit capped at model.max_len, or None."""
+    capped = [n for n in src_lens if int(a * n + b) > max_len]
+    if not capped:
+        return None
+    return (f"translation: {len(capped)} of {len(src_lens)} {split} sources have task.max_len_a·|src| + "
+            f"task.max_len_b > model.max_len={max_len} (up to {int(a * max(capped) + b)}); their hypotheses are "
+            f"capped at {max_len} tokens, which still fits every reference (at most {max_len - 1} tokens + EOS)")
 
 
 def collate(rows: list[tuple[list[int], list[int], str]]) -> dict:
@@ -271,7 +319,7 @@ class TranslationModule(TaskModule):
         """Detokenized hypotheses for a batch (beam=1: greedy)."""
         src, mask = batch["src"], batch["src_mask"]
         lengths = (~mask).sum(1)
-        max_len = min(self.model.cfg.max_len, int(self.t.max_len_a * int(lengths.max()) + self.t.max_len_b))
+        max_len = decoding_limit(int(lengths.max()), self.model.cfg.max_len, self.t.max_len_a, self.t.max_len_b)
         state = self.model.start(src, mask)
         kw = dict(bos=BOS, eos=EOS, pad=PAD, unk=UNK, max_len=max_len)
         if beam <= 1:
@@ -319,7 +367,7 @@ def _strip(ids: list[int]) -> list[int]:
 
 
 def build(cfg: DictConfig) -> tuple[TranslationData, TranslationModule]:
-    Config(**OmegaConf.to_container(cfg.task, resolve=True))  # its checks (beam_size) before any data loads
+    task_config(cfg)  # the task section's value checks (check_config runs them first)
     data = TranslationData(cfg)
     data.setup()
     return data, TranslationModule(cfg, data.vocab_size, data.sp)

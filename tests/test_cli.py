@@ -92,7 +92,9 @@ def test_config_errors_come_before_lightning_wandb_and_sacrebleu_load():
         "from hydra import compose, initialize_config_dir\n"
         "from tasks.train import CONFIG_DIR, ConfigError, check_config\n"
         "for overrides in (['task=translation', '++task.min_lenght=3'], ['model.d_model=30'],\n"
-        "                  ['++trainer.max_epoch=3'], ['attention=retention']):\n"
+        "                  ['++trainer.max_epoch=3'], ['attention=retention'], ['optim.schedule=linear'],\n"
+        "                  ['++trainer.callbacks=[]'], ['++trainer.logger=false'], ['model.max_len=1024'],\n"
+        "                  ['task=translation', 'task.beam_size=0']):\n"
         "    with initialize_config_dir(config_dir=CONFIG_DIR, version_base='1.3'):\n"
         "        cfg = compose('train', overrides=overrides)\n"
         "    try:\n"
@@ -125,6 +127,20 @@ def test_key_typos_outside_the_model_are_reported_before_torch_loads():
         "assert 'torch' not in sys.modules\n"
     )
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.schedule=linear", "error: optim.schedule must be one of ['inverse_sqrt', 'cosine', 'constant'], "
+                              "got 'linear'"),
+    ("++trainer.callbacks=[]", "error: trainer.callbacks is set by the app; remove it: "),
+])
+def test_start_errors_are_one_line_and_exit_2(tmp_path, override, message):
+    """These used to pass the checks and end in a traceback once the data was built and the trainer or
+    the scheduler started."""
+    run_dir = tmp_path / "run"
+    out = cli(*TINY, override, "logger=none", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.startswith(message), out.stderr[-2000:]
+    assert len(out.stderr.strip().splitlines()) == 1 and not run_dir.exists()
 
 
 def test_trainer_keys_read_from_source_match_the_signature():

@@ -15,12 +15,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import efficient_attn as ea
 from efficient_attn.attention.base import unsupported_use
 from efficient_attn.transformer import SITE_USE, AttentionSpec
 from tasks import translation
 from tasks.data import DataError
+from tasks.schema import TASK_SCHEMAS
 from tasks.train import CONFIG_DIR, TASKS, ConfigError, check_config, peak_memory_mib, reset_peak_memory, run
 from tests.conftest import site_specs
 from tests.helpers import SHARED_DATA, LossLog
@@ -85,13 +87,22 @@ def test_every_config_file_composes_and_checks(group):
 @pytest.mark.parametrize("attention", config_files("attention"))
 @pytest.mark.parametrize("task", ["translation", "listops", "lm", "mqar"])
 def test_fast_dev_run_every_task_and_attention(tmp_path, task, attention):
+    """Every configs/task × configs/attention pair: with the defaults (the task's own lengths, the default
+    model) it passes every start check, model.max_len following the task; then one step of each on tiny
+    data (model=tiny, small sizes; model.max_len never set). A pair refused by design (a causal-only
+    attention as an encoder, a self-attention-only one as cross-attention) must be that clear error."""
+    problem = cannot_run(task, attention)
+    if problem:  # the config check refuses it, naming the reason, at the defaults and tiny alike
+        for cfg in (config(f"task={task}", f"attention={attention}"), tiny(task, attention)):
+            with pytest.raises(ConfigError, match=re.escape(problem)):
+                check_config(cfg)
+        return
+    defaults = config(f"task={task}", f"attention={attention}")
+    check_config(defaults)
+    schema = TASK_SCHEMAS[task](**OmegaConf.to_container(defaults.task, resolve=True))
+    assert defaults.model.max_len == getattr(schema, "default_max_len", getattr(schema, "longest_sequence", None))
     if task == "lm" and not SHARED_DATA.exists():
         pytest.skip("needs ../shared/data")
-    problem = cannot_run(task, attention)
-    if problem:  # the config check refuses it, naming the reason: nothing to run
-        with pytest.raises(ConfigError, match=re.escape(problem)):
-            check_config(tiny(task, attention))
-        pytest.skip(f"attention={attention} cannot run task={task}: {problem}")
     record = run(tiny(task, attention, "++trainer.fast_dev_run=true"), tmp_path)
     assert record["attention"] == config(f"attention={attention}").attention.name
     assert record["num_parameters"] > 0 and record["train_tokens_per_s"] > 0
@@ -240,7 +251,135 @@ def test_cosine_horizon_is_the_trainers_step_count():
         module._lr_factor(0)
 
 
+def test_default_listops_runs_with_the_default_model(tmp_path):
+    """``task=listops attention=softmax`` used to stop at build: ListOps reaches 1999 tokens, the default
+    model.max_len was 1024. Default lengths and model; only the dataset sizes are small."""
+    record = run(config("task=listops", "attention=softmax", "logger=none", "task.train_size=2", "task.val_size=2",
+                        "task.test_size=2", "task.batch_size=2", "++trainer.fast_dev_run=true", *QUIET), tmp_path)
+    assert record["config"]["model"]["max_len"] == 1999 and record["steps"] == 1
+
+
+@pytest.mark.parametrize("model", config_files("model"))
+def test_model_max_len_follows_the_task_unless_set(model):
+    """model.max_len: null (every model group) = the task's longest sequence (translation: 1024, or BOS +
+    max_tokens if more); a number is kept, and one below a length the task's config fixes is a start error
+    (translation's lengths are checked on the data)."""
+    expected = {("listops",): 1999, ("listops", "task.pooling=cls"): 2000, ("lm",): 1024, ("mqar",): 64,
+                ("mqar", "task.seq_len=128"): 128, ("translation",): 1024,
+                ("translation", "task.max_tokens=2000"): 2001}
+    for (task, *extra), max_len in expected.items():
+        cfg = config(f"task={task}", f"model={model}", *extra)
+        assert cfg.model.max_len is None
+        check_config(cfg)
+        assert cfg.model.max_len == max_len, (task, extra)
+    cfg = config("task=listops", "attention=cosformer", f"model={model}")
+    check_config(cfg)
+    assert cfg.attention.kwargs.max_len == 1999  # cosFormer's M is the model's max_len
+    cfg = config("task=lm", f"model={model}", "model.max_len=2048")
+    check_config(cfg)
+    assert cfg.model.max_len == 2048
+    for task, short, key in (("listops", 1024, "task.max_length"), ("lm", 512, "task.context_length"),
+                             ("mqar", 32, "task.seq_len")):
+        with pytest.raises(ConfigError, match=rf"task {task}: sequences reach \d+ tokens \({re.escape(key)}.*"
+                                              rf"model.max_len={short}; raise model.max_len to >= \d+"):
+            check_config(config(f"task={task}", f"model={model}", f"model.max_len={short}"))
+    check_config(config("task=translation", f"model={model}", "model.max_len=64"))  # checked on the tokenised data
+
+
 # ----------------------------------------------------------------------------- bad input
+def test_unknown_schedule_is_a_start_error():
+    """optim.schedule=linear used to pass the checks and raise in the scheduler, after the data was built."""
+    with pytest.raises(ConfigError, match=re.escape("optim.schedule must be one of ['inverse_sqrt', 'cosine', "
+                                                    "'constant'], got 'linear'")):
+        check_config(tiny("listops", "softmax", "optim.schedule=linear"))
+    with pytest.raises(ConfigError, match="optim.warmup_steps must be an int >= 0"):
+        check_config(tiny("listops", "softmax", "optim.warmup_steps=-5"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("++trainer.callbacks=[]", "trainer.callbacks is set by the app; remove it: .*run\\(cfg, out_dir, callbacks="),
+    ("++trainer.logger=false", "trainer.logger is set by the app; remove it: .*logger=none"),
+    ("++trainer.default_root_dir=/tmp/x", "trainer.default_root_dir is set by the app; remove it: .*hydra.run.dir"),
+    ("++trainer.enable_checkpointing=false", "trainer.enable_checkpointing=False: the app always checkpoints"),
+    ("++trainer.barebones=true", "trainer.barebones=True: barebones disables the checkpoints"),
+])
+def test_trainer_arguments_the_app_sets_are_start_errors(override, message):
+    """These passed the key check, then pl.Trainer stopped with "got multiple values" (or a Lightning
+    MisconfigurationException) after the data was built."""
+    with pytest.raises(ConfigError, match=message):
+        check_config(tiny("listops", "softmax", override))
+    check_config(tiny("listops", "softmax", "++trainer.enable_checkpointing=true"))  # the default value is fine
+
+
+@pytest.mark.parametrize("override, message", [
+    ("task.source=wmt", r"task.source must be one of \['multi30k', 'files', 'hf', 'synthetic'\], got 'wmt'"),
+    ("task.source=files", r"task.source=files needs task.files="),
+    ("task.source=hf", r"task.source=hf needs task.hf_name"),
+    ("task.tokenizer=wordpiece", r"task.tokenizer must be one of \['bpe', 'unigram', 'char'\]"),
+    ("task.beam_size=0", r"task.beam_size must be a positive int, got 0"),
+    ("task.max_tokens=0", r"task.max_tokens must be a positive int, got 0"),
+    ("task.label_smoothing=1.5", r"task.label_smoothing must be in \[0, 1\)"),
+    ("task.max_len_a=-1", r"task.max_len_a and task.max_len_b must be >= 0"),
+    ("task.synthetic_sizes=[10,10]", r"task.synthetic_sizes must be three positive ints"),
+])
+def test_translation_task_values_are_checked_at_start(override, message):
+    """The translation section is validated by its schema (TranslationConfig) like the other tasks': before,
+    these passed check_config and failed while loading data, or ran with a nonsense value."""
+    with pytest.raises(ConfigError, match=rf"^task.translation: {message}"):
+        check_config(tiny("translation", "softmax", override))
+    with pytest.raises(ValueError, match=message):  # the task's own build checks the same schema
+        translation.task_config(tiny("translation", "softmax", override))
+
+
+def write_split_files(root: Path, lines: dict[str, list[str]]) -> str:
+    """One copy-task file per split (source = target); the task.files override."""
+    for split, split_lines in lines.items():
+        (root / f"{split}.txt").write_text("\n".join(split_lines) + "\n")
+    files = ",".join(f"{split}:['{root / f'{split}.txt'}','{root / f'{split}.txt'}']" for split in lines)
+    return f"task.files={{{files}}}"
+
+
+def char_translation(files: str, max_len: int, *extra: str):
+    """A copy task on ``files``, character tokens (a word of n letters is n + 1 tokens, with ▁)."""
+    return config("task=translation", "task.source=files", files, "task.tokenizer=char", "task.vocab_size=40",
+                  "task.batch_size=4", "model=tiny", f"model.max_len={max_len}", "logger=none",
+                  "++trainer.fast_dev_run=true", *QUIET, *extra)
+
+
+SHORT = ["ab", "cd", "ef", "abc", "bcd", "def", "fed", "cba"]
+
+
+@pytest.mark.parametrize("split, fix", [
+    ("test", "raise model.max_len to >= 22"),
+    ("train", "lower task.max_tokens to <= 11 .* or raise model.max_len to >= 22"),
+])
+def test_translation_pairs_longer_than_max_len_stop_before_training(tmp_path, split, fix):
+    """A test sentence longer than model.max_len used to fail in the test after the whole training; now the
+    run stops once the data is tokenised, naming the split, the lengths and the fix."""
+    lines = {s: list(SHORT) for s in ("train", "val", "test")}
+    lines[split].append("abcdefabcdefabcdefab")  # 20 letters: 21 tokens (with ▁), BOS + 21 = 22 positions
+    cfg = char_translation(write_split_files(tmp_path, lines), 12)
+    check_config(cfg)  # 12 < BOS + max_tokens, but the data decides: not refused at start
+    with pytest.raises(ConfigError, match=rf"translation: 1 of 9 {split} pairs exceed model.max_len=12 positions "
+                                          rf"\(longest source 21 tokens, longest BOS \+ target 22; "
+                                          rf"task.max_tokens=128\); {fix}"):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+
+
+def test_decoding_limit_is_capped_at_max_len_with_a_note(tmp_path, capsys):
+    """a·|src| + b beyond model.max_len is capped there (the decoder has no further positions), with a note:
+    every reference fits (at most max_len - 1 tokens + EOS), so the cap cuts no hypothesis that could match."""
+    assert translation.decoding_limit(9, 16, 1.5, 10) == 16 and translation.decoding_limit(2, 16, 1.5, 10) == 13
+    assert translation.decoding_cap_note("test", [3, 4], 16, 1.5, 10) is None
+    lines = {s: list(SHORT) for s in ("train", "val", "test")}
+    lines["test"].append("abcdefab")  # 9 tokens: fits, but 1.5 · 9 + 10 = 23 > 16
+    record = run(char_translation(write_split_files(tmp_path, lines), 16), tmp_path / "run")
+    assert record["metrics"]["test"]
+    assert ("translation: 1 of 9 test sources have task.max_len_a·|src| + task.max_len_b > model.max_len=16 "
+            "(up to 23); their hypotheses are capped at 16 tokens") in capsys.readouterr().out
+
+
 def test_misspelled_keys_are_errors_that_name_the_key():
     cfg = config("task=listops", "++task.min_lenght=10")
     with pytest.raises(ConfigError, match=r"task.min_lenght; did you mean task.min_length"):
