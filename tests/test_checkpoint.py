@@ -180,7 +180,7 @@ def test_misuse_is_one_clear_error(runs, tmp_path, monkeypatch, capsys):
     assert "is a lm checkpoint" in error(translate.main, lm_ckpt, capsys=capsys)
     assert "is a translation checkpoint" in error(generate.main, tr_ckpt, capsys=capsys)
     assert "model.max_len" in error(generate.main, lm_ckpt, "--max-new-tokens", 600, capsys=capsys)
-    (tmp_path / "long.src").write_text("a b\n" + "a " * 600 + "\n")
+    (tmp_path / "long.src").write_text("a b\n" + "a " * 1500 + "\n")  # over the default max_len of 1024
     assert "long.src line 2 has" in error(translate.main, tr_ckpt, "--input", tmp_path / "long.src", capsys=capsys)
     monkeypatch.setattr(listops, "VOCAB", (*listops.VOCAB[:-1], "X"))  # code whose vocabulary changed since
     assert "vocabulary" in error(evaluate.main, lo_run, capsys=capsys)

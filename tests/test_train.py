@@ -316,7 +316,7 @@ def test_trainer_arguments_the_app_sets_are_start_errors(override, message):
     ("task.source=files", r"task.source=files needs task.files="),
     ("task.source=hf", r"task.source=hf needs task.hf_name"),
     ("task.tokenizer=wordpiece", r"task.tokenizer must be one of \['bpe', 'unigram', 'char'\]"),
-    ("task.beam_size=0", r"task.beam_size must be a positive int, got 0"),
+    ("task.beam_size=0", r"task.beam_size must be an int >= 1"),
     ("task.max_tokens=0", r"task.max_tokens must be a positive int, got 0"),
     ("task.label_smoothing=1.5", r"task.label_smoothing must be in \[0, 1\)"),
     ("task.max_len_a=-1", r"task.max_len_a and task.max_len_b must be >= 0"),
