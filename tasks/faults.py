@@ -9,6 +9,9 @@ mid-training runs in a subprocess (``python -m tasks.faults run <out_dir> --kill
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import itertools
 import json
 import os
 import signal
@@ -23,6 +26,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from . import report
 from .train import CONFIG_DIR, ConfigError, run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,6 +123,40 @@ def resume_after_sigterm(work: Path, steps: int = 300, env: dict[str, str] | Non
             "wandb_runs": wandb_runs, "same_wandb_id": len({r.rsplit("-", 1)[-1] for r in wandb_runs}) == 1,
             "interrupt_message": [ln for ln in first_out.splitlines() if "interrupted at step" in ln],
             "second_output": second.stdout[-2000:] + second.stderr[-2000:]}
+
+
+SWEEP = [*TINY, "trainer.max_steps=2", "model.max_len=64,16,64"]  # job 1's model is too short for the ListOps data
+
+
+def sweep_with_a_failing_job(work: Path, launcher: str = "basic", resume: bool = True) -> dict[str, Any]:
+    """``efficient-attn-train -m`` over 3 jobs whose middle one fails when its model is built (model.max_len
+    below the ListOps lengths; Hydra's basic or joblib launcher), with ``resume`` the same command plus
+    ``ckpt_path=last``, then ``efficient-attn-report`` on the sweep: exit codes, each job's status, the
+    summary's failed-jobs lines, which jobs the resumed sweep ran again (results.json rewritten), the report."""
+    sweep = work / "sweep"
+    extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+    cmd = [sys.executable, "-m", "tasks.train", "-m", *SWEEP, *extra, f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    work.mkdir(parents=True, exist_ok=True)
+    first = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    records = {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))}
+    written = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/results.json")}
+    resumed = subprocess.run([*cmd, "ckpt_path=last"], cwd=work, env=env, capture_output=True, text=True,
+                             timeout=600) if resume else None
+    rerun = sorted(p.parent.name for p in sweep.glob("*/results.json") if p.stat().st_mtime_ns != written.get(p.parent.name))
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table), contextlib.suppress(SystemExit):  # no run dirs: an empty report
+        report.main([str(sweep), "--rows", "attention,config.model.max_len"])
+    lines = first.stdout.splitlines()
+    start = next((i + 1 for i, ln in enumerate(lines) if ln.startswith("Failed jobs")), len(lines))
+    listed = list(itertools.takewhile(lambda ln: ln.startswith("  "), lines[start:]))  # "  <run dir>: <error>"
+    return {"launcher": launcher, "returncode": first.returncode,
+            "resumed_returncode": resumed.returncode if resumed else None,
+            "statuses": {name: r.get("status") for name, r in records.items()},
+            "failed": {name: r for name, r in records.items() if r.get("status") == "failed"},
+            "summary_failed": [ln.strip() for ln in listed],
+            "rerun": rerun, "report": table.getvalue(),
+            "output": first.stdout[-3000:] + first.stderr[-3000:]}
 
 
 def ddp_vs_single(work: Path, steps: int = 8, devices: int = 2) -> dict[str, Any]:
@@ -322,6 +360,7 @@ def write_report(args: argparse.Namespace) -> None:
     bf16 = bf16_training(attentions, work / "bf16")
     fp16 = fp16_overflow(work / "fp16")
     bad = bad_inputs(work / "bad")
+    sweeps = [sweep_with_a_failing_job(work / f"sweep_{launcher}", launcher) for launcher in ("basic", "joblib")]
     lines = [
         "# Reliability: faults injected and what happened",
         "",
@@ -367,6 +406,13 @@ def write_report(args: argparse.Namespace) -> None:
         ok = "as expected" if r["returncode"] == r["expected"] else f"expected exit {r['expected']}"
         lines.append(f"| bad input: {r['input']} (`{r['overrides'][:200]}`) | exit {r['returncode']} ({ok}) "
                      f"after {r['seconds']:.0f} s: `{r['message'][:300]}` |")
+    for r in sweeps:
+        failed = "; ".join(f"{name} at step {f['steps']}: `{f['error']['type']}: {f['error']['message'][:200]}`"
+                           for name, f in r["failed"].items()) or "none"
+        lines.append(f"| one job of a 3-job sweep fails (`-m model.max_len=64,16,64`, {r['launcher']} launcher: job 1's "
+                     f"model is shorter than the ListOps data) | statuses {r['statuses']}; failed record {failed}; "
+                     f"summary lists {len(r['summary_failed'])} failed job(s); exit {r['returncode']}; the same command "
+                     f"with `ckpt_path=last` re-ran {r['rerun']} (exit {r['resumed_returncode']}) |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -16,8 +16,9 @@ Welch t-test p ("n<2" when a side has fewer than two runs), so runs with test=fa
 last validation metrics. ``--metrics`` keeps only the named metric columns (n and resources stay);
 an unknown name is an error listing the known ones. ``--wandb PROJECT`` also logs the table as a
 ``wandb.Table`` in a run with job_type "report" (mode: ``WANDB_MODE``, else online when logged in,
-else offline). A run dir whose ``results.json`` is missing (crashed, killed, still running) gets a
-row saying so. Rows are sorted by their key values, numbers numerically (seq_len 64 before 128).
+else offline). A run whose ``results.json`` says ``"status": "failed"`` gets a row under the table with
+its run dir, the step it reached and its error, and never enters a mean; so does a run dir whose
+``results.json`` is missing (crashed, killed, still running). Rows are sorted by their key values, numbers numerically (seq_len 64 before 128).
 
 Sweeps with statistics (a grid attention × cell × learning rate × seed), e.g. MQAR:
 
@@ -82,14 +83,16 @@ class Row:
     tried: int = 0  # how many --tune values the row's runs had
 
 
-def find_runs(roots: list[Path]) -> tuple[list[dict[str, Any]], list[Path]]:
-    """(records, run dirs without results.json); a run dir is one with a .hydra/ folder."""
-    records, missing = [], []
+def find_runs(roots: list[Path]) -> tuple[list[dict[str, Any]], list[Path], list[dict[str, Any]]]:
+    """(records of finished runs, run dirs without results.json, records of failed runs); a run dir is one with
+    a .hydra/ folder. A record without ``status`` (written before the field existed) is a finished run."""
+    records, missing, failed = [], [], []
     for root in roots:
         for hydra_dir in sorted(root.rglob(".hydra")):
             result = hydra_dir.parent / "results.json"
             if result.exists():
                 record = json.loads(result.read_text())
+                found = failed if record.get("status", "ok") == "failed" else records
                 record.setdefault("row", (record.get("config") or {}).get("row"))  # the ablation row label
                 choices, job = hydra_job(hydra_dir)
                 # the attention config file (favor_plus, favor_trig), not the registry name (favor) they
@@ -97,10 +100,24 @@ def find_runs(roots: list[Path]) -> tuple[list[dict[str, Any]], list[Path]]:
                 per_layer = ((record.get("config") or {}).get("model") or {}).get("layer_attentions")
                 if not per_layer:
                     record["attention"] = choices.get("attention") or record.get("attention")
-                records.append({**record, "_dir": str(hydra_dir.parent), "_job": job, "choices": choices})
+                found.append({**record, "_dir": str(hydra_dir.parent), "_job": job, "choices": choices})
             else:
                 missing.append(hydra_dir.parent)
-    return records, missing
+    return records, missing, failed
+
+
+def failure(record: dict[str, Any]) -> str:
+    """A failed record's error as "Type: message"."""
+    error = record.get("error") or {}
+    return f"{error.get('type', 'error')}: {error.get('message', '')}"
+
+
+def not_run_labels(missing: list[Path], failed: list[dict[str, Any]] | None) -> list[str]:
+    """Labels of the rows under the table: each failed run (run dir, step reached, error; "|" escaped for
+    Markdown), then each run dir without results.json."""
+    labels = [f"{r['_dir']} (failed at step {r.get('steps', 0)}: {failure(r)})".replace("|", "\\|")
+              for r in failed or []]
+    return labels + [f"{path} (missing results.json)" for path in missing]
 
 
 def hydra_job(hydra_dir: Path) -> tuple[dict[str, str], int | None]:
@@ -226,7 +243,8 @@ def short(key: str) -> str:
 
 def table(records: list[dict[str, Any]], missing: list[Path], rows: list[str] | None = None,
           baseline: str | None = None, keep: list[str] | None = None, *, tune_key: str | None = None,
-          ci: bool = False, paired: str | None = None) -> tuple[list[str], list[list[str]]]:
+          ci: bool = False, paired: str | None = None,
+          failed: list[dict[str, Any]] | None = None) -> tuple[list[str], list[list[str]]]:
     """One row per group: n, every metric as mean ± std, and Δ / p against ``baseline`` if given.
 
     ``keep``: only these metric columns, in this order (resources stay); unknown names are an error.
@@ -234,13 +252,15 @@ def table(records: list[dict[str, Any]], missing: list[Path], rows: list[str] | 
     """
     keys = rows or ["name", "task", "attention"]
     built, names = build(records, keys, keep, tune_key)
-    return render(built, names, missing, keys, baseline=baseline, tune_key=tune_key, ci=ci, paired=paired)
+    return render(built, names, missing, keys, baseline=baseline, tune_key=tune_key, ci=ci, paired=paired,
+                  failed=failed)
 
 
 def render(rows: list[Row], names: list[str], missing: list[Path], keys: list[str], *,
            baseline: str | None = None, tune_key: str | None = None, ci: bool = False,
-           paired: str | None = None) -> tuple[list[str], list[list[str]]]:
-    """Header and display rows: label, n, [best <tune key>, tried], metric cells, [Δ columns], missing runs."""
+           paired: str | None = None, failed: list[dict[str, Any]] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and display rows: label, n, [best <tune key>, tried], metric cells, [Δ columns], then failed
+    and missing runs."""
     deltas = compared(rows, names)
     by_label = {row.label: row for row in rows}
     header = [" / ".join(keys), "n"]
@@ -265,7 +285,7 @@ def render(rows: list[Row], names: list[str], missing: list[Path], keys: list[st
         if paired is not None:
             line += [paired_test(row, partners[row.label], k)[2] for k in deltas]
         body.append(line)
-    body += [[f"{path} (missing results.json)", "0", *["n/a"] * (len(header) - 2)] for path in missing]
+    body += [[label, "0", *["n/a"] * (len(header) - 2)] for label in not_run_labels(missing, failed)]
     return header, body
 
 
@@ -364,7 +384,8 @@ def _delta(values: list[float | None], base: list[float | None]) -> str:
     return f"{statistics.mean(a) - statistics.mean(b):+.4g} ({welch(a, b)})"
 
 
-def pivot(records: list[dict[str, Any]], missing: list[Path], rows: list[str], avg: bool) -> tuple[list[str], list[list[str]]]:
+def pivot(records: list[dict[str, Any]], missing: list[Path], rows: list[str], avg: bool,
+          failed: list[dict[str, Any]] | None = None) -> tuple[list[str], list[list[str]]]:
     """Rows × tasks: each task's headline test metric (mean ± std, n); Avg of the row's task means
     over the higher-is-better tasks (accuracy, BLEU), as LRA averages accuracies."""
     tasks = sorted({r["task"] for r in records})
@@ -383,7 +404,7 @@ def pivot(records: list[dict[str, Any]], missing: list[Path], rows: list[str], a
         if avg:
             cells.append(_num(statistics.mean(means)) if None not in means else "n/a")
         body.append([label, *cells])
-    body += [[f"{path} (missing results.json)", *["n/a"] * (len(header) - 1)] for path in missing]
+    body += [[label, *["n/a"] * (len(header) - 1)] for label in not_run_labels(missing, failed)]
     return header, body
 
 
@@ -437,8 +458,8 @@ def parser() -> argparse.ArgumentParser:
     """The command line (``--help`` imports neither scipy nor omegaconf)."""
     p = cli_parser("efficient-attn-report", "Tables from efficient-attn run records (results.json) under run or "
                    "multirun dirs, never from W&B files:\nrows group runs by --rows, cells are mean ± std (or "
-                   "± 95% CI) over the row's runs (seeds) with n;\na run dir without results.json (crashed, killed, "
-                   "running) gets a row saying so. Details: tasks/report.py.", EXAMPLES, OUTPUTS)
+                   "± 95% CI) over the row's runs (seeds) with n;\na failed run (results.json status failed) or a run dir without "
+                   "results.json (crashed, killed, running) gets a row saying so. Details: tasks/report.py.", EXAMPLES, OUTPUTS)
     p.add_argument("dirs", nargs="+", type=Path, help="run or multirun dirs (searched recursively)")
     p.add_argument("--rows", default="name,task,attention",
                    help="comma-separated grouping keys: record fields (attention, row, seed, task), "
@@ -506,18 +527,18 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     rows = args.rows.split(",")
     check(p, args, rows)
-    records, missing = find_runs(args.dirs)
-    if not records and not missing:
+    records, missing, failed = find_runs(args.dirs)
+    if not records and not missing and not failed:
         p.error(f"no run dirs (with .hydra/) under {[str(d) for d in args.dirs]}")
     keep = _keys(args.metrics) or None
     built: list[Row] | None = None
     names: list[str] = []
     if args.pivot:
-        header, body = pivot(records, missing, rows, args.avg)
+        header, body = pivot(records, missing, rows, args.avg, failed)
     else:
         built, names = build(records, rows, keep, args.tune)
         header, body = render(built, names, missing, rows, baseline=args.baseline, tune_key=args.tune, ci=args.ci,
-                              paired=args.paired)
+                              paired=args.paired, failed=failed)
     text = markdown(header, body) + notes(args)
     print(text)
     if args.out:

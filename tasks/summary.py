@@ -3,8 +3,9 @@
 One row per attention config (``favor_plus``, not the registry's ``favor``) and per value of any other
 swept override except the seed; the main metric as mean ± 95% CI over the row's runs (seeds) with n,
 then training tokens/s, peak memory and wall time (means); rows in the order their first job was
-launched; runs without ``results.json`` (failed, killed) listed after them. A last line gives the
-``efficient-attn-report`` command for the full table. Statistics come from tasks/report.py and
+launched; failed runs (results.json status failed) and runs without ``results.json`` (killed, running)
+listed after them, never counted in a mean; under the table, each failed job's run dir and error. A last
+line gives the ``efficient-attn-report`` command for the full table. Statistics come from tasks/report.py and
 tasks/stats.py.
 """
 
@@ -14,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .report import find_runs, hydra_job, markdown, metrics
+from .report import failure, find_runs, hydra_job, markdown, metrics
 from .stats import _finite, _num, mean_ci
 
 NOT_ROWS = {"seed", "attention", "ckpt_path"}  # overrides that never split rows (attention leads every label)
@@ -64,11 +65,12 @@ def rows_in_launch_order(records: list[dict[str, Any]], keys: list[str]) -> dict
 
 
 def load_sweep(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
-    """(run records with their overrides, jobs without results.json, the swept keys that split rows)."""
-    records, missing = find_runs([sweep_dir])
+    """(run records with their overrides, failed jobs and jobs without results.json, the swept keys that
+    split rows)."""
+    records, missing, failures = find_runs([sweep_dir])
     for r in records:
         r["_overrides"] = overrides(Path(r["_dir"]))
-    failed = [_failed_job(path) for path in missing]
+    failed = [_failed_job(Path(r["_dir"]), r) for r in failures] + [_failed_job(path) for path in missing]
     return records, failed, swept([r["_overrides"] for r in records] + [job["overrides"] for job in failed])
 
 
@@ -85,20 +87,29 @@ def compact_table(records: list[dict[str, Any]], failed: list[dict[str, Any]],
         value = mean_ci([metrics(r).get(names[label]) for r in runs])
         body.append([label, str(len(runs)), value if one_metric else f"{names[label]} {value}",
                      *(_mean([r.get(key) for r in runs]) for _, key in RESOURCES)])
-    for job in sorted(failed, key=lambda j: (j["job"] is None, j["job"] or 0, str(j["dir"]))):
+    for job in sorted(failed, key=_launch_order):
         seed = f", seed {job['overrides']['seed']}" if "seed" in job["overrides"] else ""
         number = f", job {job['job']}" if job["job"] is not None else ""
-        body.append([f"{row_label(job['attention'], job['overrides'], keys)} ({'no results.json' + seed + number}: "
-                     "failed, killed or running)", "0", *["n/a"] * (len(header) - 2)])
+        what = (f"failed at step {job['steps']}{seed}{number}" if job["error"] is not None else
+                f"no results.json{seed}{number}: failed, killed or running")
+        body.append([f"{row_label(job['attention'], job['overrides'], keys)} ({what})", "0",
+                     *["n/a"] * (len(header) - 2)])
     return header, body
 
 
-def _failed_job(run_dir: Path) -> dict[str, Any]:
-    """What is known of a job without results.json: its attention config, job number, overrides."""
+def _launch_order(job: dict[str, Any]) -> tuple[bool, int, str]:
+    return job["job"] is None, job["job"] or 0, str(job["dir"])
+
+
+def _failed_job(run_dir: Path, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What is known of a failed job (its failed ``record``) or of one without results.json: its attention
+    config, job number, overrides, and for a failed record the error ("Type: message") and the step reached."""
     choices, job = hydra_job(run_dir / ".hydra")
     found = overrides(run_dir)
-    attention = choices.get("attention") or found.get("attention") or run_dir.name
-    return {"dir": run_dir, "job": job, "overrides": found, "attention": attention}
+    attention = choices.get("attention") or found.get("attention") or (record or {}).get("attention") or run_dir.name
+    error = failure(record) if record is not None else None
+    return {"dir": run_dir, "job": job, "overrides": found, "attention": attention, "error": error,
+            "steps": (record or {}).get("steps", 0)}
 
 
 def _mean(values: list[Any]) -> str:
@@ -114,10 +125,22 @@ def report_command(sweep_dir: Path | str, records: list[dict[str, Any]], keys: l
 
 
 def summary(sweep_dir: Path | str) -> str:
-    """The text printed after a multirun: run count, the compact table, the full-table command."""
+    """The text printed after a multirun: run count, the compact table, the failed jobs, the full-table command."""
+    return summarize(sweep_dir)[0]
+
+
+def summarize(sweep_dir: Path | str) -> tuple[str, int]:
+    """(the summary text, how many jobs failed or left no results.json): the sweep's exit code follows the count."""
     records, failed, keys = load_sweep(Path(sweep_dir))
     header, body = compact_table(records, failed, keys)
-    count = f"{len(records)} run(s) in {sweep_dir}" + (f", {len(failed)} without results.json" if failed else "")
-    return "\n".join([count, markdown(header, body).rstrip(),
-                      "main metric: mean ± 95% CI over the row's runs (seeds), n of them; tokens/s, peak MiB, wall s: "
-                      "means", f"Full table (every metric): {report_command(sweep_dir, records, keys)}"])
+    errors = [job for job in failed if job["error"] is not None]
+    count = f"{len(records)} run(s) in {sweep_dir}" + (f", {len(errors)} failed" if errors else "") + \
+        (f", {len(failed) - len(errors)} without results.json" if len(failed) > len(errors) else "")
+    lines = [count, markdown(header, body).rstrip(),
+             "main metric: mean ± 95% CI over the row's runs (seeds), n of them; tokens/s, peak MiB, wall s: means"]
+    if errors:
+        lines.append("Failed jobs (results.json status failed; ckpt_path=last with the same hydra.sweep.dir runs "
+                     "them again):")
+        lines += [f"  {job['dir']}: {job['error']}" for job in sorted(errors, key=_launch_order)]
+    lines.append(f"Full table (every metric): {report_command(sweep_dir, records, keys)}")
+    return "\n".join(lines), len(failed)

@@ -25,6 +25,7 @@ import resource
 import shutil
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -245,15 +246,41 @@ def _validated(node: DictConfig, schema: type, name: str, prefix: str = "") -> A
 # ----------------------------------------------------------------------------- one run
 def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = (),
         plugins: Sequence[Any] = ()) -> dict[str, Any]:
-    """Train, test the best checkpoint, write results.json; returns the record.
+    """Train, test the best checkpoint, write results.json (``"status": "ok"``); returns the record.
 
     ``ckpt_path=last`` resumes from ``<out_dir>/checkpoints/last.ckpt`` (same W&B run id, same
-    results.json); a run dir that already holds results.json is not run again. ``callbacks`` are
-    added to the app's own (checkpointing, throughput), e.g. by tests; ``plugins`` go to the Trainer,
-    e.g. fp16 AMP with a gradient scaler on CPU (with ``trainer.precision=null``), which
-    ``trainer.precision=16-mixed`` turns into bf16 there.
+    results.json); a run dir whose results.json says ok is not run again, one whose record says failed
+    is. A run that raises (a config, data or non-finite error, any other exception) first writes its
+    failed record (:func:`failed_record`), so a sweep shows which job failed, where and why.
+    ``callbacks`` are added to the app's own (checkpointing, throughput), e.g. by tests; ``plugins`` go
+    to the Trainer, e.g. fp16 AMP with a gradient scaler on CPU (with ``trainer.precision=null``),
+    which ``trainer.precision=16-mixed`` turns into bf16 there.
     """
-    start = time.perf_counter()
+    attempt = Attempt(time.perf_counter())
+    try:
+        return _train(cfg, out_dir, callbacks, plugins, attempt)
+    except Exception as err:
+        write_failed_record(cfg, out_dir, err, attempt)
+        raise
+
+
+@dataclasses.dataclass
+class Attempt:
+    """A run in progress, as its failed record needs it: when it started, where it resumed from, its Trainer
+    once built (the step it reached)."""
+
+    start: float
+    resumed_from: str | None = None
+    trainer: Any = None
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer.global_step) if self.trainer is not None else 0
+
+
+def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plugins: Sequence[Any],
+           attempt: Attempt) -> dict[str, Any]:
+    start = attempt.start
     task = check_config(cfg)
     import pytorch_lightning as pl
     import torch
@@ -269,6 +296,7 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = (),
         record = json.loads((out_dir / "results.json").read_text())
         print(f"{out_dir} already finished (results.json); nothing to resume")
         return record
+    attempt.resumed_from = ckpt_path
     threads = default_threads(cfg.threads, joblib_n_jobs(), os.cpu_count() or 1)
     if threads:
         torch.set_num_threads(threads)
@@ -281,6 +309,8 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = (),
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
     pl.seed_everything(cfg.seed, workers=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if record_status(out_dir / "results.json") == "failed":  # an earlier attempt's: this one runs it again
+        (out_dir / "results.json").unlink(missing_ok=True)
     reset_peak_memory()
     try:
         try:
@@ -305,6 +335,7 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = (),
         if plugins:
             trainer_args["plugins"] = [*(trainer_args.get("plugins") or []), *plugins]
         trainer = pl.Trainer(**trainer_args, default_root_dir=str(out_dir), logger=logger, callbacks=[*own, *callbacks])
+        attempt.trainer = trainer
         if logger:
             logger.log_hyperparams({"num_parameters": module.num_parameters()})
         fit_start = time.perf_counter()
@@ -363,12 +394,13 @@ def joblib_n_jobs() -> int | None:
 
 
 def resume_checkpoint(ckpt_path: str | None, out_dir: Path) -> str | None:
-    """``last`` -> this run dir's last.ckpt (None if it has none yet, "done" if the run finished)."""
+    """``last`` -> this run dir's last.ckpt (None if it has none yet, "done" if the run finished: its
+    results.json says ok; a failed run is run again, from its last.ckpt if it has one)."""
     if ckpt_path != "last":
         if ckpt_path and not Path(ckpt_path).is_file():
             raise ConfigError(f"ckpt_path={ckpt_path} is not a file; give a .ckpt file or ckpt_path=last")
         return ckpt_path
-    if (out_dir / "results.json").exists():
+    if record_status(out_dir / "results.json") == "ok":
         return "done"
     last = out_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
@@ -405,7 +437,9 @@ def _record(cfg, module, trainer, checkpoint, throughput, val, test, fit_s, wall
         "task": cfg.task.name,
         "attention": attention_label(cfg),  # attention.name, or the model.layer_attentions joined by "+"
         "seed": cfg.seed,
+        "status": "ok",  # "failed": failed_record
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "overrides": job_overrides(),
         "metrics": {
             "monitor": module.monitor,
             "val_best": float(best) if best is not None else val.get(module.monitor),
@@ -427,6 +461,68 @@ def _record(cfg, module, trainer, checkpoint, throughput, val, test, fit_s, wall
         "hardware": hardware(),
         "versions": versions(),
     }
+
+
+MESSAGE_CHARS = 1000  # a failed record's error message is cut here (an error can print a whole tensor)
+
+
+def failed_record(cfg: DictConfig, err: BaseException, attempt: Attempt) -> dict[str, Any]:
+    """results.json of a run that raised ``err``: who it was (name, task, attention, seed, config, overrides, as
+    a finished run's record), ``"status": "failed"``, the error's type and one-line message, the step it reached
+    (0 before training), its wall time. No metrics: readers never average a failed run into a table."""
+    from . import schema
+
+    try:
+        attention = schema.attention_label(cfg)
+    except Exception:  # noqa: BLE001 - a config too broken to label: the attention config's own name
+        attention = str(OmegaConf.select(cfg, "attention.name", default=None))
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:  # an interpolation that cannot resolve: record it as written
+        config = OmegaConf.to_container(cfg, resolve=False)
+    message = " ".join(str(err).split()) or repr(err)
+    return {
+        "name": OmegaConf.select(cfg, "name", default=None),
+        "task": OmegaConf.select(cfg, "task.name", default=None),
+        "attention": attention,
+        "seed": OmegaConf.select(cfg, "seed", default=None),
+        "status": "failed",
+        "error": {"type": type(err).__name__, "message": message[:MESSAGE_CHARS]},
+        "config": config,
+        "overrides": job_overrides(),
+        "steps": attempt.step,
+        "resumed_from": str(attempt.resumed_from) if attempt.resumed_from else None,
+        "wall_time_s": time.perf_counter() - attempt.start,
+        "versions": versions(),
+    }
+
+
+def write_failed_record(cfg: DictConfig, out_dir: Path, err: BaseException, attempt: Attempt) -> None:
+    """Write :func:`failed_record` to ``out_dir/results.json`` (rank zero only), unless that file is a finished
+    run's record (ok): a later attempt's error does not erase a result."""
+    rank_zero = attempt.trainer.is_global_zero if attempt.trainer is not None else \
+        int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    if not rank_zero or record_status(out_dir / "results.json") == "ok":
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(failed_record(cfg, err, attempt), indent=2) + "\n")
+
+
+def record_status(path: Path) -> str | None:
+    """A results.json's ``status``: "ok" or "failed" (records written before the field existed are ok);
+    None when there is no such file or it cannot be read (a run killed while writing it)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("status", "ok") if isinstance(record, dict) else None
+
+
+def job_overrides() -> list[str]:
+    """The Hydra job's command-line and sweep overrides (as ``.hydra/overrides.yaml``); [] outside Hydra."""
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
 
 
 def reset_peak_memory() -> None:
@@ -497,48 +593,77 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
 
+SWEEP_FAILED_EXIT = 1  # a multirun in which a job failed (or left no results.json) ends with this exit code
+
+
 class RunSummary(Callback):
-    """Hydra callback: after a multirun, print a compact table (tasks/summary.py): per attention config its
-    main metric (mean ± 95% CI over seeds), speed, memory and time, in launch order, failed jobs listed,
-    then the ``efficient-attn-report`` command for the full table."""
+    """Hydra callback (configs/train.yaml, every multirun): print a compact table (tasks/summary.py): per
+    attention config its main metric (mean ± 95% CI over seeds), speed, memory and time, in launch order,
+    failed jobs listed with their run dir and error, then the ``efficient-attn-report`` command for the full
+    table; then exit with ``SWEEP_FAILED_EXIT`` if a job failed, so a script sees it (the jobs themselves
+    return, for the sweep to go on: ``_app``)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from .summary import summary
+        from .summary import summarize
 
-        print("\n" + summary(config.hydra.sweep.dir))
+        text, failed = summarize(config.hydra.sweep.dir)
+        print("\n" + text)
+        if failed:
+            print(f"error: {failed} job(s) of the sweep failed (listed above); exit code {SWEEP_FAILED_EXIT}",
+                  file=sys.stderr)
+            sys.exit(SWEEP_FAILED_EXIT)  # a SystemExit: Hydra's callback runner lets it through
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _app(cfg: DictConfig) -> None:
+    """One run, or one job of a multirun. A failure has written its record (``run``) and prints ``error: ...``;
+    a single run then exits 2 (a config, data or non-finite error; a config or data error that left nothing
+    else removes its run dir, as a typo should leave no run behind) or raises (any other error); a multirun
+    job returns instead, so the next job runs and the sweep ends with its summary (``RunSummary``)."""
+    from hydra.types import RunMode
+
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         run(cfg, out_dir)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
-        remove_unstarted_run_dir(out_dir)
-        sys.exit(2)
-    except FloatingPointError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if sweep:
+            print(f"job {out_dir} failed (results.json status failed); the sweep goes on", file=sys.stderr)
+            return
+        if not isinstance(err, FloatingPointError):
+            remove_unstarted_run_dir(out_dir)
         sys.exit(2)
     except SystemExit as err:
         if type(err).__name__ == "SIGTERMException":  # Lightning's, raised at the end of the step after SIGTERM
             sys.exit(143)  # 128 + SIGTERM; last.ckpt was saved
         raise
+    except Exception:  # a bug or e.g. out of memory: the traceback, and in a sweep the next job
+        if not sweep:
+            raise
+        traceback.print_exc()
+        print(f"job {out_dir} failed (results.json status failed); the sweep goes on", file=sys.stderr)
 
 
 def remove_unstarted_run_dir(out_dir: Path) -> bool:
-    """Delete a run dir that holds only what Hydra put there (``.hydra/``, the job's ``.log``): the run
-    stopped on its config or data before writing anything, so nothing is lost and no empty run is left."""
+    """Delete a run dir that holds only what Hydra put there (``.hydra/``, the job's ``.log``) and the run's
+    failed record: the run stopped on its config or data before writing anything else, so nothing is lost
+    and no empty run is left."""
     try:
         out_dir = out_dir.resolve()
         entries = list(out_dir.iterdir())
     except OSError:
         return False
-    if out_dir == Path.cwd().resolve() or not entries or \
-            any(not (e.name == ".hydra" or (e.suffix == ".log" and e.is_file())) for e in entries):
+    if out_dir == Path.cwd().resolve() or not entries or not all(_unstarted(e) for e in entries):
         return False
     shutil.rmtree(out_dir, ignore_errors=True)
     return True
+
+
+def _unstarted(entry: Path) -> bool:
+    """What a run dir holds before its run writes anything: Hydra's files, or the failed record of that run."""
+    return entry.name == ".hydra" or (entry.suffix == ".log" and entry.is_file()) or \
+        (entry.name == "results.json" and record_status(entry) == "failed")
 
 
 def main() -> None:
@@ -575,5 +700,7 @@ def resume_argv(argv: list[str], outputs: Path) -> list[str]:
                       f"{outputs}; pass hydra.run.dir=<run dir> or ckpt_path=<file.ckpt>")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m tasks.train: run the importable module's app, not this __main__ copy's,
+    from tasks import train  # as joblib's workers unpickle the Hydra task function by its module's name
+
+    train.main()

@@ -25,8 +25,8 @@ from tasks import approx, data, evaluate, generate, report, translate, translati
 from tasks.callbacks import progress_bar
 from tasks.data import DataError
 from tasks.stats import _num
-from tasks.summary import summary
-from tasks.train import CONFIG_DIR, default_threads, remove_unstarted_run_dir, run, trainer_arguments
+from tasks.summary import summarize, summary
+from tasks.train import CONFIG_DIR, RunSummary, default_threads, remove_unstarted_run_dir, run, trainer_arguments
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -163,6 +163,25 @@ def test_only_untouched_run_dirs_are_removed(tmp_path):
     (tmp_path / "b" / ".hydra").mkdir(parents=True)
     (tmp_path / "b" / "checkpoints").mkdir()
     assert not remove_unstarted_run_dir(tmp_path / "b") and (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_a_run_dir_with_only_its_failed_record_is_unstarted_a_finished_one_is_not(tmp_path):
+    for name, status in (("failed", "failed"), ("ok", "ok"), ("old", None)):  # old: a record from before "status"
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / "results.json").write_text(json.dumps({"status": status} if status else {"steps": 3}))
+    assert remove_unstarted_run_dir(tmp_path / "failed") and not (tmp_path / "failed").exists()
+    assert not remove_unstarted_run_dir(tmp_path / "ok") and not remove_unstarted_run_dir(tmp_path / "old")
+
+
+def test_a_single_run_stopped_by_a_nonfinite_loss_exits_2_and_leaves_its_failed_record(tmp_path):
+    run_dir = tmp_path / "run"
+    out = cli(*TINY, "logger=none", "threads=1", "optim.lr=1e30", "optim.warmup_steps=1",
+              "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert out.returncode == 2 and re.search(r"^error: non-finite loss or gradient at step \d+", out.stderr, re.M), \
+        out.stderr[-2000:]
+    record = json.loads((run_dir / "results.json").read_text())
+    assert record["status"] == "failed" and record["error"]["type"] == "FloatingPointError" and record["steps"] > 0
+    assert "optim.lr=1e30" in record["overrides"] and (run_dir / ".hydra").is_dir()
 
 
 def test_progress_bars_only_on_a_terminal_unless_set():
@@ -346,6 +365,15 @@ def _job(root: Path, num: int, choice: str, seed: int, score: float | None, lr: 
     (run_dir / "results.json").write_text(json.dumps(record))
 
 
+def _failed(root: Path, num: int, choice: str, seed: int, steps: int = 0) -> Path:
+    """A fake failed job: its .hydra/ and a failed record (tasks/train.py ``failed_record``)."""
+    _job(root, num, choice, seed, None)
+    record = {"name": "quickstart", "task": "translation", "attention": choice, "seed": seed, "status": "failed",
+              "error": {"type": "DataError", "message": f"job {num} has no data; set data_dir"}, "steps": steps}
+    (root / f"{num}_{choice}" / "results.json").write_text(json.dumps(record))
+    return root / f"{num}_{choice}"
+
+
 def _table(text: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
 
@@ -368,6 +396,49 @@ def test_multirun_summary_is_compact_in_launch_order_with_ci_and_failed_runs(tmp
     assert labels[-1].startswith("linear (no results.json, seed 0, job 4") and rows[-1][1:] == ["0", *["n/a"] * 4]
     assert text.splitlines()[0] == f"10 run(s) in {tmp_path}, 1 without results.json"
     assert text.splitlines()[-1] == f"Full table (every metric): efficient-attn-report {tmp_path} --rows attention --ci"
+
+
+def test_multirun_summary_lists_failed_jobs_with_run_dir_and_error_apart_from_the_means(tmp_path):
+    _job(tmp_path, 0, "softmax", 0, 30.0)
+    first = _failed(tmp_path, 1, "softmax", 1, steps=7)
+    _job(tmp_path, 2, "softmax", 2, 32.0)
+    _job(tmp_path, 3, "linear", 0, None)  # no results.json
+    second = _failed(tmp_path, 4, "favor_plus", 0)
+    text, failed = summarize(tmp_path)
+    assert failed == 3  # the exit code's count: failed records and jobs without results.json
+    lines = text.splitlines()
+    assert lines[0] == f"2 run(s) in {tmp_path}, 2 failed, 1 without results.json"
+    rows = _table(text)
+    assert rows[2][:3] == ["softmax", "2", "31 ± 12.71"]  # seeds 0 and 2 only
+    assert [r[0] for r in rows[3:]] == ["softmax (failed at step 7, seed 1, job 1)",
+                                       "linear (no results.json, seed 0, job 3: failed, killed or running)",
+                                       "favor_plus (failed at step 0, seed 0, job 4)"]
+    start = lines.index("Failed jobs (results.json status failed; ckpt_path=last with the same hydra.sweep.dir runs "
+                        "them again):")
+    assert lines[start + 1:] == [f"  {first}: DataError: job 1 has no data; set data_dir",
+                                 f"  {second}: DataError: job 4 has no data; set data_dir",
+                                 f"Full table (every metric): efficient-attn-report {tmp_path} --rows attention --ci"]
+
+
+def test_the_sweep_exits_1_after_its_summary_when_a_job_failed(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    _job(tmp_path, 0, "softmax", 0, 30.0)
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    RunSummary().on_multirun_end(config)  # every job finished: no exit
+    assert capsys.readouterr().out.startswith(f"\n1 run(s) in {tmp_path}\n")
+    _failed(tmp_path, 1, "softmax", 1)
+    with pytest.raises(SystemExit) as exit_:
+        RunSummary().on_multirun_end(config)
+    out = capsys.readouterr()
+    assert exit_.value.code == 1 and "Failed jobs" in out.out and "1 job(s) of the sweep failed" in out.err
+
+
+def test_every_multirun_ends_with_the_summary():
+    for overrides in ([], ["experiment=quickstart"], ["experiment=mqar/quick"]):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        assert [c._target_ for c in cfg.hydra.callbacks.values()] == ["tasks.train.RunSummary"], overrides
 
 
 def test_multirun_summary_splits_rows_by_other_swept_values(tmp_path, capsys):

@@ -4,6 +4,9 @@ import json
 
 from typing import Callable
 
+import json
+import re
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -233,8 +236,49 @@ def test_fp16_nonfinite_loss_still_stops_the_run(tmp_path):
 
 def test_nonfinite_loss_stops_naming_step_and_attention(tmp_path):
     cfg = faults.compose_config([*faults.TINY, "trainer.max_steps=3", "optim.lr=1e30", "optim.warmup_steps=1"])
-    with pytest.raises(FloatingPointError, match=r"step \d+ with attention 'softmax'"):
+    with pytest.raises(FloatingPointError, match=r"step \d+ with attention 'softmax'") as err:
         run(cfg, tmp_path)
+    record = json.loads((tmp_path / "results.json").read_text())  # the failed record, with the step reached
+    step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+    assert step > 0 and record["steps"] == step and record["status"] == "failed" and "metrics" not in record
+    assert record["error"] == {"type": "FloatingPointError", "message": str(err.value)}
+    assert record["attention"] == "softmax" and record["config"]["optim"]["lr"] == 1e30 and record["seed"] == 0
+
+
+# ----------------------------------------------------------------------------- a failing job of a sweep
+@pytest.mark.parametrize("launcher", ["basic", pytest.param("joblib", marks=pytest.mark.slow)])
+def test_one_failing_job_does_not_end_the_sweep(tmp_path, launcher):
+    resume = launcher == "basic"  # resuming does not depend on the launcher
+    result = faults.sweep_with_a_failing_job(tmp_path, launcher, resume)  # -m model.max_len=64,16,64: job 1 cannot build
+    assert result["statuses"] == {"0_softmax": "ok", "1_softmax": "failed", "2_softmax": "ok"}, result["output"]
+    failed = result["failed"]["1_softmax"]
+    assert failed["steps"] == 0 and failed["error"]["type"] == "ConfigError" and "model.max_len=16" in failed["error"][
+        "message"] and "model.max_len=16" in failed["overrides"] and failed["config"]["model"]["max_len"] == 16
+    assert result["returncode"] == 1, result["output"]  # after the summary
+    assert result["summary_failed"] == [f"{tmp_path / 'sweep' / '1_softmax'}: ConfigError: {failed['error']['message']}"]
+    if resume:  # ckpt_path=last with the same sweep dir runs the failed job again, and only that one
+        assert result["rerun"] == ["1_softmax"] and result["resumed_returncode"] == 1
+    rows = [line for line in result["report"].splitlines() if line.startswith("| softmax") or "(failed" in line]
+    assert rows[0].startswith("| softmax / 64 | 2 |") and len(rows) == 2
+    assert rows[1].startswith(f"| {tmp_path / 'sweep' / '1_softmax'} (failed at step 0: ConfigError: task.listops:")
+
+
+def test_a_failed_run_is_run_again_by_ckpt_path_last(tmp_path):
+    overrides = [*faults.TINY, "trainer.max_steps=2"]
+    with pytest.raises(ConfigError, match="raise model.max_len"):
+        run(faults.compose_config([*overrides, "model.max_len=16"]), tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
+    log = LossLog()
+    record = run(faults.compose_config([*overrides, "ckpt_path=last"]), tmp_path, callbacks=[log])
+    assert record["status"] == "ok" and record["steps"] == 2 and len(log.losses) == 2
+    assert json.loads((tmp_path / "results.json").read_text()) == record
+
+
+def test_a_later_failure_never_replaces_a_finished_runs_record(tmp_path):
+    first = run(faults.compose_config([*faults.TINY, "trainer.max_steps=2"]), tmp_path)
+    with pytest.raises(ConfigError, match="is not a file"):
+        run(faults.compose_config([*faults.TINY, f"ckpt_path={tmp_path / 'nope.ckpt'}"]), tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text()) == first and first["status"] == "ok"
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -248,6 +292,8 @@ def test_every_bad_input_exits_with_a_one_line_message(tmp_path):
 def test_a_missing_checkpoint_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="is not a file"):
         run(faults.compose_config([*faults.TINY, f"ckpt_path={tmp_path / 'nope.ckpt'}"]), tmp_path)
+    record = json.loads((tmp_path / "results.json").read_text())  # failed before training: step 0
+    assert record["status"] == "failed" and record["steps"] == 0 and record["error"]["type"] == "ConfigError"
 
 
 # ----------------------------------------------------------------------------- determinism

@@ -54,6 +54,37 @@ def test_table_groups_seeds_and_lists_missing_runs(tmp_path, capsys):
     assert all(Path(p).is_file() for p in wrote)
 
 
+def failed(attention: str, seed: int, steps: int = 3) -> dict:
+    """A failed run's record (tasks/train.py ``failed_record``): no metrics, the error and the step reached."""
+    return {"name": "exp", "task": "translation", "attention": attention, "seed": seed, "status": "failed",
+            "error": {"type": "FloatingPointError", "message": "non-finite loss at step 3 | lower optim.lr"},
+            "config": {"seed": seed}, "overrides": [f"seed={seed}"], "steps": steps, "wall_time_s": 1.0}
+
+
+def test_failed_runs_are_listed_as_failed_and_never_averaged(tmp_path, capsys):
+    runs(tmp_path)
+    write_run(tmp_path, "6", {**record("softmax", 2, 0.0), "status": "failed", **failed("softmax", 2)})
+    write_run(tmp_path, "7", {**record("favor", 2, 28.0), "status": "ok"})  # status ok: a finished run
+    main([str(tmp_path), "--rows", "attention"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[4] == "| softmax | 2 | 30 ± 1.414 | 31 ± 1.414 | 1,000 ± 0 | 100 ± 0 | 2,000 ± 0 | 500 ± 0 | 60 ± 0 |"
+    assert lines[2].startswith("| favor | 3 | 27 ± 1 | 28 ± 1 |")  # records without status (older ones) count as ok
+    assert lines[5] == (f"| {tmp_path / '6'} (failed at step 3: FloatingPointError: non-finite loss at step 3 \\| "
+                        "lower optim.lr) | 0 | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")  # "|" escaped for Markdown
+    assert lines[6].startswith(f"| {tmp_path / '5'} (missing results.json) | 0 |")
+    main([str(tmp_path), "--rows", "attention", "--pivot", "task"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[4] == "| softmax | 31 ± 1.414 (n=2) |"
+    assert lines[5].startswith(f"| {tmp_path / '6'} (failed at step 3: FloatingPointError:") and lines[5].endswith(" | n/a |")
+
+
+def test_a_sweep_of_failed_runs_only_is_a_table_of_failures(tmp_path, capsys):
+    write_run(tmp_path, "0", failed("softmax", 0, steps=0))
+    main([str(tmp_path), "--rows", "attention"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| attention | n |" and lines[2].startswith(f"| {tmp_path / '0'} (failed at step 0: ")
+
+
 def test_baseline_adds_delta_and_welch_p(tmp_path, capsys):
     runs(tmp_path)
     main([str(tmp_path), "--rows", "attention", "--baseline", "softmax"])
