@@ -31,8 +31,8 @@ _EXPORTS = {  # public name -> the submodule that defines it
     "module_seed": ".seeding",
     "seed_attentions": ".seeding",
 }
-_SUBMODULES = {"analysis", "attention", "aux_loss", "bench", "bench_report", "cli", "generate", "multihead", "registry",
-               "seeding", "transformer"}
+_SUBMODULES = {"analysis", "attention", "aux_loss", "bench", "bench_gpu", "bench_report", "bench_sdpa", "bench_train",
+               "cli", "generate", "multihead", "registry", "seeding", "transformer"}
 
 __all__ = sorted(_EXPORTS)
 

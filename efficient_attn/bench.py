@@ -8,6 +8,9 @@ timed as ``prefill_s``), then ``--decode-steps`` timed ``decode_step`` calls (me
 with L, a kernel attention's running sum does not). The ``sdpa`` baseline decodes from a
 preallocated KV cache (the usual fast cache; the registry's default cache concatenates).
 A mode a variant cannot run (``supports_*``: retention is causal-only) is recorded as ``n/a``.
+Mode ``train``: end-to-end LM training throughput and the share of it spent in attention
+(:mod:`efficient_attn.bench_train`, its own ``train_*`` files). ``sdpa_flash`` (opt-in, by name in
+``--attentions``) is ``sdpa`` pinned to the FlashAttention backend (:mod:`efficient_attn.bench_sdpa`).
 How: each point runs in a fresh subprocess (``python -m efficient_attn.bench --worker JSON``) with
 ``torch.set_num_threads`` and OMP/MKL_NUM_THREADS set, so peak memory is per point. The worker
 builds inputs, reads RSS (``base_rss_mib``), runs 1 warm-up step and ``--repeats`` timed steps
@@ -18,6 +21,7 @@ instead of waking the OOM killer. A point that times out / OOMs / errors ends it
 L are recorded as ``skipped``. Baselines in the same run: performer-pytorch ``FastAttention``
 (``performer_pytorch``) and raw ``F.scaled_dot_product_attention`` (``sdpa``). A square matmul
 in a subprocess gives the machine's peak GFLOP/s for the same dtype and thread count.
+``--budget`` bounds the whole run: once spent, the remaining points are ``skipped``.
 Outputs in ``--out``: ``bench_<device>.csv``, ``bench_<device>.png``, ``summary_<device>.md``.
 """
 
@@ -37,7 +41,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from . import bench_train
 from .bench_report import machine_info, plot, summary
+from .bench_sdpa import SDPA_BACKENDS, sdpa_backend, sdpa_unavailable
 from .cli import wrote
 
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384]
@@ -46,7 +52,7 @@ BASELINES = ["performer_pytorch", "sdpa"]
 FEATURE_ATTENTIONS = {"favor", "performer_pytorch"}  # FLOPs 3 × 8·L·m·d per head (fwd 8Lmd, bwd ≈ 2× fwd)
 QUADRATIC_ATTENTIONS = {"softmax", "dot", "bilinear", "sdpa"}  # FLOPs 3 × 4·L²·d per head, noncausal only
 FAILED = ("timeout", "oom", "error")
-MODES = ("causal", "noncausal", "decode")
+MODES = ("causal", "noncausal", "decode", "train")
 SLOW_STEP_S = 20.0  # predicted seconds per step above which a point is timed once
 FIELDS = ["attention", "mode", "L", "batch", "heads", "head_dim", "num_features", "dtype", "device",
           "threads", "repeats", "status", "time_s", "time_min_s", "peak_rss_mib", "base_rss_mib", "peak_cuda_mib",
@@ -82,8 +88,12 @@ def _build(spec: dict[str, Any]) -> Callable:
     import torch.nn.functional as F
 
     name, causal = spec["attention"], spec["mode"] == "causal"
-    if name == "sdpa":
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if name in SDPA_BACKENDS:
+        def sdpa(q: Any, k: Any, v: Any) -> Any:
+            with sdpa_backend(name):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        return sdpa
     if name == "performer_pytorch":
         from performer_pytorch import FastAttention
 
@@ -120,14 +130,14 @@ def _state_mib(state: Any) -> float:
 class _PreallocatedCache:
     """The ``sdpa`` decoding baseline: a KV cache allocated once for L + steps positions, written in place."""
 
-    def __init__(self, k: Any, v: Any, capacity: int) -> None:
+    def __init__(self, k: Any, v: Any, capacity: int, name: str = "sdpa") -> None:
         import torch
 
         b, h, length, d = k.shape
         self.k = torch.empty(b, h, capacity, d, device=k.device, dtype=k.dtype)  # (B, H, capacity, D)
         self.v = torch.empty(b, h, capacity, v.shape[-1], device=v.device, dtype=v.dtype)
         self.k[:, :, :length], self.v[:, :, :length] = k, v
-        self.length = length
+        self.length, self.name = length, name
 
     def decode_step(self, q: Any, k: Any, v: Any, state: Any) -> tuple[Any, Any]:
         import torch.nn.functional as F
@@ -135,7 +145,8 @@ class _PreallocatedCache:
         t = self.length
         self.k[:, :, t : t + 1], self.v[:, :, t : t + 1] = k, v
         self.length = t + 1
-        out = F.scaled_dot_product_attention(q, self.k[:, :, : t + 1], self.v[:, :, : t + 1])  # (B, H, 1, Dv)
+        with sdpa_backend(self.name):
+            out = F.scaled_dot_product_attention(q, self.k[:, :, : t + 1], self.v[:, :, : t + 1])  # (B, H, 1, Dv)
         return out, {"k": self.k, "v": self.v}
 
 
@@ -160,8 +171,8 @@ def run_decode(spec: dict[str, Any]) -> dict[str, Any]:
         base_rss = _rss_mib()
         sync()
         start = time.perf_counter()
-        if spec["attention"] == "sdpa":
-            module, state = _PreallocatedCache(k, v, spec["L"] + steps + 1), None
+        if spec["attention"] in SDPA_BACKENDS:
+            module, state = _PreallocatedCache(k, v, spec["L"] + steps + 1, spec["attention"]), None
         else:
             module = _attention_module(spec).eval()
             state = module.prefill(k, v)
@@ -252,6 +263,8 @@ def worker_main(spec_json: str) -> None:
             _cap_address_space()
         if spec["attention"] == "matmul":
             result = run_matmul(spec)
+        elif spec["mode"] == "train":
+            result = bench_train.run_train_point(spec)
         else:
             result = (run_decode if spec["mode"] == "decode" else run_point)(spec)
     except Exception as exc:  # recorded, not raised: one failure must not end the benchmark
@@ -316,7 +329,7 @@ def not_applicable(name: str, mode: str) -> str | None:
     """Why ``name`` cannot run ``mode`` (a causal-only variant non-causally; a baseline without decoding)."""
     if mode == "decode":
         return "performer-pytorch has no incremental decoding" if name == "performer_pytorch" else None
-    if name in BASELINES:
+    if name in BASELINES or name in SDPA_BACKENDS:
         return None
     import efficient_attn as ea
     from efficient_attn.attention.base import unsupported_use
@@ -324,30 +337,40 @@ def not_applicable(name: str, mode: str) -> str | None:
     return unsupported_use(ea.get_attention_class(name), causal=mode != "noncausal", cross=False)
 
 
+def time_left(cfg: dict[str, Any]) -> float:
+    """Seconds the next point may run: ``--timeout``, or less where the run's ``--budget`` ends first
+    (<= 0: the budget is spent)."""
+    deadline = cfg.get("deadline")
+    return cfg["timeout"] if deadline is None else min(cfg["timeout"], deadline - time.monotonic())
+
+
 def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) -> list[dict[str, Any]]:
     """All lengths of one (attention, mode). After a failure the larger L are skipped; a point whose
     step is predicted (quadratically from the last one) to overrun the time limit is skipped too,
     and one predicted to take over ``SLOW_STEP_S`` per step is timed once instead of ``repeats`` times.
-    A mode the variant cannot run is ``n/a`` at every L."""
+    A mode the variant cannot run is ``n/a`` at every L; once the run's ``--budget`` is spent, ``skipped``."""
     rows, stop, last = [], None, None
-    reason = not_applicable(name, mode)
+    reason = not_applicable(name, mode) or sdpa_unavailable(name, cfg["device"], cfg["dtype"])
     for length in cfg["lengths"]:
         estimate = estimate_bytes(name, length, cfg) if mode != "decode" else None
         step = last[1] * (length / last[0]) ** 2 if last else 0.0  # predicted seconds per step
         repeats = cfg["repeats"] if step < SLOW_STEP_S else 1
+        limit = time_left(cfg)
         if reason:
             result = {"status": "n/a", "message": reason}
         elif stop:
             result = {"status": "skipped", "message": stop}
+        elif limit <= 0:
+            result = {"status": "skipped", "message": "the run's --budget is spent"}
         elif cfg["device"] == "cpu" and estimate and estimate > _available_bytes():
             result = {"status": "skipped", "message": f"estimated {estimate / 2**30:.1f} GiB > available RAM"}
-        elif step * (repeats + 1) > cfg["timeout"]:
+        elif step * (repeats + 1) > limit:
             result = {"status": "skipped", "message": f"predicted {step:.0f} s per step > time limit"}
         else:
             spec = {key: cfg[key] for key in ("batch", "heads", "head_dim", "num_features", "dtype",
                                               "device", "threads", "decode_steps")}
             spec |= {"attention": name, "mode": mode, "L": length, "repeats": repeats}
-            result = run_subprocess(spec, cfg["timeout"]) | {"repeats": repeats}
+            result = run_subprocess(spec, limit) | {"repeats": repeats}
         if result["status"] == "ok":
             last = (length, result["time_s"])
         if result["status"] in FAILED or (result["status"] == "skipped" and not stop):
@@ -361,13 +384,15 @@ def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) ->
 EXAMPLES = (
     "efficient-attn-bench --quick --out /tmp/bench            # every attention, L = 256 512 1024, 1 repeat",
     "efficient-attn-bench --attentions softmax,favor,linear --lengths 1024 4096 16384 --out results/bench",
-    "efficient-attn-bench --modes decode --attentions softmax,favor,retention --quick --out /tmp/decode",
+    "efficient-attn-bench --modes decode,train --attentions softmax,favor,retention --quick --out /tmp/gen",
 )
 OUTPUTS = (
     "in --out (default bench_out/), <device> = cpu or the GPU's name:",
     "bench_<device>.csv   one row per attention x mode x L: status, time, peak memory, GFLOP/s, tokens/s",
     "bench_<device>.png   log-log time and peak memory against L",
     "summary_<device>.md  ratios to softmax and favor, crossovers (also printed)",
+    "train_<device>.csv, train_<device>.png, train_summary_<device>.md   --modes train: one row per attention x L:",
+    "                     tokens/s, attention share of the step, peak memory; the L from which it beats softmax",
 )
 
 
@@ -381,8 +406,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attentions", metavar="NAMES",
                    help="comma-separated registered attentions (default: every registered one)")
     p.add_argument("--modes", default="causal,noncausal",
-                   help="comma-separated from causal, noncausal (forward+backward) and decode (generation "
-                        "after an L-token prefix)")
+                   help="comma-separated from causal, noncausal (forward+backward), decode (generation "
+                        "after an L-token prefix) and train (LM training throughput, options below)")
     p.add_argument("--lengths", type=int, nargs="+", metavar="L",
                    help=f"sequence lengths (default: {' '.join(map(str, DEFAULT_LENGTHS))}; "
                         f"with --quick {' '.join(map(str, QUICK_LENGTHS))})")
@@ -398,6 +423,8 @@ def parser() -> argparse.ArgumentParser:
                    help="decode mode: timed generation steps per point, after 1 warm-up")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="per-point wall limit in seconds; a point over it ends its series")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="wall limit of the whole run: once spent, the remaining points are skipped")
     p.add_argument("--matmul-size", type=int, default=4096, help="n of the n x n matmul that measures peak GFLOP/s")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also time performer-pytorch FastAttention (if installed) and sdpa")
@@ -405,6 +432,7 @@ def parser() -> argparse.ArgumentParser:
                    help="lengths 256 512 1024 (unless --lengths), 1 repeat, <= 8 decode steps, <= 2048 matmul")
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    bench_train.add_arguments(p)
     return p
 
 
@@ -419,6 +447,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.repeats, args.matmul_size = 1, min(args.matmul_size, 2048)
         args.decode_steps = min(args.decode_steps, 8)
     args.lengths = args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
+    bench_train.resolve(args, p)
     if args.device == "auto" and not args.worker:
         import torch
 
@@ -441,33 +470,50 @@ def main(argv: list[str] | None = None) -> None:
 
     names = args.attentions.split(",") if args.attentions else ea.list_attentions()
     for name in names:
-        if name not in BASELINES:
+        if name not in BASELINES and name not in SDPA_BACKENDS:
             ea.get_attention_class(name)  # unknown names fail now, with the registered ones listed
     if args.baselines:
         if importlib.util.find_spec("performer_pytorch") is None:
             print("note: performer_pytorch not installed (pip install -e '.[bench]'); baseline skipped")
         names += [b for b in BASELINES if b not in names and (b != "performer_pytorch" or importlib.util.find_spec(b))]
-    cfg = vars(args) | {"torch_version": torch.__version__}
+    deadline = time.monotonic() + args.budget if args.budget is not None else None
+    cfg = vars(args) | {"torch_version": torch.__version__, "deadline": deadline}
     machine, slug = machine_info(args.device, args.threads)
-    spec = {k: cfg[k] for k in ("dtype", "device", "threads", "repeats")} | {"attention": "matmul", "L": args.matmul_size}
-    matmul = run_subprocess(spec, args.timeout)
+    modes = args.modes.split(",")
+    kernel_modes = [m for m in modes if m != "train"]
+    if kernel_modes:
+        run_kernel_modes(names, kernel_modes, cfg, machine, slug)
+    if "train" in modes:
+        wrote(*bench_train.run(names, cfg, machine, slug, args.out), file=sys.stderr)
+
+
+def run_kernel_modes(names: list[str], modes: list[str], cfg: dict[str, Any], machine: str, slug: str) -> None:
+    """The matmul peak, then every (attention, mode) series; writes the CSV, plot and summary into ``--out``."""
+    out = cfg["out"]
+    spec = {k: cfg[k] for k in ("dtype", "device", "threads", "repeats")}
+    spec |= {"attention": "matmul", "L": cfg["matmul_size"]}
+    limit = time_left(cfg)
+    spent = {"status": "skipped", "message": "the run's --budget is spent"}
+    matmul = run_subprocess(spec, limit) if limit > 0 else spent
     peak = matmul.get("gflops")
-    print(f"matmul {args.matmul_size}²: " + (f"{peak:.1f} GFLOP/s" if peak else matmul.get("message", "")), file=sys.stderr)
-    rows = [make_row("matmul", "", args.matmul_size, cfg, matmul, peak)]
+    shown = f"{peak:.1f} GFLOP/s" if peak else matmul.get("message", "")
+    print(f"matmul {cfg['matmul_size']}²: {shown}", file=sys.stderr)
+    rows = [make_row("matmul", "", cfg["matmul_size"], cfg, matmul, peak)]
     for name in names:
-        for mode in args.modes.split(","):
+        for mode in modes:
             rows += run_series(name, mode, cfg, peak)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / f"bench_{slug}.csv", "w", newline="") as f:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"bench_{slug}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
     points = [r for r in rows if r["attention"] != "matmul"]
-    plot(points, args.out / f"bench_{slug}.png", f"{machine} · B={args.batch} H={args.heads} D={args.head_dim} {args.dtype}")
+    title = f"{machine} · B={cfg['batch']} H={cfg['heads']} D={cfg['head_dim']} {cfg['dtype']}"
+    plot(points, out / f"bench_{slug}.png", title)
     text = summary(points, cfg, machine, peak)
-    (args.out / f"summary_{slug}.md").write_text(text)
+    (out / f"summary_{slug}.md").write_text(text)
     print(text)
-    wrote(*(args.out / name for name in (f"bench_{slug}.csv", f"bench_{slug}.png", f"summary_{slug}.md")),
+    wrote(*(out / name for name in (f"bench_{slug}.csv", f"bench_{slug}.png", f"summary_{slug}.md")),
           file=sys.stderr)
 
 

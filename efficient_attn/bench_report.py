@@ -55,19 +55,19 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def crossover(rows: list[dict[str, Any]], mode: str, name: str = "favor", ref: str = "sdpa") -> str:
-    """Smallest L from which ``name`` beats ``ref`` at every larger measured L (failed ``ref`` = slower)."""
-    def time_of(name: str, length: int) -> float | None:
-        row = next((r for r in rows if (r["attention"], r["mode"], r["L"]) == (name, mode, length)), None)
+def crossover(rows: list[dict[str, Any]], mode: str, name: str = "favor", reference: str = "sdpa") -> str:
+    """Smallest L from which ``name`` beats ``reference`` at every larger measured L (failed reference = slower)."""
+    def time_of(who: str, length: int) -> float | None:
+        row = next((r for r in rows if (r["attention"], r["mode"], r["L"]) == (who, mode, length)), None)
         if row is None or row["status"] in ("", None):
             return None
         return row["time_s"] if row["status"] == "ok" else math.inf
 
-    pairs = [(L, time_of(name, L), time_of(ref, L)) for L in sorted({r["L"] for r in rows})]
+    pairs = [(L, time_of(name, L), time_of(reference, L)) for L in sorted({r["L"] for r in rows})]
     pairs = [(L, f, s) for L, f, s in pairs if f is not None and s is not None and min(f, s) < math.inf]
     found = None
-    for length, fav, sdpa in reversed(pairs):
-        if fav >= sdpa:
+    for length, own, ref in reversed(pairs):
+        if own >= ref:
             break
         found = length
     return f"L = {found}" if found else "not reached"

@@ -52,6 +52,9 @@ def test_crossover():
             _row("favor", "noncausal", 4096, 6.0), _row("sdpa", "noncausal", 4096, None, "oom")]
     assert crossover(rows, "noncausal") == "L = 2048"
     assert crossover(rows[:6], "noncausal") == "not reached"
+    renamed = [r | {"attention": {"favor": "linear", "sdpa": "softmax"}[r["attention"]], "mode": "train"} for r in rows]
+    assert crossover(renamed, "train", name="linear", reference="softmax") == "L = 2048"
+    assert crossover(renamed, "train") == "not reached"  # no favor or sdpa rows
 
 
 @pytest.mark.slow
