@@ -1,4 +1,5 @@
-"""The app's own Lightning callbacks and console settings: save on SIGTERM, one line per epoch, quiet info lines.
+"""The app's own Lightning callbacks and console settings: save on SIGTERM, one line per epoch, the learning
+curves, quiet info lines; what the optional callbacks (configs/callbacks/) need from the app.
 
 Imported by :func:`tasks.train.run` only when a run starts (it loads Lightning), never by ``--help``
 or the config checks.
@@ -9,9 +10,12 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 # Lightning's info lines ("GPU available: ...", "TPU available: ...", "💡 Tip: ...", "`Trainer.fit` stopped")
@@ -91,3 +95,75 @@ class SaveOnInterrupt(pl.Callback):
             if trainer.is_global_zero:
                 print(f"interrupted at step {trainer.global_step}; saved {self.path}; "
                       "run the same command with ckpt_path=last to resume", file=sys.stderr)
+
+
+class CurveLog(pl.Callback):
+    """The run's learning curves, whatever the logger (W&B offline, CSV, none): ``(step, key, value)`` rows.
+
+    Training: every ``trainer.log_every_n_steps`` optimizer steps (and at the last one), ``train/loss`` as
+    the mean of the values logged since the previous row and ``train/lr`` as logged at that step (the rate
+    the step used). Validation (not the sanity check): every ``val/`` metric at the step it ran. The rows
+    are kept in checkpoints, so a resumed run's curves start at its first step; ``run()`` writes them as
+    ``curves.csv`` and draws ``curves.png`` (tasks/curves.py).
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, str, float]] = []
+        self._loss_sum: torch.Tensor | float = 0.0  # summed on the device: no synchronisation per step
+        self._loss_count = 0
+        self._last_step = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        metrics = trainer.callback_metrics
+        if "train/loss" in metrics:
+            self._loss_sum = self._loss_sum + metrics["train/loss"].detach()
+            self._loss_count += 1
+        step = trainer.global_step
+        if step != self._last_step and step % max(1, trainer.log_every_n_steps) == 0:
+            self._flush(step, metrics)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self._flush(trainer.global_step, trainer.callback_metrics)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        step = trainer.global_step
+        self.rows = [r for r in self.rows if not (r[0] == step and r[1].startswith("val/"))]  # one validation per step
+        self.rows += [(step, k, float(v)) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")]
+
+    def _flush(self, step: int, metrics: dict[str, Any]) -> None:
+        if self._loss_count:
+            self.rows.append((step, "train/loss", float(self._loss_sum) / self._loss_count))
+        if "train/lr" in metrics:
+            self.rows.append((step, "train/lr", float(metrics["train/lr"])))
+        self._loss_sum, self._loss_count, self._last_step = 0.0, 0, step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": [list(r) for r in self.rows], "loss_sum": float(self._loss_sum), "loss_count": self._loss_count,
+                "last_step": self._last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = [(int(s), str(k), float(v)) for s, k, v in state["rows"]]
+        self._loss_sum, self._loss_count, self._last_step = state["loss_sum"], state["loss_count"], state["last_step"]
+
+
+def keep_averaged_weights_for_test(callbacks: list[pl.Callback]) -> None:
+    """Before ``trainer.test(ckpt_path=...)``: make Lightning's weight averaging (``callbacks=ema``) test the
+    averaged weights.
+
+    Its checkpoints hold the averaged weights as ``state_dict`` (what validation scored and the best
+    checkpoint was chosen by; what efficient-attn-eval loads) and the raw ones as ``current_model_state``.
+    Loading a checkpoint while its averaged model exists, as after ``fit``, puts the raw weights back: the
+    test would score weights nobody validated. Without the averaged model the checkpoint's ``state_dict``
+    stays (Lightning's note that its state is not restored outside fit is silenced: nothing is lost).
+    """
+    from pytorch_lightning.callbacks import WeightAveraging
+
+    for callback in callbacks:
+        if isinstance(callback, WeightAveraging):
+            callback._average_model = None  # Lightning's attribute: None = not fitting, no weights to restore
+    warnings.filterwarnings("ignore",
+                            message="You're using the WeightAveraging callback, but loading a checkpoint outside")

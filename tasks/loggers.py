@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
+from .schema import attention_config
 from .train import LOGGER_KEYS  # noqa: F401  (the config check's copy: one list of keys)
 
 if TYPE_CHECKING:
@@ -53,12 +54,14 @@ def _wandb_logger(cfg: DictConfig, out_dir: Path, mode: str) -> WandbLogger:
     from pytorch_lightning.loggers import WandbLogger
     from pytorch_lightning.utilities import rank_zero_only
 
+    config_name = attention_config(cfg)
     kwargs: dict[str, Any] = dict(
         project=cfg.logger.project,
         entity=cfg.logger.entity,
-        group=cfg.name,
-        tags=[cfg.attention.name, cfg.task.name],
-        name=out_dir.name,
+        group=cfg.name,  # the experiment; within it, job_type tells the attention configs apart
+        job_type=config_name[:64],
+        tags=[t[:64] for t in dict.fromkeys([cfg.attention.name, config_name, cfg.task.name])],  # W&B: <= 64 chars
+        name=out_dir.name,  # the run dir: <time>_<task>_<attention config> or <job>_<attention config>
         save_dir=str(out_dir),
         config=OmegaConf.to_container(cfg, resolve=True),
         log_model=cfg.logger.log_model,

@@ -492,6 +492,9 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("--logx", action="store_true", help="logarithmic x axis")
     plot.add_argument("--xlabel-key", metavar="KEY", help="a --rows key printed under each x tick, e.g. "
                                                           "config.task.num_kv_pairs")
+    p.add_argument("--curves", nargs="?", const="", metavar="OUT.png",
+                   help="learning curves (tasks/report_plot.py): per table row the validation metric against steps, "
+                        "mean ± std band over seeds; no file: <out>_curves.png beside the tables")
     return p
 
 
@@ -547,6 +550,10 @@ def main(argv: list[str] | None = None) -> None:
             write_stats(*stats_table(built, names, rows, args.tune, args.paired), args.out)
     if args.plot and built is not None:
         plot_rows(args, rows, built, names, records)
+    if args.curves is not None:
+        from .report_plot import write_curves
+
+        write_curves(args, built)
     if args.wandb:
         config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "wandb"}
         log_to_wandb(args.wandb, header, body, {**config, "dirs": [str(d) for d in args.dirs]})

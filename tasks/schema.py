@@ -78,9 +78,12 @@ class OptimConfig:
 class AttentionConfig:
     """One registered attention (``name``, ``kwargs``), or a per-layer hybrid: ``layers`` a list of
     attentions (``{name, kwargs}`` or attention config names), a pattern tiled over each
-    self-attention stack; ``name`` is then only the label (e.g. ``based``) and ``kwargs`` empty."""
+    self-attention stack; ``name`` is then only the label (e.g. ``based``) and ``kwargs`` empty.
+    ``config``: the name of the attention config file (``configs/attention/<config>.yaml`` sets it to its
+    own name), which tells apart variants of one registered attention (favor_plus, favor_relu: ``favor``)."""
 
     name: str = "softmax"
+    config: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     layers: Any = None
 
@@ -188,6 +191,15 @@ def attention_label(cfg: DictConfig) -> str:
         return str(cfg.attention.name)
     entries = _entries(per_layer, "model.layer_attentions")
     return "+".join(e if isinstance(e, str) else str(e.get("name")) for e in entries)
+
+
+def attention_config(cfg: DictConfig) -> str:
+    """The attention config a run used, for run dirs, W&B tags and results.json: ``attention.config``
+    (the file's name: ``favor_relu`` where ``attention.name`` is ``favor``), else ``attention.name``;
+    with ``model.layer_attentions`` set, :func:`attention_label` (those entries joined by ``+``)."""
+    if cfg.model.get("layer_attentions") is not None:
+        return attention_label(cfg)
+    return str(cfg.attention.get("config") or cfg.attention.name)
 
 
 def _container(node: Any) -> Any:

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 # nor sacreBLEU (tests/test_cli.py); run() imports them when a run starts.
 TASKS = {"translation": "tasks.translation", "listops": "tasks.listops", "lm": "tasks.lm", "mqar": "tasks.mqar"}
 TOP_LEVEL = {"seed", "name", "row", "data_dir", "cache_dir", "ckpt_path", "checkpoint_every", "test", "threads", "nonfinite",
-             "optim", "task", "attention", "model", "trainer", "logger"}
+             "optim", "task", "attention", "model", "trainer", "logger", "callbacks"}
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 LOGGER_KEYS = {  # tasks/loggers.py builds them
     "wandb": {"kind", "project", "entity", "mode", "init_timeout", "log_model"},
@@ -128,7 +128,8 @@ def check_config(cfg: DictConfig) -> Any:
 
     Everything is checked before the task's module (Lightning, its data code) is imported: a wrong
     top-level, task, optim, attention, trainer or logger key fails before torch loads, a wrong model
-    or attention choice in about the time torch takes to import.
+    or attention choice in about the time torch takes to import, a wrong callback (its class is
+    imported to read its arguments) in about the time Lightning takes.
     """
     from . import schema
 
@@ -172,7 +173,62 @@ def check_config(cfg: DictConfig) -> Any:
                 _check_site(cfg.task.name, site, specs)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
+    check_callbacks(cfg.get("callbacks"), cfg.logger.kind)  # Lightning loads here when callbacks are set
     return importlib.import_module(TASKS[cfg.task.name])  # Lightning and the task's code load here
+
+
+HYDRA_KEYS = {"_target_", "_args_", "_partial_", "_recursive_", "_convert_"}  # hydra.utils.instantiate's own
+
+
+def check_callbacks(callbacks: DictConfig | None, logger_kind: str) -> None:
+    """The ``callbacks`` group (configs/callbacks/): each entry a ``{_target_: <Lightning callback class>,
+    <its arguments>}``; an entry without ``_target_``, a class that cannot be imported or is no callback, an
+    argument its ``__init__`` does not take or a required one missing is a ConfigError naming the key.
+    ``monitor: null`` with ``mode: null`` stands for the task's validation metric and its direction (see
+    :func:`optional_callbacks`); one without the other is refused, so a loss is never maximised."""
+    if not callbacks:
+        return
+    if not isinstance(callbacks, DictConfig):
+        raise ConfigError(f"callbacks must be a mapping of named callbacks, got {callbacks!r}; "
+                          "choose a file: callbacks=early_stopping (configs/callbacks/)")
+    import pytorch_lightning as pl
+    from hydra.utils import get_class
+
+    known = sorted(p.stem for p in (Path(CONFIG_DIR) / "callbacks").glob("*.yaml"))
+    for name, entry in callbacks.items():
+        where = f"callbacks.{name}"
+        if not isinstance(entry, DictConfig) or "_target_" not in entry:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"{where} has no _target_; {hint}choose callbacks=<file> from {known} "
+                              f"(configs/callbacks/), or give {where}._target_=<Lightning callback class>")
+        try:
+            cls = get_class(str(entry._target_))
+        except Exception as err:  # noqa: BLE001 - Hydra's ImportError/ValueError, several lines long
+            reason = str(err).splitlines()[0]
+            raise ConfigError(f"{where}._target_: cannot import {entry._target_!r} ({reason})") from None
+        if not issubclass(cls, pl.Callback):
+            raise ConfigError(f"{where}._target_: {entry._target_} is not a Lightning callback")
+        named = _check_arguments(cls, set(entry.keys()) - HYDRA_KEYS, where)
+        if "monitor" in entry and "mode" in named and (entry.monitor is None) != (entry.get("mode") is None):
+            raise ConfigError(f"{where}: give monitor and mode together ({where}.mode=min or max with "
+                              f"{where}.monitor={entry.monitor}), or both null for the task's validation metric")
+        if logger_kind == "none" and issubclass(cls, pl.callbacks.LearningRateMonitor):
+            raise ConfigError(f"{where}: LearningRateMonitor logs to a logger; set logger=csv or wandb, "
+                              "or drop it (the module logs train/lr every step)")
+
+
+def _check_arguments(cls: type, given: set[str], where: str) -> set[str]:
+    """``given`` are keyword arguments of ``cls.__init__`` (anything goes if it takes ``**kwargs``) and
+    cover its required ones; returns the names it takes."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if not any(p.kind == p.VAR_KEYWORD for p in params):
+        _known(given, named, f"{where}.")
+    required = [p.name for p in params if p.default is p.empty and p.name in named and p.name not in given]
+    if required:
+        raise ConfigError(f"{where}: missing argument {required[0]} of {cls.__name__}; set {where}.{required[0]}")
+    return named
 
 
 @functools.lru_cache(maxsize=1)
@@ -252,9 +308,10 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = (),
     results.json); a run dir whose results.json says ok is not run again, one whose record says failed
     is. A run that raises (a config, data or non-finite error, any other exception) first writes its
     failed record (:func:`failed_record`), so a sweep shows which job failed, where and why.
-    ``callbacks`` are added to the app's own (checkpointing, throughput), e.g. by tests; ``plugins`` go
-    to the Trainer, e.g. fp16 AMP with a gradient scaler on CPU (with ``trainer.precision=null``),
-    which ``trainer.precision=16-mixed`` turns into bf16 there.
+    The ``callbacks`` group's entries (configs/callbacks/) and then ``callbacks`` (e.g. by tests) are
+    added to the app's own (checkpointing, throughput, the learning curves: ``curves.csv``,
+    ``curves.png``); ``plugins`` go to the Trainer, e.g. fp16 AMP with a gradient scaler on CPU (with
+    ``trainer.precision=null``), which ``trainer.precision=16-mixed`` turns into bf16 there.
     """
     attempt = Attempt(time.perf_counter())
     try:
@@ -287,7 +344,8 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from .base import NonFiniteGuard, Throughput, attention_label
-    from .callbacks import EpochLine, SaveOnInterrupt, ValidateAtMaxSteps, progress_bar, quiet_lightning
+    from .callbacks import (CurveLog, EpochLine, SaveOnInterrupt, ValidateAtMaxSteps, keep_averaged_weights_for_test,
+                            progress_bar, quiet_lightning)
     from .loggers import finish_wandb, make_logger, wandb_offline_note
 
     quiet_lightning()
@@ -323,8 +381,8 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
         checkpoints = out_dir / "checkpoints"
         best = ModelCheckpoint(dirpath=checkpoints, monitor=module.monitor, mode=module.monitor_mode, save_last=True,
                                filename="best-{step}")
-        throughput, guard = Throughput(), NonFiniteGuard(cfg.nonfinite, attention_label(cfg))
-        own = [best, throughput, guard, SaveOnInterrupt(checkpoints / "last.ckpt"), ValidateAtMaxSteps()]
+        throughput, guard, curves = Throughput(), NonFiniteGuard(cfg.nonfinite, attention_label(cfg)), CurveLog()
+        own = [best, throughput, guard, SaveOnInterrupt(checkpoints / "last.ckpt"), ValidateAtMaxSteps(), curves]
         if cfg.checkpoint_every:
             own.append(ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=int(cfg.checkpoint_every),
                                        save_top_k=0, save_last=True))
@@ -334,7 +392,9 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
             own.append(EpochLine())
         if plugins:
             trainer_args["plugins"] = [*(trainer_args.get("plugins") or []), *plugins]
-        trainer = pl.Trainer(**trainer_args, default_root_dir=str(out_dir), logger=logger, callbacks=[*own, *callbacks])
+        optional = optional_callbacks(cfg.get("callbacks"), module.monitor, module.monitor_mode)
+        trainer = pl.Trainer(**trainer_args, default_root_dir=str(out_dir), logger=logger,
+                             callbacks=[*own, *optional, *callbacks])
         attempt.trainer = trainer
         if logger:
             logger.log_hyperparams({"num_parameters": module.num_parameters()})
@@ -345,7 +405,11 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
         test, tested = {}, None
         if cfg.test:
             tested = tested_checkpoint(best.best_model_path, trainer.global_step, trainer.is_global_zero)
+            keep_averaged_weights_for_test(trainer.callbacks)
+            fit_states = [(c, c.state_dict()) for c in (throughput, guard, curves)]
             test = trainer.test(module, datamodule=datamodule, ckpt_path=tested["path"], verbose=False)[0]
+            for c, state in fit_states:  # test(ckpt_path) loaded the best checkpoint's callback states: the whole run's
+                c.load_state_dict(state)
         record = _record(cfg, module, trainer, best, throughput, val, test, fit_s, time.perf_counter() - start)
         record["metrics"]["test_checkpoint"] = tested
         record["skipped_updates"] = guard.skipped
@@ -357,6 +421,7 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
             (out_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
             if getattr(module, "test_hypotheses", None):
                 (out_dir / "test_hypotheses.txt").write_text("\n".join(module.test_hypotheses) + "\n")
+            draw_curves(curves.rows, out_dir, module.monitor, f"{record['task']} / {record['attention_config']}")
             print(summary_line(record))
         return record
     finally:
@@ -364,6 +429,42 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
         finish_wandb()
         if note:
             print(note)
+
+
+def optional_callbacks(callbacks: DictConfig | None, monitor: str, mode: str) -> list[pl.Callback]:
+    """The ``callbacks`` group's entries (checked by :func:`check_callbacks`), instantiated in config order.
+
+    An entry with ``monitor: null`` (and ``mode: null``) watches the task's validation metric in its
+    direction, ``monitor``/``mode``: the module's ``monitor``/``monitor_mode``, which also pick the best
+    checkpoint (listops: val/acc, max; translation: val/bleu, or val/loss without task.val_bleu).
+    """
+    from hydra.utils import get_class, instantiate
+
+    out = []
+    for name, entry in (callbacks or {}).items():
+        task_metric = {}
+        if "monitor" in entry and entry.monitor is None:
+            task_metric["monitor"] = monitor
+            if "mode" in inspect.signature(get_class(entry._target_)).parameters:
+                task_metric["mode"] = mode
+        try:
+            out.append(instantiate(entry, **task_metric))
+        except Exception as err:  # noqa: BLE001 - Hydra wraps the class's own error in several lines
+            cause = err.__cause__ or err
+            raise ConfigError(f"callbacks.{name}: {type(cause).__name__}: {str(cause).splitlines()[0]}") from None
+    return out
+
+
+def draw_curves(rows: list[tuple[int, str, float]], out_dir: Path, monitor: str, title: str) -> None:
+    """``curves.csv`` and ``curves.png`` in the run dir (tasks/curves.py); a failure is a warning line, never
+    the run's: its results are written by then."""
+    from .curves import CURVES_PNG, plot_run, read_curves, write_curves
+
+    try:
+        plot_run(read_curves(write_curves(rows, out_dir)), monitor, out_dir / CURVES_PNG, title)
+    except Exception as err:  # noqa: BLE001 - matplotlib, fonts, disk: any of them
+        print(f"warning: learning curves not drawn ({type(err).__name__}: {err}); results.json is complete",
+              file=sys.stderr)
 
 
 def default_threads(threads: int | None, n_jobs: int | None, cpus: int) -> int | None:
@@ -430,12 +531,14 @@ def tested_checkpoint(best_path: str, last_step: int, announce: bool = True) -> 
 
 def _record(cfg, module, trainer, checkpoint, throughput, val, test, fit_s, wall_s) -> dict[str, Any]:
     from .base import attention_label
+    from .schema import attention_config
 
     best = checkpoint.best_model_score
     return {
         "name": cfg.name,
         "task": cfg.task.name,
         "attention": attention_label(cfg),  # attention.name, or the model.layer_attentions joined by "+"
+        "attention_config": attention_config(cfg),  # its config file (favor_relu where attention is favor)
         "seed": cfg.seed,
         "status": "ok",  # "failed": failed_record
         "config": OmegaConf.to_container(cfg, resolve=True),

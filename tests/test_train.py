@@ -21,6 +21,7 @@ import efficient_attn as ea
 from efficient_attn.attention.base import unsupported_use
 from efficient_attn.transformer import SITE_USE, AttentionSpec
 from tasks import translation
+from tasks.curves import read_curves
 from tasks.data import DataError
 from tasks.schema import TASK_SCHEMAS
 from tasks.train import CONFIG_DIR, TASKS, ConfigError, check_config, peak_memory_mib, reset_peak_memory, run
@@ -68,7 +69,7 @@ def cannot_run(task: str, attention: str) -> str | None:
     return next((p for p in problems if p), None)
 
 
-@pytest.mark.parametrize("group", ["task", "attention", "model", "trainer", "logger", "experiment"])
+@pytest.mark.parametrize("group", ["task", "attention", "model", "trainer", "logger", "callbacks", "experiment"])
 def test_every_config_file_composes_and_checks(group):
     files = config_files(group)
     assert files, f"configs/{group}/ is empty"
@@ -105,6 +106,7 @@ def test_fast_dev_run_every_task_and_attention(tmp_path, task, attention):
         pytest.skip("needs ../shared/data")
     record = run(tiny(task, attention, "++trainer.fast_dev_run=true"), tmp_path)
     assert record["attention"] == config(f"attention={attention}").attention.name
+    assert record["attention_config"] == attention
     assert record["num_parameters"] > 0 and record["train_tokens_per_s"] > 0
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["config"]["task"]["name"] == task and saved["metrics"]["test"]
@@ -134,6 +136,7 @@ def test_resume_continues_at_the_saved_step(tmp_path):
     resumed = run(tiny("listops", "softmax", "trainer.max_epochs=2", "test=false", f"ckpt_path={last}"),
                   tmp_path / "b", callbacks=[log])
     assert resumed["steps"] == 8 and len(log.losses) == 4  # only the second epoch was trained
+    assert read_curves(tmp_path / "b" / "curves.csv")["val/acc"][0] == [4, 8]  # the curves came with the checkpoint
 
 
 def test_results_record_the_best_checkpoint_and_test_uses_it(tmp_path):

@@ -1,0 +1,141 @@
+"""Optional Lightning callbacks from the ``callbacks`` config group (early stopping on the task's metric, EMA
+tested as validated, strict keys), and the attention config name (favor_relu, not only favor) in results.json,
+run dirs and W&B tags."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import EarlyStopping, EMAWeightAveraging
+
+from tasks import loggers
+from tasks.train import CONFIG_DIR, ConfigError, check_config, run
+from tests.test_train import config, config_files, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+NEVER_BETTER = "callbacks.early_stopping.min_delta=10"  # no accuracy improves by 10: every validation after the first
+
+
+class Seen(pl.Callback):
+    """The trainer's callbacks, and the weights the test split is evaluated with."""
+
+    def on_fit_start(self, trainer, module) -> None:
+        self.callbacks = list(trainer.callbacks)
+
+    def on_test_start(self, trainer, module) -> None:
+        self.tested = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_early_stopping_from_config_stops_on_the_tasks_metric(tmp_path):
+    """callbacks=early_stopping, patience 1: listops validates every 4 steps; the second validation does not
+    improve (min_delta 10), so the run stops at step 8 of 5 epochs (20 steps), watching val/acc upwards."""
+    seen = Seen()
+    record = run(tiny("listops", "softmax", "trainer.max_epochs=5", "callbacks=early_stopping",
+                      "callbacks.early_stopping.patience=1", NEVER_BETTER, "test=false"), tmp_path, callbacks=[seen])
+    stopper = [c for c in seen.callbacks if isinstance(c, EarlyStopping)]
+    assert len(stopper) == 1 and (stopper[0].monitor, stopper[0].mode, stopper[0].patience) == ("val/acc", "max", 1)
+    assert record["steps"] == 8 and record["epochs"] == 2
+
+
+def test_default_callbacks_add_nothing(tmp_path):
+    assert OmegaConf.to_container(config().callbacks) == {}
+    assert OmegaConf.to_container(config("callbacks=none").callbacks) == {}
+
+
+def test_several_callbacks_compose_and_a_monitor_can_be_given_with_its_mode():
+    cfg = config("callbacks=[early_stopping,ema,model_summary]", "callbacks.early_stopping.monitor=val/loss",
+                 "callbacks.early_stopping.mode=min", "callbacks.ema.decay=0.9")
+    check_config(cfg)
+    assert list(cfg.callbacks) == ["early_stopping", "ema", "model_summary"] and cfg.callbacks.ema.decay == 0.9
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["callbacks=early_stopping", "+callbacks.early_stopping.patiense=1"],
+     "unknown config key callbacks.early_stopping.patiense; did you mean callbacks.early_stopping.patience?"),
+    (["+callbacks.erly_stopping.patience=1"],
+     "callbacks.erly_stopping has no _target_; did you mean early_stopping? choose callbacks=<file>"),
+    (["callbacks=early_stopping", "callbacks.early_stopping._target_=pytorch_lightning.callbacks.EarlyStoping"],
+     "callbacks.early_stopping._target_: cannot import 'pytorch_lightning.callbacks.EarlyStoping'"),
+    (["+callbacks.x._target_=torch.nn.Linear"], "callbacks.x._target_: torch.nn.Linear is not a Lightning callback"),
+    (["callbacks=early_stopping", "callbacks.early_stopping.monitor=val/loss"],
+     "callbacks.early_stopping: give monitor and mode together"),  # else Lightning's default min would be used
+    (["+callbacks.stop._target_=pytorch_lightning.callbacks.EarlyStopping"],
+     "callbacks.stop: missing argument monitor of EarlyStopping"),
+    (["callbacks=lr_monitor", "logger=none"], "callbacks.lr_monitor: LearningRateMonitor logs to a logger"),
+])
+def test_a_wrong_callback_is_a_config_error_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        check_config(config(*overrides))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_the_cli_refuses_an_unknown_callback_key_in_one_line(tmp_path):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "tasks.train", "logger=none", "callbacks=early_stopping",
+                          "+callbacks.early_stopping.patiense=1"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: unknown config key callbacks.early_stopping.patiense; "
+                                               "did you mean callbacks.early_stopping.patience?"]
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("results.json"))
+
+
+def test_ema_weights_are_validated_checkpointed_and_tested(tmp_path):
+    """callbacks=ema: the best checkpoint's state_dict holds the averaged weights, and the test scores them.
+    (Lightning's callback, left alone, reloads the raw weights, current_model_state, when test loads the checkpoint.)"""
+    seen = Seen()
+    record = run(tiny("listops", "softmax", "trainer.max_steps=4", "callbacks=ema", "callbacks.ema.decay=0.5",
+                      "optim.warmup_steps=1", "optim.lr=1e-2"), tmp_path, callbacks=[seen])
+    assert any(isinstance(c, EMAWeightAveraging) for c in seen.callbacks)
+    checkpoint = torch.load(record["metrics"]["best_checkpoint"], map_location="cpu", weights_only=False)
+    averaged, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert any(not torch.equal(averaged[k], raw[k]) for k in averaged)  # the average differs from the raw weights
+    assert seen.tested.keys() == averaged.keys()
+    assert all(torch.equal(seen.tested[k], averaged[k]) for k in averaged)
+
+
+def test_results_json_names_the_attention_config(tmp_path):
+    record = run(tiny("listops", "favor_relu", "++trainer.fast_dev_run=true"), tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (saved["attention"], saved["attention_config"]) == ("favor", "favor_relu") == \
+        (record["attention"], record["attention_config"])
+
+
+def test_every_attention_config_names_itself_and_run_dirs_carry_it():
+    for name in config_files("attention"):
+        assert config(f"attention={name}").attention.config == name, f"configs/attention/{name}.yaml: config: {name}"
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        run_dir = compose("train", overrides=["attention=favor_relu"], return_hydra_config=True).hydra.run.dir
+        without = compose("train", overrides=["attention=favor_relu", "~attention.config"],
+                          return_hydra_config=True).hydra.run.dir
+    assert run_dir.endswith("_listops_favor_relu") and without.endswith("_listops_favor")
+
+
+def test_per_layer_runs_name_their_layers():
+    from tasks.schema import attention_config
+
+    cfg = config("task=lm", "model=tiny", "model.decoder_layers=2", "model.layer_attentions=[favor_relu,softmax]")
+    assert attention_config(cfg) == "favor_relu+softmax"
+
+
+def test_wandb_run_is_tagged_and_typed_with_the_attention_config(tmp_path, monkeypatch):
+    captured = {}
+
+    class FakeWandbLogger:
+        def __init__(self, **kwargs) -> None:
+            captured.update(kwargs)
+            self.experiment = object()
+
+    monkeypatch.setattr("pytorch_lightning.loggers.WandbLogger", FakeWandbLogger)
+    loggers._wandb_logger(config("attention=favor_relu"), tmp_path / "0_favor_relu", "disabled")
+    assert captured["tags"] == ["favor", "favor_relu", "listops"] and captured["job_type"] == "favor_relu"
+    assert captured["group"] == "listops" and captured["name"] == "0_favor_relu"
