@@ -97,13 +97,20 @@ class _plain_functions:
     """Swap the custom Functions for their plain-autograd twins (the second-derivative path)."""
 
     def __enter__(self):
-        from efficient_attn.attention import additive, causal_linear, features
+        from efficient_attn.attention import additive, causal_linear, favor, favor_fused, features
 
         self.saved = [
             (causal_linear, "causal_linear_attention", causal_linear.causal_linear_attention),
             (additive._AdditiveScores, "apply", additive._AdditiveScores.apply),
             (features._PositiveFeatures, "apply", features._PositiveFeatures.apply),
+            (favor, "favor_positive_attention", favor.favor_positive_attention),
         ]
+
+        def favor_plain(q, k, v1, w, scale, mask, causal, chunk):
+            b, h, length, _ = q.shape
+            flat = [t.reshape(b * h, t.shape[2], -1) for t in (q, k, v1)]
+            pad = None if mask is None else mask[:, None, :].expand(b, h, -1).reshape(b * h, -1)
+            return favor_fused._favor_plain(*flat, w, scale, pad, causal).reshape(b, h, length, -1)
 
         def causal_plain(phi_q, phi_k, v, chunk, g=None):
             b, h, length, _ = phi_q.shape
@@ -118,6 +125,7 @@ class _plain_functions:
         causal_linear.causal_linear_attention = causal_plain
         additive._AdditiveScores.apply = staticmethod(lambda qp, kp, w, rows: additive._scores_plain(qp, kp, w))
         features._PositiveFeatures.apply = staticmethod(positive_plain)
+        favor.favor_positive_attention = favor_plain
         from efficient_attn.attention import kernel
         self.kernel_saved = kernel.causal_linear_attention
         kernel.causal_linear_attention = causal_plain

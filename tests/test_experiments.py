@@ -67,3 +67,39 @@ def test_experiment_composes_checks_and_runs_one_step(tmp_path, name):
     assert record["steps"] == 1 and record["name"] == cfg.name and record["attention"] == cfg.attention.name
     assert record["metrics"]["val_last"], f"{name}: no validation metrics after the fast_dev_run step"
     assert (tmp_path / "results.json").exists()
+
+
+# ----------------------------------------------------------------------------- per-attention settings of an experiment
+EXPERIMENT_ATTENTION = sorted(p.relative_to(Path(CONFIG_DIR) / "experiment_attention").with_suffix("").as_posix()
+                              for p in (Path(CONFIG_DIR) / "experiment_attention").rglob("*.yaml"))
+ATTENTION_CONFIGS = sorted(p.stem for p in (Path(CONFIG_DIR) / "attention").glob("*.yaml"))
+
+
+def test_every_experiment_attention_file_names_an_experiment_and_an_attention():
+    """train.yaml loads experiment_attention/<experiment>/<attention>.yaml as *optional*: a misspelt
+    file would be skipped in silence, so each must name an existing experiment and attention config."""
+    assert EXPERIMENT_ATTENTION
+    for entry in EXPERIMENT_ATTENTION:
+        name, attention = entry.rsplit("/", 1)
+        assert name in EXPERIMENTS and attention in ATTENTION_CONFIGS, entry
+
+
+@pytest.mark.parametrize("attention", ATTENTION_CONFIGS)
+def test_quickstart_gives_favor_fewer_features_and_leaves_other_attentions_alone(attention):
+    """Its ~12-token sequences: favor configs at the default m = 256 get m = 64 (the why is in
+    configs/experiment/quickstart.yaml); every other attention, favor_m16 / favor_m64 included, keeps
+    exactly its own options, so a `-m attention=softmax,favor_plus,...` sweep runs each as configured."""
+    own = config("experiment=quickstart", f"attention={attention}", "~experiment_attention").attention
+    cfg = config("experiment=quickstart", f"attention={attention}")
+    if own.name == "favor" and own.kwargs.num_features == 256:
+        check_config(cfg)
+        assert cfg.attention.kwargs.num_features == 64
+        assert {**cfg.attention.kwargs, "num_features": 256} == dict(own.kwargs)
+    else:
+        assert cfg.attention == own
+
+
+def test_quickstart_feature_count_still_yields_to_the_command_line():
+    assert config("attention=favor_plus").attention.kwargs.num_features == 256  # no experiment: untouched
+    cfg = config("experiment=quickstart", "attention=favor_plus", "attention.kwargs.num_features=128")
+    assert cfg.attention.kwargs.num_features == 128

@@ -15,7 +15,8 @@ from .features import (
     relu_features,
     trig_features,
 )
-from .kernel import KernelAttention
+from .favor_fused import favor_positive_attention
+from .kernel import KernelAttention, _upcast_with_ones
 
 
 @register_attention("favor")
@@ -33,7 +34,8 @@ class FavorAttention(KernelAttention):
     kinds carry chi_d row norms (see ``features.random_projection``). ``projection=None`` takes it
     from the older flag ``orthogonal`` (False: "iid", else "orthogonal", the default); giving both
     and contradicting (``orthogonal=True`` with "iid", ``False`` with a block kind) raises ValueError.
-    O(L·m·d) time, O(L·(m+d)) memory; causal by chunked prefix sums, O(L·(m+d) + L·chunk) memory.
+    O(L·m·d) time, O(L·(m+d)) memory; causal by chunked prefix sums, O(L·(m+d) + L·chunk + (L/chunk)·m·d)
+    memory (positive kernels fused into the products: ``favor_fused``).
     Stabilized per key (a log-scale against the largest visible key: see ``kernel`` and ``features``).
     Masks: key padding yes; causal yes. The m×d projection (rows w, shared by all heads) is a
     float32 buffer (float64 under ``.double()``; it stays float32 when the module is cast to
@@ -140,6 +142,27 @@ class FavorAttention(KernelAttention):
         if self.kernel == "softmax_trig":
             return trig_features(x, w, is_query)
         return relu_features(x, w, self.kernel_eps)
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool
+    ) -> Tensor:
+        """Positive kernels ("softmax", "softmax_hyp") run fused (``favor_fused``: features made block by
+        block inside the products, no (L, m) gradient of them); "softmax_trig" and "relu" take the
+        generic ``KernelAttention.attend``. Same estimator and stabilisation either way."""
+        if self.kernel not in ("softmax", "softmax_hyp"):
+            return super().attend(q, k, v, key_padding_mask, causal)
+        out_dtype = v.dtype
+        with torch.autocast(q.device.type, enabled=False):
+            q, k, v1 = _upcast_with_ones(q, k, v)  # v1 (B, H, S, Dv+1)
+            if key_padding_mask is not None:  # k, v are zero there already; drop their normalizer too
+                v1 = v1.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+            w = self.projection.to(q.dtype)  # (m, d)
+            if self.kernel == "softmax_hyp":
+                w = torch.cat([w, -w])  # (2m, d): hyperbolic features are the positive features of ±w
+            out = favor_positive_attention(
+                q, k, v1, w, self.head_dim**-0.25, key_padding_mask, causal, self.chunk_size
+            )  # (B, H, L, Dv)
+        return out.to(out_dtype)
 
     def extra_repr(self) -> str:
         return (
