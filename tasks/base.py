@@ -142,7 +142,7 @@ class TaskModule(pl.LightningModule):
         first), else epochs × steps per epoch; a run with neither (a time budget) has none."""
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
-            from .train import COSINE_HORIZON, ConfigError
+            from .checks import COSINE_HORIZON, ConfigError
 
             raise ConfigError(COSINE_HORIZON)
         return int(total)

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .data import DataError
-from .train import TASKS, ConfigError
+from .checks import TASKS, ConfigError
 
 
 @dataclass

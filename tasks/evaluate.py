@@ -81,7 +81,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from .callbacks import quiet_lightning
     from .checkpoint import load
     from .schema import attention_label
-    from .train import hardware, versions
+    from .record import hardware, versions
 
     start = time.perf_counter()
     quiet_lightning()

@@ -27,7 +27,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from . import report
-from .train import CONFIG_DIR, ConfigError, run
+from .checks import CONFIG_DIR, ConfigError
+from .train import run
 
 REPO = Path(__file__).resolve().parent.parent
 # A tiny ListOps run that crosses epochs, validates, redraws FAVOR+ features and uses dropout.
@@ -419,7 +420,7 @@ def write_report(args: argparse.Namespace) -> None:
 
 
 def _machine() -> str:
-    from .train import hardware
+    from .record import hardware
 
     return hardware()
 

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 from omegaconf import DictConfig, OmegaConf
 
 from .schema import attention_config
-from .train import LOGGER_KEYS  # noqa: F401  (the config check's copy: one list of keys)
+from .checks import LOGGER_KEYS  # noqa: F401  (the config check's copy: one list of keys)
 
 if TYPE_CHECKING:
     from pytorch_lightning.loggers import Logger, WandbLogger

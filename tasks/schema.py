@@ -93,7 +93,7 @@ _ENTRY_KEYS = {"name", "kwargs"}
 
 
 def model_max_len(cfg: DictConfig) -> int:
-    """``model.max_len``; null (the task's longest sequence) is filled in by tasks.train.check_config."""
+    """``model.max_len``; null (the task's longest sequence) is filled in by tasks.checks.check_config."""
     if cfg.model.get("max_len") is None:
         raise ValueError("model.max_len is null (the task's longest sequence): run tasks.train.check_config(cfg) "
                          "first, which fills it in, or set model.max_len")

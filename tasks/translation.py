@@ -220,7 +220,7 @@ def check_lengths(split: str, rows: list[tuple[list[int], list[int], str]], max_
     tgt = max(len(t) for _, t, _ in rows) + 1
     if max(src, tgt) <= max_len:
         return
-    from .train import ConfigError
+    from .checks import ConfigError
 
     over = sum(len(s) > max_len or len(t) + 1 > max_len for s, t, _ in rows)
     fix = (f"lower task.max_tokens to <= {max_len - 1} (longer training pairs are dropped) or raise model.max_len "

@@ -23,10 +23,12 @@ from efficient_attn import bench
 from efficient_attn.cli import HelpFormatter
 from tasks import approx, data, evaluate, generate, report, translate, translation
 from tasks.callbacks import progress_bar
+from tasks.checks import CONFIG_DIR, trainer_arguments
 from tasks.data import DataError
+from tasks.resume import remove_unstarted_run_dir
 from tasks.stats import _num
 from tasks.summary import summarize, summary
-from tasks.train import CONFIG_DIR, RunSummary, default_threads, remove_unstarted_run_dir, run, trainer_arguments
+from tasks.train import RunSummary, default_threads, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -366,7 +368,7 @@ def _job(root: Path, num: int, choice: str, seed: int, score: float | None, lr: 
 
 
 def _failed(root: Path, num: int, choice: str, seed: int, steps: int = 0) -> Path:
-    """A fake failed job: its .hydra/ and a failed record (tasks/train.py ``failed_record``)."""
+    """A fake failed job: its .hydra/ and a failed record (tasks/record.py ``failed_record``)."""
     _job(root, num, choice, seed, None)
     record = {"name": "quickstart", "task": "translation", "attention": choice, "seed": seed, "status": "failed",
               "error": {"type": "DataError", "message": f"job {num} has no data; set data_dir"}, "steps": steps}

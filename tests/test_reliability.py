@@ -13,8 +13,10 @@ import torch
 
 from efficient_attn import create_attention, list_attentions
 from tasks import faults
+from tasks.checks import ConfigError
+from tasks.resume import resume_argv
 from tasks.sampling import ShardedBatches, eval_shard, shuffled
-from tasks.train import ConfigError, resume_argv, run
+from tasks.train import run
 from tests.conftest import skip_unsupported
 from tests.helpers import LossLog
 

@@ -21,10 +21,12 @@ import efficient_attn as ea
 from efficient_attn.attention.base import unsupported_use
 from efficient_attn.transformer import SITE_USE, AttentionSpec
 from tasks import translation
+from tasks.checks import CONFIG_DIR, TASKS, ConfigError, check_config
 from tasks.curves import read_curves
 from tasks.data import DataError
+from tasks.record import peak_memory_mib, reset_peak_memory
 from tasks.schema import TASK_SCHEMAS
-from tasks.train import CONFIG_DIR, TASKS, ConfigError, check_config, peak_memory_mib, reset_peak_memory, run
+from tasks.train import run
 from tests.conftest import site_specs
 from tests.helpers import SHARED_DATA, LossLog
 
@@ -223,7 +225,7 @@ def test_learning_rate_is_logged_every_step(tmp_path):
 ])
 def test_cosine_needs_a_step_horizon(trainer, finite):
     """``max_epochs=-1`` with ``max_time`` used to crash in the schedule (float infinity to int)."""
-    from tasks.train import has_step_horizon
+    from tasks.checks import has_step_horizon
 
     assert has_step_horizon(trainer) is finite
     extra = [f"++trainer.{key}={'null' if value is None else value}" for key, value in trainer.items()]
