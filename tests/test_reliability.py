@@ -13,7 +13,7 @@ import torch
 
 from efficient_attn import create_attention, list_attentions
 from tasks import faults
-from tasks.checks import ConfigError
+from tasks.checks import ConfigError, check_config
 from tasks.resume import resume_argv
 from tasks.sampling import ShardedBatches, eval_shard, shuffled
 from tasks.train import run
@@ -138,6 +138,7 @@ def task_grads(task: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tens
     import importlib
 
     cfg = faults.compose_config([*GRAD_TASKS[task], "model=tiny", "logger=none"])
+    check_config(cfg)  # fills model.max_len from the task, as every run does
     torch.manual_seed(0)
     module_class = {"translation": "TranslationModule", "lm": "ByteLMModule", "mqar": "MQARModule",
                     "listops": "ListOpsModule"}[task]
@@ -262,7 +263,7 @@ def test_one_failing_job_does_not_end_the_sweep(tmp_path, launcher):
         assert result["rerun"] == ["1_softmax"] and result["resumed_returncode"] == 1
     rows = [line for line in result["report"].splitlines() if line.startswith("| softmax") or "(failed" in line]
     assert rows[0].startswith("| softmax / 64 | 2 |") and len(rows) == 2
-    assert rows[1].startswith(f"| {tmp_path / 'sweep' / '1_softmax'} (failed at step 0: ConfigError: task.listops:")
+    assert rows[1].startswith(f"| {tmp_path / 'sweep' / '1_softmax'} (failed at step 0: ConfigError: task listops:")
 
 
 def test_a_failed_run_is_run_again_by_ckpt_path_last(tmp_path):

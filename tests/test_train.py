@@ -192,7 +192,8 @@ def test_translation_test_bleu_is_never_silently_absent(tmp_path):
     """beam_size=0 used to skip test decoding (no test/bleu in results.json); it is refused, 1 is greedy."""
     with pytest.raises(ConfigError, match=r"task.beam_size must be an int >= 1 \(1 = greedy"):
         run(tiny("translation", "softmax", "task.beam_size=0", "trainer.max_steps=1"), tmp_path / "zero")
-    assert not (tmp_path / "zero" / "results.json").exists()
+    failed = json.loads((tmp_path / "zero" / "results.json").read_text())  # the failed record, no metrics
+    assert failed["status"] == "failed" and "metrics" not in failed
     record = run(tiny("translation", "softmax", "task.beam_size=1", "trainer.max_steps=2"), tmp_path / "greedy")
     assert "test/bleu" in record["metrics"]["test"] and record["bleu_signature"]
 
