@@ -25,29 +25,33 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    kernel = any(r["mode"] in ("causal", "noncausal") for r in rows)
     decode = any(r["mode"] == "decode" for r in rows)
-    fig, axes = plt.subplots(1, 3 if decode else 2, figsize=(19 if decode else 13, 5))
+    panels = [p for p, shown in ((("forward+backward time", "seconds"), kernel),
+                                 (("peak memory", "MiB (CUDA max allocated, or process peak RSS)"), True),
+                                 (("decoding: time per step (one token per sequence) after L", "milliseconds per step"),
+                                  decode)) if shown]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.3 * len(panels) + 0.4, 5))
+    ax_time, ax_mem = (axes[0], axes[1]) if kernel else (None, axes[0])
+    ax_decode = axes[-1] if decode else None
     names = list(dict.fromkeys(r["attention"] for r in rows))
     for i, name in enumerate(names):
         for mode, style in (("noncausal", "-"), ("causal", "--"), ("decode", ":")):
             pts = [r for r in rows if r["attention"] == name and r["mode"] == mode and r["status"] == "ok"]
             if not pts:
                 continue
-            panels = [(axes[2], lambda r: r["time_s"] * 1e3), (axes[1], memory_mib)] if mode == "decode" else \
-                [(axes[0], lambda r: r["time_s"]), (axes[1], memory_mib)]
-            for ax, value in panels:
+            series = [(ax_decode, lambda r: r["time_s"] * 1e3), (ax_mem, memory_mib)] if mode == "decode" else \
+                [(ax_time, lambda r: r["time_s"]), (ax_mem, memory_mib)]
+            for ax, value in series:
                 xy = [(r["L"], value(r)) for r in pts if (value(r) or 0) > 0]
                 if xy:
                     ax.plot(*zip(*xy), style, marker="o", ms=3, color=f"C{i % 10}", label=f"{name} ({mode})")
-    panels = (("forward+backward time", "seconds"),
-              ("peak memory", "MiB (CUDA max allocated, or process peak RSS)"),
-              ("decoding: time per generated token after L", "milliseconds per step"))
     for ax, (panel, ylabel) in zip(axes, panels):
         ax.set_xscale("log", base=2)
         ax.set(yscale="log", xlabel="sequence length L", ylabel=ylabel, title=panel)
         ax.grid(True, which="both", alpha=0.3)
-    for ax in axes[::2]:
-        if ax.get_legend_handles_labels()[0]:
+    for ax in (ax_time, ax_decode):
+        if ax is not None and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, ncol=2)
     fig.suptitle(title)
     fig.tight_layout()
