@@ -344,6 +344,31 @@ def time_left(cfg: dict[str, Any]) -> float:
     return cfg["timeout"] if deadline is None else min(cfg["timeout"], deadline - time.monotonic())
 
 
+def not_run(reason: str | None, stop: str | None, limit: float, device: str, need_bytes: float | None,
+            predicted_s: float, too_slow: str) -> dict[str, Any] | None:
+    """Why a series' next point is not run (its result row), or None to run it: the mode does not
+    apply, an earlier point failed, the budget is spent, it would not fit in free RAM (CPU), or its
+    predicted time (``predicted_s``, explained by ``too_slow``) exceeds ``limit``."""
+    if reason:
+        return {"status": "n/a", "message": reason}
+    if stop:
+        return {"status": "skipped", "message": stop}
+    if limit <= 0:
+        return {"status": "skipped", "message": "the run's --budget is spent"}
+    if device == "cpu" and need_bytes and need_bytes > _available_bytes():
+        return {"status": "skipped", "message": f"estimated {need_bytes / 2**30:.1f} GiB > available RAM"}
+    if predicted_s > limit:
+        return {"status": "skipped", "message": too_slow}
+    return None
+
+
+def next_stop(result: dict[str, Any], stop: str | None, length: int) -> str | None:
+    """After a failed or skipped point, every larger L of the series is skipped with this message."""
+    if result["status"] in FAILED or (result["status"] == "skipped" and not stop):
+        return f"after {result['status']} at L={length}"
+    return stop
+
+
 def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) -> list[dict[str, Any]]:
     """All lengths of one (attention, mode). After a failure the larger L are skipped; a point whose
     step is predicted (quadratically from the last one) to overrun the time limit is skipped too,
@@ -356,25 +381,16 @@ def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) ->
         step = last[1] * (length / last[0]) ** 2 if last else 0.0  # predicted seconds per step
         repeats = cfg["repeats"] if step < SLOW_STEP_S else 1
         limit = time_left(cfg)
-        if reason:
-            result = {"status": "n/a", "message": reason}
-        elif stop:
-            result = {"status": "skipped", "message": stop}
-        elif limit <= 0:
-            result = {"status": "skipped", "message": "the run's --budget is spent"}
-        elif cfg["device"] == "cpu" and estimate and estimate > _available_bytes():
-            result = {"status": "skipped", "message": f"estimated {estimate / 2**30:.1f} GiB > available RAM"}
-        elif step * (repeats + 1) > limit:
-            result = {"status": "skipped", "message": f"predicted {step:.0f} s per step > time limit"}
-        else:
+        result = not_run(reason, stop, limit, cfg["device"], estimate, step * (repeats + 1),
+                         f"predicted {step:.0f} s per step > time limit")
+        if result is None:
             spec = {key: cfg[key] for key in ("batch", "heads", "head_dim", "num_features", "dtype",
                                               "device", "threads", "decode_steps")}
             spec |= {"attention": name, "mode": mode, "L": length, "repeats": repeats}
             result = run_subprocess(spec, limit) | {"repeats": repeats}
         if result["status"] == "ok":
             last = (length, result["time_s"])
-        if result["status"] in FAILED or (result["status"] == "skipped" and not stop):
-            stop = f"after {result['status']} at L={length}"
+        stop = next_stop(result, stop, length)
         rows.append(make_row(name, mode, length, cfg, result, peak))
         shown = f"{result['time_s']:.4f} s" if result["status"] == "ok" else result.get("message", "")
         print(f"  {name:<18} {mode:<9} L={length:<6} {result['status']:<8} {shown}", file=sys.stderr, flush=True)

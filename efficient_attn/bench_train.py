@@ -244,23 +244,13 @@ def run_series(name: str, cfg: dict[str, Any]) -> list[dict[str, Any]]:
         estimate = bench.estimate_bytes(core, length, spec)
         step = last[1] * length / last[0] if last else 0.0  # predicted seconds per step
         limit = bench.time_left(cfg)
-        if reason:
-            result = {"status": "n/a", "message": reason}
-        elif stop:
-            result = {"status": "skipped", "message": stop}
-        elif limit <= 0:
-            result = {"status": "skipped", "message": "the run's --budget is spent"}
-        elif cfg["device"] == "cpu" and estimate and estimate * cfg["layers"] > bench._available_bytes():
-            gib = estimate * cfg["layers"] / 2**30
-            result = {"status": "skipped", "message": f"estimated {gib:.1f} GiB > available RAM"}
-        elif step * runs > limit:
-            result = {"status": "skipped", "message": f"predicted {step:.1f} s per step x {runs} > time limit"}
-        else:
+        result = bench.not_run(reason, stop, limit, cfg["device"], estimate and estimate * cfg["layers"],
+                               step * runs, f"predicted {step:.1f} s per step x {runs} > time limit")
+        if result is None:
             result = bench.run_subprocess(spec, limit)
         if result["status"] == "ok":
             last = (length, result["time_s"])
-        if result["status"] in bench.FAILED or (result["status"] == "skipped" and not stop):
-            stop = f"after {result['status']} at L={length}"
+        stop = bench.next_stop(result, stop, length)
         rows.append({key: spec.get(key, cfg.get(key)) for key in FIELDS} | {key: result.get(key) for key in FIELDS
                                                                           if key in result})
         shown = f"{result['tokens_per_s']:.0f} tok/s, attention {result['attention_share']:.0%}" \
