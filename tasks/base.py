@@ -138,8 +138,11 @@ class TaskModule(pl.LightningModule):
         raise ValueError(f"optim.schedule must be inverse_sqrt, cosine or constant, got {o.schedule!r}")
 
     def _horizon(self) -> int:
-        """Optimizer steps the run will take: ``trainer.max_steps`` when set (or fewer if the epochs end
-        first), else epochs × steps per epoch; a run with neither (a time budget) has none."""
+        """Steps the cosine schedule decays over: ``optim.total_steps`` when set (e.g. to stop a run early
+        on the schedule of a longer one), else the steps the run will take: ``trainer.max_steps`` when set
+        (or fewer if the epochs end first), else epochs × steps per epoch; a time budget alone has none."""
+        if self.optim_cfg.total_steps is not None:
+            return int(self.optim_cfg.total_steps)
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             from .checks import COSINE_HORIZON, ConfigError

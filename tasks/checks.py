@@ -100,7 +100,7 @@ def check_max_len(cfg: DictConfig, task: Any) -> None:
 
 def check_schedule(optim: Any, trainer: Any) -> None:
     """The cosine schedule decays over the run's step count: refuse at start a run that has none."""
-    if optim.get("schedule") == "cosine" and not has_step_horizon(trainer):
+    if optim.get("schedule") == "cosine" and optim.get("total_steps") is None and not has_step_horizon(trainer):
         raise ConfigError(COSINE_HORIZON)
 
 

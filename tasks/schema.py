@@ -66,12 +66,15 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = 1000
     schedule: str = "inverse_sqrt"  # inverse_sqrt (Vaswani et al.) | cosine | constant
+    total_steps: int | None = None  # cosine's horizon; None = the trainer's (max_steps, or max_epochs x batches)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 1):
+            raise ValueError(f"optim.total_steps must be null or an int >= 1, got {self.total_steps!r}")
 
 
 @dataclass

@@ -257,6 +257,25 @@ def test_cosine_horizon_is_the_trainers_step_count():
         module._lr_factor(0)
 
 
+def test_cosine_total_steps_overrides_the_trainers_horizon():
+    """``optim.total_steps`` sets the horizon: a run stopped at ``max_steps`` follows a longer run's schedule,
+    and a time-budget run (no step count) can use cosine."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from tasks.base import TaskModule
+
+    optim = dict(lr=1.0, weight_decay=0.0, betas=[0.9, 0.98], warmup_steps=0, schedule="cosine", total_steps=400)
+    module = TaskModule(OmegaConf.create({"optim": optim}))
+    module._trainer = SimpleNamespace(estimated_stepping_batches=100)
+    assert module._lr_factor(199) == pytest.approx(0.5) and module._lr_factor(99) > 0.8
+    check_config(tiny("listops", "softmax", "optim.schedule=cosine", "optim.total_steps=400",
+                      "++trainer.max_epochs=-1", "++trainer.max_steps=-1", "++trainer.max_time=00:01:00:00"))
+    with pytest.raises(ConfigError, match="optim.total_steps must be null or an int >= 1"):
+        check_config(tiny("listops", "softmax", "optim.total_steps=0"))
+
+
 def test_default_listops_runs_with_the_default_model(tmp_path):
     """``task=listops attention=softmax`` used to stop at build: ListOps reaches 1999 tokens, the default
     model.max_len was 1024. Default lengths and model; only the dataset sizes are small."""
