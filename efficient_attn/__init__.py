@@ -25,6 +25,7 @@ _EXPORTS = {  # public name -> the submodule that defines it
     "attention_options": ".registry",
     "create_attention": ".registry",
     "get_attention_class": ".registry",
+    "import_attentions": ".registry",
     "list_attentions": ".registry",
     "register_attention": ".registry",
     "attention_optimizer_step": ".seeding",
@@ -40,7 +41,8 @@ if TYPE_CHECKING:
     from .attention import Attention, KernelAttention
     from .aux_loss import attention_aux_loss
     from .multihead import MultiHeadAttention
-    from .registry import attention_options, create_attention, get_attention_class, list_attentions, register_attention
+    from .registry import (attention_options, create_attention, get_attention_class, import_attentions, list_attentions,
+                           register_attention)
     from .seeding import attention_optimizer_step, module_seed, seed_attentions
 
 

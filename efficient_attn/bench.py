@@ -259,6 +259,10 @@ def worker_main(spec_json: str) -> None:
     """Entry of the subprocess: run the point, print one ``BENCH_RESULT {json}`` line."""
     spec = json.loads(spec_json)
     try:
+        if spec.get("imports"):
+            from .registry import import_attentions
+
+            import_attentions(spec["imports"])  # the user's own attentions (--imports)
         if not spec["device"].startswith("cuda"):
             _cap_address_space()
         if spec["attention"] == "matmul":
@@ -386,7 +390,7 @@ def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) ->
         if result is None:
             spec = {key: cfg[key] for key in ("batch", "heads", "head_dim", "num_features", "dtype",
                                               "device", "threads", "decode_steps")}
-            spec |= {"attention": name, "mode": mode, "L": length, "repeats": repeats}
+            spec |= {"attention": name, "mode": mode, "L": length, "repeats": repeats, "imports": cfg.get("imports", [])}
             result = run_subprocess(spec, limit) | {"repeats": repeats}
         if result["status"] == "ok":
             last = (length, result["time_s"])
@@ -447,6 +451,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="lengths 256 512 1024 (unless --lengths), 1 repeat, <= 8 decode steps, <= 2048 matmul")
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder")
+    p.add_argument("--imports", nargs="+", default=[], metavar="MODULE",
+                   help="modules to import first: your own attentions (@register_attention), for --attentions")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     bench_train.add_arguments(p)
     return p
@@ -484,6 +490,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import efficient_attn as ea
 
+    ea.import_attentions(args.imports)
     names = args.attentions.split(",") if args.attentions else ea.list_attentions()
     for name in names:
         if name not in BASELINES and name not in SDPA_BACKENDS:

@@ -241,6 +241,7 @@ def run_series(name: str, cfg: dict[str, Any]) -> list[dict[str, Any]]:
         spec = {"attention": name, "mode": "train", "L": length, "batch": cfg["tokens_per_batch"] // length,
                 "heads": cfg["train_heads"], "num_features": features} | {key: cfg[key] for key in (
                     "tokens_per_batch", "d_model", "layers", "d_ff", "dtype", "device", "threads", "steps", "warmup")}
+        spec["imports"] = cfg.get("imports", [])
         estimate = bench.estimate_bytes(core, length, spec)
         step = last[1] * length / last[0] if last else 0.0  # predicted seconds per step
         limit = bench.time_left(cfg)

@@ -4,19 +4,35 @@
     class SoftmaxAttention(Attention): ...
 
     attn = create_attention("softmax", head_dim=64, num_heads=8)
+
+Attentions from outside this package register the same way, found by either of:
+
+- an entry point in the group ``efficient_attn.attentions`` of any installed distribution (loaded the
+  first time the registry is read), e.g. in that package's ``pyproject.toml``::
+
+      [project.entry-points."efficient_attn.attentions"]
+      my_attention = "my_pkg.my_attention"          # a module that uses @register_attention, or
+      my_other = "my_pkg.other:OtherAttention"      # a class, registered under the entry point's name
+
+- :func:`import_attentions` of module names (the training config's ``imports: [my_pkg.my_attention]``, the
+  ``--imports`` option of the bench and approx commands), for modules on ``sys.path`` but not installed.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.metadata
 import inspect
-from typing import Callable, TypeVar
+import warnings
+from typing import Callable, Iterable, TypeVar
 
 from torch import nn
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
 _SHARED_ARGS = ("head_dim", "num_heads")
+ENTRY_POINT_GROUP = "efficient_attn.attentions"
+_PLUGINS: dict[str, str] = {}  # entry point name -> "loaded" or why it failed ("" while not yet loaded)
 
 T = TypeVar("T", bound=type[nn.Module])
 
@@ -48,9 +64,40 @@ def register_attention(name: str) -> Callable[[T], T]:
 
 
 def _load_builtins() -> None:
-    """Import the built-in variants (they register on import): a caller may reach the registry without
-    ``efficient_attn.attention`` having been imported, since the package's ``__init__`` is lazy."""
+    """Import the built-in variants (they register on import; a caller may reach the registry without
+    ``efficient_attn.attention`` having been imported, since the package's ``__init__`` is lazy), then
+    the installed plugins (once)."""
     importlib.import_module(".attention", __package__)
+    if not _PLUGINS:
+        _load_plugins()
+
+
+def _load_plugins() -> None:
+    """Load every entry point of :data:`ENTRY_POINT_GROUP`. A plugin that fails to import warns and is
+    named in the unknown-attention error, rather than breaking every other attention."""
+    _PLUGINS["(scanned)"] = "loaded"
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        where = f"{ep.name} = {ep.value!r} (from {ep.dist.name if ep.dist else 'an unknown distribution'})"
+        try:
+            obj = ep.load()
+        except Exception as err:  # noqa: BLE001 - any failure of third-party code is reported, not raised
+            _PLUGINS[ep.name] = f"{where} failed to load: {type(err).__name__}: {err}"
+            warnings.warn(f"efficient_attn: attention plugin {_PLUGINS[ep.name]}", RuntimeWarning, stacklevel=3)
+            continue
+        if inspect.isclass(obj) and issubclass(obj, nn.Module) and obj not in _REGISTRY.values():
+            register_attention(ep.name)(obj)  # a bare class: registered under the entry point's name
+        _PLUGINS[ep.name] = "loaded"
+
+
+def import_attentions(modules: Iterable[str]) -> None:
+    """Import each module by name so that its ``@register_attention`` classes register (the training
+    config's ``imports``). A module that cannot be imported raises ``ImportError`` naming it."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ImportError(f"imports: cannot import {module!r} ({err}); it must be importable (on sys.path "
+                              "or installed) and register its attentions with @register_attention") from err
 
 
 def list_attentions() -> list[str]:
@@ -65,8 +112,12 @@ def get_attention_class(name: str) -> type[nn.Module]:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
+        failed = [why for why in _PLUGINS.values() if why != "loaded"]
+        plugins = f" Attention plugins that failed to load: {'; '.join(failed)}." if failed else ""
         raise ValueError(
-            f"unknown attention {name!r}.{hint} Registered attentions: {', '.join(list_attentions())}"
+            f"unknown attention {name!r}.{hint} Registered attentions: {', '.join(list_attentions())}.{plugins} "
+            "Your own attention: @register_attention in a module named by imports=[...] or by an "
+            f"{ENTRY_POINT_GROUP!r} entry point"
         )
     return _REGISTRY[name]
 

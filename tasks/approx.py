@@ -5,7 +5,7 @@ attention rows, vs m and vs input scale; :mod:`efficient_attn.analysis.approx`).
 With ``--checkpoint <run>/checkpoints/best-*.ckpt``: on the real queries and keys of a trained model
 (captured by forward hooks on every core attention, one validation batch), per attention site, and
 the error of each layer's output when every attention of the model is swapped to FAVOR+
-(Performer App. D.1 / Fig. 14; :mod:`tasks.approx_checkpoint`).
+(Performer App. D.1 / Fig. 14; :mod:`efficient_attn_tasks.approx_checkpoint`).
 With ``--study sqrt_dk``: why logits are scaled by 1/√d_k (Vaswani et al. 2017, footnote 4) — logit
 variance, softmax saturation and softmax gradient norm against d_k, unscaled vs scaled
 (:mod:`efficient_attn.analysis.scaling`; options ``--dims --length --keys --draws --seed --out``).

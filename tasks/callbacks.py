@@ -1,7 +1,7 @@
 """The app's own Lightning callbacks and console settings: save on SIGTERM, one line per epoch, the learning
 curves, quiet info lines; what the optional callbacks (configs/callbacks/) need from the app.
 
-Imported by :func:`tasks.train.run` only when a run starts (it loads Lightning), never by ``--help``
+Imported by :func:`efficient_attn_tasks.train.run` only when a run starts (it loads Lightning), never by ``--help``
 or the config checks.
 """
 

@@ -20,6 +20,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from efficient_attn.registry import import_attentions
+
 from .data import DataError
 from .checks import TASKS, ConfigError
 
@@ -83,6 +85,7 @@ def load(path: Path, task_overrides: dict[str, Any] | None = None, data_dir: str
     for key, value in (("data_dir", data_dir), ("cache_dir", cache_dir)):
         if value is not None:
             cfg[key] = str(value)
+    import_attentions(cfg.get("imports") or [])  # the run's own attentions (its config's imports)
     task = importlib.import_module(TASKS[cfg.task.name])
     saved = checkpoint.get("vocabulary")
     if saved is not None and list(saved) != list(task.VOCAB):

@@ -22,15 +22,17 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from . import config_dir
+
 if TYPE_CHECKING:
     from efficient_attn.transformer import AttentionSpec
 
 # Start-up stays light: --help, the config checks and their errors load neither Lightning nor W&B
 # nor sacreBLEU (tests/test_cli.py); run() imports them when a run starts.
-TASKS = {"translation": "tasks.translation", "listops": "tasks.listops", "lm": "tasks.lm", "mqar": "tasks.mqar"}
+TASKS = {name: f"{__package__}.{name}" for name in ("translation", "listops", "lm", "mqar")}
 TOP_LEVEL = {"seed", "name", "row", "data_dir", "cache_dir", "ckpt_path", "checkpoint_every", "test", "threads", "nonfinite",
-             "optim", "task", "attention", "model", "trainer", "logger", "callbacks"}
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+             "imports", "optim", "task", "attention", "model", "trainer", "logger", "callbacks"}
+CONFIG_DIR = str(config_dir())
 LOGGER_KEYS = {  # tasks/loggers.py builds them
     "wandb": {"kind", "project", "entity", "mode", "init_timeout", "log_model"},
     "csv": {"kind"},
@@ -44,7 +46,7 @@ class ConfigError(ValueError):
 
 APP_TRAINER_ARGUMENTS = {  # pl.Trainer arguments run() passes itself: a trainer.* value would clash with them
     "callbacks": "the app adds its own (checkpoints, throughput, non-finite guard); from Python, pass yours as "
-                 "tasks.train.run(cfg, out_dir, callbacks=[...])",
+                 "efficient_attn_tasks.train.run(cfg, out_dir, callbacks=[...])",
     "logger": "choose the logger group instead: logger=wandb, logger=csv or logger=none",
     "default_root_dir": "the run dir is hydra.run.dir (hydra.sweep.dir with -m); set that instead",
 }
@@ -135,6 +137,9 @@ def check_config(cfg: DictConfig) -> Any:
 
     from .schema import TASK_SITES, AttentionConfig, ModelConfig, attention_spec, transformer_config
 
+    check_imports(cfg.get("imports"))
+    check_attention_labels(cfg)
+
     _check_section(cfg.model, ModelConfig, "model")
     try:
         transformer_config(cfg)
@@ -156,6 +161,46 @@ def check_config(cfg: DictConfig) -> Any:
         raise ConfigError(str(err)) from None
     check_callbacks(cfg.get("callbacks"), cfg.logger.kind)  # Lightning loads here when callbacks are set
     return importlib.import_module(TASKS[cfg.task.name])  # Lightning and the task's code load here
+
+
+def _attention_label(name: str, config: str | None) -> str:
+    from .schema import config_label
+
+    return config_label(name, config)
+
+
+# ${attention_label:name,config} in hydra.run.dir / hydra.sweep.subdir (configs/train.yaml): resolved by
+# Hydra before the job starts, so registered when this module (imported by the app) loads
+OmegaConf.register_new_resolver("attention_label", _attention_label, replace=True)
+
+
+def check_imports(imports: Any) -> None:
+    """``imports``: modules that register the user's own attentions (``@register_attention``), imported
+    before the attention checks, so ``attention.name=my_attention`` works with no edit to this package."""
+    from efficient_attn.registry import import_attentions
+
+    modules = OmegaConf.to_container(imports) if OmegaConf.is_config(imports) else imports
+    if modules is None:
+        return
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ConfigError(f"imports must be a list of module names, e.g. imports=[my_pkg.my_attention], got {modules!r}")
+    try:
+        import_attentions(modules)
+    except ImportError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_attention_labels(cfg: DictConfig) -> None:
+    """``attention.config`` names the config file the run used (its label in run dirs, W&B and results.json).
+    A command-line ``attention.name=X`` over the default ``attention=softmax`` keeps that file's
+    ``config: softmax``: the label would then name another attention, so it is dropped (the label is ``X``)."""
+    from .schema import config_label
+
+    for key in ("attention", "model.encoder_attention", "model.decoder_attention", "model.cross_attention"):
+        node = OmegaConf.select(cfg, key)
+        if isinstance(node, DictConfig) and node.get("config") and node.get("layers") is None:
+            if config_label(node.get("name"), node.config) != node.config:
+                node.config = None
 
 
 HYDRA_KEYS = {"_target_", "_args_", "_partial_", "_recursive_", "_convert_"}  # hydra.utils.instantiate's own

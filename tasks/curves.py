@@ -1,4 +1,4 @@
-"""One run's learning curves: ``curves.csv`` (what :class:`tasks.callbacks.CurveLog` recorded) and
+"""One run's learning curves: ``curves.csv`` (what :class:`efficient_attn_tasks.callbacks.CurveLog` recorded) and
 ``curves.png`` (train loss, the task's validation metric and the learning rate against optimizer steps).
 
 ``run()`` writes both into the run dir at its end, whatever the logger: W&B runs (offline without an

@@ -96,10 +96,13 @@ def find_runs(roots: list[Path]) -> tuple[list[dict[str, Any]], list[Path], list
                 record.setdefault("row", (record.get("config") or {}).get("row"))  # the ablation row label
                 choices, job = hydra_job(hydra_dir)
                 # the attention config file (favor_plus, favor_trig), not the registry name (favor) they
-                # share; per-layer runs keep their recorded label (the layer configs joined by "+")
+                # share: the recorded attention_config, else (records before it existed) the group Hydra
+                # picked, which a command-line attention.name=X does not change; per-layer runs keep their
+                # recorded label (the layer configs joined by "+")
                 per_layer = ((record.get("config") or {}).get("model") or {}).get("layer_attentions")
                 if not per_layer:
-                    record["attention"] = choices.get("attention") or record.get("attention")
+                    label = record.get("attention_config") or choices.get("attention")
+                    record["attention"] = label or record.get("attention")
                 found.append({**record, "_dir": str(hydra_dir.parent), "_job": job, "choices": choices})
             else:
                 missing.append(hydra_dir.parent)

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from . import config_dir
+
 if TYPE_CHECKING:
     from efficient_attn.transformer import AttentionSpec, TransformerConfig
 
@@ -91,14 +93,14 @@ class AttentionConfig:
     layers: Any = None
 
 
-ATTENTION_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "attention"  # the CLI's group
+ATTENTION_CONFIG_DIR = config_dir() / "attention"  # the CLI's group
 _ENTRY_KEYS = {"name", "kwargs"}
 
 
 def model_max_len(cfg: DictConfig) -> int:
-    """``model.max_len``; null (the task's longest sequence) is filled in by tasks.checks.check_config."""
+    """``model.max_len``; null (the task's longest sequence) is filled in by efficient_attn_tasks.checks.check_config."""
     if cfg.model.get("max_len") is None:
-        raise ValueError("model.max_len is null (the task's longest sequence): run tasks.train.check_config(cfg) "
+        raise ValueError("model.max_len is null (the task's longest sequence): run efficient_attn_tasks.train.check_config(cfg) "
                          "first, which fills it in, or set model.max_len")
     return int(cfg.model.max_len)
 
@@ -194,6 +196,17 @@ def attention_label(cfg: DictConfig) -> str:
         return str(cfg.attention.name)
     entries = _entries(per_layer, "model.layer_attentions")
     return "+".join(e if isinstance(e, str) else str(e.get("name")) for e in entries)
+
+
+def config_label(name: str, config: str | None) -> str:
+    """An attention's label: its config file's name (``favor_relu`` for ``name: favor``), unless a
+    command-line ``attention.name=X`` replaced the file's attention (then ``X``). Also the ``${attention_label:…}``
+    resolver of ``hydra.run.dir`` and ``hydra.sweep.subdir`` (registered by :mod:`.checks`)."""
+    if not config:
+        return str(name)
+    path = ATTENTION_CONFIG_DIR / f"{config}.yaml"
+    named = OmegaConf.load(path).get("name") if path.is_file() else None
+    return str(name) if named is not None and named != name else str(config)
 
 
 def attention_config(cfg: DictConfig) -> str:

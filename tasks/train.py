@@ -45,7 +45,7 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = (),
     ``ckpt_path=last`` resumes from ``<out_dir>/checkpoints/last.ckpt`` (same W&B run id, same
     results.json); a run dir whose results.json says ok is not run again, one whose record says failed
     is. A run that raises (a config, data or non-finite error, any other exception) first writes its
-    failed record (:func:`tasks.record.failed_record`), so a sweep shows which job failed, where and why.
+    failed record (:func:`efficient_attn_tasks.record.failed_record`), so a sweep shows which job failed, where and why.
     The ``callbacks`` group's entries (configs/callbacks/) and then ``callbacks`` (e.g. by tests) are
     added to the app's own (checkpointing, throughput, the learning curves: ``curves.csv``,
     ``curves.png``); ``plugins`` go to the Trainer, e.g. fp16 AMP with a gradient scaler on CPU (with
@@ -283,7 +283,7 @@ def main() -> None:
     _app()
 
 
-if __name__ == "__main__":  # python -m tasks.train: run the importable module's app, not this __main__ copy's,
-    from tasks import train  # as joblib's workers unpickle the Hydra task function by its module's name
+if __name__ == "__main__":  # python -m efficient_attn_tasks.train: run the importable module's app, not this __main__ copy's,
+    from efficient_attn_tasks import train  # as joblib's workers unpickle the Hydra task function by its module's name
 
     train.main()

@@ -18,8 +18,8 @@ from efficient_attn.analysis.approx import (
     sample_qkv,
 )
 from efficient_attn.analysis.approx_report import main
-from tasks import approx
-from tasks.train import run
+from efficient_attn_tasks import approx
+from efficient_attn_tasks.train import run
 from tests.test_train import tiny
 
 POSITIVE_ORTH, POSITIVE_IID = ESTIMATORS[0], ESTIMATORS[1]

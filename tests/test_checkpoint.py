@@ -15,8 +15,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from tasks import checkpoint, evaluate, generate, listops, lm, translate, translation
-from tasks.train import CONFIG_DIR, run
+from efficient_attn_tasks import checkpoint, evaluate, generate, listops, lm, translate, translation
+from efficient_attn_tasks.train import CONFIG_DIR, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -21,14 +21,14 @@ from scipy import stats as scipy_stats
 
 from efficient_attn import bench
 from efficient_attn.cli import HelpFormatter
-from tasks import approx, data, evaluate, generate, report, translate, translation
-from tasks.callbacks import progress_bar
-from tasks.checks import CONFIG_DIR, trainer_arguments
-from tasks.data import DataError
-from tasks.resume import remove_unstarted_run_dir
-from tasks.stats import _num
-from tasks.summary import summarize, summary
-from tasks.train import RunSummary, default_threads, run
+from efficient_attn_tasks import approx, data, evaluate, generate, report, translate, translation
+from efficient_attn_tasks.callbacks import progress_bar
+from efficient_attn_tasks.checks import CONFIG_DIR, trainer_arguments
+from efficient_attn_tasks.data import DataError
+from efficient_attn_tasks.resume import remove_unstarted_run_dir
+from efficient_attn_tasks.stats import _num
+from efficient_attn_tasks.summary import summarize, summary
+from efficient_attn_tasks.train import RunSummary, default_threads, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,7 +46,7 @@ def config(*overrides: str):
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "tasks.train", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "efficient_attn_tasks.train", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=120)
 
 
@@ -81,7 +81,7 @@ def _fresh_python(code: str) -> subprocess.CompletedProcess:
 
 def test_importing_the_app_loads_neither_torch_nor_lightning_nor_wandb():
     out = _fresh_python(
-        "import sys, tasks.train\n"
+        "import sys, efficient_attn_tasks.train\n"
         f"loaded = [m for m in {(*HEAVY, 'torch')!r} if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )
@@ -92,7 +92,7 @@ def test_config_errors_come_before_lightning_wandb_and_sacrebleu_load():
     out = _fresh_python(
         "import sys\n"
         "from hydra import compose, initialize_config_dir\n"
-        "from tasks.train import CONFIG_DIR, ConfigError, check_config\n"
+        "from efficient_attn_tasks.train import CONFIG_DIR, ConfigError, check_config\n"
         "for overrides in (['task=translation', '++task.min_lenght=3'], ['model.d_model=30'],\n"
         "                  ['++trainer.max_epoch=3'], ['attention=retention'], ['optim.schedule=linear'],\n"
         "                  ['++trainer.callbacks=[]'], ['++trainer.logger=false'], ['model.max_len=1024'],\n"
@@ -115,7 +115,7 @@ def test_key_typos_outside_the_model_are_reported_before_torch_loads():
     out = _fresh_python(
         "import sys\n"
         "from hydra import compose, initialize_config_dir\n"
-        "from tasks.train import CONFIG_DIR, ConfigError, check_config\n"
+        "from efficient_attn_tasks.train import CONFIG_DIR, ConfigError, check_config\n"
         "for overrides in (['++task.min_lenght=3'], ['++optim.learning_rate=1'], ['++trainer.max_epoch=3'],\n"
         "                  ['logger.kind=tensorboard'], ['++sed=1']):\n"
         "    with initialize_config_dir(config_dir=CONFIG_DIR, version_base='1.3'):\n"
@@ -262,12 +262,12 @@ def test_data_dir_is_under_the_cache_dir_as_the_readme_says(tmp_path, monkeypatc
 # ----------------------------------------------------------------------------- bench, approx, report --help
 COMMANDS = {  # console script -> (module run by `python -m`, extra argv, parser builder)
     "efficient-attn-bench": ("efficient_attn.bench", [], bench.parser),
-    "efficient-attn-approx": ("tasks.approx", [], approx.favor_parser),
-    "efficient-attn-approx --study sqrt_dk": ("tasks.approx", ["--study", "sqrt_dk"], approx.sqrt_dk_parser),
-    "efficient-attn-report": ("tasks.report", [], report.parser),
-    "efficient-attn-eval": ("tasks.evaluate", [], evaluate.parser),
-    "efficient-attn-translate": ("tasks.translate", [], translate.parser),
-    "efficient-attn-generate": ("tasks.generate", [], generate.parser),
+    "efficient-attn-approx": ("efficient_attn_tasks.approx", [], approx.favor_parser),
+    "efficient-attn-approx --study sqrt_dk": ("efficient_attn_tasks.approx", ["--study", "sqrt_dk"], approx.sqrt_dk_parser),
+    "efficient-attn-report": ("efficient_attn_tasks.report", [], report.parser),
+    "efficient-attn-eval": ("efficient_attn_tasks.evaluate", [], evaluate.parser),
+    "efficient-attn-translate": ("efficient_attn_tasks.translate", [], translate.parser),
+    "efficient-attn-generate": ("efficient_attn_tasks.generate", [], generate.parser),
 }
 NOT_FOR_HELP = ("torch", "scipy", "matplotlib", "pandas", "pytorch_lightning", "lightning")
 
@@ -310,8 +310,8 @@ def test_every_command_is_a_console_script_of_its_module():
         assert scripts.get(command.split()[0]) == f"{module}:main", command
 
 
-@pytest.mark.parametrize("module", ["efficient_attn.bench", "tasks.approx", "tasks.evaluate", "tasks.translate",
-                                    "tasks.generate"])
+@pytest.mark.parametrize("module", ["efficient_attn.bench", "efficient_attn_tasks.approx", "efficient_attn_tasks.evaluate", "efficient_attn_tasks.translate",
+                                    "efficient_attn_tasks.generate"])
 def test_no_arguments_prints_the_help_instead_of_a_long_run(module):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, env=env, cwd=REPO,
@@ -440,7 +440,7 @@ def test_every_multirun_ends_with_the_summary():
     for overrides in ([], ["experiment=quickstart"], ["experiment=mqar/quick"]):
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("train", overrides=overrides, return_hydra_config=True)
-        assert [c._target_ for c in cfg.hydra.callbacks.values()] == ["tasks.train.RunSummary"], overrides
+        assert [c._target_ for c in cfg.hydra.callbacks.values()] == ["efficient_attn_tasks.train.RunSummary"], overrides
 
 
 def test_multirun_summary_splits_rows_by_other_swept_values(tmp_path, capsys):
@@ -477,7 +477,7 @@ APP = """
 import os, sys
 import hydra
 from hydra.core.config_store import ConfigStore
-from tasks.train import default_threads, joblib_n_jobs
+from efficient_attn_tasks.train import default_threads, joblib_n_jobs
 
 @hydra.main(version_base="1.3", config_path=None, config_name="cfg")
 def app(cfg):  # one file per job: parallel jobs' prints would interleave

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 
-from tasks import curves as curves_module
-from tasks.base import Throughput
-from tasks.curves import plot_run, read_curves, write_curves
-from tasks.report import main as report
-from tasks.report_plot import band, edges
-from tasks.train import draw_curves, run
+from efficient_attn_tasks import curves as curves_module
+from efficient_attn_tasks.base import Throughput
+from efficient_attn_tasks.curves import plot_run, read_curves, write_curves
+from efficient_attn_tasks.report import main as report
+from efficient_attn_tasks.report_plot import band, edges
+from efficient_attn_tasks.train import draw_curves, run
 from tests.test_train import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")

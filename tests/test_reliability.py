@@ -12,11 +12,11 @@ import pytorch_lightning as pl
 import torch
 
 from efficient_attn import create_attention, list_attentions
-from tasks import faults
-from tasks.checks import ConfigError, check_config
-from tasks.resume import resume_argv
-from tasks.sampling import ShardedBatches, eval_shard, shuffled
-from tasks.train import run
+from tests import faults
+from efficient_attn_tasks.checks import ConfigError, check_config
+from efficient_attn_tasks.resume import resume_argv
+from efficient_attn_tasks.sampling import ShardedBatches, eval_shard, shuffled
+from efficient_attn_tasks.train import run
 from tests.conftest import skip_unsupported
 from tests.helpers import LossLog
 
@@ -115,7 +115,7 @@ GRAD_TASKS = {  # tiny configs; 5 examples a global batch: 3 and 2 on two proces
 
 def global_batch(task: str, cfg) -> tuple[list, Callable[[list], dict]]:
     """(5 seeded examples of ``task`` with unequal token counts, the task's collate)."""
-    from tasks import listops, mqar, translation
+    from efficient_attn_tasks import listops, mqar, translation
 
     g = torch.Generator().manual_seed(1)
     lengths = [3, 9, 4, 7, 2]
@@ -142,7 +142,7 @@ def task_grads(task: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tens
     torch.manual_seed(0)
     module_class = {"translation": "TranslationModule", "lm": "ByteLMModule", "mqar": "MQARModule",
                     "listops": "ListOpsModule"}[task]
-    cls = getattr(importlib.import_module(f"tasks.{task}"), module_class)
+    cls = getattr(importlib.import_module(f"efficient_attn_tasks.{task}"), module_class)
     module = (cls(cfg, 40, None) if task == "translation" else cls(cfg)).double()
     rows, collate = global_batch(task, cfg)
     module.training_step(collate(rows[rank::world]), 0).backward()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from tasks.report import main
+from efficient_attn_tasks.report import main
 
 
 def record(attention: str, seed: int, score: float, task: str = "translation", metric: str = "test/bleu") -> dict:

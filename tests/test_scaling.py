@@ -8,7 +8,7 @@ import torch
 
 from efficient_attn.analysis import approx_report
 from efficient_attn.analysis.scaling import COLUMNS, softmax_jacobian_norm, sqrt_dk_study
-from tasks import approx
+from efficient_attn_tasks import approx
 
 DIMS = (16, 64, 256)
 

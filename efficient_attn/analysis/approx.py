@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from ..registry import create_attention
+from ..registry import attention_options, create_attention
 from . import KL_ROWS  # query rows the KL is measured on (defined beside the package, so the CLI needs no torch)
 
 
@@ -37,6 +37,12 @@ class Estimator:
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     random: bool = True  # False: deterministic features (one draw, no dependence on m)
+
+
+def estimator(name: str) -> Estimator:
+    """Any registered attention (a user's own too) with its default options, as a curve: random when it
+    takes a ``seed`` (one draw per seed), else one draw; m is passed when it takes ``num_features``."""
+    return Estimator(name, name, {}, random="seed" in attention_options(name))
 
 
 ESTIMATORS = (
@@ -136,19 +142,23 @@ def measure(
     errors, bad, kls, kl_bad = [], 0, [], 0
     q_kl = q[..., :kl_rows, :]
     log_p, visible = exact_log_probs(q_kl, k, causal) if kl_rows else (None, None)
+    options = attention_options(est.name)
     for draw in range(draws if est.random else 1):
-        kwargs = {**est.kwargs, "num_features": num_features, "seed": draw} if est.name == "favor" else est.kwargs
+        kwargs = dict(est.kwargs)
+        kwargs |= {"num_features": num_features} if "num_features" in options else {}
+        kwargs |= {"seed": draw} if "seed" in options else {}
         attn = create_attention(est.name, head_dim=q.shape[-1], num_heads=q.shape[1], **kwargs).double().eval()
+        rows_kl = kl_rows if hasattr(attn, "feature_map") else 0  # KL needs the weights: kernel attentions only
         with torch.no_grad():
             out = attn(q, k, v, causal=causal)  # (1, H, L, Dv)
-            kl = kl_divergence(log_p, estimated_weights(attn, q_kl, k), visible) if kl_rows else math.nan
+            kl = kl_divergence(log_p, estimated_weights(attn, q_kl, k), visible) if rows_kl else math.nan
         if torch.isfinite(out).all():
             errors.append(float((out - exact).pow(2).mean()))
         else:
             bad += 1
         if math.isfinite(kl):
             kls.append(kl)
-        elif kl_rows:
+        elif rows_kl:
             kl_bad += 1
     return Point(est.label, num_features, scale, errors, bad, kls, kl_bad)
 

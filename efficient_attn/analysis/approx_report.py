@@ -108,6 +108,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of q, k, v")
     p.add_argument("--kl-rows", type=int, default=KL_ROWS,
                    help="query rows the KL(P ‖ P̂) is measured on (the first ones; 0: no KL)")
+    p.add_argument("--attentions", metavar="NAMES", default="",
+                   help="more registered attentions to compare (comma-separated, default options; KL only for kernel "
+                        "attentions), e.g. cosformer,hedgehog or your own")
+    p.add_argument("--imports", nargs="+", default=[], metavar="MODULE",
+                   help="modules to import first: your own attentions (@register_attention), for --attentions")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--quick", action="store_true", help="L=512, 5 draws, 3 m values, 3 scales: seconds")
     p.add_argument("--out", type=Path, default=Path("approx_out"), help="output folder")
@@ -117,14 +122,21 @@ def run(a: argparse.Namespace) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
     """The m sweep and the scale sweep on random inputs; returns {name: (png, rows)}."""
     import torch
 
-    from .approx import ESTIMATORS, error_vs_features, error_vs_scale
+    from ..registry import get_attention_class, import_attentions
+    from .approx import ESTIMATORS, error_vs_features, error_vs_scale, estimator
+
+    import_attentions(getattr(a, "imports", []))
+    extra = [name for name in getattr(a, "attentions", "").split(",") if name]
+    for name in extra:
+        get_attention_class(name)  # unknown names fail now, with the registered ones listed
 
     if a.quick:
         a.length, a.draws, a.features, a.scales = 512, 5, [8, 32, 128], [0.5, 1.0, 2.0]
     if a.threads:
         torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
-    common = dict(length=a.length, dim=a.dim, draws=a.draws, seed=a.seed, estimators=ESTIMATORS, kl_rows=a.kl_rows)
+    common = dict(length=a.length, dim=a.dim, draws=a.draws, seed=a.seed, kl_rows=a.kl_rows,
+                  estimators=[*ESTIMATORS, *map(estimator, extra)])
     by_m = error_vs_features(a.features, scale=a.scale, **common)
     by_scale = error_vs_scale(a.scales, num_features=a.scale_features, **common)
     outputs = {}

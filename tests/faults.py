@@ -1,9 +1,9 @@
 """Fault injection: kill, resume, run on 2 processes, train in bf16 and fp16, feed bad input; record what happened.
 
-    python -m tasks.faults --out results/reliability.md     # every scenario on a tiny model (a few minutes)
+    python -m tests.faults --out results/reliability.md     # every scenario on a tiny model (a few minutes)
 
 Each scenario is also a function the tests call (tests/test_reliability.py). A run that must die
-mid-training runs in a subprocess (``python -m tasks.faults run <out_dir> --kill-at N <overrides>``).
+mid-training runs in a subprocess (``python -m tests.faults run <out_dir> --kill-at N <overrides>``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from . import report
-from .checks import CONFIG_DIR, ConfigError
-from .train import run
+from efficient_attn_tasks import report
+from efficient_attn_tasks.checks import CONFIG_DIR, ConfigError
+from efficient_attn_tasks.train import run
 
 REPO = Path(__file__).resolve().parent.parent
 # A tiny ListOps run that crosses epochs, validates, redraws FAVOR+ features and uses dropout.
@@ -60,7 +60,7 @@ class StepLog(pl.Callback):
             self.test_sentences += len(batch["refs"])
 
     def on_test_end(self, trainer, module) -> None:
-        from .base import all_gather_objects
+        from efficient_attn_tasks.base import all_gather_objects
 
         self.test_sentences_per_process = all_gather_objects(self.test_sentences)
 
@@ -107,7 +107,7 @@ def resume_after_sigterm(work: Path, steps: int = 300, env: dict[str, str] | Non
     """The console command, SIGTERMed once it has a checkpoint, then re-run with ckpt_path=last."""
     overrides = [*TINY, "logger=wandb", f"trainer.max_steps={steps}", "checkpoint_every=2"]
     env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
-    cmd = [sys.executable, "-m", "tasks.train", *overrides]
+    cmd = [sys.executable, "-m", "efficient_attn_tasks.train", *overrides]
     work.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     start = time.monotonic()
@@ -136,7 +136,7 @@ def sweep_with_a_failing_job(work: Path, launcher: str = "basic", resume: bool =
     summary's failed-jobs lines, which jobs the resumed sweep ran again (results.json rewritten), the report."""
     sweep = work / "sweep"
     extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
-    cmd = [sys.executable, "-m", "tasks.train", "-m", *SWEEP, *extra, f"hydra.sweep.dir={sweep}"]
+    cmd = [sys.executable, "-m", "efficient_attn_tasks.train", "-m", *SWEEP, *extra, f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     work.mkdir(parents=True, exist_ok=True)
     first = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
@@ -336,7 +336,7 @@ def bad_inputs(work: Path) -> list[dict[str, Any]]:
     for what, overrides, expected, env, marker in cases:
         env = {k: v for k, v in {**base_env, **env}.items() if v != ""}
         start = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "tasks.train", *QUIET, *overrides], cwd=work, env=env,
+        proc = subprocess.run([sys.executable, "-m", "efficient_attn_tasks.train", *QUIET, *overrides], cwd=work, env=env,
                               capture_output=True, text=True, timeout=300)
         lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
         starts = (marker,) if marker else ("error:", "Could not", "In ")
@@ -365,7 +365,7 @@ def write_report(args: argparse.Namespace) -> None:
     lines = [
         "# Reliability: faults injected and what happened",
         "",
-        f"Made by `python -m tasks.faults --out {args.out} --work {args.work}` on {_machine()}, torch {torch.__version__}, "
+        f"Made by `python -m tests.faults --out {args.out} --work {args.work}` on {_machine()}, torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d')}, in {time.time() - started:.0f} s. Tiny ListOps model (d_model 64, 2 layers), one thread.",
         "",
         "| fault | what happened |",
@@ -420,7 +420,7 @@ def write_report(args: argparse.Namespace) -> None:
 
 
 def _machine() -> str:
-    from .record import hardware
+    from efficient_attn_tasks.record import hardware
 
     return hardware()
 
@@ -428,12 +428,12 @@ def _machine() -> str:
 # ----------------------------------------------------------------------------- CLI
 def _python(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "tasks.faults", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "tests.faults", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
 def _run_command(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tasks.faults run")
+    parser = argparse.ArgumentParser(prog="python -m tests.faults run")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--kill-at", type=int)
     parser.add_argument("--check-features", action="store_true")
