@@ -486,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
+    if importlib.util.find_spec("matplotlib") is None:  # before minutes of timing, not at the plot
+        raise SystemExit('efficient-attn-bench draws its PNGs with matplotlib: pip install "efficient-attn[bench]"')
     import torch
 
     import efficient_attn as ea
