@@ -24,6 +24,8 @@ import difflib
 import importlib
 import importlib.metadata
 import inspect
+import os
+import sys
 import warnings
 from typing import Callable, Iterable, TypeVar
 
@@ -91,7 +93,12 @@ def _load_plugins() -> None:
 
 def import_attentions(modules: Iterable[str]) -> None:
     """Import each module by name so that its ``@register_attention`` classes register (the training
-    config's ``imports``). A module that cannot be imported raises ``ImportError`` naming it."""
+    config's ``imports``). Looked up on ``sys.path`` and in the current directory (a console command's
+    ``sys.path`` starts at its script's dir, not at the user's); one that cannot be imported raises
+    ``ImportError`` naming it."""
+    modules = list(modules)
+    if modules and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     for module in modules:
         try:
             importlib.import_module(module)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -163,6 +164,10 @@ def test_imports_key_reaches_a_module_that_is_not_installed(plugin, tmp_path):
     assert bench.returncode == 0, bench.stderr[-3000:]
     rows = [r for r in next((tmp_path / "bench").glob("bench_*.csv")).read_text().splitlines() if r.startswith("loose,")]
     assert rows and all(",ok," in r for r in rows), rows  # measured in the worker process, which imports it too
+    script = shutil.which("efficient-attn-train")  # its sys.path starts at its bin dir, not at the working dir
+    in_cwd = run([script, *TINY, "imports=[loose_attention]", "attention.name=loose", f"hydra.run.dir={tmp_path / 'cwd'}"],
+                 plugin, loose)  # a module in the working dir, as a user has it
+    assert in_cwd.returncode == 0, in_cwd.stderr[-3000:]
     missing = run(["-m", "efficient_attn_tasks.train", *TINY, "imports=[no_such_module]"], plugin, tmp_path)
     assert missing.returncode != 0
     assert "imports: cannot import 'no_such_module'" in missing.stderr
