@@ -65,8 +65,8 @@ def data_options(cfg: DictConfig) -> dict[str, Any]:
 class TaskData(pl.LightningDataModule):
     """A task's splits and their loaders; a task supplies ``load_splits`` and only what differs.
 
-    ``load_splits()`` returns ``{split: data}`` once (``setup``); a task adds no ``__init__``. Optional: ``collate_fn`` (a
-    ``staticmethod``; default torch's), ``dataset(split)`` (what a loader reads; default the split as
+    ``load_splits()`` returns ``{split: data}`` once (``setup``); a task adds no ``__init__``. Optional:
+    ``collate_fn`` (a ``staticmethod``; default torch's), ``dataset(split)`` (what a loader reads; default the split as
     loaded), ``train_batches`` (default: a fresh shuffle per epoch, ``task.batch_size`` each) and
     ``eval_dataloader`` (default: the whole split on every process, in order). Every loader takes
     ``task.num_workers`` workers (kept alive across epochs when there are any).

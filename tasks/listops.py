@@ -211,8 +211,8 @@ class ListOpsData(TaskData):
     @property
     def params(self) -> dict[str, Any]:
         """What the cached splits depend on (the generator's version and parameters)."""
-        params = {k: v for k, v in asdict(self.task).items() if k not in ("name", "batch_size", "pooling", "num_workers")}
-        return {"version": CACHE_VERSION, **params}
+        unused = ("name", "batch_size", "pooling", "num_workers")
+        return {"version": CACHE_VERSION, **{k: v for k, v in asdict(self.task).items() if k not in unused}}
 
     @property
     def path(self) -> Path:
