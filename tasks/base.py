@@ -1,12 +1,23 @@
-"""What every task shares: the model builder, the optimiser and schedule, throughput.
+"""What every task shares: the task protocol, the model builder, the optimiser and schedule, throughput.
 
 The config schemas live in tasks/schema.py (checked before Lightning loads) and are re-exported here.
 
-A task module (``tasks/<name>.py``) exposes ``Config`` (a dataclass: its ``task:`` config schema,
-with a ``name`` field) and ``build(cfg) -> (LightningDataModule, TaskModule)``. The module's
-``monitor`` / ``monitor_mode`` name the validation metric that picks the best checkpoint. A task whose
-``build`` reads data to make its module (translation: the tokenizer) also exposes
-``restore(cfg, checkpoint)``, which makes it from what the checkpoint holds (tasks/checkpoint.py).
+The task protocol. A task module (``tasks/<name>.py``; tasks/mqar.py is the smallest) has, in this order:
+
+- its docstring, then constants (``ATTENTION_SITES = TASK_SITES[<name>]``, vocabulary, ...);
+- ``Config`` (its ``task:`` schema, from tasks/schema.py ``TASK_SCHEMAS``) and
+  ``task_config(cfg) -> Config``, which calls :func:`task_section` (the only way a task reads ``cfg.task``);
+- its data helpers, which take the typed ``Config`` (and resolved paths), never ``cfg.task``;
+- its data module, a :class:`TaskData` made as ``XData(task, **data_options(cfg))``: it supplies only
+  ``load_splits`` and what differs (``collate_fn``, ``dataset``, ``train_batches``);
+- its Lightning module, a :class:`TaskModule` with ``monitor`` / ``monitor_mode`` (the validation metric
+  that picks the best checkpoint), ``self.task = task_config(cfg)``, and evaluation metrics kept as
+  weighted means (:meth:`TaskModule.accumulate`, logged at the end of each evaluation epoch);
+- ``build(cfg) -> (data module, Lightning module)``; a task whose ``build`` reads data to make its module
+  (translation: the tokenizer) also has ``restore(cfg, checkpoint)``, which makes it from what the
+  checkpoint holds (tasks/checkpoint.py).
+
+tests/test_task_protocol.py checks this for every task in ``checks.TASKS``.
 """
 
 from __future__ import annotations
@@ -15,18 +26,101 @@ import functools
 import math
 import random
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric
 
 from efficient_attn import attention_aux_loss, attention_optimizer_step
 from efficient_attn.transformer import count_parameters
 
 from .schema import (ATTENTION_CONFIG_DIR, AttentionConfig, ModelConfig, OptimConfig, attention_config_names,  # noqa: F401
                      attention_label, attention_spec, layer_entry, transformer_config)
+from .data import cache_dir as resolve_cache_dir
+from .data import data_dir as resolve_data_dir
+from .sampling import GlobalBatches, eval_loader, shuffled, train_loader
+
+Schema = TypeVar("Schema")
+SPLITS = ("train", "val", "test")
+EVAL_SPLITS = ("val", "test")
+
+
+def task_section(cfg: DictConfig, schema: type[Schema]) -> Schema:
+    """The ``task:`` group as a checked ``schema`` (unknown keys are a TypeError, bad values a ValueError);
+    every task's ``task_config`` is this with its ``Config``."""
+    return schema(**OmegaConf.to_container(cfg.task, resolve=True))
+
+
+def data_options(cfg: DictConfig) -> dict[str, Any]:
+    """The run-level values a data module takes besides its task section (:class:`TaskData`'s keywords)."""
+    return {"seed": cfg.get("seed") or 0, "data_dir": cfg.get("data_dir"), "cache_dir": cfg.get("cache_dir"),
+            "max_len": cfg.model.get("max_len")}
+
+
+class TaskData(pl.LightningDataModule):
+    """A task's splits and their loaders; a task supplies ``load_splits`` and only what differs.
+
+    ``load_splits()`` returns ``{split: data}`` once (``setup``); a task adds no ``__init__``. Optional:
+    ``collate_fn`` (a ``staticmethod``; default torch's), ``dataset(split)`` (what a loader reads; default the split as
+    loaded), ``train_batches`` (default: a fresh shuffle per epoch, ``task.batch_size`` each) and
+    ``eval_dataloader`` (default: the whole split on every process, in order). Every loader takes
+    ``task.num_workers`` workers (kept alive across epochs when there are any).
+
+    Keywords, the run's: ``seed`` (batch order), ``data_dir`` / ``cache_dir`` (config ``data_dir`` /
+    ``cache_dir``, resolved as tasks/data.py says into ``data_root`` / ``cache_root``), ``max_len``
+    (``model.max_len``, for a task whose data must fit the model).
+    """
+
+    collate_fn: Callable[[list[Any]], Any] | None = None
+
+    def __init__(self, task: Any, *, seed: int = 0, data_dir: str | Path | None = None,
+                 cache_dir: str | Path | None = None, max_len: int | None = None) -> None:
+        super().__init__()
+        self.task, self.seed, self.max_len = task, seed, max_len
+        self.data_root, self.cache_root = resolve_data_dir(data_dir, cache_dir), resolve_cache_dir(cache_dir)
+        self.splits: dict[str, Any] = {}
+        self.dropped: dict[str, int] = {}  # examples a split lost while loading (e.g. too long), if any
+
+    def load_splits(self) -> dict[str, Any]:
+        """``{split: data}`` for train, val and test."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.splits:
+            self.splits = self.load_splits()
+
+    def dataset(self, split: str) -> Any:
+        """What the loaders of ``split`` read (a ``Dataset`` or a sequence)."""
+        return self.splits[split]
+
+    def train_batches(self, data: Any) -> tuple[GlobalBatches, int]:
+        """(epoch -> that epoch's global batches, batches per epoch) for the training ``data``."""
+        size = self.task.batch_size
+        return shuffled(len(data), size, self.seed), -(-len(data) // size)
+
+    def loader_args(self, collate_fn: Callable[[list[Any]], Any] | None = None) -> dict[str, Any]:
+        """The DataLoader arguments every loader of the task shares (``collate_fn`` replaces the task's)."""
+        workers = self.task.num_workers
+        return {"collate_fn": collate_fn or self.collate_fn, "num_workers": workers, "persistent_workers": workers > 0}
+
+    def train_dataloader(self) -> DataLoader:
+        data = self.dataset("train")
+        batches, count = self.train_batches(data)
+        return train_loader(data, batches, count, self.trainer, self.seed, **self.loader_args())
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        return eval_loader(self.dataset(split), self.task.batch_size, **self.loader_args())
 
 
 class TaskModule(pl.LightningModule):
@@ -39,6 +133,8 @@ class TaskModule(pl.LightningModule):
 
     monitor: str = "val/loss"
     monitor_mode: str = "min"
+    eval_means: tuple[str, ...] = ("loss",)  # evaluation metrics, each a weighted mean per split (accumulate)
+    eval_dtype: torch.dtype = torch.float32  # what their sums are kept in
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every task's ``training_step`` adds the attentions' auxiliary losses (one place for all tasks)."""
@@ -52,6 +148,35 @@ class TaskModule(pl.LightningModule):
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self.resume_position: dict[str, int] | None = None  # set when restored from a checkpoint
         self._epoch_batches = 0
+        # no state in checkpoints (torchmetrics states are not persistent)
+        self.means = torch.nn.ModuleDict({f"{split}_{name}": MeanMetric().set_dtype(self.eval_dtype)
+                                          for split in EVAL_SPLITS for name in self.eval_means})
+
+    def accumulate(self, split: str, name: str, value: torch.Tensor, weight: Any = None) -> None:
+        """Add ``value`` (one number, or one per item) with ``weight`` (default 1 each) to the mean
+        ``split/name`` (one of ``eval_means``), logged at the end of the evaluation epoch."""
+        self.means[f"{split}_{name}"].update(value, weight=weight)
+
+    def log_means(self, split: str) -> dict[str, torch.Tensor]:
+        """Log ``split/<name>`` for every mean of ``eval_means`` updated this epoch, and reset them;
+        returns them (as logged). The means are summed over every process (torchmetrics' sync):
+        a split that every process evaluates whole has the same mean, a sharded one the whole split's."""
+        logged = {}
+        for name in self.eval_means:
+            metric = self.means[f"{split}_{name}"]
+            if not metric.update_called:
+                continue
+            # in the default dtype, as a number logged by self.log is
+            logged[name] = metric.compute().to(torch.get_default_dtype())
+            metric.reset()
+            self.log(f"{split}/{name}", logged[name], batch_size=1)
+        return logged
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_means("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_means("test")
 
     def on_train_epoch_start(self) -> None:
         resumed = self.resume_position

@@ -18,23 +18,21 @@ import os
 import random
 import tempfile
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Sequence
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import DataLoader, Dataset
-from torchmetrics.classification import MulticlassAccuracy
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from efficient_attn.transformer import TransformerClassifier
 
-from .base import TaskModule, attention_spec, transformer_config
-from .data import DataError, cache_dir
-from .sampling import eval_loader, shuffled, train_loader
+from .base import TaskData, TaskModule, attention_spec, data_options, task_section, transformer_config
+from .data import DataError
 from .schema import MIN_ARGS, TASK_SITES, check_params, longest_expression  # noqa: F401
 from .schema import ListOpsConfig as Config
 
@@ -50,6 +48,11 @@ VOCAB_SIZE, NUM_CLASSES = len(VOCAB), 10
 OPERATOR_P = 0.25  # LRA's VALUE_P: a non-root node below max_depth is an operator with this probability
 CACHE_VERSION = 2  # bump when the generator or the file layout changes
 SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
+
+
+def task_config(cfg: DictConfig) -> Config:
+    """The ``task:`` group as a checked :class:`Config` (unknown keys are a TypeError, bad values a ValueError)."""
+    return task_section(cfg, Config)
 
 
 def apply(op: str, args: Sequence[int]) -> int:
@@ -200,17 +203,22 @@ def collate(items: list[tuple[Tensor, int]]) -> dict[str, Tensor]:
     return {"tokens": tokens, "padding_mask": padding_mask, "label": torch.tensor([y for _, y in items])}
 
 
-class ListOpsData(pl.LightningDataModule):
+class ListOpsData(TaskData):
     """Generates the splits once into the cache (``prepare_data``) and loads them (``setup``)."""
 
-    def __init__(self, task: Config, cache: str | os.PathLike | None = None, seed: int = 0) -> None:
-        super().__init__()
-        self.task, self.seed = task, seed
-        params = {k: v for k, v in asdict(task).items() if k not in ("name", "batch_size", "pooling", "num_workers")}
-        self.params = {"version": CACHE_VERSION, **params}
+    collate_fn = staticmethod(collate)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """What the cached splits depend on (the generator's version and parameters)."""
+        unused = ("name", "batch_size", "pooling", "num_workers")
+        return {"version": CACHE_VERSION, **{k: v for k, v in asdict(self.task).items() if k not in unused}}
+
+    @property
+    def path(self) -> Path:
+        """The cache file of these splits (named by their parameters)."""
         digest = hashlib.sha256(json.dumps(self.params, sort_keys=True).encode()).hexdigest()[:16]
-        self.path = cache_dir(cache) / "listops" / f"{digest}.pt"
-        self.splits: dict[str, ListOpsDataset] = {}
+        return self.cache_root / "listops" / f"{digest}.pt"
 
     def prepare_data(self) -> None:
         if self.path.exists():
@@ -224,32 +232,18 @@ class ListOpsData(pl.LightningDataModule):
             torch.save(data, tmp)
         os.replace(tmp.name, self.path)
 
-    def setup(self, stage: str | None = None) -> None:
-        if not self.path.exists():
+    def load_splits(self) -> dict[str, ListOpsDataset]:
+        path, params = self.path, self.params
+        if not path.exists():
             self.prepare_data()
         try:
-            data = torch.load(self.path, weights_only=True)
+            data = torch.load(path, weights_only=True)
         except Exception as err:  # truncated or foreign file
-            raise DataError(f"cannot read cached ListOps data {self.path}: {err}; delete it to regenerate") from None
-        if data.get("params") != self.params:
-            raise DataError(f"{self.path} was generated with {data.get('params')}, not {self.params}; delete it")
+            raise DataError(f"cannot read cached ListOps data {path}: {err}; delete it to regenerate") from None
+        if data.get("params") != params:
+            raise DataError(f"{path} was generated with {data.get('params')}, not {params}; delete it")
         cls = self.task.pooling == "cls"
-        self.splits = {name: ListOpsDataset(split, cls) for name, split in data["splits"].items()}
-
-    def train_dataloader(self) -> DataLoader:
-        data, size = self.splits["train"], self.task.batch_size
-        return train_loader(data, shuffled(len(data), size, self.seed), -(-len(data) // size), self.trainer, self.seed,
-                            **self._loader_args())
-
-    def val_dataloader(self) -> DataLoader:
-        return eval_loader(self.splits["val"], self.task.batch_size, **self._loader_args())
-
-    def test_dataloader(self) -> DataLoader:
-        return eval_loader(self.splits["test"], self.task.batch_size, **self._loader_args())
-
-    def _loader_args(self) -> dict:
-        workers = self.task.num_workers
-        return {"collate_fn": collate, "num_workers": workers, "persistent_workers": workers > 0}
+        return {name: ListOpsDataset(split, cls) for name, split in data["splits"].items()}
 
 
 class ListOpsModule(TaskModule):
@@ -257,15 +251,15 @@ class ListOpsModule(TaskModule):
 
     monitor = "val/acc"
     monitor_mode = "max"
+    eval_means = ("loss", "acc")  # loss weighted by examples; acc: the mean of correct (1) and wrong (0) predictions
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
+        self.task = task_config(cfg)
         self.model = TransformerClassifier(
             transformer_config(cfg), VOCAB_SIZE, NUM_CLASSES,
-            attention=attention_spec(cfg, "encoder"), pooling=cfg.task.pooling,
+            attention=attention_spec(cfg, "encoder"), pooling=self.task.pooling,
         )
-        self.val_acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Also the token vocabulary: a checkpoint loaded by code with another one is refused (tasks/checkpoint.py)."""
@@ -284,25 +278,24 @@ class ListOpsModule(TaskModule):
         self.log("train/loss", logged, on_step=True, on_epoch=False, batch_size=len(batch["label"]))
         return loss
 
-    def _evaluate(self, batch: dict[str, Tensor], split: str, accuracy: MulticlassAccuracy) -> None:
-        logits, n = self(batch), len(batch["label"])
-        accuracy.update(logits, batch["label"])
-        self.log(f"{split}/loss", F.cross_entropy(logits, batch["label"]), on_epoch=True, batch_size=n)
-        self.log(f"{split}/acc", accuracy, on_epoch=True, batch_size=n)
-
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_acc)
+        self._eval_step(batch, "val")
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_acc)
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict[str, Tensor], split: str) -> None:
+        logits, labels = self(batch), batch["label"]  # (B, 10), (B,)
+        self.accumulate(split, "loss", F.cross_entropy(logits, labels), len(labels))
+        self.accumulate(split, "acc", (logits.argmax(-1) == labels).float())  # micro accuracy, as MulticlassAccuracy
 
 
 def build(cfg: DictConfig) -> tuple[ListOpsData, ListOpsModule]:
     """Data module and Lightning module for the composed run config."""
-    task = Config(**OmegaConf.to_container(cfg.task, resolve=True))
+    task = task_config(cfg)
     if cfg.model.max_len < task.longest_sequence:
         raise ValueError(
             f"ListOps sequences reach {task.longest_sequence} tokens (task.max_length={task.max_length}, "
             f"pooling={task.pooling}) but model.max_len={cfg.model.max_len}; raise model.max_len"
         )
-    return ListOpsData(task, cfg.get("cache_dir"), cfg.seed), ListOpsModule(cfg)
+    return ListOpsData(task, **data_options(cfg)), ListOpsModule(cfg)

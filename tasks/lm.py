@@ -14,19 +14,17 @@ import math
 import zipfile
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
-from torchmetrics import MeanMetric
+from torch.utils.data import Dataset
 
 from efficient_attn.transformer import TransformerLM
 
-from .base import TaskModule, attention_spec, transformer_config
-from .data import DataError, data_dir, fetch
-from .sampling import eval_loader, random_draws, train_loader
+from .base import TaskData, TaskModule, attention_spec, data_options, task_section, transformer_config
+from .data import DataError, fetch
+from .sampling import GlobalBatches, random_draws
 from .schema import LM_DATASETS as DATASETS  # noqa: F401
 from .schema import TASK_SITES
 from .schema import LMConfig as Config
@@ -39,16 +37,10 @@ Batch = dict[str, Tensor]
 
 def task_config(cfg: DictConfig) -> Config:
     """The ``task:`` group as a checked :class:`Config` (unknown keys are a TypeError)."""
-    return Config(**OmegaConf.to_container(cfg.task, resolve=True))
-
-
-def bits(loss: Tensor) -> Tensor:
-    """Cross-entropy in nats -> bits (per byte, i.e. per character for ASCII text)."""
-    return loss / math.log(2)
+    return task_section(cfg, Config)
 
 
 # ----------------------------------------------------------------------------- data
-
 
 def source_path(cfg: Config, root: Path) -> Path:
     """Where the dataset's file is, downloading (and verifying) a named dataset if it is missing."""
@@ -124,44 +116,32 @@ def eval_windows(data: Tensor, length: int, max_windows: int | None) -> Windows:
     return Windows(data, length, range(0, count * length, length))
 
 
-class ByteLMData(pl.LightningDataModule):
+class ByteLMData(TaskData):
     """Downloads in ``prepare_data``, reads and splits in ``setup``; batches are dicts of (B, T) int64."""
 
-    def __init__(self, cfg: Config, data_root: str | Path | None = None, seed: int = 0,
-                 cache_root: str | Path | None = None) -> None:
-        super().__init__()
-        self.cfg, self.root, self.seed = cfg, data_dir(data_root, cache_root), seed
-        self.splits: dict[str, Tensor] | None = None
-
     def prepare_data(self) -> None:
-        source_path(self.cfg, self.root)
+        source_path(self.task, self.data_root)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits is None:
-            self.splits = split_bytes(self.cfg, read_bytes(self.cfg, source_path(self.cfg, self.root)))
+    def load_splits(self) -> dict[str, Tensor]:
+        return split_bytes(self.task, read_bytes(self.task, source_path(self.task, self.data_root)))
 
-    def train_dataloader(self) -> DataLoader:
-        data, size = Windows(self.splits["train"], self.cfg.context_length), self.cfg.batch_size
-        draws = random_draws(len(data), self.cfg.train_batches_per_epoch * size, size, self.seed)
-        return train_loader(data, draws, self.cfg.train_batches_per_epoch, self.trainer, self.seed, **self._loader_args())
+    def dataset(self, split: str) -> Windows:
+        """Training: every window of the split; val and test: contiguous windows (at most eval_batches' worth)."""
+        if split == "train":
+            return Windows(self.splits["train"], self.task.context_length)
+        cap = None if self.task.eval_batches is None else self.task.eval_batches * self.task.batch_size
+        return eval_windows(self.splits[split], self.task.context_length, cap)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        cap = None if self.cfg.eval_batches is None else self.cfg.eval_batches * self.cfg.batch_size
-        data = eval_windows(self.splits[split], self.cfg.context_length, cap)
-        return eval_loader(data, self.cfg.batch_size, **self._loader_args())
-
-    def _loader_args(self) -> dict:
-        workers = self.cfg.num_workers
-        return {"num_workers": workers, "persistent_workers": workers > 0}
+    def train_batches(self, data: Windows) -> tuple[GlobalBatches, int]:
+        """``train_batches_per_epoch`` batches of random windows (drawn with replacement) per epoch."""
+        size, count = self.task.batch_size, self.task.train_batches_per_epoch
+        return random_draws(len(data), count * size, size, self.seed), count
 
 
 # ----------------------------------------------------------------------------- model
+def bits(loss: Tensor) -> Tensor:
+    """Cross-entropy in nats -> bits (per byte, i.e. per character for ASCII text)."""
+    return loss / math.log(2)
 
 
 class ByteLMModule(TaskModule):
@@ -169,21 +149,18 @@ class ByteLMModule(TaskModule):
 
     monitor = "val/bpc"
     monitor_mode = "min"
+    eval_means = ("loss", "bpc")  # weighted by predicted bytes (the last batch may be smaller)
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
-        context_length = task_config(cfg).context_length
+        self.task = task_config(cfg)
         model_cfg = transformer_config(cfg)
-        if model_cfg.max_len < context_length:
+        if model_cfg.max_len < self.task.context_length:
             raise ValueError(
-                f"task.context_length={context_length} exceeds model.max_len={model_cfg.max_len}; "
+                f"task.context_length={self.task.context_length} exceeds model.max_len={model_cfg.max_len}; "
                 "raise model.max_len (or shorten task.context_length)"
             )
         self.model = TransformerLM(model_cfg, VOCAB_SIZE, attention=attention_spec(cfg, "decoder"))
-        # token-weighted means over an evaluation epoch (the last batch may be smaller)
-        self.eval_metrics = torch.nn.ModuleDict(
-            {f"{split}_{name}": MeanMetric() for split in ("val", "test") for name in ("loss", "bpc")}
-        )
 
     def forward(self, batch: Batch) -> Tensor:
         return self.model(batch["tokens"])  # (B, T, 256)
@@ -210,14 +187,11 @@ class ByteLMModule(TaskModule):
         self._eval_step(batch, "test")
 
     def _eval_step(self, batch: Batch, split: str) -> None:
-        loss, count, size = self.loss(batch), batch["targets"].numel(), batch["tokens"].shape[0]
-        for name, value in (("loss", loss), ("bpc", bits(loss))):
-            metric = self.eval_metrics[f"{split}_{name}"]
-            metric.update(value, weight=count)
-            self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True, batch_size=size)
+        loss, count = self.loss(batch), batch["targets"].numel()
+        self.accumulate(split, "loss", loss, count)
+        self.accumulate(split, "bpc", bits(loss), count)
 
 
 def build(cfg: DictConfig) -> tuple[ByteLMData, ByteLMModule]:
     """The data module and the Lightning module for a composed config (task, model, attention, optim)."""
-    return ByteLMData(task_config(cfg), cfg.get("data_dir"), seed=cfg.get("seed") or 0,
-                      cache_root=cfg.get("cache_dir")), ByteLMModule(cfg)
+    return ByteLMData(task_config(cfg), **data_options(cfg)), ByteLMModule(cfg)

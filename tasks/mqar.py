@@ -17,31 +17,26 @@ key–value context occurs in train are dropped (disjoint splits), the count is 
 
 from __future__ import annotations
 
-
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
-from torchmetrics import MeanMetric
+from torch.utils.data import Dataset
 
 from efficient_attn.transformer import TransformerLM, decode_state_size
 
-from .base import TaskModule, attention_spec, transformer_config
-from .sampling import eval_loader, shuffled, train_loader
+from .base import SPLITS, TaskData, TaskModule, attention_spec, data_options, task_section, transformer_config
 from .schema import TASK_SITES
 from .schema import MQARConfig as Config
 
 IGNORE = -100  # target at non-query positions: no loss, no accuracy
 ATTENTION_SITES = TASK_SITES["mqar"]  # the model's attention sites (check_config)
-SPLITS = ("train", "val", "test")
 Batch = dict[str, Tensor]
 
 
 def task_config(cfg: DictConfig) -> Config:
     """The ``task:`` group as a checked :class:`Config` (unknown keys are a TypeError)."""
-    return Config(**OmegaConf.to_container(cfg.task, resolve=True))
+    return task_section(cfg, Config)
 
 
 # ----------------------------------------------------------------------------- data
@@ -100,34 +95,12 @@ class Sequences(Dataset):
         return {k: v[i] for k, v in self.split.items()}
 
 
-class MQARData(pl.LightningDataModule):
+class MQARData(TaskData):
     """Generates the splits in ``setup`` (seconds; deterministic in ``data_seed``, so nothing is cached)."""
 
-    def __init__(self, cfg: Config, seed: int = 0) -> None:
-        super().__init__()
-        self.cfg, self.seed = cfg, seed
-        self.splits: dict[str, Sequences] = {}
-        self.dropped: dict[str, int] = {}
-
-    def setup(self, stage: str | None = None) -> None:
-        if not self.splits:
-            splits, self.dropped = make_splits(self.cfg)
-            self.splits = {name: Sequences(split) for name, split in splits.items()}
-
-    def train_dataloader(self) -> DataLoader:
-        data, size = self.splits["train"], self.cfg.batch_size
-        return train_loader(data, shuffled(len(data), size, self.seed), -(-len(data) // size), self.trainer, self.seed,
-                            **self._loader_args())
-
-    def val_dataloader(self) -> DataLoader:
-        return eval_loader(self.splits["val"], self.cfg.batch_size, **self._loader_args())
-
-    def test_dataloader(self) -> DataLoader:
-        return eval_loader(self.splits["test"], self.cfg.batch_size, **self._loader_args())
-
-    def _loader_args(self) -> dict:
-        workers = self.cfg.num_workers
-        return {"num_workers": workers, "persistent_workers": workers > 0}
+    def load_splits(self) -> dict[str, Sequences]:
+        splits, self.dropped = make_splits(self.task)
+        return {name: Sequences(split) for name, split in splits.items()}
 
 
 # ----------------------------------------------------------------------------- model
@@ -138,6 +111,7 @@ class MQARModule(TaskModule):
 
     monitor = "val/acc"
     monitor_mode = "max"
+    eval_means = ("loss", "acc")  # weighted by queries
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
@@ -147,10 +121,6 @@ class MQARModule(TaskModule):
             raise ValueError(f"task.seq_len={self.task.seq_len} exceeds model.max_len={model_cfg.max_len}; "
                              "raise model.max_len")
         self.model = TransformerLM(model_cfg, self.task.vocab_size, attention=attention_spec(cfg, "decoder"))
-        # query-weighted means over an evaluation epoch
-        self.eval_metrics = torch.nn.ModuleDict(
-            {f"{split}_{name}": MeanMetric() for split in ("val", "test") for name in ("loss", "acc")}
-        )
 
     def forward(self, batch: Batch) -> Tensor:
         return self.model(batch["tokens"])  # (B, L, V)
@@ -184,16 +154,15 @@ class MQARModule(TaskModule):
 
     def _eval_step(self, batch: Batch, split: str) -> None:
         loss, acc, count = self.scores(batch)
-        for name, value in (("loss", loss), ("acc", acc)):
-            metric = self.eval_metrics[f"{split}_{name}"]
-            metric.update(value, weight=count)
-            self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True, batch_size=batch["tokens"].shape[0])
+        self.accumulate(split, "loss", loss, count)
+        self.accumulate(split, "acc", acc, count)
 
     def on_test_epoch_end(self) -> None:
         """Also record the decoding state one layer holds after a whole sequence (numbers per sequence)."""
+        super().on_test_epoch_end()
         self.log("test/state_size", float(decode_state_size(self.model, self.task.seq_len)))
 
 
 def build(cfg: DictConfig) -> tuple[MQARData, MQARModule]:
     """The data module and the Lightning module for a composed config (task, model, attention, optim)."""
-    return MQARData(task_config(cfg), seed=cfg.get("seed") or 0), MQARModule(cfg)
+    return MQARData(task_config(cfg), **data_options(cfg)), MQARModule(cfg)

@@ -17,40 +17,39 @@ import sys
 import uuid
 from pathlib import Path
 
-import pytorch_lightning as pl
 import sacrebleu
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from efficient_attn.generate import beam_search, greedy_search
 from efficient_attn.transformer import Seq2SeqTransformer
 
-from .base import TaskModule, all_gather_objects, attention_spec, transformer_config
-from .data import RESOURCES, DataError, cache_dir, data_dir, fetch_all, read_lines
-from .sampling import by_length, sharded_eval_loader, train_loader
-from .schema import TASK_SITES, model_max_len
+from .base import (SPLITS, TaskData, TaskModule, all_gather_objects, attention_spec, data_options, task_section,
+                   transformer_config)
+from .data import RESOURCES, DataError, data_dir, fetch_all, read_lines
+from .sampling import GlobalBatches, by_length, sharded_eval_loader
+from .schema import TASK_SITES
 from .schema import TranslationConfig as Config
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
-SPLITS = ("train", "val", "test")
 ATTENTION_SITES = TASK_SITES["translation"]  # the model's attention sites (check_config)
 MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
 
 
 def task_config(cfg: DictConfig) -> Config:
     """The ``task:`` group as a checked :class:`Config` (unknown keys are a TypeError, bad values a ValueError)."""
-    return Config(**OmegaConf.to_container(cfg.task, resolve=True))
+    return task_section(cfg, Config)
 
 
 # ----------------------------------------------------------------------------- raw text pairs
-def load_pairs(cfg: DictConfig) -> dict[str, tuple[list[str], list[str]]]:
-    """{split: (source lines, target lines)} for the configured corpus."""
-    t = cfg.task
+def load_pairs(t: Config, root: Path | None = None) -> dict[str, tuple[list[str], list[str]]]:
+    """{split: (source lines, target lines)} for the configured corpus; Multi30k is read from (or downloaded
+    into) the data dir ``root`` (default: tasks/data.py ``data_dir()``)."""
     if t.source == "multi30k":
-        root = data_dir(cfg.data_dir, cfg.get("cache_dir"))
+        root = root or data_dir()
         key = lambda split, lang: f"multi30k/{MULTI30K_SPLITS[split]}.{lang}.gz"
         keys = [key(s, lang) for s in SPLITS for lang in (t.src_lang, t.tgt_lang)]
         unknown = [k for k in keys if k not in RESOURCES]
@@ -76,7 +75,7 @@ def _checked(src: list[str], tgt: list[str], split: str) -> tuple[list[str], lis
     return src, tgt
 
 
-def _load_hf(t: DictConfig) -> dict[str, tuple[list[str], list[str]]]:
+def _load_hf(t: Config) -> dict[str, tuple[list[str], list[str]]]:
     try:
         import datasets
     except ImportError:
@@ -92,7 +91,7 @@ def _load_hf(t: DictConfig) -> dict[str, tuple[list[str], list[str]]]:
     return out
 
 
-def _synthetic(t: DictConfig) -> dict[str, tuple[list[str], list[str]]]:
+def _synthetic(t: Config) -> dict[str, tuple[list[str], list[str]]]:
     """Random space-separated letters (so BLEU sees words); the target copies or reverses them."""
     if t.synthetic not in ("copy", "reverse"):
         raise ValueError(f"task.synthetic must be copy or reverse, got {t.synthetic!r}")
@@ -110,7 +109,7 @@ def _synthetic(t: DictConfig) -> dict[str, tuple[list[str], list[str]]]:
 
 
 # ----------------------------------------------------------------------------- tokenizer
-def train_tokenizer(pairs: tuple[list[str], list[str]], t: DictConfig, root: Path) -> spm.SentencePieceProcessor:
+def train_tokenizer(pairs: tuple[list[str], list[str]], t: Config, root: Path) -> spm.SentencePieceProcessor:
     """A joint SentencePiece model over both sides of the training split, cached by content hash."""
     key = hashlib.sha256()
     for line in (*pairs[0], *pairs[1]):
@@ -137,76 +136,7 @@ def train_tokenizer(pairs: tuple[list[str], list[str]], t: DictConfig, root: Pat
     return spm.SentencePieceProcessor(model_file=str(path))
 
 
-# ----------------------------------------------------------------------------- data module
-class TranslationData(pl.LightningDataModule):
-    """Encodes each split once; training batches group sentences of similar length."""
-
-    def __init__(self, cfg: DictConfig) -> None:
-        super().__init__()
-        self.cfg, self.t = cfg, cfg.task
-        self.sp: spm.SentencePieceProcessor | None = None
-        self.data: dict[str, list[tuple[list[int], list[int], str]]] = {}
-        self.dropped: dict[str, int] = {}
-
-    def prepare_data(self) -> None:
-        self.setup()
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.data:
-            return
-        pairs = load_pairs(self.cfg)
-        if self.sp is None:  # set already when restored from a checkpoint (``restore``)
-            self.sp = train_tokenizer(pairs["train"], self.t, cache_dir(self.cfg.cache_dir))
-        for split, (src, tgt) in pairs.items():
-            src_ids, tgt_ids = self.sp.encode(src), self.sp.encode(tgt)
-            rows = list(zip(src_ids, tgt_ids, tgt))
-            if split == "train":  # drop empty and overlong pairs, and say how many
-                limit = int(self.t.max_tokens)  # a plain int: a config lookup per pair costs seconds
-                keep = [r for r in rows if 0 < len(r[0]) <= limit and 0 < len(r[1]) <= limit]
-                self.dropped[split] = len(rows) - len(keep)
-                if self.dropped[split]:
-                    print(f"translation: dropped {self.dropped[split]} of {len(rows)} training pairs "
-                          f"(empty, or longer than task.max_tokens={self.t.max_tokens})")
-                rows = keep
-            if not rows:
-                raise DataError(f"translation: the {split} split is empty")
-            self.data[split] = rows
-        max_len = model_max_len(self.cfg)
-        for split, rows in self.data.items():
-            check_lengths(split, rows, max_len, int(self.t.max_tokens))
-        for split in ("val", "test"):
-            note = decoding_cap_note(split, [len(s) for s, _, _ in self.data[split]], max_len,
-                                     float(self.t.max_len_a), int(self.t.max_len_b))
-            if note:
-                print(note)
-
-    @property
-    def vocab_size(self) -> int:
-        self.setup()
-        return self.sp.get_piece_size()
-
-    def train_dataloader(self) -> DataLoader:
-        rows = self.data["train"]
-        lengths = [len(s) + len(t) for s, t, _ in rows]
-        return train_loader(rows, by_length(lengths, self.t.batch_size, self.cfg.seed), -(-len(rows) // self.t.batch_size),
-                            self.trainer, self.cfg.seed, collate_fn=collate, num_workers=self.t.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        """This process's share of the split; batches also hold each sentence's index (``ids``)."""
-        try:
-            return sharded_eval_loader(self.data[split], self.t.batch_size, self.trainer, collate_fn=collate_indexed,
-                                       num_workers=self.t.num_workers)
-        except ValueError as err:
-            raise DataError(f"translation: the {split} split: {err}; run on fewer processes "
-                            "(trainer.devices × trainer.num_nodes)") from None
-
-
+# ----------------------------------------------------------------------------- batches
 def collate_indexed(items: list[tuple[int, tuple[list[int], list[int], str]]]) -> dict:
     """:func:`collate` of the rows, plus ``ids``: their indices in the split."""
     return {**collate([row for _, row in items]), "ids": [i for i, _ in items]}
@@ -263,20 +193,102 @@ def _pad(seqs: list[list[int]]) -> torch.Tensor:
     return out
 
 
+# ----------------------------------------------------------------------------- data module
+class TranslationData(TaskData):
+    """Encodes each split once; training batches group sentences of similar length."""
+
+    collate_fn = staticmethod(collate)
+    sp: spm.SentencePieceProcessor | None = None  # set before ``setup`` when restored from a checkpoint (``restore``)
+
+    def prepare_data(self) -> None:
+        self.setup()
+
+    def load_splits(self) -> dict[str, list[tuple[list[int], list[int], str]]]:
+        pairs = load_pairs(self.task, self.data_root)
+        if self.sp is None:
+            self.sp = train_tokenizer(pairs["train"], self.task, self.cache_root)
+        data = {split: self._encoded(split, src, tgt) for split, (src, tgt) in pairs.items()}
+        if self.max_len is None:
+            raise ValueError("model.max_len is null (the task's longest sequence): run efficient_attn_tasks.train."
+                             "check_config(cfg) first, which fills it in, or set model.max_len")
+        for split, rows in data.items():
+            check_lengths(split, rows, self.max_len, self.task.max_tokens)
+        for split in ("val", "test"):
+            note = decoding_cap_note(split, [len(s) for s, _, _ in data[split]], self.max_len,
+                                     float(self.task.max_len_a), int(self.task.max_len_b))
+            if note:
+                print(note)
+        return data
+
+    def _encoded(self, split: str, src: list[str], tgt: list[str]) -> list[tuple[list[int], list[int], str]]:
+        """(source ids, target ids, target text) rows; training drops empty and overlong pairs, and says how many."""
+        rows = list(zip(self.sp.encode(src), self.sp.encode(tgt), tgt))
+        if split == "train":
+            limit = self.task.max_tokens
+            keep = [r for r in rows if 0 < len(r[0]) <= limit and 0 < len(r[1]) <= limit]
+            self.dropped[split] = len(rows) - len(keep)
+            if self.dropped[split]:
+                print(f"translation: dropped {self.dropped[split]} of {len(rows)} training pairs "
+                      f"(empty, or longer than task.max_tokens={limit})")
+            rows = keep
+        if not rows:
+            raise DataError(f"translation: the {split} split is empty")
+        return rows
+
+    @property
+    def vocab_size(self) -> int:
+        self.setup()
+        return self.sp.get_piece_size()
+
+    def train_batches(self, rows: list) -> tuple[GlobalBatches, int]:
+        """Batches of pairs of similar length (source + target tokens), in a seeded order."""
+        lengths = [len(s) + len(t) for s, t, _ in rows]
+        size = self.task.batch_size
+        return by_length(lengths, size, self.seed), -(-len(rows) // size)
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """This process's share of the split; batches also hold each sentence's index (``ids``)."""
+        try:
+            return sharded_eval_loader(self.splits[split], self.task.batch_size, self.trainer,
+                                       **self.loader_args(collate_indexed))
+        except ValueError as err:
+            raise DataError(f"translation: the {split} split: {err}; run on fewer processes "
+                            "(trainer.devices × trainer.num_nodes)") from None
+
+
 # ----------------------------------------------------------------------------- Lightning module
+def gathered_in_order(rows: list[tuple]) -> list[tuple]:
+    """Every process's evaluation batches (``(ids, ...)`` each), in corpus order: on every process the
+    same list, as one process would have made it. Each sentence must come once (none padded in twice)."""
+    rows = sorted((r for shard in all_gather_objects(rows) for r in shard), key=lambda r: r[0][0])
+    ids = [i for r in rows for i in r[0]]
+    if ids != sorted(set(ids)):
+        raise RuntimeError(f"evaluation batches overlap or are out of order: sentence ids {ids[:20]}...")
+    return rows
+
+
+def _strip(ids: list[int]) -> list[int]:
+    return ids[: ids.index(EOS)] if EOS in ids else [i for i in ids if i != PAD]
+
+
 class TranslationModule(TaskModule):
     """Label-smoothed cross-entropy; BLEU (greedy on val, beam on test) and perplexity."""
 
+    eval_means = ("loss",)  # weighted by target tokens; ppl = exp(loss)
+    eval_dtype = torch.float64  # summed in double, as this task always summed its loss
+
     def __init__(self, cfg: DictConfig, vocab_size: int, sp: spm.SentencePieceProcessor) -> None:
         super().__init__(cfg)
-        self.t, self.sp = cfg.task, sp
+        self.task, self.sp = task_config(cfg), sp
         self.model = Seq2SeqTransformer(
             transformer_config(cfg), vocab_size,
             encoder_attention=attention_spec(cfg, "encoder"),
             decoder_attention=attention_spec(cfg, "decoder"),
             cross_attention=attention_spec(cfg, "cross"),
         )
-        self.monitor, self.monitor_mode = ("val/bleu", "max") if self.t.val_bleu else ("val/loss", "min")
+        self.monitor, self.monitor_mode = ("val/bleu", "max") if self.task.val_bleu else ("val/loss", "min")
+        # BLEU is a corpus score, not a mean over batches: each split's hypotheses and references are kept
+        # (on every process, its share) and gathered in corpus order at the epoch's end (one list by necessity)
         self._outputs: dict[str, list] = {}
         self.bleu_signature: str | None = None
 
@@ -299,34 +311,36 @@ class TranslationModule(TaskModule):
         return loss, int((~batch["tgt_mask"]).sum())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, n = self._nll(batch, self.t.label_smoothing)
+        loss, n = self._nll(batch, self.task.label_smoothing)
         loss, logged = self.global_mean(loss, n)  # over the global batch's target tokens, on any number of processes
         self.log("train/loss", logged, prog_bar=True, batch_size=n)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step("val", batch, beam=1 if self.t.val_bleu else 0)
+        self._eval_step("val", batch, beam=1 if self.task.val_bleu else 0)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step("test", batch, beam=self.t.beam_size)
+        self._eval_step("test", batch, beam=self.task.beam_size)
 
     def _eval_step(self, split: str, batch: dict, beam: int) -> None:
         nll, n = self._nll(batch, 0.0)
-        out = self._outputs.setdefault(split, [])
-        out.append((batch["ids"], float(nll) * n, n, self.translate(batch, beam) if beam else [], batch["refs"]))
+        self.accumulate(split, "loss", nll, n)
+        self._outputs.setdefault(split, []).append((batch["ids"], self.translate(batch, beam) if beam else [],
+                                                    batch["refs"]))
 
     def translate(self, batch: dict, beam: int) -> list[str]:
         """Detokenized hypotheses for a batch (beam=1: greedy)."""
         src, mask = batch["src"], batch["src_mask"]
         lengths = (~mask).sum(1)
-        max_len = decoding_limit(int(lengths.max()), self.model.cfg.max_len, self.t.max_len_a, self.t.max_len_b)
+        max_len = decoding_limit(int(lengths.max()), self.model.cfg.max_len, self.task.max_len_a,
+                                 self.task.max_len_b)
         state = self.model.start(src, mask)
         kw = dict(bos=BOS, eos=EOS, pad=PAD, unk=UNK, max_len=max_len)
         if beam <= 1:
             ids = greedy_search(self.model, state, src.shape[0], **kw)
         else:
             ids = beam_search(self.model, state, src.shape[0], beam_size=beam,
-                              length_penalty=self.t.length_penalty, **kw)
+                              length_penalty=self.task.length_penalty, **kw)
         return [self.sp.decode(_strip(row.tolist())) for row in ids]
 
     def on_validation_epoch_end(self) -> None:
@@ -336,15 +350,13 @@ class TranslationModule(TaskModule):
         self._log_epoch("test")
 
     def _log_epoch(self, split: str) -> None:
+        means = self.log_means(split)
+        if "loss" in means:
+            self.log(f"{split}/ppl", means["loss"].exp())
         rows = gathered_in_order(self._outputs.pop(split, []))
-        if not rows:
-            return
-        total, n = sum(r[1] for r in rows), sum(r[2] for r in rows)  # summed in corpus order, as on one process
-        self.log(f"{split}/loss", total / n)
-        self.log(f"{split}/ppl", float(torch.tensor(total / n).exp()))
-        hyps = [h for r in rows for h in r[3]]
+        hyps = [h for r in rows for h in r[1]]
         if hyps:
-            refs = [x for r in rows for x in r[4]]
+            refs = [x for r in rows for x in r[2]]
             bleu = sacrebleu.metrics.BLEU()
             self.log(f"{split}/bleu", bleu.corpus_score(hyps, [refs]).score)
             self.bleu_signature = str(bleu.get_signature())
@@ -352,23 +364,9 @@ class TranslationModule(TaskModule):
                 self.test_hypotheses = hyps
 
 
-def gathered_in_order(rows: list[tuple]) -> list[tuple]:
-    """Every process's evaluation batches (``(ids, ...)`` each), in corpus order: on every process the
-    same list, as one process would have made it. Each sentence must come once (none padded in twice)."""
-    rows = sorted((r for shard in all_gather_objects(rows) for r in shard), key=lambda r: r[0][0])
-    ids = [i for r in rows for i in r[0]]
-    if ids != sorted(set(ids)):
-        raise RuntimeError(f"evaluation batches overlap or are out of order: sentence ids {ids[:20]}...")
-    return rows
-
-
-def _strip(ids: list[int]) -> list[int]:
-    return ids[: ids.index(EOS)] if EOS in ids else [i for i in ids if i != PAD]
-
-
 def build(cfg: DictConfig) -> tuple[TranslationData, TranslationModule]:
-    task_config(cfg)  # the task section's value checks (check_config runs them first)
-    data = TranslationData(cfg)
+    """The data module (set up: the tokenizer is made from its training split) and the Lightning module."""
+    data = TranslationData(task_config(cfg), **data_options(cfg))
     data.setup()
     return data, TranslationModule(cfg, data.vocab_size, data.sp)
 
@@ -381,6 +379,6 @@ def restore(cfg: DictConfig, checkpoint: dict) -> tuple[TranslationData, Transla
         print("note: this checkpoint holds no tokenizer (saved before checkpoints did); rebuilding it from the "
               "training data", file=sys.stderr)
         return build(cfg)
-    data = TranslationData(cfg)
+    data = TranslationData(task_config(cfg), **data_options(cfg))
     data.sp = spm.SentencePieceProcessor(model_proto=checkpoint["tokenizer"])
     return data, TranslationModule(cfg, data.sp.get_piece_size(), data.sp)

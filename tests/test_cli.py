@@ -235,7 +235,7 @@ def test_missing_multi30k_lists_every_missing_file_and_tries_one_download(tmp_pa
     (root / "multi30k").mkdir(parents=True)
     (root / "multi30k" / "val.de.gz").write_bytes(b"present")  # not missing: not listed
     with pytest.raises(DataError) as err:
-        translation.load_pairs(config("task=translation", f"data_dir={root}"))
+        translation.load_pairs(translation.task_config(config("task=translation")), root)
     message = str(err.value)
     assert "5 of 6 data files are not in the data dir" in message and "network unreachable" in message
     for name in MULTI30K:

@@ -117,7 +117,7 @@ def tiny_task(**overrides):
 
 
 def test_data_module_batches_and_cache(tmp_path):
-    data = ListOpsData(Config(**tiny_task()), tmp_path, seed=0)
+    data = ListOpsData(Config(**tiny_task()), cache_dir=tmp_path, seed=0)
     data.prepare_data()
     assert data.path.exists() and data.path.parent == tmp_path / "listops"
     data.setup("fit")
@@ -132,7 +132,7 @@ def test_data_module_batches_and_cache(tmp_path):
     assert [len(data.splits[s]) for s in ("train", "val", "test")] == [64, 16, 16]
 
     before = data.path.stat().st_mtime_ns
-    again = ListOpsData(Config(**tiny_task()), tmp_path, seed=0)
+    again = ListOpsData(Config(**tiny_task()), cache_dir=tmp_path, seed=0)
     again.prepare_data()
     again.setup("fit")
     assert data.path.stat().st_mtime_ns == before  # loaded, not regenerated
@@ -142,13 +142,13 @@ def test_data_module_batches_and_cache(tmp_path):
 
 
 def test_splits_differ_and_cls_prepended(tmp_path):
-    data = ListOpsData(Config(**tiny_task(pooling="cls")), tmp_path)
+    data = ListOpsData(Config(**tiny_task(pooling="cls")), cache_dir=tmp_path)
     data.setup()
     firsts = {split: data.splits[split][0][0] for split in ("train", "val", "test")}
     assert all(ids[0] == VOCAB.index("<cls>") and ids[1] != VOCAB.index("<cls>") for ids in firsts.values())
     seqs = {split: {tuple(data.splits[split][i][0].tolist()) for i in range(16)} for split in firsts}
     assert not (seqs["train"] & seqs["val"]) and not (seqs["val"] & seqs["test"])
-    other = ListOpsData(Config(**tiny_task(data_seed=8)), tmp_path)
+    other = ListOpsData(Config(**tiny_task(data_seed=8)), cache_dir=tmp_path)
     assert other.path != data.path  # the cache file is per generator parameters
 
 

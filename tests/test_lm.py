@@ -47,7 +47,7 @@ def full_config(attention="softmax", kwargs=None, **task):
 
 
 def data_module(seed: int = 0, **task) -> ByteLMData:
-    dm = ByteLMData(Config(**task), DATA, seed=seed)
+    dm = ByteLMData(Config(**task), data_dir=DATA, seed=seed)
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -93,7 +93,7 @@ def test_eval_batches_caps_val_and_test(tmp_path):
 @needs_shakespeare
 def test_same_seed_same_first_batch_and_epochs_differ():
     def first_batches(seed, epochs=1):  # each pass over the loader is the next epoch
-        dm = ByteLMData(Config(context_length=32, batch_size=4), DATA, seed=seed)
+        dm = ByteLMData(Config(context_length=32, batch_size=4), data_dir=DATA, seed=seed)
         dm.setup("fit")
         loader = dm.train_dataloader()
         return [first_batch(loader)["tokens"] for _ in range(epochs)]

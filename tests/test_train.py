@@ -434,9 +434,9 @@ def test_missing_data_dir_without_network_is_a_clear_error(tmp_path, monkeypatch
         raise urllib.error.URLError("network unreachable")
 
     monkeypatch.setattr("urllib.request.urlopen", offline)
-    cfg = config("task=translation", f"data_dir={tmp_path / 'nowhere'}")
+    task = translation.task_config(config("task=translation"))
     with pytest.raises(DataError, match=r"6 of 6 data files are not in the data dir .*multi30k/train.en.gz.* point data_dir="):
-        translation.load_pairs(cfg)
+        translation.load_pairs(task, tmp_path / "nowhere")
 
 
 def files_override(src: Path, tgt: Path) -> str:
@@ -455,8 +455,8 @@ def test_hf_datasets_corpora_are_read_by_split_and_language(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "datasets", type(sys)("datasets"))
     monkeypatch.setattr(sys.modules["datasets"], "load_dataset", load_dataset, raising=False)
-    pairs = translation.load_pairs(config("task=translation", "task.source=hf", "task.hf_name=wmt14",
-                                          "task.hf_config=de-en"))
+    pairs = translation.load_pairs(translation.task_config(config("task=translation", "task.source=hf",
+                                                                  "task.hf_name=wmt14", "task.hf_config=de-en")))
     assert calls == [("wmt14", "de-en")]
     assert pairs["train"] == (["a cat"], ["eine Katze"]) and pairs["val"] == (["a"], ["ein"])
 
@@ -466,7 +466,7 @@ def test_parallel_files_of_unequal_length_are_rejected(tmp_path):
         (tmp_path / name).write_text("x y\n" * n)
     cfg = config("task=translation", "task.source=files", files_override(tmp_path / "a.src", tmp_path / "a.tgt"))
     with pytest.raises(DataError, match="source has 3 lines but target has 2"):
-        translation.load_pairs(cfg)
+        translation.load_pairs(translation.task_config(cfg))
 
 
 def test_corrupt_or_altered_files_are_clear_errors(tmp_path):
@@ -475,10 +475,11 @@ def test_corrupt_or_altered_files_are_clear_errors(tmp_path):
         for lang in ("en", "de"):
             (tmp_path / "multi30k" / f"{split}.{lang}.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
     with pytest.raises(DataError, match="does not match its SHA-256 .* delete it to download it again"):
-        translation.load_pairs(config("task=translation", f"data_dir={tmp_path}"))
+        translation.load_pairs(translation.task_config(config("task=translation")), tmp_path)
     gz = tmp_path / "multi30k" / "train.en.gz"
     with pytest.raises(DataError, match="cannot read .*train.en.gz.*corrupt or truncated"):
-        translation.load_pairs(config("task=translation", "task.source=files", files_override(gz, gz)))
+        translation.load_pairs(translation.task_config(config("task=translation", "task.source=files",
+                                                              files_override(gz, gz))))
 
 
 def test_wandb_logger_runs_disabled_with_dirs_in_temp(tmp_path):

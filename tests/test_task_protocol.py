@@ -1,0 +1,104 @@
+"""Every task follows one protocol (tasks/base.py): the same top-level shape, a TaskData data module with the
+common signature, a TaskModule with monitor / monitor_mode, and task_config returning its schema's dataclass.
+A new task in ``checks.TASKS`` that deviates fails here."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import typing
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torchmetrics.classification import MulticlassAccuracy
+
+from efficient_attn_tasks.base import TaskData, TaskModule
+from efficient_attn_tasks.checks import CONFIG_DIR, TASKS, check_config
+from efficient_attn_tasks.schema import TASK_SCHEMAS, TASK_SITES
+
+COMMON_KEYWORDS = ["seed", "data_dir", "cache_dir", "max_len"]  # TaskData's run-level keywords
+LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")  # TaskData's; a task supplies hooks instead
+
+
+def task_module(name: str):
+    return importlib.import_module(TASKS[name])
+
+
+def built_classes(task) -> tuple[type, type]:
+    """(data module class, Lightning module class) from ``build``'s return annotation."""
+    data_cls, module_cls = typing.get_args(typing.get_type_hints(task.build)["return"])
+    return data_cls, module_cls
+
+
+def own_definitions(task) -> list[tuple[int, str]]:
+    """(line, name) of the functions and classes the task module defines, in source order."""
+    defs = [(inspect.getsourcelines(obj)[1], name) for name, obj in vars(task).items()
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == task.__name__]
+    return sorted(defs)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_task_module_has_the_protocols_names_and_signatures(name):
+    task = task_module(name)
+    assert (task.__doc__ or "").strip(), f"{name}: no module docstring"
+    assert task.Config is TASK_SCHEMAS[name] and task.ATTENTION_SITES == TASK_SITES[name]
+    assert list(inspect.signature(task.build).parameters) == ["cfg"]
+    if hasattr(task, "restore"):
+        assert list(inspect.signature(task.restore).parameters) == ["cfg", "checkpoint"]
+    data_cls, module_cls = built_classes(task)
+    assert issubclass(data_cls, TaskData) and "__init__" not in vars(data_cls), \
+        f"{name}: the data module is a TaskData with its signature (task, *, {', '.join(COMMON_KEYWORDS)})"
+    assert not set(LOADERS) & set(vars(data_cls)), f"{name}: loaders come from TaskData (override its hooks)"
+    assert "load_splits" in vars(data_cls)
+    assert issubclass(module_cls, TaskModule)
+    assert isinstance(module_cls.monitor, str) and module_cls.monitor_mode in ("min", "max")
+    assert "loss" in module_cls.eval_means
+
+
+def test_the_data_module_signature_is_one_for_every_task():
+    params = list(inspect.signature(TaskData.__init__).parameters.values())[1:]
+    assert params[0].name == "task" and params[0].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert [p.name for p in params[1:]] == COMMON_KEYWORDS
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[1:])
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_task_module_has_the_protocols_order(name):
+    """docstring, constants, task_config, data helpers, the data module, the Lightning module, build, restore."""
+    task = task_module(name)
+    data_cls, module_cls = built_classes(task)
+    names = [n for _, n in own_definitions(task)]
+    assert names[0] == "task_config", f"{name}: task_config is the first definition, got {names[:3]}"
+    tail = ["build", "restore"] if hasattr(task, "restore") else ["build"]
+    assert names[-len(tail):] == tail, f"{name}: build (then restore) come last, got {names[-3:]}"
+    assert names.index(data_cls.__name__) < names.index(module_cls.__name__), \
+        f"{name}: the data module comes before the Lightning module"
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_task_config_returns_the_schemas_dataclass(name):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"task={name}", "model=tiny", "logger=none"])
+    got = task_module(name).task_config(cfg)
+    assert type(got) is TASK_SCHEMAS[name] and got.name == name
+
+
+def test_listops_accuracy_is_the_weighted_mean_of_correct_predictions():
+    """The same number as torchmetrics' micro MulticlassAccuracy (what ListOps logged before), batch by batch."""
+    from efficient_attn_tasks import listops
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["task=listops", "model=tiny", "logger=none", "task.min_length=10",
+                                          "task.max_length=40"])
+    check_config(cfg)
+    module = listops.ListOpsModule(cfg)
+    reference = MulticlassAccuracy(num_classes=listops.NUM_CLASSES, average="micro")
+    g = torch.Generator().manual_seed(0)
+    for size in (16, 16, 7):  # a smaller last batch
+        logits = torch.randn(size, listops.NUM_CLASSES, generator=g)  # (B, 10)
+        labels = torch.randint(listops.NUM_CLASSES, (size,), generator=g)  # (B,)
+        module.forward = lambda batch, logits=logits: logits
+        module.validation_step({"label": labels}, 0)
+        reference.update(logits, labels)
+    assert module.means["val_acc"].compute() == reference.compute()
