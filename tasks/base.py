@@ -148,8 +148,9 @@ class TaskModule(pl.LightningModule):
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self.resume_position: dict[str, int] | None = None  # set when restored from a checkpoint
         self._epoch_batches = 0
-        # no state in checkpoints (torchmetrics states are not persistent)
-        self.means = torch.nn.ModuleDict({f"{split}_{name}": MeanMetric().set_dtype(self.eval_dtype)
+        # no state in checkpoints (torchmetrics states are not persistent); a NaN or inf value makes the
+        # mean NaN / inf (nan_strategy="disable"): never dropped, so a broken evaluation cannot look fine
+        self.means = torch.nn.ModuleDict({f"{split}_{name}": MeanMetric(nan_strategy="disable").set_dtype(self.eval_dtype)
                                           for split in EVAL_SPLITS for name in self.eval_means})
 
     def accumulate(self, split: str, name: str, value: torch.Tensor, weight: Any = None) -> None:

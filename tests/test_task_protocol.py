@@ -102,3 +102,18 @@ def test_listops_accuracy_is_the_weighted_mean_of_correct_predictions():
         module.validation_step({"label": labels}, 0)
         reference.update(logits, labels)
     assert module.means["val_acc"].compute() == reference.compute()
+
+
+def test_a_nan_evaluation_value_makes_the_logged_mean_nan():
+    """Every task's evaluation means keep NaN (torchmetrics' default would drop it with a warning: a
+    broken evaluation batch would leave a finite, wrong mean)."""
+    from efficient_attn_tasks import listops
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["task=listops", "model=tiny", "logger=none", "task.min_length=10",
+                                          "task.max_length=40"])
+    check_config(cfg)
+    module = listops.ListOpsModule(cfg)
+    module.accumulate("val", "loss", torch.tensor([1.0, 2.0]), weight=torch.tensor([1.0, 1.0]))
+    module.accumulate("val", "loss", torch.tensor([float("nan")]), weight=torch.tensor([1.0]))
+    assert torch.isnan(module.means["val_loss"].compute())
