@@ -62,6 +62,9 @@ def data_options(cfg: DictConfig) -> dict[str, Any]:
             "max_len": cfg.model.get("max_len")}
 
 
+NAN = float("nan")  # the evaluation means' nan_strategy: a NaN value stays NaN (see TaskModule.__init__)
+
+
 class TaskData(pl.LightningDataModule):
     """A task's splits and their loaders; a task supplies ``load_splits`` and only what differs.
 
@@ -148,9 +151,11 @@ class TaskModule(pl.LightningModule):
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self.resume_position: dict[str, int] | None = None  # set when restored from a checkpoint
         self._epoch_batches = 0
-        # no state in checkpoints (torchmetrics states are not persistent); a NaN or inf value makes the
-        # mean NaN / inf (nan_strategy="disable"): never dropped, so a broken evaluation cannot look fine
-        self.means = torch.nn.ModuleDict({f"{split}_{name}": MeanMetric(nan_strategy="disable").set_dtype(self.eval_dtype)
+        # no state in checkpoints (torchmetrics states are not persistent). A NaN value makes the mean NaN:
+        # never dropped, so a broken evaluation cannot look fine. nan_strategy=float("nan") replaces a NaN by
+        # NaN and keeps the weights; "disable" would do the same but sets every weight to 1 (a torchmetrics
+        # bug: Lightning-AI/torchmetrics#3434), "warn"/"ignore" drop it (the default)
+        self.means = torch.nn.ModuleDict({f"{split}_{name}": MeanMetric(nan_strategy=NAN).set_dtype(self.eval_dtype)
                                           for split in EVAL_SPLITS for name in self.eval_means})
 
     def accumulate(self, split: str, name: str, value: torch.Tensor, weight: Any = None) -> None:

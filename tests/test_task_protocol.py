@@ -114,6 +114,7 @@ def test_a_nan_evaluation_value_makes_the_logged_mean_nan():
                                           "task.max_length=40"])
     check_config(cfg)
     module = listops.ListOpsModule(cfg)
-    module.accumulate("val", "loss", torch.tensor([1.0, 2.0]), weight=torch.tensor([1.0, 1.0]))
+    module.accumulate("val", "loss", torch.tensor([1.0, 2.0]), weight=torch.tensor([1.0, 3.0]))
+    assert module.means["val_loss"].compute() == 1.75  # weighted (torchmetrics' "disable" would give 1.5)
     module.accumulate("val", "loss", torch.tensor([float("nan")]), weight=torch.tensor([1.0]))
     assert torch.isnan(module.means["val_loss"].compute())
