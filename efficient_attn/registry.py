@@ -34,7 +34,7 @@ from torch import nn
 _REGISTRY: dict[str, type[nn.Module]] = {}
 _SHARED_ARGS = ("head_dim", "num_heads")
 ENTRY_POINT_GROUP = "efficient_attn.attentions"
-_PLUGINS: dict[str, str] = {}  # entry point name -> "loaded" or why it failed ("" while not yet loaded)
+_PLUGINS: dict[str, str] | None = None  # entry point name -> "loaded" or why it failed; None: not scanned yet
 
 T = TypeVar("T", bound=type[nn.Module])
 
@@ -70,14 +70,15 @@ def _load_builtins() -> None:
     ``efficient_attn.attention`` having been imported, since the package's ``__init__`` is lazy), then
     the installed plugins (once)."""
     importlib.import_module(".attention", __package__)
-    if not _PLUGINS:
+    if _PLUGINS is None:
         _load_plugins()
 
 
 def _load_plugins() -> None:
     """Load every entry point of :data:`ENTRY_POINT_GROUP`. A plugin that fails to import warns and is
     named in the unknown-attention error, rather than breaking every other attention."""
-    _PLUGINS["(scanned)"] = "loaded"
+    global _PLUGINS
+    _PLUGINS = {}
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         where = f"{ep.name} = {ep.value!r} (from {ep.dist.name if ep.dist else 'an unknown distribution'})"
         try:
@@ -119,7 +120,7 @@ def get_attention_class(name: str) -> type[nn.Module]:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        failed = [why for why in _PLUGINS.values() if why != "loaded"]
+        failed = [why for why in (_PLUGINS or {}).values() if why != "loaded"]
         plugins = f" Attention plugins that failed to load: {'; '.join(failed)}." if failed else ""
         raise ValueError(
             f"unknown attention {name!r}.{hint} Registered attentions: {', '.join(list_attentions())}.{plugins} "
