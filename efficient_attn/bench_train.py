@@ -27,7 +27,10 @@ cost nothing when not attached; the profiler's per-op overhead would also inflat
 ops of the kernelized variants.
 
 Each point runs in its own subprocess with the kernel modes' machinery (timeout, OOM, the rest of a
-series skipped after a failure, ``--budget``). Outputs in ``--out``: ``train_<device>.csv``,
+series skipped after a failure, ``--budget``). The points are measured one L at a time (every
+attention at that L, then softmax once more), so the points compared at one L are minutes apart
+rather than the whole run apart, and softmax's re-check (``recheck_tokens_per_s``, the summary's
+drift table) shows how much a shared machine's speed moved meanwhile. Outputs in ``--out``: ``train_<device>.csv``,
 ``train_<device>.png`` (tokens/s, attention share and peak memory against L) and
 ``train_summary_<device>.md`` (tables, and per attention the L from which it trains faster than
 softmax in the same run). No torch at module level (``--help`` stays fast).
@@ -56,7 +59,8 @@ FULL = {"d_model": 256, "layers": 4, "train_heads": 4, "d_ff": 1024, "tokens_per
 QUICK = {"d_model": 64, "layers": 2, "train_heads": 4, "d_ff": 128, "tokens_per_batch": 1024, "steps": 2, "warmup": 1}
 FIELDS = ["attention", "mode", "L", "batch", "tokens_per_batch", "d_model", "layers", "heads", "d_ff", "num_features",
           "dtype", "device", "threads", "warmup", "steps", "status", "time_s", "time_min_s", "tokens_per_s",
-          "attention_s", "attention_share", "peak_rss_mib", "base_rss_mib", "peak_cuda_mib", "torch_version", "message"]
+          "attention_s", "attention_share", "peak_rss_mib", "base_rss_mib", "peak_cuda_mib", "recheck_tokens_per_s",
+          "torch_version", "message"]
 NOT_TRAINED = {"sdpa": "softmax is the model on F.scaled_dot_product_attention's default dispatch",
                "performer_pytorch": "not a registered attention, so not an LM core"}
 
@@ -223,41 +227,72 @@ def run_train_point(spec: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- parent side
 
-def run_series(name: str, cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every L of one attention, as the kernel modes' series: ``n/a`` where it cannot be an LM's causal
-    core; after a failure (or a skip) the larger L are skipped; a point predicted (linearly in L from
-    the last one: with the tokens per batch fixed, softmax's step grows about linearly) to overrun the
-    time limit is skipped, and so is one whose estimated memory exceeds free RAM on CPU."""
-    import efficient_attn as ea
+class Series:
+    """One attention's points, measured one L at a time by :func:`run` (which interleaves the attentions).
 
-    from . import bench
+    As the kernel modes' series: ``n/a`` where the attention cannot be an LM's causal core; after a
+    failure (or a skip) the larger L are skipped; a point predicted (linearly in L from the last one:
+    with the tokens per batch fixed, softmax's step grows about linearly) to overrun the time limit is
+    skipped, and so is one whose estimated memory exceeds free RAM on CPU.
+    """
 
-    core = "softmax" if name in SDPA_BACKENDS else name
-    features = cfg["num_features"] if "num_features" in ea.attention_options(core) else None
-    reason = sdpa_unavailable(name, cfg["device"], cfg["dtype"]) or bench.not_applicable(core, "causal")
-    rows, stop, last = [], None, None
-    runs = cfg["warmup"] + cfg["steps"] + PROFILE_STEPS
-    for length in cfg["lengths"]:
-        spec = {"attention": name, "mode": "train", "L": length, "batch": cfg["tokens_per_batch"] // length,
-                "heads": cfg["train_heads"], "num_features": features} | {key: cfg[key] for key in (
-                    "tokens_per_batch", "d_model", "layers", "d_ff", "dtype", "device", "threads", "steps", "warmup")}
-        spec["imports"] = cfg.get("imports", [])
-        estimate = bench.estimate_bytes(core, length, spec)
-        step = last[1] * length / last[0] if last else 0.0  # predicted seconds per step
+    def __init__(self, name: str, cfg: dict[str, Any]) -> None:
+        import efficient_attn as ea
+
+        from . import bench
+
+        self.name, self.cfg, self.rows = name, cfg, []
+        self.core = "softmax" if name in SDPA_BACKENDS else name
+        self.features = cfg["num_features"] if "num_features" in ea.attention_options(self.core) else None
+        self.reason = sdpa_unavailable(name, cfg["device"], cfg["dtype"]) or bench.not_applicable(self.core, "causal")
+        self.stop: str | None = None
+        self.last: tuple[int, float] | None = None  # (L, seconds per step) of the last measured point
+
+    def spec(self, length: int) -> dict[str, Any]:
+        """The worker's description of the point at ``length``."""
+        cfg = self.cfg
+        return {"attention": self.name, "mode": "train", "L": length, "batch": cfg["tokens_per_batch"] // length,
+                "heads": cfg["train_heads"], "num_features": self.features, "imports": cfg.get("imports", [])} | {
+                    key: cfg[key] for key in ("tokens_per_batch", "d_model", "layers", "d_ff", "dtype", "device",
+                                              "threads", "steps", "warmup")}
+
+    def measure(self, length: int) -> dict[str, Any]:
+        """Run (or skip) the point at ``length``; append and return its CSV row."""
+        from . import bench
+
+        cfg, spec = self.cfg, self.spec(length)
+        runs = cfg["warmup"] + cfg["steps"] + PROFILE_STEPS
+        estimate = bench.estimate_bytes(self.core, length, spec)
+        step = self.last[1] * length / self.last[0] if self.last else 0.0  # predicted seconds per step
         limit = bench.time_left(cfg)
-        result = bench.not_run(reason, stop, limit, cfg["device"], estimate and estimate * cfg["layers"],
+        result = bench.not_run(self.reason, self.stop, limit, cfg["device"], estimate and estimate * cfg["layers"],
                                step * runs, f"predicted {step:.1f} s per step x {runs} > time limit")
         if result is None:
             result = bench.run_subprocess(spec, limit)
         if result["status"] == "ok":
-            last = (length, result["time_s"])
-        stop = bench.next_stop(result, stop, length)
-        rows.append({key: spec.get(key, cfg.get(key)) for key in FIELDS} | {key: result.get(key) for key in FIELDS
-                                                                          if key in result})
+            self.last = (length, result["time_s"])
+        self.stop = bench.next_stop(result, self.stop, length)
+        row = {key: spec.get(key, cfg.get(key)) for key in FIELDS} | {key: result.get(key) for key in FIELDS
+                                                                       if key in result}
+        self.rows.append(row)
         shown = f"{result['tokens_per_s']:.0f} tok/s, attention {result['attention_share']:.0%}" \
             if result["status"] == "ok" else result.get("message", "")
-        print(f"  {name:<18} train     L={length:<6} {result['status']:<8} {shown}", file=sys.stderr, flush=True)
-    return rows
+        print(f"  {self.name:<18} train     L={length:<6} {result['status']:<8} {shown}", file=sys.stderr, flush=True)
+        return row
+
+    def recheck(self, row: dict[str, Any]) -> None:
+        """Measure ``row``'s point again (after the other attentions at that L) into ``recheck_tokens_per_s``:
+        how far the machine's speed drifted while the others ran."""
+        from . import bench
+
+        limit = bench.time_left(self.cfg)
+        if row["status"] != "ok" or limit < 2 * row["time_s"] * (self.cfg["warmup"] + self.cfg["steps"] + PROFILE_STEPS):
+            return
+        result = bench.run_subprocess(self.spec(row["L"]), limit)
+        if result["status"] == "ok":
+            row["recheck_tokens_per_s"] = result["tokens_per_s"]
+            print(f"  {self.name:<18} re-check  L={row['L']:<6} ok       {result['tokens_per_s']:.0f} tok/s "
+                  f"({result['tokens_per_s'] / row['tokens_per_s'] - 1:+.0%})", file=sys.stderr, flush=True)
 
 
 def trainable(names: list[str]) -> list[str]:
@@ -273,8 +308,16 @@ def trainable(names: list[str]) -> list[str]:
 
 
 def run(names: list[str], cfg: dict[str, Any], machine: str, slug: str, out: Path) -> list[Path]:
-    """Run the train mode for ``names``; write the CSV, plot and summary into ``out``; return their paths."""
-    rows = [row for name in trainable(names) for row in run_series(name, cfg)]
+    """Run the train mode for ``names``, one L at a time (every attention at that L, then the reference
+    once more: its re-check bounds the drift between points compared in the same run); write the CSV,
+    plot and summary into ``out``; return their paths."""
+    series = [Series(name, cfg) for name in trainable(names)]
+    reference = next((s for s in series if s.name == REFERENCE), None)
+    for length in cfg["lengths"]:  # every attention at one L, then the next L: drift hits them alike
+        measured = [s.measure(length) for s in series]
+        if reference is not None and len(series) > 1:
+            reference.recheck(measured[series.index(reference)])
+    rows = [row for s in series for row in s.rows]
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"train_{slug}.csv", out / f"train_{slug}.png", out / f"train_summary_{slug}.md"]
     with open(paths[0], "w", newline="") as f:
@@ -289,6 +332,21 @@ def run(names: list[str], cfg: dict[str, Any], machine: str, slug: str, out: Pat
 
 
 # ---------------------------------------------------------------- report
+
+def drift(rows: list[dict[str, Any]]) -> list[str]:
+    """Summary lines: the reference measured first and again after the other attentions at each L; a ratio
+    to it inside that change is within the machine's drift, i.e. noise ([] when nothing was re-checked)."""
+    checked = [r for r in rows if r["attention"] == REFERENCE and r.get("recheck_tokens_per_s")]
+    if not checked:
+        return []
+    changes = [r["recheck_tokens_per_s"] / r["tokens_per_s"] - 1 for r in checked]
+    return ["", f"Drift: {REFERENCE} measured first at each L and again after the other attentions at that L "
+            "(a ratio to it within this change is noise):", "",
+            "| L | first (tokens/s) | re-check (tokens/s) | change |", "|---|---|---|---|",
+            *(f"| {r['L']} | {r['tokens_per_s']:.0f} | {r['recheck_tokens_per_s']:.0f} | {c:+.1%} |"
+              for r, c in zip(checked, changes)),
+            "", f"Largest change: {max(changes, key=abs):+.1%}."]
+
 
 def model_text(cfg: dict[str, Any]) -> str:
     return (f"TransformerLM {cfg['layers']} layers, d_model {cfg['d_model']}, {cfg['train_heads']} heads, "
@@ -359,7 +417,7 @@ def summary(rows: list[dict[str, Any]], cfg: dict[str, Any], machine: str) -> st
              f"of {PROFILE_STEPS} further steps timed with module hooks (device synchronized at each boundary)",
              "- faster than softmax from: the smallest L from which the attention's step is faster than softmax's at "
              "every larger measured L (same run; a softmax point that failed counts as slower)",
-             "", "## Tokens per second", "", *table(lambda r: r["tokens_per_s"], "{:.0f}", faster),
+             "", "## Tokens per second", "", *table(lambda r: r["tokens_per_s"], "{:.0f}", faster), *drift(rows),
              "", "## Share of step time in the core attention", "", *table(lambda r: r["attention_share"], "{:.0%}"),
              "", f"## Peak memory (MiB; {memory})", "", *table(memory_mib, "{:.0f}")]
     return "\n".join(lines) + "\n"

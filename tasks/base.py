@@ -1,4 +1,4 @@
-"""What every task shares: the task protocol, the model builder, the optimiser and schedule, throughput.
+"""What every task shares: the task protocol, the model builder, the optimiser and schedule.
 
 The config schemas live in tasks/schema.py (checked before Lightning loads) and are re-exported here.
 
@@ -25,13 +25,11 @@ from __future__ import annotations
 import functools
 import math
 import random
-import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
@@ -43,6 +41,7 @@ from .schema import (ATTENTION_CONFIG_DIR, AttentionConfig, ModelConfig, OptimCo
                      attention_label, attention_spec, layer_entry, transformer_config)
 from .data import cache_dir as resolve_cache_dir
 from .data import data_dir as resolve_data_dir
+from .distributed import all_reduce_sum, world_size
 from .sampling import GlobalBatches, eval_loader, shuffled, train_loader
 
 Schema = TypeVar("Schema")
@@ -325,128 +324,3 @@ def set_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-# ----------------------------------------------------------------------------- many processes
-def world_size() -> int:
-    """Processes in the default ``torch.distributed`` group (DDP), 1 when there is none."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """``values`` summed over every process (a copy; ``values`` itself on one process)."""
-    if world_size() == 1:
-        return values
-    out = values.clone()
-    dist.all_reduce(out)
-    return out
-
-
-def all_gather_stack(values: torch.Tensor) -> torch.Tensor:
-    """(world, *values.shape): every process's ``values``, in rank order."""
-    if world_size() == 1:
-        return values[None]
-    out = [torch.empty_like(values) for _ in range(world_size())]
-    dist.all_gather(out, values)
-    return torch.stack(out)
-
-
-def all_gather_objects(obj: Any) -> list[Any]:
-    """Every process's picklable ``obj``, in rank order (``[obj]`` on one process)."""
-    if world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-class Throughput(pl.Callback):
-    """Training tokens per second (forward + backward + optimiser time only) over all processes.
-
-    Global: each step adds every process's tokens, and the step's time on the slowest process (DDP
-    keeps them in step), so ``tokens_per_s`` is what the whole run trained per second of training,
-    and the saved state is the same on every process (a resumed run continues it).
-    """
-
-    def __init__(self) -> None:
-        self.tokens, self.seconds, self._start = 0, 0.0, 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        seconds = time.perf_counter() - self._start
-        tokens = int(pl_module.batch_tokens(batch))
-        if world_size() > 1:  # (world, 2): every process's tokens and seconds of this step
-            every = all_gather_stack(torch.tensor([tokens, seconds], dtype=torch.float64, device=pl_module.device))
-            tokens, seconds = int(every[:, 0].sum()), float(every[:, 1].max())
-        self.tokens += tokens
-        self.seconds += seconds
-        if self.seconds > 0:
-            pl_module.log("train/tokens_per_s", self.tokens / self.seconds, on_step=True, on_epoch=False)
-
-    @property
-    def tokens_per_s(self) -> float | None:
-        return self.tokens / self.seconds if self.seconds > 0 else None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "seconds": self.seconds}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.tokens, self.seconds = state["tokens"], state["seconds"]
-
-
-class NonFiniteGuard(pl.Callback):
-    """Stops the run (or skips the update) when a training step yields a NaN/Inf loss or gradient.
-
-    Checked after backward, before the optimizer step: ``policy="stop"`` raises with the step and
-    the attention; ``policy="skip"`` drops that update (gradients cleared) and counts it.
-
-    Under fp16 AMP (a precision plugin with a gradient scaler) Lightning unscales the gradients
-    before this check, and non-finite gradients from a finite loss are the scaler's overflow: it
-    skips that step and lowers its scale, as AMP should. Those steps are normal and only counted
-    (``scaler_skipped``); a non-finite loss is an incident with or without a scaler.
-    """
-
-    def __init__(self, policy: str, attention: str) -> None:
-        if policy not in ("stop", "skip"):
-            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {policy!r}")
-        self.policy, self.attention, self.skipped, self.scaler_skipped = policy, attention, 0, 0
-        self._nonfinite_loss = False  # any micro-batch since the last optimizer step
-
-    def on_before_backward(self, trainer, pl_module, loss) -> None:
-        # The loss Lightning backpropagates: times the scaler's scale under fp16 AMP (a finite loss
-        # stays finite unless loss × scale exceeds float32's 3.4e38; the scale starts at 65536).
-        if not bool(torch.isfinite(loss).all()):
-            self._nonfinite_loss = True
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        nonfinite_loss, self._nonfinite_loss = self._nonfinite_loss, False
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        finite_grads = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-        if finite_grads and not nonfinite_loss:
-            return
-        if not nonfinite_loss and grad_scaler(trainer) is not None:  # fp16 overflow: the scaler skips this step
-            self.scaler_skipped += 1
-            pl_module.log("train/scaler_skipped_steps", float(self.scaler_skipped))
-            return
-        if self.policy == "stop":
-            raise FloatingPointError(
-                f"non-finite loss or gradient at step {trainer.global_step} with attention {self.attention!r}; "
-                "lower optim.lr, train in precision=32-true, or set nonfinite=skip to drop such updates"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        self.skipped += 1
-        pl_module.log("train/skipped_updates", float(self.skipped))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"skipped": self.skipped, "scaler_skipped": self.scaler_skipped}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.skipped = state["skipped"]
-        self.scaler_skipped = state.get("scaler_skipped", 0)  # checkpoints from before the count
-
-
-def grad_scaler(trainer: pl.Trainer) -> Any:
-    """The gradient scaler of the trainer's precision plugin (fp16 AMP), or None."""
-    return getattr(trainer.precision_plugin, "scaler", None)

@@ -67,9 +67,9 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
     import torch
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from .base import NonFiniteGuard, Throughput, attention_label
-    from .callbacks import (CurveLog, EpochLine, SaveOnInterrupt, ValidateAtMaxSteps, keep_averaged_weights_for_test,
-                            progress_bar, quiet_lightning)
+    from .base import attention_label
+    from .callbacks import (CurveLog, EpochLine, NonFiniteGuard, SaveOnInterrupt, Throughput, ValidateAtMaxSteps,
+                            keep_averaged_weights_for_test, progress_bar, quiet_lightning)
     from .loggers import finish_wandb, make_logger, wandb_offline_note
 
     quiet_lightning()

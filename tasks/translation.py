@@ -27,9 +27,10 @@ from torch.utils.data import DataLoader
 from efficient_attn.generate import beam_search, greedy_search
 from efficient_attn.transformer import Seq2SeqTransformer
 
-from .base import (SPLITS, TaskData, TaskModule, all_gather_objects, attention_spec, data_options, task_section,
+from .base import (SPLITS, TaskData, TaskModule, attention_spec, data_options, task_section,
                    transformer_config)
 from .data import RESOURCES, DataError, data_dir, fetch_all, read_lines
+from .distributed import all_gather_objects
 from .sampling import GlobalBatches, by_length, sharded_eval_loader
 from .schema import TASK_SITES
 from .schema import TranslationConfig as Config

@@ -60,7 +60,7 @@ class StepLog(pl.Callback):
             self.test_sentences += len(batch["refs"])
 
     def on_test_end(self, trainer, module) -> None:
-        from efficient_attn_tasks.base import all_gather_objects
+        from efficient_attn_tasks.distributed import all_gather_objects
 
         self.test_sentences_per_process = all_gather_objects(self.test_sentences)
 

@@ -93,12 +93,20 @@ def test_quick_train_mode_writes_csv_plot_and_summary(tmp_path, capsys):
         assert float(row["tokens_per_s"]) > 0 and float(row["peak_rss_mib"]) > 0, row
         assert float(row["tokens_per_s"]) == pytest.approx(1024 / float(row["time_s"]))
         assert (row["d_model"], row["layers"], row["tokens_per_batch"], row["steps"]) == ("64", "2", "1024", "2")
+    rechecked = [float(r["recheck_tokens_per_s"]) for r in rows if r["recheck_tokens_per_s"]]
+    assert len(rechecked) == 2 and all(r > 0 for r in rechecked)  # softmax again after linear, at each L
+    assert [r["recheck_tokens_per_s"] for r in rows[2:]] == ["", ""]
     assert not (tmp_path / "bench_cpu.csv").exists()  # no kernel mode asked, so no matmul or kernel files
     assert (tmp_path / "train_cpu.png").stat().st_size > 10_000
     text = (tmp_path / "train_summary_cpu.md").read_text()
     assert "| softmax | " in text and "(reference) |" in text
     assert re.search(r"^\| linear \| \d+ \| \d+ \| (L = \d+|not reached) \|$", text, flags=re.M), text
-    wrote = re.findall(r"^wrote (.+)$", capsys.readouterr().err, flags=re.M)
+    assert len(re.findall(r"^\| (64|128) \| \d+ \| \d+ \| [+-]\d+\.\d% \|$", text, flags=re.M)) == 2, text
+    err = capsys.readouterr().err
+    order = re.findall(r"^  (\w+) +(train|re-check) +L=(\d+)", err, flags=re.M)
+    assert order == [("softmax", "train", "64"), ("linear", "train", "64"), ("softmax", "re-check", "64"),
+                     ("softmax", "train", "128"), ("linear", "train", "128"), ("softmax", "re-check", "128")]
+    wrote = re.findall(r"^wrote (.+)$", err, flags=re.M)
     assert wrote == [str(tmp_path / n) for n in ("train_cpu.csv", "train_cpu.png", "train_summary_cpu.md")]
 
 

@@ -11,7 +11,7 @@ import pytest
 import pytorch_lightning as pl
 
 from efficient_attn_tasks import curves as curves_module
-from efficient_attn_tasks.base import Throughput
+from efficient_attn_tasks.callbacks import Throughput
 from efficient_attn_tasks.curves import plot_run, read_curves, write_curves
 from efficient_attn_tasks.report import main as report
 from efficient_attn_tasks.report_plot import band, edges
