@@ -6,7 +6,7 @@ Mode ``decode``: generation at context L: the state after an L-token prefix (``a
 timed as ``prefill_s``), then ``--decode-steps`` timed ``decode_step`` calls (median per token,
 ``tokens_per_s`` = B / that); ``state_mib`` is the decoding state after them (a KV cache grows
 with L, a kernel attention's running sum does not). The ``sdpa`` baseline decodes from a
-preallocated KV cache (the usual fast cache; the registry's default cache concatenates).
+preallocated KV cache (the usual fast cache; :mod:`efficient_attn.bench_decode` has the decode worker).
 A mode a variant cannot run (``supports_*``: retention is causal-only) is recorded as ``n/a``.
 Mode ``train``: end-to-end LM training throughput and the share of it spent in attention
 (:mod:`efficient_attn.bench_train`, its own ``train_*`` files). ``sdpa_flash`` (opt-in, by name in
@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import bench_train
+from . import bench_decode, bench_train
 from .bench_report import machine_info, plot, summary
 from .bench_sdpa import SDPA_BACKENDS, sdpa_backend, sdpa_unavailable
 from .cli import wrote
@@ -114,85 +114,6 @@ def _attention_module(spec: dict[str, Any]):
         kwargs["max_len"] = spec["L"] + spec.get("decode_steps", 0) + 1
     module = ea.create_attention(name, head_dim=spec["head_dim"], num_heads=spec["heads"], **kwargs)
     return module.to(spec["device"])
-
-
-def _state_mib(state: Any) -> float:
-    """Bytes of every tensor in a decoding state, in MiB."""
-    import torch
-
-    if isinstance(state, torch.Tensor):
-        return state.numel() * state.element_size() / MIB
-    if isinstance(state, dict):
-        state = list(state.values())
-    return sum(_state_mib(x) for x in state) if isinstance(state, (list, tuple)) else 0.0
-
-
-class _PreallocatedCache:
-    """The ``sdpa`` decoding baseline: a KV cache allocated once for L + steps positions, written in place."""
-
-    def __init__(self, k: Any, v: Any, capacity: int, name: str = "sdpa") -> None:
-        import torch
-
-        b, h, length, d = k.shape
-        self.k = torch.empty(b, h, capacity, d, device=k.device, dtype=k.dtype)  # (B, H, capacity, D)
-        self.v = torch.empty(b, h, capacity, v.shape[-1], device=v.device, dtype=v.dtype)
-        self.k[:, :, :length], self.v[:, :, :length] = k, v
-        self.length, self.name = length, name
-
-    def decode_step(self, q: Any, k: Any, v: Any, state: Any) -> tuple[Any, Any]:
-        import torch.nn.functional as F
-
-        t = self.length
-        self.k[:, :, t : t + 1], self.v[:, :, t : t + 1] = k, v
-        self.length = t + 1
-        with sdpa_backend(self.name):
-            out = F.scaled_dot_product_attention(q, self.k[:, :, : t + 1], self.v[:, :, : t + 1])  # (B, H, 1, Dv)
-        return out, {"k": self.k, "v": self.v}
-
-
-def run_decode(spec: dict[str, Any]) -> dict[str, Any]:
-    """Time ``decode_steps`` generation steps after an L-token prefix; no gradients."""
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    device, cuda = torch.device(spec["device"]), spec["device"].startswith("cuda")
-    dtype = getattr(torch, DTYPES[spec["dtype"]])
-    steps = spec["decode_steps"]
-    gen = torch.Generator(device=device).manual_seed(0)
-    shape = (spec["batch"], spec["heads"], spec["L"], spec["head_dim"])
-    k, v = (torch.randn(shape, generator=gen, device=device, dtype=dtype) for _ in range(2))  # (B, H, L, D)
-    new = [torch.randn(3, *shape[:2], 1, shape[3], generator=gen, device=device, dtype=dtype) for _ in range(steps + 1)]
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
-    with torch.no_grad():
-        base_rss = _rss_mib()
-        sync()
-        start = time.perf_counter()
-        if spec["attention"] in SDPA_BACKENDS:
-            module, state = _PreallocatedCache(k, v, spec["L"] + steps + 1, spec["attention"]), None
-        else:
-            module = _attention_module(spec).eval()
-            state = module.prefill(k, v)
-        sync()
-        prefill_s = time.perf_counter() - start
-        del k, v
-        times = []
-        for i, (q1, k1, v1) in enumerate(new):  # step 0 is the warm-up
-            start = time.perf_counter()
-            _, state = module.decode_step(q1, k1, v1, state)
-            sync()
-            if i:
-                times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return {
-        "status": "ok", "time_s": median, "time_min_s": min(times), "tokens_per_s": spec["batch"] / median,
-        "prefill_s": prefill_s, "state_mib": _state_mib(state), "base_rss_mib": base_rss,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_cuda_mib": torch.cuda.max_memory_allocated() / MIB if cuda else None,
-    }
 
 
 def run_point(spec: dict[str, Any]) -> dict[str, Any]:
@@ -270,7 +191,7 @@ def worker_main(spec_json: str) -> None:
         elif spec["mode"] == "train":
             result = bench_train.run_train_point(spec)
         else:
-            result = (run_decode if spec["mode"] == "decode" else run_point)(spec)
+            result = (bench_decode.run_decode if spec["mode"] == "decode" else run_point)(spec)
     except Exception as exc:  # recorded, not raised: one failure must not end the benchmark
         text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
         oom = isinstance(exc, MemoryError) or re.search(r"out of memory|can't allocate", str(exc), re.I)

@@ -15,7 +15,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .report import failure, find_runs, hydra_job, markdown, metrics
+from .report import markdown
+from .runs import failure, find_runs, hydra_job, metrics
 from .stats import _finite, _num, mean_ci
 
 NOT_ROWS = {"seed", "attention", "ckpt_path"}  # overrides that never split rows (attention leads every label)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from efficient_attn import bench, bench_gpu
+from efficient_attn import bench, bench_decode, bench_gpu
 from efficient_attn.attention.base import Attention
 from efficient_attn.bench_sdpa import sdpa_unavailable
 from efficient_attn.bench_train import PROFILE_STEPS, AttentionClock, run_train_point
@@ -157,7 +157,7 @@ def test_sdpa_flash_calls_sdpa_with_only_the_flash_backend_enabled(monkeypatch):
     for name, expected in (("sdpa_flash", (True, False, False)), ("sdpa", (True, True, True))):
         seen.clear()
         bench._build({"attention": name, "mode": "causal"})(q, q, q)
-        cache = bench._PreallocatedCache(q, q, 10, name)
+        cache = bench_decode.PreallocatedCache(q, q, 10, name)
         cache.decode_step(q[:, :, :1], q[:, :, :1], q[:, :, :1], None)
         assert seen == [expected, expected], name
     seen.clear()
@@ -172,7 +172,7 @@ def test_sdpa_flash_runs_on_cpu_in_process():
     spec = {"attention": "sdpa_flash", "mode": "causal", "L": 16, "batch": 1, "heads": 2, "head_dim": 8,
             "num_features": 8, "dtype": "fp32", "device": "cpu", "threads": 1, "repeats": 1}
     assert bench.run_point(spec)["status"] == "ok"
-    assert bench.run_decode(spec | {"mode": "decode", "decode_steps": 2})["status"] == "ok"
+    assert bench_decode.run_decode(spec | {"mode": "decode", "decode_steps": 2})["status"] == "ok"
 
 
 def test_gpu_plan_covers_both_dtypes_all_modes_and_every_run_parses():
