@@ -21,7 +21,9 @@ instead of waking the OOM killer. A point that times out / OOMs / errors ends it
 L are recorded as ``skipped``. Baselines in the same run: performer-pytorch ``FastAttention``
 (``performer_pytorch``) and raw ``F.scaled_dot_product_attention`` (``sdpa``). A square matmul
 in a subprocess gives the machine's peak GFLOP/s for the same dtype and thread count.
-``--budget`` bounds the whole run: once spent, the remaining points are ``skipped``.
+``--budget`` bounds the whole run: once spent, the remaining points are ``skipped``. The points run one
+L at a time (every series' point at that L, then the next L: :func:`by_length`), so a shared machine's
+drift hits the points compared at one L alike; the CSV groups them by series.
 Outputs in ``--out``: ``bench_<device>.csv``, ``bench_<device>.png``, ``summary_<device>.md``.
 """
 
@@ -39,7 +41,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import bench_decode, bench_train
 from .bench_report import machine_info, plot, summary
@@ -294,12 +296,13 @@ def next_stop(result: dict[str, Any], stop: str | None, length: int) -> str | No
     return stop
 
 
-def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) -> list[dict[str, Any]]:
-    """All lengths of one (attention, mode). After a failure the larger L are skipped; a point whose
-    step is predicted (quadratically from the last one) to overrun the time limit is skipped too,
-    and one predicted to take over ``SLOW_STEP_S`` per step is timed once instead of ``repeats`` times.
-    A mode the variant cannot run is ``n/a`` at every L; once the run's ``--budget`` is spent, ``skipped``."""
-    rows, stop, last = [], None, None
+def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) -> Iterator[dict[str, Any]]:
+    """The rows of one (attention, mode), one L per ``next`` (:func:`by_length` interleaves the series).
+    After a failure the larger L are skipped; a point whose step is predicted (quadratically from the
+    last one) to overrun the time limit is skipped too, and one predicted to take over ``SLOW_STEP_S``
+    per step is timed once instead of ``repeats`` times. A mode the variant cannot run is ``n/a`` at
+    every L; once the run's ``--budget`` is spent, ``skipped``."""
+    stop, last = None, None
     reason = not_applicable(name, mode) or sdpa_unavailable(name, cfg["device"], cfg["dtype"])
     for length in cfg["lengths"]:
         estimate = estimate_bytes(name, length, cfg) if mode != "decode" else None
@@ -316,16 +319,31 @@ def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) ->
         if result["status"] == "ok":
             last = (length, result["time_s"])
         stop = next_stop(result, stop, length)
-        rows.append(make_row(name, mode, length, cfg, result, peak))
         shown = f"{result['time_s']:.4f} s" if result["status"] == "ok" else result.get("message", "")
         print(f"  {name:<18} {mode:<9} L={length:<6} {result['status']:<8} {shown}", file=sys.stderr, flush=True)
-    return rows
+        yield make_row(name, mode, length, cfg, result, peak)
+
+
+def by_length(series: list[Iterator[dict[str, Any]]], lengths: list[int],
+              after: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Every series' rows, measured one L at a time (each series' point at that L, then the next L), so
+    the points compared at one L are minutes apart, not the whole run apart: a shared machine's drift
+    hits them alike. ``after(rows at that L)`` runs after each L. Returned grouped by series."""
+    rows: list[list[dict[str, Any]]] = [[] for _ in series]
+    for _ in lengths:
+        measured = [next(s) for s in series]
+        for own, row in zip(rows, measured):
+            own.append(row)
+        if after is not None:
+            after(measured)
+    return [row for own in rows for row in own]
 
 
 EXAMPLES = (
     "efficient-attn-bench --quick --out /tmp/bench            # every attention, L = 256 512 1024, 1 repeat",
     "efficient-attn-bench --attentions softmax,favor,linear --lengths 1024 4096 16384 --out results/bench",
     "efficient-attn-bench --modes decode,train --attentions softmax,favor,retention --quick --out /tmp/gen",
+    "efficient-attn-bench --summarize --out results/benchmarks/train_all   # summary + PNG again from the CSV",
 )
 OUTPUTS = (
     "in --out (default bench_out/), <device> = cpu or the GPU's name:",
@@ -409,6 +427,8 @@ def main(argv: list[str] | None = None) -> None:
         return worker_main(args.worker)
     if importlib.util.find_spec("matplotlib") is None:  # before minutes of timing, not at the plot
         raise SystemExit('efficient-attn-bench draws its PNGs with matplotlib: pip install "efficient-attn[bench]"')
+    if args.summarize:
+        return wrote(*bench_train.rebuild(args.out), file=sys.stderr)
     import torch
 
     import efficient_attn as ea
@@ -434,7 +454,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_kernel_modes(names: list[str], modes: list[str], cfg: dict[str, Any], machine: str, slug: str) -> None:
-    """The matmul peak, then every (attention, mode) series; writes the CSV, plot and summary into ``--out``."""
+    """The matmul peak, then every (attention, mode) series, one L at a time (:func:`by_length`); writes the
+    CSV, plot and summary into ``--out``."""
     out = cfg["out"]
     spec = {k: cfg[k] for k in ("dtype", "device", "threads", "repeats")}
     spec |= {"attention": "matmul", "L": cfg["matmul_size"]}
@@ -445,9 +466,7 @@ def run_kernel_modes(names: list[str], modes: list[str], cfg: dict[str, Any], ma
     shown = f"{peak:.1f} GFLOP/s" if peak else matmul.get("message", "")
     print(f"matmul {cfg['matmul_size']}²: {shown}", file=sys.stderr)
     rows = [make_row("matmul", "", cfg["matmul_size"], cfg, matmul, peak)]
-    for name in names:
-        for mode in modes:
-            rows += run_series(name, mode, cfg, peak)
+    rows += by_length([run_series(name, mode, cfg, peak) for name in names for mode in modes], cfg["lengths"])
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"bench_{slug}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)

@@ -46,7 +46,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .bench_report import crossover, memory_mib
 from .bench_sdpa import SDPA_BACKENDS, sdpa_backend, sdpa_unavailable
@@ -60,7 +60,7 @@ QUICK = {"d_model": 64, "layers": 2, "train_heads": 4, "d_ff": 128, "tokens_per_
 FIELDS = ["attention", "mode", "L", "batch", "tokens_per_batch", "d_model", "layers", "heads", "d_ff", "num_features",
           "dtype", "device", "threads", "warmup", "steps", "status", "time_s", "time_min_s", "tokens_per_s",
           "attention_s", "attention_share", "peak_rss_mib", "base_rss_mib", "peak_cuda_mib", "recheck_tokens_per_s",
-          "torch_version", "message"]
+          "torch_version", "machine", "message"]
 NOT_TRAINED = {"sdpa": "softmax is the model on F.scaled_dot_product_attention's default dispatch",
                "performer_pytorch": "not a registered attention, so not an LM core"}
 
@@ -80,6 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"--quick {QUICK['tokens_per_batch']})")
     g.add_argument("--steps", type=int, help=f"timed training steps per point (default: {FULL['steps']}; "
                                              f"--quick {QUICK['steps']})")
+    g.add_argument("--summarize", action="store_true",
+                   help="measure nothing: redraw the PNG and rewrite the summary from --out's train_<device>.csv")
     g.add_argument("--warmup", type=int, help=f"untimed steps before them (default: {FULL['warmup']}; "
                                               f"--quick {QUICK['warmup']})")
 
@@ -228,7 +230,7 @@ def run_train_point(spec: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- parent side
 
 class Series:
-    """One attention's points, measured one L at a time by :func:`run` (which interleaves the attentions).
+    """One attention's points, one L per ``next`` of :meth:`points` (:func:`run` interleaves the attentions).
 
     As the kernel modes' series: ``n/a`` where the attention cannot be an LM's causal core; after a
     failure (or a skip) the larger L are skipped; a point predicted (linearly in L from the last one:
@@ -241,7 +243,7 @@ class Series:
 
         from . import bench
 
-        self.name, self.cfg, self.rows = name, cfg, []
+        self.name, self.cfg = name, cfg
         self.core = "softmax" if name in SDPA_BACKENDS else name
         self.features = cfg["num_features"] if "num_features" in ea.attention_options(self.core) else None
         self.reason = sdpa_unavailable(name, cfg["device"], cfg["dtype"]) or bench.not_applicable(self.core, "causal")
@@ -257,7 +259,7 @@ class Series:
                                               "threads", "steps", "warmup")}
 
     def measure(self, length: int) -> dict[str, Any]:
-        """Run (or skip) the point at ``length``; append and return its CSV row."""
+        """Run (or skip) the point at ``length``; return its CSV row."""
         from . import bench
 
         cfg, spec = self.cfg, self.spec(length)
@@ -274,11 +276,15 @@ class Series:
         self.stop = bench.next_stop(result, self.stop, length)
         row = {key: spec.get(key, cfg.get(key)) for key in FIELDS} | {key: result.get(key) for key in FIELDS
                                                                        if key in result}
-        self.rows.append(row)
         shown = f"{result['tokens_per_s']:.0f} tok/s, attention {result['attention_share']:.0%}" \
             if result["status"] == "ok" else result.get("message", "")
         print(f"  {self.name:<18} train     L={length:<6} {result['status']:<8} {shown}", file=sys.stderr, flush=True)
         return row
+
+    def points(self) -> Iterator[dict[str, Any]]:
+        """The rows at every L, one per ``next``."""
+        for length in self.cfg["lengths"]:
+            yield self.measure(length)
 
     def recheck(self, row: dict[str, Any]) -> None:
         """Measure ``row``'s point again (after the other attentions at that L) into ``recheck_tokens_per_s``:
@@ -311,23 +317,67 @@ def run(names: list[str], cfg: dict[str, Any], machine: str, slug: str, out: Pat
     """Run the train mode for ``names``, one L at a time (every attention at that L, then the reference
     once more: its re-check bounds the drift between points compared in the same run); write the CSV,
     plot and summary into ``out``; return their paths."""
+    from .bench import by_length
+
     series = [Series(name, cfg) for name in trainable(names)]
     reference = next((s for s in series if s.name == REFERENCE), None)
-    for length in cfg["lengths"]:  # every attention at one L, then the next L: drift hits them alike
-        measured = [s.measure(length) for s in series]
+
+    def recheck(measured: list[dict[str, Any]]) -> None:
         if reference is not None and len(series) > 1:
             reference.recheck(measured[series.index(reference)])
-    rows = [row for s in series for row in s.rows]
+
+    rows = by_length([s.points() for s in series], cfg["lengths"], recheck)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"train_{slug}.csv", out / f"train_{slug}.png", out / f"train_summary_{slug}.md"]
     with open(paths[0], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
-        writer.writerows(rows)
-    plot(rows, paths[1], f"{machine} · {model_text(cfg)}")
+        writer.writerows(row | {"machine": machine} for row in rows)
+    return paths[:1] + report(rows, cfg, machine, paths[1], paths[2])
+
+
+def report(rows: list[dict[str, Any]], cfg: dict[str, Any], machine: str, png: Path, md: Path) -> list[Path]:
+    """Draw the PNG and write (and print) the summary of measured ``rows``; return their paths."""
+    plot(rows, png, f"{machine} · {model_text(cfg)}")
     text = summary(rows, cfg, machine)
-    paths[2].write_text(text)
+    md.write_text(text)
     print(text)
+    return [png, md]
+
+
+def _value(text: str) -> Any:
+    """A CSV cell as the run wrote it: int, float, text, or None for an empty cell."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text or None
+
+
+def _summary_machine(md: Path) -> str:
+    """The ``- machine:`` line of an existing summary (for a CSV written before its ``machine`` column)."""
+    lines = md.read_text().splitlines() if md.exists() else []
+    return next((line.removeprefix("- machine: ") for line in lines if line.startswith("- machine: ")), "unknown machine")
+
+
+def rebuild(out: Path) -> list[Path]:
+    """Redraw the PNG and rewrite the summary of every ``train_<device>.csv`` in ``out`` from the CSV alone
+    (no point is measured again): for a change in how the results are summarised. The machine is the
+    CSV's ``machine`` column or, in a CSV written before it, the old summary's ``- machine:`` line."""
+    paths: list[Path] = []
+    for path in sorted(out.glob("train_*.csv")):
+        slug = path.stem.removeprefix("train_")
+        rows = [{key: _value(value) for key, value in row.items()} for row in csv.DictReader(open(path))]
+        md = out / f"train_summary_{slug}.md"
+        first = rows[0]
+        machine = first.get("machine") or _summary_machine(md)
+        cfg = {key: first[key] for key in ("tokens_per_batch", "d_model", "layers", "d_ff", "dtype", "device",
+                                           "warmup", "steps")}
+        cfg |= {"train_heads": first["heads"], "lengths": list(dict.fromkeys(r["L"] for r in rows))}
+        paths += report(rows, cfg, machine, out / f"train_{slug}.png", md)
+    if not paths:
+        raise SystemExit(f"efficient-attn-bench: no train_<device>.csv in {out} to summarise")
     return paths
 
 
@@ -404,8 +454,21 @@ def summary(rows: list[dict[str, Any]], cfg: dict[str, Any], machine: str) -> st
             lines.append(f"| {name} | " + " | ".join(cells) + " |" + (f" {extra(name)} |" if extra else ""))
         return lines
 
+    # the reference's faster measurement at each L (first, or its re-check): "faster than softmax" must beat both
+    fastest = [r | {"time_s": min(r["time_s"], r["batch"] * r["L"] / r["recheck_tokens_per_s"])}
+               if r["attention"] == REFERENCE and r["status"] == "ok" and r.get("recheck_tokens_per_s") else r
+               for r in rows]
+
     def faster(name: str) -> str:
-        return "(reference)" if name == REFERENCE else crossover(rows, "train", name=name, reference=REFERENCE)
+        return "(reference)" if name == REFERENCE else crossover(fastest, "train", name=name, reference=REFERENCE)
+
+    def ratio(row: dict[str, Any]) -> str:
+        ref = get.get((REFERENCE, row["L"]))
+        if ref is None or ref["status"] != "ok":
+            return "–"
+        band = sorted([ref["tokens_per_s"], ref.get("recheck_tokens_per_s") or ref["tokens_per_s"]])
+        noise = "~" if row["attention"] != REFERENCE and band[0] <= row["tokens_per_s"] <= band[1] else ""
+        return f"{noise}{row['tokens_per_s'] / ref['tokens_per_s']:.2f}×"
 
     memory = "CUDA max allocated" if cfg["device"] != "cpu" else "process peak RSS, torch and model included"
     lines = [f"# Training throughput against context length ({cfg['device']})", "", f"- machine: {machine}",
@@ -416,8 +479,11 @@ def summary(rows: list[dict[str, Any]], cfg: dict[str, Any], machine: str) -> st
              "- attention share: core attention (projections excluded) forward+backward time ÷ step time, median "
              f"of {PROFILE_STEPS} further steps timed with module hooks (device synchronized at each boundary)",
              "- faster than softmax from: the smallest L from which the attention's step is faster than softmax's at "
-             "every larger measured L (same run; a softmax point that failed counts as slower)",
+             "every larger measured L (same run; a softmax point that failed counts as slower; where softmax was "
+             "re-checked, faster than both of its measurements)",
              "", "## Tokens per second", "", *table(lambda r: r["tokens_per_s"], "{:.0f}", faster), *drift(rows),
+             "", f"## Tokens per second ÷ {REFERENCE}'s (same L, same run; ~ = between {REFERENCE}'s two "
+             "measurements, i.e. within the drift: noise)", "", *table(ratio, "{}"),
              "", "## Share of step time in the core attention", "", *table(lambda r: r["attention_share"], "{:.0%}"),
              "", f"## Peak memory (MiB; {memory})", "", *table(memory_mib, "{:.0f}")]
     return "\n".join(lines) + "\n"

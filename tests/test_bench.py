@@ -22,8 +22,13 @@ def test_bench_writes_csv_plot_and_summary(tmp_path, capsys):
     assert all(r["num_features"] == "32" for r in points if r["attention"] == "favor")
     assert (tmp_path / "bench_cpu.png").stat().st_size > 10_000
     assert "matmul peak" in (tmp_path / "summary_cpu.md").read_text()
-    wrote = re.findall(r"^wrote (.+)$", capsys.readouterr().err, flags=re.M)
+    err = capsys.readouterr().err
+    wrote = re.findall(r"^wrote (.+)$", err, flags=re.M)
     assert wrote == [str(tmp_path / name) for name in ("bench_cpu.csv", "bench_cpu.png", "summary_cpu.md")]
+    measured = re.findall(r"^  (\w+) +(\w+) +L=(\d+) ", err, flags=re.M)  # in the order they ran: one L at a time
+    assert measured == [(a, m, L) for L in ("32", "64") for a in ("softmax", "favor") for m in ("causal", "noncausal")]
+    assert [(r["attention"], r["mode"], r["L"]) for r in points] == [  # the CSV: grouped by series
+        (a, m, L) for a in ("softmax", "favor") for m in ("causal", "noncausal") for L in ("32", "64")]
 
 
 @pytest.mark.slow

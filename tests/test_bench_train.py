@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from efficient_attn import bench, bench_decode, bench_gpu
+from efficient_attn import bench, bench_decode, bench_gpu, bench_train
 from efficient_attn.attention.base import Attention
 from efficient_attn.bench_sdpa import sdpa_unavailable
 from efficient_attn.bench_train import PROFILE_STEPS, AttentionClock, run_train_point
@@ -108,6 +108,30 @@ def test_quick_train_mode_writes_csv_plot_and_summary(tmp_path, capsys):
                      ("softmax", "train", "128"), ("linear", "train", "128"), ("softmax", "re-check", "128")]
     wrote = re.findall(r"^wrote (.+)$", err, flags=re.M)
     assert wrote == [str(tmp_path / n) for n in ("train_cpu.csv", "train_cpu.png", "train_summary_cpu.md")]
+    assert {r["machine"] for r in rows} == {re.search(r"^- machine: (.+)$", text, flags=re.M)[1]}
+    (tmp_path / "train_summary_cpu.md").unlink()
+    bench.main(["--summarize", "--out", str(tmp_path)])  # from the CSV alone: the same summary
+    assert (tmp_path / "train_summary_cpu.md").read_text() == text
+
+
+def _point(name: str, length: int, tokens_per_s: float, recheck: float | None = None) -> dict:
+    return {"attention": name, "mode": "train", "L": length, "batch": 1024 // length, "status": "ok",
+            "time_s": 1024 / tokens_per_s, "tokens_per_s": tokens_per_s, "recheck_tokens_per_s": recheck,
+            "attention_share": 0.5, "peak_rss_mib": 100.0, "peak_cuda_mib": None}
+
+
+def test_summary_calls_a_difference_inside_the_reference_drift_noise():
+    """softmax ran at 100 then 120 tokens/s at L = 64 (and 100, 101 at 128): 110 is between its two
+    measurements (~, noise, not faster); 130 beats both; at 128 both beat 101."""
+    rows = [_point("softmax", 64, 100.0, 120.0), _point("softmax", 128, 100.0, 101.0),
+            _point("inside", 64, 110.0), _point("inside", 128, 150.0),
+            _point("outside", 64, 130.0), _point("outside", 128, 150.0)]
+    cfg = {"lengths": [64, 128], "device": "cpu", "warmup": 1, "steps": 2, "tokens_per_batch": 1024, "layers": 2,
+           "d_model": 64, "train_heads": 4, "d_ff": 128, "dtype": "fp32"}
+    text = bench_train.summary(rows, cfg, "test machine")
+    assert "| inside | 110 | 150 | L = 128 |" in text and "| outside | 130 | 150 | L = 64 |" in text
+    assert "| inside | ~1.10× | 1.50× |" in text and "| outside | 1.30× | 1.50× |" in text
+    assert "| 64 | 100 | 120 | +20.0% |" in text and "Largest change: +20.0%." in text
 
 
 def test_tokens_per_batch_must_be_a_multiple_of_every_length(capsys):
@@ -137,7 +161,7 @@ def test_flash_baseline_is_not_applicable_in_fp32_on_cuda():
     assert sdpa_unavailable("sdpa", "cuda", "fp32") is None
     cfg = {"lengths": [1024, 4096], "device": "cuda", "dtype": "fp32", "timeout": 60.0, "repeats": 1,
            "batch": 1, "heads": 8, "head_dim": 64, "num_features": 256}
-    rows = bench.run_series("sdpa_flash", "noncausal", cfg, None)  # n/a before any subprocess or CUDA call
+    rows = list(bench.run_series("sdpa_flash", "noncausal", cfg, None))  # n/a before any subprocess or CUDA call
     assert [r["status"] for r in rows] == ["n/a", "n/a"]
 
 

@@ -133,20 +133,3 @@ def test_no_op_returns_a_whole_feature_tensor(small_blocks, causal):
     with _Sizes() as sizes:
         attn(q, k, v, causal=causal).square().sum().backward()
     assert sizes.largest < b * h * length * m / 4, sizes.largest  # blocks of 8 rows: 1/8 of it
-
-
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_favor_compiles_as_one_graph(causal):
-    """No graph break in forward or backward (no host sync, no unsupported Python): ``fullgraph``
-    raises on any; the eager backend keeps it to the tracing (about a second)."""
-    torch._dynamo.reset()
-    attn = ea.create_attention("favor", head_dim=8, num_heads=2, num_features=16, seed=0)
-    q, k, v = (t.float().requires_grad_() for t in make_qkv(b=2, h=2, length=10, d=8))
-    mask = torch.zeros(2, 10, dtype=torch.bool)
-    mask[1, 7:] = True
-    compiled = torch.compile(lambda a, b_, c: attn(a, b_, c, key_padding_mask=mask, causal=causal),
-                             fullgraph=True, backend="eager")
-    out = compiled(q, k, v)
-    out.square().sum().backward()
-    torch.testing.assert_close(out, attn(q, k, v, key_padding_mask=mask, causal=causal))
-    torch._dynamo.reset()
