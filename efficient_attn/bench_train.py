@@ -420,7 +420,9 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         for ax, (value, *_rest) in zip(axes, panels):
             xy = [(r["L"], value(r)) for r in pts if (value(r) or 0) > 0]
             if xy:
-                ax.plot(*zip(*xy), marker="o", ms=3, color=f"C{i % 10}", label=name)
+                reference = name == REFERENCE  # black and thicker; past 10 names the colours repeat, dashed
+                ax.plot(*zip(*xy), "-" if i < 10 else "--", marker="o", ms=3, lw=2.5 if reference else 1.5,
+                        color="black" if reference else f"C{i % 10}", label=name)
     for ax, (_, panel, ylabel, yscale) in zip(axes, panels):
         ax.set_xscale("log", base=2)
         ax.set(yscale=yscale, xlabel="context length L", ylabel=ylabel, title=panel)
