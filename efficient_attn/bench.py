@@ -343,7 +343,6 @@ EXAMPLES = (
     "efficient-attn-bench --quick --out /tmp/bench            # every attention, L = 256 512 1024, 1 repeat",
     "efficient-attn-bench --attentions softmax,favor,linear --lengths 1024 4096 16384 --out results/bench",
     "efficient-attn-bench --modes decode,train --attentions softmax,favor,retention --quick --out /tmp/gen",
-    "efficient-attn-bench --summarize --out results/benchmarks/train_all   # summary + PNG again from the CSV",
 )
 OUTPUTS = (
     "in --out (default bench_out/), <device> = cpu or the GPU's name:",
