@@ -427,7 +427,9 @@ def main(argv: list[str] | None = None) -> None:
     if importlib.util.find_spec("matplotlib") is None:  # before minutes of timing, not at the plot
         raise SystemExit('efficient-attn-bench draws its PNGs with matplotlib: pip install "efficient-attn[bench]"')
     if args.summarize:
-        return wrote(*bench_train.rebuild(args.out), file=sys.stderr)
+        from .bench_train_report import rebuild
+
+        return wrote(*rebuild(args.out), file=sys.stderr)
     import torch
 
     import efficient_attn as ea

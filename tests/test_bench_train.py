@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from efficient_attn import bench, bench_decode, bench_gpu, bench_train
+from efficient_attn import bench, bench_decode, bench_gpu, bench_train_report
 from efficient_attn.attention.base import Attention
 from efficient_attn.bench_sdpa import sdpa_unavailable
 from efficient_attn.bench_train import PROFILE_STEPS, AttentionClock, run_train_point
@@ -128,7 +128,7 @@ def test_summary_calls_a_difference_inside_the_reference_drift_noise():
             _point("outside", 64, 130.0), _point("outside", 128, 150.0)]
     cfg = {"lengths": [64, 128], "device": "cpu", "warmup": 1, "steps": 2, "tokens_per_batch": 1024, "layers": 2,
            "d_model": 64, "train_heads": 4, "d_ff": 128, "dtype": "fp32"}
-    text = bench_train.summary(rows, cfg, "test machine")
+    text = bench_train_report.summary(rows, cfg, "test machine")
     assert "| inside | 110 | 150 | L = 128 |" in text and "| outside | 130 | 150 | L = 64 |" in text
     assert "| inside | ~1.10× | 1.50× |" in text and "| outside | 1.30× | 1.50× |" in text
     assert "| 64 | 100 | 120 | +20.0% |" in text and "Largest change: +20.0%." in text
