@@ -5,7 +5,7 @@
     attn = ea.create_attention("favor", head_dim=64, num_heads=8, num_features=256)
     out = attn(q, k, v, key_padding_mask=None, causal=True)   # (B, H, L, D) in, (B, H, L, Dv) out
 
-The names below load on first use (PEP 562), so ``import efficient_attn.bench`` and the command
+The names below load on first use (PEP 562), so ``import efficient_attn_tasks.bench.kernels`` and the command
 lines' ``--help`` do not import torch; every built-in attention is registered before any of them
 is returned.
 """
@@ -32,8 +32,7 @@ _EXPORTS = {  # public name -> the submodule that defines it
     "module_seed": ".seeding",
     "seed_attentions": ".seeding",
 }
-_SUBMODULES = {"analysis", "attention", "aux_loss", "bench", "bench_gpu", "bench_report", "bench_sdpa", "bench_train",
-               "cli", "generate", "multihead", "registry", "seeding", "transformer"}
+_SUBMODULES = {"analysis", "attention", "aux_loss", "generate", "multihead", "ops", "registry", "seeding", "transformer"}
 
 __all__ = sorted(_EXPORTS)
 

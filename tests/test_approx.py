@@ -17,9 +17,9 @@ from efficient_attn.analysis.approx import (
     kl_divergence,
     sample_qkv,
 )
-from efficient_attn.analysis.approx_report import main
-from efficient_attn_tasks import approx
-from efficient_attn_tasks.train import run
+from efficient_attn_tasks.approx.report import main
+from efficient_attn_tasks.commands import approx
+from efficient_attn_tasks.commands.train import run
 from tests.test_train import tiny
 
 POSITIVE_ORTH, POSITIVE_IID = ESTIMATORS[0], ESTIMATORS[1]

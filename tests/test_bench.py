@@ -5,8 +5,9 @@ import re
 
 import pytest
 
-from efficient_attn import bench, bench_report
-from efficient_attn.bench_report import crossover
+from efficient_attn_tasks.bench import kernels as bench
+from efficient_attn_tasks.bench import report as bench_report
+from efficient_attn_tasks.bench.report import crossover
 
 
 @pytest.mark.slow

@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from efficient_attn import bench, bench_decode, bench_gpu, bench_train_report
+from efficient_attn_tasks.bench import kernels as bench
+from efficient_attn_tasks.bench import decode as bench_decode
+from efficient_attn_tasks.bench import gpu as bench_gpu
+from efficient_attn_tasks.bench import train_report as bench_train_report
 from efficient_attn.attention.base import Attention
-from efficient_attn.bench_sdpa import sdpa_unavailable
-from efficient_attn.bench_train import PROFILE_STEPS, AttentionClock, run_train_point
+from efficient_attn_tasks.bench.sdpa import sdpa_unavailable
+from efficient_attn_tasks.bench.train import PROFILE_STEPS, AttentionClock, run_train_point
 from efficient_attn.transformer import AttentionSpec, TransformerConfig, TransformerLM
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,8 +15,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, EMAWeightAveraging
 
-from efficient_attn_tasks import loggers
-from efficient_attn_tasks.train import CONFIG_DIR, ConfigError, check_config, run
+from efficient_attn_tasks.run import loggers
+from efficient_attn_tasks.commands.train import CONFIG_DIR, ConfigError, check_config, run
 from tests.test_train import config, config_files, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,7 +80,7 @@ def test_a_wrong_callback_is_a_config_error_naming_the_key(overrides, message):
 
 def test_the_cli_refuses_an_unknown_callback_key_in_one_line(tmp_path):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-m", "efficient_attn_tasks.train", "logger=none", "callbacks=early_stopping",
+    out = subprocess.run([sys.executable, "-m", "efficient_attn_tasks.commands.train", "logger=none", "callbacks=early_stopping",
                           "+callbacks.early_stopping.patiense=1"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 2
@@ -121,7 +121,7 @@ def test_every_attention_config_names_itself_and_run_dirs_carry_it():
 
 
 def test_per_layer_runs_name_their_layers():
-    from efficient_attn_tasks.schema import attention_config
+    from efficient_attn_tasks.config.schema import attention_config
 
     cfg = config("task=lm", "model=tiny", "model.decoder_layers=2", "model.layer_attentions=[favor_relu,softmax]")
     assert attention_config(cfg) == "favor_relu+softmax"

@@ -1,4 +1,4 @@
-"""Checkpoints run alone (tasks/checkpoint.py): ``efficient-attn-eval`` on a checkpoint copied away from its
+"""Checkpoints run alone (efficient_attn_tasks/run/checkpoint.py): ``efficient-attn-eval`` on a checkpoint copied away from its
 run, with an empty data dir and tokenizer cache, reproduces the run's test metrics for every task;
 ``--files`` scores like the split; ``efficient-attn-translate`` writes the run's test hypotheses;
 ``efficient-attn-generate`` continues a prompt as the full forward does; misuse is one clear error."""
@@ -15,8 +15,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from efficient_attn_tasks import checkpoint, evaluate, generate, listops, lm, translate, translation
-from efficient_attn_tasks.train import CONFIG_DIR, run
+from efficient_attn_tasks.run import checkpoint
+from efficient_attn_tasks.commands import evaluate
+from efficient_attn_tasks.commands import generate
+from efficient_attn_tasks.tasks import listops
+from efficient_attn_tasks.tasks import lm
+from efficient_attn_tasks.commands import translate
+from efficient_attn_tasks.tasks import translation
+from efficient_attn_tasks.commands.train import CONFIG_DIR, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

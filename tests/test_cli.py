@@ -19,16 +19,22 @@ import pytest
 from hydra import compose, initialize_config_dir
 from scipy import stats as scipy_stats
 
-from efficient_attn import bench
-from efficient_attn.cli import HelpFormatter
-from efficient_attn_tasks import approx, data, evaluate, generate, report, translate, translation
-from efficient_attn_tasks.callbacks import progress_bar
-from efficient_attn_tasks.checks import CONFIG_DIR, trainer_arguments
-from efficient_attn_tasks.data import DataError
-from efficient_attn_tasks.resume import remove_unstarted_run_dir
-from efficient_attn_tasks.stats import _num
-from efficient_attn_tasks.summary import summarize, summary
-from efficient_attn_tasks.train import RunSummary, default_threads, run
+from efficient_attn_tasks.bench import kernels as bench
+from efficient_attn_tasks.commands.cli import HelpFormatter
+from efficient_attn_tasks.commands import approx
+from efficient_attn_tasks.tasks import data
+from efficient_attn_tasks.commands import evaluate
+from efficient_attn_tasks.commands import generate
+from efficient_attn_tasks.report import tables as report
+from efficient_attn_tasks.commands import translate
+from efficient_attn_tasks.tasks import translation
+from efficient_attn_tasks.run.callbacks import progress_bar
+from efficient_attn_tasks.config.checks import CONFIG_DIR, trainer_arguments
+from efficient_attn_tasks.tasks.data import DataError
+from efficient_attn_tasks.run.resume import remove_unstarted_run_dir
+from efficient_attn_tasks.report.stats import as_number
+from efficient_attn_tasks.report.summary import summarize, summary
+from efficient_attn_tasks.commands.train import RunSummary, default_threads, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,7 +52,7 @@ def config(*overrides: str):
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "efficient_attn_tasks.train", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "efficient_attn_tasks.commands.train", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=120)
 
 
@@ -81,7 +87,7 @@ def _fresh_python(code: str) -> subprocess.CompletedProcess:
 
 def test_importing_the_app_loads_neither_torch_nor_lightning_nor_wandb():
     out = _fresh_python(
-        "import sys, efficient_attn_tasks.train\n"
+        "import sys, efficient_attn_tasks.commands.train\n"
         f"loaded = [m for m in {(*HEAVY, 'torch')!r} if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )
@@ -92,7 +98,7 @@ def test_config_errors_come_before_lightning_wandb_and_sacrebleu_load():
     out = _fresh_python(
         "import sys\n"
         "from hydra import compose, initialize_config_dir\n"
-        "from efficient_attn_tasks.train import CONFIG_DIR, ConfigError, check_config\n"
+        "from efficient_attn_tasks.commands.train import CONFIG_DIR, ConfigError, check_config\n"
         "for overrides in (['task=translation', '++task.min_lenght=3'], ['model.d_model=30'],\n"
         "                  ['++trainer.max_epoch=3'], ['attention=retention'], ['optim.schedule=linear'],\n"
         "                  ['++trainer.callbacks=[]'], ['++trainer.logger=false'], ['model.max_len=1024'],\n"
@@ -115,7 +121,7 @@ def test_key_typos_outside_the_model_are_reported_before_torch_loads():
     out = _fresh_python(
         "import sys\n"
         "from hydra import compose, initialize_config_dir\n"
-        "from efficient_attn_tasks.train import CONFIG_DIR, ConfigError, check_config\n"
+        "from efficient_attn_tasks.commands.train import CONFIG_DIR, ConfigError, check_config\n"
         "for overrides in (['++task.min_lenght=3'], ['++optim.learning_rate=1'], ['++trainer.max_epoch=3'],\n"
         "                  ['logger.kind=tensorboard'], ['++sed=1']):\n"
         "    with initialize_config_dir(config_dir=CONFIG_DIR, version_base='1.3'):\n"
@@ -261,13 +267,13 @@ def test_data_dir_is_under_the_cache_dir_as_the_readme_says(tmp_path, monkeypatc
 
 # ----------------------------------------------------------------------------- bench, approx, report --help
 COMMANDS = {  # console script -> (module run by `python -m`, extra argv, parser builder)
-    "efficient-attn-bench": ("efficient_attn.bench", [], bench.parser),
-    "efficient-attn-approx": ("efficient_attn_tasks.approx", [], approx.favor_parser),
-    "efficient-attn-approx --study sqrt_dk": ("efficient_attn_tasks.approx", ["--study", "sqrt_dk"], approx.sqrt_dk_parser),
-    "efficient-attn-report": ("efficient_attn_tasks.report", [], report.parser),
-    "efficient-attn-eval": ("efficient_attn_tasks.evaluate", [], evaluate.parser),
-    "efficient-attn-translate": ("efficient_attn_tasks.translate", [], translate.parser),
-    "efficient-attn-generate": ("efficient_attn_tasks.generate", [], generate.parser),
+    "efficient-attn-bench": ("efficient_attn_tasks.bench.kernels", [], bench.parser),
+    "efficient-attn-approx": ("efficient_attn_tasks.commands.approx", [], approx.favor_parser),
+    "efficient-attn-approx --study sqrt_dk": ("efficient_attn_tasks.commands.approx", ["--study", "sqrt_dk"], approx.sqrt_dk_parser),
+    "efficient-attn-report": ("efficient_attn_tasks.report.tables", [], report.parser),
+    "efficient-attn-eval": ("efficient_attn_tasks.commands.evaluate", [], evaluate.parser),
+    "efficient-attn-translate": ("efficient_attn_tasks.commands.translate", [], translate.parser),
+    "efficient-attn-generate": ("efficient_attn_tasks.commands.generate", [], generate.parser),
 }
 NOT_FOR_HELP = ("torch", "scipy", "matplotlib", "pandas", "pytorch_lightning", "lightning")
 
@@ -310,8 +316,8 @@ def test_every_command_is_a_console_script_of_its_module():
         assert scripts.get(command.split()[0]) == f"{module}:main", command
 
 
-@pytest.mark.parametrize("module", ["efficient_attn.bench", "efficient_attn_tasks.approx", "efficient_attn_tasks.evaluate", "efficient_attn_tasks.translate",
-                                    "efficient_attn_tasks.generate"])
+@pytest.mark.parametrize("module", ["efficient_attn_tasks.bench.kernels", "efficient_attn_tasks.commands.approx", "efficient_attn_tasks.commands.evaluate", "efficient_attn_tasks.commands.translate",
+                                    "efficient_attn_tasks.commands.generate"])
 def test_no_arguments_prints_the_help_instead_of_a_long_run(module):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, env=env, cwd=REPO,
@@ -368,7 +374,7 @@ def _job(root: Path, num: int, choice: str, seed: int, score: float | None, lr: 
 
 
 def _failed(root: Path, num: int, choice: str, seed: int, steps: int = 0) -> Path:
-    """A fake failed job: its .hydra/ and a failed record (tasks/record.py ``failed_record``)."""
+    """A fake failed job: its .hydra/ and a failed record (efficient_attn_tasks/run/record.py ``failed_record``)."""
     _job(root, num, choice, seed, None)
     record = {"name": "quickstart", "task": "translation", "attention": choice, "seed": seed, "status": "failed",
               "error": {"type": "DataError", "message": f"job {num} has no data; set data_dir"}, "steps": steps}
@@ -392,8 +398,8 @@ def test_multirun_summary_is_compact_in_launch_order_with_ci_and_failed_runs(tmp
     labels = [r[0] for r in rows[2:]]
     assert labels[:-1] == ["softmax", "favor_plus", "bilinear", "additive", "dot", "taylor", "hedgehog", "cosformer"]
     half = scipy_stats.t.ppf(0.975, 1) * scipy_stats.tstd([30.0, 32.0]) / 2 ** 0.5
-    assert rows[2] == ["softmax", "2", f"31 ± {_num(half)}", "2,000", "500", "60"]  # tokens/s: mean of 2000, 2001
-    assert rows[3][:3] == ["favor_plus", "2", f"28 ± {_num(half)}"]  # the config name, not the registry's favor
+    assert rows[2] == ["softmax", "2", f"31 ± {as_number(half)}", "2,000", "500", "60"]  # tokens/s: mean of 2000, 2001
+    assert rows[3][:3] == ["favor_plus", "2", f"28 ± {as_number(half)}"]  # the config name, not the registry's favor
     assert rows[4][:3] == ["bilinear", "1", "20"]  # one seed: no interval
     assert labels[-1].startswith("linear (no results.json, seed 0, job 4") and rows[-1][1:] == ["0", *["n/a"] * 4]
     assert text.splitlines()[0] == f"10 run(s) in {tmp_path}, 1 without results.json"
@@ -440,7 +446,7 @@ def test_every_multirun_ends_with_the_summary():
     for overrides in ([], ["experiment=quickstart"], ["experiment=mqar/quick"]):
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("train", overrides=overrides, return_hydra_config=True)
-        assert [c._target_ for c in cfg.hydra.callbacks.values()] == ["efficient_attn_tasks.train.RunSummary"], overrides
+        assert [c._target_ for c in cfg.hydra.callbacks.values()] == ["efficient_attn_tasks.commands.train.RunSummary"], overrides
 
 
 def test_multirun_summary_splits_rows_by_other_swept_values(tmp_path, capsys):
@@ -477,7 +483,7 @@ APP = """
 import os, sys
 import hydra
 from hydra.core.config_store import ConfigStore
-from efficient_attn_tasks.train import default_threads, joblib_n_jobs
+from efficient_attn_tasks.commands.train import default_threads, joblib_n_jobs
 
 @hydra.main(version_base="1.3", config_path=None, config_name="cfg")
 def app(cfg):  # one file per job: parallel jobs' prints would interleave

@@ -1,7 +1,7 @@
 """Second derivatives are exact (gradgradcheck in float64), never silently dropped.
 
 The hand-written backward passes run in place under no_grad; with ``create_graph=True`` each
-Function differentiates a plain re-computation instead (efficient_attn/attention/differentiable.py).
+Function differentiates a plain re-computation instead (efficient_attn/ops/differentiable.py).
 """
 
 import pytest
@@ -10,7 +10,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import efficient_attn as ea
 from efficient_attn.attention.additive import _AdditiveScores
-from efficient_attn.attention.causal_linear import causal_linear_attention
+from efficient_attn.ops.causal_linear import causal_linear_attention
 
 from .conftest import make_qkv, skip_unsupported
 
@@ -97,7 +97,10 @@ class _plain_functions:
     """Swap the custom Functions for their plain-autograd twins (the second-derivative path)."""
 
     def __enter__(self):
-        from efficient_attn.attention import additive, causal_linear, favor, favor_fused, features
+        from efficient_attn.attention import additive, favor
+        from efficient_attn.ops import causal_linear
+        from efficient_attn.ops import favor_fused
+        from efficient_attn.ops import features
 
         self.saved = [
             (causal_linear, "causal_linear_attention", causal_linear.causal_linear_attention),
@@ -116,10 +119,10 @@ class _plain_functions:
             b, h, length, _ = phi_q.shape
             flat = [t.reshape(b * h, length, -1) for t in (phi_q, phi_k, v)]
             gg = None if g is None else g.detach().reshape(b * h, length)
-            return causal_linear._causal_plain(*flat, gg).reshape(b, h, length, -1)
+            return causal_linear.causal_plain(*flat, gg).reshape(b, h, length, -1)
 
         def positive_plain(x, w, is_query, fresh_grad):
-            phi = features._positive_features_plain(x, w, is_query)
+            phi = features.positive_features_plain(x, w, is_query)
             return phi, (x @ w.T).amax(-1).detach()
 
         causal_linear.causal_linear_attention = causal_plain

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from efficient_attn_tasks.train import CONFIG_DIR, check_config, run
+from efficient_attn_tasks.commands.train import CONFIG_DIR, check_config, run
 from tests.helpers import SHARED_DATA
 from tests.test_train import QUIET, config
 

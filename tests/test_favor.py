@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import efficient_attn as ea
-from efficient_attn.attention.features import (
+from efficient_attn.ops.features import (
     gaussian_projection,
     hyperbolic_features,
     positive_features,

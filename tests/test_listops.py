@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 import efficient_attn as ea
 from tests.conftest import skip_unsupported
 from tests.helpers import LossLog
-from efficient_attn_tasks.listops import (
+from efficient_attn_tasks.tasks.listops import (
     OPERATORS,
     PAD_ID,
     VOCAB,

@@ -8,8 +8,8 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from efficient_attn_tasks.data import DataError
-from efficient_attn_tasks.lm import ByteLMData, Config, build
+from efficient_attn_tasks.tasks.data import DataError
+from efficient_attn_tasks.tasks.lm import ByteLMData, Config, build
 from tests.helpers import SHARED_DATA, LossLog
 
 DATA = SHARED_DATA

@@ -121,28 +121,28 @@ def test_plugin_attention_trains_evaluates_and_reports(plugin, tmp_path):
     """``attention.name=my_attention`` with its own option: the run is labelled by it (not by the default
     ``attention=softmax`` file it replaced), the checkpoint evaluates, the report lists it."""
     run_dir = tmp_path / "run"
-    out = run(["-m", "efficient_attn_tasks.train", *TINY, "attention.name=my_attention",
+    out = run(["-m", "efficient_attn_tasks.commands.train", *TINY, "attention.name=my_attention",
                "+attention.kwargs.temperature=2.0", f"hydra.run.dir={run_dir}"], plugin, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((run_dir / "results.json").read_text())
     assert (record["status"], record["attention"], record["attention_config"]) == ("ok", "my_attention", "my_attention")
     assert record["config"]["attention"]["kwargs"] == {"temperature": 2.0}
-    evaluated = run(["-m", "efficient_attn_tasks.evaluate", str(run_dir), "--out", str(tmp_path / "eval.json")],
+    evaluated = run(["-m", "efficient_attn_tasks.commands.evaluate", str(run_dir), "--out", str(tmp_path / "eval.json")],
                     plugin, tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert record["metrics"]["test"]["test/acc"] == pytest.approx(json.loads((tmp_path / "eval.json").read_text())["metrics"]["acc"])
-    report = run(["-m", "efficient_attn_tasks.report", str(run_dir)], plugin, tmp_path)
+    report = run(["-m", "efficient_attn_tasks.report.tables", str(run_dir)], plugin, tmp_path)
     assert report.returncode == 0 and "my_attention" in report.stdout, report.stderr[-3000:]
 
 
 def test_plugin_attention_in_bench_and_approx(plugin, tmp_path):
-    bench = run(["-m", "efficient_attn.bench", "--attentions", "my_attention,softmax", "--modes", "noncausal",
+    bench = run(["-m", "efficient_attn_tasks.bench.kernels", "--attentions", "my_attention,softmax", "--modes", "noncausal",
                  "--lengths", "32", "--heads", "2", "--head-dim", "8", "--repeats", "1", "--threads", "1",
                  "--no-baselines", "--matmul-size", "64", "--out", str(tmp_path / "bench")], plugin, tmp_path)
     assert bench.returncode == 0, bench.stderr[-3000:]
     rows = next((tmp_path / "bench").glob("bench_*.csv")).read_text().splitlines()
     assert any(r.startswith("my_attention,") and ",ok," in r for r in rows), rows
-    approx = run(["-m", "efficient_attn_tasks.approx", "--quick", "--draws", "1", "--length", "64",
+    approx = run(["-m", "efficient_attn_tasks.commands.approx", "--quick", "--draws", "1", "--length", "64",
                   "--attentions", "my_attention", "--out", str(tmp_path / "approx")], plugin, tmp_path)
     assert approx.returncode == 0, approx.stderr[-3000:]
     curve = [r for r in (tmp_path / "approx" / "error_vs_features.csv").read_text().splitlines()
@@ -153,11 +153,11 @@ def test_plugin_attention_in_bench_and_approx(plugin, tmp_path):
 def test_imports_key_reaches_a_module_that_is_not_installed(plugin, tmp_path):
     loose = plugin.parent / "loose"
     run_dir = tmp_path / "run"
-    out = run(["-m", "efficient_attn_tasks.train", *TINY, "imports=[loose_attention]", "attention.name=loose",
+    out = run(["-m", "efficient_attn_tasks.commands.train", *TINY, "imports=[loose_attention]", "attention.name=loose",
                f"hydra.run.dir={run_dir}"], plugin, tmp_path, extra_path=loose)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((run_dir / "results.json").read_text())["attention"] == "loose"
-    bench = run(["-m", "efficient_attn.bench", "--imports", "loose_attention", "--attentions", "loose", "--modes",
+    bench = run(["-m", "efficient_attn_tasks.bench.kernels", "--imports", "loose_attention", "--attentions", "loose", "--modes",
                  "causal", "--lengths", "16", "--heads", "1", "--head-dim", "4", "--repeats", "1", "--threads", "1",
                  "--no-baselines", "--matmul-size", "64", "--out", str(tmp_path / "bench")], plugin, tmp_path,
                 extra_path=loose)
@@ -168,9 +168,9 @@ def test_imports_key_reaches_a_module_that_is_not_installed(plugin, tmp_path):
     in_cwd = run([script, *TINY, "imports=[loose_attention]", "attention.name=loose", f"hydra.run.dir={tmp_path / 'cwd'}"],
                  plugin, loose)  # a module in the working dir, as a user has it
     assert in_cwd.returncode == 0, in_cwd.stderr[-3000:]
-    missing = run(["-m", "efficient_attn_tasks.train", *TINY, "imports=[no_such_module]"], plugin, tmp_path)
+    missing = run(["-m", "efficient_attn_tasks.commands.train", *TINY, "imports=[no_such_module]"], plugin, tmp_path)
     assert missing.returncode != 0
     assert "imports: cannot import 'no_such_module'" in missing.stderr
-    unlisted = run(["-m", "efficient_attn_tasks.train", *TINY, "attention.name=loose"], plugin, tmp_path,
+    unlisted = run(["-m", "efficient_attn_tasks.commands.train", *TINY, "attention.name=loose"], plugin, tmp_path,
                    extra_path=loose)
     assert unlisted.returncode != 0 and "unknown attention 'loose'" in unlisted.stderr

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import efficient_attn as ea
-from efficient_attn.attention.features import KERNELS
+from efficient_attn.ops.features import KERNELS
 
 from .conftest import make_qkv, skip_unsupported
 

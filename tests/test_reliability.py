@@ -12,11 +12,11 @@ import pytorch_lightning as pl
 import torch
 
 from efficient_attn import create_attention, list_attentions
-from tests import faults
-from efficient_attn_tasks.checks import ConfigError, check_config
-from efficient_attn_tasks.resume import resume_argv
-from efficient_attn_tasks.sampling import ShardedBatches, eval_shard, shuffled
-from efficient_attn_tasks.train import run
+from tools import faults
+from efficient_attn_tasks.config.checks import ConfigError, check_config
+from efficient_attn_tasks.run.resume import resume_argv
+from efficient_attn_tasks.tasks.sampling import ShardedBatches, eval_shard, shuffled
+from efficient_attn_tasks.commands.train import run
 from tests.conftest import skip_unsupported
 from tests.helpers import LossLog
 
@@ -115,7 +115,9 @@ GRAD_TASKS = {  # tiny configs; 5 examples a global batch: 3 and 2 on two proces
 
 def global_batch(task: str, cfg) -> tuple[list, Callable[[list], dict]]:
     """(5 seeded examples of ``task`` with unequal token counts, the task's collate)."""
-    from efficient_attn_tasks import listops, mqar, translation
+    from efficient_attn_tasks.tasks import listops
+    from efficient_attn_tasks.tasks import mqar
+    from efficient_attn_tasks.tasks import translation
 
     g = torch.Generator().manual_seed(1)
     lengths = [3, 9, 4, 7, 2]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from efficient_attn_tasks.report import main
+from efficient_attn_tasks.report.tables import main
 
 
 def record(attention: str, seed: int, score: float, task: str = "translation", metric: str = "test/bleu") -> dict:
@@ -55,7 +55,7 @@ def test_table_groups_seeds_and_lists_missing_runs(tmp_path, capsys):
 
 
 def failed(attention: str, seed: int, steps: int = 3) -> dict:
-    """A failed run's record (tasks/record.py ``failed_record``): no metrics, the error and the step reached."""
+    """A failed run's record (efficient_attn_tasks/run/record.py ``failed_record``): no metrics, the error and the step reached."""
     return {"name": "exp", "task": "translation", "attention": attention, "seed": seed, "status": "failed",
             "error": {"type": "FloatingPointError", "message": "non-finite loss at step 3 | lower optim.lr"},
             "config": {"seed": seed}, "overrides": [f"seed={seed}"], "steps": steps, "wall_time_s": 1.0}

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from efficient_attn.analysis import approx_report
-from efficient_attn.analysis.scaling import COLUMNS, softmax_jacobian_norm, sqrt_dk_study
-from efficient_attn_tasks import approx
+from efficient_attn_tasks.approx import report as approx_report
+from efficient_attn_tasks.approx.scaling import COLUMNS, softmax_jacobian_norm, sqrt_dk_study
+from efficient_attn_tasks.commands import approx
 
 DIMS = (16, 64, 256)
 

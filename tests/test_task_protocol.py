@@ -1,4 +1,4 @@
-"""Every task follows one protocol (tasks/base.py): the same top-level shape, a TaskData data module with the
+"""Every task follows one protocol (efficient_attn_tasks/tasks/base.py): the same top-level shape, a TaskData data module with the
 common signature, a TaskModule with monitor / monitor_mode, and task_config returning its schema's dataclass.
 A new task in ``checks.TASKS`` that deviates fails here."""
 
@@ -13,9 +13,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from torchmetrics.classification import MulticlassAccuracy
 
-from efficient_attn_tasks.base import TaskData, TaskModule
-from efficient_attn_tasks.checks import CONFIG_DIR, TASKS, check_config
-from efficient_attn_tasks.schema import TASK_SCHEMAS, TASK_SITES
+from efficient_attn_tasks.tasks.base import TaskData, TaskModule
+from efficient_attn_tasks.config.checks import CONFIG_DIR, TASKS, check_config
+from efficient_attn_tasks.config.schema import TASK_SCHEMAS, TASK_SITES
 
 COMMON_KEYWORDS = ["seed", "data_dir", "cache_dir", "max_len"]  # TaskData's run-level keywords
 LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")  # TaskData's; a task supplies hooks instead
@@ -86,7 +86,7 @@ def test_task_config_returns_the_schemas_dataclass(name):
 
 def test_listops_accuracy_is_the_weighted_mean_of_correct_predictions():
     """The same number as torchmetrics' micro MulticlassAccuracy (what ListOps logged before), batch by batch."""
-    from efficient_attn_tasks import listops
+    from efficient_attn_tasks.tasks import listops
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["task=listops", "model=tiny", "logger=none", "task.min_length=10",
@@ -107,7 +107,7 @@ def test_listops_accuracy_is_the_weighted_mean_of_correct_predictions():
 def test_a_nan_evaluation_value_makes_the_logged_mean_nan():
     """Every task's evaluation means keep NaN (torchmetrics' default would drop it with a warning: a
     broken evaluation batch would leave a finite, wrong mean)."""
-    from efficient_attn_tasks import listops
+    from efficient_attn_tasks.tasks import listops
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["task=listops", "model=tiny", "logger=none", "task.min_length=10",

@@ -20,13 +20,13 @@ from omegaconf import OmegaConf
 import efficient_attn as ea
 from efficient_attn.attention.base import unsupported_use
 from efficient_attn.transformer import SITE_USE, AttentionSpec
-from efficient_attn_tasks import translation
-from efficient_attn_tasks.checks import CONFIG_DIR, TASKS, ConfigError, check_config
-from efficient_attn_tasks.curves import read_curves
-from efficient_attn_tasks.data import DataError
-from efficient_attn_tasks.record import peak_memory_mib, reset_peak_memory
-from efficient_attn_tasks.schema import TASK_SCHEMAS
-from efficient_attn_tasks.train import run
+from efficient_attn_tasks.tasks import translation
+from efficient_attn_tasks.config.checks import CONFIG_DIR, TASKS, ConfigError, check_config
+from efficient_attn_tasks.run.curves import read_curves
+from efficient_attn_tasks.tasks.data import DataError
+from efficient_attn_tasks.run.record import peak_memory_mib, reset_peak_memory
+from efficient_attn_tasks.config.schema import TASK_SCHEMAS
+from efficient_attn_tasks.commands.train import run
 from tests.conftest import site_specs
 from tests.helpers import SHARED_DATA, LossLog
 
@@ -226,7 +226,7 @@ def test_learning_rate_is_logged_every_step(tmp_path):
 ])
 def test_cosine_needs_a_step_horizon(trainer, finite):
     """``max_epochs=-1`` with ``max_time`` used to crash in the schedule (float infinity to int)."""
-    from efficient_attn_tasks.checks import has_step_horizon
+    from efficient_attn_tasks.config.checks import has_step_horizon
 
     assert has_step_horizon(trainer) is finite
     extra = [f"++trainer.{key}={'null' if value is None else value}" for key, value in trainer.items()]
@@ -245,7 +245,7 @@ def test_cosine_horizon_is_the_trainers_step_count():
 
     from omegaconf import OmegaConf
 
-    from efficient_attn_tasks.base import TaskModule
+    from efficient_attn_tasks.tasks.base import TaskModule
 
     optim = dict(lr=1.0, weight_decay=0.0, betas=[0.9, 0.98], warmup_steps=0, schedule="cosine")
     module = TaskModule(OmegaConf.create({"optim": optim}))
@@ -264,7 +264,7 @@ def test_cosine_total_steps_overrides_the_trainers_horizon():
 
     from omegaconf import OmegaConf
 
-    from efficient_attn_tasks.base import TaskModule
+    from efficient_attn_tasks.tasks.base import TaskModule
 
     optim = dict(lr=1.0, weight_decay=0.0, betas=[0.9, 0.98], warmup_steps=0, schedule="cosine", total_steps=400)
     module = TaskModule(OmegaConf.create({"optim": optim}))
@@ -421,7 +421,7 @@ def test_misspelled_keys_are_errors_that_name_the_key():
 
 def test_unknown_attention_and_misspelled_override_stop_the_cli():
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    cmd = [sys.executable, "-m", "efficient_attn_tasks.train"]
+    cmd = [sys.executable, "-m", "efficient_attn_tasks.commands.train"]
     out = subprocess.run([*cmd, "attention=favr"], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode != 0 and "Could not find 'attention/favr'" in out.stderr
     assert "favor_plus" in out.stderr  # Hydra lists the available options

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..registry import register_attention
 from .base import check_inputs, check_step
-from .kernel import KernelAttention, _normalize, _upcast_with_ones
+from .kernel import KernelAttention, normalize, upcast_with_ones
 
 
 @register_attention("cosformer")
@@ -80,13 +80,13 @@ class CosformerAttention(KernelAttention):
         t = 0 if state is None else state["position"]
         out_dtype = v.dtype
         with torch.autocast(q.device.type, enabled=False):
-            q, k, v1 = _upcast_with_ones(q, k, v)  # v1 (B, H, 1, Dv+1)
+            q, k, v1 = upcast_with_ones(q, k, v)  # v1 (B, H, 1, Dv+1)
             phi_k, _ = self.feature_map(k, is_query=False, start=t)  # (B, H, 1, 2D)
             kv = phi_k.transpose(-1, -2) @ v1  # (B, H, 2D, Dv+1)
             if state is not None:
                 kv = state["kv"] + kv
             out1 = self.feature_map(q, is_query=True, start=t)[0] @ kv  # (B, H, 1, Dv+1)
-        return _normalize(out1).to(out_dtype), {"kv": kv, "position": t + 1}
+        return normalize(out1).to(out_dtype), {"kv": kv, "position": t + 1}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, max_len={self.max_len}, kernel_eps={self.kernel_eps:.3g}"

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register_attention
-from .features import (
+from ..ops.features import (
     KERNELS,
     PROJECTIONS,
     hyperbolic_features,
@@ -15,8 +15,8 @@ from .features import (
     relu_features,
     trig_features,
 )
-from .favor_fused import favor_positive_attention
-from .kernel import KernelAttention, _upcast_with_ones
+from ..ops.favor_fused import favor_positive_attention
+from .kernel import KernelAttention, upcast_with_ones
 
 
 @register_attention("favor")
@@ -153,7 +153,7 @@ class FavorAttention(KernelAttention):
             return super().attend(q, k, v, key_padding_mask, causal)
         out_dtype = v.dtype
         with torch.autocast(q.device.type, enabled=False):
-            q, k, v1 = _upcast_with_ones(q, k, v)  # v1 (B, H, S, Dv+1)
+            q, k, v1 = upcast_with_ones(q, k, v)  # v1 (B, H, S, Dv+1)
             if key_padding_mask is not None:  # k, v are zero there already; drop their normalizer too
                 v1 = v1.masked_fill(key_padding_mask[:, None, :, None], 0.0)
             w = self.projection.to(q.dtype)  # (m, d)

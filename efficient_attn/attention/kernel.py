@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Attention, check_inputs, check_step, unsupported_use
-from .causal_linear import causal_linear_attention
-
-_PADDED_LOG_SCALE = -1e30  # below any real key's log-scale; finite, so differences stay defined
+from ..ops.causal_linear import causal_linear_attention
+from ..ops.numerics import PADDED_LOG_SCALE, normalize, scale_values, upcast_with_ones
 
 
 class KernelAttention(Attention):
@@ -56,7 +55,7 @@ class KernelAttention(Attention):
     ) -> Tensor:
         out_dtype = v.dtype
         with torch.autocast(q.device.type, enabled=False):
-            q, k, v1 = _upcast_with_ones(q, k, v)  # v1 (B, H, S, Dv+1)
+            q, k, v1 = upcast_with_ones(q, k, v)  # v1 (B, H, S, Dv+1)
             if key_padding_mask is not None:  # k, v are zero there already; drop their normalizer too
                 v1 = v1.masked_fill(key_padding_mask[:, None, :, None], 0.0)
             phi_q, _ = self.feature_map(q, is_query=True, fresh_grad=True)  # (B, H, L, M)
@@ -65,10 +64,10 @@ class KernelAttention(Attention):
             if causal:
                 out1 = causal_linear_attention(phi_q, phi_k, v1, self.chunk_size, log_scale)
             else:
-                v1 = _scale_values(v1, log_scale)  # (B, H, S, Dv+1): · e^{g_j − max g}
+                v1 = scale_values(v1, log_scale)  # (B, H, S, Dv+1): · e^{g_j − max g}
                 kv_t = v1.transpose(-1, -2) @ phi_k  # (B, H, Dv+1, M); this order keeps dφ(k) contiguous
                 out1 = phi_q @ kv_t.transpose(-1, -2)  # (B, H, L, M) @ (B, H, M, Dv+1)
-        return _normalize(out1).to(out_dtype)
+        return normalize(out1).to(out_dtype)
 
     def decode_step(
         self, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Tensor] | None = None
@@ -81,7 +80,7 @@ class KernelAttention(Attention):
         check_inputs(q, k, v, None, True, self.num_heads, self.head_dim)
         out_dtype = v.dtype
         with torch.autocast(q.device.type, enabled=False):
-            q, k, v1 = _upcast_with_ones(q, k, v)  # v1 (B, H, 1, Dv+1)
+            q, k, v1 = upcast_with_ones(q, k, v)  # v1 (B, H, 1, Dv+1)
             phi_k, log_scale = self.feature_map(k, is_query=False)  # (B, H, 1, M), (B, H, 1) or None
             new_state = {}
             if log_scale is not None:
@@ -97,16 +96,16 @@ class KernelAttention(Attention):
                 kv = carried + kv
             new_state["kv"] = kv
             out1 = self.feature_map(q, is_query=True)[0] @ kv  # (B, H, 1, Dv+1)
-        return _normalize(out1).to(out_dtype), new_state
+        return normalize(out1).to(out_dtype), new_state
 
     def prefill(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
         """The decoding state after keys 0..t−1 in one pass: ``kv`` = Σ_j φ(k_j)[v_j, 1]ᵀ relative to
         G = the largest key log-scale (``log_scale`` (B, H, 1, 1), the running maximum at t − 1)."""
         check_inputs(k, k, v, None, True, self.num_heads, self.head_dim)
         with torch.autocast(k.device.type, enabled=False):
-            _, k, v1 = _upcast_with_ones(k, k, v)  # v1 (B, H, t, Dv+1)
+            _, k, v1 = upcast_with_ones(k, k, v)  # v1 (B, H, t, Dv+1)
             phi_k, log_scale = self.prefix_features(k)  # (B, H, t, M), (B, H, t) or None
-            state = {"kv": phi_k.transpose(-1, -2) @ _scale_values(v1, log_scale)}  # (B, H, M, Dv+1)
+            state = {"kv": phi_k.transpose(-1, -2) @ scale_values(v1, log_scale)}  # (B, H, M, Dv+1)
             if log_scale is not None:
                 state["log_scale"] = log_scale.amax(-1)[..., None, None]  # (B, H, 1, 1)
         return state
@@ -124,12 +123,12 @@ class KernelAttention(Attention):
             raise ValueError(problem)
         check_inputs(k, k, v, key_padding_mask, False, self.num_heads, self.head_dim)
         with torch.autocast(k.device.type, enabled=False):
-            _, k, v1 = _upcast_with_ones(k, k, v)  # v1 (B, H, S, Dv+1)
+            _, k, v1 = upcast_with_ones(k, k, v)  # v1 (B, H, S, Dv+1)
             if key_padding_mask is not None:
                 pad = key_padding_mask[:, None, :, None]  # (B, 1, S, 1)
                 k, v1 = k.masked_fill(pad, 0.0), v1.masked_fill(pad, 0.0)
             phi_k, log_scale = self.feature_map(k, is_query=False)  # (B, H, S, M), (B, H, S) or None
-            v1 = _scale_values(v1, _mask_log_scale(log_scale, key_padding_mask))
+            v1 = scale_values(v1, _mask_log_scale(log_scale, key_padding_mask))
             kv = phi_k.transpose(-1, -2) @ v1  # (B, H, M, Dv+1)
         return {"kv": kv}
 
@@ -138,34 +137,15 @@ class KernelAttention(Attention):
         with torch.autocast(q.device.type, enabled=False):
             kv = memory["kv"]  # (B, H, M, Dv+1)
             out1 = self.feature_map(q.to(kv.dtype), is_query=True)[0] @ kv  # (B, H, L, Dv+1)
-        return _normalize(out1).to(out_dtype)
+        return normalize(out1).to(out_dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
 
-
-def _upcast_with_ones(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k in float32 (float64 stays float64); v with a column of ones appended: (…, S, Dv+1)."""
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.to(dtype), k.to(dtype), F.pad(v.to(dtype), (0, 1), value=1.0)
 
 
 def _mask_log_scale(log_scale: Tensor | None, key_padding_mask: Tensor | None) -> Tensor | None:
     """(B, H, S) key log-scales with padded keys set below every real one (they never set a max)."""
     if log_scale is None or key_padding_mask is None:
         return log_scale
-    return log_scale.masked_fill(key_padding_mask[:, None, :], _PADDED_LOG_SCALE)
-
-
-def _scale_values(v1: Tensor, log_scale: Tensor | None) -> Tensor:
-    """Non-causal: v1 (B, H, S, Dv+1) rows times e^{g_j − G}, G the largest log-scale of the (b, h)."""
-    if log_scale is None:
-        return v1
-    weights = (log_scale - log_scale.amax(-1, keepdim=True)).exp()  # (B, H, S), ≤ 1
-    return v1 * weights[..., None]
-
-
-def _normalize(out1: Tensor) -> Tensor:
-    """(…, L, Dv+1) numerators and normalizer -> (…, L, Dv); a query seeing no key gets 0, not NaN."""
-    num, den = out1[..., :-1], out1[..., -1:]  # (…, L, Dv), (…, L, 1)
-    return num / torch.where(den == 0, 1.0, den)
+    return log_scale.masked_fill(key_padding_mask[:, None, :], PADDED_LOG_SCALE)

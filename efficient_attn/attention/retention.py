@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import register_attention
+from ..ops.numerics import upcast
 from .base import Attention, check_inputs, check_step
 
 
@@ -63,7 +64,7 @@ class RetentionAttention(Attention):
         # causal=False and S ≠ L were refused by the base class; padded k, v are zero already
         out_dtype = v.dtype
         with torch.autocast(q.device.type, enabled=False):
-            q, k, v = _upcast(q, k, v)
+            q, k, v = upcast(q, k, v)
             log_gamma = self.log_gammas(q.dtype, q.device)  # (H,)
             out = chunked_retention(q * self.scale, k, v, log_gamma, self.chunk_size)  # (B, H, L, Dv)
         return out.to(out_dtype)
@@ -72,7 +73,7 @@ class RetentionAttention(Attention):
         """The recurrent state after positions 0..t−1 in one product: S = Σ_j γ^{t−1−j} k_jᵀ v_j."""
         check_inputs(k, k, v, None, True, self.num_heads, self.head_dim)
         with torch.autocast(k.device.type, enabled=False):
-            _, k, v = _upcast(k, k, v)
+            _, k, v = upcast(k, k, v)
             age = torch.arange(k.shape[2] - 1, -1, -1, device=k.device, dtype=k.dtype)  # (t,): t−1−j
             decay = (self.log_gammas(k.dtype, k.device)[:, None] * age).exp()  # (H, t)
             kv = (k * decay[:, :, None]).transpose(-1, -2) @ v  # (B, H, D, Dv)
@@ -86,7 +87,7 @@ class RetentionAttention(Attention):
         check_inputs(q, k, v, None, True, self.num_heads, self.head_dim)
         out_dtype = v.dtype
         with torch.autocast(q.device.type, enabled=False):
-            q, k, v = _upcast(q, k, v)
+            q, k, v = upcast(q, k, v)
             kv = k.transpose(-1, -2) @ v  # (B, H, D, Dv): k_tᵀ v_t
             if state is not None:
                 gamma = self.log_gammas(q.dtype, q.device).exp()[:, None, None]  # (H, 1, 1)
@@ -152,9 +153,3 @@ def chunked_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, chunk_
             states.append(states[-1] * chunk_decay + kv_i)  # (B, H, D, Dv)
         out = out + (qc * from_state) @ torch.stack(states, dim=2)  # (B, H, N, C, Dv)
     return out.reshape(b, h, n * c, -1)[:, :, :length]  # (B, H, L, Dv)
-
-
-def _upcast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v in float32 (float64 stays float64)."""
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.to(dtype), k.to(dtype), v.to(dtype)

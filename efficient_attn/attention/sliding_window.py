@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import register_attention
+from ..ops.numerics import upcast
 from .base import Attention, check_inputs, check_step
 
 
@@ -42,7 +43,7 @@ class SlidingWindowAttention(Attention):
     ) -> Tensor:
         out_dtype = v.dtype
         with torch.autocast(q.device.type, enabled=False):
-            q, k, v = _upcast(q, k, v)
+            q, k, v = upcast(q, k, v)
             out = banded_softmax_attention(q, k, v, key_padding_mask, causal, self.window, self.scale)
         return out.to(out_dtype)
 
@@ -62,7 +63,7 @@ class SlidingWindowAttention(Attention):
             k = torch.cat([state["k"], k], dim=2)[:, :, -self.window :]  # (B, H, ≤w, D): what this query sees
             v = torch.cat([state["v"], v], dim=2)[:, :, -self.window :]  # (B, H, ≤w, Dv)
         with torch.autocast(q.device.type, enabled=False):
-            q32, k32, v32 = _upcast(q, k, v)
+            q32, k32, v32 = upcast(q, k, v)
             weights = (q32 @ k32.transpose(-1, -2) * self.scale).softmax(-1)  # (B, H, 1, ≤w)
             out = weights @ v32  # (B, H, 1, Dv)
         return out.to(v.dtype), {"k": k, "v": v}
@@ -110,9 +111,3 @@ def _block_mask(
     real[:, w : w + length] = True if key_padding_mask is None else ~key_padding_mask
     real = real.unfold(1, span, w)  # (B, N, span)
     return band & real[:, None, :, None, :]  # (B, 1, N, w, span)
-
-
-def _upcast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v in float32 (float64 stays float64)."""
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.to(dtype), k.to(dtype), v.to(dtype)

@@ -1,0 +1,166 @@
+"""``efficient-attn-approx``: FAVOR+ approximation-error curves against exact softmax, as CSV + PNG.
+
+    efficient-attn-approx --out results/approx_error            # Performer protocol: L=4096, d=16, 15 draws
+    efficient-attn-approx --quick --out /tmp/approx              # a smaller, seconds-long version
+
+Writes error_vs_features.{csv,png} (error against m) and error_vs_scale.{csv,png} (error against the
+input scale at fixed m), and logs both to the active W&B run, if any. Two errors, each mean ± std
+over the draws with its count of non-finite draws: the MSE of the attention output (``mse_*``,
+``non_finite``) and KL(P ‖ P̂) between exact and estimated attention rows on the first ``--kl-rows``
+queries (``kl_*``, ``kl_non_finite``: draws with a row whose estimate has a weight ≤ 0, i.e. trig
+features; see :mod:`efficient_attn.analysis.approx`). The PNGs have an MSE panel and a KL panel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from efficient_attn_tasks.commands.cli import wrote
+from efficient_attn.analysis import KL_ROWS
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+X_LABELS = {
+    "num_features": "random features m",
+    "scale": "input scale (std of q, k entries)",
+    "layer": "layer (attention sites in forward order)",
+}
+
+
+KL_LABEL = "KL(P ‖ P̂) of attention rows vs exact softmax"
+
+
+def plot(rows: list[dict[str, Any]], x: str, path: Path, title: str,
+         ylabel: str = "MSE of attention output vs exact softmax") -> None:
+    """Log-log mean error per estimator with a ±1 std band: an MSE panel, and a KL panel beside it when
+    the rows have ``kl_mean``; points that were all non-finite are left out (their count is in the legend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("mse_mean", "mse_std", "non_finite", ylabel)]
+    if "kl_mean" in rows[0]:
+        panels.append(("kl_mean", "kl_std", "kl_non_finite", KL_LABEL))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, (mean_key, std_key, bad_key, label) in zip(axes[0], panels):
+        for i, est in enumerate(dict.fromkeys(r["estimator"] for r in rows)):
+            color = f"C{i % 10}"  # one colour per estimator in both panels
+            bad = sum(r[bad_key] for r in rows if r["estimator"] == est)
+            pts = [r for r in rows if r["estimator"] == est and not math.isnan(r[mean_key])]
+            tag = est + (f" ({bad} non-finite)" if bad else "")
+            if not pts:
+                ax.plot([], [], color=color, label=tag + ", no finite point")
+                continue
+            xs = [r[x] for r in pts]
+            mean = [r[mean_key] for r in pts]
+            lo = [max(m - r[std_key], m * 1e-3) for m, r in zip(mean, pts)]
+            hi = [m + r[std_key] for m, r in zip(mean, pts)]
+            ax.plot(xs, mean, marker="o", ms=3, color=color, label=tag)
+            ax.fill_between(xs, lo, hi, color=color, alpha=0.2)
+        if x != "layer":
+            ax.set_xscale("log", base=2 if x == "num_features" else 10)
+        ax.set_yscale("log")
+        ax.set_xlabel(X_LABELS[x])
+        ax.set_ylabel(label)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def log_to_wandb(outputs: dict[str, tuple[Path, list[dict[str, Any]]]]) -> None:
+    if "wandb" not in sys.modules:
+        return
+    import wandb
+
+    if wandb.run is None:
+        return
+    for name, (png, rows) in outputs.items():
+        table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
+        wandb.log({f"approx/{name}": wandb.Image(str(png)), f"approx/{name}_table": table})
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The sweeps' options (``efficient-attn-approx --help``)."""
+    p.add_argument("--length", type=int, default=4096, help="sequence length L of the random q, k, v")
+    p.add_argument("--dim", type=int, default=16, help="head size d")
+    p.add_argument("--features", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512],
+                   help="random features m of the error-vs-m sweep")
+    p.add_argument("--draws", type=int, default=15, help="independent feature draws per point")
+    p.add_argument("--scale", type=float, default=1.0, help="std of q, k entries for the m sweep")
+    p.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0],
+                   help="input scales (std of q, k entries) of the error-vs-scale sweep")
+    p.add_argument("--scale-features", type=int, default=256, help="m for the scale sweep")
+    p.add_argument("--seed", type=int, default=0, help="seed of q, k, v")
+    p.add_argument("--kl-rows", type=int, default=KL_ROWS,
+                   help="query rows the KL(P ‖ P̂) is measured on (the first ones; 0: no KL)")
+    p.add_argument("--attentions", metavar="NAMES", default="",
+                   help="more registered attentions to compare (comma-separated, default options; KL only for kernel "
+                        "attentions), e.g. cosformer,hedgehog or your own")
+    p.add_argument("--imports", nargs="+", default=[], metavar="MODULE",
+                   help="modules to import first: your own attentions (@register_attention), for --attentions")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--quick", action="store_true", help="L=512, 5 draws, 3 m values, 3 scales: seconds")
+    p.add_argument("--out", type=Path, default=Path("approx_out"), help="output folder")
+
+
+def run(a: argparse.Namespace) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
+    """The m sweep and the scale sweep on random inputs; returns {name: (png, rows)}."""
+    import torch
+
+    from efficient_attn.registry import get_attention_class, import_attentions
+    from efficient_attn.analysis.approx import ESTIMATORS, error_vs_features, error_vs_scale, estimator
+
+    import_attentions(getattr(a, "imports", []))
+    extra = [name for name in getattr(a, "attentions", "").split(",") if name]
+    for name in extra:
+        get_attention_class(name)  # unknown names fail now, with the registered ones listed
+
+    if a.quick:
+        a.length, a.draws, a.features, a.scales = 512, 5, [8, 32, 128], [0.5, 1.0, 2.0]
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+    common = dict(length=a.length, dim=a.dim, draws=a.draws, seed=a.seed, kl_rows=a.kl_rows,
+                  estimators=[*ESTIMATORS, *map(estimator, extra)])
+    by_m = error_vs_features(a.features, scale=a.scale, **common)
+    by_scale = error_vs_scale(a.scales, num_features=a.scale_features, **common)
+    outputs = {}
+    for name, rows, x, title in (
+        ("error_vs_features", by_m, "num_features", f"L={a.length}, d={a.dim}, scale={a.scale}, {a.draws} draws"),
+        ("error_vs_scale", by_scale, "scale", f"L={a.length}, d={a.dim}, m={a.scale_features}, {a.draws} draws"),
+    ):
+        outputs[name] = save(rows, x, a.out / name, title)
+    log_to_wandb(outputs)
+    return outputs
+
+
+def save(rows: list[dict[str, Any]], x: str, stem: Path, title: str, **kw: Any) -> tuple[Path, list[dict[str, Any]]]:
+    write_csv(rows, stem.with_suffix(".csv"))
+    plot(rows, x, stem.with_suffix(".png"), title, **kw)
+    wrote(stem.with_suffix(".csv"), stem.with_suffix(".png"))
+    return stem.with_suffix(".png"), rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="FAVOR+ approximation error against exact softmax.")
+    add_arguments(p)
+    run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Why dot products are scaled by 1/√d_k (Vaswani et al. 2017, footnote 4), measured.
+
+With q, k entries iid N(0, 1), q·k = Σ_i q_i k_i has mean 0 and variance d_k, so unscaled logits grow
+like √d_k: the softmax saturates (one key takes almost all the mass) and its Jacobian
+J = diag(p) − ppᵀ, hence every gradient through it, collapses toward 0. Dividing by √d_k keeps the
+logit variance at 1 whatever d_k. For each d_k and each scaling this module reports, over independent
+draws of q (L, d_k) and k (S, d_k) in float64:
+
+    logit_var   empirical variance of the L·S logits (≈ d_k unscaled, ≈ 1 scaled)
+    max_prob    max_j p_ij, averaged over queries i (saturation: 1/S uniform … 1 one-hot)
+    entropy     −Σ_j p_ij log p_ij in nats, averaged over queries (log S uniform … 0 one-hot)
+    grad_norm   ‖∂p_i/∂z_i‖_F = ‖diag(p_i) − p_i p_iᵀ‖_F, averaged over queries
+    grad_norm_median   the same norm, median over queries (the typical query)
+
+‖J‖_F is largest for intermediate p and small at both ends (uniform: ≈ 1/√S; one-hot: 0), so the
+query mean of the unscaled norm falls only slowly with d_k (~d_k^(-1/2) at large d_k): it is carried
+by the few queries whose top two logits happen to be close, and where it crosses the scaled norm
+depends on S: with S = 64 it is below it at d_k = 256 (0.12 vs 0.18); with S = 256 only near
+d_k ≈ 700 (0.15 vs 0.10 at d_k = 256), though its median there is already 0.05 and ≈ 1e-3 at d_k = 1024.
+
+    efficient-attn-approx --study sqrt_dk --out results/sqrt_dk      # d_k 16…256, L = S = 256, 20 draws
+
+writes sqrt_dk.csv (one row per d_k × scaling, mean and std over draws) and sqrt_dk.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch loads when a study runs, so the command's --help does not wait for it
+    import torch
+    from torch import Tensor
+
+DIMS = (16, 32, 64, 128, 256)
+SCALINGS = ("unscaled", "scaled")  # logits q·k and q·k/√d_k
+STATS = ("logit_var", "max_prob", "entropy", "grad_norm", "grad_norm_median")
+COLUMNS = ("d_k", "scaling", "queries", "keys", "draws",
+           *(f"{s}_{part}" for s in STATS for part in ("mean", "std")))
+
+
+def softmax_jacobian_norm(p: Tensor) -> Tensor:
+    """Frobenius norm of the softmax Jacobian J = diag(p) − ppᵀ for each row of p (…, S) -> (…).
+
+    ‖J‖²_F = Σ_j (p_j − p_j²)² + Σ_{j≠l} p_j² p_l² = Σ p² − 2 Σ p³ + (Σ p²)², in O(S) per row.
+    """
+    p2 = p.pow(2).sum(-1)
+    p3 = p.pow(3).sum(-1)
+    return (p2 - 2 * p3 + p2.pow(2)).clamp_min(0).sqrt()
+
+
+def softmax_stats(logits: Tensor) -> dict[str, Tensor]:
+    """Per-draw statistics of logits (draws, L, S): each a (draws,) tensor, query means where per query."""
+    log_p = logits.log_softmax(-1)  # (draws, L, S)
+    p = log_p.exp()
+    jac = softmax_jacobian_norm(p)  # (draws, L)
+    return {
+        "logit_var": logits.flatten(1).var(-1),  # over the L·S entries of each draw
+        "max_prob": p.amax(-1).mean(-1),
+        "entropy": -(p * log_p).sum(-1).mean(-1),  # p = 0 contributes 0: log_p stays finite
+        "grad_norm": jac.mean(-1),
+        "grad_norm_median": jac.median(-1).values,
+    }
+
+
+def unscaled_logits(d_k: int, queries: int, keys: int, draws: int, generator: torch.Generator) -> Tensor:
+    """q·k for q (draws, L, d_k), k (draws, S, d_k) with iid N(0, 1) entries: (draws, L, S) float64."""
+    import torch
+
+    q = torch.randn(draws, queries, d_k, generator=generator, dtype=torch.float64)
+    k = torch.randn(draws, keys, d_k, generator=generator, dtype=torch.float64)
+    return q @ k.transpose(-1, -2)  # (draws, L, S)
+
+
+def sqrt_dk_study(dims: tuple[int, ...] = DIMS, queries: int = 256, keys: int = 256, draws: int = 20,
+                  seed: int = 0) -> list[dict[str, Any]]:
+    """One row per d_k × scaling (columns :data:`COLUMNS`): mean and std over draws of each statistic.
+
+    Both scalings of one d_k see the same q, k, so their difference is the scaling alone.
+    """
+    import torch
+
+    if draws < 2:
+        raise ValueError(f"draws must be >= 2 for a std over draws, got {draws}")
+    rows = []
+    for d_k in dims:
+        logits = unscaled_logits(d_k, queries, keys, draws, torch.Generator().manual_seed(seed + d_k))
+        for scaling in SCALINGS:
+            z = logits if scaling == "unscaled" else logits / math.sqrt(d_k)
+            rows.append(_row(d_k, scaling, queries, keys, softmax_stats(z)))
+    return rows
+
+
+def _row(d_k: int, scaling: str, queries: int, keys: int, per_draw: dict[str, Tensor]) -> dict[str, Any]:
+    row: dict[str, Any] = {"d_k": d_k, "scaling": scaling, "queries": queries, "keys": keys,
+                           "draws": len(per_draw["logit_var"])}
+    for name in STATS:
+        values = per_draw[name].tolist()
+        row[f"{name}_mean"] = statistics.mean(values)
+        row[f"{name}_std"] = statistics.stdev(values)
+    return row
+
+
+# ----------------------------------------------------------------------------- figure
+PANELS = (  # (statistics, y label, log y); a second statistic is drawn dashed
+    (("logit_var",), "variance of logits", True),
+    (("max_prob",), "mean max softmax probability", False),
+    (("entropy",), "mean softmax entropy (nats)", False),
+    (("grad_norm", "grad_norm_median"), "‖softmax Jacobian‖_F per query", True),
+)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """One panel per statistic against d_k (log₂ x), unscaled and scaled, ±1 std over draws."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.8))
+    dims = sorted({r["d_k"] for r in rows})
+    for ax, (stats, ylabel, log_y) in zip(axes, PANELS):
+        for scaling, color in zip(SCALINGS, ("C3", "C0")):
+            pts = sorted((r for r in rows if r["scaling"] == scaling), key=lambda r: r["d_k"])
+            for stat, ls in zip(stats, ("-", "--")):
+                ax.errorbar([r["d_k"] for r in pts], [r[f"{stat}_mean"] for r in pts],
+                            yerr=[r[f"{stat}_std"] for r in pts], marker="o", ms=3, capsize=2, color=color,
+                            ls=ls, label=_label(scaling, stat, len(stats)))
+        _references(ax, stats[0], dims, rows[0]["keys"])
+        ax.set_xscale("log", base=2)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel("d_k (log₂ scale)")
+        ax.set_ylabel(ylabel + (" (log scale)" if log_y else ""))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _label(scaling: str, stat: str, stats_in_panel: int) -> str:
+    name = "q·k" if scaling == "unscaled" else "q·k/√d_k"
+    if stats_in_panel == 1:
+        return name
+    return f"{name}, {'median' if stat.endswith('_median') else 'mean'} over queries"
+
+
+def _references(ax: Any, stat: str, dims: list[int], keys: int) -> None:
+    """Dotted theory lines: variance d_k and 1; uniform attention's max-prob 1/S and entropy log S."""
+    style = dict(color="gray", ls=":", lw=1)
+    if stat == "logit_var":
+        ax.plot(dims, dims, label="d_k", **style)
+        ax.axhline(1.0, **style)
+    elif stat == "max_prob":
+        ax.axhline(1 / keys, label="uniform 1/S", **style)
+    elif stat == "entropy":
+        ax.axhline(math.log(keys), label="uniform log S", **style)
+
+
+# ----------------------------------------------------------------------------- command line
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The study's options (``efficient-attn-approx --study sqrt_dk --help``)."""
+    p.add_argument("--dims", type=int, nargs="+", default=list(DIMS), help="head sizes d_k")
+    p.add_argument("--length", type=int, default=256, help="queries L per draw")
+    p.add_argument("--keys", type=int, default=None, help="keys S per draw (default: --length)")
+    p.add_argument("--draws", type=int, default=20, help="independent draws of q, k per d_k")
+    p.add_argument("--seed", type=int, default=0, help="seed of q, k (each d_k adds its own offset)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--out", type=Path, default=Path("approx_out"), help="output folder for sqrt_dk.csv and .png")
+
+
+def run(a: argparse.Namespace) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
+    """The study, written to <out>/sqrt_dk.{csv,png} and logged to the active W&B run, if any."""
+    import torch
+
+    from efficient_attn_tasks.commands.cli import wrote
+    from efficient_attn_tasks.approx.report import log_to_wandb, write_csv
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    keys = a.keys or a.length
+    rows = sqrt_dk_study(tuple(a.dims), queries=a.length, keys=keys, draws=a.draws, seed=a.seed)
+    a.out.mkdir(parents=True, exist_ok=True)
+    csv_path, png = a.out / "sqrt_dk.csv", a.out / "sqrt_dk.png"
+    write_csv(rows, csv_path)
+    plot(rows, png, f"q, k ~ N(0, I), L={a.length}, S={keys}, {a.draws} draws, float64")
+    wrote(csv_path, png)
+    outputs = {"sqrt_dk": (png, rows)}
+    log_to_wandb(outputs)
+    return outputs

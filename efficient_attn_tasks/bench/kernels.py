@@ -1,0 +1,488 @@
+"""Benchmark: forward+backward time and peak memory of every attention against sequence length L.
+
+What: for each (attention, mode in {causal, noncausal}, L) point, self-attention on random
+q, k, v of shape (B, H, L, D) with requires_grad, one step = ``attn(q, k, v).mean().backward()``.
+Mode ``decode``: generation at context L: the state after an L-token prefix (``attn.prefill``,
+timed as ``prefill_s``), then ``--decode-steps`` timed ``decode_step`` calls (median per token,
+``tokens_per_s`` = B / that); ``state_mib`` is the decoding state after them (a KV cache grows
+with L, a kernel attention's running sum does not). The ``sdpa`` baseline decodes from a
+preallocated KV cache (the usual fast cache; :mod:`efficient_attn_tasks.bench.decode` has the decode worker).
+A mode a variant cannot run (``supports_*``: retention is causal-only) is recorded as ``n/a``.
+Mode ``train``: end-to-end LM training throughput and the share of it spent in attention
+(:mod:`efficient_attn_tasks.bench.train`, its own ``train_*`` files). ``sdpa_flash`` (opt-in, by name in
+``--attentions``) is ``sdpa`` pinned to the FlashAttention backend (:mod:`efficient_attn_tasks.bench.sdpa`).
+How: each point runs in a fresh subprocess (``python -m efficient_attn_tasks.bench.kernels --worker JSON``) with
+``torch.set_num_threads`` and OMP/MKL_NUM_THREADS set, so peak memory is per point. The worker
+builds inputs, reads RSS (``base_rss_mib``), runs 1 warm-up step and ``--repeats`` timed steps
+(median ``time_s`` and ``time_min_s``; CUDA synchronized), then reports the process peak RSS
+(``getrusage`` ru_maxrss) and, on CUDA, ``torch.cuda.max_memory_allocated``. On CPU the worker
+caps its address space (RLIMIT_AS) at what is free, so a point too big fails as ``oom``
+instead of waking the OOM killer. A point that times out / OOMs / errors ends its series: larger
+L are recorded as ``skipped``. Baselines in the same run: performer-pytorch ``FastAttention``
+(``performer_pytorch``) and raw ``F.scaled_dot_product_attention`` (``sdpa``). A square matmul
+in a subprocess gives the machine's peak GFLOP/s for the same dtype and thread count.
+``--budget`` bounds the whole run: once spent, the remaining points are ``skipped``. The points run one
+L at a time (every series' point at that L, then the next L: :func:`by_length`), so a shared machine's
+drift hits the points compared at one L alike; the CSV groups them by series.
+Outputs in ``--out``: ``bench_<device>.csv``, ``bench_<device>.png``, ``summary_<device>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from efficient_attn_tasks.bench import decode as bench_decode
+from efficient_attn_tasks.bench import train as bench_train
+from efficient_attn_tasks.bench.report import machine_info, plot, summary
+from efficient_attn_tasks.bench.sdpa import SDPA_BACKENDS, sdpa_backend, sdpa_unavailable
+from efficient_attn_tasks.commands.cli import wrote
+
+DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384]
+QUICK_LENGTHS = [256, 512, 1024]
+BASELINES = ["performer_pytorch", "sdpa"]
+FEATURE_ATTENTIONS = {"favor", "performer_pytorch"}  # FLOPs 3 × 8·L·m·d per head (fwd 8Lmd, bwd ≈ 2× fwd)
+QUADRATIC_ATTENTIONS = {"softmax", "dot", "bilinear", "sdpa"}  # FLOPs 3 × 4·L²·d per head, noncausal only
+FAILED = ("timeout", "oom", "error")
+MODES = ("causal", "noncausal", "decode", "train")
+SLOW_STEP_S = 20.0  # predicted seconds per step above which a point is timed once
+FIELDS = ["attention", "mode", "L", "batch", "heads", "head_dim", "num_features", "dtype", "device",
+          "threads", "repeats", "status", "time_s", "time_min_s", "peak_rss_mib", "base_rss_mib", "peak_cuda_mib",
+          "gflops", "frac_of_matmul", "tokens_per_s", "prefill_s", "state_mib", "torch_version", "message"]
+MARK = "BENCH_RESULT "
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+MIB = 2**20
+
+
+# ---------------------------------------------------------------- worker side (one point per process)
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+
+
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+def _cap_address_space() -> None:
+    """Let this process map at most its current size plus 90% of free RAM: OOM becomes an exception."""
+    with open("/proc/self/status") as f:
+        vm_size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    limit = vm_size + int(0.9 * _available_bytes())
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _build(spec: dict[str, Any]) -> Callable:
+    """The callable f(q, k, v) timed for ``spec['attention']``."""
+    import torch.nn.functional as F
+
+    name, causal = spec["attention"], spec["mode"] == "causal"
+    if name in SDPA_BACKENDS:
+        def sdpa(q: Any, k: Any, v: Any) -> Any:
+            with sdpa_backend(name):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        return sdpa
+    if name == "performer_pytorch":
+        from performer_pytorch import FastAttention
+
+        module = FastAttention(dim_heads=spec["head_dim"], nb_features=spec["num_features"], causal=causal)
+        return module.to(spec["device"])
+    module = attention_module(spec)
+    return lambda q, k, v: module(q, k, v, causal=causal)
+
+
+def attention_module(spec: dict[str, Any]):
+    """The registered attention of ``spec`` with the benchmark's options: ``num_features`` for
+    feature-based variants, ``max_len`` (cosFormer's M) covering every position the point uses."""
+    import efficient_attn as ea
+
+    name, options = spec["attention"], ea.attention_options(spec["attention"])
+    kwargs = {"num_features": spec["num_features"]} if "num_features" in options else {}
+    if "max_len" in options:
+        kwargs["max_len"] = spec["L"] + spec.get("decode_steps", 0) + 1
+    module = ea.create_attention(name, head_dim=spec["head_dim"], num_heads=spec["heads"], **kwargs)
+    return module.to(spec["device"])
+
+
+def run_point(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time one (attention, mode, L) point in this process; returns the measured fields."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    device, cuda = torch.device(spec["device"]), spec["device"].startswith("cuda")
+    dtype = getattr(torch, DTYPES[spec["dtype"]])
+    fn = _build(spec)
+    params = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
+    shape = (spec["batch"], spec["heads"], spec["L"], spec["head_dim"])
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=dtype).requires_grad_() for _ in range(3))
+    leaves = [q, k, v, *params]
+
+    def step() -> None:
+        for t in leaves:
+            t.grad = None
+        fn(q, k, v).mean().backward()
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base_rss = rss_mib()
+    step()  # warm-up
+    times = []
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {
+        "status": "ok", "time_s": statistics.median(times), "time_min_s": min(times),
+        "base_rss_mib": base_rss, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mib": torch.cuda.max_memory_allocated() / MIB if cuda else None,
+    }
+
+
+def run_matmul(spec: dict[str, Any]) -> dict[str, Any]:
+    """Best-of-repeats GFLOP/s of an n×n @ n×n matmul (2n³ FLOPs)."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    n, cuda = spec["L"], spec["device"].startswith("cuda")
+    dtype = getattr(torch, DTYPES[spec["dtype"]])
+    a, b = (torch.randn(n, n, device=spec["device"], dtype=dtype) for _ in range(2))
+    times = []
+    for _ in range(spec["repeats"] + 1):  # the first is the warm-up
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    best = min(times[1:])
+    return {"status": "ok", "time_s": statistics.median(times[1:]), "time_min_s": best,
+            "gflops": 2 * n**3 / best / 1e9, "frac_of_matmul": 1.0}
+
+
+def worker_main(spec_json: str) -> None:
+    """Entry of the subprocess: run the point, print one ``BENCH_RESULT {json}`` line."""
+    spec = json.loads(spec_json)
+    try:
+        if spec.get("imports"):
+            from efficient_attn.registry import import_attentions
+
+            import_attentions(spec["imports"])  # the user's own attentions (--imports)
+        if not spec["device"].startswith("cuda"):
+            _cap_address_space()
+        if spec["attention"] == "matmul":
+            result = run_matmul(spec)
+        elif spec["mode"] == "train":
+            result = bench_train.run_train_point(spec)
+        else:
+            result = (bench_decode.run_decode if spec["mode"] == "decode" else run_point)(spec)
+    except Exception as exc:  # recorded, not raised: one failure must not end the benchmark
+        text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+        oom = isinstance(exc, MemoryError) or re.search(r"out of memory|can't allocate", str(exc), re.I)
+        result = {"status": "oom" if oom else "error", "message": text}
+    print(MARK + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------- parent side
+
+def run_subprocess(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one point in a fresh interpreter with the thread count pinned; never raises."""
+    threads = str(spec["threads"])
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    cmd = [sys.executable, "-m", "efficient_attn_tasks.bench.kernels", "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "message": f"over {timeout:g} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    if proc.returncode in (-9, 137):
+        return {"status": "oom", "message": "killed by SIGKILL (likely out of memory)"}
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+    return {"status": "error", "message": f"exit {proc.returncode}: {tail}"}
+
+
+def estimate_bytes(name: str, length: int, cfg: dict[str, Any]) -> float | None:
+    """Rough peak bytes for variants whose memory is known to blow up; None = not estimated."""
+    elem = cfg["batch"] * cfg["heads"] * {"fp32": 4, "bf16": 2, "fp16": 2}[cfg["dtype"]]
+    if name == "additive":  # scores, weights and their grads: 4 (B, H, L, L) tensors
+        return 4 * elem * length**2
+    return None
+
+
+def flops(name: str, causal: bool, length: int, cfg: dict[str, Any]) -> float | None:
+    """Nominal forward+backward FLOPs (backward ≈ 2× forward, hence the factor 3), all heads."""
+    heads = cfg["batch"] * cfg["heads"]
+    if name in FEATURE_ATTENTIONS:  # features of q and k (4Lmd), φ(k)ᵀv (2Lmd), φ(q)·kv (2Lmd)
+        return 3 * 8 * length * cfg["num_features"] * cfg["head_dim"] * heads
+    if name in QUADRATIC_ATTENTIONS and not causal:  # q kᵀ (2L²d) and P v (2L²d)
+        return 3 * 4 * length**2 * cfg["head_dim"] * heads
+    return None
+
+
+def make_row(name: str, mode: str, length: int, cfg: dict[str, Any], result: dict[str, Any],
+             peak_gflops: float | None) -> dict[str, Any]:
+    """One CSV row: configuration, the worker's result, and derived GFLOP/s."""
+    row = {key: cfg.get(key) for key in FIELDS} | {"attention": name, "mode": mode, "L": length}
+    row["num_features"] = cfg["num_features"] if name in FEATURE_ATTENTIONS else None
+    row.update({key: result.get(key) for key in FIELDS if key in result})
+    count = flops(name, mode == "causal", length, cfg) if mode != "decode" else None
+    if row["status"] == "ok" and count and row["time_s"]:
+        row["gflops"] = count / row["time_s"] / 1e9
+        row["frac_of_matmul"] = row["gflops"] / peak_gflops if peak_gflops else None
+    return row
+
+
+def not_applicable(name: str, mode: str) -> str | None:
+    """Why ``name`` cannot run ``mode`` (a causal-only variant non-causally; a baseline without decoding)."""
+    if mode == "decode":
+        return "performer-pytorch has no incremental decoding" if name == "performer_pytorch" else None
+    if name in BASELINES or name in SDPA_BACKENDS:
+        return None
+    import efficient_attn as ea
+    from efficient_attn.attention.base import unsupported_use
+
+    return unsupported_use(ea.get_attention_class(name), causal=mode != "noncausal", cross=False)
+
+
+def time_left(cfg: dict[str, Any]) -> float:
+    """Seconds the next point may run: ``--timeout``, or less where the run's ``--budget`` ends first
+    (<= 0: the budget is spent)."""
+    deadline = cfg.get("deadline")
+    return cfg["timeout"] if deadline is None else min(cfg["timeout"], deadline - time.monotonic())
+
+
+def not_run(reason: str | None, stop: str | None, limit: float, device: str, need_bytes: float | None,
+            predicted_s: float, too_slow: str) -> dict[str, Any] | None:
+    """Why a series' next point is not run (its result row), or None to run it: the mode does not
+    apply, an earlier point failed, the budget is spent, it would not fit in free RAM (CPU), or its
+    predicted time (``predicted_s``, explained by ``too_slow``) exceeds ``limit``."""
+    if reason:
+        return {"status": "n/a", "message": reason}
+    if stop:
+        return {"status": "skipped", "message": stop}
+    if limit <= 0:
+        return {"status": "skipped", "message": "the run's --budget is spent"}
+    if device == "cpu" and need_bytes and need_bytes > _available_bytes():
+        return {"status": "skipped", "message": f"estimated {need_bytes / 2**30:.1f} GiB > available RAM"}
+    if predicted_s > limit:
+        return {"status": "skipped", "message": too_slow}
+    return None
+
+
+def next_stop(result: dict[str, Any], stop: str | None, length: int) -> str | None:
+    """After a failed or skipped point, every larger L of the series is skipped with this message."""
+    if result["status"] in FAILED or (result["status"] == "skipped" and not stop):
+        return f"after {result['status']} at L={length}"
+    return stop
+
+
+def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) -> Iterator[dict[str, Any]]:
+    """The rows of one (attention, mode), one L per ``next`` (:func:`by_length` interleaves the series).
+    After a failure the larger L are skipped; a point whose step is predicted (quadratically from the
+    last one) to overrun the time limit is skipped too, and one predicted to take over ``SLOW_STEP_S``
+    per step is timed once instead of ``repeats`` times. A mode the variant cannot run is ``n/a`` at
+    every L; once the run's ``--budget`` is spent, ``skipped``."""
+    stop, last = None, None
+    reason = not_applicable(name, mode) or sdpa_unavailable(name, cfg["device"], cfg["dtype"])
+    for length in cfg["lengths"]:
+        estimate = estimate_bytes(name, length, cfg) if mode != "decode" else None
+        step = last[1] * (length / last[0]) ** 2 if last else 0.0  # predicted seconds per step
+        repeats = cfg["repeats"] if step < SLOW_STEP_S else 1
+        limit = time_left(cfg)
+        result = not_run(reason, stop, limit, cfg["device"], estimate, step * (repeats + 1),
+                         f"predicted {step:.0f} s per step > time limit")
+        if result is None:
+            spec = {key: cfg[key] for key in ("batch", "heads", "head_dim", "num_features", "dtype",
+                                              "device", "threads", "decode_steps")}
+            spec |= {"attention": name, "mode": mode, "L": length, "repeats": repeats, "imports": cfg.get("imports", [])}
+            result = run_subprocess(spec, limit) | {"repeats": repeats}
+        if result["status"] == "ok":
+            last = (length, result["time_s"])
+        stop = next_stop(result, stop, length)
+        shown = f"{result['time_s']:.4f} s" if result["status"] == "ok" else result.get("message", "")
+        print(f"  {name:<18} {mode:<9} L={length:<6} {result['status']:<8} {shown}", file=sys.stderr, flush=True)
+        yield make_row(name, mode, length, cfg, result, peak)
+
+
+def by_length(series: list[Iterator[dict[str, Any]]], lengths: list[int],
+              after: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Every series' rows, measured one L at a time (each series' point at that L, then the next L), so
+    the points compared at one L are minutes apart, not the whole run apart: a shared machine's drift
+    hits them alike. ``after(rows at that L)`` runs after each L. Returned grouped by series."""
+    rows: list[list[dict[str, Any]]] = [[] for _ in series]
+    for _ in lengths:
+        measured = [next(s) for s in series]
+        for own, row in zip(rows, measured):
+            own.append(row)
+        if after is not None:
+            after(measured)
+    return [row for own in rows for row in own]
+
+
+EXAMPLES = (
+    "efficient-attn-bench --quick --out /tmp/bench            # every attention, L = 256 512 1024, 1 repeat",
+    "efficient-attn-bench --attentions softmax,favor,linear --lengths 1024 4096 16384 --out results/bench",
+    "efficient-attn-bench --modes decode,train --attentions softmax,favor,retention --quick --out /tmp/gen",
+)
+OUTPUTS = (
+    "in --out (default bench_out/), <device> = cpu or the GPU's name:",
+    "bench_<device>.csv   one row per attention x mode x L: status, time, peak memory, GFLOP/s, tokens/s",
+    "bench_<device>.png   log-log time and peak memory against L",
+    "summary_<device>.md  ratios to softmax and favor, crossovers (also printed)",
+    "train_<device>.csv, train_<device>.png, train_summary_<device>.md   --modes train: one row per attention x L:",
+    "                     tokens/s, attention share of the step, peak memory; the L from which it beats softmax",
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line (no torch: ``--help`` stays fast; ``--device auto`` is resolved after parsing)."""
+    from efficient_attn_tasks.commands.cli import parser as cli_parser
+
+    p = cli_parser("efficient-attn-bench", "Time forward+backward (or decoding) and measure peak memory of every "
+                   "attention against sequence length L,\neach point in a fresh subprocess, with performer-pytorch "
+                   "and F.scaled_dot_product_attention as baselines.", EXAMPLES, OUTPUTS)
+    p.add_argument("--attentions", metavar="NAMES",
+                   help="comma-separated registered attentions (default: every registered one)")
+    p.add_argument("--modes", default="causal,noncausal",
+                   help="comma-separated from causal, noncausal (forward+backward), decode (generation "
+                        "after an L-token prefix) and train (LM training throughput, options below)")
+    p.add_argument("--lengths", type=int, nargs="+", metavar="L",
+                   help=f"sequence lengths (default: {' '.join(map(str, DEFAULT_LENGTHS))}; "
+                        f"with --quick {' '.join(map(str, QUICK_LENGTHS))})")
+    p.add_argument("--batch", type=int, default=1, help="batch size B")
+    p.add_argument("--heads", type=int, default=8, help="heads H")
+    p.add_argument("--head-dim", type=int, default=64, help="head size D")
+    p.add_argument("--num-features", type=int, default=256, help="random features m of favor and performer-pytorch")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="input and parameter dtype")
+    p.add_argument("--threads", type=int, default=2, help="torch / OpenMP / MKL threads per point")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto = cuda when available, else cpu")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per point after 1 warm-up (median reported)")
+    p.add_argument("--decode-steps", type=int, default=32,
+                   help="decode mode: timed generation steps per point, after 1 warm-up")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="per-point wall limit in seconds; a point over it ends its series")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="wall limit of the whole run: once spent, the remaining points are skipped")
+    p.add_argument("--matmul-size", type=int, default=4096, help="n of the n x n matmul that measures peak GFLOP/s")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time performer-pytorch FastAttention (if installed) and sdpa")
+    p.add_argument("--quick", action="store_true",
+                   help="lengths 256 512 1024 (unless --lengths), 1 repeat, <= 8 decode steps, <= 2048 matmul")
+    p.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder")
+    p.add_argument("--imports", nargs="+", default=[], metavar="MODULE",
+                   help="modules to import first: your own attentions (@register_attention), for --attentions")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    bench_train.add_arguments(p)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parsed options with --quick applied, the lengths filled in and --device auto resolved."""
+    p = parser()
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.modes.split(",")) - set(MODES))
+    if unknown:
+        p.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
+    if args.quick:
+        args.repeats, args.matmul_size = 1, min(args.matmul_size, 2048)
+        args.decode_steps = min(args.decode_steps, 8)
+    args.lengths = args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
+    bench_train.resolve(args, p)
+    if args.device == "auto" and not args.worker:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark (or, with ``--worker``, one point of it). With no arguments at all it prints
+    the help: a bare run would time every attention up to L = 16384 (tens of minutes on a CPU)."""
+    if argv is None and len(sys.argv) == 1:
+        parser().print_help()
+        return
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+    if importlib.util.find_spec("matplotlib") is None:  # before minutes of timing, not at the plot
+        raise SystemExit('efficient-attn-bench draws its PNGs with matplotlib: pip install "efficient-attn[bench]"')
+    if args.summarize:
+        from efficient_attn_tasks.bench.train_report import rebuild
+
+        return wrote(*rebuild(args.out), file=sys.stderr)
+    import torch
+
+    import efficient_attn as ea
+
+    ea.import_attentions(args.imports)
+    names = args.attentions.split(",") if args.attentions else ea.list_attentions()
+    for name in names:
+        if name not in BASELINES and name not in SDPA_BACKENDS:
+            ea.get_attention_class(name)  # unknown names fail now, with the registered ones listed
+    if args.baselines:
+        if importlib.util.find_spec("performer_pytorch") is None:
+            print("note: performer_pytorch not installed (pip install -e '.[bench]'); baseline skipped")
+        names += [b for b in BASELINES if b not in names and (b != "performer_pytorch" or importlib.util.find_spec(b))]
+    deadline = time.monotonic() + args.budget if args.budget is not None else None
+    cfg = vars(args) | {"torch_version": torch.__version__, "deadline": deadline}
+    machine, slug = machine_info(args.device, args.threads)
+    modes = args.modes.split(",")
+    kernel_modes = [m for m in modes if m != "train"]
+    if kernel_modes:
+        run_kernel_modes(names, kernel_modes, cfg, machine, slug)
+    if "train" in modes:
+        wrote(*bench_train.run(names, cfg, machine, slug, args.out), file=sys.stderr)
+
+
+def run_kernel_modes(names: list[str], modes: list[str], cfg: dict[str, Any], machine: str, slug: str) -> None:
+    """The matmul peak, then every (attention, mode) series, one L at a time (:func:`by_length`); writes the
+    CSV, plot and summary into ``--out``."""
+    out = cfg["out"]
+    spec = {k: cfg[k] for k in ("dtype", "device", "threads", "repeats")}
+    spec |= {"attention": "matmul", "L": cfg["matmul_size"]}
+    limit = time_left(cfg)
+    spent = {"status": "skipped", "message": "the run's --budget is spent"}
+    matmul = run_subprocess(spec, limit) if limit > 0 else spent
+    peak = matmul.get("gflops")
+    shown = f"{peak:.1f} GFLOP/s" if peak else matmul.get("message", "")
+    print(f"matmul {cfg['matmul_size']}²: {shown}", file=sys.stderr)
+    rows = [make_row("matmul", "", cfg["matmul_size"], cfg, matmul, peak)]
+    rows += by_length([run_series(name, mode, cfg, peak) for name in names for mode in modes], cfg["lengths"])
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"bench_{slug}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    points = [r for r in rows if r["attention"] != "matmul"]
+    title = f"{machine} · B={cfg['batch']} H={cfg['heads']} D={cfg['head_dim']} {cfg['dtype']}"
+    plot(points, out / f"bench_{slug}.png", title)
+    text = summary(points, cfg, machine, peak)
+    (out / f"summary_{slug}.md").write_text(text)
+    print(text)
+    wrote(*(out / name for name in (f"bench_{slug}.csv", f"bench_{slug}.png", f"summary_{slug}.md")),
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

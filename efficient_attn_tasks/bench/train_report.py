@@ -1,0 +1,167 @@
+"""The train mode's report: the PNG (tokens/s, attention share and peak memory against L) and the Markdown
+summary (tables, ratios to softmax with the ones inside its drift marked as noise, the L from which each
+attention trains faster), from measured rows or, with ``--summarize``, from a saved ``train_<device>.csv``.
+The measuring side is :mod:`efficient_attn_tasks.bench.train`. No torch at module level.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Callable
+
+from efficient_attn_tasks.bench.report import crossover, memory_mib
+from efficient_attn_tasks.bench.train import PROFILE_STEPS, REFERENCE, VOCAB
+
+
+def report(rows: list[dict[str, Any]], cfg: dict[str, Any], machine: str, png: Path, md: Path) -> list[Path]:
+    """Draw the PNG and write (and print) the summary of measured ``rows``; return their paths."""
+    plot(rows, png, f"{machine} · {model_text(cfg)}")
+    text = summary(rows, cfg, machine)
+    md.write_text(text)
+    print(text)
+    return [png, md]
+
+
+def _value(text: str) -> Any:
+    """A CSV cell as the run wrote it: int, float, text, or None for an empty cell."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text or None
+
+
+def _summary_machine(md: Path) -> str:
+    """The ``- machine:`` line of an existing summary (for a CSV written before its ``machine`` column)."""
+    lines = md.read_text().splitlines() if md.exists() else []
+    return next((line.removeprefix("- machine: ") for line in lines if line.startswith("- machine: ")), "unknown machine")
+
+
+def rebuild(out: Path) -> list[Path]:
+    """Redraw the PNG and rewrite the summary of every ``train_<device>.csv`` in ``out`` from the CSV alone
+    (no point is measured again): for a change in how the results are summarised. The machine is the
+    CSV's ``machine`` column or, in a CSV written before it, the old summary's ``- machine:`` line."""
+    paths: list[Path] = []
+    for path in sorted(out.glob("train_*.csv")):
+        slug = path.stem.removeprefix("train_")
+        rows = [{key: _value(value) for key, value in row.items()} for row in csv.DictReader(open(path))]
+        md = out / f"train_summary_{slug}.md"
+        first = rows[0]
+        machine = first.get("machine") or _summary_machine(md)
+        cfg = {key: first[key] for key in ("tokens_per_batch", "d_model", "layers", "d_ff", "dtype", "device",
+                                           "warmup", "steps")}
+        cfg |= {"train_heads": first["heads"], "lengths": list(dict.fromkeys(r["L"] for r in rows))}
+        paths += report(rows, cfg, machine, out / f"train_{slug}.png", md)
+    if not paths:
+        raise SystemExit(f"efficient-attn-bench: no train_<device>.csv in {out} to summarise")
+    return paths
+
+
+def drift(rows: list[dict[str, Any]]) -> list[str]:
+    """Summary lines: the reference measured first and again after the other attentions at each L; a ratio
+    to it inside that change is within the machine's drift, i.e. noise ([] when nothing was re-checked)."""
+    checked = [r for r in rows if r["attention"] == REFERENCE and r.get("recheck_tokens_per_s")]
+    if not checked:
+        return []
+    changes = [r["recheck_tokens_per_s"] / r["tokens_per_s"] - 1 for r in checked]
+    return ["", f"Drift: {REFERENCE} measured first at each L and again after the other attentions at that L "
+            "(a ratio to it within this change is noise):", "",
+            "| L | first (tokens/s) | re-check (tokens/s) | change |", "|---|---|---|---|",
+            *(f"| {r['L']} | {r['tokens_per_s']:.0f} | {r['recheck_tokens_per_s']:.0f} | {c:+.1%} |"
+              for r, c in zip(checked, changes)),
+            "", f"Largest change: {max(changes, key=abs):+.1%}."]
+
+
+def model_text(cfg: dict[str, Any]) -> str:
+    return (f"TransformerLM {cfg['layers']} layers, d_model {cfg['d_model']}, {cfg['train_heads']} heads, "
+            f"d_ff {cfg['d_ff']}, {cfg['tokens_per_batch']} tokens/batch, {cfg['dtype']}")
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Tokens/s, attention share and peak memory against L; one colour per attention."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5))
+    panels = ((lambda r: r["tokens_per_s"], "training throughput", "tokens / s", "log"),
+              (lambda r: r["attention_share"], "share of step time in the core attention (fwd+bwd)", "fraction",
+               "linear"),
+              (memory_mib, "peak memory", "MiB (CUDA max allocated, or process peak RSS)", "log"))
+    for i, name in enumerate(dict.fromkeys(r["attention"] for r in rows)):
+        pts = [r for r in rows if r["attention"] == name and r["status"] == "ok"]
+        for ax, (value, *_rest) in zip(axes, panels):
+            xy = [(r["L"], value(r)) for r in pts if (value(r) or 0) > 0]
+            if xy:
+                reference = name == REFERENCE  # black and thicker; past 10 names the colours repeat, dashed
+                ax.plot(*zip(*xy), "-" if i < 10 else "--", marker="o", ms=3, lw=2.5 if reference else 1.5,
+                        color="black" if reference else f"C{i % 10}", label=name)
+    for ax, (_, panel, ylabel, yscale) in zip(axes, panels):
+        ax.set_xscale("log", base=2)
+        ax.set(yscale=yscale, xlabel="context length L", ylabel=ylabel, title=panel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].set_ylim(0, 1)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary(rows: list[dict[str, Any]], cfg: dict[str, Any], machine: str) -> str:
+    """Markdown: the setup, then per attention tokens/s (and the L from which it trains faster than
+    softmax, same run), attention share and peak memory at every L."""
+    get = {(r["attention"], r["L"]): r for r in rows}
+    names = list(dict.fromkeys(r["attention"] for r in rows))
+    lengths = cfg["lengths"]
+    head = "| attention | " + " | ".join(f"L={L}" for L in lengths) + " |"
+
+    def table(value: Callable[[dict], Any], fmt: str, extra: Callable[[str], str] | None = None) -> list[str]:
+        lines = [head + (" faster than softmax from |" if extra else ""),
+                 "|" + "---|" * (1 + len(lengths) + bool(extra))]
+        for name in names:
+            cells = []
+            for L in lengths:
+                row = get.get((name, L))
+                ok = row is not None and row["status"] == "ok"
+                cells.append(fmt.format(value(row)) if ok else "–" if row is None else row["status"])
+            lines.append(f"| {name} | " + " | ".join(cells) + " |" + (f" {extra(name)} |" if extra else ""))
+        return lines
+
+    # the reference's faster measurement at each L (first, or its re-check): "faster than softmax" must beat both
+    fastest = [r | {"time_s": min(r["time_s"], r["batch"] * r["L"] / r["recheck_tokens_per_s"])}
+               if r["attention"] == REFERENCE and r["status"] == "ok" and r.get("recheck_tokens_per_s") else r
+               for r in rows]
+
+    def faster(name: str) -> str:
+        return "(reference)" if name == REFERENCE else crossover(fastest, "train", name=name, reference=REFERENCE)
+
+    def ratio(row: dict[str, Any]) -> str:
+        ref = get.get((REFERENCE, row["L"]))
+        if ref is None or ref["status"] != "ok":
+            return "–"
+        band = sorted([ref["tokens_per_s"], ref.get("recheck_tokens_per_s") or ref["tokens_per_s"]])
+        noise = "~" if row["attention"] != REFERENCE and band[0] <= row["tokens_per_s"] <= band[1] else ""
+        return f"{noise}{row['tokens_per_s'] / ref['tokens_per_s']:.2f}×"
+
+    memory = "CUDA max allocated" if cfg["device"] != "cpu" else "process peak RSS, torch and model included"
+    lines = [f"# Training throughput against context length ({cfg['device']})", "", f"- machine: {machine}",
+             f"- model: {model_text(cfg)}; byte vocabulary ({VOCAB}), dropout 0.1, AdamW, random tokens; "
+             f"batch = {cfg['tokens_per_batch']} / L",
+             f"- {cfg['warmup']} warm-up step(s), then {cfg['steps']} timed step(s) (median; forward, backward, "
+             "optimizer step)",
+             "- attention share: core attention (projections excluded) forward+backward time ÷ step time, median "
+             f"of {PROFILE_STEPS} further steps timed with module hooks (device synchronized at each boundary)",
+             "- faster than softmax from: the smallest L from which the attention's step is faster than softmax's at "
+             "every larger measured L (same run; a softmax point that failed counts as slower; where softmax was "
+             "re-checked, faster than both of its measurements)",
+             "", "## Tokens per second", "", *table(lambda r: r["tokens_per_s"], "{:.0f}", faster), *drift(rows),
+             "", f"## Tokens per second ÷ {REFERENCE}'s (same L, same run; ~ = between {REFERENCE}'s two "
+             "measurements, i.e. within the drift: noise)", "", *table(ratio, "{}"),
+             "", "## Share of step time in the core attention", "", *table(lambda r: r["attention_share"], "{:.0%}"),
+             "", f"## Peak memory (MiB; {memory})", "", *table(memory_mib, "{:.0f}")]
+    return "\n".join(lines) + "\n"

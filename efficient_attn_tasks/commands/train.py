@@ -1,0 +1,289 @@
+"""``efficient-attn-train``: the Hydra app that trains one task with one attention and records the run.
+
+    efficient-attn-train task=translation attention=favor_plus
+    efficient-attn-train -m experiment=quickstart attention=softmax,favor_plus seed=0,1,2
+
+Each run's output dir holds the resolved config (.hydra/), checkpoints/ and results.json.
+``--help`` (or no arguments) prints configs/train.yaml's ``hydra.help.template``. Importing this module
+loads neither torch nor Lightning: the config checks need torch only (efficient_attn_tasks/config/schema.py), and
+Lightning, W&B and the task's code load when a run starts.
+The config checks live in efficient_attn_tasks/config/checks.py, the run record (results.json) in efficient_attn_tasks/run/record.py, resuming
+and run-dir clean-up in efficient_attn_tasks/run/resume.py; this module runs them in order.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from efficient_attn_tasks.config.checks import CONFIG_DIR, ConfigError, check_config
+from efficient_attn_tasks.tasks.data import DataError
+from efficient_attn_tasks.run.record import Attempt, record_status, reset_peak_memory, run_record, summary_line, tested_checkpoint, \
+    write_failed_record
+from efficient_attn_tasks.run.resume import remove_unstarted_run_dir, resume_argv, resume_checkpoint
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+
+def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = (),
+        plugins: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train, test the best checkpoint, write results.json (``"status": "ok"``); returns the record.
+
+    ``ckpt_path=last`` resumes from ``<out_dir>/checkpoints/last.ckpt`` (same W&B run id, same
+    results.json); a run dir whose results.json says ok is not run again, one whose record says failed
+    is. A run that raises (a config, data or non-finite error, any other exception) first writes its
+    failed record (:func:`efficient_attn_tasks.run.record.failed_record`), so a sweep shows which job failed, where and why.
+    The ``callbacks`` group's entries (configs/callbacks/) and then ``callbacks`` (e.g. by tests) are
+    added to the app's own (checkpointing, throughput, the learning curves: ``curves.csv``,
+    ``curves.png``); ``plugins`` go to the Trainer, e.g. fp16 AMP with a gradient scaler on CPU (with
+    ``trainer.precision=null``), which ``trainer.precision=16-mixed`` turns into bf16 there.
+    """
+    attempt = Attempt(time.perf_counter())
+    try:
+        return _train(cfg, out_dir, callbacks, plugins, attempt)
+    except Exception as err:
+        write_failed_record(cfg, out_dir, err, attempt)
+        raise
+
+
+def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plugins: Sequence[Any],
+           attempt: Attempt) -> dict[str, Any]:
+    start = attempt.start
+    task = check_config(cfg)
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from efficient_attn_tasks.tasks.base import attention_label
+    from efficient_attn_tasks.run.callbacks import (CurveLog, EpochLine, NonFiniteGuard, SaveOnInterrupt, Throughput, ValidateAtMaxSteps,
+                            keep_averaged_weights_for_test, progress_bar, quiet_lightning)
+    from efficient_attn_tasks.run.loggers import finish_wandb, make_logger, wandb_offline_note
+
+    quiet_lightning()
+    ckpt_path = resume_checkpoint(cfg.ckpt_path, out_dir)
+    if ckpt_path == "done":
+        record = json.loads((out_dir / "results.json").read_text())
+        print(f"{out_dir} already finished (results.json); nothing to resume")
+        return record
+    attempt.resumed_from = ckpt_path
+    threads = default_threads(cfg.threads, joblib_n_jobs(), os.cpu_count() or 1)
+    if threads:
+        torch.set_num_threads(threads)
+    # Our loaders resume mid-epoch through the module's saved data position (efficient_attn_tasks/tasks/sampling.py).
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    # Lightning's own use of a torch API that torch deprecated; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # DDP: every process logs the whole split's val/test metrics (it evaluates the whole split, or translation
+    # gathers every process's share), so Lightning's advice to average them over the processes does not apply.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
+    pl.seed_everything(cfg.seed, workers=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if record_status(out_dir / "results.json") == "failed":  # an earlier attempt's: this one runs it again
+        (out_dir / "results.json").unlink(missing_ok=True)
+    reset_peak_memory()
+    try:
+        try:
+            datamodule, module = task.build(cfg)
+        except ConfigError:
+            raise
+        except ValueError as err:  # a task config value its checks reject (e.g. impossible ListOps lengths)
+            raise ConfigError(f"task.{cfg.task.name}: {err}") from None
+        logger = make_logger(cfg, out_dir)
+        checkpoints = out_dir / "checkpoints"
+        best = ModelCheckpoint(dirpath=checkpoints, monitor=module.monitor, mode=module.monitor_mode, save_last=True,
+                               filename="best-{step}")
+        throughput, guard, curves = Throughput(), NonFiniteGuard(cfg.nonfinite, attention_label(cfg)), CurveLog()
+        own = [best, throughput, guard, SaveOnInterrupt(checkpoints / "last.ckpt"), ValidateAtMaxSteps(), curves]
+        if cfg.checkpoint_every:
+            own.append(ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=int(cfg.checkpoint_every),
+                                       save_top_k=0, save_last=True))
+        trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+        trainer_args["enable_progress_bar"] = progress_bar(trainer_args.get("enable_progress_bar"))
+        if not trainer_args["enable_progress_bar"]:
+            own.append(EpochLine())
+        if plugins:
+            trainer_args["plugins"] = [*(trainer_args.get("plugins") or []), *plugins]
+        optional = optional_callbacks(cfg.get("callbacks"), module.monitor, module.monitor_mode)
+        trainer = pl.Trainer(**trainer_args, default_root_dir=str(out_dir), logger=logger,
+                             callbacks=[*own, *optional, *callbacks])
+        attempt.trainer = trainer
+        if logger:
+            logger.log_hyperparams({"num_parameters": module.num_parameters()})
+        fit_start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        fit_s = time.perf_counter() - fit_start
+        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}  # before test
+        test, tested = {}, None
+        if cfg.test:
+            tested = tested_checkpoint(best.best_model_path, trainer.global_step, trainer.is_global_zero)
+            keep_averaged_weights_for_test(trainer.callbacks)
+            fit_states = [(c, c.state_dict()) for c in (throughput, guard, curves)]
+            test = trainer.test(module, datamodule=datamodule, ckpt_path=tested["path"], verbose=False)[0]
+            for c, state in fit_states:  # test(ckpt_path) loaded the best checkpoint's callback states: the whole run's
+                c.load_state_dict(state)
+        record = run_record(cfg, module, trainer, best, throughput, val, test, fit_s, time.perf_counter() - start)
+        record["metrics"]["test_checkpoint"] = tested
+        record["skipped_updates"] = guard.skipped
+        record["scaler_skipped_steps"] = guard.scaler_skipped  # fp16 AMP overflow steps the scaler skipped (normal)
+        record["precision"] = str(trainer.precision)  # as Lightning ran it (16-mixed on CPU becomes bf16-mixed)
+        record["resumed_from"] = str(ckpt_path) if ckpt_path else None
+        record["threads"] = torch.get_num_threads()
+        if trainer.is_global_zero:
+            (out_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+            if getattr(module, "test_hypotheses", None):
+                (out_dir / "test_hypotheses.txt").write_text("\n".join(module.test_hypotheses) + "\n")
+            draw_curves(curves.rows, out_dir, module.monitor, f"{record['task']} / {record['attention_config']}")
+            print(summary_line(record))
+        return record
+    finally:
+        note = wandb_offline_note()
+        finish_wandb()
+        if note:
+            print(note)
+
+
+def optional_callbacks(callbacks: DictConfig | None, monitor: str, mode: str) -> list[pl.Callback]:
+    """The ``callbacks`` group's entries (checked by :func:`check_callbacks`), instantiated in config order.
+
+    An entry with ``monitor: null`` (and ``mode: null``) watches the task's validation metric in its
+    direction, ``monitor``/``mode``: the module's ``monitor``/``monitor_mode``, which also pick the best
+    checkpoint (listops: val/acc, max; translation: val/bleu, or val/loss without task.val_bleu).
+    """
+    from hydra.utils import get_class, instantiate
+
+    out = []
+    for name, entry in (callbacks or {}).items():
+        task_metric = {}
+        if "monitor" in entry and entry.monitor is None:
+            task_metric["monitor"] = monitor
+            if "mode" in inspect.signature(get_class(entry._target_)).parameters:
+                task_metric["mode"] = mode
+        try:
+            out.append(instantiate(entry, **task_metric))
+        except Exception as err:  # noqa: BLE001 - Hydra wraps the class's own error in several lines
+            cause = err.__cause__ or err
+            raise ConfigError(f"callbacks.{name}: {type(cause).__name__}: {str(cause).splitlines()[0]}") from None
+    return out
+
+
+def draw_curves(rows: list[tuple[int, str, float]], out_dir: Path, monitor: str, title: str) -> None:
+    """``curves.csv`` and ``curves.png`` in the run dir (efficient_attn_tasks/run/curves.py); a failure is a warning line, never
+    the run's: its results are written by then."""
+    from efficient_attn_tasks.run.curves import CURVES_PNG, plot_run, read_curves, write_curves
+
+    try:
+        plot_run(read_curves(write_curves(rows, out_dir)), monitor, out_dir / CURVES_PNG, title)
+    except Exception as err:  # noqa: BLE001 - matplotlib, fonts, disk: any of them
+        print(f"warning: learning curves not drawn ({type(err).__name__}: {err}); results.json is complete",
+              file=sys.stderr)
+
+
+def default_threads(threads: int | None, n_jobs: int | None, cpus: int) -> int | None:
+    """Torch threads for one run: ``threads`` when set; for a job of a joblib multirun (``n_jobs`` = the
+    launcher's n_jobs, None when not under joblib) that runs k > 1 jobs at once, max(1, cpus // k), so
+    the jobs share the cores instead of each starting one thread per core; else None (torch's default).
+    A negative n_jobs counts back from the CPU count (-1: all of them), as in joblib."""
+    if threads:
+        return int(threads)
+    if n_jobs is None:
+        return None
+    at_once = cpus + 1 + n_jobs if n_jobs < 0 else n_jobs
+    return max(1, cpus // at_once) if at_once > 1 else None
+
+
+def joblib_n_jobs() -> int | None:
+    """``hydra.launcher.n_jobs`` when this process runs a multirun job under Hydra's joblib launcher, else None
+    (joblib's own n_jobs=None means one job at a time)."""
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN or "joblib" not in str(hydra_cfg.launcher.get("_target_", "")).lower():
+        return None
+    n_jobs = hydra_cfg.launcher.get("n_jobs")
+    return 1 if n_jobs is None else int(n_jobs)
+
+
+SWEEP_FAILED_EXIT = 1  # a multirun in which a job failed (or left no results.json) ends with this exit code
+
+
+class RunSummary(Callback):
+    """Hydra callback (configs/train.yaml, every multirun): print a compact table (efficient_attn_tasks/report/summary.py): per
+    attention config its main metric (mean ± 95% CI over seeds), speed, memory and time, in launch order,
+    failed jobs listed with their run dir and error, then the ``efficient-attn-report`` command for the full
+    table; then exit with ``SWEEP_FAILED_EXIT`` if a job failed, so a script sees it (the jobs themselves
+    return, for the sweep to go on: ``_app``)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from efficient_attn_tasks.report.summary import summarize
+
+        text, failed = summarize(config.hydra.sweep.dir)
+        print("\n" + text)
+        if failed:
+            print(f"error: {failed} job(s) of the sweep failed (listed above); exit code {SWEEP_FAILED_EXIT}",
+                  file=sys.stderr)
+            sys.exit(SWEEP_FAILED_EXIT)  # a SystemExit: Hydra's callback runner lets it through
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def _app(cfg: DictConfig) -> None:
+    """One run, or one job of a multirun. A failure has written its record (``run``) and prints ``error: ...``;
+    a single run then exits 2 (a config, data or non-finite error; a config or data error that left nothing
+    else removes its run dir, as a typo should leave no run behind) or raises (any other error); a multirun
+    job returns instead, so the next job runs and the sweep ends with its summary (``RunSummary``)."""
+    from hydra.types import RunMode
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        run(cfg, out_dir)
+    except (ConfigError, DataError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        if sweep:
+            print(f"job {out_dir} failed (results.json status failed); the sweep goes on", file=sys.stderr)
+            return
+        if not isinstance(err, FloatingPointError):
+            remove_unstarted_run_dir(out_dir)
+        sys.exit(2)
+    except SystemExit as err:
+        if type(err).__name__ == "SIGTERMException":  # Lightning's, raised at the end of the step after SIGTERM
+            sys.exit(143)  # 128 + SIGTERM; last.ckpt was saved
+        raise
+    except Exception:  # a bug or e.g. out of memory: the traceback, and in a sweep the next job
+        if not sweep:
+            raise
+        traceback.print_exc()
+        print(f"job {out_dir} failed (results.json status failed); the sweep goes on", file=sys.stderr)
+
+
+def main() -> None:
+    """``efficient-attn-train``: no arguments prints the help (a bare run would start a long ListOps
+    training); ``ckpt_path=last`` without a run dir continues this command's latest run."""
+    if not sys.argv[1:]:
+        sys.argv.append("--help")
+    try:
+        sys.argv[1:] = resume_argv(sys.argv[1:], Path.cwd() / "outputs")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    _app()
+
+
+if __name__ == "__main__":  # python -m efficient_attn_tasks.commands.train: run the importable module's app, not this __main__ copy's,
+    from efficient_attn_tasks import train  # as joblib's workers unpickle the Hydra task function by its module's name
+
+    train.main()

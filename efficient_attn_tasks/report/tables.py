@@ -1,0 +1,552 @@
+"""``efficient-attn-report``: tables from run records (``results.json``), never from W&B files.
+
+    efficient-attn-report multirun/2026-11-21 --out results/tables/quickstart
+    efficient-attn-report runs/ --rows attention --pivot task --avg       # an LRA-style attention × task table
+    efficient-attn-report runs/ --baseline "multi30k_small / softmax"      # Δ and Welch t-test p per row
+    efficient-attn-report multirun/table3 --rows row --metrics "val/bleu (last),val/ppl (last)"
+    efficient-attn-report multirun/table3 --rows row --baseline base --wandb efficient-attn
+
+Rows group runs by ``--rows`` (record fields such as ``attention``, ``row``, ``seed``;
+``config.<dotted.key>``; ``choices.<group>`` = the config file picked, e.g. ``favor_plus``); cells are mean ± std over
+the group's runs (seeds) with n. Metric columns: the best validation value of the monitored metric
+("val <monitor> (best)"), every last validation metric ("val/bleu (last)", ...), every test metric
+("test/bleu", ...), then resources (parameters, tokens/s, memory, time). ``--baseline <row label>``
+adds "Δ <metric> (p)" for every val/ and test/ metric: the difference of means and the two-sided
+Welch t-test p ("n<2" when a side has fewer than two runs), so runs with test=false get Δ on their
+last validation metrics. ``--metrics`` keeps only the named metric columns (n and resources stay);
+an unknown name is an error listing the known ones. ``--wandb PROJECT`` also logs the table as a
+``wandb.Table`` in a run with job_type "report" (mode: ``WANDB_MODE``, else online when logged in,
+else offline). A run whose ``results.json`` says ``"status": "failed"`` gets a row under the table with
+its run dir, the step it reached and its error, and never enters a mean; so does a run dir whose
+``results.json`` is missing (crashed, killed, still running). Rows are sorted by their key values, numbers numerically (seq_len 64 before 128).
+
+Sweeps with statistics (a grid attention × cell × learning rate × seed), e.g. MQAR:
+
+    efficient-attn-report multirun/mqar --rows attention,config.task.seq_len,config.task.num_kv_pairs,config.model.d_model --tune config.optim.lr --ci --paired softmax --metrics test/acc,test/state_size --out results/tables/mqar
+    efficient-attn-report multirun/mqar --rows attention,config.task.seq_len,config.task.num_kv_pairs,config.model.d_model --tune config.optim.lr --plot results/plots/mqar.png --x config.task.seq_len --xlabel-key config.task.num_kv_pairs --panel config.model.d_model --logx
+    efficient-attn-report multirun/mqar --rows attention,config.task.seq_len,config.task.num_kv_pairs,config.model.d_model --tune config.optim.lr --plot results/plots/mqar_state.png --x test/state_size --panel config.task.seq_len,config.task.num_kv_pairs --logx
+
+``--tune KEY`` (not a ``--rows`` key, e.g. ``config.optim.lr``): within each row, keep only the runs of
+the KEY value whose mean over seeds of ``metrics.val_best`` is best (max; min when the monitor names a
+loss, ppl or bpc), ties to the smaller value; columns "best <KEY>" and "<KEY> tried" (number of values).
+Selection never looks at test metrics, which are reported from the chosen runs only. ``--ci``: cells
+are mean ± the 95% confidence half-width of the mean over seeds (t-distribution), instead of ± std.
+``--paired ATTENTION`` (needs ``attention`` in ``--rows``; not with ``--baseline``): per compared
+metric (as ``--baseline``), "Δ <metric> vs <ATTENTION> (paired p)" = mean over seeds of row − baseline
+(the row with the same other keys and this attention; runs matched by seed) and the two-sided paired
+t-test p, " *" when p < 0.05; "n<2" with fewer than two matched seeds, "—" on the baseline row.
+State sizes (``test/state_size``) print as integers and get no Δ column: they do not vary by seed.
+``--out X`` also writes ``X_stats.csv``: per row its key values, n, the tuned value, and per metric
+``<metric>_mean``, ``<metric>_ci`` (95% half-width, 0 for n=1), with --paired ``<metric>_delta``,
+``<metric>_p``. ``--plot OUT.png --x KEY`` (see ``efficient_attn_tasks/report/plots.py``): y (``--y``, default the task's
+headline metric) against a rows key or a metric's mean (``--x test/state_size``), one line per
+``--series`` value (default attention) with a 95% CI band, one panel per ``--panel`` value (both take
+comma-separated rows keys); with a rows key as x, the rows of one panel and series must differ in x
+(else an error: give the key that tells them apart as ``--panel`` or ``--series``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import statistics
+import warnings
+from collections import defaultdict
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any
+
+from efficient_attn_tasks.commands.cli import parser as cli_parser
+from efficient_attn_tasks.commands.cli import wrote
+
+from efficient_attn_tasks.report.runs import RESOURCES, field, find_runs, metrics, not_run_labels
+from efficient_attn_tasks.report.stats import finite_values, is_number, as_number, ci_halfwidth, mean_ci, mean_std, paired_p, welch
+
+HEADLINE = {"translation": "test/bleu", "listops": "test/acc", "lm": "test/bpc", "mqar": "test/acc"}  # --pivot task columns
+LOWER_IS_BETTER = {"lm"}  # left out of the Avg column: an average of accuracy and bits/byte means nothing
+LOSS_LIKE = ("loss", "ppl", "bpc")  # --tune minimises a monitor whose name holds one of these
+SIGNIFICANT = 0.05  # --paired appends " *" to a p below this
+
+
+@dataclasses.dataclass
+class Row:
+    """One table row: its ``--rows`` key values and the runs (seeds) it summarises, after ``--tune``."""
+
+    label: str
+    keys: dict[str, Any]
+    runs: list[dict[str, Any]]
+    flat: list[dict[str, Any]]  # metrics(run) for each run
+    tuned: Any = None  # the --tune value chosen
+    tried: int = 0  # how many --tune values the row's runs had
+
+
+def group(records: list[dict[str, Any]], keys: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Runs by their ``keys`` values, labelled "v1 / v2", sorted by the values (numbers numerically)."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[_label(r, keys)].append(r)
+    return dict(sorted(groups.items(), key=lambda item: [_order(field(item[1][0], k)) for k in keys]))
+
+
+def _label(record: dict[str, Any], keys: list[str]) -> str:
+    return " / ".join(str(field(record, k)) for k in keys)
+
+
+def _order(value: Any) -> tuple[int, float, str]:
+    """Sort key: numbers numerically, before anything else, which sorts as text."""
+    if is_number(value) and not math.isnan(value):
+        return (0, value, "")
+    return (1, 0.0, str(value))
+
+
+
+
+def _hashable(value: Any) -> Any:
+    return value if isinstance(value, Hashable) else json.dumps(value, sort_keys=True)
+
+
+def tune(runs: list[dict[str, Any]], key: str, label: str = "") -> tuple[list[dict[str, Any]], Any, int]:
+    """(the runs of the chosen ``key`` value, that value, how many values the runs tried).
+
+    The chosen value has the best mean over its runs (seeds) of ``metrics.val_best``: the largest, or the
+    smallest when the monitor is loss-like (see ``minimises``); ties go to the smaller value. Test metrics
+    are never looked at, so they stay an unbiased estimate for the chosen value.
+    """
+    by_value: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        by_value[_hashable(field(r, key))].append(r)
+    scores = {v: finite_values([r["metrics"].get("val_best") for r in rs]) for v, rs in by_value.items()}
+    candidates = sorted((v for v, s in scores.items() if s), key=_order)  # ascending: min/max keep the first tie
+    if not candidates:
+        raise SystemExit(f"--tune {key}: no run of row {label!r} has a finite metrics.val_best")
+    pick = min if minimises(runs) else max
+    best = pick(candidates, key=lambda v: statistics.mean(scores[v]))
+    return by_value[best], best, len(by_value)
+
+
+def minimises(runs: list[dict[str, Any]]) -> bool:
+    """Whether the runs' (single) monitor is better lower: its name holds loss, ppl or bpc."""
+    monitors = sorted({str(r["metrics"].get("monitor")) for r in runs})
+    if len(monitors) != 1:
+        raise SystemExit(f"--tune: the runs of one row monitor different metrics {monitors}")
+    return any(word in monitors[0].lower() for word in LOSS_LIKE)
+
+
+def is_state_size(name: str) -> bool:
+    """``test/state_size`` (or ``val/state_size (last)``): a property of the model, not of the seed."""
+    return name.split(" ")[0].rsplit("/", 1)[-1] == "state_size"
+
+
+def cell(name: str, values: list[float | None], ci: bool = False) -> str:
+    """A metric cell: mean ± std, or mean ± 95% CI half-width with ``ci``; a state size that is the same
+    for every seed as an integer (no "± 0")."""
+    if is_state_size(name):
+        finite = finite_values(values)
+        if finite and all(v == finite[0] for v in finite):
+            return f"{round(finite[0]):,}"
+    return mean_ci(values) if ci else mean_std(values)
+
+
+def build(records: list[dict[str, Any]], keys: list[str], keep: list[str] | None = None,
+          tune_key: str | None = None) -> tuple[list[Row], list[str]]:
+    """The table rows (grouped by ``keys``, then narrowed by ``tune``) and their metric column names."""
+    rows = []
+    for label, runs in group(records, keys).items():
+        tuned, tried = None, 0
+        if tune_key is not None:
+            runs, tuned, tried = tune(runs, tune_key, label)
+        rows.append(Row(label, {k: field(runs[0], k) for k in keys}, runs, [metrics(r) for r in runs], tuned, tried))
+    return rows, columns({row.label: row.flat for row in rows}, keep)
+
+
+def compared(rows: list[Row], names: list[str]) -> list[str]:
+    """The Δ columns: numeric val/ and test/ metrics, except state sizes (nothing varies by seed there)."""
+    flat = {row.label: row.flat for row in rows}
+    return [k for k in names if k.startswith(("test/", "val/")) and _numeric(flat, k) and not is_state_size(k)]
+
+
+def short(key: str) -> str:
+    """``config.optim.lr`` -> ``optim.lr`` for headers."""
+    return key.removeprefix("config.")
+
+
+def table(records: list[dict[str, Any]], missing: list[Path], rows: list[str] | None = None,
+          baseline: str | None = None, keep: list[str] | None = None, *, tune_key: str | None = None,
+          ci: bool = False, paired: str | None = None,
+          failed: list[dict[str, Any]] | None = None) -> tuple[list[str], list[list[str]]]:
+    """One row per group: n, every metric as mean ± std, and Δ / p against ``baseline`` if given.
+
+    ``keep``: only these metric columns, in this order (resources stay); unknown names are an error.
+    ``tune_key``, ``ci``, ``paired``: as ``--tune``, ``--ci``, ``--paired`` (see ``render``).
+    """
+    keys = rows or ["name", "task", "attention"]
+    built, names = build(records, keys, keep, tune_key)
+    return render(built, names, missing, keys, baseline=baseline, tune_key=tune_key, ci=ci, paired=paired,
+                  failed=failed)
+
+
+def render(rows: list[Row], names: list[str], missing: list[Path], keys: list[str], *,
+           baseline: str | None = None, tune_key: str | None = None, ci: bool = False,
+           paired: str | None = None, failed: list[dict[str, Any]] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and display rows: label, n, [best <tune key>, tried], metric cells, [Δ columns], then failed
+    and missing runs."""
+    deltas = compared(rows, names)
+    by_label = {row.label: row for row in rows}
+    header = [" / ".join(keys), "n"]
+    if tune_key is not None:
+        header += [f"best {short(tune_key)}", f"{short(tune_key)} tried"]
+    header += names
+    if baseline is not None:
+        if baseline not in by_label:
+            raise SystemExit(f"--baseline {baseline!r} is not a row; rows: {list(by_label)}")
+        header += [f"Δ {k} (p)" for k in deltas]
+    partners = partner_rows(rows, paired) if paired is not None else {}
+    header += [f"Δ {k} vs {paired} (paired p)" for k in deltas] if paired is not None else []
+    body = []
+    for row in rows:
+        line = [row.label, str(len(row.runs))]
+        if tune_key is not None:
+            line += [str(row.tuned), str(row.tried)]
+        line += [cell(k, [r.get(k) for r in row.flat], ci) for k in names]
+        if baseline is not None:
+            base = by_label[baseline].flat
+            line += [_delta([r.get(k) for r in row.flat], [r.get(k) for r in base]) for k in deltas]
+        if paired is not None:
+            line += [paired_test(row, partners[row.label], k)[2] for k in deltas]
+        body.append(line)
+    body += [[label, "0", *["n/a"] * (len(header) - 2)] for label in not_run_labels(missing, failed)]
+    return header, body
+
+
+def partner_rows(rows: list[Row], attention: str) -> dict[str, Row | None]:
+    """Each row's ``--paired`` baseline: the row with the same other key values whose attention is ``attention``."""
+    def others(row: Row) -> tuple[str, ...]:
+        return tuple(str(v) for k, v in row.keys.items() if k != "attention")
+
+    bases = {others(row): row for row in rows if str(row.keys.get("attention")) == attention}
+    if not bases:
+        raise SystemExit(f"--paired {attention!r}: no row has that attention; "
+                         f"attentions: {sorted({str(row.keys.get('attention')) for row in rows})}")
+    return {row.label: bases.get(others(row)) for row in rows}
+
+
+def by_seed(row: Row, key: str) -> dict[Any, float]:
+    """The row's finite ``key`` values by seed; two runs of one row with one seed cannot be paired."""
+    values: dict[Any, float] = {}
+    seen = set()
+    for run, flat in zip(row.runs, row.flat):
+        seed = run.get("seed", field(run, "config.seed"))
+        if seed in seen:
+            raise SystemExit(f"--paired: row {row.label!r} has several runs with seed {seed}; add the key that "
+                             "tells them apart to --rows, or keep one per seed with --tune")
+        seen.add(seed)
+        if finite_values([flat.get(key)]):
+            values[seed] = float(flat[key])
+    return values
+
+
+def paired_test(row: Row, base: Row | None, key: str) -> tuple[float | None, float | None, str]:
+    """(mean over matched seeds of row − base, paired t-test p, the cell text) for one metric.
+
+    Cell text: "+Δ (p)" with " *" when p < 0.05; "+Δ (n<2)" with one matched seed; "—" on the
+    baseline row itself; "n/a" without matched seeds; "no baseline" when the grid lacks that row.
+    """
+    if base is None:
+        return None, None, "no baseline"
+    if base is row:
+        return None, None, "—"
+    a, b = by_seed(row, key), by_seed(base, key)
+    seeds = sorted(a.keys() & b.keys(), key=_order)
+    if not seeds:
+        return None, None, "n/a"
+    delta = statistics.mean(a[s] - b[s] for s in seeds)
+    if len(seeds) < 2:
+        return delta, None, f"{delta:+.4g} (n<2)"
+    p = paired_p([a[s] for s in seeds], [b[s] for s in seeds])
+    return delta, p, f"{delta:+.4g} ({p:.3g})" + (" *" if p < SIGNIFICANT else "")
+
+
+def stats_table(rows: list[Row], names: list[str], keys: list[str], tune_key: str | None = None,
+                paired: str | None = None) -> tuple[list[str], list[list[Any]]]:
+    """Numbers for plots (``<out>_stats.csv``): per row its key values, n, [tuned value, tried], then per
+    numeric metric ``_mean`` and ``_ci`` (95% half-width, 0 for n=1), with ``paired`` ``_delta`` and ``_p``."""
+    flat = {row.label: row.flat for row in rows}
+    numeric = [k for k in names if _numeric(flat, k)]
+    deltas = compared(rows, names) if paired is not None else []
+    header = [*keys, "n", *([tune_key, f"{tune_key} tried"] if tune_key is not None else [])]
+    header += [f"{k}_{s}" for k in numeric for s in ("mean", "ci")]
+    header += [f"{k}_{s}" for k in deltas for s in ("delta", "p")]
+    partners = partner_rows(rows, paired) if paired is not None else {}
+    body = []
+    for row in rows:
+        line = [*(row.keys[k] for k in keys), len(row.runs), *([row.tuned, row.tried] if tune_key is not None else [])]
+        for k in numeric:
+            values = finite_values([r.get(k) for r in row.flat])
+            line += [statistics.mean(values), ci_halfwidth(values)] if values else [None, None]
+        for k in deltas:
+            line += paired_test(row, partners[row.label], k)[:2]
+        body.append(line)
+    return header, body
+
+
+def columns(flat: dict[str, list[dict[str, Any]]], keep: list[str] | None = None) -> list[str]:
+    """Column names in first-seen order; with ``keep``, only those metrics (in its order) and resources."""
+    names = list(dict.fromkeys(k for runs in flat.values() for row in runs for k in row))
+    if keep is None:
+        return names
+    known = [k for k in names if k not in RESOURCES]
+    unknown = [k for k in keep if k not in known]
+    if unknown:
+        raise SystemExit(f"--metrics: unknown metric(s) {unknown}; known: {known}")
+    return [*dict.fromkeys(keep), *(k for k in names if k in RESOURCES)]
+
+
+def _numeric(flat: dict[str, list[dict[str, Any]]], key: str) -> bool:
+    values = [row.get(key) for runs in flat.values() for row in runs]
+    return all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values)
+
+
+def _delta(values: list[float | None], base: list[float | None]) -> str:
+    a, b = [v for v in values if v is not None], [v for v in base if v is not None]
+    if not a or not b:
+        return "n/a"
+    return f"{statistics.mean(a) - statistics.mean(b):+.4g} ({welch(a, b)})"
+
+
+def pivot(records: list[dict[str, Any]], missing: list[Path], rows: list[str], avg: bool,
+          failed: list[dict[str, Any]] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Rows × tasks: each task's headline test metric (mean ± std, n); Avg of the row's task means
+    over the higher-is-better tasks (accuracy, BLEU), as LRA averages accuracies."""
+    tasks = sorted({r["task"] for r in records})
+    averaged = [t for t in tasks if t not in LOWER_IS_BETTER]
+    avg_header = "Avg" if averaged == tasks else f"Avg ({', '.join(averaged)})"
+    header = [" / ".join(rows), *(f"{t} {HEADLINE.get(t, '?')}" for t in tasks)] + ([avg_header] if avg else [])
+    body = []
+    for label, runs in group(records, rows).items():
+        cells, means = [], []
+        for t in tasks:
+            values = [r["metrics"]["test"].get(HEADLINE.get(t, "")) for r in runs if r["task"] == t]
+            values = [v for v in values if v is not None]
+            cells.append(f"{mean_std(values)} (n={len(values)})" if values else "missing")
+            if t in averaged:
+                means.append(statistics.mean(values) if values else None)
+        if avg:
+            cells.append(as_number(statistics.mean(means)) if None not in means else "n/a")
+        body.append([label, *cells])
+    body += [[label, *["n/a"] * (len(header) - 1)] for label in not_run_labels(missing, failed)]
+    return header, body
+
+
+def markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body]) + "\n"
+
+
+def log_to_wandb(project: str, header: list[str], body: list[list[str]], config: dict[str, Any]) -> None:
+    """Log the table as ``report/table`` in a new W&B run (job_type "report"), always finished."""
+    import wandb
+
+    try:
+        run = _start_wandb(project, config)
+        run.log({"report/table": wandb.Table(columns=header, data=body)})
+    finally:
+        wandb.finish()
+
+
+def _start_wandb(project: str, config: dict[str, Any]) -> Any:
+    """A W&B run in ``wandb_mode(None)``; an online start that fails falls back to offline, as training does."""
+    import wandb
+
+    from efficient_attn_tasks.run.loggers import wandb_mode
+
+    mode = wandb_mode(None)
+    try:
+        return wandb.init(project=project, job_type="report", mode=mode, config=config)
+    except Exception as err:  # noqa: BLE001 - any failure to reach W&B: bad key, no network, timeout
+        if mode != "online":
+            raise
+        warnings.warn(f"W&B online start failed ({type(err).__name__}: {err}); logging offline instead")
+        return wandb.init(project=project, job_type="report", mode="offline", config=config)
+
+
+EXAMPLES = (
+    "efficient-attn-report multirun/2026-11-21 --rows attention --ci --out results/tables/quickstart",
+    "efficient-attn-report runs/ --rows attention --baseline softmax            # Δ and Welch t-test p per row",
+    "efficient-attn-report multirun/mqar_grid --rows attention,config.task.num_kv_pairs --tune config.optim.lr "
+    "--ci --paired softmax",
+)
+OUTPUTS = (
+    "the Markdown table on stdout; a \"wrote <path>\" line for every file written:",
+    "--out X        X.md (the table), X.csv, X_stats.csv (per row: n, <metric>_mean, <metric>_ci, for plots)",
+    "--plot P.png   the plot",
+    "--wandb PROJ   the table as a wandb.Table in a W&B run with job_type report",
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line (``--help`` imports neither scipy nor omegaconf)."""
+    p = cli_parser("efficient-attn-report", "Tables from efficient-attn run records (results.json) under run or "
+                   "multirun dirs, never from W&B files:\nrows group runs by --rows, cells are mean ± std (or "
+                   "± 95% CI) over the row's runs (seeds) with n;\na failed run (results.json status failed) or a run dir without "
+                   "results.json (crashed, killed, running) gets a row saying so. Details: efficient_attn_tasks/report/tables.py.", EXAMPLES, OUTPUTS)
+    p.add_argument("dirs", nargs="+", type=Path, help="run or multirun dirs (searched recursively)")
+    p.add_argument("--rows", default="name,task,attention",
+                   help="comma-separated grouping keys: record fields (attention, row, seed, task), "
+                        "config.<dotted.key>, choices.<group>")
+    compare = p.add_mutually_exclusive_group()
+    compare.add_argument("--baseline", metavar="ROW",
+                         help="a row label: adds Δ and Welch t-test p for every val/ and test/ metric")
+    compare.add_argument("--paired", metavar="ATTENTION",
+                         help="adds Δ and paired (by seed) t-test p against the row with this attention and the "
+                              "same other --rows values; needs attention in --rows")
+    p.add_argument("--metrics", help='comma-separated metric columns to keep, e.g. "val/bleu (last),val/ppl (last)" '
+                                     "(default: every metric)")
+    p.add_argument("--tune", metavar="KEY", help="e.g. config.optim.lr (not a --rows key): per row, keep the runs of "
+                                                 "the value with the best mean val_best over seeds")
+    p.add_argument("--ci", action="store_true", help="cells are mean ± 95%% CI half-width (t) instead of ± std")
+    p.add_argument("--pivot", choices=["task"], help="columns = tasks (each task's headline test metric); "
+                                                       "default: one column per metric")
+    p.add_argument("--avg", action="store_true", help="with --pivot: an Avg column over tasks")
+    p.add_argument("--out", type=Path, help="write <out>.md, <out>.csv and <out>_stats.csv (numbers for plots); "
+                                            "default: print only")
+    p.add_argument("--wandb", metavar="PROJECT", help="also log the table to this W&B project (job_type report)")
+    plot = p.add_argument_group("plot", "a line plot of the table rows (after --tune): mean and a 95% CI band")
+    plot.add_argument("--plot", type=Path, metavar="OUT.png", help="write the plot here")
+    plot.add_argument("--x", metavar="KEY", help="x: a --rows key (e.g. config.task.seq_len) or a metric "
+                                                 "(e.g. test/state_size: its mean per row)")
+    plot.add_argument("--y", metavar="METRIC", help="y metric (default: the task's headline, e.g. test/acc)")
+    plot.add_argument("--panel", metavar="KEYS", help="comma-separated --rows keys: one panel per value")
+    plot.add_argument("--series", metavar="KEYS", default="attention",
+                      help="comma-separated --rows keys: one line per value (default attention)")
+    plot.add_argument("--logx", action="store_true", help="logarithmic x axis")
+    plot.add_argument("--xlabel-key", metavar="KEY", help="a --rows key printed under each x tick, e.g. "
+                                                          "config.task.num_kv_pairs")
+    p.add_argument("--curves", nargs="?", const="", metavar="OUT.png",
+                   help="learning curves (efficient_attn_tasks/report/report_plot.py): per table row the validation metric against steps, "
+                        "mean ± std band over seeds; no file: <out>_curves.png beside the tables")
+    return p
+
+
+def check(p: argparse.ArgumentParser, args: argparse.Namespace, rows: list[str]) -> None:
+    """Option combinations that cannot work, as argparse errors."""
+    if args.pivot and args.metrics:
+        p.error("--metrics selects columns of the grouped table; --pivot shows each task's headline metric")
+    if args.pivot and (args.tune or args.ci or args.paired or args.plot):
+        p.error("--tune, --ci, --paired and --plot work on the grouped table, not --pivot")
+    if args.tune and args.tune in rows:
+        p.error(f"--tune {args.tune} is a --rows key: each row would have one value to choose from")
+    if args.paired and "attention" not in rows:
+        p.error("--paired pairs rows that differ only in attention: put attention in --rows")
+    plot_only = {"--x": args.x, "--y": args.y, "--panel": args.panel, "--logx": args.logx,
+                 "--xlabel-key": args.xlabel_key}
+    if not args.plot and any(plot_only.values()):
+        p.error(f"{[k for k, v in plot_only.items() if v]} need --plot")
+    if args.plot and not args.x:
+        p.error("--plot needs --x")
+    if args.plot:
+        plot_keys = [*_keys(args.panel), *_keys(args.series), *([args.xlabel_key] if args.xlabel_key else [])]
+        unknown = [k for k in plot_keys if k not in rows]
+        if unknown:
+            p.error(f"--panel/--series/--xlabel-key must be --rows keys; not in --rows: {unknown}")
+
+
+def _keys(text: str | None) -> list[str]:
+    return [k.strip() for k in text.split(",")] if text else []
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
+    args = p.parse_args(argv)
+    rows = args.rows.split(",")
+    check(p, args, rows)
+    records, missing, failed = find_runs(args.dirs)
+    if not records and not missing and not failed:
+        p.error(f"no run dirs (with .hydra/) under {[str(d) for d in args.dirs]}")
+    keep = _keys(args.metrics) or None
+    built: list[Row] | None = None
+    names: list[str] = []
+    if args.pivot:
+        header, body = pivot(records, missing, rows, args.avg, failed)
+    else:
+        built, names = build(records, rows, keep, args.tune)
+        header, body = render(built, names, missing, rows, baseline=args.baseline, tune_key=args.tune, ci=args.ci,
+                              paired=args.paired, failed=failed)
+    text = markdown(header, body) + notes(args)
+    print(text)
+    if args.out:
+        write(header, body, text, args.out)
+        if built is not None:
+            write_stats(*stats_table(built, names, rows, args.tune, args.paired), args.out)
+    if args.plot and built is not None:
+        plot_rows(args, rows, built, names, records)
+    if args.curves is not None:
+        from efficient_attn_tasks.report.report_plot import write_curves
+
+        write_curves(args, built)
+    if args.wandb:
+        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "wandb"}
+        log_to_wandb(args.wandb, header, body, {**config, "dirs": [str(d) for d in args.dirs]})
+
+
+def notes(args: argparse.Namespace) -> str:
+    """Footnotes under the Markdown table saying what --ci and --paired cells mean."""
+    lines = []
+    if args.ci:
+        lines.append("Cells: mean ± 95% confidence half-width of the mean over seeds (t-distribution); n = seeds.")
+    if args.tune:
+        lines.append(f"Per row, the {short(args.tune)} with the best mean over seeds of the monitored validation "
+                     "metric (val_best); every metric is from its runs only.")
+    if args.paired:
+        lines.append(f"Δ vs {args.paired}: mean over seeds present in both rows of the per-seed difference; p: "
+                     f"two-sided paired t-test; * p < {SIGNIFICANT}.")
+    return "\n" + "\n".join(lines) + "\n" if lines else ""
+
+
+def plot_rows(args: argparse.Namespace, rows: list[str], built: list[Row], names: list[str],
+              records: list[dict[str, Any]]) -> None:
+    """``--plot``: the table rows' means and 95% CI bands (efficient_attn_tasks/report/plots.py, imported only here)."""
+    from efficient_attn_tasks.report.plots import plot
+
+    tasks = {r.get("task") for r in records}
+    y = args.y or (HEADLINE.get(tasks.pop()) if len(tasks) == 1 else None)
+    numeric = [k for k in names if _numeric({row.label: row.flat for row in built}, k)]
+    if y is None:
+        raise SystemExit(f"--plot: give --y (the runs are not of one task with a headline metric); metrics: {numeric}")
+    if y not in numeric:
+        raise SystemExit(f"--plot: --y {y!r} is not a numeric metric column; metrics: {numeric}")
+    if args.x not in rows and args.x not in numeric:
+        raise SystemExit(f"--plot: --x {args.x!r} is neither a --rows key ({rows}) nor a metric ({numeric})")
+    header, body = stats_table(built, names, rows, args.tune)
+    plot([dict(zip(header, line)) for line in body], args.plot, x=args.x, y=y, series=_keys(args.series),
+         panel=_keys(args.panel), logx=args.logx, xlabel_key=args.xlabel_key)
+    wrote(args.plot)
+
+
+def write(header: list[str], body: list[list[str]], text: str, out: Path) -> None:
+    """<out>.md (the Markdown text) and <out>.csv."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        csv.writer(f).writerows([header, *body])
+    wrote(out.with_suffix(".md"), out.with_suffix(".csv"))
+
+
+def stats_path(out: Path) -> Path:
+    """<out>_stats.csv, beside <out>.md."""
+    stem = out.with_suffix("")
+    return stem.with_name(f"{stem.name}_stats.csv")
+
+
+def write_stats(header: list[str], body: list[list[Any]], out: Path) -> None:
+    """<out>_stats.csv: ``stats_table`` with empty cells for missing numbers."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(stats_path(out), "w", newline="") as f:
+        csv.writer(f).writerows([header, *body])
+    wrote(stats_path(out))
+
+
+if __name__ == "__main__":
+    main()

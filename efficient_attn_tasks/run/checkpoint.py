@@ -1,0 +1,126 @@
+"""Load a trained checkpoint on its own: what ``efficient-attn-eval``, ``-translate`` and ``-generate`` share.
+
+A checkpoint holds everything it needs to run: the run's resolved config (``hyper_parameters``), the
+weights, and what the task's code cannot rebuild from the config alone (translation: the SentencePiece
+model's bytes; ListOps: its vocabulary, checked against the code's). Loading reads neither the data dir
+nor the tokenizer cache; only scoring a split of the run's own data reads (or regenerates) that data.
+A task module whose ``build`` reads data defines ``restore(cfg, checkpoint)`` (efficient_attn_tasks/tasks/translation.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from efficient_attn.registry import import_attentions
+
+from efficient_attn_tasks.tasks.data import DataError
+from efficient_attn_tasks.config.checks import TASKS, ConfigError
+
+
+@dataclass
+class Loaded:
+    """A checkpoint ready to run: the file and why it was chosen, the run's config, the task's data
+    module (not set up: nothing read yet) and its Lightning module (weights loaded, eval mode, CPU)."""
+
+    path: Path
+    chosen: str
+    cfg: DictConfig
+    data: Any
+    module: Any
+
+
+def find(path: Path) -> tuple[Path, str]:
+    """(checkpoint file, how it was chosen) for a .ckpt file or a run dir. A run dir means its best
+    checkpoint: results.json's ``metrics.best_checkpoint`` looked up by name in the run dir's
+    checkpoints/ (so a moved run dir still works), else the run's only ``checkpoints/best-*.ckpt``."""
+    if path.is_file():
+        return path, "the file given"
+    if not path.is_dir():
+        raise ConfigError(f"{path} is neither a checkpoint file nor a run dir; give a .ckpt file or a run dir")
+    results = path / "results.json"
+    if results.is_file():
+        metrics = json.loads(results.read_text()).get("metrics", {})
+        best = metrics.get("best_checkpoint")
+        if best and (path / "checkpoints" / Path(best).name).is_file():
+            return (path / "checkpoints" / Path(best).name,
+                    f"the best checkpoint of run {path} by {metrics.get('monitor')} (results.json)")
+    found = sorted((path / "checkpoints").glob("best-*.ckpt"))
+    if len(found) == 1:
+        return found[0], f"the only best-*.ckpt of run {path}"
+    if found:
+        raise ConfigError(f"run {path} has {len(found)} best-*.ckpt files ({', '.join(p.name for p in found)}) "
+                          "and no results.json naming one; give the .ckpt file")
+    raise ConfigError(f"run {path} has no checkpoints/best-*.ckpt; give a .ckpt file (e.g. its checkpoints/last.ckpt)")
+
+
+def load(path: Path, task_overrides: dict[str, Any] | None = None, data_dir: str | None = None,
+         cache_dir: str | None = None) -> Loaded:
+    """The checkpoint at ``path`` (a file or a run dir, see :func:`find`) rebuilt from its own config.
+
+    ``task_overrides`` set ``task.<key>`` before the modules are built (batch size, beam size; a key the
+    task has not is an error); ``data_dir`` / ``cache_dir`` replace the run's, when given.
+    """
+    file, chosen = find(Path(path))
+    try:  # a checkpoint holds tensors and plain data only: nothing in it may run code
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+        cfg = OmegaConf.create(checkpoint["hyper_parameters"]["config"])
+    except Exception as err:  # truncated, foreign, or not saved by efficient-attn-train
+        raise ConfigError(f"cannot load {file} as a checkpoint of efficient-attn-train: "
+                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    for key, value in (task_overrides or {}).items():
+        if value is None:
+            continue
+        if key not in cfg.task:
+            raise ConfigError(f"task.{key} is not an option of a {cfg.task.name} checkpoint (its task has no such key)")
+        cfg.task[key] = value
+    for key, value in (("data_dir", data_dir), ("cache_dir", cache_dir)):
+        if value is not None:
+            cfg[key] = str(value)
+    import_attentions(cfg.get("imports") or [])  # the run's own attentions (its config's imports)
+    task = importlib.import_module(TASKS[cfg.task.name])
+    saved = checkpoint.get("vocabulary")
+    if saved is not None and list(saved) != list(task.VOCAB):
+        raise ConfigError(f"{file} was trained with the {cfg.task.name} vocabulary {list(saved)}, but this code's is "
+                          f"{list(task.VOCAB)}; use the code version that trained it")
+    try:
+        data, module = task.restore(cfg, checkpoint) if hasattr(task, "restore") else task.build(cfg)
+    except ValueError as err:
+        raise ConfigError(f"task.{cfg.task.name}: {err}") from None
+    module.load_state_dict(checkpoint["state_dict"])
+    return Loaded(file, chosen, cfg, data, module.eval())
+
+
+def device(name: str) -> torch.device:
+    """``--device``: auto (CUDA when there is one, else the CPU), cpu or cuda."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA device here; use --device cpu")
+    return torch.device(name)
+
+
+def check_lengths(seqs: Sequence[Sequence[int]], limit: int, where: str, first_line: int = 1) -> None:
+    """Every sequence has at most ``limit`` tokens, else one error naming the first line that has more."""
+    for i, seq in enumerate(seqs):
+        if len(seq) > limit:
+            raise ConfigError(f"{where} line {first_line + i} has {len(seq)} tokens, more than the {limit} this "
+                              "model takes (model.max_len); shorten or split that line")
+
+
+@contextlib.contextmanager
+def command_errors() -> Iterator[None]:
+    """A command's config and data errors as one ``error: ...`` line on stderr, exit status 2."""
+    try:
+        yield
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,168 @@
+"""Multi-query associative recall (MQAR; Arora et al. 2023, "Zoology", and the Based paper).
+
+A sequence opens with ``num_kv_pairs`` key–value token pairs, then holds queries — keys seen
+before — among random filler tokens; at a query the model must predict the value bound to that
+key. Loss and accuracy count only the query positions. Generator semantics follow zoology's
+``multiquery_ar``: keys are drawn (distinct within a sequence) from ``[1, V/2)``, values from
+``[V/2, V)``; after the ``2·kv`` context tokens, query ``i`` sits at ``2·gap_i`` with the gaps
+drawn without replacement from ``range((L − 2·kv)/2)`` with probability ∝ ``(gap + 1)^(a − 1)``
+(``power_a`` = a; a → 0 favours queries soon after the context, a = 1 is uniform); every other
+position holds a uniformly random token (``random_non_queries``, zoology's generator default) or
+token 0 (``random_non_queries: false``, as zoology's Figure 2 configs set it). The model is the ``lm`` family's causal decoder.
+
+Splits come from ``data_seed`` (train, val and test from distinct derived streams), not from
+the run ``seed``, so every seed and attention sees the same data; val and test examples whose
+key–value context occurs in train are dropped (disjoint splits), the count is reported.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from efficient_attn.transformer import TransformerLM, decode_state_size
+
+from efficient_attn_tasks.tasks.base import SPLITS, TaskData, TaskModule, attention_spec, data_options, task_section, transformer_config
+from efficient_attn_tasks.config.schema import TASK_SITES
+from efficient_attn_tasks.config.schema import MQARConfig as Config
+
+IGNORE = -100  # target at non-query positions: no loss, no accuracy
+ATTENTION_SITES = TASK_SITES["mqar"]  # the model's attention sites (check_config)
+Batch = dict[str, Tensor]
+
+
+def task_config(cfg: DictConfig) -> Config:
+    """The ``task:`` group as a checked :class:`Config` (unknown keys are a TypeError)."""
+    return task_section(cfg, Config)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _distinct(n: int, low: int, high: int, count: int, g: torch.Generator) -> Tensor:
+    """(n, count) int64: per row, ``count`` distinct values from [low, high), uniformly."""
+    return torch.rand(n, high - low, generator=g).argsort(dim=1)[:, :count] + low  # (n, count)
+
+
+def generate(cfg: Config, n: int, seed: int) -> Batch:
+    """``n`` MQAR sequences: tokens (n, L) and targets (n, L) (the value at queries, else -100)."""
+    g = torch.Generator().manual_seed(seed)
+    V, L, kv = cfg.vocab_size, cfg.seq_len, cfg.num_kv_pairs
+    keys = _distinct(n, 1, V // 2, kv, g)  # (n, kv)
+    values = _distinct(n, V // 2, V, kv, g)  # (n, kv)
+    context = torch.stack([keys, values], dim=2).reshape(n, 2 * kv)  # (n, 2kv): k0 v0 k1 v1 ...
+    space = (L - 2 * kv) // 2  # query slots after the context
+    slot = torch.arange(1, space + 1, dtype=torch.float64)
+    weights = cfg.power_a * slot ** (cfg.power_a - 1)  # (space,)
+    gaps = torch.multinomial(weights.expand(n, space), kv, replacement=False, generator=g)  # (n, kv)
+    filler = torch.randint(V, (n, L), generator=g)  # drawn either way, so the flag changes nothing else
+    tokens = filler if cfg.random_non_queries else torch.zeros_like(filler)  # (n, L)
+    tokens[:, : 2 * kv] = context
+    where = 2 * kv + 2 * gaps  # (n, kv) query positions
+    tokens.scatter_(1, where, keys)
+    targets = torch.full((n, L), IGNORE, dtype=torch.long).scatter_(1, where, values)  # (n, L)
+    return {"tokens": tokens, "targets": targets}
+
+
+def make_splits(cfg: Config) -> tuple[dict[str, Batch], dict[str, int]]:
+    """Train / val / test from streams derived from ``data_seed``; val/test lose any example whose
+    key–value context also occurs in train (returned: how many were dropped per split)."""
+    sizes = {"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}
+    splits = {name: generate(cfg, sizes[name], cfg.data_seed * 3 + i) for i, name in enumerate(SPLITS)}
+    seen = {tuple(row) for row in splits["train"]["tokens"][:, : 2 * cfg.num_kv_pairs].tolist()}
+    dropped = {}
+    for name in ("val", "test"):
+        contexts = splits[name]["tokens"][:, : 2 * cfg.num_kv_pairs].tolist()
+        keep = torch.tensor([tuple(row) not in seen for row in contexts])  # (n,)
+        dropped[name] = int((~keep).sum())
+        splits[name] = {k: v[keep] for k, v in splits[name].items()}
+    return splits, dropped
+
+
+class Sequences(Dataset):
+    """Rows of a generated split."""
+
+    def __init__(self, split: Batch) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split["tokens"])
+
+    def __getitem__(self, i: int) -> Batch:
+        return {k: v[i] for k, v in self.split.items()}
+
+
+class MQARData(TaskData):
+    """Generates the splits in ``setup`` (seconds; deterministic in ``data_seed``, so nothing is cached)."""
+
+    def load_splits(self) -> dict[str, Sequences]:
+        splits, self.dropped = make_splits(self.task)
+        return {name: Sequences(split) for name, split in splits.items()}
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class MQARModule(TaskModule):
+    """Causal decoder over MQAR tokens; loss = cross-entropy at query positions, metric = query accuracy."""
+
+    monitor = "val/acc"
+    monitor_mode = "max"
+    eval_means = ("loss", "acc")  # weighted by queries
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        self.task = task_config(cfg)
+        model_cfg = transformer_config(cfg)
+        if model_cfg.max_len < self.task.seq_len:
+            raise ValueError(f"task.seq_len={self.task.seq_len} exceeds model.max_len={model_cfg.max_len}; "
+                             "raise model.max_len")
+        self.model = TransformerLM(model_cfg, self.task.vocab_size, attention=attention_spec(cfg, "decoder"))
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.model(batch["tokens"])  # (B, L, V)
+
+    def scores(self, batch: Batch) -> tuple[Tensor, Tensor, int]:
+        """(mean loss over query positions, accuracy over them, number of queries)."""
+        logits = self(batch)  # (B, L, V)
+        targets = batch["targets"]  # (B, L)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        asked = targets != IGNORE  # (B, L)
+        correct = (logits.argmax(-1) == targets) & asked  # (B, L)
+        count = int(asked.sum())
+        return loss, correct.sum() / count, count
+
+    def batch_tokens(self, batch: Batch) -> int:
+        return batch["tokens"].numel()
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss, acc, count = self.scores(batch)
+        loss, logged = self.global_mean(loss, count)  # over the global batch's queries, on any number of processes
+        size = batch["tokens"].shape[0]
+        self.log("train/loss", logged, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
+        self.log("train/acc", acc, on_step=True, on_epoch=False, batch_size=size)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: Batch, split: str) -> None:
+        loss, acc, count = self.scores(batch)
+        self.accumulate(split, "loss", loss, count)
+        self.accumulate(split, "acc", acc, count)
+
+    def on_test_epoch_end(self) -> None:
+        """Also record the decoding state one layer holds after a whole sequence (numbers per sequence)."""
+        super().on_test_epoch_end()
+        self.log("test/state_size", float(decode_state_size(self.model, self.task.seq_len)))
+
+
+def build(cfg: DictConfig) -> tuple[MQARData, MQARModule]:
+    """The data module and the Lightning module for a composed config (task, model, attention, optim)."""
+    return MQARData(task_config(cfg), **data_options(cfg)), MQARModule(cfg)

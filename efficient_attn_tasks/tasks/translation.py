@@ -1,0 +1,385 @@
+"""Translation: Multi30k (default), any parallel text files, HF `datasets` corpora, or generated copy/reverse.
+
+Tokenization is one joint SentencePiece model trained on the training split and cached; every
+checkpoint holds its bytes, so a checkpoint runs alone (``restore``, efficient_attn_tasks/run/checkpoint.py).
+Validation decodes greedily for BLEU; test decodes with beam search from the best checkpoint.
+BLEU is sacreBLEU on detokenized output against the raw references; its signature is recorded.
+On several processes (DDP) each decodes its share of the sentences (whole batches, as one process
+batches them) and all gather the results in corpus order: the same loss, BLEU and hypotheses as one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import sys
+import uuid
+from pathlib import Path
+
+import sacrebleu
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from efficient_attn.generate import beam_search, greedy_search
+from efficient_attn.transformer import Seq2SeqTransformer
+
+from efficient_attn_tasks.tasks.base import (SPLITS, TaskData, TaskModule, attention_spec, data_options, task_section,
+                   transformer_config)
+from efficient_attn_tasks.tasks.data import RESOURCES, DataError, data_dir, fetch_all, read_lines
+from efficient_attn_tasks.run.distributed import all_gather_objects
+from efficient_attn_tasks.tasks.sampling import GlobalBatches, by_length, sharded_eval_loader
+from efficient_attn_tasks.config.schema import TASK_SITES
+from efficient_attn_tasks.config.schema import TranslationConfig as Config
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+ATTENTION_SITES = TASK_SITES["translation"]  # the model's attention sites (check_config)
+MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
+
+
+def task_config(cfg: DictConfig) -> Config:
+    """The ``task:`` group as a checked :class:`Config` (unknown keys are a TypeError, bad values a ValueError)."""
+    return task_section(cfg, Config)
+
+
+# ----------------------------------------------------------------------------- raw text pairs
+def load_pairs(t: Config, root: Path | None = None) -> dict[str, tuple[list[str], list[str]]]:
+    """{split: (source lines, target lines)} for the configured corpus; Multi30k is read from (or downloaded
+    into) the data dir ``root`` (default: efficient_attn_tasks/tasks/data.py ``data_dir()``)."""
+    if t.source == "multi30k":
+        root = root or data_dir()
+        key = lambda split, lang: f"multi30k/{MULTI30K_SPLITS[split]}.{lang}.gz"
+        keys = [key(s, lang) for s in SPLITS for lang in (t.src_lang, t.tgt_lang)]
+        unknown = [k for k in keys if k not in RESOURCES]
+        if unknown:
+            raise DataError(f"Multi30k has no {', '.join(unknown)}; task.src_lang / task.tgt_lang must be en, de or fr")
+        paths = fetch_all(keys, root)  # every missing file named in one error
+        get = lambda split, lang: read_lines(paths[key(split, lang)])
+        return {s: _checked(get(s, t.src_lang), get(s, t.tgt_lang), s) for s in SPLITS}
+    if t.source == "files":
+        if not t.files or set(t.files) != set(SPLITS):
+            raise ValueError("task.source=files needs task.files={train: [src, tgt], val: [src, tgt], test: [src, tgt]}")
+        return {s: _checked(read_lines(Path(t.files[s][0])), read_lines(Path(t.files[s][1])), s) for s in SPLITS}
+    if t.source == "hf":
+        return _load_hf(t)
+    if t.source == "synthetic":
+        return _synthetic(t)
+    raise ValueError(f"task.source must be multi30k, files, hf or synthetic, got {t.source!r}")
+
+
+def _checked(src: list[str], tgt: list[str], split: str) -> tuple[list[str], list[str]]:
+    if len(src) != len(tgt):
+        raise DataError(f"{split}: source has {len(src)} lines but target has {len(tgt)}; parallel files must align")
+    return src, tgt
+
+
+def _load_hf(t: Config) -> dict[str, tuple[list[str], list[str]]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("task.source=hf needs the `datasets` package: pip install datasets") from None
+    if not t.hf_name:
+        raise ValueError("task.source=hf needs task.hf_name (e.g. wmt14) and task.hf_config (e.g. de-en)")
+    corpus = datasets.load_dataset(t.hf_name, t.hf_config)
+    names = {"train": "train", "val": "validation", "test": "test"}
+    out = {}
+    for split, hf_split in names.items():
+        rows = corpus[hf_split]["translation"]
+        out[split] = ([r[t.src_lang] for r in rows], [r[t.tgt_lang] for r in rows])
+    return out
+
+
+def _synthetic(t: Config) -> dict[str, tuple[list[str], list[str]]]:
+    """Random space-separated letters (so BLEU sees words); the target copies or reverses them."""
+    if t.synthetic not in ("copy", "reverse"):
+        raise ValueError(f"task.synthetic must be copy or reverse, got {t.synthetic!r}")
+    lo, hi = t.synthetic_length
+    if not 1 <= lo <= hi or not 1 <= t.synthetic_symbols <= 26:
+        raise ValueError("task.synthetic_length must be [min, max] with 1 <= min <= max; synthetic_symbols in 1..26")
+    letters = [chr(ord("a") + i) for i in range(t.synthetic_symbols)]
+    out = {}
+    for i, (split, n) in enumerate(zip(SPLITS, t.synthetic_sizes)):
+        rng = random.Random(t.data_seed * 1000 + i)
+        src = [[rng.choice(letters) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+        tgt = src if t.synthetic == "copy" else [s[::-1] for s in src]
+        out[split] = ([" ".join(s) for s in src], [" ".join(s) for s in tgt])
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def train_tokenizer(pairs: tuple[list[str], list[str]], t: Config, root: Path) -> spm.SentencePieceProcessor:
+    """A joint SentencePiece model over both sides of the training split, cached by content hash."""
+    key = hashlib.sha256()
+    for line in (*pairs[0], *pairs[1]):
+        key.update(line.encode() + b"\n")
+    key.update(f"{t.tokenizer}|{t.vocab_size}".encode())
+    path = root / "sentencepiece" / f"{key.hexdigest()[:16]}.model"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a name no seeded RNG can repeat: concurrent runs (same seed) must not share it
+        tmp = path.with_suffix(f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter([s for s in (*pairs[0], *pairs[1]) if s.strip()]),
+            model_prefix=str(tmp),
+            vocab_size=t.vocab_size,
+            model_type=t.tokenizer,
+            character_coverage=1.0,
+            hard_vocab_limit=False,
+            pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
+            num_threads=2,
+            minloglevel=2,
+        )
+        Path(f"{tmp}.model").replace(path)
+        Path(f"{tmp}.vocab").unlink(missing_ok=True)
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+# ----------------------------------------------------------------------------- batches
+def collate_indexed(items: list[tuple[int, tuple[list[int], list[int], str]]]) -> dict:
+    """:func:`collate` of the rows, plus ``ids``: their indices in the split."""
+    return {**collate([row for _, row in items]), "ids": [i for i, _ in items]}
+
+
+def check_lengths(split: str, rows: list[tuple[list[int], list[int], str]], max_len: int, max_tokens: int) -> None:
+    """Every pair fits the model's ``max_len`` positions: the source (encoder), and BOS + target (decoder
+    input; target + EOS is as long). Checked once tokenised, so a long test sentence stops the run before
+    training, not after it; validation and test pairs are never dropped, so the fix is a longer model."""
+    src = max(len(s) for s, _, _ in rows)
+    tgt = max(len(t) for _, t, _ in rows) + 1
+    if max(src, tgt) <= max_len:
+        return
+    from efficient_attn_tasks.config.checks import ConfigError
+
+    over = sum(len(s) > max_len or len(t) + 1 > max_len for s, t, _ in rows)
+    fix = (f"lower task.max_tokens to <= {max_len - 1} (longer training pairs are dropped) or raise model.max_len "
+           f"to >= {max(src, tgt)}" if split == "train" else f"raise model.max_len to >= {max(src, tgt)}")
+    raise ConfigError(f"translation: {over} of {len(rows)} {split} pairs exceed model.max_len={max_len} positions "
+                      f"(longest source {src} tokens, longest BOS + target {tgt}; task.max_tokens={max_tokens}); {fix}")
+
+
+def decoding_limit(src_len: int, max_len: int, a: float, b: int) -> int:
+    """Most tokens generated for a source of ``src_len`` tokens: a·|src| + b (task.max_len_a, max_len_b),
+    capped at ``max_len`` (model.max_len): decoding feeds BOS and the generated tokens at positions
+    0..limit-1. The cap only cuts a hypothesis longer than any reference the model can take (each has at
+    most max_len - 1 tokens + EOS, :func:`check_lengths`), so it is applied with a note, not refused."""
+    return min(max_len, int(a * src_len + b))
+
+
+def decoding_cap_note(split: str, src_lens: list[int], max_len: int, a: float, b: int) -> str | None:
+    """A line saying how many sources of ``split`` have their decoding limit capped at model.max_len, or None."""
+    capped = [n for n in src_lens if int(a * n + b) > max_len]
+    if not capped:
+        return None
+    return (f"translation: {len(capped)} of {len(src_lens)} {split} sources have task.max_len_a·|src| + "
+            f"task.max_len_b > model.max_len={max_len} (up to {int(a * max(capped) + b)}); their hypotheses are "
+            f"capped at {max_len} tokens, which still fits every reference (at most {max_len - 1} tokens + EOS)")
+
+
+def collate(rows: list[tuple[list[int], list[int], str]]) -> dict:
+    """src (B, S); tgt_in = BOS + y and tgt_out = y + EOS (B, T); masks True at padding."""
+    src = _pad([s for s, _, _ in rows])  # (B, S)
+    tgt_in = _pad([[BOS] + t for _, t, _ in rows])  # (B, T)
+    tgt_out = _pad([t + [EOS] for _, t, _ in rows])  # (B, T)
+    return {"src": src, "src_mask": src == PAD, "tgt_in": tgt_in, "tgt_out": tgt_out,
+            "tgt_mask": tgt_out == PAD, "refs": [r for _, _, r in rows]}
+
+
+def _pad(seqs: list[list[int]]) -> torch.Tensor:
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), PAD, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+# ----------------------------------------------------------------------------- data module
+class TranslationData(TaskData):
+    """Encodes each split once; training batches group sentences of similar length."""
+
+    collate_fn = staticmethod(collate)
+    sp: spm.SentencePieceProcessor | None = None  # set before ``setup`` when restored from a checkpoint (``restore``)
+
+    def prepare_data(self) -> None:
+        self.setup()
+
+    def load_splits(self) -> dict[str, list[tuple[list[int], list[int], str]]]:
+        pairs = load_pairs(self.task, self.data_root)
+        if self.sp is None:
+            self.sp = train_tokenizer(pairs["train"], self.task, self.cache_root)
+        data = {split: self._encoded(split, src, tgt) for split, (src, tgt) in pairs.items()}
+        if self.max_len is None:
+            raise ValueError("model.max_len is null (the task's longest sequence): run efficient_attn_tasks.commands.train."
+                             "check_config(cfg) first, which fills it in, or set model.max_len")
+        for split, rows in data.items():
+            check_lengths(split, rows, self.max_len, self.task.max_tokens)
+        for split in ("val", "test"):
+            note = decoding_cap_note(split, [len(s) for s, _, _ in data[split]], self.max_len,
+                                     float(self.task.max_len_a), int(self.task.max_len_b))
+            if note:
+                print(note)
+        return data
+
+    def _encoded(self, split: str, src: list[str], tgt: list[str]) -> list[tuple[list[int], list[int], str]]:
+        """(source ids, target ids, target text) rows; training drops empty and overlong pairs, and says how many."""
+        rows = list(zip(self.sp.encode(src), self.sp.encode(tgt), tgt))
+        if split == "train":
+            limit = self.task.max_tokens
+            keep = [r for r in rows if 0 < len(r[0]) <= limit and 0 < len(r[1]) <= limit]
+            self.dropped[split] = len(rows) - len(keep)
+            if self.dropped[split]:
+                print(f"translation: dropped {self.dropped[split]} of {len(rows)} training pairs "
+                      f"(empty, or longer than task.max_tokens={limit})")
+            rows = keep
+        if not rows:
+            raise DataError(f"translation: the {split} split is empty")
+        return rows
+
+    @property
+    def vocab_size(self) -> int:
+        self.setup()
+        return self.sp.get_piece_size()
+
+    def train_batches(self, rows: list) -> tuple[GlobalBatches, int]:
+        """Batches of pairs of similar length (source + target tokens), in a seeded order."""
+        lengths = [len(s) + len(t) for s, t, _ in rows]
+        size = self.task.batch_size
+        return by_length(lengths, size, self.seed), -(-len(rows) // size)
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """This process's share of the split; batches also hold each sentence's index (``ids``)."""
+        try:
+            return sharded_eval_loader(self.splits[split], self.task.batch_size, self.trainer,
+                                       **self.loader_args(collate_indexed))
+        except ValueError as err:
+            raise DataError(f"translation: the {split} split: {err}; run on fewer processes "
+                            "(trainer.devices × trainer.num_nodes)") from None
+
+
+# ----------------------------------------------------------------------------- Lightning module
+def gathered_in_order(rows: list[tuple]) -> list[tuple]:
+    """Every process's evaluation batches (``(ids, ...)`` each), in corpus order: on every process the
+    same list, as one process would have made it. Each sentence must come once (none padded in twice)."""
+    rows = sorted((r for shard in all_gather_objects(rows) for r in shard), key=lambda r: r[0][0])
+    ids = [i for r in rows for i in r[0]]
+    if ids != sorted(set(ids)):
+        raise RuntimeError(f"evaluation batches overlap or are out of order: sentence ids {ids[:20]}...")
+    return rows
+
+
+def _strip(ids: list[int]) -> list[int]:
+    return ids[: ids.index(EOS)] if EOS in ids else [i for i in ids if i != PAD]
+
+
+class TranslationModule(TaskModule):
+    """Label-smoothed cross-entropy; BLEU (greedy on val, beam on test) and perplexity."""
+
+    eval_means = ("loss",)  # weighted by target tokens; ppl = exp(loss)
+    eval_dtype = torch.float64  # summed in double, as this task always summed its loss
+
+    def __init__(self, cfg: DictConfig, vocab_size: int, sp: spm.SentencePieceProcessor) -> None:
+        super().__init__(cfg)
+        self.task, self.sp = task_config(cfg), sp
+        self.model = Seq2SeqTransformer(
+            transformer_config(cfg), vocab_size,
+            encoder_attention=attention_spec(cfg, "encoder"),
+            decoder_attention=attention_spec(cfg, "decoder"),
+            cross_attention=attention_spec(cfg, "cross"),
+        )
+        self.monitor, self.monitor_mode = ("val/bleu", "max") if self.task.val_bleu else ("val/loss", "min")
+        # BLEU is a corpus score, not a mean over batches: each split's hypotheses and references are kept
+        # (on every process, its share) and gathered in corpus order at the epoch's end (one list by necessity)
+        self._outputs: dict[str, list] = {}
+        self.bleu_signature: str | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Also the SentencePiece model's bytes: the checkpoint runs without the data or the tokenizer cache."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["tokenizer"] = self.sp.serialized_model_proto()
+
+    def batch_tokens(self, batch: dict) -> int:
+        return int((~batch["src_mask"]).sum() + (~batch["tgt_mask"]).sum())
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model(batch["src"], batch["tgt_in"], batch["src_mask"], batch["tgt_mask"])  # (B, T, V)
+
+    def _nll(self, batch: dict, smoothing: float) -> tuple[torch.Tensor, int]:
+        logits = self(batch)  # (B, T, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 up; a float64 run stays float64
+        loss = F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=PAD,
+                               label_smoothing=smoothing)
+        return loss, int((~batch["tgt_mask"]).sum())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, n = self._nll(batch, self.task.label_smoothing)
+        loss, logged = self.global_mean(loss, n)  # over the global batch's target tokens, on any number of processes
+        self.log("train/loss", logged, prog_bar=True, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("val", batch, beam=1 if self.task.val_bleu else 0)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("test", batch, beam=self.task.beam_size)
+
+    def _eval_step(self, split: str, batch: dict, beam: int) -> None:
+        nll, n = self._nll(batch, 0.0)
+        self.accumulate(split, "loss", nll, n)
+        self._outputs.setdefault(split, []).append((batch["ids"], self.translate(batch, beam) if beam else [],
+                                                    batch["refs"]))
+
+    def translate(self, batch: dict, beam: int) -> list[str]:
+        """Detokenized hypotheses for a batch (beam=1: greedy)."""
+        src, mask = batch["src"], batch["src_mask"]
+        lengths = (~mask).sum(1)
+        max_len = decoding_limit(int(lengths.max()), self.model.cfg.max_len, self.task.max_len_a,
+                                 self.task.max_len_b)
+        state = self.model.start(src, mask)
+        kw = dict(bos=BOS, eos=EOS, pad=PAD, unk=UNK, max_len=max_len)
+        if beam <= 1:
+            ids = greedy_search(self.model, state, src.shape[0], **kw)
+        else:
+            ids = beam_search(self.model, state, src.shape[0], beam_size=beam,
+                              length_penalty=self.task.length_penalty, **kw)
+        return [self.sp.decode(_strip(row.tolist())) for row in ids]
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def _log_epoch(self, split: str) -> None:
+        means = self.log_means(split)
+        if "loss" in means:
+            self.log(f"{split}/ppl", means["loss"].exp())
+        rows = gathered_in_order(self._outputs.pop(split, []))
+        hyps = [h for r in rows for h in r[1]]
+        if hyps:
+            refs = [x for r in rows for x in r[2]]
+            bleu = sacrebleu.metrics.BLEU()
+            self.log(f"{split}/bleu", bleu.corpus_score(hyps, [refs]).score)
+            self.bleu_signature = str(bleu.get_signature())
+            if split == "test":
+                self.test_hypotheses = hyps
+
+
+def build(cfg: DictConfig) -> tuple[TranslationData, TranslationModule]:
+    """The data module (set up: the tokenizer is made from its training split) and the Lightning module."""
+    data = TranslationData(task_config(cfg), **data_options(cfg))
+    data.setup()
+    return data, TranslationModule(cfg, data.vocab_size, data.sp)
+
+
+def restore(cfg: DictConfig, checkpoint: dict) -> tuple[TranslationData, TranslationModule]:
+    """``build`` for a saved checkpoint (efficient_attn_tasks/run/checkpoint.py): the tokenizer from the checkpoint's bytes;
+    the data is read only if the data module is set up. A checkpoint saved before it held its tokenizer
+    gets it from the training data, as ``build``."""
+    if "tokenizer" not in checkpoint:
+        print("note: this checkpoint holds no tokenizer (saved before checkpoints did); rebuilding it from the "
+              "training data", file=sys.stderr)
+        return build(cfg)
+    data = TranslationData(task_config(cfg), **data_options(cfg))
+    data.sp = spm.SentencePieceProcessor(model_proto=checkpoint["tokenizer"])
+    return data, TranslationModule(cfg, data.sp.get_piece_size(), data.sp)
