@@ -97,7 +97,7 @@ def favor_main(argv: list[str] | None = None) -> None:
     if a.checkpoint is None:
         approx_report.run(a)
         return
-    from efficient_attn_tasks import approx_checkpoint  # torch, Lightning and the task's code load here
+    from efficient_attn_tasks.approx import checkpoint as approx_checkpoint  # torch, Lightning and the task's code load here
 
     approx_checkpoint.run(a)
 

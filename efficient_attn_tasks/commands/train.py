@@ -284,6 +284,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # python -m efficient_attn_tasks.commands.train: run the importable module's app, not this __main__ copy's,
-    from efficient_attn_tasks import train  # as joblib's workers unpickle the Hydra task function by its module's name
+    from efficient_attn_tasks.commands import train  # as joblib's workers unpickle the Hydra task function by its module's name
 
     train.main()
