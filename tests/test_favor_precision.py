@@ -105,13 +105,18 @@ def test_future_and_padding_cannot_move_a_row_even_by_rounding(chunk):
 
 
 def test_decoding_matches_causal_at_large_norms():
+    """Step-by-step decoding and the causal prefix sum, both in float32, each within 1e-4 (per row) of float64:
+    elementwise they may differ by float32 rounding on near-zero entries, which depends on the CPU's kernels."""
     attn = _favor(128)
     q, k, v, _ = _inputs(128, 5.0)
-    q, k, v = (t[:, :, :40].float() for t in (q, k, v))
+    q, k, v = (t[:, :, :40] for t in (q, k, v))
+    want = attn(q, k, v, causal=True)  # float64, same projection
+    q, k, v = (t.float() for t in (q, k, v))
     full = attn(q, k, v, causal=True)
     stepped = decode_sequence(attn, q, k, v)
-    torch.testing.assert_close(stepped, full, rtol=1e-4, atol=1e-5)
-    assert full.norm(dim=-1).min() > 0
+    for got in (full, stepped):
+        err, live = _row_rel_error(got, want)
+        assert live.all() and err.max() < 1e-4, err.max()
 
 
 def test_decoding_rescales_when_a_later_key_dominates():

@@ -30,7 +30,7 @@ def wheel(tmp_path_factory) -> Path:
     out, src = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, src / name)
-    for name in ("efficient_attn", "tasks", "configs"):
+    for name in ("efficient_attn", "efficient_attn_tasks", "configs"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
                     str(out), str(src)], check=True, capture_output=True, text=True, cwd=out)
@@ -54,13 +54,14 @@ def test_wheel_has_no_generic_top_level_names_and_every_config(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names}
     assert top == {"efficient_attn", "efficient_attn_tasks", "efficient_attn-0.1.0.dist-info"}
-    packages = {str(p.parent.relative_to(REPO)) for p in (REPO / "efficient_attn").rglob("__init__.py")}
+    packages = {str(p.parent.relative_to(REPO)) for top in ("efficient_attn", "efficient_attn_tasks")
+                for p in (REPO / top).rglob("__init__.py")}
     assert packages <= {name.rsplit("/", 1)[0] for name in names}  # every subpackage is listed in pyproject
     configs = {f"efficient_attn_tasks/configs/{p.relative_to(REPO / 'configs')}" for p in (REPO / "configs").rglob("*.yaml")}
     assert configs and configs <= set(names)
-    modules = {f"efficient_attn_tasks/{p.name}" for p in (REPO / "tasks").glob("*.py")}
+    modules = {str(p.relative_to(REPO)) for p in (REPO / "efficient_attn_tasks").rglob("*.py")}
     assert modules <= set(names)
-    assert not [n for n in names if n.endswith("faults.py")]  # the fault harness stays in tests/
+    assert not [n for n in names if n.startswith(("tools/", "tests/"))]  # the tools and tests are not installed
 
 
 def test_core_needs_only_torch_and_einops():
