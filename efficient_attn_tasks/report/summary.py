@@ -28,7 +28,7 @@ def main_metric(records: list[dict[str, Any]]) -> str:
     tested (``val/bleu`` -> ``test/bleu``), else the monitor's best validation value (report's column name)."""
     monitor = records[0]["metrics"]["monitor"]
     test = "test/" + monitor.split("/", 1)[-1]
-    if any(test in (r["metrics"].get("test") or {}) for r in records):
+    if any(test in r["metrics"]["test"] for r in records):
         return test
     return f"val {monitor} (best)"
 
@@ -110,7 +110,7 @@ def _failed_job(run_dir: Path, record: dict[str, Any] | None = None) -> dict[str
     attention = choices.get("attention") or found.get("attention") or (record or {}).get("attention") or run_dir.name
     error = failure(record) if record is not None else None
     return {"dir": run_dir, "job": job, "overrides": found, "attention": attention, "error": error,
-            "steps": (record or {}).get("steps", 0)}
+            "steps": record["steps"] if record is not None else 0}
 
 
 def _mean(values: list[Any]) -> str:
