@@ -1,9 +1,9 @@
 """Fault injection: kill, resume, run on 2 processes, train in bf16 and fp16, feed bad input; record what happened.
 
-    python -m tests.faults --out results/reliability.md     # every scenario on a tiny model (a few minutes)
+    python -m tools.faults --out results/reliability.md     # every scenario on a tiny model (a few minutes)
 
 Each scenario is also a function the tests call (tests/test_reliability.py). A run that must die
-mid-training runs in a subprocess (``python -m tests.faults run <out_dir> --kill-at N <overrides>``).
+mid-training runs in a subprocess (``python -m tools.faults run <out_dir> --kill-at N <overrides>``).
 """
 
 from __future__ import annotations
@@ -368,7 +368,7 @@ def write_report(args: argparse.Namespace) -> None:
     lines = [
         "# Reliability: faults injected and what happened",
         "",
-        f"Made by `python -m tests.faults --out {args.out} --work {args.work}` on {_machine()}, torch {torch.__version__}, "
+        f"Made by `python -m tools.faults --out {args.out} --work {args.work}` on {_machine()}, torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d')}, in {time.time() - started:.0f} s. Tiny ListOps model (d_model 64, 2 layers), one thread.",
         "",
         "| fault | what happened |",
@@ -431,12 +431,12 @@ def _machine() -> str:
 # ----------------------------------------------------------------------------- CLI
 def _python(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "tests.faults", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "tools.faults", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
 def _run_command(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.faults run")
+    parser = argparse.ArgumentParser(prog="python -m tools.faults run")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--kill-at", type=int)
     parser.add_argument("--check-features", action="store_true")
