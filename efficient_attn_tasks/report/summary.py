@@ -5,7 +5,8 @@ swept override except the seed; the main metric as mean ± 95% CI over the row's
 then training tokens/s, peak memory and wall time (means); rows in the order their first job was
 launched; failed runs (results.json status failed) and runs without ``results.json`` (killed, running)
 listed after them, never counted in a mean; under the table, each failed job's run dir and error. A last
-line gives the ``efficient-attn-report`` command for the full table. Statistics come from efficient_attn_tasks/report/tables.py and
+line gives the ``efficient-attn-report`` command for the full table. Records come from
+efficient_attn_tasks/report/runs.py, statistics from efficient_attn_tasks/report/tables.py and
 efficient_attn_tasks/report/stats.py.
 """
 

@@ -4,7 +4,8 @@ A checkpoint holds everything it needs to run: the run's resolved config (``hype
 weights, and what the task's code cannot rebuild from the config alone (translation: the SentencePiece
 model's bytes; ListOps: its vocabulary, checked against the code's). Loading reads neither the data dir
 nor the tokenizer cache; only scoring a split of the run's own data reads (or regenerates) that data.
-A task module whose ``build`` reads data defines ``restore(cfg, checkpoint)`` (efficient_attn_tasks/tasks/translation.py).
+A task module whose ``build`` reads data defines ``restore(cfg, checkpoint)``
+(efficient_attn_tasks/tasks/translation.py).
 """
 
 from __future__ import annotations

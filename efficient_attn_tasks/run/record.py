@@ -23,7 +23,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
 RECORD_VERSION = 2  # the format RunRecord.to_json writes; a record without "version" is format 1
 RESULTS_JSON = "results.json"  # a run dir's record
 
@@ -63,8 +62,9 @@ class RunRecord:
     """One run's ``results.json``: a finished run (``status`` "ok": metrics, sizes, speed, memory, times) or a
     failed one (``status`` "failed": ``error``, the step reached, no metrics).
 
-    :meth:`to_json` writes the keys of today's format for the record's status, ``version`` first; fields
-    that status does not write appear only when set. :meth:`from_json` reads every format: a record without
+    :meth:`to_json` writes ``version`` (always :data:`RECORD_VERSION`), then the keys readers expect of the
+    record's status, in this order (``OK_KEYS``, ``FAILED_KEYS``; null when unset), then any other field that
+    is set. :meth:`from_json` reads every format: a record without
     ``version`` is format 1 (``version`` says which format was read), and the keys an older record lacks
     get their defaults there and nowhere else (no ``status``: a finished run; no ``seed``: ``config.seed``;
     a failed record without ``steps``: step 0). Keys this code does not know, from a newer or hand-edited
@@ -136,7 +136,7 @@ class RunRecord:
         if not isinstance(raw, dict):
             raise ValueError(f"a run record is a JSON object, not {type(raw).__name__}")
         known, extra = _split(cls, {k: v for k, v in raw.items() if k != "version"})
-        known["status"] = known.get("status") or "ok"  # format 1 records before the field: finished runs
+        known["status"] = known.get("status") or "ok"  # a record without one is a finished run
         known["config"] = known.get("config") or {}
         known["overrides"] = known.get("overrides") or []
         known["versions"] = known.get("versions") or {}
@@ -172,6 +172,7 @@ def _split(cls: type, raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     """(the keys of ``raw`` that are fields of the dataclass ``cls``, the others)."""
     names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
     return {k: v for k, v in raw.items() if k in names}, {k: v for k, v in raw.items() if k not in names}
+
 
 @dataclasses.dataclass
 class Attempt:
