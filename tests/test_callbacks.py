@@ -2,7 +2,6 @@
 tested as validated, strict keys), and the attention config name (favor_relu, not only favor) in results.json,
 run dirs and W&B tags."""
 
-import json
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, EMAWeightAveraging
 
 from efficient_attn_tasks.run import loggers
+from efficient_attn_tasks.run.record import RunRecord
 from efficient_attn_tasks.commands.train import CONFIG_DIR, ConfigError, check_config, run
 from tests.test_train import config, config_files, tiny
 
@@ -43,7 +43,7 @@ def test_early_stopping_from_config_stops_on_the_tasks_metric(tmp_path):
                       "callbacks.early_stopping.patience=1", NEVER_BETTER, "test=false"), tmp_path, callbacks=[seen])
     stopper = [c for c in seen.callbacks if isinstance(c, EarlyStopping)]
     assert len(stopper) == 1 and (stopper[0].monitor, stopper[0].mode, stopper[0].patience) == ("val/acc", "max", 1)
-    assert record["steps"] == 8 and record["epochs"] == 2
+    assert record.steps == 8 and record.epochs == 2
 
 
 def test_default_callbacks_add_nothing(tmp_path):
@@ -96,7 +96,7 @@ def test_ema_weights_are_validated_checkpointed_and_tested(tmp_path):
     record = run(tiny("listops", "softmax", "trainer.max_steps=4", "callbacks=ema", "callbacks.ema.decay=0.5",
                       "optim.warmup_steps=1", "optim.lr=1e-2"), tmp_path, callbacks=[seen])
     assert any(isinstance(c, EMAWeightAveraging) for c in seen.callbacks)
-    checkpoint = torch.load(record["metrics"]["best_checkpoint"], map_location="cpu", weights_only=False)
+    checkpoint = torch.load(record.metrics.best_checkpoint, map_location="cpu", weights_only=False)
     averaged, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
     assert any(not torch.equal(averaged[k], raw[k]) for k in averaged)  # the average differs from the raw weights
     assert seen.tested.keys() == averaged.keys()
@@ -105,9 +105,9 @@ def test_ema_weights_are_validated_checkpointed_and_tested(tmp_path):
 
 def test_results_json_names_the_attention_config(tmp_path):
     record = run(tiny("listops", "favor_relu", "++trainer.fast_dev_run=true"), tmp_path)
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert (saved["attention"], saved["attention_config"]) == ("favor", "favor_relu") == \
-        (record["attention"], record["attention_config"])
+    saved = RunRecord.read(tmp_path / "results.json")
+    assert (saved.attention, saved.attention_config) == ("favor", "favor_relu") == \
+        (record.attention, record.attention_config)
 
 
 def test_every_attention_config_names_itself_and_run_dirs_carry_it():

@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from efficient_attn_tasks.run import checkpoint
+from efficient_attn_tasks.run.record import RunRecord
 from efficient_attn_tasks.commands import evaluate
 from efficient_attn_tasks.commands import generate
 from efficient_attn_tasks.tasks import listops
@@ -65,12 +66,12 @@ def runs(tmp_path_factory):
     return get
 
 
-def best(record: dict) -> Path:
-    return Path(record["metrics"]["best_checkpoint"])
+def best(record: RunRecord) -> Path:
+    return Path(record.metrics.best_checkpoint)
 
 
-def run_test_metrics(record: dict) -> dict[str, float]:
-    return {key.split("/", 1)[1]: value for key, value in record["metrics"]["test"].items()}
+def run_test_metrics(record: RunRecord) -> dict[str, float]:
+    return {key.split("/", 1)[1]: value for key, value in record.metrics.test.items()}
 
 
 def score(*argv: str) -> dict:
@@ -104,8 +105,8 @@ def test_a_checkpoint_copied_alone_reproduces_its_runs_test_metrics(task, runs, 
     if task == "translation":
         assert not cache.exists()  # no tokenizer read from the cache or trained again: it is in the checkpoint
         assert Path(saved["hypotheses"]).read_text() == (run_dir / "test_hypotheses.txt").read_text()
-        assert saved["bleu_signature"] == record["bleu_signature"] and saved["beam"] == record["config"]["task"][
-            "beam_size"]
+        assert saved["bleu_signature"] == record.bleu_signature
+        assert saved["beam"] == record.config["task"]["beam_size"]
     assert f"wrote {alone.with_name(alone.stem + '.eval_test.json')}" in capsys.readouterr().out
 
 
@@ -116,7 +117,7 @@ def test_a_run_dir_means_its_best_checkpoint_even_when_moved(runs, tmp_path):
     got = score(moved, "--split", "val", "--out", tmp_path / "val.json")
     assert got["checkpoint"] == str((moved / "checkpoints" / best(record).name).resolve())
     assert "results.json" in got["checkpoint_choice"] and got["data"] == {"split": "val"}
-    assert got["metrics"]["acc"] == pytest.approx(record["metrics"]["val_best"], rel=1e-6)  # the score that chose it
+    assert got["metrics"]["acc"] == pytest.approx(record.metrics.val_best, rel=1e-6)  # the score that chose it
     (moved / "results.json").unlink()  # an unfinished run: its only best-*.ckpt
     assert score(moved, "--out", tmp_path / "t.json")["checkpoint_choice"] == f"the only best-*.ckpt of run {moved}"
 
@@ -124,7 +125,7 @@ def test_a_run_dir_means_its_best_checkpoint_even_when_moved(runs, tmp_path):
 def test_translate_writes_the_runs_test_hypotheses_and_files_score_like_the_split(runs, tmp_path, monkeypatch,
                                                                                   capsys):
     run_dir, record = runs("translation")
-    src, ref = translation.load_pairs(translation.task_config(OmegaConf.create(record["config"])))["test"]
+    src, ref = translation.load_pairs(translation.task_config(OmegaConf.create(record.config)))["test"]
     (tmp_path / "test.src").write_text("\n".join(src) + "\n")
     (tmp_path / "test.ref").write_text("\n".join(ref) + "\n")
     translate.main([str(best(record)), "--input", str(tmp_path / "test.src")])
@@ -141,7 +142,7 @@ def test_translate_writes_the_runs_test_hypotheses_and_files_score_like_the_spli
 
 def test_lm_scores_any_utf8_file_as_it_scores_its_split(runs, tmp_path):
     _, record = runs("lm")
-    cfg = lm.task_config(OmegaConf.create(record["config"]))
+    cfg = lm.task_config(OmegaConf.create(record.config))
     split = lm.split_bytes(cfg, lm.read_bytes(cfg, Path(cfg.path)))["test"]
     (tmp_path / "test.txt").write_bytes(bytes(split.tolist()))
     got = score(best(record), "--files", tmp_path / "test.txt", "--out", tmp_path / "r.json")

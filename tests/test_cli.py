@@ -31,6 +31,7 @@ from efficient_attn_tasks.tasks import translation
 from efficient_attn_tasks.run.callbacks import progress_bar
 from efficient_attn_tasks.config.checks import CONFIG_DIR, trainer_arguments
 from efficient_attn_tasks.tasks.data import DataError
+from efficient_attn_tasks.run.record import RunRecord
 from efficient_attn_tasks.run.resume import remove_unstarted_run_dir
 from efficient_attn_tasks.report.stats import as_number
 from efficient_attn_tasks.report.summary import summarize, summary
@@ -187,9 +188,9 @@ def test_a_single_run_stopped_by_a_nonfinite_loss_exits_2_and_leaves_its_failed_
               "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert out.returncode == 2 and re.search(r"^error: non-finite loss or gradient at step \d+", out.stderr, re.M), \
         out.stderr[-2000:]
-    record = json.loads((run_dir / "results.json").read_text())
-    assert record["status"] == "failed" and record["error"]["type"] == "FloatingPointError" and record["steps"] > 0
-    assert "optim.lr=1e30" in record["overrides"] and (run_dir / ".hydra").is_dir()
+    record = RunRecord.read(run_dir / "results.json")
+    assert record.status == "failed" and record.error.type == "FloatingPointError" and record.steps > 0
+    assert "optim.lr=1e30" in record.overrides and (run_dir / ".hydra").is_dir()
 
 
 def test_progress_bars_only_on_a_terminal_unless_set():
@@ -226,7 +227,7 @@ def test_disabled_wandb_prints_no_sync_note(tmp_path, capfd):
     assert os.environ["WANDB_MODE"] == "disabled"
     record = run(config(*TINY, "logger=wandb", "++trainer.fast_dev_run=true"), tmp_path)
     assert "W&B offline" not in capfd.readouterr().out
-    assert record["threads"] == 1  # the one_thread fixture's count, recorded (threads=null, no joblib)
+    assert record.threads == 1  # the one_thread fixture's count, recorded (threads=null, no joblib)
 
 
 def test_missing_multi30k_lists_every_missing_file_and_tries_one_download(tmp_path, monkeypatch):

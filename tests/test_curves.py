@@ -49,7 +49,7 @@ def test_a_run_writes_its_curves_and_the_plot_shows_them(tmp_path):
     log = StepLog()
     record = run(tiny("listops", "softmax", "trainer.max_epochs=2", "trainer.log_every_n_steps=3", "optim.lr=1e-9",
                       "optim.warmup_steps=4"), tmp_path, callbacks=[log])
-    assert record["metrics"]["test_checkpoint"]["step"] == 4  # the case where test reloads an earlier state
+    assert record.metrics.test_checkpoint["step"] == 4  # the case where test reloads an earlier state
     png = (tmp_path / "curves.png").read_bytes()
     assert png.startswith(PNG) and len(png) > 10_000
     drawn = plot_run(read_curves(tmp_path / "curves.csv"), "val/acc", tmp_path / "again.png")
@@ -59,8 +59,8 @@ def test_a_run_writes_its_curves_and_the_plot_shows_them(tmp_path):
                                                    rel=1e-6)  # float32 sums
     assert drawn["train/lr"] == ([3, 6, 8], [log.lr[3], log.lr[6], log.lr[8]])
     assert drawn["val/acc"] == ([4, 8], [log.val[4], log.val[8]])
-    assert log.val[8] == record["metrics"]["val_last"]["val/acc"]
-    assert record["train_tokens_per_s"] == log.tokens_per_s  # not the best checkpoint's count
+    assert log.val[8] == record.metrics.val_last["val/acc"]
+    assert record.train_tokens_per_s == log.tokens_per_s  # not the best checkpoint's count
 
 
 def test_curves_round_trip_through_the_csv(tmp_path):

@@ -64,8 +64,8 @@ def test_experiment_composes_checks_and_runs_one_step(tmp_path, name):
         assert run_cfg[section] == cfg[section], f"the test changed {section} of experiment {name}"
     assert run_cfg.task.get("vocab_size") == cfg.task.get("vocab_size")
     record = run(run_cfg, tmp_path)
-    assert record["steps"] == 1 and record["name"] == cfg.name and record["attention"] == cfg.attention.name
-    assert record["metrics"]["val_last"], f"{name}: no validation metrics after the fast_dev_run step"
+    assert record.steps == 1 and record.name == cfg.name and record.attention == cfg.attention.name
+    assert record.metrics.val_last, f"{name}: no validation metrics after the fast_dev_run step"
     assert (tmp_path / "results.json").exists()
 
 

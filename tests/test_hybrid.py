@@ -5,7 +5,6 @@ The library takes one spec or exactly one per layer; the configs take ``model.la
 the stack). Shared weights do not depend on the mix; decoding steps every layer with its own state.
 """
 
-import json
 
 import pytest
 import pytorch_lightning as pl
@@ -22,6 +21,7 @@ from efficient_attn.transformer import (
     TransformerLM,
     decode_state_size,
 )
+from efficient_attn_tasks.run.record import RunRecord
 from efficient_attn_tasks.tasks.base import attention_label, attention_spec
 from efficient_attn_tasks.commands.train import ConfigError, check_config, run
 from tests.test_train import config, tiny
@@ -178,9 +178,9 @@ def test_tiny_mqar_run_with_a_hybrid_writes_results(tmp_path, attention, overrid
     cfg = tiny("mqar", attention, *overrides, "++trainer.fast_dev_run=true")
     record = run(cfg, tmp_path, callbacks=[layers])
     assert layers.cores == cores
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["attention"] == record["attention"] == label and saved["metrics"]["test"]["test/acc"] >= 0
-    assert saved["config"]["attention"]["name"] == cfg.attention.name
+    saved = RunRecord.read(tmp_path / "results.json")
+    assert saved.attention == record.attention == label and saved.metrics.test["test/acc"] >= 0
+    assert saved.config["attention"]["name"] == cfg.attention.name
 
 
 def test_softmax_is_untouched_by_the_hybrid_machinery():

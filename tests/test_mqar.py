@@ -2,7 +2,6 @@
 count only query positions, the state size is measured right, and the quick comparison separates
 softmax from linear attention with statistics (the `experiment=mqar/quick` multirun, ~1 min)."""
 
-import json
 import os
 import subprocess
 from dataclasses import replace
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from efficient_attn.transformer import AttentionSpec, TransformerConfig, TransformerLM, decode_state_size
+from efficient_attn_tasks.run.record import RunRecord
 from efficient_attn_tasks.tasks import mqar
 from efficient_attn_tasks.report.tables import main as report_main
 from tests.test_train import config
@@ -130,8 +130,8 @@ def test_quick_comparison_separates_softmax_from_linear(tmp_path, capsys):
     # ~2.5 min on 2 free cores (results/README.md); the limit leaves room for a loaded machine
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    records = [json.loads(p.read_text()) for p in tmp_path.glob("*/results.json")]
-    acc = {(r["attention"], r["seed"]): r["metrics"]["test"]["test/acc"] for r in records}
+    records = [RunRecord.read(p) for p in tmp_path.glob("*/results.json")]
+    acc = {(r.attention, r.seed): r.metrics.test["test/acc"] for r in records}
     assert sorted(acc) == [(a, s) for a in ("linear", "softmax") for s in (0, 1, 2)]
     assert min(acc["softmax", s] for s in range(3)) > 0.9, acc  # softmax recalls
     assert max(acc["linear", s] for s in range(3)) < 0.5, acc  # elu+1 linear attention does not

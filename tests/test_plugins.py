@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from efficient_attn_tasks.run.record import RunRecord
+
 MODULE = '''
 import torch
 from efficient_attn import Attention, register_attention
@@ -124,13 +126,13 @@ def test_plugin_attention_trains_evaluates_and_reports(plugin, tmp_path):
     out = run(["-m", "efficient_attn_tasks.commands.train", *TINY, "attention.name=my_attention",
                "+attention.kwargs.temperature=2.0", f"hydra.run.dir={run_dir}"], plugin, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    record = json.loads((run_dir / "results.json").read_text())
-    assert (record["status"], record["attention"], record["attention_config"]) == ("ok", "my_attention", "my_attention")
-    assert record["config"]["attention"]["kwargs"] == {"temperature": 2.0}
+    record = RunRecord.read(run_dir / "results.json")
+    assert (record.status, record.attention, record.attention_config) == ("ok", "my_attention", "my_attention")
+    assert record.config["attention"]["kwargs"] == {"temperature": 2.0}
     evaluated = run(["-m", "efficient_attn_tasks.commands.evaluate", str(run_dir), "--out", str(tmp_path / "eval.json")],
                     plugin, tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert record["metrics"]["test"]["test/acc"] == pytest.approx(json.loads((tmp_path / "eval.json").read_text())["metrics"]["acc"])
+    assert record.metrics.test["test/acc"] == pytest.approx(json.loads((tmp_path / "eval.json").read_text())["metrics"]["acc"])
     report = run(["-m", "efficient_attn_tasks.report.tables", str(run_dir)], plugin, tmp_path)
     assert report.returncode == 0 and "my_attention" in report.stdout, report.stderr[-3000:]
 
@@ -156,7 +158,7 @@ def test_imports_key_reaches_a_module_that_is_not_installed(plugin, tmp_path):
     out = run(["-m", "efficient_attn_tasks.commands.train", *TINY, "imports=[loose_attention]", "attention.name=loose",
                f"hydra.run.dir={run_dir}"], plugin, tmp_path, extra_path=loose)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads((run_dir / "results.json").read_text())["attention"] == "loose"
+    assert RunRecord.read(run_dir / "results.json").attention == "loose"
     bench = run(["-m", "efficient_attn_tasks.bench.kernels", "--imports", "loose_attention", "--attentions", "loose", "--modes",
                  "causal", "--lengths", "16", "--heads", "1", "--head-dim", "4", "--repeats", "1", "--threads", "1",
                  "--no-baselines", "--matmul-size", "64", "--out", str(tmp_path / "bench")], plugin, tmp_path,

@@ -1,11 +1,7 @@
 """Faults injected into real runs: kill and resume, SIGTERM, DDP on 2 processes, bf16, fp16, bad input, determinism."""
 
-import json
-
-from typing import Callable
-
-import json
 import re
+from typing import Callable
 
 import pytest
 import pytorch_lightning as pl
@@ -14,6 +10,7 @@ import torch
 from efficient_attn import create_attention, list_attentions
 from tools import faults
 from efficient_attn_tasks.config.checks import ConfigError, check_config
+from efficient_attn_tasks.run.record import RunError, RunRecord
 from efficient_attn_tasks.run.resume import resume_argv
 from efficient_attn_tasks.tasks.sampling import ShardedBatches, eval_shard, shuffled
 from efficient_attn_tasks.commands.train import run
@@ -218,8 +215,8 @@ def test_fp16_gradient_overflow_is_skipped_by_the_scaler_counted_and_training_go
     assert 0 < r["scaler_skipped_steps"] < 12 and r["skipped_updates"] == 0, r
     assert r["final_scale"] == r["init_scale"] * 0.5 ** r["scaler_skipped_steps"]  # each scaler skip counted once
     assert all(torch.isfinite(torch.tensor(r["losses"])))
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["scaler_skipped_steps"] == r["scaler_skipped_steps"] and saved["skipped_updates"] == 0
+    saved = RunRecord.read(tmp_path / "results.json")
+    assert saved.scaler_skipped_steps == r["scaler_skipped_steps"] and saved.skipped_updates == 0
 
 
 class PoisonWeights(pl.Callback):
@@ -243,11 +240,11 @@ def test_nonfinite_loss_stops_naming_step_and_attention(tmp_path):
     cfg = faults.compose_config([*faults.TINY, "trainer.max_steps=3", "optim.lr=1e30", "optim.warmup_steps=1"])
     with pytest.raises(FloatingPointError, match=r"step \d+ with attention 'softmax'") as err:
         run(cfg, tmp_path)
-    record = json.loads((tmp_path / "results.json").read_text())  # the failed record, with the step reached
+    record = RunRecord.read(tmp_path / "results.json")  # the failed record, with the step reached
     step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
-    assert step > 0 and record["steps"] == step and record["status"] == "failed" and "metrics" not in record
-    assert record["error"] == {"type": "FloatingPointError", "message": str(err.value)}
-    assert record["attention"] == "softmax" and record["config"]["optim"]["lr"] == 1e30 and record["seed"] == 0
+    assert step > 0 and record.steps == step and record.status == "failed" and record.metrics is None
+    assert record.error == RunError("FloatingPointError", str(err.value))
+    assert record.attention == "softmax" and record.config["optim"]["lr"] == 1e30 and record.seed == 0
 
 
 # ----------------------------------------------------------------------------- a failing job of a sweep
@@ -272,18 +269,18 @@ def test_a_failed_run_is_run_again_by_ckpt_path_last(tmp_path):
     overrides = [*faults.TINY, "trainer.max_steps=2"]
     with pytest.raises(ConfigError, match="raise model.max_len"):
         run(faults.compose_config([*overrides, "model.max_len=16"]), tmp_path)
-    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
+    assert RunRecord.read(tmp_path / "results.json").status == "failed"
     log = LossLog()
     record = run(faults.compose_config([*overrides, "ckpt_path=last"]), tmp_path, callbacks=[log])
-    assert record["status"] == "ok" and record["steps"] == 2 and len(log.losses) == 2
-    assert json.loads((tmp_path / "results.json").read_text()) == record
+    assert record.status == "ok" and record.steps == 2 and len(log.losses) == 2
+    assert RunRecord.read(tmp_path / "results.json") == record
 
 
 def test_a_later_failure_never_replaces_a_finished_runs_record(tmp_path):
     first = run(faults.compose_config([*faults.TINY, "trainer.max_steps=2"]), tmp_path)
     with pytest.raises(ConfigError, match="is not a file"):
         run(faults.compose_config([*faults.TINY, f"ckpt_path={tmp_path / 'nope.ckpt'}"]), tmp_path)
-    assert json.loads((tmp_path / "results.json").read_text()) == first and first["status"] == "ok"
+    assert RunRecord.read(tmp_path / "results.json") == first and first.status == "ok"
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -297,8 +294,8 @@ def test_every_bad_input_exits_with_a_one_line_message(tmp_path):
 def test_a_missing_checkpoint_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="is not a file"):
         run(faults.compose_config([*faults.TINY, f"ckpt_path={tmp_path / 'nope.ckpt'}"]), tmp_path)
-    record = json.loads((tmp_path / "results.json").read_text())  # failed before training: step 0
-    assert record["status"] == "failed" and record["steps"] == 0 and record["error"]["type"] == "ConfigError"
+    record = RunRecord.read(tmp_path / "results.json")  # failed before training: step 0
+    assert record.status == "failed" and record.steps == 0 and record.error.type == "ConfigError"
 
 
 # ----------------------------------------------------------------------------- determinism

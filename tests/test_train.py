@@ -2,7 +2,6 @@
 through the real config path, translation learns, resume continues, and bad input fails clearly."""
 
 import importlib
-import json
 import math
 import os
 import re
@@ -24,7 +23,7 @@ from efficient_attn_tasks.tasks import translation
 from efficient_attn_tasks.config.checks import CONFIG_DIR, TASKS, ConfigError, check_config
 from efficient_attn_tasks.run.curves import read_curves
 from efficient_attn_tasks.tasks.data import DataError
-from efficient_attn_tasks.run.record import peak_memory_mib, reset_peak_memory
+from efficient_attn_tasks.run.record import RunRecord, peak_memory_mib, reset_peak_memory
 from efficient_attn_tasks.config.schema import TASK_SCHEMAS
 from efficient_attn_tasks.commands.train import run
 from tests.conftest import site_specs
@@ -107,12 +106,12 @@ def test_fast_dev_run_every_task_and_attention(tmp_path, task, attention):
     if task == "lm" and not SHARED_DATA.exists():
         pytest.skip("needs ../shared/data")
     record = run(tiny(task, attention, "++trainer.fast_dev_run=true"), tmp_path)
-    assert record["attention"] == config(f"attention={attention}").attention.name
-    assert record["attention_config"] == attention
-    assert record["num_parameters"] > 0 and record["train_tokens_per_s"] > 0
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["config"]["task"]["name"] == task and saved["metrics"]["test"]
-    assert set(saved["versions"]) >= {"torch", "pytorch-lightning"} and saved["hardware"]
+    assert record.attention == config(f"attention={attention}").attention.name
+    assert record.attention_config == attention
+    assert record.num_parameters > 0 and record.train_tokens_per_s > 0
+    saved = RunRecord.read(tmp_path / "results.json")
+    assert saved.config["task"]["name"] == task and saved.metrics.test
+    assert set(saved.versions) >= {"torch", "pytorch-lightning"} and saved.hardware
 
 
 @pytest.mark.parametrize("attention", ea.list_attentions())
@@ -133,31 +132,31 @@ def test_translation_loss_falls(tmp_path, attention):
 def test_resume_continues_at_the_saved_step(tmp_path):
     first = run(tiny("listops", "softmax", "trainer.max_epochs=1", "test=false"), tmp_path / "a")
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    assert first["steps"] == 4 and last.exists()
+    assert first.steps == 4 and last.exists()
     log = LossLog()
     resumed = run(tiny("listops", "softmax", "trainer.max_epochs=2", "test=false", f"ckpt_path={last}"),
                   tmp_path / "b", callbacks=[log])
-    assert resumed["steps"] == 8 and len(log.losses) == 4  # only the second epoch was trained
+    assert resumed.steps == 8 and len(log.losses) == 4  # only the second epoch was trained
     assert read_curves(tmp_path / "b" / "curves.csv")["val/acc"][0] == [4, 8]  # the curves came with the checkpoint
 
 
 def test_results_record_the_best_checkpoint_and_test_uses_it(tmp_path):
     record = run(tiny("listops", "softmax", "trainer.max_epochs=2"), tmp_path)
-    best = record["metrics"]["best_checkpoint"]
+    best = record.metrics.best_checkpoint
     assert best and Path(best).exists() and "best" in Path(best).name
-    assert record["metrics"]["monitor"] == "val/acc" and record["metrics"]["val_best"] is not None
+    assert record.metrics.monitor == "val/acc" and record.metrics.val_best is not None
     step = int(re.search(r"step=(\d+)", Path(best).name).group(1))  # ModelCheckpoint's filename="best-{step}"
     tested = {"checkpoint": "best", "path": best, "step": step}
-    assert record["metrics"]["test_checkpoint"] == tested
-    assert json.loads((tmp_path / "results.json").read_text())["metrics"]["test_checkpoint"] == tested
+    assert record.metrics.test_checkpoint == tested
+    assert RunRecord.read(tmp_path / "results.json") == record
 
 
 def test_without_validation_the_test_says_it_used_the_last_weights(tmp_path, capsys):
     record = run(tiny("listops", "softmax", "trainer.max_steps=3", "trainer.limit_val_batches=0"), tmp_path)
     last = {"checkpoint": "last", "path": None, "step": 3}
-    assert record["metrics"]["best_checkpoint"] is None and record["metrics"]["test"]
-    assert record["metrics"]["test_checkpoint"] == last
-    assert json.loads((tmp_path / "results.json").read_text())["metrics"]["test_checkpoint"] == last
+    assert record.metrics.best_checkpoint is None and record.metrics.test
+    assert record.metrics.test_checkpoint == last
+    assert RunRecord.read(tmp_path / "results.json") == record
     out, err = capsys.readouterr()
     assert "warning: no best checkpoint (validation never ran); testing the last weights, step 3" in err
     assert "(last weights: no best checkpoint)" in out
@@ -181,21 +180,21 @@ def test_max_steps_ending_mid_epoch_validates_and_checkpoints_the_last_step(tmp_
     checkpoint, and the test, are that step's."""
     seen = ValidationSteps()
     record = run(tiny("listops", "softmax", f"trainer.max_steps={max_steps}"), tmp_path, callbacks=[seen])
-    assert record["steps"] == max_steps and seen.steps == validated
+    assert record.steps == max_steps and seen.steps == validated
     if validated == [3]:
-        assert Path(record["metrics"]["best_checkpoint"]).name == "best-step=3.ckpt"
-        assert record["metrics"]["test_checkpoint"]["checkpoint"] == "best"
-        assert record["metrics"]["test_checkpoint"]["step"] == 3
+        assert Path(record.metrics.best_checkpoint).name == "best-step=3.ckpt"
+        assert record.metrics.test_checkpoint["checkpoint"] == "best"
+        assert record.metrics.test_checkpoint["step"] == 3
 
 
 def test_translation_test_bleu_is_never_silently_absent(tmp_path):
     """beam_size=0 used to skip test decoding (no test/bleu in results.json); it is refused, 1 is greedy."""
     with pytest.raises(ConfigError, match=r"task.beam_size must be an int >= 1 \(1 = greedy"):
         run(tiny("translation", "softmax", "task.beam_size=0", "trainer.max_steps=1"), tmp_path / "zero")
-    failed = json.loads((tmp_path / "zero" / "results.json").read_text())  # the failed record, no metrics
-    assert failed["status"] == "failed" and "metrics" not in failed
+    failed = RunRecord.read(tmp_path / "zero" / "results.json")  # the failed record, no metrics
+    assert failed.status == "failed" and failed.metrics is None
     record = run(tiny("translation", "softmax", "task.beam_size=1", "trainer.max_steps=2"), tmp_path / "greedy")
-    assert "test/bleu" in record["metrics"]["test"] and record["bleu_signature"]
+    assert "test/bleu" in record.metrics.test and record.bleu_signature
 
 
 class LearningRates(pl.Callback):
@@ -281,7 +280,7 @@ def test_default_listops_runs_with_the_default_model(tmp_path):
     model.max_len was 1024. Default lengths and model; only the dataset sizes are small."""
     record = run(config("task=listops", "attention=softmax", "logger=none", "task.train_size=2", "task.val_size=2",
                         "task.test_size=2", "task.batch_size=2", "++trainer.fast_dev_run=true", *QUIET), tmp_path)
-    assert record["config"]["model"]["max_len"] == 1999 and record["steps"] == 1
+    assert record.config["model"]["max_len"] == 1999 and record.steps == 1
 
 
 @pytest.mark.parametrize("model", config_files("model"))
@@ -400,7 +399,7 @@ def test_decoding_limit_is_capped_at_max_len_with_a_note(tmp_path, capsys):
     lines = {s: list(SHORT) for s in ("train", "val", "test")}
     lines["test"].append("abcdefab")  # 9 tokens: fits, but 1.5 · 9 + 10 = 23 > 16
     record = run(char_translation(write_split_files(tmp_path, lines), 16), tmp_path / "run")
-    assert record["metrics"]["test"]
+    assert record.metrics.test
     assert ("translation: 1 of 9 test sources have task.max_len_a·|src| + task.max_len_b > model.max_len=16 "
             "(up to 23); their hypotheses are capped at 16 tokens") in capsys.readouterr().out
 
@@ -485,7 +484,7 @@ def test_corrupt_or_altered_files_are_clear_errors(tmp_path):
 def test_wandb_logger_runs_disabled_with_dirs_in_temp(tmp_path):
     assert os.environ["WANDB_MODE"] == "disabled"
     record = run(tiny("listops", "softmax", "logger=wandb", "++trainer.fast_dev_run=true"), tmp_path)
-    assert record["config"]["logger"]["kind"] == "wandb"
+    assert record.config["logger"]["kind"] == "wandb"
     import wandb
 
     assert wandb.run is None  # finished, so the next multirun job starts its own run
@@ -537,7 +536,7 @@ def test_nonfinite_update_is_skipped_when_configured(tmp_path):
     log = LossLog()
     cfg = tiny("listops", "softmax", "trainer.max_epochs=1", "test=false", "nonfinite=skip")
     record = run(cfg, tmp_path, callbacks=[PoisonGradient(2), log])
-    assert record["skipped_updates"] == 1 and all(torch.isfinite(torch.tensor(log.losses)))
+    assert record.skipped_updates == 1 and all(torch.isfinite(torch.tensor(log.losses)))
 
 
 def test_same_seed_gives_bit_identical_losses_including_favor_redraws(tmp_path):
@@ -563,5 +562,5 @@ def test_peak_memory_is_per_run_not_per_process(tmp_path):
 
 def test_record_counts_completed_epochs_and_keeps_last_validation(tmp_path):
     record = run(tiny("listops", "softmax", "trainer.max_epochs=2"), tmp_path)
-    assert record["epochs"] == 2 and record["steps"] == 8
-    assert set(record["metrics"]["val_last"]) >= {"val/acc", "val/loss"}
+    assert record.epochs == 2 and record.steps == 8
+    assert set(record.metrics.val_last) >= {"val/acc", "val/loss"}

@@ -1,9 +1,9 @@
 """Fault injection: kill, resume, run on 2 processes, train in bf16 and fp16, feed bad input; record what happened.
 
-    python -m tests.faults --out results/reliability.md     # every scenario on a tiny model (a few minutes)
+    python -m tools.faults --out results/reliability.md     # every scenario on a tiny model (a few minutes)
 
 Each scenario is also a function the tests call (tests/test_reliability.py). A run that must die
-mid-training runs in a subprocess (``python -m tests.faults run <out_dir> --kill-at N <overrides>``).
+mid-training runs in a subprocess (``python -m tools.faults run <out_dir> --kill-at N <overrides>``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from efficient_attn_tasks.report import tables as report
 from efficient_attn_tasks.config.checks import CONFIG_DIR, ConfigError
 from efficient_attn_tasks.commands.train import run
+from efficient_attn_tasks.run.record import RESULTS_JSON, RunRecord
 
 REPO = Path(__file__).resolve().parent.parent
 # A tiny ListOps run that crosses epochs, validates, redraws FAVOR+ features and uses dropout.
@@ -99,7 +100,7 @@ def resume_after_kill(work: Path, steps: int = 12, kill_at: int = 8, every: int 
     start = steps - len(resumed.losses)
     diffs = [abs(a - b) for a, b in zip(full.losses[start:], resumed.losses)]
     return {"returncode": proc.returncode, "resumed_at_step": start, "resumed_steps": len(resumed.losses),
-            "steps": record["steps"], "max_abs_loss_diff": max(diffs), "bit_identical": max(diffs) == 0.0,
+            "steps": record.steps, "max_abs_loss_diff": max(diffs), "bit_identical": max(diffs) == 0.0,
             "losses_full": full.losses, "losses_resumed": resumed.losses}
 
 
@@ -117,10 +118,11 @@ def resume_after_sigterm(work: Path, steps: int = 300, env: dict[str, str] | Non
     first_out, _ = proc.communicate(timeout=120)
     second = subprocess.run([*cmd, "ckpt_path=last"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
     run_dirs = sorted(p.parent for p in work.glob("outputs/*/*/.hydra"))
-    record = json.loads((run_dirs[-1] / "results.json").read_text()) if (run_dirs[-1] / "results.json").exists() else {}
+    results = run_dirs[-1] / RESULTS_JSON
+    record = RunRecord.read(results) if results.exists() else RunRecord()
     wandb_runs = sorted(p.name for p in run_dirs[-1].glob("wandb/offline-run-*"))
     return {"first_returncode": proc.returncode, "second_returncode": second.returncode,
-            "run_dirs": len(run_dirs), "steps": record.get("steps"), "resumed_from": record.get("resumed_from"),
+            "run_dirs": len(run_dirs), "steps": record.steps, "resumed_from": record.resumed_from,
             "wandb_runs": wandb_runs, "same_wandb_id": len({r.rsplit("-", 1)[-1] for r in wandb_runs}) == 1,
             "interrupt_message": [ln for ln in first_out.splitlines() if "interrupted at step" in ln],
             "second_output": second.stdout[-2000:] + second.stderr[-2000:]}
@@ -140,7 +142,7 @@ def sweep_with_a_failing_job(work: Path, launcher: str = "basic", resume: bool =
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     work.mkdir(parents=True, exist_ok=True)
     first = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
-    records = {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))}
+    records = {p.parent.name: RunRecord.read(p) for p in sorted(sweep.glob("*/results.json"))}
     written = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/results.json")}
     resumed = subprocess.run([*cmd, "ckpt_path=last"], cwd=work, env=env, capture_output=True, text=True,
                              timeout=600) if resume else None
@@ -153,8 +155,8 @@ def sweep_with_a_failing_job(work: Path, launcher: str = "basic", resume: bool =
     listed = list(itertools.takewhile(lambda ln: ln.startswith("  "), lines[start:]))  # "  <run dir>: <error>"
     return {"launcher": launcher, "returncode": first.returncode,
             "resumed_returncode": resumed.returncode if resumed else None,
-            "statuses": {name: r.get("status") for name, r in records.items()},
-            "failed": {name: r for name, r in records.items() if r.get("status") == "failed"},
+            "statuses": {name: r.status for name, r in records.items()},
+            "failed": {name: r.to_dict() for name, r in records.items() if r.failed},
             "summary_failed": [ln.strip() for ln in listed],
             "rerun": rerun, "report": table.getvalue(),
             "output": first.stdout[-3000:] + first.stderr[-3000:]}
@@ -197,29 +199,30 @@ def translation_ddp_vs_single(work: Path, steps: int = 6, devices: int = 2) -> d
     ddp = ["trainer=ddp", f"trainer.devices={devices}"]
     runs = {"one": overrides, "many": [*overrides, *ddp],
             "same_weights": [*overrides, *ddp, f"ckpt_path={work / 'one' / 'checkpoints' / 'last.ckpt'}"]}
-    records, hyps = {}, {}
+    records, decoded, hyps = {}, {}, {}
     for name, args in runs.items():
         proc = _python(["run", str(work / name), *args])
         if proc.returncode != 0:
             raise RuntimeError(f"{name} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        records[name] = json.loads((work / name / "results.json").read_text())
-        records[name]["decoded"] = json.loads((work / name / "faults.json").read_text())["test_sentences_per_process"]
+        records[name] = RunRecord.read(work / name / RESULTS_JSON)
+        decoded[name] = json.loads((work / name / "faults.json").read_text())["test_sentences_per_process"]
         hyps[name] = (work / name / "test_hypotheses.txt").read_text().splitlines()
     one, many = (torch.load(work / n / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
                  for n in ("one", "many"))
     param_diff = max(float((one[k].double() - many[k].double()).abs().max()) for k in one if one[k].is_floating_point())
-    metric = lambda name, where, key: records[name]["metrics"][where].get(key)  # noqa: E731
+    val = lambda name, key: records[name].metrics.val_last.get(key)  # noqa: E731
+    test = lambda name, key: records[name].metrics.test.get(key)  # noqa: E731
     trained, tested = ("one", "many"), ("one", "same_weights")
-    return {"devices": devices, "steps": records["many"]["steps"], "max_abs_param_diff": param_diff,
-            "val_loss": {n: metric(n, "val_last", "val/loss") for n in trained},
-            "val_bleu": {n: metric(n, "val_last", "val/bleu") for n in trained},
-            "train_tokens": {n: records[n]["train_tokens"] for n in trained},
-            "test_bleu": {n: metric(n, "test", "test/bleu") for n in tested},
-            "test_loss": {n: metric(n, "test", "test/loss") for n in tested},
+    return {"devices": devices, "steps": records["many"].steps, "max_abs_param_diff": param_diff,
+            "val_loss": {n: val(n, "val/loss") for n in trained},
+            "val_bleu": {n: val(n, "val/bleu") for n in trained},
+            "train_tokens": {n: records[n].train_tokens for n in trained},
+            "test_bleu": {n: test(n, "test/bleu") for n in tested},
+            "test_loss": {n: test(n, "test/loss") for n in tested},
             "same_hypotheses": hyps["one"] == hyps["same_weights"], "hypotheses": len(hyps["same_weights"]),
-            "test_sentences_per_process": records["same_weights"]["decoded"],
-            "processes": {n: r["processes"] for n, r in records.items()},
-            "same_weights_steps": records["same_weights"]["steps"]}
+            "test_sentences_per_process": decoded["same_weights"],
+            "processes": {n: r.processes for n, r in records.items()},
+            "same_weights_steps": records["same_weights"].steps}
 
 
 def bf16_training(attentions: Sequence[str], work: Path, steps: int = 8, scale: float = 8.0) -> dict[str, dict]:
@@ -233,7 +236,7 @@ def bf16_training(attentions: Sequence[str], work: Path, steps: int = 8, scale: 
             with _scaled_embeddings(scale):
                 record = run(cfg, work / name, callbacks=[log])
             bad = sum(not torch.isfinite(torch.tensor(x)) for x in log.losses)
-            out[name] = {"steps": record["steps"], "nonfinite_losses": int(bad), "skipped": record["skipped_updates"],
+            out[name] = {"steps": record.steps, "nonfinite_losses": int(bad), "skipped": record.skipped_updates,
                          "last_loss": log.losses[-1], "error": None}
         except (FloatingPointError, ConfigError) as err:  # ConfigError: cannot serve ListOps' encoder
             out[name] = {"steps": None, "nonfinite_losses": None, "skipped": None, "last_loss": None, "error": str(err)}
@@ -259,8 +262,8 @@ def fp16_overflow(work: Path, steps: int = 12, init_scale: float = 2.0**24,
     except FloatingPointError as err:
         return {"steps": None, "scaler_skipped_steps": None, "skipped_updates": None, "precision": None,
                 "init_scale": init_scale, "final_scale": scaler.get_scale(), "losses": log.losses, "error": str(err)}
-    return {"steps": record["steps"], "scaler_skipped_steps": record["scaler_skipped_steps"],
-            "skipped_updates": record["skipped_updates"], "precision": record["precision"], "init_scale": init_scale,
+    return {"steps": record.steps, "scaler_skipped_steps": record.scaler_skipped_steps,
+            "skipped_updates": record.skipped_updates, "precision": record.precision, "init_scale": init_scale,
             "final_scale": scaler.get_scale(), "losses": log.losses, "error": None}
 
 
@@ -365,7 +368,7 @@ def write_report(args: argparse.Namespace) -> None:
     lines = [
         "# Reliability: faults injected and what happened",
         "",
-        f"Made by `python -m tests.faults --out {args.out} --work {args.work}` on {_machine()}, torch {torch.__version__}, "
+        f"Made by `python -m tools.faults --out {args.out} --work {args.work}` on {_machine()}, torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d')}, in {time.time() - started:.0f} s. Tiny ListOps model (d_model 64, 2 layers), one thread.",
         "",
         "| fault | what happened |",
@@ -428,12 +431,12 @@ def _machine() -> str:
 # ----------------------------------------------------------------------------- CLI
 def _python(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "tests.faults", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "tools.faults", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
 def _run_command(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.faults run")
+    parser = argparse.ArgumentParser(prog="python -m tools.faults run")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--kill-at", type=int)
     parser.add_argument("--check-features", action="store_true")
@@ -443,7 +446,7 @@ def _run_command(argv: list[str]) -> None:
     record = run(compose_config(overrides), args.out_dir, callbacks=callbacks)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
         (args.out_dir / "faults.json").write_text(json.dumps(
-            {"steps": record["steps"], "val_last": record["metrics"]["val_last"], "losses": log.losses,
+            {"steps": record.steps, "val_last": record.metrics.val_last, "losses": log.losses,
              "feature_mismatches": log.feature_mismatches, "test_sentences_per_process": log.test_sentences_per_process}))
 
 

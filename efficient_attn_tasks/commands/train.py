@@ -14,7 +14,6 @@ and run-dir clean-up in efficient_attn_tasks/run/resume.py; this module runs the
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import sys
 import time
@@ -30,8 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from efficient_attn_tasks.config.checks import CONFIG_DIR, ConfigError, check_config
 from efficient_attn_tasks.tasks.data import DataError
-from efficient_attn_tasks.run.record import Attempt, record_status, reset_peak_memory, run_record, summary_line, tested_checkpoint, \
-    write_failed_record
+from efficient_attn_tasks.run.record import RESULTS_JSON, Attempt, RunRecord, record_status, reset_peak_memory, \
+    run_record, summary_line, tested_checkpoint, write_failed_record
 from efficient_attn_tasks.run.resume import remove_unstarted_run_dir, resume_argv, resume_checkpoint
 
 if TYPE_CHECKING:
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
 
 
 def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = (),
-        plugins: Sequence[Any] = ()) -> dict[str, Any]:
+        plugins: Sequence[Any] = ()) -> RunRecord:
     """Train, test the best checkpoint, write results.json (``"status": "ok"``); returns the record.
 
     ``ckpt_path=last`` resumes from ``<out_dir>/checkpoints/last.ckpt`` (same W&B run id, same
@@ -60,7 +59,7 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = (),
 
 
 def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plugins: Sequence[Any],
-           attempt: Attempt) -> dict[str, Any]:
+           attempt: Attempt) -> RunRecord:
     start = attempt.start
     task = check_config(cfg)
     import pytorch_lightning as pl
@@ -75,7 +74,7 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
     quiet_lightning()
     ckpt_path = resume_checkpoint(cfg.ckpt_path, out_dir)
     if ckpt_path == "done":
-        record = json.loads((out_dir / "results.json").read_text())
+        record = RunRecord.read(out_dir / RESULTS_JSON)
         print(f"{out_dir} already finished (results.json); nothing to resume")
         return record
     attempt.resumed_from = ckpt_path
@@ -91,8 +90,8 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
     pl.seed_everything(cfg.seed, workers=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if record_status(out_dir / "results.json") == "failed":  # an earlier attempt's: this one runs it again
-        (out_dir / "results.json").unlink(missing_ok=True)
+    if record_status(out_dir / RESULTS_JSON) == "failed":  # an earlier attempt's: this one runs it again
+        (out_dir / RESULTS_JSON).unlink(missing_ok=True)
     reset_peak_memory()
     try:
         try:
@@ -135,17 +134,17 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
             for c, state in fit_states:  # test(ckpt_path) loaded the best checkpoint's callback states: the whole run's
                 c.load_state_dict(state)
         record = run_record(cfg, module, trainer, best, throughput, val, test, fit_s, time.perf_counter() - start)
-        record["metrics"]["test_checkpoint"] = tested
-        record["skipped_updates"] = guard.skipped
-        record["scaler_skipped_steps"] = guard.scaler_skipped  # fp16 AMP overflow steps the scaler skipped (normal)
-        record["precision"] = str(trainer.precision)  # as Lightning ran it (16-mixed on CPU becomes bf16-mixed)
-        record["resumed_from"] = str(ckpt_path) if ckpt_path else None
-        record["threads"] = torch.get_num_threads()
+        record.metrics.test_checkpoint = tested
+        record.skipped_updates = guard.skipped
+        record.scaler_skipped_steps = guard.scaler_skipped  # fp16 AMP overflow steps the scaler skipped (normal)
+        record.precision = str(trainer.precision)  # as Lightning ran it (16-mixed on CPU becomes bf16-mixed)
+        record.resumed_from = str(ckpt_path) if ckpt_path else None
+        record.threads = torch.get_num_threads()
         if trainer.is_global_zero:
-            (out_dir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+            record.write(out_dir / RESULTS_JSON)
             if getattr(module, "test_hypotheses", None):
                 (out_dir / "test_hypotheses.txt").write_text("\n".join(module.test_hypotheses) + "\n")
-            draw_curves(curves.rows, out_dir, module.monitor, f"{record['task']} / {record['attention_config']}")
+            draw_curves(curves.rows, out_dir, module.monitor, f"{record.task} / {record.attention_config}")
             print(summary_line(record))
         return record
     finally:

@@ -2,56 +2,57 @@
 ``.hydra/``) with its ``results.json`` (finished or failed) or without one, the config files Hydra picked for
 it, and the fields and metric columns a table reads from a record.
 
-Tables come from each run's ``results.json`` (efficient_attn_tasks/run/record.py writes it), never from W&B files. Importing
-this module loads neither torch nor Lightning.
+Tables come from each run's ``results.json``, read as a :class:`~efficient_attn_tasks.run.record.RunRecord`
+(efficient_attn_tasks/run/record.py writes and reads it), never from W&B files. A table row is that record's
+JSON object (``RunRecord.to_dict``: every key of the current format, older records' gaps filled by
+``from_json``) plus what the run dir adds: ``row``, ``_dir``, ``_job``, ``choices``. Importing this module
+loads neither torch nor Lightning.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from efficient_attn_tasks.run.record import RESULTS_JSON, RunRecord
 
 RESOURCES = ("num_parameters", "steps", "skipped_updates", "train_tokens_per_s", "peak_memory_mib", "wall_time_s")
 
 
 def find_runs(roots: list[Path]) -> tuple[list[dict[str, Any]], list[Path], list[dict[str, Any]]]:
     """(records of finished runs, run dirs without results.json, records of failed runs); a run dir is one with
-    a .hydra/ folder. A record without ``status`` (written before the field existed) is a finished run."""
+    a .hydra/ folder."""
     records, missing, failed = [], [], []
     for root in roots:
         for hydra_dir in sorted(root.rglob(".hydra")):
-            result = hydra_dir.parent / "results.json"
-            if result.exists():
-                record = json.loads(result.read_text())
-                found = failed if record.get("status", "ok") == "failed" else records
-                record.setdefault("row", (record.get("config") or {}).get("row"))  # the ablation row label
-                choices, job = hydra_job(hydra_dir)
-                # the attention config file (favor_plus, favor_trig), not the registry name (favor) they
-                # share: the recorded attention_config, else (records before it existed) the group Hydra
-                # picked, which a command-line attention.name=X does not change; per-layer runs keep their
-                # recorded label (the layer configs joined by "+")
-                per_layer = ((record.get("config") or {}).get("model") or {}).get("layer_attentions")
-                if not per_layer:
-                    label = record.get("attention_config") or choices.get("attention")
-                    record["attention"] = label or record.get("attention")
-                found.append({**record, "_dir": str(hydra_dir.parent), "_job": job, "choices": choices})
-            else:
+            result = hydra_dir.parent / RESULTS_JSON
+            if not result.exists():
                 missing.append(hydra_dir.parent)
+                continue
+            record = RunRecord.read(result)
+            row = record.to_dict()
+            row.setdefault("row", record.config.get("row"))  # the ablation row label
+            choices, job = hydra_job(hydra_dir)
+            # the attention config file (favor_plus, favor_trig), not the registry name (favor) they
+            # share: the recorded attention_config, else (format 1 records) the group Hydra picked,
+            # which a command-line attention.name=X does not change; per-layer runs keep their
+            # recorded label (the layer configs joined by "+")
+            if not (record.config.get("model") or {}).get("layer_attentions"):
+                row["attention"] = record.attention_config or choices.get("attention") or record.attention
+            (failed if record.failed else records).append({**row, "_dir": str(hydra_dir.parent), "_job": job,
+                                                           "choices": choices})
     return records, missing, failed
 
 
 def failure(record: dict[str, Any]) -> str:
     """A failed record's error as "Type: message"."""
-    error = record.get("error") or {}
-    return f"{error.get('type', 'error')}: {error.get('message', '')}"
+    return f"{record['error']['type']}: {record['error']['message']}"
 
 
 def not_run_labels(missing: list[Path], failed: list[dict[str, Any]] | None) -> list[str]:
     """Labels of the rows under the table: each failed run (run dir, step reached, error; "|" escaped for
     Markdown), then each run dir without results.json."""
-    labels = [f"{r['_dir']} (failed at step {r.get('steps', 0)}: {failure(r)})".replace("|", "\\|")
-              for r in failed or []]
+    labels = [f"{r['_dir']} (failed at step {r['steps']}: {failure(r)})".replace("|", "\\|") for r in failed or []]
     return labels + [f"{path} (missing results.json)" for path in missing]
 
 
@@ -79,8 +80,9 @@ def field(record: dict[str, Any], key: str) -> Any:
 
 
 def metrics(record: dict[str, Any]) -> dict[str, float | None]:
-    """Metric columns of one run: best val, last val metrics as "<key> (last)", test metrics, resources."""
+    """Metric columns of one run: best val, last val metrics as "<key> (last)", test metrics, and the resources
+    the record has (not null)."""
     m = record["metrics"]
-    last = {f"{k} (last)": v for k, v in sorted((m.get("val_last") or {}).items())}
+    last = {f"{k} (last)": v for k, v in sorted(m["val_last"].items())}
     row = {f"val {m['monitor']} (best)": m["val_best"], **last, **dict(sorted(m["test"].items()))}
-    return {**row, **{k: record[k] for k in RESOURCES if k in record}}  # older records lack some
+    return {**row, **{k: record[k] for k in RESOURCES if record.get(k) is not None}}

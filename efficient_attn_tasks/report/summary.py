@@ -5,7 +5,8 @@ swept override except the seed; the main metric as mean ± 95% CI over the row's
 then training tokens/s, peak memory and wall time (means); rows in the order their first job was
 launched; failed runs (results.json status failed) and runs without ``results.json`` (killed, running)
 listed after them, never counted in a mean; under the table, each failed job's run dir and error. A last
-line gives the ``efficient-attn-report`` command for the full table. Statistics come from efficient_attn_tasks/report/tables.py and
+line gives the ``efficient-attn-report`` command for the full table. Records come from
+efficient_attn_tasks/report/runs.py, statistics from efficient_attn_tasks/report/tables.py and
 efficient_attn_tasks/report/stats.py.
 """
 
@@ -28,7 +29,7 @@ def main_metric(records: list[dict[str, Any]]) -> str:
     tested (``val/bleu`` -> ``test/bleu``), else the monitor's best validation value (report's column name)."""
     monitor = records[0]["metrics"]["monitor"]
     test = "test/" + monitor.split("/", 1)[-1]
-    if any(test in (r["metrics"].get("test") or {}) for r in records):
+    if any(test in r["metrics"]["test"] for r in records):
         return test
     return f"val {monitor} (best)"
 
@@ -110,7 +111,7 @@ def _failed_job(run_dir: Path, record: dict[str, Any] | None = None) -> dict[str
     attention = choices.get("attention") or found.get("attention") or (record or {}).get("attention") or run_dir.name
     error = failure(record) if record is not None else None
     return {"dir": run_dir, "job": job, "overrides": found, "attention": attention, "error": error,
-            "steps": (record or {}).get("steps", 0)}
+            "steps": record["steps"] if record is not None else 0}
 
 
 def _mean(values: list[Any]) -> str:

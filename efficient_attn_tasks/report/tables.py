@@ -118,7 +118,7 @@ def tune(runs: list[dict[str, Any]], key: str, label: str = "") -> tuple[list[di
     by_value: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         by_value[_hashable(field(r, key))].append(r)
-    scores = {v: finite_values([r["metrics"].get("val_best") for r in rs]) for v, rs in by_value.items()}
+    scores = {v: finite_values([r["metrics"]["val_best"] for r in rs]) for v, rs in by_value.items()}
     candidates = sorted((v for v, s in scores.items() if s), key=_order)  # ascending: min/max keep the first tie
     if not candidates:
         raise SystemExit(f"--tune {key}: no run of row {label!r} has a finite metrics.val_best")
@@ -129,7 +129,7 @@ def tune(runs: list[dict[str, Any]], key: str, label: str = "") -> tuple[list[di
 
 def minimises(runs: list[dict[str, Any]]) -> bool:
     """Whether the runs' (single) monitor is better lower: its name holds loss, ppl or bpc."""
-    monitors = sorted({str(r["metrics"].get("monitor")) for r in runs})
+    monitors = sorted({str(r["metrics"]["monitor"]) for r in runs})
     if len(monitors) != 1:
         raise SystemExit(f"--tune: the runs of one row monitor different metrics {monitors}")
     return any(word in monitors[0].lower() for word in LOSS_LIKE)
@@ -238,7 +238,7 @@ def by_seed(row: Row, key: str) -> dict[Any, float]:
     values: dict[Any, float] = {}
     seen = set()
     for run, flat in zip(row.runs, row.flat):
-        seed = run.get("seed", field(run, "config.seed"))
+        seed = run["seed"]
         if seed in seen:
             raise SystemExit(f"--paired: row {row.label!r} has several runs with seed {seed}; add the key that "
                              "tells them apart to --rows, or keep one per seed with --tune")

@@ -4,14 +4,14 @@ A checkpoint holds everything it needs to run: the run's resolved config (``hype
 weights, and what the task's code cannot rebuild from the config alone (translation: the SentencePiece
 model's bytes; ListOps: its vocabulary, checked against the code's). Loading reads neither the data dir
 nor the tokenizer cache; only scoring a split of the run's own data reads (or regenerates) that data.
-A task module whose ``build`` reads data defines ``restore(cfg, checkpoint)`` (efficient_attn_tasks/tasks/translation.py).
+A task module whose ``build`` reads data defines ``restore(cfg, checkpoint)``
+(efficient_attn_tasks/tasks/translation.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from efficient_attn.registry import import_attentions
 
 from efficient_attn_tasks.tasks.data import DataError
 from efficient_attn_tasks.config.checks import TASKS, ConfigError
+from efficient_attn_tasks.run.record import RESULTS_JSON, RunRecord
 
 
 @dataclass
@@ -46,13 +47,12 @@ def find(path: Path) -> tuple[Path, str]:
         return path, "the file given"
     if not path.is_dir():
         raise ConfigError(f"{path} is neither a checkpoint file nor a run dir; give a .ckpt file or a run dir")
-    results = path / "results.json"
-    if results.is_file():
-        metrics = json.loads(results.read_text()).get("metrics", {})
-        best = metrics.get("best_checkpoint")
-        if best and (path / "checkpoints" / Path(best).name).is_file():
-            return (path / "checkpoints" / Path(best).name,
-                    f"the best checkpoint of run {path} by {metrics.get('monitor')} (results.json)")
+    results = path / RESULTS_JSON
+    metrics = RunRecord.read(results).metrics if results.is_file() else None
+    best = metrics.best_checkpoint if metrics is not None else None
+    if best and (path / "checkpoints" / Path(best).name).is_file():
+        return (path / "checkpoints" / Path(best).name,
+                f"the best checkpoint of run {path} by {metrics.monitor} (results.json)")
     found = sorted((path / "checkpoints").glob("best-*.ckpt"))
     if len(found) == 1:
         return found[0], f"the only best-*.ckpt of run {path}"

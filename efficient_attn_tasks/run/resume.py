@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from efficient_attn_tasks.config.checks import ConfigError
-from efficient_attn_tasks.run.record import record_status
+from efficient_attn_tasks.run.record import RESULTS_JSON, record_status
 
 
 def resume_checkpoint(ckpt_path: str | None, out_dir: Path) -> str | None:
@@ -22,7 +22,7 @@ def resume_checkpoint(ckpt_path: str | None, out_dir: Path) -> str | None:
         if ckpt_path and not Path(ckpt_path).is_file():
             raise ConfigError(f"ckpt_path={ckpt_path} is not a file; give a .ckpt file or ckpt_path=last")
         return ckpt_path
-    if record_status(out_dir / "results.json") == "ok":
+    if record_status(out_dir / RESULTS_JSON) == "ok":
         return "done"
     last = out_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
@@ -71,4 +71,4 @@ def remove_unstarted_run_dir(out_dir: Path) -> bool:
 def _unstarted(entry: Path) -> bool:
     """What a run dir holds before its run writes anything: Hydra's files, or the failed record of that run."""
     return entry.name == ".hydra" or (entry.suffix == ".log" and entry.is_file()) or \
-        (entry.name == "results.json" and record_status(entry) == "failed")
+        (entry.name == RESULTS_JSON and record_status(entry) == "failed")
