@@ -23,7 +23,7 @@ from efficient_attn_tasks.tasks import lm
 from efficient_attn_tasks.commands import translate
 from efficient_attn_tasks.tasks import translation
 from efficient_attn_tasks.commands.train import CONFIG_DIR, run
-from efficient_attn_tasks.infer import evaluate as scoring
+from efficient_attn_tasks.run import evaluate as scoring
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

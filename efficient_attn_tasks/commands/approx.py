@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import functools
 from pathlib import Path
-from typing import Callable
 
 from efficient_attn.analysis import KL_ROWS
 from efficient_attn_tasks.approx import report as approx_report
@@ -17,28 +16,36 @@ from efficient_attn_tasks.commands.cli import parser as cli_parser
 from efficient_attn_tasks.commands.cli import run_command
 
 STUDIES = ("favor", "sqrt_dk")
-FAVOR_EXAMPLES = (
-    "efficient-attn-approx --quick --out /tmp/approx                # seconds: L=512, 5 draws",
-    "efficient-attn-approx --out results/approx_error               # Performer protocol: L=4096, d=16, 15 draws",
-    "efficient-attn-approx --checkpoint outputs/<run>/checkpoints/best-step=<n>.ckpt --out approx_ckpt",
-)
-FAVOR_OUTPUTS = (
-    "in --out (default approx_out/); each CSV has its PNG beside it (log-log, ±1 std bands):",
-    "error_vs_features.csv/.png   MSE and KL(P ‖ P̂) against random features m, per estimator",
-    "error_vs_scale.csv/.png      the same against the input scale at fixed m",
-    "with --checkpoint instead: error_by_site.csv/.png, error_by_depth.csv/.png",
-    "both are also logged to the active W&B run, if any",
-)
-SQRT_DK_EXAMPLES = (
-    "efficient-attn-approx --study sqrt_dk --out results/sqrt_dk      # d_k 16…256, L = S = 256, 20 draws",
-    "efficient-attn-approx --study sqrt_dk --dims 16 64 256 --length 64 --draws 5 --out /tmp/sqrt_dk",
-    "efficient-attn-approx --study sqrt_dk --keys 64 --out /tmp/sqrt_dk_s64   # fewer keys than queries",
-)
-SQRT_DK_OUTPUTS = (
-    "in --out (default approx_out/):",
-    "sqrt_dk.csv   one row per d_k x scaling: logit variance, max prob, entropy, Jacobian norm (mean, std)",
-    "sqrt_dk.png   one panel per statistic against d_k, unscaled vs scaled",
-)
+FAVOR_HELP = """\
+FAVOR+ approximation error against exact softmax attention: on random q, k, v (the registry's own favor
+modules, several feature kinds), or with --checkpoint on a trained model's real queries and keys.
+
+examples:
+  efficient-attn-approx --quick --out /tmp/approx                # seconds: L=512, 5 draws
+  efficient-attn-approx --out results/approx_error               # Performer protocol: L=4096, d=16, 15 draws
+  efficient-attn-approx --checkpoint outputs/<run>/checkpoints/best-step=<n>.ckpt --out approx_ckpt
+
+outputs:
+  in --out (default approx_out/); each CSV has its PNG beside it (log-log, ±1 std bands):
+  error_vs_features.csv/.png   MSE and KL(P ‖ P̂) against random features m, per estimator
+  error_vs_scale.csv/.png      the same against the input scale at fixed m
+  with --checkpoint instead: error_by_site.csv/.png, error_by_depth.csv/.png
+  both are also logged to the active W&B run, if any
+"""
+SQRT_DK_HELP = """\
+Why logits are scaled by 1/√d_k: logit variance, softmax saturation and softmax gradient norm against d_k,
+unscaled vs scaled, on random q, k in float64.
+
+examples:
+  efficient-attn-approx --study sqrt_dk --out results/sqrt_dk      # d_k 16…256, L = S = 256, 20 draws
+  efficient-attn-approx --study sqrt_dk --dims 16 64 256 --length 64 --draws 5 --out /tmp/sqrt_dk
+  efficient-attn-approx --study sqrt_dk --keys 64 --out /tmp/sqrt_dk_s64   # fewer keys than queries
+
+outputs:
+  in --out (default approx_out/):
+  sqrt_dk.csv   one row per d_k x scaling: logit variance, max prob, entropy, Jacobian norm (mean, std)
+  sqrt_dk.png   one panel per statistic against d_k, unscaled vs scaled
+"""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,15 +57,9 @@ def main(argv: list[str] | None = None) -> None:
 def parser(study: str = "favor") -> argparse.ArgumentParser:
     """The options of ``study`` (``--study sqrt_dk --help`` lists that study's)."""
     if study == "sqrt_dk":
-        p = cli_parser("efficient-attn-approx --study sqrt_dk", "Why logits are scaled by 1/√d_k: logit variance, "
-                       "softmax saturation and softmax gradient norm against d_k,\nunscaled vs scaled, on random "
-                       "q, k in float64.", SQRT_DK_EXAMPLES, SQRT_DK_OUTPUTS)
-        add: Callable[[argparse.ArgumentParser], None] = _sqrt_dk_arguments
+        p, add = cli_parser("efficient-attn-approx --study sqrt_dk", SQRT_DK_HELP), _sqrt_dk_arguments
     else:
-        p = cli_parser("efficient-attn-approx", "FAVOR+ approximation error against exact softmax attention: on "
-                       "random q, k, v (the registry's own favor\nmodules, several feature kinds), or with "
-                       "--checkpoint on a trained model's real queries and keys.", FAVOR_EXAMPLES, FAVOR_OUTPUTS)
-        add = _favor_arguments
+        p, add = cli_parser("efficient-attn-approx", FAVOR_HELP), _favor_arguments
     p.add_argument("--study", choices=STUDIES, default="favor",
                    help="favor: FAVOR+ error; sqrt_dk: the 1/√d_k study (see --study sqrt_dk --help)")
     add(p)

@@ -15,25 +15,27 @@ DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384]
 QUICK_LENGTHS = [256, 512, 1024]
 MODES = ("causal", "noncausal", "decode", "train")
 
-EXAMPLES = (
-    "efficient-attn-bench --quick --out /tmp/bench            # every attention, L = 256 512 1024, 1 repeat",
-    "efficient-attn-bench --attentions softmax,favor,linear --lengths 1024 4096 16384 --out results/bench",
-    "efficient-attn-bench --modes decode,train --attentions softmax,favor,retention --quick --out /tmp/gen",
-)
-OUTPUTS = (
-    "in --out (default bench_out/), <device> = cpu or the GPU's name:",
-    "bench_<device>.csv   one row per attention x mode x L: status, time, peak memory, GFLOP/s, tokens/s",
-    "bench_<device>.png   log-log time and peak memory against L",
-    "summary_<device>.md  ratios to softmax and favor, crossovers (also printed)",
-    "train_<device>.csv, train_<device>.png, train_summary_<device>.md   --modes train: one row per attention x L:",
-    "                     tokens/s, attention share of the step, peak memory; the L from which it beats softmax",
-)
+HELP = """\
+Time forward+backward (or decoding) and measure peak memory of every attention against sequence length L,
+each point in a fresh subprocess, with performer-pytorch and F.scaled_dot_product_attention as baselines.
+
+examples:
+  efficient-attn-bench --quick --out /tmp/bench            # every attention, L = 256 512 1024, 1 repeat
+  efficient-attn-bench --attentions softmax,favor,linear --lengths 1024 4096 16384 --out results/bench
+  efficient-attn-bench --modes decode,train --attentions softmax,favor,retention --quick --out /tmp/gen
+
+outputs:
+  in --out (default bench_out/), <device> = cpu or the GPU's name:
+  bench_<device>.csv   one row per attention x mode x L: status, time, peak memory, GFLOP/s, tokens/s
+  bench_<device>.png   log-log time and peak memory against L
+  summary_<device>.md  ratios to softmax and favor, crossovers (also printed)
+  train_<device>.csv, train_<device>.png, train_summary_<device>.md   --modes train: one row per attention x L:
+                       tokens/s, attention share of the step, peak memory; the L from which it beats softmax
+"""
 
 
 def parser() -> argparse.ArgumentParser:
-    p = cli_parser("efficient-attn-bench", "Time forward+backward (or decoding) and measure peak memory of every "
-                   "attention against sequence length L,\neach point in a fresh subprocess, with performer-pytorch "
-                   "and F.scaled_dot_product_attention as baselines.", EXAMPLES, OUTPUTS)
+    p = cli_parser("efficient-attn-bench", HELP)
     p.add_argument("--attentions", metavar="NAMES",
                    help="comma-separated registered attentions (default: every registered one)")
     p.add_argument("--modes", default="causal,noncausal",

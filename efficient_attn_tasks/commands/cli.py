@@ -12,7 +12,6 @@ from typing import Any, Callable, Iterator, Sequence, TextIO, TypeVar
 
 T = TypeVar("T")
 Errors = Callable[[], tuple[type[BaseException], ...]]
-ERRORS_OUTPUT = "stderr: errors only (error: ..., exit status 2)"
 
 
 class UsageError(Exception):
@@ -92,24 +91,20 @@ def show_default(value: Any) -> str:
     return str(value)
 
 
-def epilog(examples: Sequence[str], outputs: Sequence[str]) -> str:
-    """The text after the options: copy-paste examples, then where the outputs go."""
-    lines = ["examples:", *(f"  {e}" for e in examples), "", "outputs:", *(f"  {o}" for o in outputs)]
-    return "\n".join(lines)
+def parser(prog: str, text: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` whose help shows ``text`` as written: what comes before its ``examples:`` line above
+    the options, the examples and then the outputs (``outputs:``) after them."""
+    description, found, rest = text.partition("\nexamples:\n")
+    if not found or "\noutputs:\n" not in rest:
+        raise ValueError(f"{prog}: the help text needs an examples: and an outputs: section")
+    return argparse.ArgumentParser(prog=prog, description=description.strip("\n"), epilog=found.lstrip("\n") +
+                                   rest.rstrip("\n"), formatter_class=HelpFormatter, **kwargs)
 
 
-def parser(prog: str, description: str, examples: Sequence[str], outputs: Sequence[str],
-           **kwargs: Any) -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` with this module's formatter and the examples/outputs epilog."""
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog(examples, outputs),
-                                   formatter_class=HelpFormatter, **kwargs)
-
-
-def checkpoint_parser(prog: str, description: str, examples: Sequence[str], outputs: Sequence[str],
-                      checkpoint: str) -> argparse.ArgumentParser:
+def checkpoint_parser(prog: str, text: str, checkpoint: str) -> argparse.ArgumentParser:
     """:func:`parser` for a command that runs one trained checkpoint on its own: the ``checkpoint`` argument
     (``checkpoint`` names the file, e.g. "an lm .ckpt file"; a run dir means its best checkpoint) and ``--device``."""
-    p = parser(prog, description, examples, outputs)
+    p = parser(prog, text)
     p.add_argument("checkpoint", type=Path, help=f"{checkpoint}, or a run dir (its best checkpoint)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if there is one")
     return p

@@ -1,5 +1,5 @@
 """``efficient-attn-eval``: score a trained checkpoint of any task on a split of its run's data or on given
-files (the work: efficient_attn_tasks/infer/evaluate.py)."""
+files (the work: efficient_attn_tasks/run/evaluate.py)."""
 
 from __future__ import annotations
 
@@ -8,24 +8,26 @@ from pathlib import Path
 
 from efficient_attn_tasks.commands.cli import checkpoint_parser, run_command
 
-EXAMPLES = (
-    "efficient-attn-eval outputs/<date>/<run>             # the run's best checkpoint on its test split",
-    "efficient-attn-eval outputs/<date>/<run>/checkpoints/last.ckpt --split val --beam 8",
-    "efficient-attn-eval <run> --files newstest2014.en newstest2014.de   # translation: source, reference",
-)
-OUTPUTS = (
-    "--out, the record (default: beside the checkpoint, <ckpt stem>.eval_<split, or the first file's name>.json):",
-    "  metrics, the checkpoint used and why, data, beam, batch size, sacreBLEU signature, versions",
-    "translation: the hypotheses too, one per line, in <record stem>.hyp.txt",
-    "stdout: one summary line, then the path of each file written",
-)
+HELP = """\
+Score a trained checkpoint of any task (translation: sacreBLEU; listops, mqar: accuracy; lm: bits per byte)
+on a split of its run's data or on given files, and write a JSON record beside it. The checkpoint
+runs alone: its config and tokenizer are inside it.
+
+examples:
+  efficient-attn-eval outputs/<date>/<run>             # the run's best checkpoint on its test split
+  efficient-attn-eval outputs/<date>/<run>/checkpoints/last.ckpt --split val --beam 8
+  efficient-attn-eval <run> --files newstest2014.en newstest2014.de   # translation: source, reference
+
+outputs:
+  --out, the record (default: beside the checkpoint, <ckpt stem>.eval_<split, or the first file's name>.json):
+    metrics, the checkpoint used and why, data, beam, batch size, sacreBLEU signature, versions
+  translation: the hypotheses too, one per line, in <record stem>.hyp.txt
+  stdout: one summary line, then the path of each file written
+"""
 
 
 def parser() -> argparse.ArgumentParser:
-    p = checkpoint_parser("efficient-attn-eval", "Score a trained checkpoint of any task (translation: sacreBLEU; "
-                          "listops, mqar: accuracy; lm: bits per byte)\non a split of its run's data or on given "
-                          "files, and write a JSON record beside it. The checkpoint\nruns alone: its config and "
-                          "tokenizer are inside it.", EXAMPLES, OUTPUTS, "a .ckpt file")
+    p = checkpoint_parser("efficient-attn-eval", HELP, "a .ckpt file")
     p.add_argument("--split", choices=("val", "test"), default="test",
                    help="the split of the run's own data to score (unless --files)")
     p.add_argument("--files", type=Path, nargs="+", metavar="FILE",
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _score(a: argparse.Namespace) -> None:
-    from efficient_attn_tasks.infer.evaluate import run  # torch and Lightning load here
+    from efficient_attn_tasks.run.evaluate import run  # torch and Lightning load here
 
     run(a)
 

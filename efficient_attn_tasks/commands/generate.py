@@ -1,25 +1,30 @@
 """``efficient-attn-generate``: continue a text with a trained byte-level language model (task=lm), one byte per
-decoding step on the model's incremental state (the work: efficient_attn_tasks/infer/generate.py)."""
+decoding step on the model's incremental state (the work: efficient_attn_tasks/run/generate.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from efficient_attn_tasks.commands.cli import ERRORS_OUTPUT, checkpoint_parser, run_command
+from efficient_attn_tasks.commands.cli import checkpoint_parser, run_command
 
-EXAMPLES = (
-    "efficient-attn-generate outputs/<date>/<run> --prompt 'ROMEO:'       # its best checkpoint, 200 bytes",
-    "efficient-attn-generate <run>/checkpoints/last.ckpt --prompt 'To be' --max-new-tokens 500 --top-k 10",
-    "efficient-attn-generate <run> --prompt 'KING' --temperature 0         # greedy: the most likely bytes",
-)
-OUTPUTS = ("stdout: the prompt followed by its continuation (bytes that are not UTF-8 shown as U+FFFD)", ERRORS_OUTPUT)
+HELP = """\
+Continue a text with a trained byte-level language model (task=lm), one byte per decoding
+step on the model's incremental state. The checkpoint runs alone.
+
+examples:
+  efficient-attn-generate outputs/<date>/<run> --prompt 'ROMEO:'       # its best checkpoint, 200 bytes
+  efficient-attn-generate <run>/checkpoints/last.ckpt --prompt 'To be' --max-new-tokens 500 --top-k 10
+  efficient-attn-generate <run> --prompt 'KING' --temperature 0         # greedy: the most likely bytes
+
+outputs:
+  stdout: the prompt followed by its continuation (bytes that are not UTF-8 shown as U+FFFD)
+  stderr: errors only (error: ..., exit status 2)
+"""
 
 
 def parser() -> argparse.ArgumentParser:
-    p = checkpoint_parser("efficient-attn-generate", "Continue a text with a trained byte-level language model "
-                          "(task=lm), one byte per decoding\nstep on the model's incremental state. The checkpoint "
-                          "runs alone.", EXAMPLES, OUTPUTS, "an lm .ckpt file")
+    p = checkpoint_parser("efficient-attn-generate", HELP, "an lm .ckpt file")
     p.add_argument("--prompt", default="\n", help="the text to continue (default: a newline, i.e. a line's start)")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="bytes to generate")
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0 = greedy; < 1 sharper, > 1 flatter")
@@ -33,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _generate(a: argparse.Namespace) -> None:
-    from efficient_attn_tasks.infer.generate import run  # torch loads here
+    from efficient_attn_tasks.run.generate import run  # torch loads here
 
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(encoding="utf-8")

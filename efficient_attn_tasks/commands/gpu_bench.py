@@ -10,18 +10,24 @@ from efficient_attn_tasks.bench.gpu import ATTENTIONS, BASELINES, LENGTHS
 from efficient_attn_tasks.commands.cli import parser as cli_parser
 from efficient_attn_tasks.commands.cli import run_command
 
+HELP = """\
+Kernel (causal, noncausal), decode and training-throughput benchmarks in bf16 and fp32 against SDPA
+and FlashAttention at L = 1K ... 64K, within a total time budget, into a folder named by the GPU.
+
+examples:
+  tools/gpu_bench.sh                                   # on a CUDA machine: ~10 minutes
+  tools/gpu_bench.sh --budget 300 --attentions softmax,favor
+  tools/gpu_bench.sh --quick --device cpu --out /tmp/gpu_dry_run   # the same plan, tiny, on CPU
+
+outputs:
+  <out>/gpu_<gpu>/<dtype>/  bench_<gpu>.csv|png, summary_<gpu>.md (kernels, decode),
+                            train_<gpu>.csv|png, train_summary_<gpu>.md (training throughput)
+  <out>/gpu_<gpu>/run.md    commands, machine, time and point counts per run
+"""
+
 
 def parser() -> argparse.ArgumentParser:
-    p = cli_parser(
-        "tools/gpu_bench.sh", "Kernel (causal, noncausal), decode and training-throughput benchmarks in bf16 and fp32 "
-        "against SDPA\nand FlashAttention at L = 1K ... 64K, within a total time budget, into a folder named "
-        "by the GPU.",
-        ("tools/gpu_bench.sh                                   # on a CUDA machine: ~10 minutes",
-         "tools/gpu_bench.sh --budget 300 --attentions softmax,favor",
-         "tools/gpu_bench.sh --quick --device cpu --out /tmp/gpu_dry_run   # the same plan, tiny, on CPU"),
-        ("<out>/gpu_<gpu>/<dtype>/  bench_<gpu>.csv|png, summary_<gpu>.md (kernels, decode),",
-         "                          train_<gpu>.csv|png, train_summary_<gpu>.md (training throughput)",
-         "<out>/gpu_<gpu>/run.md    commands, machine, time and point counts per run"))
+    p = cli_parser("tools/gpu_bench.sh", HELP)
     p.add_argument("--device", default="auto", help="cuda, cuda:1, ... or cpu (with --quick); auto = cuda, "
                                                     "an error without one")
     p.add_argument("--attentions",

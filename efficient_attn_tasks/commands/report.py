@@ -9,26 +9,28 @@ from pathlib import Path
 from efficient_attn_tasks.commands.cli import parser as cli_parser
 from efficient_attn_tasks.commands.cli import run_command
 
-EXAMPLES = (
-    "efficient-attn-report multirun/2026-11-21 --rows attention --ci --out results/tables/quickstart",
-    "efficient-attn-report runs/ --rows attention --baseline softmax            # Δ and Welch t-test p per row",
-    "efficient-attn-report multirun/mqar_grid --rows attention,config.task.num_kv_pairs --tune config.optim.lr "
-    "--ci --paired softmax",
-)
-OUTPUTS = (
-    "the Markdown table on stdout; a \"wrote <path>\" line for every file written:",
-    "--out X        X.md (the table), X.csv, X_stats.csv (per row: n, <metric>_mean, <metric>_ci, for plots)",
-    "--plot P.png   the plot",
-    "--wandb PROJ   the table as a wandb.Table in a W&B run with job_type report",
-)
+HELP = """\
+Tables from efficient-attn run records (results.json) under run or multirun dirs, never from W&B files:
+rows group runs by --rows, cells are mean ± std (or ± 95% CI) over the row's runs (seeds) with n;
+a failed run (results.json status failed) or a run dir without results.json (crashed, killed, running)
+gets a row saying so.
+Details: efficient_attn_tasks/report/tables.py.
+
+examples:
+  efficient-attn-report multirun/2026-11-21 --rows attention --ci --out results/tables/quickstart
+  efficient-attn-report runs/ --rows attention --baseline softmax            # Δ and Welch t-test p per row
+  efficient-attn-report multirun/mqar --rows attention,config.task.seq_len --tune config.optim.lr --ci --paired softmax
+
+outputs:
+  the Markdown table on stdout; a "wrote <path>" line for every file written:
+  --out X        X.md (the table), X.csv, X_stats.csv (per row: n, <metric>_mean, <metric>_ci, for plots)
+  --plot P.png   the plot
+  --wandb PROJ   the table as a wandb.Table in a W&B run with job_type report
+"""
 
 
 def parser() -> argparse.ArgumentParser:
-    p = cli_parser("efficient-attn-report", "Tables from efficient-attn run records (results.json) under run or "
-                   "multirun dirs, never from W&B files:\nrows group runs by --rows, cells are mean ± std (or "
-                   "± 95% CI) over the row's runs (seeds) with n;\na failed run (results.json status failed) or a "
-                   "run dir without results.json (crashed, killed, running) gets a row saying so.\nDetails: "
-                   "efficient_attn_tasks/report/tables.py.", EXAMPLES, OUTPUTS)
+    p = cli_parser("efficient-attn-report", HELP)
     p.add_argument("dirs", nargs="+", type=Path, help="run or multirun dirs (searched recursively)")
     p.add_argument("--rows", default="name,task,attention",
                    help="comma-separated grouping keys: record fields (attention, row, seed, task), "

@@ -1,5 +1,5 @@
 """``efficient-attn-translate``: translate sentences, one per line from stdin or ``--input``, with a trained
-translation checkpoint, one translation per line to stdout (the work: efficient_attn_tasks/infer/translate.py)."""
+translation checkpoint, one translation per line to stdout (the work: efficient_attn_tasks/run/translate.py)."""
 
 from __future__ import annotations
 
@@ -7,21 +7,25 @@ import argparse
 import sys
 from pathlib import Path
 
-from efficient_attn_tasks.commands.cli import ERRORS_OUTPUT, checkpoint_parser, run_command
+from efficient_attn_tasks.commands.cli import checkpoint_parser, run_command
 
-EXAMPLES = (
-    "efficient-attn-translate outputs/<date>/<run> < test.en > test.hyp.de     # its best checkpoint",
-    "efficient-attn-translate <run>/checkpoints/best-step=<n>.ckpt --input test.en --beam 8",
-    "efficient-attn-translate <run> --input test.en --beam 1 --batch-size 128 --device cuda   # greedy, fast",
-)
-OUTPUTS = ("stdout: one translation per input line, in order (detokenized, as sacreBLEU scores them)", ERRORS_OUTPUT)
+HELP = """\
+Translate sentences (one per line, from stdin or --input) with a trained translation checkpoint;
+write one translation per line to stdout. The checkpoint runs alone: its tokenizer is inside it.
+
+examples:
+  efficient-attn-translate outputs/<date>/<run> < test.en > test.hyp.de     # its best checkpoint
+  efficient-attn-translate <run>/checkpoints/best-step=<n>.ckpt --input test.en --beam 8
+  efficient-attn-translate <run> --input test.en --beam 1 --batch-size 128 --device cuda   # greedy, fast
+
+outputs:
+  stdout: one translation per input line, in order (detokenized, as sacreBLEU scores them)
+  stderr: errors only (error: ..., exit status 2)
+"""
 
 
 def parser() -> argparse.ArgumentParser:
-    p = checkpoint_parser("efficient-attn-translate", "Translate sentences (one per line, from stdin or --input) "
-                          "with a trained translation checkpoint;\nwrite one translation per line to stdout. The "
-                          "checkpoint runs alone: its tokenizer is inside it.", EXAMPLES, OUTPUTS,
-                          "a translation .ckpt file")
+    p = checkpoint_parser("efficient-attn-translate", HELP, "a translation .ckpt file")
     p.add_argument("--input", type=Path, metavar="FILE", help="a UTF-8 file, one sentence per line (default: stdin)")
     p.add_argument("--beam", type=int, metavar="N", help="beam size, 1 = greedy (default: the run's task.beam_size)")
     p.add_argument("--batch-size", type=int, metavar="N",
@@ -35,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _translate(a: argparse.Namespace) -> None:
-    from efficient_attn_tasks.infer.translate import open_input, run  # torch loads here
+    from efficient_attn_tasks.run.translate import open_input, run  # torch loads here
 
     with open_input(a.input) as lines:
         run(a, lines, sys.stdout)

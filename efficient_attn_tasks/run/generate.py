@@ -1,4 +1,4 @@
-"""Continue a text with a trained byte-level language model (task=lm).
+"""Continue a text with a trained byte-level language model (task=lm; loaded by checkpoint.py).
 
 The prompt's UTF-8 bytes are read in one pass (``TransformerLM.prefill``), then each new byte costs one
 ``decode_step`` on the model's incremental state (:func:`efficient_attn.generate.sample`). Bytes are drawn from

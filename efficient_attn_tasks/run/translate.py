@@ -1,4 +1,4 @@
-"""Translate lines with a trained translation checkpoint, a batch at a time, in input order.
+"""Translate lines with a trained translation checkpoint (loaded by checkpoint.py), a batch at a time, in input order.
 
 Blank lines stay blank. Batches of the test split's lines in order are the batches ``evaluate`` decodes, so the
 translations are its hypotheses.

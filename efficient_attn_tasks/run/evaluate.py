@@ -1,4 +1,5 @@
-"""Score a trained checkpoint on a split of its run's data or on given files, and write its JSON record.
+"""Score a trained checkpoint (loaded by checkpoint.py) on a split of its run's data or on given files, and write
+its JSON record.
 
 Every split is scored the way the run scored its test split (translation: beam search from ``task.beam_size``),
 with the same batches, so ``--split test`` on a run's best checkpoint reproduces its results.json test metrics.
