@@ -231,8 +231,8 @@ def test_gpu_script_refuses_before_running(argv, message, capsys, tmp_path):
 @pytest.mark.slow
 def test_gpu_script_quick_on_cpu(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
-    out = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--quick", "--device", "cpu", "--out", str(tmp_path)],
-                         capture_output=True, text=True, env=env, timeout=900)
+    out = subprocess.run(["bash", str(REPO / "tools" / "gpu_bench.sh"), "--quick", "--device", "cpu",
+                          "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     folder = tmp_path / "gpu_cpu"
     last = out.stdout.strip().splitlines()[-1]
