@@ -17,7 +17,6 @@ from efficient_attn.analysis.approx import (
     kl_divergence,
     sample_qkv,
 )
-from efficient_attn_tasks.approx.report import main
 from efficient_attn_tasks.commands import approx
 from efficient_attn_tasks.commands.train import run
 from tests.test_train import tiny
@@ -124,7 +123,7 @@ def test_trig_kl_is_counted_infinite_when_weights_go_negative():
 
 
 def test_cli_writes_csv_and_png(tmp_path):
-    main(["--quick", "--length", "64", "--draws", "2", "--out", str(tmp_path)])
+    approx.main(["--quick", "--length", "64", "--draws", "2", "--out", str(tmp_path)])
     for name in ("error_vs_features", "error_vs_scale"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
         header = (tmp_path / f"{name}.csv").read_text().splitlines()[0]

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from efficient_attn_tasks.bench import kernels as bench
+from efficient_attn_tasks.commands import bench
 from efficient_attn_tasks.bench import report as bench_report
 from efficient_attn_tasks.bench.report import crossover
 

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from efficient_attn_tasks.bench import kernels as bench
+from efficient_attn_tasks.bench import kernels
 from efficient_attn_tasks.bench import decode as bench_decode
 from efficient_attn_tasks.bench import gpu as bench_gpu
+from efficient_attn_tasks.commands import bench
+from efficient_attn_tasks.commands import gpu_bench
 from efficient_attn_tasks.bench import train_report as bench_train_report
 from efficient_attn.attention.base import Attention
 from efficient_attn_tasks.bench.sdpa import sdpa_unavailable
@@ -164,7 +166,7 @@ def test_flash_baseline_is_not_applicable_in_fp32_on_cuda():
     assert sdpa_unavailable("sdpa", "cuda", "fp32") is None
     cfg = {"lengths": [1024, 4096], "device": "cuda", "dtype": "fp32", "timeout": 60.0, "repeats": 1,
            "batch": 1, "heads": 8, "head_dim": 64, "num_features": 256}
-    rows = list(bench.run_series("sdpa_flash", "noncausal", cfg, None))  # n/a before any subprocess or CUDA call
+    rows = list(kernels.run_series("sdpa_flash", "noncausal", cfg, None))  # n/a before any subprocess or CUDA call
     assert [r["status"] for r in rows] == ["n/a", "n/a"]
 
 
@@ -183,7 +185,7 @@ def test_sdpa_flash_calls_sdpa_with_only_the_flash_backend_enabled(monkeypatch):
     q = torch.randn(1, 2, 8, 4)
     for name, expected in (("sdpa_flash", (True, False, False)), ("sdpa", (True, True, True))):
         seen.clear()
-        bench._build({"attention": name, "mode": "causal"})(q, q, q)
+        kernels._build({"attention": name, "mode": "causal"})(q, q, q)
         cache = bench_decode.PreallocatedCache(q, q, 10, name)
         cache.decode_step(q[:, :, :1], q[:, :, :1], q[:, :, :1], None)
         assert seen == [expected, expected], name
@@ -198,12 +200,12 @@ def test_sdpa_flash_calls_sdpa_with_only_the_flash_backend_enabled(monkeypatch):
 def test_sdpa_flash_runs_on_cpu_in_process():
     spec = {"attention": "sdpa_flash", "mode": "causal", "L": 16, "batch": 1, "heads": 2, "head_dim": 8,
             "num_features": 8, "dtype": "fp32", "device": "cpu", "threads": 1, "repeats": 1}
-    assert bench.run_point(spec)["status"] == "ok"
+    assert kernels.run_point(spec)["status"] == "ok"
     assert bench_decode.run_decode(spec | {"mode": "decode", "decode_steps": 2})["status"] == "ok"
 
 
 def test_gpu_plan_covers_both_dtypes_all_modes_and_every_run_parses():
-    args = bench_gpu.parser().parse_args(["--device", "cuda"])
+    args = gpu_bench.parser().parse_args(["--device", "cuda"])
     runs = bench_gpu.plan(args, Path("/x/gpu_h200"))
     assert [(dtype, name) for dtype, name, _, _ in runs] == [
         ("bf16", "kernel"), ("bf16", "train"), ("fp32", "kernel"), ("fp32", "train")]
@@ -221,7 +223,7 @@ def test_gpu_plan_covers_both_dtypes_all_modes_and_every_run_parses():
                                            (["--device", "cpu", "--quick", "--attentions", "sofmax"], "'sofmax' is not")])
 def test_gpu_script_refuses_before_running(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit:
-        bench_gpu.main([*argv, "--out", str(tmp_path)])
+        gpu_bench.main([*argv, "--out", str(tmp_path)])
     assert exit.value.code == 2 and message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
@@ -229,8 +231,8 @@ def test_gpu_script_refuses_before_running(argv, message, capsys, tmp_path):
 @pytest.mark.slow
 def test_gpu_script_quick_on_cpu(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
-    out = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--quick", "--device", "cpu", "--out", str(tmp_path)],
-                         capture_output=True, text=True, env=env, timeout=900)
+    out = subprocess.run(["bash", str(REPO / "tools" / "gpu_bench.sh"), "--quick", "--device", "cpu",
+                          "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     folder = tmp_path / "gpu_cpu"
     last = out.stdout.strip().splitlines()[-1]

@@ -24,6 +24,7 @@ from efficient_attn_tasks.tasks import lm
 from efficient_attn_tasks.commands import translate
 from efficient_attn_tasks.tasks import translation
 from efficient_attn_tasks.commands.train import CONFIG_DIR, run
+from efficient_attn_tasks.run import evaluate as scoring
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,7 +76,7 @@ def run_test_metrics(record: RunRecord) -> dict[str, float]:
 
 
 def score(*argv: str) -> dict:
-    return evaluate.run(evaluate.parser().parse_args([str(a) for a in argv]))
+    return scoring.run(evaluate.parser().parse_args([str(a) for a in argv]))
 
 
 def error(main, *argv, capsys) -> str:

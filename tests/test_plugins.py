@@ -133,14 +133,14 @@ def test_plugin_attention_trains_evaluates_and_reports(plugin, tmp_path):
                     plugin, tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert record.metrics.test["test/acc"] == pytest.approx(json.loads((tmp_path / "eval.json").read_text())["metrics"]["acc"])
-    report = run(["-m", "efficient_attn_tasks.report.tables", str(run_dir)], plugin, tmp_path)
+    report = run(["-m", "efficient_attn_tasks.commands.report", str(run_dir)], plugin, tmp_path)
     assert report.returncode == 0 and "my_attention" in report.stdout, report.stderr[-3000:]
 
 
 def test_plugin_attention_in_bench_and_approx(plugin, tmp_path):
-    bench = run(["-m", "efficient_attn_tasks.bench.kernels", "--attentions", "my_attention,softmax", "--modes", "noncausal",
-                 "--lengths", "32", "--heads", "2", "--head-dim", "8", "--repeats", "1", "--threads", "1",
-                 "--no-baselines", "--matmul-size", "64", "--out", str(tmp_path / "bench")], plugin, tmp_path)
+    bench = run(["-m", "efficient_attn_tasks.commands.bench", "--attentions", "my_attention,softmax",
+                 "--modes", "noncausal", "--lengths", "32", "--heads", "2", "--head-dim", "8", "--repeats", "1",
+                 "--threads", "1", "--no-baselines", "--matmul-size", "64", "--out", str(tmp_path / "bench")], plugin, tmp_path)
     assert bench.returncode == 0, bench.stderr[-3000:]
     rows = next((tmp_path / "bench").glob("bench_*.csv")).read_text().splitlines()
     assert any(r.startswith("my_attention,") and ",ok," in r for r in rows), rows
@@ -159,9 +159,9 @@ def test_imports_key_reaches_a_module_that_is_not_installed(plugin, tmp_path):
                f"hydra.run.dir={run_dir}"], plugin, tmp_path, extra_path=loose)
     assert out.returncode == 0, out.stderr[-3000:]
     assert RunRecord.read(run_dir / "results.json").attention == "loose"
-    bench = run(["-m", "efficient_attn_tasks.bench.kernels", "--imports", "loose_attention", "--attentions", "loose", "--modes",
-                 "causal", "--lengths", "16", "--heads", "1", "--head-dim", "4", "--repeats", "1", "--threads", "1",
-                 "--no-baselines", "--matmul-size", "64", "--out", str(tmp_path / "bench")], plugin, tmp_path,
+    bench = run(["-m", "efficient_attn_tasks.commands.bench", "--imports", "loose_attention", "--attentions", "loose",
+                 "--modes", "causal", "--lengths", "16", "--heads", "1", "--head-dim", "4", "--repeats", "1",
+                 "--threads", "1", "--no-baselines", "--matmul-size", "64", "--out", str(tmp_path / "bench")], plugin, tmp_path,
                 extra_path=loose)
     assert bench.returncode == 0, bench.stderr[-3000:]
     rows = [r for r in next((tmp_path / "bench").glob("bench_*.csv")).read_text().splitlines() if r.startswith("loose,")]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from efficient_attn_tasks.report.tables import main
+from efficient_attn_tasks.commands.report import main
 
 
 def record(attention: str, seed: int, score: float, task: str = "translation", metric: str = "test/bleu") -> dict:

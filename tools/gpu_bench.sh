@@ -4,9 +4,9 @@
 # Runs from the repository root (a relative --out is relative to it); needs only `pip install -e .`.
 #   tools/gpu_bench.sh                                  # writes results/benchmarks/gpu_<gpu name>/
 #   tools/gpu_bench.sh --quick --device cpu --out /tmp/x   # dry run on CPU
-#   tools/gpu_bench.sh --help                           # every option (efficient_attn_tasks/bench/gpu.py)
+#   tools/gpu_bench.sh --help                           # every option (efficient_attn_tasks/commands/gpu_bench.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code, in the workers too
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
-exec "$PYTHON" -m efficient_attn_tasks.bench.gpu "$@"
+exec "$PYTHON" -m efficient_attn_tasks.commands.gpu_bench "$@"

@@ -1,7 +1,5 @@
-"""``efficient-attn-approx``: FAVOR+ approximation-error curves against exact softmax, as CSV + PNG.
-
-    efficient-attn-approx --out results/approx_error            # Performer protocol: L=4096, d=16, 15 draws
-    efficient-attn-approx --quick --out /tmp/approx              # a smaller, seconds-long version
+"""FAVOR+ approximation-error curves against exact softmax on random inputs, as CSV + PNG (the default study of
+``efficient-attn-approx``, whose options are in efficient_attn_tasks/commands/approx.py).
 
 Writes error_vs_features.{csv,png} (error against m) and error_vs_scale.{csv,png} (error against the
 input scale at fixed m), and logs both to the active W&B run, if any. Two errors, each mean ± std
@@ -21,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from efficient_attn_tasks.commands.cli import wrote
-from efficient_attn.analysis import KL_ROWS
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -94,30 +91,6 @@ def log_to_wandb(outputs: dict[str, tuple[Path, list[dict[str, Any]]]]) -> None:
         wandb.log({f"approx/{name}": wandb.Image(str(png)), f"approx/{name}_table": table})
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The sweeps' options (``efficient-attn-approx --help``)."""
-    p.add_argument("--length", type=int, default=4096, help="sequence length L of the random q, k, v")
-    p.add_argument("--dim", type=int, default=16, help="head size d")
-    p.add_argument("--features", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512],
-                   help="random features m of the error-vs-m sweep")
-    p.add_argument("--draws", type=int, default=15, help="independent feature draws per point")
-    p.add_argument("--scale", type=float, default=1.0, help="std of q, k entries for the m sweep")
-    p.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0],
-                   help="input scales (std of q, k entries) of the error-vs-scale sweep")
-    p.add_argument("--scale-features", type=int, default=256, help="m for the scale sweep")
-    p.add_argument("--seed", type=int, default=0, help="seed of q, k, v")
-    p.add_argument("--kl-rows", type=int, default=KL_ROWS,
-                   help="query rows the KL(P ‖ P̂) is measured on (the first ones; 0: no KL)")
-    p.add_argument("--attentions", metavar="NAMES", default="",
-                   help="more registered attentions to compare (comma-separated, default options; KL only for kernel "
-                        "attentions), e.g. cosformer,hedgehog or your own")
-    p.add_argument("--imports", nargs="+", default=[], metavar="MODULE",
-                   help="modules to import first: your own attentions (@register_attention), for --attentions")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    p.add_argument("--quick", action="store_true", help="L=512, 5 draws, 3 m values, 3 scales: seconds")
-    p.add_argument("--out", type=Path, default=Path("approx_out"), help="output folder")
-
-
 def run(a: argparse.Namespace) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
     """The m sweep and the scale sweep on random inputs; returns {name: (png, rows)}."""
     import torch
@@ -155,12 +128,3 @@ def save(rows: list[dict[str, Any]], x: str, stem: Path, title: str, **kw: Any) 
     wrote(stem.with_suffix(".csv"), stem.with_suffix(".png"))
     return stem.with_suffix(".png"), rows
 
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="FAVOR+ approximation error against exact softmax.")
-    add_arguments(p)
-    run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -18,9 +18,8 @@ by the few queries whose top two logits happen to be close, and where it crosses
 depends on S: with S = 64 it is below it at d_k = 256 (0.12 vs 0.18); with S = 256 only near
 d_k ≈ 700 (0.15 vs 0.10 at d_k = 256), though its median there is already 0.05 and ≈ 1e-3 at d_k = 1024.
 
-    efficient-attn-approx --study sqrt_dk --out results/sqrt_dk      # d_k 16…256, L = S = 256, 20 draws
-
-writes sqrt_dk.csv (one row per d_k × scaling, mean and std over draws) and sqrt_dk.png.
+``efficient-attn-approx --study sqrt_dk`` runs it (:func:`run`): sqrt_dk.csv (one row per d_k × scaling, mean and
+std over draws) and sqrt_dk.png.
 """
 
 from __future__ import annotations
@@ -160,18 +159,6 @@ def _references(ax: Any, stat: str, dims: list[int], keys: int) -> None:
         ax.axhline(1 / keys, label="uniform 1/S", **style)
     elif stat == "entropy":
         ax.axhline(math.log(keys), label="uniform log S", **style)
-
-
-# ----------------------------------------------------------------------------- command line
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The study's options (``efficient-attn-approx --study sqrt_dk --help``)."""
-    p.add_argument("--dims", type=int, nargs="+", default=list(DIMS), help="head sizes d_k")
-    p.add_argument("--length", type=int, default=256, help="queries L per draw")
-    p.add_argument("--keys", type=int, default=None, help="keys S per draw (default: --length)")
-    p.add_argument("--draws", type=int, default=20, help="independent draws of q, k per d_k")
-    p.add_argument("--seed", type=int, default=0, help="seed of q, k (each d_k adds its own offset)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    p.add_argument("--out", type=Path, default=Path("approx_out"), help="output folder for sqrt_dk.csv and .png")
 
 
 def run(a: argparse.Namespace) -> dict[str, tuple[Path, list[dict[str, Any]]]]:

@@ -29,8 +29,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from efficient_attn_tasks.commands.cli import parser as cli_parser
-
 DTYPES = ("bf16", "fp32")
 ATTENTIONS = "softmax,favor,linear"
 BASELINES = "sdpa,sdpa_flash"
@@ -38,32 +36,6 @@ LENGTHS = {"full": [1024, 4096, 16384, 65536], "quick": [32]}
 TRAIN_TOKENS = {"full": 65536, "quick": 64}
 # (name, --modes, share of the budget): ~60 kernel/decode points and ~16 training points per dtype
 RUNS = (("kernel", "causal,noncausal,decode", 0.35), ("train", "train", 0.15))
-
-
-def parser() -> argparse.ArgumentParser:
-    """The command line (no torch imported)."""
-    p = cli_parser(
-        "tools/gpu_bench.sh", "Kernel (causal, noncausal), decode and training-throughput benchmarks in bf16 and fp32 "
-        "against SDPA\nand FlashAttention at L = 1K ... 64K, within a total time budget, into a folder named "
-        "by the GPU.",
-        ("tools/gpu_bench.sh                                   # on a CUDA machine: ~10 minutes",
-         "tools/gpu_bench.sh --budget 300 --attentions softmax,favor",
-         "tools/gpu_bench.sh --quick --device cpu --out /tmp/gpu_dry_run   # the same plan, tiny, on CPU"),
-        ("<out>/gpu_<gpu>/<dtype>/  bench_<gpu>.csv|png, summary_<gpu>.md (kernels, decode),",
-         "                          train_<gpu>.csv|png, train_summary_<gpu>.md (training throughput)",
-         "<out>/gpu_<gpu>/run.md    commands, machine, time and point counts per run"))
-    p.add_argument("--device", default="auto", help="cuda, cuda:1, ... or cpu (with --quick); auto = cuda, "
-                                                    "an error without one")
-    p.add_argument("--attentions",
-                   help=f"registered attentions to run; {BASELINES} are always added (train: softmax is "
-                        f"the SDPA one) (default: {ATTENTIONS}; --quick softmax)")
-    p.add_argument("--budget", type=float, default=540.0, help="total wall seconds for all runs")
-    p.add_argument("--timeout", type=float, default=60.0, help="per-point wall limit in seconds")
-    p.add_argument("--quick", action="store_true", help=f"L = {LENGTHS['quick']}, tiny model, 1 repeat: a dry run "
-                                                        "(1-3 minutes on a 2-core CPU)")
-    p.add_argument("--out", type=Path, default=Path("results/benchmarks"),
-                   help="parent of the gpu_<gpu> folder (relative to the repository root with tools/gpu_bench.sh)")
-    return p
 
 
 def plan(args: argparse.Namespace, folder: Path) -> list[tuple[str, str, list[str], float]]:
@@ -92,28 +64,12 @@ def count_points(out: Path, pattern: str = "*.csv") -> Counter:
     return counts
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the plan; write run.md; print one closing line with where the files went."""
-    p = parser()
-    args = p.parse_args(argv)
-    import torch
-
-    from efficient_attn_tasks.bench import kernels as bench
+def run(args: argparse.Namespace) -> None:
+    """Run the plan on ``args.device`` (a checked one: efficient_attn_tasks/commands/gpu_bench.py); write run.md;
+    print one closing line with where the files went."""
     from efficient_attn_tasks.bench.report import machine_info
+    from efficient_attn_tasks.commands import bench
 
-    if args.device == "auto":
-        if not torch.cuda.is_available():
-            p.error("--device auto: no CUDA device here; this script is for a GPU (a dry run: --quick --device cpu)")
-        args.device = "cuda"
-    if args.device == "cpu" and not args.quick:
-        p.error("--device cpu runs only the --quick plan (the full one goes to L = 64K); add --quick")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: torch sees no CUDA device (torch {torch.__version__})")
-    import efficient_attn as ea
-
-    for name in args.attentions.split(",") if args.attentions else []:
-        if name not in ea.list_attentions():
-            p.error(f"--attentions: {name!r} is not a registered attention; choose from {ea.list_attentions()}")
     machine, slug = machine_info(args.device, 1)
     folder = args.out / f"gpu_{slug}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -152,7 +108,3 @@ def write_log(path: Path, machine: str, args: argparse.Namespace, log: list[tupl
         shown = ", ".join(f"{n} {s}" for s, n in counts.most_common()) + (f"; error: {problem}" if problem else "")
         lines.append(f"| {dtype} | {name} | {took:.0f} | {shown} | `efficient-attn-bench {' '.join(argv_run)}` |")
     path.write_text("\n".join(lines) + "\n")
-
-
-if __name__ == "__main__":
-    main()

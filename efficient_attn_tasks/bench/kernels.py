@@ -40,7 +40,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from efficient_attn_tasks.bench import decode as bench_decode
@@ -49,13 +48,10 @@ from efficient_attn_tasks.bench.report import machine_info, plot, summary
 from efficient_attn_tasks.bench.sdpa import SDPA_BACKENDS, sdpa_backend, sdpa_unavailable
 from efficient_attn_tasks.commands.cli import wrote
 
-DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384]
-QUICK_LENGTHS = [256, 512, 1024]
 BASELINES = ["performer_pytorch", "sdpa"]
 FEATURE_ATTENTIONS = {"favor", "performer_pytorch"}  # FLOPs 3 × 8·L·m·d per head (fwd 8Lmd, bwd ≈ 2× fwd)
 QUADRATIC_ATTENTIONS = {"softmax", "dot", "bilinear", "sdpa"}  # FLOPs 3 × 4·L²·d per head, noncausal only
 FAILED = ("timeout", "oom", "error")
-MODES = ("causal", "noncausal", "decode", "train")
 SLOW_STEP_S = 20.0  # predicted seconds per step above which a point is timed once
 FIELDS = ["attention", "mode", "L", "batch", "heads", "head_dim", "num_features", "dtype", "device",
           "threads", "repeats", "status", "time_s", "time_min_s", "peak_rss_mib", "base_rss_mib", "peak_cuda_mib",
@@ -315,7 +311,8 @@ def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) ->
         if result is None:
             spec = {key: cfg[key] for key in ("batch", "heads", "head_dim", "num_features", "dtype",
                                               "device", "threads", "decode_steps")}
-            spec |= {"attention": name, "mode": mode, "L": length, "repeats": repeats, "imports": cfg.get("imports", [])}
+            spec |= {"attention": name, "mode": mode, "L": length, "repeats": repeats,
+                     "imports": cfg.get("imports", [])}
             result = run_subprocess(spec, limit) | {"repeats": repeats}
         if result["status"] == "ok":
             last = (length, result["time_s"])
@@ -340,91 +337,9 @@ def by_length(series: list[Iterator[dict[str, Any]]], lengths: list[int],
     return [row for own in rows for row in own]
 
 
-EXAMPLES = (
-    "efficient-attn-bench --quick --out /tmp/bench            # every attention, L = 256 512 1024, 1 repeat",
-    "efficient-attn-bench --attentions softmax,favor,linear --lengths 1024 4096 16384 --out results/bench",
-    "efficient-attn-bench --modes decode,train --attentions softmax,favor,retention --quick --out /tmp/gen",
-)
-OUTPUTS = (
-    "in --out (default bench_out/), <device> = cpu or the GPU's name:",
-    "bench_<device>.csv   one row per attention x mode x L: status, time, peak memory, GFLOP/s, tokens/s",
-    "bench_<device>.png   log-log time and peak memory against L",
-    "summary_<device>.md  ratios to softmax and favor, crossovers (also printed)",
-    "train_<device>.csv, train_<device>.png, train_summary_<device>.md   --modes train: one row per attention x L:",
-    "                     tokens/s, attention share of the step, peak memory; the L from which it beats softmax",
-)
-
-
-def parser() -> argparse.ArgumentParser:
-    """The command line (no torch: ``--help`` stays fast; ``--device auto`` is resolved after parsing)."""
-    from efficient_attn_tasks.commands.cli import parser as cli_parser
-
-    p = cli_parser("efficient-attn-bench", "Time forward+backward (or decoding) and measure peak memory of every "
-                   "attention against sequence length L,\neach point in a fresh subprocess, with performer-pytorch "
-                   "and F.scaled_dot_product_attention as baselines.", EXAMPLES, OUTPUTS)
-    p.add_argument("--attentions", metavar="NAMES",
-                   help="comma-separated registered attentions (default: every registered one)")
-    p.add_argument("--modes", default="causal,noncausal",
-                   help="comma-separated from causal, noncausal (forward+backward), decode (generation "
-                        "after an L-token prefix) and train (LM training throughput, options below)")
-    p.add_argument("--lengths", type=int, nargs="+", metavar="L",
-                   help=f"sequence lengths (default: {' '.join(map(str, DEFAULT_LENGTHS))}; "
-                        f"with --quick {' '.join(map(str, QUICK_LENGTHS))})")
-    p.add_argument("--batch", type=int, default=1, help="batch size B")
-    p.add_argument("--heads", type=int, default=8, help="heads H")
-    p.add_argument("--head-dim", type=int, default=64, help="head size D")
-    p.add_argument("--num-features", type=int, default=256, help="random features m of favor and performer-pytorch")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="input and parameter dtype")
-    p.add_argument("--threads", type=int, default=2, help="torch / OpenMP / MKL threads per point")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto = cuda when available, else cpu")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per point after 1 warm-up (median reported)")
-    p.add_argument("--decode-steps", type=int, default=32,
-                   help="decode mode: timed generation steps per point, after 1 warm-up")
-    p.add_argument("--timeout", type=float, default=120.0,
-                   help="per-point wall limit in seconds; a point over it ends its series")
-    p.add_argument("--budget", type=float, metavar="SECONDS",
-                   help="wall limit of the whole run: once spent, the remaining points are skipped")
-    p.add_argument("--matmul-size", type=int, default=4096, help="n of the n x n matmul that measures peak GFLOP/s")
-    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time performer-pytorch FastAttention (if installed) and sdpa")
-    p.add_argument("--quick", action="store_true",
-                   help="lengths 256 512 1024 (unless --lengths), 1 repeat, <= 8 decode steps, <= 2048 matmul")
-    p.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder")
-    p.add_argument("--imports", nargs="+", default=[], metavar="MODULE",
-                   help="modules to import first: your own attentions (@register_attention), for --attentions")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    bench_train.add_arguments(p)
-    return p
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Parsed options with --quick applied, the lengths filled in and --device auto resolved."""
-    p = parser()
-    args = p.parse_args(argv)
-    unknown = sorted(set(args.modes.split(",")) - set(MODES))
-    if unknown:
-        p.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
-    if args.quick:
-        args.repeats, args.matmul_size = 1, min(args.matmul_size, 2048)
-        args.decode_steps = min(args.decode_steps, 8)
-    args.lengths = args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
-    bench_train.resolve(args, p)
-    if args.device == "auto" and not args.worker:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    return args
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run the benchmark (or, with ``--worker``, one point of it). With no arguments at all it prints
-    the help: a bare run would time every attention up to L = 16384 (tens of minutes on a CPU)."""
-    if argv is None and len(sys.argv) == 1:
-        parser().print_help()
-        return
-    args = parse_args(argv)
-    if args.worker:
-        return worker_main(args.worker)
+def run(args: argparse.Namespace) -> None:
+    """The benchmark ``efficient-attn-bench``'s options ask for (efficient_attn_tasks/commands/bench.py), into
+    ``args.out``; ``--summarize``: the train mode's files redrawn from its CSV, nothing measured."""
     if importlib.util.find_spec("matplotlib") is None:  # before minutes of timing, not at the plot
         raise SystemExit('efficient-attn-bench draws its PNGs with matplotlib: pip install "efficient-attn[bench]"')
     if args.summarize:
@@ -484,5 +399,8 @@ def run_kernel_modes(names: list[str], modes: list[str], cfg: dict[str, Any], ma
           file=sys.stderr)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # one point's subprocess (run_subprocess); the command is efficient-attn-bench
+    if len(sys.argv) != 3 or sys.argv[1] != "--worker":
+        raise SystemExit(f"usage: python -m {__spec__.name} --worker SPEC_JSON (the benchmark's own subprocess; "
+                         "the command is efficient-attn-bench)")
+    worker_main(sys.argv[2])

@@ -1,12 +1,72 @@
-"""``--help`` shared by the command lines (bench, approx, report): examples and outputs kept as written,
-every option followed by its default. Imports nothing heavy, so ``--help`` answers in well under 2 s."""
+"""What every command line shares: the opening (a bare command prints its help, then parse, then the work with
+the errors a user can fix as one ``error: ...`` line and exit status 2) and the ``--help`` layout (examples and
+outputs kept as written, every option followed by its default). Imports nothing heavy: ``--help`` stays fast."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO, TypeVar
+
+T = TypeVar("T")
+Errors = Callable[[], tuple[type[BaseException], ...]]
+
+
+class UsageError(Exception):
+    """A command-line mistake found while working (e.g. nothing under the given folders): argparse's usage line
+    and ``<prog>: error: <message>``, exit status 2."""
+
+
+def bare(argv: Sequence[str] | None) -> bool:
+    """Whether the command started with no arguments at all (``argv`` None: the process's own)."""
+    return argv is None and not sys.argv[1:]
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The config and data errors, which say what to fix (imported only once something was raised)."""
+    from efficient_attn_tasks.config.checks import ConfigError
+    from efficient_attn_tasks.tasks.data import DataError
+
+    return ConfigError, DataError
+
+
+@contextlib.contextmanager
+def known_errors(errors: Errors = user_errors) -> Iterator[None]:
+    """An error of one of ``errors()``'s types as one ``error: ...`` line on stderr and exit status 2; any other
+    error goes on with its traceback."""
+    try:
+        yield
+    except Exception as err:
+        if not isinstance(err, errors()):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_command(make_parser: Callable[[], argparse.ArgumentParser], argv: Sequence[str] | None,
+                body: Callable[[argparse.Namespace], T], *,
+                check: Callable[[argparse.ArgumentParser, argparse.Namespace], None] | None = None,
+                help_when_bare: bool = True, errors: Errors = user_errors) -> T | None:
+    """A command's opening, then ``body(args)``, where the heavy imports belong.
+
+    With no arguments at all (``help_when_bare``) the help, not a long run; else parse ``argv`` (None: the
+    process's), ``check(parser, args)`` (it may call ``parser.error``), and ``body(args)``: a
+    :class:`UsageError` becomes ``parser.error``, the ``errors`` one ``error: ...`` line (:func:`known_errors`).
+    """
+    if help_when_bare and bare(argv):
+        make_parser().print_help()
+        return None
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if check is not None:
+        check(parser, args)
+    with known_errors(errors):
+        try:
+            return body(args)
+        except UsageError as err:
+            parser.error(str(err))
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -31,17 +91,23 @@ def show_default(value: Any) -> str:
     return str(value)
 
 
-def epilog(examples: Sequence[str], outputs: Sequence[str]) -> str:
-    """The text after the options: copy-paste examples, then where the outputs go."""
-    lines = ["examples:", *(f"  {e}" for e in examples), "", "outputs:", *(f"  {o}" for o in outputs)]
-    return "\n".join(lines)
+def parser(prog: str, text: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` whose help shows ``text`` as written: what comes before its ``examples:`` line above
+    the options, the examples and then the outputs (``outputs:``) after them."""
+    description, found, rest = text.partition("\nexamples:\n")
+    if not found or "\noutputs:\n" not in rest:
+        raise ValueError(f"{prog}: the help text needs an examples: and an outputs: section")
+    return argparse.ArgumentParser(prog=prog, description=description.strip("\n"), epilog=found.lstrip("\n") +
+                                   rest.rstrip("\n"), formatter_class=HelpFormatter, **kwargs)
 
 
-def parser(prog: str, description: str, examples: Sequence[str], outputs: Sequence[str],
-           **kwargs: Any) -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` with this module's formatter and the examples/outputs epilog."""
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog(examples, outputs),
-                                   formatter_class=HelpFormatter, **kwargs)
+def checkpoint_parser(prog: str, text: str, checkpoint: str) -> argparse.ArgumentParser:
+    """:func:`parser` for a command that runs one trained checkpoint on its own: the ``checkpoint`` argument
+    (``checkpoint`` names the file, e.g. "an lm .ckpt file"; a run dir means its best checkpoint) and ``--device``."""
+    p = parser(prog, text)
+    p.add_argument("checkpoint", type=Path, help=f"{checkpoint}, or a run dir (its best checkpoint)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if there is one")
+    return p
 
 
 def wrote(*paths: Path | str, file: TextIO | None = None) -> None:

@@ -1,186 +1,63 @@
-"""``efficient-attn-eval``: score a trained checkpoint on a split of its run's data or on given files,
-and write a JSON record beside it.
-
-Any task's checkpoint: translation (sacreBLEU with its signature, loss, perplexity; hypotheses
-written), ListOps (accuracy), lm (bits per byte) and MQAR (query accuracy). Every split is scored the
-way the run scored its test split (translation: beam search from ``task.beam_size``), with the same
-batches, so ``--split test`` on a run's best checkpoint reproduces its results.json test metrics. The
-checkpoint runs alone (efficient_attn_tasks/run/checkpoint.py): its config and tokenizer come from inside it.
-
-    efficient-attn-eval outputs/<date>/<run> --files newstest2014.en newstest2014.de
-
-Building the parser imports neither torch nor Lightning (``--help`` is fast); scoring imports them.
-"""
+"""``efficient-attn-eval``: score a trained checkpoint of any task on a split of its run's data or on given
+files (the work: efficient_attn_tasks/run/evaluate.py)."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
-import warnings
 from pathlib import Path
-from typing import Any
 
-from efficient_attn_tasks.commands.cli import parser as cli_parser
-from efficient_attn_tasks.commands.cli import wrote
+from efficient_attn_tasks.commands.cli import checkpoint_parser, run_command
 
-EXAMPLES = (
-    "efficient-attn-eval outputs/<date>/<run>             # the run's best checkpoint on its test split",
-    "efficient-attn-eval outputs/<date>/<run>/checkpoints/last.ckpt --split val --beam 8",
-    "efficient-attn-eval <run> --files newstest2014.en newstest2014.de   # translation: source, reference",
-)
-OUTPUTS = (
-    "--out (default: beside the checkpoint, <ckpt stem>.eval_<split, or the first file's name>.json): the record:",
-    "  metrics, the checkpoint used and why, data, beam, batch size, sacreBLEU signature, versions",
-    "translation: the hypotheses too, one per line, in <record stem>.hyp.txt",
-    "stdout: one summary line, then the path of each file written",
-)
+HELP = """\
+Score a trained checkpoint of any task (translation: sacreBLEU; listops, mqar: accuracy; lm: bits per byte)
+on a split of its run's data or on given files, and write a JSON record beside it. The checkpoint
+runs alone: its config and tokenizer are inside it.
+
+examples:
+  efficient-attn-eval outputs/<date>/<run>             # the run's best checkpoint on its test split
+  efficient-attn-eval outputs/<date>/<run>/checkpoints/last.ckpt --split val --beam 8
+  efficient-attn-eval <run> --files newstest2014.en newstest2014.de   # translation: source, reference
+
+outputs:
+  --out, the record (default: beside the checkpoint, <ckpt stem>.eval_<split, or the first file's name>.json):
+    metrics, the checkpoint used and why, data, beam, batch size, sacreBLEU signature, versions
+  translation: the hypotheses too, one per line, in <record stem>.hyp.txt
+  stdout: one summary line, then the path of each file written
+"""
 
 
 def parser() -> argparse.ArgumentParser:
-    p = cli_parser("efficient-attn-eval", "Score a trained checkpoint of any task (translation: sacreBLEU; listops, "
-                   "mqar: accuracy; lm: bits per byte)\non a split of its run's data or on given files, and write a "
-                   "JSON record beside it. The checkpoint\nruns alone: its config and tokenizer are inside it.",
-                   EXAMPLES, OUTPUTS)
-    p.add_argument("checkpoint", type=Path, help="a .ckpt file, or a run dir (its best checkpoint)")
+    p = checkpoint_parser("efficient-attn-eval", HELP, "a .ckpt file")
     p.add_argument("--split", choices=("val", "test"), default="test",
                    help="the split of the run's own data to score (unless --files)")
     p.add_argument("--files", type=Path, nargs="+", metavar="FILE",
                    help="score these files instead: translation SRC REF (one sentence per line), lm TEXT (any "
                         "UTF-8 file, all of it) (default: none, the run's --split)")
-    p.add_argument("--beam", type=int, metavar="N", help="translation: beam size, 1 = greedy (default: the run's task.beam_size)")
-    p.add_argument("--batch-size", type=int, metavar="N", help="examples per batch (default: the run's task.batch_size)")
-    p.add_argument("--out", type=Path, metavar="FILE", help="the JSON record (default: beside the checkpoint, see outputs)")
-    p.add_argument("--data-dir", metavar="DIR", help="where the run's data is (default: the run's data_dir, else as "
-                                      "efficient-attn-train: $EFFICIENT_ATTN_DATA, else <cache dir>/data)")
-    p.add_argument("--cache-dir", metavar="DIR", help="generated data such as ListOps splits (default: the run's cache_dir, else "
-                                       "$EFFICIENT_ATTN_CACHE, else ~/.cache/efficient_attn)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if there is one")
+    p.add_argument("--beam", type=int, metavar="N",
+                   help="translation: beam size, 1 = greedy (default: the run's task.beam_size)")
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help="examples per batch (default: the run's task.batch_size)")
+    p.add_argument("--out", type=Path, metavar="FILE",
+                   help="the JSON record (default: beside the checkpoint, see outputs)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="where the run's data is (default: the run's data_dir, else as efficient-attn-train: "
+                        "$EFFICIENT_ATTN_DATA, else <cache dir>/data)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="generated data such as ListOps splits (default: the run's cache_dir, else "
+                        "$EFFICIENT_ATTN_CACHE, else ~/.cache/efficient_attn)")
     p.add_argument("--precision", help="Lightning precision, e.g. 32-true, bf16-mixed (default: the run's "
                                        "trainer.precision, else 32-true)")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    """With no arguments at all, the help."""
-    if argv is None and len(sys.argv) == 1:
-        parser().print_help()
-        return
-    a = parser().parse_args(argv)
-    from efficient_attn_tasks.run.checkpoint import command_errors  # torch loads here
-
-    with command_errors():
-        run(a)
+    run_command(parser, argv, _score)
 
 
-def run(a: argparse.Namespace) -> dict[str, Any]:
-    """Score, write the record (and the hypotheses), print the summary; returns the record."""
-    import pytorch_lightning as pl
+def _score(a: argparse.Namespace) -> None:
+    from efficient_attn_tasks.run.evaluate import run  # torch and Lightning load here
 
-    from efficient_attn_tasks.run.callbacks import quiet_lightning
-    from efficient_attn_tasks.run.checkpoint import load
-    from efficient_attn_tasks.config.schema import attention_label
-    from efficient_attn_tasks.run.record import hardware, versions
-
-    start = time.perf_counter()
-    quiet_lightning()
-    # Lightning's own use of a torch API that torch deprecated (as in efficient_attn_tasks/commands/train.py); nothing a user can act on
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    loaded = load(a.checkpoint, {"beam_size": a.beam, "batch_size": a.batch_size}, a.data_dir, a.cache_dir)
-    cfg, module = loaded.cfg, loaded.module
-    loader, data = _loader(loaded, a)
-    precision = a.precision or cfg.trainer.get("precision") or "32-true"
-    trainer = pl.Trainer(accelerator="gpu" if a.device == "cuda" else a.device, devices=1, precision=precision,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
-    metrics = trainer.test(module, dataloaders=loader, verbose=False)[0]
-    label = a.split if not a.files else a.files[0].name
-    out = a.out or loaded.path.with_name(f"{loaded.path.stem}.eval_{label}.json")
-    hypotheses = getattr(module, "test_hypotheses", None)
-    hyp_path = out.with_name(f"{out.stem}.hyp.txt") if hypotheses else None
-    record = {
-        "checkpoint": str(loaded.path.resolve()),
-        "checkpoint_choice": loaded.chosen,
-        "task": cfg.task.name,
-        "attention": attention_label(cfg),
-        "name": cfg.name,
-        "seed": cfg.seed,
-        "data": data,
-        "examples": len(loader.dataset),
-        "beam": cfg.task.beam_size if cfg.task.name == "translation" else None,
-        "batch_size": cfg.task.batch_size,
-        "precision": str(precision),
-        "metrics": {key.split("/", 1)[1]: float(value) for key, value in metrics.items()},  # every split as test/...
-        "bleu_signature": getattr(module, "bleu_signature", None),
-        "hypotheses": str(hyp_path) if hyp_path else None,
-        "wall_time_s": time.perf_counter() - start,
-        "hardware": hardware(),
-        "versions": versions(),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    if hyp_path:
-        hyp_path.write_text("\n".join(hypotheses) + "\n")
-    scores = " ".join(f"{k}={v:.4g}" for k, v in sorted(record["metrics"].items()))
-    print(f"[{record['task']} / {record['attention']}] {label}: {scores} | {loaded.path}")
-    wrote(out, *([hyp_path] if hyp_path else []))
-    return record
-
-
-def _loader(loaded: Any, a: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    """(test loader, what it reads for the record): the run's ``--split``, or ``--files``."""
-    from efficient_attn_tasks.run.checkpoint import ConfigError
-
-    task = loaded.cfg.task.name
-    if not a.files:
-        loaded.data.setup("test")
-        return getattr(loaded.data, f"{a.split}_dataloader")(), {"split": a.split}
-    missing = [str(f) for f in a.files if not f.is_file()]
-    if missing:
-        raise ConfigError(f"--files: no such file {', '.join(missing)}")
-    wanted = {"translation": 2, "lm": 1}.get(task)
-    if wanted is None:
-        raise ConfigError(f"--files scores translation (SRC REF) and lm (TEXT) checkpoints; a {task} checkpoint "
-                          "scores its run's own splits (--split val|test)")
-    if len(a.files) != wanted:
-        raise ConfigError(f"--files for a {task} checkpoint takes {'SRC REF' if wanted == 2 else 'TEXT'}, "
-                          f"got {len(a.files)} file(s)")
-    loader = _translation_files(loaded, *a.files) if task == "translation" else _lm_file(loaded, a.files[0])
-    return loader, {"files": [str(f.resolve()) for f in a.files]}
-
-
-def _translation_files(loaded: Any, src_path: Path, ref_path: Path) -> Any:
-    """Parallel source and reference files, in order, batched as the run's test split."""
-    from efficient_attn_tasks.run.checkpoint import ConfigError, check_lengths
-    from efficient_attn_tasks.tasks.data import read_lines
-    from efficient_attn_tasks.tasks.sampling import sharded_eval_loader
-    from efficient_attn_tasks.tasks.translation import collate_indexed
-
-    src, ref = read_lines(src_path), read_lines(ref_path)
-    if len(src) != len(ref) or not src:
-        raise ConfigError(f"--files: {src_path} has {len(src)} lines and {ref_path} {len(ref)}; they must be "
-                          "parallel, one sentence per line, and not empty")
-    sp, limit = loaded.module.sp, loaded.module.model.cfg.max_len
-    src_ids, ref_ids = sp.encode(src), sp.encode(ref)
-    check_lengths(src_ids, limit, str(src_path))
-    check_lengths(ref_ids, limit - 1, str(ref_path))  # + BOS or EOS when scored
-    rows = list(zip(src_ids, ref_ids, ref))
-    return sharded_eval_loader(rows, loaded.cfg.task.batch_size, None, collate_fn=collate_indexed)  # one process
-
-
-def _lm_file(loaded: Any, path: Path) -> Any:
-    """A UTF-8 file in contiguous windows of the run's context length (all of it, whatever task.eval_batches)."""
-    from efficient_attn_tasks.tasks import lm
-    from efficient_attn_tasks.run.checkpoint import ConfigError
-    from efficient_attn_tasks.tasks.sampling import eval_loader
-
-    data = lm.read_bytes(lm.Config(dataset="file", path=str(path)), path)
-    length = loaded.cfg.task.context_length
-    if len(data) < length + 1:
-        raise ConfigError(f"--files {path} has {len(data)} bytes, fewer than one window of the run's "
-                          f"task.context_length + 1 = {length + 1}")
-    return eval_loader(lm.eval_windows(data, length, None), loaded.cfg.task.batch_size)
+    run(a)
 
 
 if __name__ == "__main__":

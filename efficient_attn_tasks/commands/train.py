@@ -1,15 +1,7 @@
-"""``efficient-attn-train``: the Hydra app that trains one task with one attention and records the run.
-
-    efficient-attn-train task=translation attention=favor_plus
-    efficient-attn-train -m experiment=quickstart attention=softmax,favor_plus seed=0,1,2
-
-Each run's output dir holds the resolved config (.hydra/), checkpoints/ and results.json.
-``--help`` (or no arguments) prints configs/train.yaml's ``hydra.help.template``. Importing this module
-loads neither torch nor Lightning: the config checks need torch only (efficient_attn_tasks/config/schema.py), and
-Lightning, W&B and the task's code load when a run starts.
-The config checks live in efficient_attn_tasks/config/checks.py, the run record (results.json) in efficient_attn_tasks/run/record.py, resuming
-and run-dir clean-up in efficient_attn_tasks/run/resume.py; this module runs them in order.
-"""
+"""``efficient-attn-train``: the Hydra app that trains one task with one attention and records the run
+(configs/train.yaml; its ``hydra.help.template`` is ``--help``). Importing it loads neither torch nor Lightning:
+the config checks (efficient_attn_tasks/config/checks.py) come first, Lightning, W&B and the task's code load when
+a run starts; the record is efficient_attn_tasks/run/record.py, resuming efficient_attn_tasks/run/resume.py."""
 
 from __future__ import annotations
 
@@ -27,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from efficient_attn_tasks.commands.cli import bare, known_errors
 from efficient_attn_tasks.config.checks import CONFIG_DIR, ConfigError, check_config
 from efficient_attn_tasks.tasks.data import DataError
 from efficient_attn_tasks.run.record import RESULTS_JSON, Attempt, RunRecord, record_status, reset_peak_memory, \
@@ -272,17 +265,14 @@ def _app(cfg: DictConfig) -> None:
 def main() -> None:
     """``efficient-attn-train``: no arguments prints the help (a bare run would start a long ListOps
     training); ``ckpt_path=last`` without a run dir continues this command's latest run."""
-    if not sys.argv[1:]:
+    if bare(None):
         sys.argv.append("--help")
-    try:
+    with known_errors():
         sys.argv[1:] = resume_argv(sys.argv[1:], Path.cwd() / "outputs")
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     _app()
 
 
-if __name__ == "__main__":  # python -m efficient_attn_tasks.commands.train: run the importable module's app, not this __main__ copy's,
-    from efficient_attn_tasks.commands import train  # as joblib's workers unpickle the Hydra task function by its module's name
+if __name__ == "__main__":  # python -m: run the importable module's app, not this __main__ copy's, as joblib's
+    from efficient_attn_tasks.commands import train  # workers unpickle the Hydra task function by its module's name
 
     train.main()

@@ -1,4 +1,5 @@
-"""``efficient-attn-report``: tables from run records (``results.json``), never from W&B files.
+"""Tables from run records (``results.json``), never from W&B files: the work of ``efficient-attn-report``
+(its command line: efficient_attn_tasks/commands/report.py).
 
     efficient-attn-report multirun/2026-11-21 --out results/tables/quickstart
     efficient-attn-report runs/ --rows attention --pivot task --avg       # an LRA-style attention × task table
@@ -59,8 +60,7 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
-from efficient_attn_tasks.commands.cli import parser as cli_parser
-from efficient_attn_tasks.commands.cli import wrote
+from efficient_attn_tasks.commands.cli import UsageError, wrote
 
 from efficient_attn_tasks.report.runs import RESOURCES, field, find_runs, metrics, not_run_labels
 from efficient_attn_tasks.report.stats import finite_values, is_number, as_number, ci_halfwidth, mean_ci, mean_std, paired_p, welch
@@ -372,99 +372,13 @@ def _start_wandb(project: str, config: dict[str, Any]) -> Any:
         return wandb.init(project=project, job_type="report", mode="offline", config=config)
 
 
-EXAMPLES = (
-    "efficient-attn-report multirun/2026-11-21 --rows attention --ci --out results/tables/quickstart",
-    "efficient-attn-report runs/ --rows attention --baseline softmax            # Δ and Welch t-test p per row",
-    "efficient-attn-report multirun/mqar_grid --rows attention,config.task.num_kv_pairs --tune config.optim.lr "
-    "--ci --paired softmax",
-)
-OUTPUTS = (
-    "the Markdown table on stdout; a \"wrote <path>\" line for every file written:",
-    "--out X        X.md (the table), X.csv, X_stats.csv (per row: n, <metric>_mean, <metric>_ci, for plots)",
-    "--plot P.png   the plot",
-    "--wandb PROJ   the table as a wandb.Table in a W&B run with job_type report",
-)
-
-
-def parser() -> argparse.ArgumentParser:
-    """The command line (``--help`` imports neither scipy nor omegaconf)."""
-    p = cli_parser("efficient-attn-report", "Tables from efficient-attn run records (results.json) under run or "
-                   "multirun dirs, never from W&B files:\nrows group runs by --rows, cells are mean ± std (or "
-                   "± 95% CI) over the row's runs (seeds) with n;\na failed run (results.json status failed) or a run dir without "
-                   "results.json (crashed, killed, running) gets a row saying so. Details: efficient_attn_tasks/report/tables.py.", EXAMPLES, OUTPUTS)
-    p.add_argument("dirs", nargs="+", type=Path, help="run or multirun dirs (searched recursively)")
-    p.add_argument("--rows", default="name,task,attention",
-                   help="comma-separated grouping keys: record fields (attention, row, seed, task), "
-                        "config.<dotted.key>, choices.<group>")
-    compare = p.add_mutually_exclusive_group()
-    compare.add_argument("--baseline", metavar="ROW",
-                         help="a row label: adds Δ and Welch t-test p for every val/ and test/ metric")
-    compare.add_argument("--paired", metavar="ATTENTION",
-                         help="adds Δ and paired (by seed) t-test p against the row with this attention and the "
-                              "same other --rows values; needs attention in --rows")
-    p.add_argument("--metrics", help='comma-separated metric columns to keep, e.g. "val/bleu (last),val/ppl (last)" '
-                                     "(default: every metric)")
-    p.add_argument("--tune", metavar="KEY", help="e.g. config.optim.lr (not a --rows key): per row, keep the runs of "
-                                                 "the value with the best mean val_best over seeds")
-    p.add_argument("--ci", action="store_true", help="cells are mean ± 95%% CI half-width (t) instead of ± std")
-    p.add_argument("--pivot", choices=["task"], help="columns = tasks (each task's headline test metric); "
-                                                       "default: one column per metric")
-    p.add_argument("--avg", action="store_true", help="with --pivot: an Avg column over tasks")
-    p.add_argument("--out", type=Path, help="write <out>.md, <out>.csv and <out>_stats.csv (numbers for plots); "
-                                            "default: print only")
-    p.add_argument("--wandb", metavar="PROJECT", help="also log the table to this W&B project (job_type report)")
-    plot = p.add_argument_group("plot", "a line plot of the table rows (after --tune): mean and a 95% CI band")
-    plot.add_argument("--plot", type=Path, metavar="OUT.png", help="write the plot here")
-    plot.add_argument("--x", metavar="KEY", help="x: a --rows key (e.g. config.task.seq_len) or a metric "
-                                                 "(e.g. test/state_size: its mean per row)")
-    plot.add_argument("--y", metavar="METRIC", help="y metric (default: the task's headline, e.g. test/acc)")
-    plot.add_argument("--panel", metavar="KEYS", help="comma-separated --rows keys: one panel per value")
-    plot.add_argument("--series", metavar="KEYS", default="attention",
-                      help="comma-separated --rows keys: one line per value (default attention)")
-    plot.add_argument("--logx", action="store_true", help="logarithmic x axis")
-    plot.add_argument("--xlabel-key", metavar="KEY", help="a --rows key printed under each x tick, e.g. "
-                                                          "config.task.num_kv_pairs")
-    p.add_argument("--curves", nargs="?", const="", metavar="OUT.png",
-                   help="learning curves (efficient_attn_tasks/report/report_plot.py): per table row the validation metric against steps, "
-                        "mean ± std band over seeds; no file: <out>_curves.png beside the tables")
-    return p
-
-
-def check(p: argparse.ArgumentParser, args: argparse.Namespace, rows: list[str]) -> None:
-    """Option combinations that cannot work, as argparse errors."""
-    if args.pivot and args.metrics:
-        p.error("--metrics selects columns of the grouped table; --pivot shows each task's headline metric")
-    if args.pivot and (args.tune or args.ci or args.paired or args.plot):
-        p.error("--tune, --ci, --paired and --plot work on the grouped table, not --pivot")
-    if args.tune and args.tune in rows:
-        p.error(f"--tune {args.tune} is a --rows key: each row would have one value to choose from")
-    if args.paired and "attention" not in rows:
-        p.error("--paired pairs rows that differ only in attention: put attention in --rows")
-    plot_only = {"--x": args.x, "--y": args.y, "--panel": args.panel, "--logx": args.logx,
-                 "--xlabel-key": args.xlabel_key}
-    if not args.plot and any(plot_only.values()):
-        p.error(f"{[k for k, v in plot_only.items() if v]} need --plot")
-    if args.plot and not args.x:
-        p.error("--plot needs --x")
-    if args.plot:
-        plot_keys = [*_keys(args.panel), *_keys(args.series), *([args.xlabel_key] if args.xlabel_key else [])]
-        unknown = [k for k in plot_keys if k not in rows]
-        if unknown:
-            p.error(f"--panel/--series/--xlabel-key must be --rows keys; not in --rows: {unknown}")
-
-
-def _keys(text: str | None) -> list[str]:
-    return [k.strip() for k in text.split(",")] if text else []
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = parser()
-    args = p.parse_args(argv)
+def run(args: argparse.Namespace) -> None:
+    """The table of the runs under ``args.dirs`` (``efficient-attn-report``'s options), printed; then the files
+    and logs its options ask for (--out, --plot, --curves, --wandb)."""
     rows = args.rows.split(",")
-    check(p, args, rows)
     records, missing, failed = find_runs(args.dirs)
     if not records and not missing and not failed:
-        p.error(f"no run dirs (with .hydra/) under {[str(d) for d in args.dirs]}")
+        raise UsageError(f"no run dirs (with .hydra/) under {[str(d) for d in args.dirs]}")
     keep = _keys(args.metrics) or None
     built: list[Row] | None = None
     names: list[str] = []
@@ -489,6 +403,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.wandb:
         config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "wandb"}
         log_to_wandb(args.wandb, header, body, {**config, "dirs": [str(d) for d in args.dirs]})
+
+
+def _keys(text: str | None) -> list[str]:
+    return [k.strip() for k in text.split(",")] if text else []
 
 
 def notes(args: argparse.Namespace) -> str:
@@ -546,7 +464,3 @@ def write_stats(header: list[str], body: list[list[Any]], out: Path) -> None:
     with open(stats_path(out), "w", newline="") as f:
         csv.writer(f).writerows([header, *body])
     wrote(stats_path(out))
-
-
-if __name__ == "__main__":
-    main()

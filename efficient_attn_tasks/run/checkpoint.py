@@ -10,19 +10,16 @@ A task module whose ``build`` reads data defines ``restore(cfg, checkpoint)``
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from efficient_attn.registry import import_attentions
 
-from efficient_attn_tasks.tasks.data import DataError
 from efficient_attn_tasks.config.checks import TASKS, ConfigError
 from efficient_attn_tasks.run.record import RESULTS_JSON, RunRecord
 
@@ -114,13 +111,3 @@ def check_lengths(seqs: Sequence[Sequence[int]], limit: int, where: str, first_l
         if len(seq) > limit:
             raise ConfigError(f"{where} line {first_line + i} has {len(seq)} tokens, more than the {limit} this "
                               "model takes (model.max_len); shorten or split that line")
-
-
-@contextlib.contextmanager
-def command_errors() -> Iterator[None]:
-    """A command's config and data errors as one ``error: ...`` line on stderr, exit status 2."""
-    try:
-        yield
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
