@@ -10,9 +10,10 @@ and a command's ``--help`` never waits for it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 BOUNDS = {"acc": (0.0, 1.0), "accuracy": (0.0, 1.0)}  # metric name -> the range its bands are clipped to
 MARKERS = "osD^vP*Xh<>"
@@ -70,6 +71,7 @@ def colour(line: Line) -> str:
 
 
 def width(line: Line, base: float) -> float:
+    """The line width: ``base``, one point more for the reference."""
     return base + 1.0 if line.reference else base
 
 
@@ -128,11 +130,11 @@ def band(ax: Any, line: Line, alpha: float = 0.2) -> None:
 
 def guides(ax: Any, panel: Panel) -> None:
     """A panel's theory lines and horizontal levels, grey and dotted."""
-    style = dict(color="gray", ls=":", lw=1)
+    style = {"color": "gray", "ls": ":", "lw": 1}
     for line in panel.guides:
         ax.plot(line.xs, line.ys, label=line.label, **style)
     for y, label in panel.hlines:
-        ax.axhline(y, label=label or None, **style)  # type: ignore[arg-type]
+        ax.axhline(y, label=label or None, **style)
 
 
 def marker_if_few(xs: Sequence[float], marker: str = "o", few: int = 30) -> str | None:
@@ -181,7 +183,7 @@ def table_rows(panels: list[Panel], out: Path, series: list[str], series_title: 
         if panel.ylim is not None:
             ax.set_ylim(*panel.ylim)
         if logx:
-            ax.set_xscale("log")
+            log_x(ax)
         ax.grid(alpha=0.3)
         if panel.ticks is not None:
             x_ticks(ax, panel.ticks, small=any("\n" in label for label in panel.ticks[1]))  # two-line labels
