@@ -34,7 +34,8 @@ def plot(points: list[Point], out: Path, *, x: str, y: str, series: list[str] | 
     if x_col == x:  # a rows key: one point per (panel, series, x)
         _check_unique(points, [*panel, *series, x])
     low, high = plots.bounds(y)  # an accuracy's CI stops at 0 and 1
-    ylim = (low - 0.03 * (high - low), high + 0.03 * (high - low)) if math.isfinite(low) and math.isfinite(high) else None
+    bounded = math.isfinite(low) and math.isfinite(high)
+    ylim = (low - 0.03 * (high - low), high + 0.03 * (high - low)) if bounded else None
     panels = [Panel(lines(pts, x_col, y, series, logx, (low, high)), xlabel=x, ylabel=f"{y} (mean ± 95% CI)",
                     title=", ".join(f"{k}={v}" for k, v in zip(panel, value)), ylim=ylim,
                     ticks=ticks(pts, x, xlabel_key, logx) if x_col == x else None)
