@@ -8,7 +8,7 @@ import math
 import pytest
 from scipy import stats
 
-from efficient_attn_tasks.report import plots
+from efficient_attn_tasks.report import lines as table_lines
 from efficient_attn_tasks.commands.report import main
 from efficient_attn_tasks.report.stats import ci_halfwidth
 
@@ -236,7 +236,7 @@ SWEEP_ROWS = "attention,config.task.seq_len,config.task.num_kv_pairs,config.mode
 def test_plot_gets_one_point_per_tuned_row(tmp_path, monkeypatch, capsys):
     grid(tmp_path / "runs")
     calls = []
-    monkeypatch.setattr(plots, "plot", lambda points, out, **kw: calls.append((points, out, kw)))
+    monkeypatch.setattr(table_lines, "plot", lambda points, out, **kw: calls.append((points, out, kw)))
     main([str(tmp_path / "runs"), "--rows", SWEEP_ROWS, "--tune", "config.optim.lr", "--plot", str(tmp_path / "a.png"),
           "--x", "config.task.seq_len", "--panel", "config.model.d_model", "--xlabel-key", "config.task.num_kv_pairs"])
     ((points, out, kw),) = calls

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from efficient_attn_tasks.commands.cli import wrote
+from efficient_attn_tasks.plots import Line, Panel, error_bands
+from efficient_attn.analysis import KL_ROWS
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -39,44 +41,25 @@ KL_LABEL = "KL(P ‖ P̂) of attention rows vs exact softmax"
 
 
 def plot(rows: list[dict[str, Any]], x: str, path: Path, title: str,
-         ylabel: str = "MSE of attention output vs exact softmax") -> None:
+         ylabel: str = "MSE of attention output vs exact softmax") -> Path:
     """Log-log mean error per estimator with a ±1 std band: an MSE panel, and a KL panel beside it when
     the rows have ``kl_mean``; points that were all non-finite are left out (their count is in the legend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [("mse_mean", "mse_std", "non_finite", ylabel)]
     if "kl_mean" in rows[0]:
         panels.append(("kl_mean", "kl_std", "kl_non_finite", KL_LABEL))
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
-    for ax, (mean_key, std_key, bad_key, label) in zip(axes[0], panels):
-        for i, est in enumerate(dict.fromkeys(r["estimator"] for r in rows)):
-            color = f"C{i % 10}"  # one colour per estimator in both panels
+    drawn = []
+    for mean_key, std_key, bad_key, label in panels:
+        lines = []
+        for i, est in enumerate(dict.fromkeys(r["estimator"] for r in rows)):  # one colour per estimator
             bad = sum(r[bad_key] for r in rows if r["estimator"] == est)
             pts = [r for r in rows if r["estimator"] == est and not math.isnan(r[mean_key])]
             tag = est + (f" ({bad} non-finite)" if bad else "")
-            if not pts:
-                ax.plot([], [], color=color, label=tag + ", no finite point")
-                continue
-            xs = [r[x] for r in pts]
             mean = [r[mean_key] for r in pts]
-            lo = [max(m - r[std_key], m * 1e-3) for m, r in zip(mean, pts)]
-            hi = [m + r[std_key] for m, r in zip(mean, pts)]
-            ax.plot(xs, mean, marker="o", ms=3, color=color, label=tag)
-            ax.fill_between(xs, lo, hi, color=color, alpha=0.2)
-        if x != "layer":
-            ax.set_xscale("log", base=2 if x == "num_features" else 10)
-        ax.set_yscale("log")
-        ax.set_xlabel(X_LABELS[x])
-        ax.set_ylabel(label)
-        ax.set_title(title, fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            lines.append(Line(tag if pts else tag + ", no finite point", [r[x] for r in pts], mean, index=i,
+                              lo=[max(m - r[std_key], m * 1e-3) for m, r in zip(mean, pts)],
+                              hi=[m + r[std_key] for m, r in zip(mean, pts)]))
+        drawn.append(Panel(lines, title=title, xlabel=X_LABELS[x], ylabel=label, yscale="log"))
+    return error_bands(drawn, path, x_base=None if x == "layer" else 2 if x == "num_features" else 10)
 
 
 def log_to_wandb(outputs: dict[str, tuple[Path, list[dict[str, Any]]]]) -> None:

@@ -30,6 +30,8 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from efficient_attn_tasks.plots import Line, Panel, error_bars
+
 if TYPE_CHECKING:  # torch loads when a study runs, so the command's --help does not wait for it
     import torch
     from torch import Tensor
@@ -112,34 +114,22 @@ PANELS = (  # (statistics, y label, log y); a second statistic is drawn dashed
 )
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     """One panel per statistic against d_k (log₂ x), unscaled and scaled, ±1 std over draws."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.8))
     dims = sorted({r["d_k"] for r in rows})
-    for ax, (stats, ylabel, log_y) in zip(axes, PANELS):
-        for scaling, color in zip(SCALINGS, ("C3", "C0")):
+    panels = []
+    for stats, ylabel, log_y in PANELS:
+        panel = Panel(xlabel="d_k (log₂ scale)", ylabel=ylabel + (" (log scale)" if log_y else ""),
+                      yscale="log" if log_y else "linear")
+        for scaling, index in zip(SCALINGS, (3, 0)):  # red unscaled, blue scaled
             pts = sorted((r for r in rows if r["scaling"] == scaling), key=lambda r: r["d_k"])
             for stat, ls in zip(stats, ("-", "--")):
-                ax.errorbar([r["d_k"] for r in pts], [r[f"{stat}_mean"] for r in pts],
-                            yerr=[r[f"{stat}_std"] for r in pts], marker="o", ms=3, capsize=2, color=color,
-                            ls=ls, label=_label(scaling, stat, len(stats)))
-        _references(ax, stats[0], dims, rows[0]["keys"])
-        ax.set_xscale("log", base=2)
-        if log_y:
-            ax.set_yscale("log")
-        ax.set_xlabel("d_k (log₂ scale)")
-        ax.set_ylabel(ylabel + (" (log scale)" if log_y else ""))
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+                panel.lines.append(Line(_label(scaling, stat, len(stats)), [r["d_k"] for r in pts],
+                                        [r[f"{stat}_mean"] for r in pts], index=index,
+                                        yerr=[r[f"{stat}_std"] for r in pts], linestyle=ls))
+        _references(panel, stats[0], dims, rows[0]["keys"])
+        panels.append(panel)
+    return error_bars(panels, path, title)
 
 
 def _label(scaling: str, stat: str, stats_in_panel: int) -> str:
@@ -149,16 +139,15 @@ def _label(scaling: str, stat: str, stats_in_panel: int) -> str:
     return f"{name}, {'median' if stat.endswith('_median') else 'mean'} over queries"
 
 
-def _references(ax: Any, stat: str, dims: list[int], keys: int) -> None:
+def _references(panel: Panel, stat: str, dims: list[int], keys: int) -> None:
     """Dotted theory lines: variance d_k and 1; uniform attention's max-prob 1/S and entropy log S."""
-    style = dict(color="gray", ls=":", lw=1)
     if stat == "logit_var":
-        ax.plot(dims, dims, label="d_k", **style)
-        ax.axhline(1.0, **style)
+        panel.guides.append(Line("d_k", dims, dims))
+        panel.hlines.append((1.0, ""))
     elif stat == "max_prob":
-        ax.axhline(1 / keys, label="uniform 1/S", **style)
+        panel.hlines.append((1 / keys, "uniform 1/S"))
     elif stat == "entropy":
-        ax.axhline(math.log(keys), label="uniform log S", **style)
+        panel.hlines.append((math.log(keys), "uniform log S"))
 
 
 def run(a: argparse.Namespace) -> dict[str, tuple[Path, list[dict[str, Any]]]]:

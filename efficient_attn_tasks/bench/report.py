@@ -8,6 +8,9 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from efficient_attn_tasks.plots import Line, Panel, against_length
+
+
 def memory_mib(row: dict[str, Any]) -> float | None:
     """Peak memory of a point: CUDA max allocated, else the process's peak RSS (what a user's
     machine must hold; the CSV also keeps ``base_rss_mib``, the RSS before the first call)."""
@@ -18,45 +21,30 @@ def memory_mib(row: dict[str, Any]) -> float | None:
     return row["peak_rss_mib"]
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Log-log time and memory vs L; one colour per attention, solid noncausal, dashed causal."""
-    import matplotlib
+MODE_STYLE = (("noncausal", "-"), ("causal", "--"), ("decode", ":"))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    kernel = any(r["mode"] in ("causal", "noncausal") for r in rows)
-    decode = any(r["mode"] == "decode" for r in rows)
-    panels = [p for p, shown in ((("forward+backward time", "seconds"), kernel),
-                                 (("peak memory", "MiB (CUDA max allocated, or process peak RSS)"), True),
-                                 (("decoding: time per step (one token per sequence) after L", "milliseconds per step"),
-                                  decode)) if shown]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.3 * len(panels) + 0.4, 5))
-    ax_time, ax_mem = (axes[0], axes[1]) if kernel else (None, axes[0])
-    ax_decode = axes[-1] if decode else None
-    names = list(dict.fromkeys(r["attention"] for r in rows))
-    for i, name in enumerate(names):
-        for mode, style in (("noncausal", "-"), ("causal", "--"), ("decode", ":")):
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Log-log time and memory vs L; one colour per attention, solid noncausal, dashed causal, dotted decoding."""
+    x = "sequence length L"
+    time = Panel(title="forward+backward time", xlabel=x, ylabel="seconds", yscale="log")
+    memory = Panel(title="peak memory", xlabel=x, ylabel="MiB (CUDA max allocated, or process peak RSS)",
+                   yscale="log", legend=False)
+    decode = Panel(title="decoding: time per step (one token per sequence) after L", xlabel=x,
+                   ylabel="milliseconds per step", yscale="log")
+    for i, name in enumerate(dict.fromkeys(r["attention"] for r in rows)):
+        for mode, style in MODE_STYLE:
             pts = [r for r in rows if r["attention"] == name and r["mode"] == mode and r["status"] == "ok"]
-            if not pts:
-                continue
-            series = [(ax_decode, lambda r: r["time_s"] * 1e3), (ax_mem, memory_mib)] if mode == "decode" else \
-                [(ax_time, lambda r: r["time_s"]), (ax_mem, memory_mib)]
-            for ax, value in series:
+            series = [(decode, lambda r: r["time_s"] * 1e3), (memory, memory_mib)] if mode == "decode" else \
+                [(time, lambda r: r["time_s"]), (memory, memory_mib)]
+            for panel, value in series:
                 xy = [(r["L"], value(r)) for r in pts if (value(r) or 0) > 0]
                 if xy:
-                    ax.plot(*zip(*xy), style, marker="o", ms=3, color=f"C{i % 10}", label=f"{name} ({mode})")
-    for ax, (panel, ylabel) in zip(axes, panels):
-        ax.set_xscale("log", base=2)
-        ax.set(yscale="log", xlabel="sequence length L", ylabel=ylabel, title=panel)
-        ax.grid(True, which="both", alpha=0.3)
-    for ax in (ax_time, ax_decode):
-        if ax is not None and ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, ncol=2)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+                    panel.lines.append(Line(f"{name} ({mode})", *zip(*xy), index=i, linestyle=style))
+    kernel = any(r["mode"] in ("causal", "noncausal") for r in rows)
+    decoding = any(r["mode"] == "decode" for r in rows)
+    return against_length([p for p, shown in ((time, kernel), (memory, True), (decode, decoding)) if shown], path,
+                          title)
 
 
 def crossover(rows: list[dict[str, Any]], mode: str, name: str = "favor", reference: str = "sdpa") -> str:

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from efficient_attn_tasks.bench.report import crossover, memory_mib
 from efficient_attn_tasks.bench.train import PROFILE_STEPS, REFERENCE, VOCAB
+from efficient_attn_tasks.plots import Line, Panel, against_length
 
 
 def report(rows: list[dict[str, Any]], cfg: dict[str, Any], machine: str, png: Path, md: Path) -> list[Path]:
@@ -79,37 +80,23 @@ def model_text(cfg: dict[str, Any]) -> str:
             f"d_ff {cfg['d_ff']}, {cfg['tokens_per_batch']} tokens/batch, {cfg['dtype']}")
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Tokens/s, attention share and peak memory against L; one colour per attention."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(19, 5))
-    panels = ((lambda r: r["tokens_per_s"], "training throughput", "tokens / s", "log"),
-              (lambda r: r["attention_share"], "share of step time in the core attention (fwd+bwd)", "fraction",
-               "linear"),
-              (memory_mib, "peak memory", "MiB (CUDA max allocated, or process peak RSS)", "log"))
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Tokens/s, attention share and peak memory against L; one colour per attention, the reference black."""
+    x = "context length L"
+    panels = ((lambda r: r["tokens_per_s"], Panel(title="training throughput", xlabel=x, ylabel="tokens / s",
+                                                  yscale="log")),
+              (lambda r: r["attention_share"], Panel(title="share of step time in the core attention (fwd+bwd)",
+                                                     xlabel=x, ylabel="fraction", ylim=(0, 1), legend=False)),
+              (memory_mib, Panel(title="peak memory", xlabel=x, ylabel="MiB (CUDA max allocated, or process peak RSS)",
+                                 yscale="log", legend=False)))
     for i, name in enumerate(dict.fromkeys(r["attention"] for r in rows)):
         pts = [r for r in rows if r["attention"] == name and r["status"] == "ok"]
-        for ax, (value, *_rest) in zip(axes, panels):
+        for value, panel in panels:
             xy = [(r["L"], value(r)) for r in pts if (value(r) or 0) > 0]
-            if xy:
-                reference = name == REFERENCE  # black and thicker; past 10 names the colours repeat, dashed
-                ax.plot(*zip(*xy), "-" if i < 10 else "--", marker="o", ms=3, lw=2.5 if reference else 1.5,
-                        color="black" if reference else f"C{i % 10}", label=name)
-    for ax, (_, panel, ylabel, yscale) in zip(axes, panels):
-        ax.set_xscale("log", base=2)
-        ax.set(yscale=yscale, xlabel="context length L", ylabel=ylabel, title=panel)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[1].set_ylim(0, 1)
-    if axes[0].get_legend_handles_labels()[0]:
-        axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            if xy:  # past ten names the colours repeat, dashed
+                panel.lines.append(Line(name, *zip(*xy), index=i, linestyle="-" if i < 10 else "--",
+                                        reference=name == REFERENCE))
+    return against_length([panel for _, panel in panels], path, title)
 
 
 def summary(rows: list[dict[str, Any]], cfg: dict[str, Any], machine: str) -> str:

@@ -39,7 +39,7 @@ t-test p, " *" when p < 0.05; "n<2" with fewer than two matched seeds, "—" on 
 State sizes (``test/state_size``) print as integers and get no Δ column: they do not vary by seed.
 ``--out X`` also writes ``X_stats.csv``: per row its key values, n, the tuned value, and per metric
 ``<metric>_mean``, ``<metric>_ci`` (95% half-width, 0 for n=1), with --paired ``<metric>_delta``,
-``<metric>_p``. ``--plot OUT.png --x KEY`` (see ``efficient_attn_tasks/report/plots.py``): y (``--y``, default the task's
+``<metric>_p``. ``--plot OUT.png --x KEY`` (see ``efficient_attn_tasks/report/lines.py``): y (``--y``, default the task's
 headline metric) against a rows key or a metric's mean (``--x test/state_size``), one line per
 ``--series`` value (default attention) with a 95% CI band, one panel per ``--panel`` value (both take
 comma-separated rows keys); with a rows key as x, the rows of one panel and series must differ in x
@@ -397,7 +397,7 @@ def run(args: argparse.Namespace) -> None:
     if args.plot and built is not None:
         plot_rows(args, rows, built, names, records)
     if args.curves is not None:
-        from efficient_attn_tasks.report.report_plot import write_curves
+        from efficient_attn_tasks.report.curves import write_curves
 
         write_curves(args, built)
     if args.wandb:
@@ -425,8 +425,8 @@ def notes(args: argparse.Namespace) -> str:
 
 def plot_rows(args: argparse.Namespace, rows: list[str], built: list[Row], names: list[str],
               records: list[dict[str, Any]]) -> None:
-    """``--plot``: the table rows' means and 95% CI bands (efficient_attn_tasks/report/plots.py, imported only here)."""
-    from efficient_attn_tasks.report.plots import plot
+    """``--plot``: the table rows' means and 95% CI bands (efficient_attn_tasks/report/lines.py, imported only here)."""
+    from efficient_attn_tasks.report.lines import plot
 
     tasks = {r.get("task") for r in records}
     y = args.y or (HEADLINE.get(tasks.pop()) if len(tasks) == 1 else None)

@@ -4,7 +4,7 @@
 ``run()`` writes both into the run dir at its end, whatever the logger: W&B runs (offline without an
 account) write no ``metrics.csv``, and Lightning's CSV logger deletes its ``metrics.csv`` when a run
 resumes into the same dir, so the curves come from the app's own record. ``efficient-attn-report --curves``
-(efficient_attn_tasks/report/report_plot.py) reads the same file. Drawn with the Agg canvas; matplotlib is imported only to draw.
+(efficient_attn_tasks/report/curves.py) reads the same file. Drawn by efficient_attn_tasks/plots.py.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 from typing import Any, Iterable
+
+from efficient_attn_tasks.plots import Line, Panel, run_curves
 
 CURVES_CSV = "curves.csv"
 CURVES_PNG = "curves.png"
@@ -51,24 +53,10 @@ def read_curves(path: Path) -> dict[str, Series]:
 def plot_run(series: dict[str, Series], monitor: str, out: Path, title: str = "") -> dict[str, Series]:
     """Draw ``out`` (PNG): three panels against steps, train/loss, ``monitor`` (the task's validation
     metric) and train/lr; a key without values leaves its panel empty with a note. Returns what it drew."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     drawn = {key: series.get(key, ([], [])) for key in ("train/loss", monitor, "train/lr")}
-    fig = Figure(figsize=(13, 3.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    for ax, (key, (steps, values)), color in zip(fig.subplots(1, 3), drawn.items(), ("C0", "C1", "C2")):
-        if steps:
-            ax.plot(steps, values, color=color, marker="o" if len(steps) < 30 else None, markersize=3, linewidth=1.2)
-        else:
-            ax.text(0.5, 0.5, f"no {key} recorded", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xlabel("step")
-        ax.set_title(key, fontsize="medium")
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    run_curves([Panel([Line(key, steps, values, index=i)] if steps else [], title=key, xlabel="step",
+                      note="" if steps else f"no {key} recorded")
+                for i, (key, (steps, values)) in enumerate(drawn.items())], out, title)
     return drawn
 
 

@@ -5,8 +5,9 @@ attention config): at every step where any of the row's runs validated, the mean
 of the monitored validation metric (``metrics.monitor``: val/acc, val/bleu, val/bpc) and its sample
 standard deviation, shaded (none where fewer than two runs validated at that step, e.g. after an early
 stop). One panel per monitored metric. Read from each run dir's ``curves.csv`` (written by every
-efficient-attn-train run, whatever its logger; efficient_attn_tasks/run/curves.py); runs without one (trained before the
-file existed) are left out and counted. Writes the PNG and, beside it, the numbers as CSV.
+efficient-attn-train run, whatever its logger; efficient_attn_tasks/run/curves.py); runs without one (trained
+before the file existed) are left out and counted. Writes the PNG (drawn by efficient_attn_tasks/plots.py) and,
+beside it, the numbers as CSV.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from efficient_attn_tasks import plots
 from efficient_attn_tasks.commands.cli import wrote
-
+from efficient_attn_tasks.plots import Line, Panel
 from efficient_attn_tasks.run.curves import CURVES_CSV, Series, read_curves
 
 if TYPE_CHECKING:
@@ -73,34 +75,15 @@ def row_bands(rows: list[Row]) -> tuple[list[Band], list[str]]:
 
 def plot_bands(bands: list[Band], out: Path) -> Path:
     """One panel per metric, a line per band with its ± std shading (accuracies clipped to [0, 1])."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from efficient_attn_tasks.report.plots import BOUNDS
-
-    metrics = sorted({b.metric for b in bands})
-    fig = Figure(figsize=(5.2 * len(metrics) + 2.4, 3.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(metrics), squeeze=False).ravel()
-    colors = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(b.label for b in bands))}
-    for ax, metric in zip(axes, metrics):
-        low, high = BOUNDS.get(metric.rsplit("/", 1)[-1], (-math.inf, math.inf))
+    index = {label: i for i, label in enumerate(dict.fromkeys(b.label for b in bands))}  # one colour per row
+    panels = []
+    for metric in sorted({b.metric for b in bands}):
+        lines = []
         for b in (b for b in bands if b.metric == metric):
-            ax.plot(b.steps, b.mean, color=colors[b.label], linewidth=1.4, label=f"{b.label} (n={max(b.n)})",
-                    marker="o" if len(b.steps) < 30 else None, markersize=3)
-            ax.fill_between(b.steps, *edges(b, low, high), color=colors[b.label], alpha=0.2, linewidth=0)
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"{metric} (mean ± std over seeds)")
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    for ax in axes[1:]:
-        more = ax.get_legend_handles_labels()
-        handles += [h for h, lab in zip(*more) if lab not in labels]
-        labels += [lab for lab in more[1] if lab not in labels]
-    fig.legend(handles, labels, loc="outside right upper", fontsize="small")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150)
-    return out
+            lo, hi = edges(b, *plots.bounds(metric))
+            lines.append(Line(f"{b.label} (n={max(b.n)})", b.steps, b.mean, index=index[b.label], lo=lo, hi=hi))
+        panels.append(Panel(lines, xlabel="step", ylabel=f"{metric} (mean ± std over seeds)"))
+    return plots.seed_bands(panels, out)
 
 
 def edges(b: Band, low: float = -math.inf, high: float = math.inf) -> tuple[list[float], list[float]]:
