@@ -67,7 +67,7 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
     import torch
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from efficient_attn_tasks.tasks.base import attention_label
+    from efficient_attn_tasks.config.labels import attention_label
     from efficient_attn_tasks.run.callbacks import (CurveLog, EpochLine, NonFiniteGuard, SaveOnInterrupt, Throughput, ValidateAtMaxSteps,
                             keep_averaged_weights_for_test, progress_bar, quiet_lightning)
     from efficient_attn_tasks.run.loggers import finish_wandb, make_logger, wandb_offline_note
