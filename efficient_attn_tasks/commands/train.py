@@ -5,8 +5,8 @@
 
 Each run's output dir holds the resolved config (.hydra/), checkpoints/ and results.json.
 ``--help`` (or no arguments) prints configs/train.yaml's ``hydra.help.template``. Importing this module
-loads neither torch nor Lightning: the config checks need torch only (efficient_attn_tasks/config/schema.py), and
-Lightning, W&B and the task's code load when a run starts.
+loads neither torch nor Lightning: the config checks load them with the task's module, W&B loads when a
+run starts.
 The config checks live in efficient_attn_tasks/config/checks.py, the run record (results.json) in efficient_attn_tasks/run/record.py, resuming
 and run-dir clean-up in efficient_attn_tasks/run/resume.py; this module runs them in order.
 """

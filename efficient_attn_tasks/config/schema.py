@@ -43,7 +43,7 @@ def _model_config() -> type:
 
 
 def __getattr__(name: str) -> Any:
-    """``ModelConfig`` extends torch-backed ``TransformerConfig``: built on first use, so the task,
+    """``ModelConfig`` extends torch-backed ``TransformerConfig``: built on first use, so the
     optimiser, trainer and logger sections are checked before torch loads."""
     if name == "ModelConfig":
         return _model_config()
