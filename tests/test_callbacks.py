@@ -121,7 +121,7 @@ def test_every_attention_config_names_itself_and_run_dirs_carry_it():
 
 
 def test_per_layer_runs_name_their_layers():
-    from efficient_attn_tasks.config.schema import attention_config
+    from efficient_attn_tasks.config.labels import attention_config
 
     cfg = config("task=lm", "model=tiny", "model.decoder_layers=2", "model.layer_attentions=[favor_relu,softmax]")
     assert attention_config(cfg) == "favor_relu+softmax"

@@ -1,5 +1,5 @@
-"""The command line: --help and a bare run explain the app, start-up stays light (no Lightning, W&B or
-sacreBLEU before a run starts), logs suit a non-terminal, data errors name every missing file; the other
+"""The command line: --help and a bare run explain the app, start-up stays light (no torch before the task's
+module is needed, no W&B before a run starts), logs suit a non-terminal, data errors name every missing file; the other
 commands' --help (every option with its default, examples, outputs, no torch or scipy), the compact
 multirun summary, the thread count of parallel sweep jobs."""
 
@@ -96,15 +96,13 @@ def test_importing_the_app_loads_neither_torch_nor_lightning_nor_wandb():
     assert out.returncode == 0, out.stderr
 
 
-def test_config_errors_come_before_lightning_wandb_and_sacrebleu_load():
-    out = _fresh_python(
+def _check_fails(overrides: list[list[str]], then: str) -> subprocess.CompletedProcess:
+    """check_config in a fresh interpreter refuses each of ``overrides``; then runs ``then`` (assertions)."""
+    return _fresh_python(
         "import sys\n"
         "from hydra import compose, initialize_config_dir\n"
         "from efficient_attn_tasks.commands.train import CONFIG_DIR, ConfigError, check_config\n"
-        "for overrides in (['task=translation', '++task.min_lenght=3'], ['model.d_model=30'],\n"
-        "                  ['++trainer.max_epoch=3'], ['attention=retention'], ['optim.schedule=linear'],\n"
-        "                  ['++trainer.callbacks=[]'], ['++trainer.logger=false'], ['model.max_len=1024'],\n"
-        "                  ['task=translation', 'task.beam_size=0']):\n"
+        f"for overrides in {overrides!r}:\n"
         "    with initialize_config_dir(config_dir=CONFIG_DIR, version_base='1.3'):\n"
         "        cfg = compose('train', overrides=overrides)\n"
         "    try:\n"
@@ -113,29 +111,30 @@ def test_config_errors_come_before_lightning_wandb_and_sacrebleu_load():
         "        pass\n"
         "    else:\n"
         "        raise AssertionError(f'{overrides} passed')\n"
-        f"loaded = [m for m in {HEAVY!r} if m in sys.modules]\n"
-        "assert not loaded, loaded\n"
+        + then
     )
+
+
+def test_errors_outside_the_task_and_model_are_reported_before_torch_loads():
+    """Top-level, optim, trainer and logger keys and values are checked before the task's module loads."""
+    out = _check_fails([["++sed=1"], ["++optim.learning_rate=1"], ["optim.schedule=linear"], ["++trainer.max_epoch=3"],
+                        ["++trainer.callbacks=[]"], ["++trainer.logger=false"], ["logger.kind=tensorboard"]],
+                       f"loaded = [m for m in {(*HEAVY, 'torch')!r} if m in sys.modules]\nassert not loaded, loaded\n")
     assert out.returncode == 0, out.stderr
 
 
-def test_key_typos_outside_the_model_are_reported_before_torch_loads():
-    out = _fresh_python(
-        "import sys\n"
-        "from hydra import compose, initialize_config_dir\n"
-        "from efficient_attn_tasks.commands.train import CONFIG_DIR, ConfigError, check_config\n"
-        "for overrides in (['++task.min_lenght=3'], ['++optim.learning_rate=1'], ['++trainer.max_epoch=3'],\n"
-        "                  ['logger.kind=tensorboard'], ['++sed=1']):\n"
-        "    with initialize_config_dir(config_dir=CONFIG_DIR, version_base='1.3'):\n"
-        "        cfg = compose('train', overrides=overrides)\n"
-        "    try:\n"
-        "        check_config(cfg)\n"
-        "    except ConfigError:\n"
-        "        pass\n"
-        "    else:\n"
-        "        raise AssertionError(f'{overrides} passed')\n"
-        "assert 'torch' not in sys.modules\n"
-    )
+def test_task_model_and_attention_errors_load_the_tasks_module_only():
+    """The task's section is checked by its module's Config: torch and Lightning load then (and the task's own
+    imports, e.g. translation's sacreBLEU; Lightning imports matplotlib), never W&B or another task's code."""
+    out = _check_fails([["task=translation", "++task.min_lenght=3"], ["task=translation", "task.beam_size=0"]],
+                       "assert 'pytorch_lightning' in sys.modules\n"
+                       "assert 'wandb' not in sys.modules\n")
+    assert out.returncode == 0, out.stderr
+    out = _check_fails([["task=listops", "++task.min_lenght=3"], ["model.d_model=30"], ["attention=retention"],
+                        ["model.max_len=1024"]],
+                       "loaded = [m for m in ('wandb', 'sacrebleu', 'sentencepiece') if m in sys.modules]\n"
+                       "assert not loaded, loaded\n"
+                       "assert 'efficient_attn_tasks.tasks.translation' not in sys.modules\n")
     assert out.returncode == 0, out.stderr
 
 

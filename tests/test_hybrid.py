@@ -22,7 +22,8 @@ from efficient_attn.transformer import (
     decode_state_size,
 )
 from efficient_attn_tasks.run.record import RunRecord
-from efficient_attn_tasks.tasks.base import attention_label, attention_spec
+from efficient_attn_tasks.config.labels import attention_label
+from efficient_attn_tasks.config.schema import attention_spec
 from efficient_attn_tasks.commands.train import ConfigError, check_config, run
 from tests.test_train import config, tiny
 

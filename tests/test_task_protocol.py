@@ -1,9 +1,10 @@
-"""Every task follows one protocol (efficient_attn_tasks/tasks/base.py): the same top-level shape, a TaskData data module with the
-common signature, a TaskModule with monitor / monitor_mode, and task_config returning its schema's dataclass.
-A new task in ``checks.TASKS`` that deviates fails here."""
+"""Every task follows one protocol (efficient_attn_tasks/tasks/base.py): the same top-level shape, a TaskData data
+module with the common signature, a TaskModule with monitor / monitor_mode, and task_config returning its Config.
+A new task the registry finds (efficient_attn_tasks/tasks/__init__.py) that deviates fails here."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import typing
@@ -13,16 +14,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from torchmetrics.classification import MulticlassAccuracy
 
+from efficient_attn_tasks.config.checks import CONFIG_DIR, check_config
+from efficient_attn_tasks.config.schema import SITES
+from efficient_attn_tasks.tasks import builtin_tasks, task_module
 from efficient_attn_tasks.tasks.base import TaskData, TaskModule
-from efficient_attn_tasks.config.checks import CONFIG_DIR, TASKS, check_config
-from efficient_attn_tasks.config.schema import TASK_SCHEMAS, TASK_SITES
 
 COMMON_KEYWORDS = ["seed", "data_dir", "cache_dir", "max_len"]  # TaskData's run-level keywords
 LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")  # TaskData's; a task supplies hooks instead
-
-
-def task_module(name: str):
-    return importlib.import_module(TASKS[name])
 
 
 def built_classes(task) -> tuple[type, type]:
@@ -38,11 +36,21 @@ def own_definitions(task) -> list[tuple[int, str]]:
     return sorted(defs)
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
+TASKS = builtin_tasks()
+
+
+def test_the_registry_finds_every_task_module_with_a_config_file():
+    assert TASKS == ["listops", "lm", "mqar", "translation"]
+
+
+@pytest.mark.parametrize("name", TASKS)
 def test_task_module_has_the_protocols_names_and_signatures(name):
     task = task_module(name)
+    assert task is importlib.import_module(f"efficient_attn_tasks.tasks.{name}")
     assert (task.__doc__ or "").strip(), f"{name}: no module docstring"
-    assert task.Config is TASK_SCHEMAS[name] and task.ATTENTION_SITES == TASK_SITES[name]
+    assert dataclasses.is_dataclass(task.Config) and task.Config.__module__ == task.__name__
+    assert dataclasses.fields(task.Config)[0].name == "name" and task.Config.name == name
+    assert task.ATTENTION_SITES and set(task.ATTENTION_SITES) <= set(SITES)
     assert list(inspect.signature(task.build).parameters) == ["cfg"]
     if hasattr(task, "restore"):
         assert list(inspect.signature(task.restore).parameters) == ["cfg", "checkpoint"]
@@ -63,25 +71,28 @@ def test_the_data_module_signature_is_one_for_every_task():
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[1:])
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize("name", TASKS)
 def test_task_module_has_the_protocols_order(name):
-    """docstring, constants, task_config, data helpers, the data module, the Lightning module, build, restore."""
+    """docstring, constants, Config, task_config, data helpers, the data module, the Lightning module, build,
+    restore."""
     task = task_module(name)
     data_cls, module_cls = built_classes(task)
     names = [n for _, n in own_definitions(task)]
-    assert names[0] == "task_config", f"{name}: task_config is the first definition, got {names[:3]}"
+    assert names[:2] == ["Config", "task_config"], f"{name}: Config, then task_config come first, got {names[:3]}"
     tail = ["build", "restore"] if hasattr(task, "restore") else ["build"]
     assert names[-len(tail):] == tail, f"{name}: build (then restore) come last, got {names[-3:]}"
     assert names.index(data_cls.__name__) < names.index(module_cls.__name__), \
         f"{name}: the data module comes before the Lightning module"
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
-def test_task_config_returns_the_schemas_dataclass(name):
+@pytest.mark.parametrize("name", TASKS)
+def test_task_config_returns_the_modules_config(name):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"task={name}", "model=tiny", "logger=none"])
-    got = task_module(name).task_config(cfg)
-    assert type(got) is TASK_SCHEMAS[name] and got.name == name
+    task = task_module(name)
+    got = task.task_config(cfg)
+    assert type(got) is task.Config and got.name == name
+    assert check_config(cfg) is task
 
 
 def test_listops_accuracy_is_the_weighted_mean_of_correct_predictions():

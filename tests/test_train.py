@@ -1,7 +1,6 @@
 """The training app: every config composes and checks, every task × attention runs a fast_dev_run
 through the real config path, translation learns, resume continues, and bad input fails clearly."""
 
-import importlib
 import math
 import os
 import re
@@ -20,11 +19,11 @@ import efficient_attn as ea
 from efficient_attn.attention.base import unsupported_use
 from efficient_attn.transformer import SITE_USE, AttentionSpec
 from efficient_attn_tasks.tasks import translation
-from efficient_attn_tasks.config.checks import CONFIG_DIR, TASKS, ConfigError, check_config
+from efficient_attn_tasks.config.checks import CONFIG_DIR, ConfigError, check_config
 from efficient_attn_tasks.run.curves import read_curves
 from efficient_attn_tasks.tasks.data import DataError
 from efficient_attn_tasks.run.record import RunRecord, peak_memory_mib, reset_peak_memory
-from efficient_attn_tasks.config.schema import TASK_SCHEMAS
+from efficient_attn_tasks.tasks import task_module
 from efficient_attn_tasks.commands.train import run
 from tests.conftest import site_specs
 from tests.helpers import SHARED_DATA, LossLog
@@ -62,7 +61,7 @@ def cannot_run(task: str, attention: str) -> str | None:
     causal-only variant is no encoder, a self-attention-only one no cross-attention), or None. A
     per-layer hybrid (``layers``, e.g. based) serves self-attention sites only, each layer checked."""
     chosen = config(f"attention={attention}").attention
-    sites = importlib.import_module(TASKS[task]).ATTENTION_SITES
+    sites = task_module(task).ATTENTION_SITES
     names = [chosen.name] if chosen.get("layers") is None else [layer.name for layer in chosen.layers]
     if chosen.get("layers") is not None and "cross" in sites:
         return "is a per-layer hybrid of self-attentions; cross-attention takes one attention"
@@ -101,7 +100,7 @@ def test_fast_dev_run_every_task_and_attention(tmp_path, task, attention):
         return
     defaults = config(f"task={task}", f"attention={attention}")
     check_config(defaults)
-    schema = TASK_SCHEMAS[task](**OmegaConf.to_container(defaults.task, resolve=True))
+    schema = task_module(task).Config(**OmegaConf.to_container(defaults.task, resolve=True))
     assert defaults.model.max_len == getattr(schema, "default_max_len", getattr(schema, "longest_sequence", None))
     if task == "lm" and not SHARED_DATA.exists():
         pytest.skip("needs ../shared/data")
@@ -347,8 +346,8 @@ def test_trainer_arguments_the_app_sets_are_start_errors(override, message):
     ("task.synthetic_sizes=[10,10]", r"task.synthetic_sizes must be three positive ints"),
 ])
 def test_translation_task_values_are_checked_at_start(override, message):
-    """The translation section is validated by its schema (TranslationConfig) like the other tasks': before,
-    these passed check_config and failed while loading data, or ran with a nonsense value."""
+    """The translation section is validated by its schema (translation.Config) like the other tasks': these
+    fail check_config, before any data is loaded."""
     with pytest.raises(ConfigError, match=rf"^task.translation: {message}"):
         check_config(tiny("translation", "softmax", override))
     with pytest.raises(ValueError, match=message):  # the task's own build checks the same schema

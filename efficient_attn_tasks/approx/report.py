@@ -20,7 +20,6 @@ from typing import Any
 
 from efficient_attn_tasks.commands.cli import wrote
 from efficient_attn_tasks.plots import Line, Panel, error_bands
-from efficient_attn.analysis import KL_ROWS
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:

@@ -1,7 +1,7 @@
 """``efficient-attn-train``: the Hydra app that trains one task with one attention and records the run
 (configs/train.yaml; its ``hydra.help.template`` is ``--help``). Importing it loads neither torch nor Lightning:
-the config checks (efficient_attn_tasks/config/checks.py) come first, Lightning, W&B and the task's code load when
-a run starts; the record is efficient_attn_tasks/run/record.py, resuming efficient_attn_tasks/run/resume.py."""
+the config checks (config/checks.py) load them with the task's module, W&B when a run starts; the record is
+run/record.py, resuming run/resume.py."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
     import torch
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from efficient_attn_tasks.tasks.base import attention_label
+    from efficient_attn_tasks.config.labels import attention_label
     from efficient_attn_tasks.run.callbacks import (CurveLog, EpochLine, NonFiniteGuard, SaveOnInterrupt, Throughput, ValidateAtMaxSteps,
                             keep_averaged_weights_for_test, progress_bar, quiet_lightning)
     from efficient_attn_tasks.run.loggers import finish_wandb, make_logger, wandb_offline_note

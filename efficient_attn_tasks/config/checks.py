@@ -1,10 +1,11 @@
 """The config checks of ``efficient-attn-train``: :func:`check_config` and every helper it uses.
 
-Each section (top level, task, optim, attention, model, trainer, logger, callbacks, nonfinite) is checked
+Each section (top level, optim, attention, trainer, logger, nonfinite, task, model, callbacks) is checked
 against its schema before any data or model is built, so a wrong key or value is one :class:`ConfigError`
-line naming the key and the fix. Importing this module loads neither torch nor Lightning: the checks that
-need torch import it (efficient_attn_tasks/config/schema.py, efficient_attn), the callbacks check imports Lightning only when
-callbacks are set, and the task's module loads last (tests/test_cli.py).
+line naming the key and the fix. Importing this module loads neither torch nor Lightning: the top-level,
+optim, trainer and logger sections are checked first, then the task's module is found in the task
+registry (efficient_attn_tasks/tasks/__init__.py) and imported (torch and Lightning load), which checks its
+``task:`` section, the model and the attentions; Lightning callbacks are imported only when set.
 """
 
 from __future__ import annotations
@@ -13,25 +14,23 @@ import ast
 import dataclasses
 import difflib
 import functools
-import importlib
 import importlib.util
 import inspect
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from efficient_attn_tasks import config_dir
+from efficient_attn_tasks.config.schema import SITES, AttentionConfig, OptimConfig, check_attentions, transformer_config
+from efficient_attn_tasks.config.labels import drop_stale_config
+from efficient_attn_tasks.tasks import task_module
 
-if TYPE_CHECKING:
-    from efficient_attn.transformer import AttentionSpec
-
-# Start-up stays light: --help, the config checks and their errors load neither Lightning nor W&B
-# nor sacreBLEU (tests/test_cli.py); run() imports them when a run starts.
-TASKS = {name: f"efficient_attn_tasks.tasks.{name}" for name in ("translation", "listops", "lm", "mqar")}
-TOP_LEVEL = {"seed", "name", "row", "data_dir", "cache_dir", "ckpt_path", "checkpoint_every", "test", "threads", "nonfinite",
-             "imports", "optim", "task", "attention", "model", "trainer", "logger", "callbacks"}
+# Start-up stays light: --help and the checks of the top-level, optim, trainer and logger sections load
+# neither torch nor Lightning (tests/test_cli.py); the task's module loads them, W&B loads when a run starts.
+TOP_LEVEL = {"seed", "name", "row", "data_dir", "cache_dir", "ckpt_path", "checkpoint_every", "test", "threads",
+             "nonfinite", "imports", "optim", "task", "attention", "model", "trainer", "logger", "callbacks"}
 CONFIG_DIR = str(config_dir())
 LOGGER_KEYS = {  # efficient_attn_tasks/run/loggers.py builds them
     "wandb": {"kind", "project", "entity", "mode", "init_timeout", "log_model"},
@@ -109,22 +108,17 @@ def check_schedule(optim: Any, trainer: Any) -> None:
 def check_config(cfg: DictConfig) -> Any:
     """Validate every section against its schema; return the task's module.
 
-    Everything is checked before the task's module (Lightning, its data code) is imported: a wrong
-    top-level, task, optim, attention, trainer or logger key fails before torch loads, a wrong model
-    or attention choice in about the time torch takes to import, a wrong callback (its class is
-    imported to read its arguments) in about the time Lightning takes.
+    The top-level, optim, attention (its keys), trainer and logger sections are checked before torch
+    loads; then the ``imports`` (the user's attentions and tasks) and the task's module (found by
+    ``task.name`` in the task registry; Lightning and its data code load), whose ``Config`` checks the
+    ``task:`` section; then the model and every attention the task's model has, and the callbacks (a
+    callback class is imported to read its arguments).
     """
-    from efficient_attn_tasks.config import schema
-
     _known(set(cfg.keys()), TOP_LEVEL, "")
-    if cfg.task.get("name") not in TASKS:
-        raise ConfigError(f"unknown task {cfg.task.get('name')!r}; choose one of {sorted(TASKS)}")
-    # the sections whose schemas need no torch first, so their typos are reported fastest; the task and
-    # optim sections are built as their dataclasses, so their value checks (__post_init__) run here too
-    task = _validated(cfg.task, schema.TASK_SCHEMAS[cfg.task.name], "task", f"task.{cfg.task.name}: ")
-    _validated(cfg.optim, schema.OptimConfig, "optim")
-    check_max_len(cfg, task)
-    _check_section(cfg.attention, schema.AttentionConfig, "attention")
+    # the sections whose schemas need no torch first, so their typos are reported fastest; optim is built
+    # as its dataclass, so its value checks (__post_init__) run here too
+    _validated(cfg.optim, OptimConfig, "optim")
+    _check_section(cfg.attention, AttentionConfig, "attention")
     _known(set(cfg.trainer.keys()), trainer_arguments(), "trainer.")
     check_trainer(cfg.trainer)
     check_schedule(cfg.optim, cfg.trainer)
@@ -133,74 +127,51 @@ def check_config(cfg: DictConfig) -> Any:
     _known(set(cfg.logger.keys()), LOGGER_KEYS[cfg.logger.kind], "logger.")
     if cfg.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"nonfinite must be 'stop' or 'skip', got {cfg.nonfinite!r}")
-    from efficient_attn.transformer import AttentionSpec  # torch loads here
 
-    from efficient_attn_tasks.config.schema import TASK_SITES, AttentionConfig, ModelConfig, attention_spec, transformer_config
+    check_imports(cfg.get("imports"))  # before the task: an imported module may register it
+    try:
+        task = task_module(cfg.task.get("name"))  # torch, Lightning and the task's code load here
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    # the task section built as its Config (as the task's code builds it later): its value checks run here
+    task_cfg = _validated(cfg.task, task.Config, "task", f"task.{cfg.task.name}: ")
+    check_max_len(cfg, task_cfg)
+    drop_stale_config(cfg)
 
-    check_imports(cfg.get("imports"))
-    check_attention_labels(cfg)
+    from efficient_attn_tasks.config.schema import ModelConfig  # built on torch's TransformerConfig
 
     _check_section(cfg.model, ModelConfig, "model")
+    for site in SITES:
+        _check_section(cfg.model.get(f"{site}_attention") or cfg.attention, AttentionConfig,
+                       f"model.{site}_attention")
     try:
         transformer_config(cfg)
-        for site in ("encoder", "decoder", "cross"):
-            chosen = cfg.model.get(f"{site}_attention") or cfg.attention
-            _check_section(chosen, AttentionConfig, f"model.{site}_attention")
-            if "causal" in (chosen.kwargs or {}):
-                raise ConfigError(f"{site} attention: causal is not an attention option; the model sets it per site "
-                                  "(decoder self-attention is causal, encoder and cross-attention are not); remove it")
-            if chosen.get("layers") is None:  # a hybrid's name is a label; its layers are checked below
-                AttentionSpec(chosen.name, dict(chosen.kwargs or {})).check(f"{site} attention")
-            if site in TASK_SITES[cfg.task.name]:  # the task's model has this site: the attention must serve it
-                try:
-                    specs = attention_spec(cfg, site)  # one spec, or one per layer (hybrids, model.layer_attentions)
-                except ValueError as err:
-                    raise ConfigError(f"task {cfg.task.name}: {err}") from None
-                _check_site(cfg.task.name, site, specs)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
-    check_callbacks(cfg.get("callbacks"), cfg.logger.kind)  # Lightning loads here when callbacks are set
-    return importlib.import_module(TASKS[cfg.task.name])  # Lightning and the task's code load here
-
-
-def _attention_label(name: str, config: str | None) -> str:
-    from efficient_attn_tasks.config.schema import config_label
-
-    return config_label(name, config)
-
-
-# ${attention_label:name,config} in hydra.run.dir / hydra.sweep.subdir (configs/train.yaml): resolved by
-# Hydra before the job starts, so registered when this module (imported by the app) loads
-OmegaConf.register_new_resolver("attention_label", _attention_label, replace=True)
+    try:
+        check_attentions(cfg, task.ATTENTION_SITES)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"task {cfg.task.name}: {err}") from None
+    check_callbacks(cfg.get("callbacks"), cfg.logger.kind)  # Lightning's callbacks are imported here when set
+    return task
 
 
 def check_imports(imports: Any) -> None:
-    """``imports``: modules that register the user's own attentions (``@register_attention``), imported
-    before the attention checks, so ``attention.name=my_attention`` works with no edit to this package."""
+    """``imports``: modules that register the user's own attentions (``@register_attention``) or tasks
+    (``@register_task``), imported before the task and attention checks, so ``attention.name=my_attention``
+    or ``task=my_task`` works with no edit to this package."""
     from efficient_attn.registry import import_attentions
 
     modules = OmegaConf.to_container(imports) if OmegaConf.is_config(imports) else imports
     if modules is None:
         return
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
-        raise ConfigError(f"imports must be a list of module names, e.g. imports=[my_pkg.my_attention], got {modules!r}")
+        raise ConfigError(f"imports must be a list of module names, e.g. imports=[my_pkg.my_attention], "
+                          f"got {modules!r}")
     try:
         import_attentions(modules)
     except ImportError as err:
         raise ConfigError(str(err)) from None
-
-
-def check_attention_labels(cfg: DictConfig) -> None:
-    """``attention.config`` names the config file the run used (its label in run dirs, W&B and results.json).
-    A command-line ``attention.name=X`` over the default ``attention=softmax`` keeps that file's
-    ``config: softmax``: the label would then name another attention, so it is dropped (the label is ``X``)."""
-    from efficient_attn_tasks.config.schema import config_label
-
-    for key in ("attention", "model.encoder_attention", "model.decoder_attention", "model.cross_attention"):
-        node = OmegaConf.select(cfg, key)
-        if isinstance(node, DictConfig) and node.get("config") and node.get("layers") is None:
-            if config_label(node.get("name"), node.config) != node.config:
-                node.config = None
 
 
 HYDRA_KEYS = {"_target_", "_args_", "_partial_", "_recursive_", "_convert_"}  # hydra.utils.instantiate's own
@@ -275,28 +246,6 @@ def trainer_arguments() -> frozenset[str]:
     import pytorch_lightning as pl
 
     return frozenset(inspect.signature(pl.Trainer).parameters)
-
-
-def _check_site(task: str, site: str, specs: AttentionSpec | list[AttentionSpec]) -> None:
-    """Every layer's attention exists, takes its options and can serve ``site``; errors name the layer."""
-    from efficient_attn.transformer import AttentionSpec
-
-    if isinstance(specs, AttentionSpec):
-        try:
-            specs.check(f"{site} attention", site)
-        except ValueError as err:
-            raise ConfigError(f"task {task}: {err}; choose another attention for this site, "
-                              f"e.g. ++model.{site}_attention={{name: softmax, kwargs: {{}}}}") from None
-        return
-    for i, spec in enumerate(specs):
-        where = f"{site} attention, layer {i}"
-        if "causal" in spec.kwargs:
-            raise ConfigError(f"{where}: causal is not an attention option; the model sets it per site; remove it")
-        try:
-            spec.check(where, site)
-        except ValueError as err:
-            raise ConfigError(f"task {task}: {err}; choose another attention for that layer "
-                              "(model.layer_attentions or the hybrid's attention.layers)") from None
 
 
 def _known(keys: set[str], allowed: set[str], prefix: str) -> None:

@@ -10,7 +10,6 @@ A task module whose ``build`` reads data defines ``restore(cfg, checkpoint)``
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,8 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from efficient_attn.registry import import_attentions
 
-from efficient_attn_tasks.config.checks import TASKS, ConfigError
+from efficient_attn_tasks.config.checks import ConfigError
 from efficient_attn_tasks.run.record import RESULTS_JSON, RunRecord
+from efficient_attn_tasks.tasks import task_module
 
 
 @dataclass
@@ -83,7 +83,10 @@ def load(path: Path, task_overrides: dict[str, Any] | None = None, data_dir: str
         if value is not None:
             cfg[key] = str(value)
     import_attentions(cfg.get("imports") or [])  # the run's own attentions (its config's imports)
-    task = importlib.import_module(TASKS[cfg.task.name])
+    try:
+        task = task_module(cfg.task.name)  # a task from elsewhere registered itself when its imports loaded
+    except ValueError as err:
+        raise ConfigError(f"{file}: {err}") from None
     saved = checkpoint.get("vocabulary")
     if saved is not None and list(saved) != list(task.VOCAB):
         raise ConfigError(f"{file} was trained with the {cfg.task.name} vocabulary {list(saved)}, but this code's is "

@@ -23,7 +23,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
     from efficient_attn_tasks.run.callbacks import quiet_lightning
     from efficient_attn_tasks.run.checkpoint import load
-    from efficient_attn_tasks.config.schema import attention_label
+    from efficient_attn_tasks.config.labels import attention_label
     from efficient_attn_tasks.run.record import hardware, versions
 
     start = time.perf_counter()

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-from efficient_attn_tasks.config.schema import attention_config
+from efficient_attn_tasks.config.labels import attention_config
 from efficient_attn_tasks.config.checks import LOGGER_KEYS  # noqa: F401  (the config check's copy: one list of keys)
 
 if TYPE_CHECKING:

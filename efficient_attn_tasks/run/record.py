@@ -210,8 +210,7 @@ def run_record(cfg, module, trainer, checkpoint, throughput, val, test, fit_s, w
     """The record of a finished run (``"status": "ok"``): who it was, its config and overrides, its validation
     and test metrics, size, steps, throughput, peak memory, times, hardware and versions; ``run`` adds the
     tested checkpoint, skipped updates, precision, resume point and threads."""
-    from efficient_attn_tasks.tasks.base import attention_label
-    from efficient_attn_tasks.config.schema import attention_config
+    from efficient_attn_tasks.config.labels import attention_config, attention_label
 
     best = checkpoint.best_model_score
     return RunRecord(
@@ -253,10 +252,10 @@ def failed_record(cfg: DictConfig, err: BaseException, attempt: Attempt) -> RunR
     """The record of a run that raised ``err``: who it was (name, task, attention, seed, config, overrides, as
     a finished run's record), ``"status": "failed"``, the error's type and one-line message, the step it reached
     (0 before training), its wall time. No metrics: readers never average a failed run into a table."""
-    from efficient_attn_tasks.config import schema
+    from efficient_attn_tasks.config.labels import attention_label
 
     try:
-        attention = schema.attention_label(cfg)
+        attention = attention_label(cfg)
     except Exception:  # noqa: BLE001 - a config too broken to label: the attention config's own name
         attention = str(OmegaConf.select(cfg, "attention.name", default=None))
     try:

@@ -1,12 +1,15 @@
-"""What every task shares: the task protocol, the model builder, the optimiser and schedule.
+"""What every task shares: the task protocol, the data and Lightning module bases, the optimiser and schedule.
 
-The config schemas live in efficient_attn_tasks/config/schema.py (checked before Lightning loads) and are re-exported here.
+The task protocol. A task is a module (``tasks/<name>.py``; efficient_attn_tasks/tasks/mqar.py is the smallest)
+and a config file, ``configs/task/<name>.yaml``; the task registry (efficient_attn_tasks/tasks/__init__.py)
+finds the module by the config's ``name``. The module has, in this order:
 
-The task protocol. A task module (``tasks/<name>.py``; efficient_attn_tasks/tasks/mqar.py is the smallest) has, in this order:
-
-- its docstring, then constants (``ATTENTION_SITES = TASK_SITES[<name>]``, vocabulary, ...);
-- ``Config`` (its ``task:`` schema, from efficient_attn_tasks/config/schema.py ``TASK_SCHEMAS``) and
-  ``task_config(cfg) -> Config``, which calls :func:`task_section` (the only way a task reads ``cfg.task``);
+- its docstring, then constants (``ATTENTION_SITES``: the sites of its model, from ``encoder``, ``decoder``
+  and ``cross``, whose attentions check_config checks; vocabulary, ...);
+- ``Config``, its ``task:`` section as a dataclass decorated with ``@register_task(<name>)`` (``name``
+  defaults to ``<name>``; ``__post_init__`` refuses bad values; ``longest_sequence`` or ``default_max_len``
+  fills a null ``model.max_len``), then ``task_config(cfg) -> Config``, which calls :func:`task_section`
+  (the only way a task reads ``cfg.task``);
 - its data helpers, which take the typed ``Config`` (and resolved paths), never ``cfg.task``;
 - its data module, a :class:`TaskData` made as ``XData(task, **data_options(cfg))``: it supplies only
   ``load_splits`` and what differs (``collate_fn``, ``dataset``, ``train_batches``);
@@ -17,7 +20,7 @@ The task protocol. A task module (``tasks/<name>.py``; efficient_attn_tasks/task
   (translation: the tokenizer) also has ``restore(cfg, checkpoint)``, which makes it from what the
   checkpoint holds (efficient_attn_tasks/run/checkpoint.py).
 
-tests/test_task_protocol.py checks this for every task in ``checks.TASKS``.
+tests/test_task_protocol.py checks this for every task the registry knows.
 """
 
 from __future__ import annotations
@@ -37,11 +40,10 @@ from torchmetrics import MeanMetric
 from efficient_attn import attention_aux_loss, attention_optimizer_step
 from efficient_attn.transformer import count_parameters
 
-from efficient_attn_tasks.config.schema import (ATTENTION_CONFIG_DIR, AttentionConfig, ModelConfig, OptimConfig, attention_config_names,  # noqa: F401
-                     attention_label, attention_spec, layer_entry, transformer_config)
+from efficient_attn_tasks.config.schema import OptimConfig
+from efficient_attn_tasks.run.distributed import all_reduce_sum, world_size
 from efficient_attn_tasks.tasks.data import cache_dir as resolve_cache_dir
 from efficient_attn_tasks.tasks.data import data_dir as resolve_data_dir
-from efficient_attn_tasks.run.distributed import all_reduce_sum, world_size
 from efficient_attn_tasks.tasks.sampling import GlobalBatches, eval_loader, shuffled, train_loader
 
 Schema = TypeVar("Schema")

@@ -17,7 +17,7 @@ import json
 import os
 import random
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,12 +31,13 @@ from tqdm.auto import tqdm
 
 from efficient_attn.transformer import TransformerClassifier
 
-from efficient_attn_tasks.tasks.base import TaskData, TaskModule, attention_spec, data_options, task_section, transformer_config
+from efficient_attn_tasks.config.schema import attention_spec, transformer_config
+from efficient_attn_tasks.tasks import register_task
+from efficient_attn_tasks.tasks.base import TaskData, TaskModule, data_options, task_section
 from efficient_attn_tasks.tasks.data import DataError
-from efficient_attn_tasks.config.schema import MIN_ARGS, TASK_SITES, check_params, longest_expression  # noqa: F401
-from efficient_attn_tasks.config.schema import ListOpsConfig as Config
 
-ATTENTION_SITES = TASK_SITES["listops"]  # the model's attention sites (check_config)
+ATTENTION_SITES = ("encoder",)  # the model's attention sites (check_config)
+MIN_ARGS = 2  # arguments per operator: MIN_ARGS..max_args, as LRA's generator (randint(2, max_args))
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
@@ -50,9 +51,73 @@ CACHE_VERSION = 2  # bump when the generator or the file layout changes
 SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
 
 
+@register_task("listops")
+@dataclass
+class Config:
+    """The ``task:`` section for ``task=listops`` (configs/task/listops.yaml)."""
+
+    name: str = "listops"
+    train_size: int = 96000
+    val_size: int = 2000
+    test_size: int = 2000
+    min_length: int = 500  # tokens, exclusive
+    max_length: int = 2000  # tokens, exclusive
+    max_depth: int = 10
+    max_args: int = 10
+    data_seed: int = 1234
+    batch_size: int = 32
+    pooling: str = "mean"  # mean | cls (prepends <cls>)
+    num_workers: int = 0
+
+    longest_from = "task.max_length - 1, +1 with task.pooling=cls"  # what longest_sequence follows (errors)
+
+    def __post_init__(self) -> None:
+        for name in ("train_size", "val_size", "test_size", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"task.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.pooling not in ("mean", "cls"):
+            raise ValueError(f"task.pooling must be 'mean' or 'cls', got {self.pooling!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"task.num_workers must be >= 0, got {self.num_workers}")
+        check_params(self.min_length, self.max_length, self.max_depth, self.max_args)
+
+    @property
+    def longest_sequence(self) -> int:
+        """Most tokens the model sees in one sequence, <cls> included (the default model.max_len)."""
+        return self.max_length - 1 + (self.pooling == "cls")
+
+
 def task_config(cfg: DictConfig) -> Config:
     """The ``task:`` group as a checked :class:`Config` (unknown keys are a TypeError, bad values a ValueError)."""
     return task_section(cfg, Config)
+
+
+def longest_expression(max_depth: int, max_args: int) -> int:
+    """Tokens in the largest expression: a full max_args-ary tree, operators at depths 1..max_depth-1."""
+    operators = sum(max_args**d for d in range(max_depth - 1))
+    return 2 * operators + max_args ** (max_depth - 1)
+
+
+def check_params(min_length: int, max_length: int, max_depth: int, max_args: int) -> None:
+    """ValueError saying what to change if no expression can satisfy the parameters."""
+    if max_depth < 2:
+        raise ValueError(f"max_depth={max_depth} leaves no room for an operator; use max_depth >= 2")
+    if max_args < MIN_ARGS:
+        raise ValueError(f"max_args={max_args} must be >= {MIN_ARGS}")
+    if min_length >= max_length - 1:
+        raise ValueError(
+            f"min_length={min_length} and max_length={max_length}: lengths are strictly between them, "
+            "so max_length must exceed min_length + 1"
+        )
+    shortest = MIN_ARGS + 2  # e.g. [MAX 1 2 ]
+    if max_length <= shortest:
+        raise ValueError(f"max_length={max_length}: the shortest expression has {shortest} tokens; raise max_length")
+    longest = longest_expression(max_depth, max_args)
+    if longest <= min_length:
+        raise ValueError(
+            f"min_length={min_length}: the longest expression with max_depth={max_depth} and "
+            f"max_args={max_args} has {longest} tokens; lower min_length or raise max_depth / max_args"
+        )
 
 
 def apply(op: str, args: Sequence[int]) -> int:
@@ -262,7 +327,8 @@ class ListOpsModule(TaskModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Also the token vocabulary: a checkpoint loaded by code with another one is refused (efficient_attn_tasks/run/checkpoint.py)."""
+        """Also the token vocabulary: a checkpoint loaded by code with another one is refused
+        (efficient_attn_tasks/run/checkpoint.py)."""
         super().on_save_checkpoint(checkpoint)
         checkpoint["vocabulary"] = list(VOCAB)
 

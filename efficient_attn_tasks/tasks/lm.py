@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,17 +23,54 @@ from torch.utils.data import Dataset
 
 from efficient_attn.transformer import TransformerLM
 
-from efficient_attn_tasks.tasks.base import TaskData, TaskModule, attention_spec, data_options, task_section, transformer_config
+from efficient_attn_tasks.config.schema import attention_spec, transformer_config
+from efficient_attn_tasks.tasks import register_task
+from efficient_attn_tasks.tasks.base import TaskData, TaskModule, data_options, task_section
 from efficient_attn_tasks.tasks.data import DataError, fetch
 from efficient_attn_tasks.tasks.sampling import GlobalBatches, random_draws
-from efficient_attn_tasks.config.schema import LM_DATASETS as DATASETS  # noqa: F401
-from efficient_attn_tasks.config.schema import TASK_SITES
-from efficient_attn_tasks.config.schema import LMConfig as Config
 
 VOCAB_SIZE = 256
-ATTENTION_SITES = TASK_SITES["lm"]  # the model's attention sites (check_config)
+ATTENTION_SITES = ("decoder",)  # the model's attention sites (check_config)
+DATASETS = ("tinyshakespeare", "enwik8", "file")
 ENWIK8_SPLIT = (90_000_000, 5_000_000)  # train, val bytes; test = the last 5M
 Batch = dict[str, Tensor]
+
+
+@register_task("lm")
+@dataclass
+class Config:
+    """The ``task:`` section for ``task=lm`` (configs/task/lm.yaml)."""
+
+    name: str = "lm"
+    dataset: str = "tinyshakespeare"  # tinyshakespeare | enwik8 | file
+    path: str | None = None  # the text file when dataset=file
+    context_length: int = 1024
+    batch_size: int = 16
+    train_batches_per_epoch: int = 1000
+    eval_batches: int | None = None  # cap on val/test batches; None = the whole split
+    split: tuple[float, float] = (0.9, 0.05)  # train, val fractions; test = the rest (not enwik8)
+    num_workers: int = 0
+
+    longest_from = "task.context_length"
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"task.dataset must be one of {list(DATASETS)}, got {self.dataset!r}")
+        if self.dataset == "file" and not self.path:
+            raise ValueError("task.dataset=file needs task.path (a UTF-8 text file)")
+        for name in ("context_length", "batch_size", "train_batches_per_epoch"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"task.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.eval_batches is not None and (not isinstance(self.eval_batches, int) or self.eval_batches < 1):
+            raise ValueError(f"task.eval_batches must be a positive int or null, got {self.eval_batches!r}")
+        self.split = tuple(float(f) for f in self.split)
+        if len(self.split) != 2 or min(self.split) <= 0 or sum(self.split) >= 1:
+            raise ValueError(f"task.split must be two positive fractions (train, val) summing to < 1, got {self.split}")
+
+    @property
+    def longest_sequence(self) -> int:
+        """Tokens in one window (the default model.max_len)."""
+        return self.context_length
 
 
 def task_config(cfg: DictConfig) -> Config:
@@ -63,7 +101,8 @@ def read_bytes(cfg: Config, path: Path) -> Tensor:
         else:
             raw = path.read_bytes()
     except (OSError, KeyError, zipfile.BadZipFile) as err:
-        raise DataError(f"cannot read {path}: {err} (corrupt or truncated file?); delete it to download it again") from None
+        raise DataError(f"cannot read {path}: {err} (corrupt or truncated file?); "
+                        "delete it to download it again") from None
     if cfg.dataset == "file":
         try:
             raw.decode("utf-8")

@@ -8,7 +8,8 @@ key. Loss and accuracy count only the query positions. Generator semantics follo
 drawn without replacement from ``range((L − 2·kv)/2)`` with probability ∝ ``(gap + 1)^(a − 1)``
 (``power_a`` = a; a → 0 favours queries soon after the context, a = 1 is uniform); every other
 position holds a uniformly random token (``random_non_queries``, zoology's generator default) or
-token 0 (``random_non_queries: false``, as zoology's Figure 2 configs set it). The model is the ``lm`` family's causal decoder.
+token 0 (``random_non_queries: false``, as zoology's Figure 2 configs set it). The model is the ``lm``
+family's causal decoder.
 
 Splits come from ``data_seed`` (train, val and test from distinct derived streams), not from
 the run ``seed``, so every seed and attention sees the same data; val and test examples whose
@@ -16,6 +17,8 @@ key–value context occurs in train are dropped (disjoint splits), the count is 
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +28,55 @@ from torch.utils.data import Dataset
 
 from efficient_attn.transformer import TransformerLM, decode_state_size
 
-from efficient_attn_tasks.tasks.base import SPLITS, TaskData, TaskModule, attention_spec, data_options, task_section, transformer_config
-from efficient_attn_tasks.config.schema import TASK_SITES
-from efficient_attn_tasks.config.schema import MQARConfig as Config
+from efficient_attn_tasks.config.schema import attention_spec, transformer_config
+from efficient_attn_tasks.tasks import register_task
+from efficient_attn_tasks.tasks.base import SPLITS, TaskData, TaskModule, data_options, task_section
 
 IGNORE = -100  # target at non-query positions: no loss, no accuracy
-ATTENTION_SITES = TASK_SITES["mqar"]  # the model's attention sites (check_config)
+ATTENTION_SITES = ("decoder",)  # the model's attention sites (check_config)
 Batch = dict[str, Tensor]
+
+
+@register_task("mqar")
+@dataclass
+class Config:
+    """The ``task:`` section for ``task=mqar`` (configs/task/mqar.yaml)."""
+
+    name: str = "mqar"
+    vocab_size: int = 8192
+    seq_len: int = 64  # L, tokens per sequence
+    num_kv_pairs: int = 4
+    power_a: float = 0.01  # query-gap power law (zoology's default)
+    random_non_queries: bool = False  # filler: random tokens (True) or token 0 (zoology's Figure 2 configs)
+    train_size: int = 100_000
+    val_size: int = 3_000  # picks the checkpoint and, in sweeps, the learning rate
+    test_size: int = 3_000
+    data_seed: int = 1234
+    batch_size: int = 64
+    num_workers: int = 0
+
+    longest_from = "task.seq_len"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "num_kv_pairs", "train_size", "val_size", "test_size", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"task.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.seq_len % 2:
+            raise ValueError(f"task.seq_len must be even (queries sit at even offsets), got {self.seq_len}")
+        if 4 * self.num_kv_pairs > self.seq_len:
+            raise ValueError(
+                f"task.num_kv_pairs={self.num_kv_pairs} needs seq_len >= 4·num_kv_pairs = {4 * self.num_kv_pairs} "
+                f"(2·kv context tokens, then kv query slots at even offsets), got seq_len={self.seq_len}"
+            )
+        if self.vocab_size // 2 - 1 < self.num_kv_pairs:
+            raise ValueError(f"task.vocab_size={self.vocab_size} leaves fewer than num_kv_pairs distinct keys")
+        if not 0.0 < self.power_a <= 1.0:
+            raise ValueError(f"task.power_a must be in (0, 1], got {self.power_a}")
+
+    @property
+    def longest_sequence(self) -> int:
+        """Tokens in one sequence (the default model.max_len)."""
+        return self.seq_len
 
 
 def task_config(cfg: DictConfig) -> Config:

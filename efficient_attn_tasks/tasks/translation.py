@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import sacrebleu
@@ -27,17 +28,94 @@ from torch.utils.data import DataLoader
 from efficient_attn.generate import beam_search, greedy_search
 from efficient_attn.transformer import Seq2SeqTransformer
 
-from efficient_attn_tasks.tasks.base import (SPLITS, TaskData, TaskModule, attention_spec, data_options, task_section,
-                   transformer_config)
-from efficient_attn_tasks.tasks.data import RESOURCES, DataError, data_dir, fetch_all, read_lines
+from efficient_attn_tasks.config.schema import attention_spec, transformer_config
 from efficient_attn_tasks.run.distributed import all_gather_objects
+from efficient_attn_tasks.tasks import register_task
+from efficient_attn_tasks.tasks.base import SPLITS, TaskData, TaskModule, data_options, task_section
+from efficient_attn_tasks.tasks.data import RESOURCES, DataError, data_dir, fetch_all, read_lines
 from efficient_attn_tasks.tasks.sampling import GlobalBatches, by_length, sharded_eval_loader
-from efficient_attn_tasks.config.schema import TASK_SITES
-from efficient_attn_tasks.config.schema import TranslationConfig as Config
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
-ATTENTION_SITES = TASK_SITES["translation"]  # the model's attention sites (check_config)
+ATTENTION_SITES = ("encoder", "decoder", "cross")  # the model's attention sites (check_config)
+SOURCES = ("multi30k", "files", "hf", "synthetic")
+TOKENIZERS = ("bpe", "unigram", "char")  # SentencePiece model types
+DEFAULT_MAX_LEN = 1024  # model.max_len when null: fairseq's default --max-{source,target}-positions
 MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
+
+
+@register_task("translation")
+@dataclass
+class Config:
+    """The ``task:`` section for ``task=translation`` (configs/task/translation.yaml)."""
+
+    name: str = "translation"
+    source: str = "multi30k"  # multi30k | files | hf | synthetic
+    src_lang: str = "en"
+    tgt_lang: str = "de"
+    files: dict[str, list[str]] | None = None  # source=files: {train: [src, tgt], val: [...], test: [...]}
+    hf_name: str | None = None  # source=hf, e.g. wmt14 / iwslt2017
+    hf_config: str | None = None  # e.g. de-en / iwslt2017-en-de
+    synthetic: str = "reverse"  # source=synthetic: copy | reverse
+    synthetic_sizes: list[int] = field(default_factory=lambda: [4000, 200, 200])
+    synthetic_symbols: int = 16
+    synthetic_length: list[int] = field(default_factory=lambda: [4, 12])
+    data_seed: int = 1234
+    tokenizer: str = "bpe"  # SentencePiece model type: bpe | unigram | char
+    vocab_size: int = 8000
+    max_tokens: int = 128  # training pairs longer than this (either side) are dropped, with a count
+    batch_size: int = 64
+    label_smoothing: float = 0.1
+    val_bleu: bool = True  # greedy-decode the validation set for BLEU (the checkpoint metric)
+    beam_size: int = 4  # test decoding; 1 = greedy
+    length_penalty: float = 0.6  # α: beams score sum log p / |y|**α, |y| tokens incl. EOS (fairseq, HF)
+    max_len_a: float = 1.5  # generate at most a·|src| + b tokens (and at most model.max_len)
+    max_len_b: int = 10
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.beam_size, int) or self.beam_size < 1:
+            raise ValueError(f"task.beam_size must be an int >= 1 (1 = greedy decoding of the test split), "
+                             f"got {self.beam_size!r}; set test=false to skip testing")
+        if self.source not in SOURCES:
+            raise ValueError(f"task.source must be one of {list(SOURCES)}, got {self.source!r}")
+        if self.source == "files" and (not isinstance(self.files, dict) or set(self.files) != {"train", "val", "test"}
+                                       or any(len(pair) != 2 for pair in self.files.values())):
+            raise ValueError("task.source=files needs task.files="
+                             "{train: [src, tgt], val: [src, tgt], test: [src, tgt]}")
+        if self.source == "hf" and not self.hf_name:
+            raise ValueError("task.source=hf needs task.hf_name (e.g. wmt14) and task.hf_config (e.g. de-en)")
+        if self.synthetic not in ("copy", "reverse"):
+            raise ValueError(f"task.synthetic must be copy or reverse, got {self.synthetic!r}")
+        if len(self.synthetic_sizes) != 3 or any(not isinstance(n, int) or n < 1 for n in self.synthetic_sizes):
+            raise ValueError(f"task.synthetic_sizes must be three positive ints [train, val, test], "
+                             f"got {list(self.synthetic_sizes)}")
+        length = list(self.synthetic_length)
+        if len(length) != 2 or not 1 <= length[0] <= length[1] or not 1 <= self.synthetic_symbols <= 26:
+            raise ValueError("task.synthetic_length must be [min, max] with 1 <= min <= max; "
+                             "synthetic_symbols in 1..26")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"task.tokenizer must be one of {list(TOKENIZERS)}, got {self.tokenizer!r}")
+        for name in ("vocab_size", "max_tokens", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"task.{name} must be a positive int, got {getattr(self, name)!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"task.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.max_len_a < 0 or not isinstance(self.max_len_b, int) or self.max_len_b < 0:
+            raise ValueError(f"task.max_len_a and task.max_len_b must be >= 0 (max_len_b an int), "
+                             f"got {self.max_len_a!r} and {self.max_len_b!r}")
+        if int(self.max_len_a + self.max_len_b) < 1:
+            raise ValueError(f"task.max_len_a={self.max_len_a}, task.max_len_b={self.max_len_b} let a one-token source "
+                             "generate no token; raise task.max_len_b (e.g. 10)")
+        if self.num_workers < 0:
+            raise ValueError(f"task.num_workers must be >= 0, got {self.num_workers}")
+
+    @property
+    def default_max_len(self) -> int:
+        """model.max_len when it is null. No config key bounds the pairs (training pairs are cut at
+        max_tokens, often far above their real length; validation and test pairs are never cut), so the
+        lengths are checked on the tokenised data (:func:`check_lengths`), and the default is fairseq's 1024
+        positions, or BOS + max_tokens when that is more (every kept training pair fits)."""
+        return max(DEFAULT_MAX_LEN, self.max_tokens + 1)
 
 
 def task_config(cfg: DictConfig) -> Config:
@@ -61,7 +139,8 @@ def load_pairs(t: Config, root: Path | None = None) -> dict[str, tuple[list[str]
         return {s: _checked(get(s, t.src_lang), get(s, t.tgt_lang), s) for s in SPLITS}
     if t.source == "files":
         if not t.files or set(t.files) != set(SPLITS):
-            raise ValueError("task.source=files needs task.files={train: [src, tgt], val: [src, tgt], test: [src, tgt]}")
+            raise ValueError("task.source=files needs task.files="
+                             "{train: [src, tgt], val: [src, tgt], test: [src, tgt]}")
         return {s: _checked(read_lines(Path(t.files[s][0])), read_lines(Path(t.files[s][1])), s) for s in SPLITS}
     if t.source == "hf":
         return _load_hf(t)
@@ -210,8 +289,9 @@ class TranslationData(TaskData):
             self.sp = train_tokenizer(pairs["train"], self.task, self.cache_root)
         data = {split: self._encoded(split, src, tgt) for split, (src, tgt) in pairs.items()}
         if self.max_len is None:
-            raise ValueError("model.max_len is null (the task's longest sequence): run efficient_attn_tasks.commands.train."
-                             "check_config(cfg) first, which fills it in, or set model.max_len")
+            raise ValueError("model.max_len is null (the task's longest sequence): run "
+                             "efficient_attn_tasks.config.checks.check_config(cfg) first, which fills it in, "
+                             "or set model.max_len")
         for split, rows in data.items():
             check_lengths(split, rows, self.max_len, self.task.max_tokens)
         for split in ("val", "test"):
@@ -306,7 +386,8 @@ class TranslationModule(TaskModule):
 
     def _nll(self, batch: dict, smoothing: float) -> tuple[torch.Tensor, int]:
         logits = self(batch)  # (B, T, V)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 up; a float64 run stays float64
+        # bf16/fp16 up; a float64 run stays float64
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         loss = F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=PAD,
                                label_smoothing=smoothing)
         return loss, int((~batch["tgt_mask"]).sum())
@@ -373,9 +454,9 @@ def build(cfg: DictConfig) -> tuple[TranslationData, TranslationModule]:
 
 
 def restore(cfg: DictConfig, checkpoint: dict) -> tuple[TranslationData, TranslationModule]:
-    """``build`` for a saved checkpoint (efficient_attn_tasks/run/checkpoint.py): the tokenizer from the checkpoint's bytes;
-    the data is read only if the data module is set up. A checkpoint saved before it held its tokenizer
-    gets it from the training data, as ``build``."""
+    """``build`` for a saved checkpoint (efficient_attn_tasks/run/checkpoint.py): the tokenizer from the
+    checkpoint's bytes; the data is read only if the data module is set up. A checkpoint that holds no
+    tokenizer gets it from the training data, as ``build``."""
     if "tokenizer" not in checkpoint:
         print("note: this checkpoint holds no tokenizer (saved before checkpoints did); rebuilding it from the "
               "training data", file=sys.stderr)
