@@ -10,7 +10,7 @@ import torch
 
 import efficient_attn as ea
 
-from .conftest import decode_sequence
+from .helpers import decode_sequence
 
 B, H, L, M = 2, 2, 256, 256
 

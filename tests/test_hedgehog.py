@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import efficient_attn as ea
-from efficient_attn.attention.hedgehog import HedgehogAttention
 
-from .conftest import assert_reset_random_is_seeded, assert_same_grads, decode_sequence, make_qkv
+from .helpers import assert_reset_random_is_seeded, assert_same_grads, decode_sequence, make_qkv
 from .test_reference import kernel_hedgehog, reference
 
 

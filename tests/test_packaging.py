@@ -1,4 +1,4 @@
-"""Installed as a wheel, not only editable (issue 12, item 2).
+"""Installed as a wheel, not only editable.
 
 The wheel is built from this checkout (``pip wheel``, no network: the test environment's setuptools) and
 installed with ``pip install --target`` into a temp dir, never into the test environment. Every console

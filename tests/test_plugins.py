@@ -1,4 +1,4 @@
-"""A user's own attention, outside this package, in every command (issue 12, item 3).
+"""A user's own attention, outside this package, in every command.
 
 A throwaway distribution is built and installed with ``pip --target`` into a temp dir (never into the
 test environment), declaring attentions through the ``efficient_attn.attentions`` entry-point group: a
@@ -18,6 +18,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import tiny_overrides
 
 MODULE = '''
 import torch
@@ -65,9 +67,7 @@ my_broken = "my_attn_plugin.missing"
 [tool.setuptools]
 packages = ["my_attn_plugin"]
 '''
-TINY = ["task=listops", "model=tiny", "logger=none", "threads=1", "task.train_size=32", "task.val_size=8",
-        "task.test_size=8", "task.min_length=10", "task.max_length=40", "task.batch_size=8", "trainer.max_steps=2",
-        "trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false"]
+TINY = [*tiny_overrides("listops"), "threads=1", "trainer.max_steps=2"]
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,8 @@
 """Faults injected into real runs: kill and resume, SIGTERM, DDP on 2 processes, bf16, fp16, bad input, determinism."""
 
 import json
-
-from typing import Callable
-
-import json
 import re
+from typing import Callable
 
 import pytest
 import pytorch_lightning as pl
@@ -17,8 +14,7 @@ from efficient_attn_tasks.config.checks import ConfigError, check_config
 from efficient_attn_tasks.run.resume import resume_argv
 from efficient_attn_tasks.tasks.sampling import ShardedBatches, eval_shard, shuffled
 from efficient_attn_tasks.commands.train import run
-from tests.conftest import skip_unsupported
-from tests.helpers import LossLog
+from tests.helpers import LossLog, skip_unsupported
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
