@@ -117,6 +117,7 @@ def test_entry_points_register_and_a_broken_one_is_named(plugin, tmp_path):
     assert options == "{'temperature': 1.0} BareAttention"
 
 
+@pytest.mark.slow
 def test_plugin_attention_trains_evaluates_and_reports(plugin, tmp_path):
     """``attention.name=my_attention`` with its own option: the run is labelled by it (not by the default
     ``attention=softmax`` file it replaced), the checkpoint evaluates, the report lists it."""
@@ -135,6 +136,7 @@ def test_plugin_attention_trains_evaluates_and_reports(plugin, tmp_path):
     assert report.returncode == 0 and "my_attention" in report.stdout, report.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_plugin_attention_in_bench_and_approx(plugin, tmp_path):
     bench = run(["-m", "efficient_attn_tasks.bench.kernels", "--attentions", "my_attention,softmax", "--modes", "noncausal",
                  "--lengths", "32", "--heads", "2", "--head-dim", "8", "--repeats", "1", "--threads", "1",
@@ -150,6 +152,7 @@ def test_plugin_attention_in_bench_and_approx(plugin, tmp_path):
     assert curve and float(curve[0].split(",")[4]) < 1e-20  # τ = 1: exactly softmax, in float64
 
 
+@pytest.mark.slow
 def test_imports_key_reaches_a_module_that_is_not_installed(plugin, tmp_path):
     loose = plugin.parent / "loose"
     run_dir = tmp_path / "run"

@@ -139,7 +139,8 @@ def test_inf_and_nan_in_padded_keys_change_nothing():
 
 
 @pytest.mark.parametrize("gammas", [None, [0.5, 0.9]])
-@pytest.mark.parametrize("length, chunk", [(11, 3), (11, 4), (12, 4), (7, 7)])
+@pytest.mark.parametrize("length, chunk", [(11, 3), (12, 4), *(pytest.param(*c, marks=pytest.mark.slow)
+                                                       for c in ((11, 4), (7, 7)))])
 def test_first_and_second_derivatives_across_chunks(length, chunk, gammas):
     attn = build(d=3, chunk_size=chunk, gammas=gammas)
     q, k, v = (t.requires_grad_() for t in make_qkv(b=1, h=2, length=length, d=3, dv=2))

@@ -134,7 +134,8 @@ def test_inf_and_nan_in_padded_keys_change_nothing(causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("length, window", [(11, 3), (11, 4), (12, 4), (7, 2)])
+@pytest.mark.parametrize("length, window", [(11, 3), (12, 4), *(pytest.param(*c, marks=pytest.mark.slow)
+                                                        for c in ((11, 4), (7, 2)))])
 def test_first_and_second_derivatives_across_blocks(length, window, causal):
     attn = build(window, d=3, h=2)
     q, k, v = (t.requires_grad_() for t in make_qkv(b=1, h=2, length=length, d=3, dv=2))

@@ -62,8 +62,16 @@ def test_every_config_file_composes_and_checks(group):
             assert {layer.name for layer in layers} <= set(ea.list_attentions())
 
 
-@pytest.mark.parametrize("attention", config_files("attention"))
-@pytest.mark.parametrize("task", ["translation", "listops", "lm", "mqar"])
+def task_attention_pairs() -> list:
+    """Every task × attention config. The default tier runs every task with FAVOR+ and every attention on
+    MQAR (the fastest task; FAVOR+ variants that differ only in numbers are left to the slow tier)."""
+    numbers_only = {"favor_m16", "favor_m64", "favor_iid", "sliding_window_w16"}
+    return [pytest.param(task, attention, marks=() if attention == "favor_plus" or (
+                task == "mqar" and attention not in numbers_only) else pytest.mark.slow)
+            for task in ("translation", "listops", "lm", "mqar") for attention in config_files("attention")]
+
+
+@pytest.mark.parametrize("task, attention", task_attention_pairs())
 def test_fast_dev_run_every_task_and_attention(tmp_path, task, attention):
     """Every configs/task × configs/attention pair: with the defaults (the task's own lengths, the default
     model) it passes every start check, model.max_len following the task; then one step of each on tiny
@@ -90,7 +98,8 @@ def test_fast_dev_run_every_task_and_attention(tmp_path, task, attention):
     assert set(saved["versions"]) >= {"torch", "pytorch-lightning"} and saved["hardware"]
 
 
-@pytest.mark.parametrize("attention", ea.list_attentions())
+@pytest.mark.parametrize("attention", [a if a == "favor" else pytest.param(a, marks=pytest.mark.slow)
+                                       for a in ea.list_attentions()])  # FAVOR+ in the default tier
 def test_translation_loss_falls(tmp_path, attention):
     """``attention`` at every site it can serve; softmax at the others (a causal-only variant trains
     as the decoder's self-attention, a self-attention-only one not as cross-attention)."""
@@ -260,7 +269,8 @@ def test_default_listops_runs_with_the_default_model(tmp_path):
     assert record["config"]["model"]["max_len"] == 1999 and record["steps"] == 1
 
 
-@pytest.mark.parametrize("model", config_files("model"))
+@pytest.mark.parametrize("model", [m if m == "tiny" else pytest.param(m, marks=pytest.mark.slow)
+                                   for m in config_files("model")])
 def test_model_max_len_follows_the_task_unless_set(model):
     """model.max_len: null (every model group) = the task's longest sequence (translation: 1024, or BOS +
     max_tokens if more); a number is kept, and one below a length the task's config fixes is a start error
@@ -467,6 +477,7 @@ def test_wandb_logger_runs_disabled_with_dirs_in_temp(tmp_path):
     assert wandb.run is None  # finished, so the next multirun job starts its own run
 
 
+@pytest.mark.slow
 @needs_data
 def test_quickstart_multirun_prints_a_side_by_side_summary(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled"}
