@@ -38,7 +38,7 @@ ATTENTION_TESTS = [  # fast and sharp first: with -x a killed mutant stops at it
 ]
 GENERATE_TESTS = ["tests/test_generate.py", "tests/test_beam.py"]
 # with --rev the tests come from that revision too, except these, taken from the working tree
-OVERLAY = ["tests/test_reference.py", "tests/test_core_exact.py", "tests/test_gradcheck.py",
+OVERLAY = ["tests/helpers.py", "tests/test_reference.py", "tests/test_core_exact.py", "tests/test_gradcheck.py",
            "tests/test_generate.py", "tests/test_beam.py", "tests/test_numerics.py", "tools/mutation.py",
            "tools/mutation_sites.py", "tools/mutation_equivalent.py"]
 PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-p", "_mutation_guard"]
