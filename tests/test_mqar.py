@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from efficient_attn.transformer import AttentionSpec, TransformerConfig, TransformerLM, decode_state_size
 from efficient_attn_tasks.tasks import mqar
 from efficient_attn_tasks.report.tables import main as report_main
-from tests.test_train import config
+from tests.helpers import config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
