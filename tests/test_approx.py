@@ -19,7 +19,7 @@ from efficient_attn.analysis.approx import (
 )
 from efficient_attn_tasks.commands import approx
 from efficient_attn_tasks.commands.train import run
-from tests.test_train import tiny
+from tests.helpers import tiny_cfg
 
 POSITIVE_ORTH, POSITIVE_IID = ESTIMATORS[0], ESTIMATORS[1]
 BY_LABEL = {e.label: e for e in ESTIMATORS}
@@ -138,7 +138,7 @@ def test_every_estimator_is_a_registered_attention(est):
 
 
 def test_checkpoint_errors_per_site_and_depth(tmp_path):
-    run(tiny("listops", "softmax", "trainer.max_epochs=1", "test=false"), tmp_path / "run")
+    run(tiny_cfg("listops", "softmax", "trainer.max_epochs=1", "test=false"), tmp_path / "run")
     ckpt = next((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
     approx.main(["--checkpoint", str(ckpt), "--draws", "2", "--layer-features", "8", "64", "--batch-size", "4",
                  "--out", str(tmp_path / "out")])

@@ -103,11 +103,11 @@ def test_wide_beam_equals_exhaustive(seed, alpha, min_len):
         assert score(model, s, got, alpha) == pytest.approx(ranked[0][0], abs=1e-12)
 
 
-def issue_toy() -> TableModel:
-    """Issue 11's case. Root: eos 0.67, b 0.30, x 0.03; after b: eos 0.60, x 0.39; after bx: eos 0.95.
+def finished_beam_toy() -> TableModel:
+    """Root: eos 0.67, b 0.30, x 0.03; after b: eos 0.60, x 0.39; after bx: eos 0.95.
     α = 2: 'eos' scores log .67 / 1 = -0.40, 'b eos' -1.71 / 4 = -0.43, 'b x eos' -2.19 / 9 = -0.24 (best).
-    The old search let finished beams keep competing for the K = 2 slots: step 2 kept 'eos' and
-    'b eos', both finished, so 'b x' was dropped and it returned ['eos']. α = 0: 'eos' is best."""
+    A search that let finished beams compete for the K = 2 live slots would keep 'eos' and 'b eos' at
+    step 2, drop 'b x' and return ['eos']. α = 0: 'eos' is best."""
     eps = 1e-3  # every special token keeps a little probability (masked by the search, not by the table)
     table = {(): [eps, eps, 0.67, eps, 0.30, 0.03], (B,): [eps, eps, 0.60, eps, 0.01, 0.39],
              (B, X): [eps, eps, 0.95, eps, 0.02, 0.03]}
@@ -115,8 +115,8 @@ def issue_toy() -> TableModel:
 
 
 @pytest.mark.parametrize("k", [2, 3])
-def test_issue_case_length_penalty_changes_the_answer(k):
-    model = issue_toy()
+def test_finished_beams_leave_the_slots_to_live_ones_and_alpha_decides(k):
+    model = finished_beam_toy()
     for alpha, want in ((2.0, [B, X, EOS]), (0.0, [EOS])):
         assert exhaustive(model, 0, 3, alpha)[0][1] == want
         out = beam_search(model, model.start(), 1, max_len=3, beam_size=k, length_penalty=alpha, **KW)
@@ -217,9 +217,9 @@ class Counting(TableModel):
 
 
 def test_stops_when_no_live_hypothesis_can_win():
-    """Issue toy, α = 0: after step 1 'eos' (-0.40) beats the best live sum ('b', -1.20), which can only
+    """finished_beam_toy, α = 0: after step 1 'eos' (-0.40) beats the best live sum ('b', -1.20), which can only
     fall: one step, not max_len. α = 2: the live 'b' could still reach -1.20 / 3**2: all 3 steps run."""
     for alpha, steps in ((0.0, 1), (2.0, 3)):
-        model = Counting(issue_toy().tables)
+        model = Counting(finished_beam_toy().tables)
         beam_search(model, model.start(), 1, max_len=3, beam_size=2, length_penalty=alpha, **KW)
         assert model.steps == steps

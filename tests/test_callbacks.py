@@ -17,7 +17,7 @@ from pytorch_lightning.callbacks import EarlyStopping, EMAWeightAveraging
 from efficient_attn_tasks.run import loggers
 from efficient_attn_tasks.run.record import RunRecord
 from efficient_attn_tasks.commands.train import CONFIG_DIR, ConfigError, check_config, run
-from tests.test_train import config, config_files, tiny
+from tests.helpers import config, config_files, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +39,7 @@ def test_early_stopping_from_config_stops_on_the_tasks_metric(tmp_path):
     """callbacks=early_stopping, patience 1: listops validates every 4 steps; the second validation does not
     improve (min_delta 10), so the run stops at step 8 of 5 epochs (20 steps), watching val/acc upwards."""
     seen = Seen()
-    record = run(tiny("listops", "softmax", "trainer.max_epochs=5", "callbacks=early_stopping",
+    record = run(tiny_cfg("listops", "softmax", "trainer.max_epochs=5", "callbacks=early_stopping",
                       "callbacks.early_stopping.patience=1", NEVER_BETTER, "test=false"), tmp_path, callbacks=[seen])
     stopper = [c for c in seen.callbacks if isinstance(c, EarlyStopping)]
     assert len(stopper) == 1 and (stopper[0].monitor, stopper[0].mode, stopper[0].patience) == ("val/acc", "max", 1)
@@ -93,7 +93,7 @@ def test_ema_weights_are_validated_checkpointed_and_tested(tmp_path):
     """callbacks=ema: the best checkpoint's state_dict holds the averaged weights, and the test scores them.
     (Lightning's callback, left alone, reloads the raw weights, current_model_state, when test loads the checkpoint.)"""
     seen = Seen()
-    record = run(tiny("listops", "softmax", "trainer.max_steps=4", "callbacks=ema", "callbacks.ema.decay=0.5",
+    record = run(tiny_cfg("listops", "softmax", "trainer.max_steps=4", "callbacks=ema", "callbacks.ema.decay=0.5",
                       "optim.warmup_steps=1", "optim.lr=1e-2"), tmp_path, callbacks=[seen])
     assert any(isinstance(c, EMAWeightAveraging) for c in seen.callbacks)
     checkpoint = torch.load(record.metrics.best_checkpoint, map_location="cpu", weights_only=False)
@@ -104,7 +104,7 @@ def test_ema_weights_are_validated_checkpointed_and_tested(tmp_path):
 
 
 def test_results_json_names_the_attention_config(tmp_path):
-    record = run(tiny("listops", "favor_relu", "++trainer.fast_dev_run=true"), tmp_path)
+    record = run(tiny_cfg("listops", "favor_relu", "++trainer.fast_dev_run=true"), tmp_path)
     saved = RunRecord.read(tmp_path / "results.json")
     assert (saved.attention, saved.attention_config) == ("favor", "favor_relu") == \
         (record.attention, record.attention_config)

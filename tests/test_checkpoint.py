@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from efficient_attn_tasks.run import checkpoint
@@ -23,23 +22,14 @@ from efficient_attn_tasks.tasks import listops
 from efficient_attn_tasks.tasks import lm
 from efficient_attn_tasks.commands import translate
 from efficient_attn_tasks.tasks import translation
-from efficient_attn_tasks.commands.train import CONFIG_DIR, run
+from efficient_attn_tasks.commands.train import run
+from tests.helpers import config, tiny_overrides
 from efficient_attn_tasks.run import evaluate as scoring
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {
-    "translation": ["task.source=synthetic", "task.synthetic_sizes=[64,16,16]", "task.vocab_size=40",
-                    "task.batch_size=16"],
-    "listops": ["task.train_size=64", "task.val_size=16", "task.test_size=16", "task.min_length=10",
-                "task.max_length=40", "task.batch_size=16"],
-    "lm": ["attention=favor_plus", "task.dataset=file", "task.context_length=32", "task.batch_size=4",
-           "task.train_batches_per_epoch=4"],  # eval_batches null: the whole test split, a short last batch
-    "mqar": ["task.vocab_size=32", "task.seq_len=16", "task.num_kv_pairs=2", "task.train_size=32", "task.val_size=16",
-             "task.test_size=16", "task.batch_size=16"],
-}
-COMMON = ["model=tiny", "logger=none", "trainer.max_steps=6", "trainer.enable_progress_bar=false",
-          "++trainer.enable_model_summary=false"]
+# lm: FAVOR+ on a text file, the whole test split in evaluation (a short last batch)
+LM = ["attention=favor_plus", "task.dataset=file", "task.eval_batches=null"]
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +43,8 @@ def runs(tmp_path_factory):
 
     def get(task: str):
         if task not in done:
-            with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-                extra = [f"task.path={text}"] if task == "lm" else []
-                cfg = compose("train", overrides=[f"task={task}", *COMMON, *TINY[task], *extra])
+            extra = [*LM, f"task.path={text}"] if task == "lm" else []
+            cfg = config(*tiny_overrides(task, "trainer.max_steps=6", *extra))
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:

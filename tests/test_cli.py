@@ -37,19 +37,15 @@ from efficient_attn_tasks.run.resume import remove_unstarted_run_dir
 from efficient_attn_tasks.report.stats import as_number
 from efficient_attn_tasks.report.summary import summarize, summary
 from efficient_attn_tasks.commands.train import RunSummary, default_threads, run
+from tests.helpers import TINY_TRANSLATION, config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("pytorch_lightning", "lightning", "wandb", "sacrebleu", "sentencepiece", "torchmetrics", "matplotlib")
-TINY = ["task=translation", "task.source=synthetic", "task.synthetic_sizes=[64,16,16]", "task.vocab_size=40",
-        "task.batch_size=16", "model=tiny", "trainer.max_epochs=1", "test=false", "++trainer.enable_model_summary=false"]
+TINY = ["task=translation", *TINY_TRANSLATION, "model=tiny", "trainer.max_epochs=1", "test=false",
+        "++trainer.enable_model_summary=false"]
 MULTI30K = [f"multi30k/{split}.{lang}.gz" for split in ("train", "val", "test_2016_flickr") for lang in ("en", "de")]
-
-
-def config(*overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -144,8 +140,8 @@ def test_task_model_and_attention_errors_load_the_tasks_module_only():
     ("++trainer.callbacks=[]", "error: trainer.callbacks is set by the app; remove it: "),
 ])
 def test_start_errors_are_one_line_and_exit_2(tmp_path, override, message):
-    """These used to pass the checks and end in a traceback once the data was built and the trainer or
-    the scheduler started."""
+    """Settings that only the scheduler or the trainer would refuse stop the command at start, one line,
+    before any data is built."""
     run_dir = tmp_path / "run"
     out = cli(*TINY, override, "logger=none", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.startswith(message), out.stderr[-2000:]

@@ -8,7 +8,7 @@ import torch
 
 import efficient_attn as ea
 
-from .conftest import skip_unsupported
+from .helpers import skip_unsupported
 
 CAUSAL = [False, True]
 

@@ -16,7 +16,7 @@ import efficient_attn as ea
 
 from efficient_attn.attention.base import unsupported_use
 
-from .conftest import make_qkv, skip_unsupported
+from .helpers import make_qkv, skip_unsupported
 from .test_reference import REFERENCE_KERNELS, reference
 
 ALL = ea.list_attentions()

@@ -16,7 +16,7 @@ from efficient_attn_tasks.run.curves import plot_run, read_curves, write_curves
 from efficient_attn_tasks.commands.report import main as report
 from efficient_attn_tasks.report.curves import band, edges
 from efficient_attn_tasks.commands.train import draw_curves, run
-from tests.test_train import tiny
+from tests.helpers import tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,7 +47,7 @@ def test_a_run_writes_its_curves_and_the_plot_shows_them(tmp_path):
     best checkpoint, which the test loads (and with it the callbacks' states), is step 4's: the curves and the
     throughput are still the whole run's."""
     log = StepLog()
-    record = run(tiny("listops", "softmax", "trainer.max_epochs=2", "trainer.log_every_n_steps=3", "optim.lr=1e-9",
+    record = run(tiny_cfg("listops", "softmax", "trainer.max_epochs=2", "trainer.log_every_n_steps=3", "optim.lr=1e-9",
                       "optim.warmup_steps=4"), tmp_path, callbacks=[log])
     assert record.metrics.test_checkpoint["step"] == 4  # the case where test reloads an earlier state
     png = (tmp_path / "curves.png").read_bytes()

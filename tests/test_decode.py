@@ -7,7 +7,7 @@ import efficient_attn as ea
 
 from efficient_attn.transformer import reorder_state
 
-from .conftest import decode_sequence, make_qkv, skip_unsupported
+from .helpers import decode_sequence, make_qkv, skip_unsupported
 
 
 @pytest.mark.parametrize("name", ea.list_attentions())

@@ -12,7 +12,7 @@ import efficient_attn as ea
 from efficient_attn.attention.additive import _AdditiveScores
 from efficient_attn.ops.causal_linear import causal_linear_attention
 
-from .conftest import make_qkv, skip_unsupported
+from .helpers import make_qkv, skip_unsupported
 
 
 def _leaf(*shape, positive=False):
@@ -75,7 +75,7 @@ SDPA_BASED = {"softmax", "dot", "bilinear"}
 
 @pytest.mark.parametrize("name", ["linear", "favor", "additive"])
 def test_gradient_penalty_matches_plain_autograd(name):
-    """The case that was silently wrong: ‖∂L/∂x‖² through the module, against the same penalty
+    """A gradient penalty ‖∂L/∂x‖² through the module, against the same penalty
     with every custom Function replaced by its plain re-computation (float64)."""
     torch.manual_seed(0)
     mha = ea.MultiHeadAttention(8, 2, attention=name, attention_kwargs=(

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from efficient_attn_tasks.commands.train import CONFIG_DIR, check_config, run
-from tests.helpers import SHARED_DATA
-from tests.test_train import QUIET, config
+from tests.helpers import QUIET, SHARED_DATA, config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -13,7 +13,7 @@ from efficient_attn.ops.features import (
     random_projection,
 )
 
-from .conftest import decode_sequence, make_qkv
+from .helpers import decode_sequence, make_qkv
 
 
 def favor(**kwargs):

@@ -1,4 +1,4 @@
-"""FAVOR+'s fused path (``efficient_attn.ops.favor_fused``, issue 15) against the generic one.
+"""FAVOR+'s fused path (``efficient_attn.ops.favor_fused``) against the generic one.
 
 Positive kernels make their features block by block inside the products and never hold a whole
 (L, m) gradient of them; the estimator and its stabilisation are unchanged, so on the same module
@@ -17,7 +17,7 @@ import efficient_attn as ea
 from efficient_attn.ops import favor_fused
 from efficient_attn.attention.kernel import KernelAttention
 
-from .conftest import assert_same_grads, make_qkv
+from .helpers import assert_same_grads, make_qkv
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """FAVOR+ in float32 (and bf16 autocast) against float64 on the same projection, at large norms.
 
 Positive features span hundreds of nats when ‖q‖, ‖k‖ grow (d = 256, std 6: ‖x‖²/2 ≈ 290), far
-outside float32. A fixed key offset underflowed to exact-zero rows (finite, so nothing warned);
-the per-key log-scale set against the largest visible key must give float64's answer instead.
+outside float32, where a fixed key offset would underflow to exact-zero rows (finite, so nothing
+warns); the per-key log-scale set against the largest visible key must give float64's answer.
 """
 
 import pytest
@@ -10,7 +10,7 @@ import torch
 
 import efficient_attn as ea
 
-from .conftest import decode_sequence
+from .helpers import decode_sequence
 
 B, H, L, M = 2, 2, 256, 256
 

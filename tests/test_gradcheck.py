@@ -13,7 +13,7 @@ from torch.func import functional_call
 
 import efficient_attn as ea
 
-from .conftest import make_qkv, skip_unsupported
+from .helpers import make_qkv, skip_unsupported
 
 ALL = ea.list_attentions()
 SMALL_OPTIONS = {"favor": {"num_features": 6}}  # small m keeps the numerical Jacobian cheap

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import efficient_attn as ea
-from efficient_attn.attention.hedgehog import HedgehogAttention
 
-from .conftest import assert_reset_random_is_seeded, assert_same_grads, decode_sequence, make_qkv
+from .helpers import assert_reset_random_is_seeded, assert_same_grads, decode_sequence, make_qkv, tiny_cfg
 from .test_reference import kernel_hedgehog, reference
 
 
@@ -277,8 +276,6 @@ def test_training_app_adds_and_logs_the_distill_loss(tmp_path):
 
     from efficient_attn_tasks.commands.train import run
 
-    from .test_train import tiny
-
     class Record(pl.Callback):
         def __init__(self) -> None:
             self.rows = []
@@ -288,7 +285,7 @@ def test_training_app_adds_and_logs_the_distill_loss(tmp_path):
             self.rows.append((float(outputs["loss"]), float(metrics["train/loss"]), float(metrics["train/aux_loss"])))
 
     record = Record()
-    cfg = tiny("mqar", "hedgehog", "attention.kwargs.distill=1.0", "trainer.max_epochs=1", "test=false")
+    cfg = tiny_cfg("mqar", "hedgehog", "attention.kwargs.distill=1.0", "trainer.max_epochs=1", "test=false")
     assert cfg.attention.name == "hedgehog" and cfg.attention.kwargs.distill == 1.0
     run(cfg, tmp_path, callbacks=[record])
     assert len(record.rows) == 2  # 32 examples, batches of 16

@@ -25,7 +25,7 @@ from efficient_attn_tasks.run.record import RunRecord
 from efficient_attn_tasks.config.labels import attention_label
 from efficient_attn_tasks.config.schema import attention_spec
 from efficient_attn_tasks.commands.train import ConfigError, check_config, run
-from tests.test_train import config, tiny
+from tests.helpers import config, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -176,7 +176,7 @@ class Layers(pl.Callback):
 ], ids=["based", "layer_attentions"])
 def test_tiny_mqar_run_with_a_hybrid_writes_results(tmp_path, attention, overrides, label, cores):
     layers = Layers()
-    cfg = tiny("mqar", attention, *overrides, "++trainer.fast_dev_run=true")
+    cfg = tiny_cfg("mqar", attention, *overrides, "++trainer.fast_dev_run=true")
     record = run(cfg, tmp_path, callbacks=[layers])
     assert layers.cores == cores
     saved = RunRecord.read(tmp_path / "results.json")

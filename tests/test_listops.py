@@ -6,8 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 import efficient_attn as ea
-from tests.conftest import skip_unsupported
-from tests.helpers import LossLog
+from tests.helpers import LossLog, skip_unsupported
 from efficient_attn_tasks.tasks.listops import (
     OPERATORS,
     PAD_ID,

@@ -14,7 +14,7 @@ from efficient_attn.transformer import AttentionSpec, TransformerConfig, Transfo
 from efficient_attn_tasks.run.record import RunRecord
 from efficient_attn_tasks.tasks import mqar
 from efficient_attn_tasks.commands.report import main as report_main
-from tests.test_train import config
+from tests.helpers import config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

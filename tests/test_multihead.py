@@ -5,7 +5,7 @@ import torch
 
 import efficient_attn as ea
 
-from .conftest import skip_unsupported
+from .helpers import skip_unsupported
 
 
 @pytest.mark.parametrize("name", ea.list_attentions())

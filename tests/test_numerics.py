@@ -8,7 +8,7 @@ import torch
 
 import efficient_attn as ea
 
-from .conftest import skip_unsupported
+from .helpers import skip_unsupported
 from .test_reference import UNNORMALISED, reference
 
 ALL = ea.list_attentions()

@@ -1,4 +1,4 @@
-"""Installed as a wheel, not only editable (issue 12, item 2).
+"""Installed as a wheel, not only editable.
 
 The wheel is built from this checkout (``pip wheel``, no network: the test environment's setuptools) and
 installed with ``pip install --target`` into a temp dir, never into the test environment. Every console
@@ -50,6 +50,7 @@ def run(cmd: list[str], site: Path, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_wheel_has_no_generic_top_level_names_and_every_config(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names}
@@ -70,6 +71,7 @@ def test_core_needs_only_torch_and_einops():
     assert "pytorch-lightning>=2.2,<3" in PYPROJECT["project"]["optional-dependencies"]["train"]
 
 
+@pytest.mark.slow
 def test_every_console_command_runs_from_the_installed_wheel(installed, tmp_path):
     where = run([sys.executable, "-c", "import efficient_attn, efficient_attn_tasks, importlib.util; "
                  "print(efficient_attn.__file__); print(efficient_attn_tasks.__file__); "
@@ -82,6 +84,7 @@ def test_every_console_command_runs_from_the_installed_wheel(installed, tmp_path
         assert out.returncode == 0 and script in out.stdout, (script, out.stderr)
 
 
+@pytest.mark.slow
 def test_installed_train_then_eval_and_report_from_a_temp_dir(installed, tmp_path):
     """The Hydra configs come from inside the wheel: a one-step run, its checkpoint scored, its row reported."""
     run_dir = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""A user's own attention, outside this package, in every command (issue 12, item 3).
+"""A user's own attention, outside this package, in every command.
 
 A throwaway distribution is built and installed with ``pip --target`` into a temp dir (never into the
 test environment), declaring attentions through the ``efficient_attn.attentions`` entry-point group: a
@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from efficient_attn_tasks.run.record import RunRecord
+from tests.helpers import tiny_overrides
 
 MODULE = '''
 import torch
@@ -67,9 +68,7 @@ my_broken = "my_attn_plugin.missing"
 [tool.setuptools]
 packages = ["my_attn_plugin"]
 '''
-TINY = ["task=listops", "model=tiny", "logger=none", "threads=1", "task.train_size=32", "task.val_size=8",
-        "task.test_size=8", "task.min_length=10", "task.max_length=40", "task.batch_size=8", "trainer.max_steps=2",
-        "trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false"]
+TINY = [*tiny_overrides("listops"), "threads=1", "trainer.max_steps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +118,7 @@ def test_entry_points_register_and_a_broken_one_is_named(plugin, tmp_path):
     assert options == "{'temperature': 1.0} BareAttention"
 
 
+@pytest.mark.slow
 def test_plugin_attention_trains_evaluates_and_reports(plugin, tmp_path):
     """``attention.name=my_attention`` with its own option: the run is labelled by it (not by the default
     ``attention=softmax`` file it replaced), the checkpoint evaluates, the report lists it."""
@@ -137,6 +137,7 @@ def test_plugin_attention_trains_evaluates_and_reports(plugin, tmp_path):
     assert report.returncode == 0 and "my_attention" in report.stdout, report.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_plugin_attention_in_bench_and_approx(plugin, tmp_path):
     bench = run(["-m", "efficient_attn_tasks.commands.bench", "--attentions", "my_attention,softmax",
                  "--modes", "noncausal", "--lengths", "32", "--heads", "2", "--head-dim", "8", "--repeats", "1",
@@ -152,6 +153,7 @@ def test_plugin_attention_in_bench_and_approx(plugin, tmp_path):
     assert curve and float(curve[0].split(",")[4]) < 1e-20  # τ = 1: exactly softmax, in float64
 
 
+@pytest.mark.slow
 def test_imports_key_reaches_a_module_that_is_not_installed(plugin, tmp_path):
     loose = plugin.parent / "loose"
     run_dir = tmp_path / "run"

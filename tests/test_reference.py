@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import efficient_attn as ea
 from efficient_attn.ops.features import KERNELS
 
-from .conftest import make_qkv, skip_unsupported
+from .helpers import make_qkv, skip_unsupported
 
 
 def kernel_softmax(attn, q, k, h):

@@ -14,8 +14,7 @@ from efficient_attn_tasks.run.record import RunError, RunRecord
 from efficient_attn_tasks.run.resume import resume_argv
 from efficient_attn_tasks.tasks.sampling import ShardedBatches, eval_shard, shuffled
 from efficient_attn_tasks.commands.train import run
-from tests.conftest import skip_unsupported
-from tests.helpers import LossLog
+from tests.helpers import LossLog, skip_unsupported
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,6 +39,7 @@ def test_epochs_differ_and_resume_skips_the_trained_batches():
 
 
 # ----------------------------------------------------------------------------- resume
+@pytest.mark.slow
 def test_sigkill_then_ckpt_path_last_reproduces_the_uninterrupted_losses(tmp_path):
     result = faults.resume_after_kill(tmp_path)  # FAVOR+ redrawn every 3 steps, dropout 0.1, 12 steps
     assert result["returncode"] == -9  # really killed
@@ -47,6 +47,7 @@ def test_sigkill_then_ckpt_path_last_reproduces_the_uninterrupted_losses(tmp_pat
     assert result["losses_resumed"] == result["losses_full"][5:]  # bit-identical, step by step
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_continues_the_same_run_and_wandb_id(tmp_path):
     result = faults.resume_after_sigterm(tmp_path, steps=60)
     assert result["first_returncode"] == 143 and result["interrupt_message"], result
@@ -248,7 +249,8 @@ def test_nonfinite_loss_stops_naming_step_and_attention(tmp_path):
 
 
 # ----------------------------------------------------------------------------- a failing job of a sweep
-@pytest.mark.parametrize("launcher", ["basic", pytest.param("joblib", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
 def test_one_failing_job_does_not_end_the_sweep(tmp_path, launcher):
     resume = launcher == "basic"  # resuming does not depend on the launcher
     result = faults.sweep_with_a_failing_job(tmp_path, launcher, resume)  # -m model.max_len=64,16,64: job 1 cannot build

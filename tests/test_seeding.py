@@ -12,7 +12,7 @@ from efficient_attn.transformer import (
     TransformerLM,
 )
 
-from .conftest import make_qkv, site_specs
+from .helpers import make_qkv, site_specs
 
 CFG = TransformerConfig(d_model=16, num_heads=2, d_ff=32, encoder_layers=2, decoder_layers=2, max_len=64,
                         positional="learned", tie_embeddings=False)  # untied: an output layer built last

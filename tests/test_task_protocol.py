@@ -11,13 +11,13 @@ import typing
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torchmetrics.classification import MulticlassAccuracy
 
-from efficient_attn_tasks.config.checks import CONFIG_DIR, check_config
+from efficient_attn_tasks.config.checks import check_config
 from efficient_attn_tasks.config.schema import SITES
 from efficient_attn_tasks.tasks import builtin_tasks, task_module
 from efficient_attn_tasks.tasks.base import TaskData, TaskModule
+from tests.helpers import config, tiny_cfg
 
 COMMON_KEYWORDS = ["seed", "data_dir", "cache_dir", "max_len"]  # TaskData's run-level keywords
 LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")  # TaskData's; a task supplies hooks instead
@@ -87,23 +87,27 @@ def test_task_module_has_the_protocols_order(name):
 
 @pytest.mark.parametrize("name", TASKS)
 def test_task_config_returns_the_modules_config(name):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"task={name}", "model=tiny", "logger=none"])
+    cfg = config(f"task={name}", "model=tiny", "logger=none")
     task = task_module(name)
     got = task.task_config(cfg)
     assert type(got) is task.Config and got.name == name
     assert check_config(cfg) is task
 
 
-def test_listops_accuracy_is_the_weighted_mean_of_correct_predictions():
-    """The same number as torchmetrics' micro MulticlassAccuracy (what ListOps logged before), batch by batch."""
+def listops_module():
+    """A checked tiny ListOps module (no data built)."""
     from efficient_attn_tasks.tasks import listops
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["task=listops", "model=tiny", "logger=none", "task.min_length=10",
-                                          "task.max_length=40"])
+    cfg = tiny_cfg("listops", "softmax")
     check_config(cfg)
-    module = listops.ListOpsModule(cfg)
+    return listops.ListOpsModule(cfg)
+
+
+def test_listops_accuracy_is_the_weighted_mean_of_correct_predictions():
+    """The same number as torchmetrics' micro MulticlassAccuracy, batch by batch."""
+    from efficient_attn_tasks.tasks import listops
+
+    module = listops_module()
     reference = MulticlassAccuracy(num_classes=listops.NUM_CLASSES, average="micro")
     g = torch.Generator().manual_seed(0)
     for size in (16, 16, 7):  # a smaller last batch
@@ -118,13 +122,7 @@ def test_listops_accuracy_is_the_weighted_mean_of_correct_predictions():
 def test_a_nan_evaluation_value_makes_the_logged_mean_nan():
     """Every task's evaluation means keep NaN (torchmetrics' default would drop it with a warning: a
     broken evaluation batch would leave a finite, wrong mean)."""
-    from efficient_attn_tasks.tasks import listops
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["task=listops", "model=tiny", "logger=none", "task.min_length=10",
-                                          "task.max_length=40"])
-    check_config(cfg)
-    module = listops.ListOpsModule(cfg)
+    module = listops_module()
     module.accumulate("val", "loss", torch.tensor([1.0, 2.0]), weight=torch.tensor([1.0, 3.0]))
     assert module.means["val_loss"].compute() == 1.75  # weighted (torchmetrics' "disable" would give 1.5)
     module.accumulate("val", "loss", torch.tensor([float("nan")]), weight=torch.tensor([1.0]))

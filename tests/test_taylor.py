@@ -1,15 +1,22 @@
 """Based's Taylor attention: the feature map is the 2nd-order Taylor expansion of exp, low precision
 at large norms, causality bit for bit, and gradients across chunk boundaries."""
 
-import copy
 import math
+from functools import partial
 
 import pytest
 import torch
 
 import efficient_attn as ea
 
-from .conftest import assert_reset_random_is_seeded, assert_same_grads, decode_sequence, make_qkv
+from .helpers import (
+    assert_bf16_close_to_float64,
+    assert_causal_rows_ignore_the_future,
+    assert_reset_random_is_seeded,
+    assert_same_grads,
+    decode_sequence,
+    make_qkv,
+)
 from .test_reference import reference
 
 
@@ -47,29 +54,13 @@ def test_bf16_at_large_norms_matches_float64(causal):
     to bf16 (≤ 2^-9 relative, and |out| ≤ max|v|: a convex combination); the bound 2^-8·max|v|
     leaves the fp32 sums a factor 2."""
     attn = build(d=64, dtype=torch.float32).to(torch.bfloat16)
-    q, k, v = (torch.randn(2, 2, 96, 64) * s for s in (6.0, 6.0, 1.0))
-    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
-    mask = torch.zeros(2, 96, dtype=torch.bool)
-    mask[1, 70:] = True
-    out = attn(q, k, v, key_padding_mask=mask, causal=causal)
-    assert out.dtype == torch.bfloat16 and out.isfinite().all()
-    exact = copy.deepcopy(attn).double()
-    want = reference("taylor", exact, q.double(), k.double(), v.double(), mask, causal)
-    err = (out.double() - want).abs().max() / v.abs().max().double()
-    assert err <= 2**-8, err.item()
+    assert_bf16_close_to_float64(attn, partial(reference, "taylor"), 6.0, causal)
 
 
 def test_perturbing_the_future_leaves_the_past_bit_identical():
     attn = build(chunk_size=4)
     q, k, v = make_qkv(b=2, h=2, length=13, d=8)
-    out = attn(q, k, v, causal=True)
-    for t in (0, 3, 4, 9):  # inside a chunk and at its last row
-        k2, v2 = k.clone(), v.clone()
-        k2[:, :, t + 1 :] += 10 * torch.randn_like(k2[:, :, t + 1 :])
-        v2[:, :, t + 1 :] -= 10 * torch.randn_like(v2[:, :, t + 1 :])
-        out2 = attn(q, k2, v2, causal=True)
-        assert torch.equal(out2[:, :, : t + 1], out[:, :, : t + 1])
-        assert not torch.equal(out2[:, :, t + 1 :], out[:, :, t + 1 :])
+    assert_causal_rows_ignore_the_future(attn, q, k, v, (0, 3, 4, 9))  # inside a chunk and at its last row
 
 
 @pytest.mark.parametrize("chunk", [4, 5])

@@ -12,48 +12,23 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import efficient_attn as ea
 from efficient_attn.attention.base import unsupported_use
 from efficient_attn.transformer import SITE_USE, AttentionSpec
 from efficient_attn_tasks.tasks import translation
-from efficient_attn_tasks.config.checks import CONFIG_DIR, ConfigError, check_config
+from efficient_attn_tasks.config.checks import ConfigError, check_config
 from efficient_attn_tasks.run.curves import read_curves
 from efficient_attn_tasks.tasks.data import DataError
 from efficient_attn_tasks.run.record import RunRecord, peak_memory_mib, reset_peak_memory
 from efficient_attn_tasks.tasks import task_module
 from efficient_attn_tasks.commands.train import run
-from tests.conftest import site_specs
-from tests.helpers import SHARED_DATA, LossLog
+from tests.helpers import QUIET, SHARED_DATA, LossLog, config, config_files, site_specs, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {
-    "translation": ["task.source=synthetic", "task.synthetic_sizes=[64,16,16]", "task.vocab_size=40",
-                    "task.batch_size=16"],
-    "listops": ["task.train_size=64", "task.val_size=16", "task.test_size=16", "task.min_length=10",
-                "task.max_length=40", "task.batch_size=16"],
-    "lm": ["task.context_length=32", "task.batch_size=4", "task.train_batches_per_epoch=4", "task.eval_batches=2"],
-    "mqar": ["task.vocab_size=32", "task.seq_len=16", "task.num_kv_pairs=2", "task.train_size=32", "task.val_size=16",
-             "task.test_size=16", "task.batch_size=16"],
-}
-QUIET = ["trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false"]
 needs_data = pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
-
-
-def config(*overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
-def tiny(task: str, attention: str, *extra: str):
-    return config(f"task={task}", f"attention={attention}", "model=tiny", "logger=none", *TINY[task], *QUIET, *extra)
-
-
-def config_files(group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
 
 
 def cannot_run(task: str, attention: str) -> str | None:
@@ -85,8 +60,16 @@ def test_every_config_file_composes_and_checks(group):
             assert {layer.name for layer in layers} <= set(ea.list_attentions())
 
 
-@pytest.mark.parametrize("attention", config_files("attention"))
-@pytest.mark.parametrize("task", ["translation", "listops", "lm", "mqar"])
+def task_attention_pairs() -> list:
+    """Every task × attention config. The default tier runs every task with FAVOR+ and every attention on
+    MQAR (the fastest task; FAVOR+ variants that differ only in numbers are left to the slow tier)."""
+    numbers_only = {"favor_m16", "favor_m64", "favor_iid", "sliding_window_w16"}
+    return [pytest.param(task, attention, marks=() if attention == "favor_plus" or (
+                task == "mqar" and attention not in numbers_only) else pytest.mark.slow)
+            for task in ("translation", "listops", "lm", "mqar") for attention in config_files("attention")]
+
+
+@pytest.mark.parametrize("task, attention", task_attention_pairs())
 def test_fast_dev_run_every_task_and_attention(tmp_path, task, attention):
     """Every configs/task × configs/attention pair: with the defaults (the task's own lengths, the default
     model) it passes every start check, model.max_len following the task; then one step of each on tiny
@@ -94,7 +77,7 @@ def test_fast_dev_run_every_task_and_attention(tmp_path, task, attention):
     attention as an encoder, a self-attention-only one as cross-attention) must be that clear error."""
     problem = cannot_run(task, attention)
     if problem:  # the config check refuses it, naming the reason, at the defaults and tiny alike
-        for cfg in (config(f"task={task}", f"attention={attention}"), tiny(task, attention)):
+        for cfg in (config(f"task={task}", f"attention={attention}"), tiny_cfg(task, attention)):
             with pytest.raises(ConfigError, match=re.escape(problem)):
                 check_config(cfg)
         return
@@ -104,7 +87,7 @@ def test_fast_dev_run_every_task_and_attention(tmp_path, task, attention):
     assert defaults.model.max_len == getattr(schema, "default_max_len", getattr(schema, "longest_sequence", None))
     if task == "lm" and not SHARED_DATA.exists():
         pytest.skip("needs ../shared/data")
-    record = run(tiny(task, attention, "++trainer.fast_dev_run=true"), tmp_path)
+    record = run(tiny_cfg(task, attention, "++trainer.fast_dev_run=true"), tmp_path)
     assert record.attention == config(f"attention={attention}").attention.name
     assert record.attention_config == attention
     assert record.num_parameters > 0 and record.train_tokens_per_s > 0
@@ -113,7 +96,8 @@ def test_fast_dev_run_every_task_and_attention(tmp_path, task, attention):
     assert set(saved.versions) >= {"torch", "pytorch-lightning"} and saved.hardware
 
 
-@pytest.mark.parametrize("attention", ea.list_attentions())
+@pytest.mark.parametrize("attention", [a if a == "favor" else pytest.param(a, marks=pytest.mark.slow)
+                                       for a in ea.list_attentions()])  # FAVOR+ in the default tier
 def test_translation_loss_falls(tmp_path, attention):
     """``attention`` at every site it can serve; softmax at the others (a causal-only variant trains
     as the decoder's self-attention, a self-attention-only one not as cross-attention)."""
@@ -129,18 +113,18 @@ def test_translation_loss_falls(tmp_path, attention):
 
 
 def test_resume_continues_at_the_saved_step(tmp_path):
-    first = run(tiny("listops", "softmax", "trainer.max_epochs=1", "test=false"), tmp_path / "a")
+    first = run(tiny_cfg("listops", "softmax", "trainer.max_epochs=1", "test=false"), tmp_path / "a")
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     assert first.steps == 4 and last.exists()
     log = LossLog()
-    resumed = run(tiny("listops", "softmax", "trainer.max_epochs=2", "test=false", f"ckpt_path={last}"),
+    resumed = run(tiny_cfg("listops", "softmax", "trainer.max_epochs=2", "test=false", f"ckpt_path={last}"),
                   tmp_path / "b", callbacks=[log])
     assert resumed.steps == 8 and len(log.losses) == 4  # only the second epoch was trained
     assert read_curves(tmp_path / "b" / "curves.csv")["val/acc"][0] == [4, 8]  # the curves came with the checkpoint
 
 
 def test_results_record_the_best_checkpoint_and_test_uses_it(tmp_path):
-    record = run(tiny("listops", "softmax", "trainer.max_epochs=2"), tmp_path)
+    record = run(tiny_cfg("listops", "softmax", "trainer.max_epochs=2"), tmp_path)
     best = record.metrics.best_checkpoint
     assert best and Path(best).exists() and "best" in Path(best).name
     assert record.metrics.monitor == "val/acc" and record.metrics.val_best is not None
@@ -151,7 +135,7 @@ def test_results_record_the_best_checkpoint_and_test_uses_it(tmp_path):
 
 
 def test_without_validation_the_test_says_it_used_the_last_weights(tmp_path, capsys):
-    record = run(tiny("listops", "softmax", "trainer.max_steps=3", "trainer.limit_val_batches=0"), tmp_path)
+    record = run(tiny_cfg("listops", "softmax", "trainer.max_steps=3", "trainer.limit_val_batches=0"), tmp_path)
     last = {"checkpoint": "last", "path": None, "step": 3}
     assert record.metrics.best_checkpoint is None and record.metrics.test
     assert record.metrics.test_checkpoint == last
@@ -178,7 +162,7 @@ def test_max_steps_ending_mid_epoch_validates_and_checkpoints_the_last_step(tmp_
     (ValidateAtMaxSteps), once when that is an epoch's end. max_steps=3 validates only there, so the best
     checkpoint, and the test, are that step's."""
     seen = ValidationSteps()
-    record = run(tiny("listops", "softmax", f"trainer.max_steps={max_steps}"), tmp_path, callbacks=[seen])
+    record = run(tiny_cfg("listops", "softmax", f"trainer.max_steps={max_steps}"), tmp_path, callbacks=[seen])
     assert record.steps == max_steps and seen.steps == validated
     if validated == [3]:
         assert Path(record.metrics.best_checkpoint).name == "best-step=3.ckpt"
@@ -187,12 +171,12 @@ def test_max_steps_ending_mid_epoch_validates_and_checkpoints_the_last_step(tmp_
 
 
 def test_translation_test_bleu_is_never_silently_absent(tmp_path):
-    """beam_size=0 used to skip test decoding (no test/bleu in results.json); it is refused, 1 is greedy."""
+    """beam_size=0 is refused (it would skip test decoding: no test/bleu in results.json); 1 is greedy."""
     with pytest.raises(ConfigError, match=r"task.beam_size must be an int >= 1 \(1 = greedy"):
-        run(tiny("translation", "softmax", "task.beam_size=0", "trainer.max_steps=1"), tmp_path / "zero")
+        run(tiny_cfg("translation", "softmax", "task.beam_size=0", "trainer.max_steps=1"), tmp_path / "zero")
     failed = RunRecord.read(tmp_path / "zero" / "results.json")  # the failed record, no metrics
     assert failed.status == "failed" and failed.metrics is None
-    record = run(tiny("translation", "softmax", "task.beam_size=1", "trainer.max_steps=2"), tmp_path / "greedy")
+    record = run(tiny_cfg("translation", "softmax", "task.beam_size=1", "trainer.max_steps=2"), tmp_path / "greedy")
     assert "test/bleu" in record.metrics.test and record.bleu_signature
 
 
@@ -208,7 +192,7 @@ class LearningRates(pl.Callback):
 
 def test_learning_rate_is_logged_every_step(tmp_path):
     lrs = LearningRates()
-    run(tiny("listops", "softmax", "trainer.max_steps=3", "test=false", "trainer.limit_val_batches=0",
+    run(tiny_cfg("listops", "softmax", "trainer.max_steps=3", "test=false", "trainer.limit_val_batches=0",
              "optim.lr=1e-3", "optim.warmup_steps=2", "optim.schedule=constant"), tmp_path, callbacks=[lrs])
     assert lrs.lrs == pytest.approx([5e-4, 1e-3, 1e-3])  # warm-up 1/2, 2/2, then constant
 
@@ -223,18 +207,19 @@ def test_learning_rate_is_logged_every_step(tmp_path):
     (dict(max_epochs=-1, max_steps=-1, fast_dev_run=True), True),
 ])
 def test_cosine_needs_a_step_horizon(trainer, finite):
-    """``max_epochs=-1`` with ``max_time`` used to crash in the schedule (float infinity to int)."""
+    """A time budget alone (``max_epochs=-1`` with ``max_time``) is no step horizon for the schedule
+    (its length would be float infinity)."""
     from efficient_attn_tasks.config.checks import has_step_horizon
 
     assert has_step_horizon(trainer) is finite
     extra = [f"++trainer.{key}={'null' if value is None else value}" for key, value in trainer.items()]
     if finite:
-        check_config(tiny("listops", "softmax", "optim.schedule=cosine", *extra))
+        check_config(tiny_cfg("listops", "softmax", "optim.schedule=cosine", *extra))
     else:
         with pytest.raises(ConfigError, match=re.escape("optim.schedule=cosine needs a finite horizon: set "
                                                         "trainer.max_steps")):
-            check_config(tiny("listops", "softmax", "optim.schedule=cosine", *extra))
-        check_config(tiny("listops", "softmax", "optim.schedule=inverse_sqrt", *extra))  # only cosine needs it
+            check_config(tiny_cfg("listops", "softmax", "optim.schedule=cosine", *extra))
+        check_config(tiny_cfg("listops", "softmax", "optim.schedule=inverse_sqrt", *extra))  # only cosine needs it
 
 
 def test_cosine_horizon_is_the_trainers_step_count():
@@ -268,21 +253,22 @@ def test_cosine_total_steps_overrides_the_trainers_horizon():
     module = TaskModule(OmegaConf.create({"optim": optim}))
     module._trainer = SimpleNamespace(estimated_stepping_batches=100)
     assert module._lr_factor(199) == pytest.approx(0.5) and module._lr_factor(99) > 0.8
-    check_config(tiny("listops", "softmax", "optim.schedule=cosine", "optim.total_steps=400",
+    check_config(tiny_cfg("listops", "softmax", "optim.schedule=cosine", "optim.total_steps=400",
                       "++trainer.max_epochs=-1", "++trainer.max_steps=-1", "++trainer.max_time=00:01:00:00"))
     with pytest.raises(ConfigError, match="optim.total_steps must be null or an int >= 1"):
-        check_config(tiny("listops", "softmax", "optim.total_steps=0"))
+        check_config(tiny_cfg("listops", "softmax", "optim.total_steps=0"))
 
 
 def test_default_listops_runs_with_the_default_model(tmp_path):
-    """``task=listops attention=softmax`` used to stop at build: ListOps reaches 1999 tokens, the default
-    model.max_len was 1024. Default lengths and model; only the dataset sizes are small."""
+    """``task=listops attention=softmax`` builds: ListOps reaches 1999 tokens, and model.max_len follows
+    the task. Default lengths and model; only the dataset sizes are small."""
     record = run(config("task=listops", "attention=softmax", "logger=none", "task.train_size=2", "task.val_size=2",
                         "task.test_size=2", "task.batch_size=2", "++trainer.fast_dev_run=true", *QUIET), tmp_path)
     assert record.config["model"]["max_len"] == 1999 and record.steps == 1
 
 
-@pytest.mark.parametrize("model", config_files("model"))
+@pytest.mark.parametrize("model", [m if m == "tiny" else pytest.param(m, marks=pytest.mark.slow)
+                                   for m in config_files("model")])
 def test_model_max_len_follows_the_task_unless_set(model):
     """model.max_len: null (every model group) = the task's longest sequence (translation: 1024, or BOS +
     max_tokens if more); a number is kept, and one below a length the task's config fixes is a start error
@@ -311,12 +297,12 @@ def test_model_max_len_follows_the_task_unless_set(model):
 
 # ----------------------------------------------------------------------------- bad input
 def test_unknown_schedule_is_a_start_error():
-    """optim.schedule=linear used to pass the checks and raise in the scheduler, after the data was built."""
+    """An unknown optim.schedule (or a negative warm-up) is refused by the checks, before any data is built."""
     with pytest.raises(ConfigError, match=re.escape("optim.schedule must be one of ['inverse_sqrt', 'cosine', "
                                                     "'constant'], got 'linear'")):
-        check_config(tiny("listops", "softmax", "optim.schedule=linear"))
+        check_config(tiny_cfg("listops", "softmax", "optim.schedule=linear"))
     with pytest.raises(ConfigError, match="optim.warmup_steps must be an int >= 0"):
-        check_config(tiny("listops", "softmax", "optim.warmup_steps=-5"))
+        check_config(tiny_cfg("listops", "softmax", "optim.warmup_steps=-5"))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -327,11 +313,11 @@ def test_unknown_schedule_is_a_start_error():
     ("++trainer.barebones=true", "trainer.barebones=True: barebones disables the checkpoints"),
 ])
 def test_trainer_arguments_the_app_sets_are_start_errors(override, message):
-    """These passed the key check, then pl.Trainer stopped with "got multiple values" (or a Lightning
-    MisconfigurationException) after the data was built."""
+    """Trainer arguments the app sets itself are refused at start, naming the setting to use instead (not
+    pl.Trainer's "got multiple values" or a Lightning MisconfigurationException after the data is built)."""
     with pytest.raises(ConfigError, match=message):
-        check_config(tiny("listops", "softmax", override))
-    check_config(tiny("listops", "softmax", "++trainer.enable_checkpointing=true"))  # the default value is fine
+        check_config(tiny_cfg("listops", "softmax", override))
+    check_config(tiny_cfg("listops", "softmax", "++trainer.enable_checkpointing=true"))  # the default value is fine
 
 
 @pytest.mark.parametrize("override, message", [
@@ -349,9 +335,9 @@ def test_translation_task_values_are_checked_at_start(override, message):
     """The translation section is validated by its schema (translation.Config) like the other tasks': these
     fail check_config, before any data is loaded."""
     with pytest.raises(ConfigError, match=rf"^task.translation: {message}"):
-        check_config(tiny("translation", "softmax", override))
+        check_config(tiny_cfg("translation", "softmax", override))
     with pytest.raises(ValueError, match=message):  # the task's own build checks the same schema
-        translation.task_config(tiny("translation", "softmax", override))
+        translation.task_config(tiny_cfg("translation", "softmax", override))
 
 
 def write_split_files(root: Path, lines: dict[str, list[str]]) -> str:
@@ -377,8 +363,8 @@ SHORT = ["ab", "cd", "ef", "abc", "bcd", "def", "fed", "cba"]
     ("train", "lower task.max_tokens to <= 11 .* or raise model.max_len to >= 22"),
 ])
 def test_translation_pairs_longer_than_max_len_stop_before_training(tmp_path, split, fix):
-    """A test sentence longer than model.max_len used to fail in the test after the whole training; now the
-    run stops once the data is tokenised, naming the split, the lengths and the fix."""
+    """A sentence of any split longer than model.max_len stops the run once the data is tokenised, before
+    training, naming the split, the lengths and the fix."""
     lines = {s: list(SHORT) for s in ("train", "val", "test")}
     lines[split].append("abcdefabcdefabcdefab")  # 20 letters: 21 tokens (with ▁), BOS + 21 = 22 positions
     cfg = char_translation(write_split_files(tmp_path, lines), 12)
@@ -482,13 +468,14 @@ def test_corrupt_or_altered_files_are_clear_errors(tmp_path):
 
 def test_wandb_logger_runs_disabled_with_dirs_in_temp(tmp_path):
     assert os.environ["WANDB_MODE"] == "disabled"
-    record = run(tiny("listops", "softmax", "logger=wandb", "++trainer.fast_dev_run=true"), tmp_path)
+    record = run(tiny_cfg("listops", "softmax", "logger=wandb", "++trainer.fast_dev_run=true"), tmp_path)
     assert record.config["logger"]["kind"] == "wandb"
     import wandb
 
     assert wandb.run is None  # finished, so the next multirun job starts its own run
 
 
+@pytest.mark.slow
 @needs_data
 def test_quickstart_multirun_prints_a_side_by_side_summary(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled"}
@@ -508,7 +495,7 @@ def test_wandb_online_start_without_network_or_valid_key_falls_back_to_offline(t
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # looks logged in, but the key is bad / the host unreachable
     monkeypatch.setenv("HOME", str(tmp_path))
-    cfg = tiny("listops", "softmax", "logger=wandb", "logger.init_timeout=3", "++trainer.fast_dev_run=true")
+    cfg = tiny_cfg("listops", "softmax", "logger=wandb", "logger.init_timeout=3", "++trainer.fast_dev_run=true")
     with pytest.warns(UserWarning, match="logging offline instead"):
         run(cfg, tmp_path / "run")
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
@@ -526,14 +513,14 @@ class PoisonGradient(pl.Callback):
 
 
 def test_nonfinite_gradient_stops_the_run_naming_step_and_attention(tmp_path):
-    cfg = tiny("listops", "favor_plus", "trainer.max_epochs=1", "test=false")
+    cfg = tiny_cfg("listops", "favor_plus", "trainer.max_epochs=1", "test=false")
     with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step 2 with attention 'favor'"):
         run(cfg, tmp_path, callbacks=[PoisonGradient(2)])
 
 
 def test_nonfinite_update_is_skipped_when_configured(tmp_path):
     log = LossLog()
-    cfg = tiny("listops", "softmax", "trainer.max_epochs=1", "test=false", "nonfinite=skip")
+    cfg = tiny_cfg("listops", "softmax", "trainer.max_epochs=1", "test=false", "nonfinite=skip")
     record = run(cfg, tmp_path, callbacks=[PoisonGradient(2), log])
     assert record.skipped_updates == 1 and all(torch.isfinite(torch.tensor(log.losses)))
 
@@ -541,7 +528,7 @@ def test_nonfinite_update_is_skipped_when_configured(tmp_path):
 def test_same_seed_gives_bit_identical_losses_including_favor_redraws(tmp_path):
     def losses(seed: int, name: str) -> list[float]:
         log = LossLog()
-        cfg = tiny("listops", "favor_plus", "trainer.max_epochs=1", "test=false", f"seed={seed}",
+        cfg = tiny_cfg("listops", "favor_plus", "trainer.max_epochs=1", "test=false", f"seed={seed}",
                    "attention.kwargs.redraw_interval=2", "model.dropout=0.1")
         run(cfg, tmp_path / name, callbacks=[log])
         return log.losses
@@ -560,6 +547,6 @@ def test_peak_memory_is_per_run_not_per_process(tmp_path):
 
 
 def test_record_counts_completed_epochs_and_keeps_last_validation(tmp_path):
-    record = run(tiny("listops", "softmax", "trainer.max_epochs=2"), tmp_path)
+    record = run(tiny_cfg("listops", "softmax", "trainer.max_epochs=2"), tmp_path)
     assert record.epochs == 2 and record.steps == 8
     assert set(record.metrics.val_last) >= {"val/acc", "val/loss"}

@@ -16,7 +16,7 @@ from efficient_attn.transformer import (
     sinusoid_table,
 )
 
-from .conftest import site_specs
+from .helpers import site_specs
 
 VOCAB, BOS, EOS, PAD = 40, 2, 3, 0
 

@@ -30,13 +30,12 @@ from efficient_attn_tasks.commands import report
 from efficient_attn_tasks.config.checks import CONFIG_DIR, ConfigError
 from efficient_attn_tasks.commands.train import run
 from efficient_attn_tasks.run.record import RESULTS_JSON, RunRecord
+from tests.helpers import tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 # A tiny ListOps run that crosses epochs, validates, redraws FAVOR+ features and uses dropout.
-TINY = ["task=listops", "model=tiny", "logger=none", "test=false", "threads=1", "task.train_size=64",
-        "task.val_size=16", "task.test_size=16", "task.min_length=10", "task.max_length=40", "task.batch_size=8",
-        "trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false", "trainer.max_epochs=-1",
-        "trainer.log_every_n_steps=1"]
+TINY = [*tiny_overrides("listops"), "task.batch_size=8", "test=false", "threads=1", "trainer.max_epochs=-1",
+        "trainer.log_every_n_steps=1"]  # 8 steps an epoch
 FAVOR = ["attention=favor_plus", "attention.kwargs.num_features=16", "attention.kwargs.redraw_interval=3"]
 
 

@@ -38,7 +38,7 @@ ATTENTION_TESTS = [  # fast and sharp first: with -x a killed mutant stops at it
 ]
 GENERATE_TESTS = ["tests/test_generate.py", "tests/test_beam.py"]
 # with --rev the tests come from that revision too, except these, taken from the working tree
-OVERLAY = ["tests/test_reference.py", "tests/test_core_exact.py", "tests/test_gradcheck.py",
+OVERLAY = ["tests/helpers.py", "tests/test_reference.py", "tests/test_core_exact.py", "tests/test_gradcheck.py",
            "tests/test_generate.py", "tests/test_beam.py", "tests/test_numerics.py", "tools/mutation.py",
            "tools/mutation_sites.py", "tools/mutation_equivalent.py"]
 PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-p", "_mutation_guard"]
@@ -136,7 +136,7 @@ def report(mutants: list[Mutant], command: str, rev: str | None, baseline: dict[
         "# Mutation testing of the attention core",
         "",
         f"- command: `{command}`",
-        f"- source: " + (f"efficient_attn/ and tests/ at git {rev}, with the working tree's "
+        "- source: " + (f"efficient_attn/ and tests/ at git {rev}, with the working tree's "
                          + ", ".join(Path(p).name for p in OVERLAY) if rev else "the working tree"),
         f"- machine: {platform.node()} · {platform.platform()} · {os.cpu_count()} CPUs · Python "
         f"{platform.python_version()} · torch {_torch_version()} · working-tree HEAD {_git_head()}",
