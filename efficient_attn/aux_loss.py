@@ -1,12 +1,8 @@
 """Auxiliary training losses that attentions produce in their forward (Hedgehog's distillation).
 
-    loss = task_loss(model(batch))
-    aux = ea.attention_aux_loss(model)          # after the forward, before backward
-    if aux is not None:
-        loss = loss + aux
-
-A core attention with such a loss sets ``aux_loss`` (a scalar tensor, already weighted) in each
-training-mode forward, and None otherwise (see :class:`~efficient_attn.attention.base.Attention`).
+Owns :func:`attention_aux_loss`, which collects them for the training loss after each forward. A core
+attention with such a loss sets ``aux_loss`` (a scalar tensor, already weighted) in each training-mode
+forward, and None otherwise (see :class:`~efficient_attn.attention.base.Attention`).
 """
 
 from __future__ import annotations

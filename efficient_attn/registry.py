@@ -1,21 +1,9 @@
 """The attention registry: one name per variant, one constructor, loud errors.
 
-    @register_attention("softmax")
-    class SoftmaxAttention(Attention): ...
-
-    attn = create_attention("softmax", head_dim=64, num_heads=8)
-
-Attentions from outside this package register the same way, found by either of:
-
-- an entry point in the group ``efficient_attn.attentions`` of any installed distribution (loaded the
-  first time the registry is read), e.g. in that package's ``pyproject.toml``::
-
-      [project.entry-points."efficient_attn.attentions"]
-      my_attention = "my_pkg.my_attention"          # a module that uses @register_attention, or
-      my_other = "my_pkg.other:OtherAttention"      # a class, registered under the entry point's name
-
-- :func:`import_attentions` of module names (the training config's ``imports: [my_pkg.my_attention]``, the
-  ``--imports`` option of the bench and approx commands), for modules on ``sys.path`` but not installed.
+Owns the name -> class table, the check of a variant's constructor when it registers,
+``create_attention`` (unknown names and options raise, listing the known ones) and plugin discovery:
+attentions from other packages register the same way, found through the ``efficient_attn.attentions``
+entry-point group or imported by name (:func:`import_attentions`); the README shows both.
 """
 
 from __future__ import annotations
@@ -69,6 +57,8 @@ def _load_builtins() -> None:
     """Import the built-in variants (they register on import; a caller may reach the registry without
     ``efficient_attn.attention`` having been imported, since the package's ``__init__`` is lazy), then
     the installed plugins (once)."""
+    # The one import cycle of the package, and a lazy one: attention/* import this module at load time to
+    # register; this module imports attention/ only here, on the first read (tests/test_layout.py allows it).
     importlib.import_module(".attention", __package__)
     if _PLUGINS is None:
         _load_plugins()

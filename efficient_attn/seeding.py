@@ -1,13 +1,10 @@
 """Seeds and schedules for what attentions own: their parameters, random features and redraws.
 
-    model = TransformerLM(cfg, vocab, attention=AttentionSpec("favor"))   # seeds its attentions itself
-    ea.seed_attentions(model, base_seed=7)        # or re-seed: one stream per attention module
-    ...
-    optimizer.step(); ea.attention_optimizer_step(model)                 # once per optimizer step
-
-Each core attention draws from its own stream, seeded by (base seed, the module's name in the
-model), so every module gets its own features and parameters, the same in every process and on
-every rebuild, and the global RNG (which the shared weights come from) is never touched.
+Owns the per-module seed (:func:`module_seed`), :func:`seed_attentions` and the once-per-optimizer-step
+hook :func:`attention_optimizer_step` (FAVOR+ counts its redraws there). Each core attention draws from
+its own stream, seeded by (base seed, the module's name in the model), so every module gets its own
+features and parameters, the same in every process and on every rebuild, and the global RNG (which the
+shared weights come from) is never touched.
 """
 
 from __future__ import annotations

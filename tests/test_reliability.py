@@ -142,7 +142,7 @@ def task_grads(task: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tens
     torch.manual_seed(0)
     module_class = {"translation": "TranslationModule", "lm": "ByteLMModule", "mqar": "MQARModule",
                     "listops": "ListOpsModule"}[task]
-    cls = getattr(importlib.import_module(f"efficient_attn_tasks.{task}"), module_class)
+    cls = getattr(importlib.import_module(f"efficient_attn_tasks.tasks.{task}"), module_class)
     module = (cls(cfg, 40, None) if task == "translation" else cls(cfg)).double()
     rows, collate = global_batch(task, cfg)
     module.training_step(collate(rows[rank::world]), 0).backward()

@@ -1,9 +1,9 @@
-"""Fault injection: kill, resume, run on 2 processes, train in bf16 and fp16, feed bad input; record what happened.
+"""Fault injection for the training stack: kill, resume, run on 2 processes, train in bf16 and fp16, feed bad
+input; record what happened.
 
-    python -m tools.faults --out results/reliability.md     # every scenario on a tiny model (a few minutes)
-
-Each scenario is also a function the tests call (tests/test_reliability.py). A run that must die
-mid-training runs in a subprocess (``python -m tools.faults run <out_dir> --kill-at N <overrides>``).
+Owns the scenarios (functions tests/test_reliability.py calls), the Markdown report that ``python -m tools.faults``
+writes from all of them, and the ``run`` subcommand a scenario starts in a subprocess when the run must die
+mid-training.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from efficient_attn_tasks.commands import report
-from efficient_attn_tasks.config.checks import CONFIG_DIR, ConfigError
 from efficient_attn_tasks.commands.train import run
+from efficient_attn_tasks.config.checks import CONFIG_DIR, ConfigError
 from efficient_attn_tasks.run.record import RESULTS_JSON, RunRecord
 from tests.helpers import tiny_overrides
 
@@ -89,7 +89,8 @@ def resume_after_kill(work: Path, steps: int = 12, kill_at: int = 8, every: int 
                       extra: Sequence[str] = ()) -> dict[str, Any]:
     """Uninterrupted run vs. a run SIGKILLed at ``kill_at`` and resumed with ckpt_path=last."""
     attention = [] if any(e.startswith("attention=") for e in extra) else FAVOR
-    overrides = [*TINY, *attention, "model.dropout=0.1", f"trainer.max_steps={steps}", f"checkpoint_every={every}", *extra]
+    overrides = [*TINY, *attention, "model.dropout=0.1", f"trainer.max_steps={steps}", f"checkpoint_every={every}",
+                 *extra]
     full = StepLog()
     run(compose_config(overrides), work / "uninterrupted", callbacks=[full])
     killed = work / "killed"
@@ -137,15 +138,18 @@ def sweep_with_a_failing_job(work: Path, launcher: str = "basic", resume: bool =
     summary's failed-jobs lines, which jobs the resumed sweep ran again (results.json rewritten), the report."""
     sweep = work / "sweep"
     extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
-    cmd = [sys.executable, "-m", "efficient_attn_tasks.commands.train", "-m", *SWEEP, *extra, f"hydra.sweep.dir={sweep}"]
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "efficient_attn_tasks.commands.train", "-m", *SWEEP, *extra,
+           f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "WANDB_MODE": "disabled",
+           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     work.mkdir(parents=True, exist_ok=True)
     first = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     records = {p.parent.name: RunRecord.read(p) for p in sorted(sweep.glob("*/results.json"))}
     written = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/results.json")}
     resumed = subprocess.run([*cmd, "ckpt_path=last"], cwd=work, env=env, capture_output=True, text=True,
                              timeout=600) if resume else None
-    rerun = sorted(p.parent.name for p in sweep.glob("*/results.json") if p.stat().st_mtime_ns != written.get(p.parent.name))
+    rerun = sorted(p.parent.name for p in sweep.glob("*/results.json")
+                   if p.stat().st_mtime_ns != written.get(p.parent.name))
     table = io.StringIO()
     with contextlib.redirect_stdout(table), contextlib.suppress(SystemExit):  # no run dirs: an empty report
         report.main([str(sweep), "--rows", "attention,config.model.max_len"])
@@ -163,8 +167,8 @@ def sweep_with_a_failing_job(work: Path, launcher: str = "basic", resume: bool =
 
 def ddp_vs_single(work: Path, steps: int = 8, devices: int = 2) -> dict[str, Any]:
     """The same global batch on 1 process and on ``devices`` gloo processes: final weights and val loss."""
-    overrides = [*TINY, *FAVOR, "attention.kwargs.redraw_interval=2", "model.dropout=0.0", f"trainer.max_steps={steps}",
-                 "trainer.accelerator=cpu", "trainer.val_check_interval=1.0"]
+    overrides = [*TINY, *FAVOR, "attention.kwargs.redraw_interval=2", "model.dropout=0.0",
+                 f"trainer.max_steps={steps}", "trainer.accelerator=cpu", "trainer.val_check_interval=1.0"]
     out = {}
     for n in (1, devices):
         extra = ["trainer=ddp", f"trainer.devices={n}"] if n > 1 else []
@@ -174,7 +178,7 @@ def ddp_vs_single(work: Path, steps: int = 8, devices: int = 2) -> dict[str, Any
         out[n] = json.loads((work / f"p{n}" / "faults.json").read_text())
     one, many = (torch.load(work / f"p{n}" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
                  for n in (1, devices))
-    param_diff = max(float((one[k].double() - many[k].double()).abs().max()) for k in one if one[k].is_floating_point())
+    param_diff = _max_abs_diff(one, many)
     return {"devices": devices, "steps": out[devices]["steps"], "max_abs_param_diff": param_diff,
             "val_loss": {n: out[n]["val_last"].get("val/loss") for n in out},
             "feature_mismatches": out[devices]["feature_mismatches"]}
@@ -184,9 +188,10 @@ def ddp_vs_single(work: Path, steps: int = 8, devices: int = 2) -> dict[str, Any
 # sentences make 3 batches (7, 7, 1): one process decodes two of them, the other one. Float64: in float32 the
 # key-projection biases, whose exact gradient is 0 under softmax, get rounding noise that Adam scales to ~lr.
 TRANSLATION = ["task=translation", "task.source=synthetic", "task.synthetic_sizes=[64,15,15]", "task.vocab_size=40",
-               "task.synthetic_length=[2,12]", "task.batch_size=7", "task.beam_size=3", "model=tiny", "model.dropout=0.0",
-               "logger=none", "threads=1", "optim.warmup_steps=1", "trainer.accelerator=cpu", "trainer.precision=64-true",
-               "trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false", "trainer.log_every_n_steps=1"]
+               "task.synthetic_length=[2,12]", "task.batch_size=7", "task.beam_size=3", "model=tiny",
+               "model.dropout=0.0", "logger=none", "threads=1", "optim.warmup_steps=1", "trainer.accelerator=cpu",
+               "trainer.precision=64-true", "trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false",
+               "trainer.log_every_n_steps=1"]
 
 
 def translation_ddp_vs_single(work: Path, steps: int = 6, devices: int = 2) -> dict[str, Any]:
@@ -229,8 +234,8 @@ def bf16_training(attentions: Sequence[str], work: Path, steps: int = 8, scale: 
     out = {}
     for name in attentions:
         log = StepLog()
-        cfg = compose_config([*TINY, f"attention={name}", "trainer.precision=bf16-mixed", f"trainer.max_steps={steps}",
-                              "nonfinite=stop"])
+        cfg = compose_config([*TINY, f"attention={name}", "trainer.precision=bf16-mixed",
+                              f"trainer.max_steps={steps}", "nonfinite=stop"])
         try:
             with _scaled_embeddings(scale):
                 record = run(cfg, work / name, callbacks=[log])
@@ -238,7 +243,8 @@ def bf16_training(attentions: Sequence[str], work: Path, steps: int = 8, scale: 
             out[name] = {"steps": record.steps, "nonfinite_losses": int(bad), "skipped": record.skipped_updates,
                          "last_loss": log.losses[-1], "error": None}
         except (FloatingPointError, ConfigError) as err:  # ConfigError: cannot serve ListOps' encoder
-            out[name] = {"steps": None, "nonfinite_losses": None, "skipped": None, "last_loss": None, "error": str(err)}
+            out[name] = {"steps": None, "nonfinite_losses": None, "skipped": None, "last_loss": None,
+                         "error": str(err)}
     return out
 
 
@@ -257,13 +263,19 @@ def fp16_overflow(work: Path, steps: int = 12, init_scale: float = 2.0**24,
     log = StepLog()
     cfg = compose_config([*TINY, "trainer.precision=null", f"trainer.max_steps={steps}", "nonfinite=stop"])
     try:
-        record = run(cfg, work, callbacks=[log, *callbacks], plugins=[MixedPrecision("16-mixed", device, scaler=scaler)])
+        record = run(cfg, work, callbacks=[log, *callbacks],
+                     plugins=[MixedPrecision("16-mixed", device, scaler=scaler)])
     except FloatingPointError as err:
         return {"steps": None, "scaler_skipped_steps": None, "skipped_updates": None, "precision": None,
                 "init_scale": init_scale, "final_scale": scaler.get_scale(), "losses": log.losses, "error": str(err)}
     return {"steps": record.steps, "scaler_skipped_steps": record.scaler_skipped_steps,
             "skipped_updates": record.skipped_updates, "precision": record.precision, "init_scale": init_scale,
             "final_scale": scaler.get_scale(), "losses": log.losses, "error": None}
+
+
+def _max_abs_diff(one: dict[str, torch.Tensor], many: dict[str, torch.Tensor]) -> float:
+    """The largest absolute difference between two state dicts' floating-point tensors."""
+    return max(float((one[k].double() - many[k].double()).abs().max()) for k in one if one[k].is_floating_point())
 
 
 class _scaled_embeddings:
@@ -338,8 +350,8 @@ def bad_inputs(work: Path) -> list[dict[str, Any]]:
     for what, overrides, expected, env, marker in cases:
         env = {k: v for k, v in {**base_env, **env}.items() if v != ""}
         start = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "efficient_attn_tasks.commands.train", *QUIET, *overrides], cwd=work, env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([sys.executable, "-m", "efficient_attn_tasks.commands.train", *QUIET, *overrides],
+                              cwd=work, env=env, capture_output=True, text=True, timeout=300)
         lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
         starts = (marker,) if marker else ("error:", "Could not", "In ")
         message = next((ln for ln in lines if ln.startswith(starts) or (marker and marker in ln)),
@@ -367,44 +379,47 @@ def write_report(args: argparse.Namespace) -> None:
     lines = [
         "# Reliability: faults injected and what happened",
         "",
-        f"Made by `python -m tools.faults --out {args.out} --work {args.work}` on {_machine()}, torch {torch.__version__}, "
-        f"{time.strftime('%Y-%m-%d')}, in {time.time() - started:.0f} s. Tiny ListOps model (d_model 64, 2 layers), one thread.",
+        f"Made by `python -m tools.faults --out {args.out} --work {args.work}` on {_machine()}, "
+        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, in {time.time() - started:.0f} s. "
+        "Tiny ListOps model (d_model 64, 2 layers), one thread.",
         "",
         "| fault | what happened |",
         "|---|---|",
-        f"| SIGKILL at step {kill['resumed_at_step'] + 3} of {kill['steps']} (checkpoint every 5 steps; FAVOR+ m=16 redrawn "
-        f"every 3 steps, dropout 0.1), re-run with `ckpt_path=last` | exit {kill['returncode']} (killed); resumed at step "
-        f"{kill['resumed_at_step']}, trained {kill['resumed_steps']} steps to {kill['steps']}; per-step loss vs. the "
-        f"uninterrupted run: max abs diff {kill['max_abs_loss_diff']:.3g} "
+        f"| SIGKILL at step {kill['resumed_at_step'] + 3} of {kill['steps']} (checkpoint every 5 steps; FAVOR+ "
+        f"m=16 redrawn every 3 steps, dropout 0.1), re-run with `ckpt_path=last` | exit {kill['returncode']} "
+        f"(killed); resumed at step {kill['resumed_at_step']}, trained {kill['resumed_steps']} steps to "
+        f"{kill['steps']}; per-step loss vs. the uninterrupted run: max abs diff {kill['max_abs_loss_diff']:.3g} "
         f"({'bit-identical' if kill['bit_identical'] else 'not bit-identical'}) |",
         f"| SIGTERM to `efficient-attn-train` (W&B offline) once it had a checkpoint, then the same command with "
-        f"`ckpt_path=last` | first exit {term['first_returncode']} (`{(term['interrupt_message'] or ['no message'])[0]}`), "
-        f"second exit {term['second_returncode']}; {term['run_dirs']} run dir, results.json steps {term['steps']}, "
-        f"W&B runs {term['wandb_runs']} ({'same id' if term['same_wandb_id'] else 'different ids'}) |",
-        f"| DDP, {ddp['devices']} CPU processes (gloo) vs 1 process, same global batch (8), {ddp['steps']} steps, FAVOR+ "
-        f"redrawn every 2 steps | max abs parameter diff {ddp['max_abs_param_diff']:.3g}; val loss "
+        f"`ckpt_path=last` | first exit {term['first_returncode']} "
+        f"(`{(term['interrupt_message'] or ['no message'])[0]}`), second exit {term['second_returncode']}; "
+        f"{term['run_dirs']} run dir, results.json steps {term['steps']}, W&B runs {term['wandb_runs']} "
+        f"({'same id' if term['same_wandb_id'] else 'different ids'}) |",
+        f"| DDP, {ddp['devices']} CPU processes (gloo) vs 1 process, same global batch (8), {ddp['steps']} "
+        f"steps, FAVOR+ redrawn every 2 steps | max abs parameter diff {ddp['max_abs_param_diff']:.3g}; val loss "
         f"{ddp['val_loss'][1]:.6f} vs {ddp['val_loss'][ddp['devices']]:.6f}; FAVOR+ features differing across ranks "
         f"at {ddp['feature_mismatches']} step(s) |",
-        f"| DDP translation, {mt['devices']} CPU processes (gloo) vs 1 process, same global batch (7 sentences: 4 and 3 "
-        f"per process, uneven tokens), {mt['steps']} steps, float64, dropout 0; then {mt['devices']} processes test the 1-process "
-        f"run's best checkpoint (beam 3, 15 sentences) | max abs parameter diff "
+        f"| DDP translation, {mt['devices']} CPU processes (gloo) vs 1 process, same global batch (7 sentences: 4 "
+        f"and 3 per process, uneven tokens), {mt['steps']} steps, float64, dropout 0; then {mt['devices']} "
+        f"processes test the 1-process run's best checkpoint (beam 3, 15 sentences) | max abs parameter diff "
         f"{mt['max_abs_param_diff']:.3g}; training tokens counted {mt['train_tokens']['one']} vs "
-        f"{mt['train_tokens']['many']}; val loss {mt['val_loss']['one']:.6f} vs {mt['val_loss']['many']:.6f}, val BLEU "
-        f"{mt['val_bleu']['one']:.2f} vs {mt['val_bleu']['many']:.2f}; same weights: test BLEU "
+        f"{mt['train_tokens']['many']}; val loss {mt['val_loss']['one']:.6f} vs {mt['val_loss']['many']:.6f}, "
+        f"val BLEU {mt['val_bleu']['one']:.2f} vs {mt['val_bleu']['many']:.2f}; same weights: test BLEU "
         f"{mt['test_bleu']['one']:.4f} vs {mt['test_bleu']['same_weights']:.4f}, test_hypotheses.txt "
-        f"{'identical' if mt['same_hypotheses'] else 'different'} ({mt['hypotheses']} lines); test sentences decoded "
-        f"per process {mt['test_sentences_per_process']} |",
+        f"{'identical' if mt['same_hypotheses'] else 'different'} ({mt['hypotheses']} lines); test sentences "
+        f"decoded per process {mt['test_sentences_per_process']} |",
     ]
     for name, r in bf16.items():
-        outcome = (f"{r['steps']} steps, non-finite losses {r['nonfinite_losses']}, skipped updates {r['skipped']}, "
-                   f"last loss {r['last_loss']:.4f}") if r["error"] is None else f"stopped: {r['error']}"
+        outcome = f"stopped: {r['error']}" if r["error"] is not None else (
+            f"{r['steps']} steps, non-finite losses {r['nonfinite_losses']}, skipped updates {r['skipped']}, "
+            f"last loss {r['last_loss']:.4f}")
         lines.append(f"| bf16-mixed, embeddings ×8 (large q, k norms), attention={name} | {outcome} |")
-    outcome = (f"{fp16['steps']} steps, {fp16['scaler_skipped_steps']} skipped by the scaler (counted in results.json "
-               f"`scaler_skipped_steps`; scale {fp16['init_scale']:.3g} → {fp16['final_scale']:.3g}), guard incidents "
-               f"{fp16['skipped_updates']}, last loss {fp16['losses'][-1]:.4f}") if fp16["error"] is None \
-        else f"stopped: {fp16['error']}"
-    lines.append(f"| fp16-mixed with a gradient scaler (initial scale {fp16['init_scale']:.3g}: the first steps' gradients "
-                 f"overflow), nonfinite=stop | {outcome} |")
+    outcome = (f"{fp16['steps']} steps, {fp16['scaler_skipped_steps']} skipped by the scaler (counted in "
+               f"results.json `scaler_skipped_steps`; scale {fp16['init_scale']:.3g} → {fp16['final_scale']:.3g}), "
+               f"guard incidents {fp16['skipped_updates']}, last loss {fp16['losses'][-1]:.4f}") \
+        if fp16["error"] is None else f"stopped: {fp16['error']}"
+    lines.append(f"| fp16-mixed with a gradient scaler (initial scale {fp16['init_scale']:.3g}: the first steps' "
+                 f"gradients overflow), nonfinite=stop | {outcome} |")
     for r in bad:
         ok = "as expected" if r["returncode"] == r["expected"] else f"expected exit {r['expected']}"
         lines.append(f"| bad input: {r['input']} (`{r['overrides'][:200]}`) | exit {r['returncode']} ({ok}) "
@@ -412,10 +427,10 @@ def write_report(args: argparse.Namespace) -> None:
     for r in sweeps:
         failed = "; ".join(f"{name} at step {f['steps']}: `{f['error']['type']}: {f['error']['message'][:200]}`"
                            for name, f in r["failed"].items()) or "none"
-        lines.append(f"| one job of a 3-job sweep fails (`-m model.max_len=64,16,64`, {r['launcher']} launcher: job 1's "
-                     f"model is shorter than the ListOps data) | statuses {r['statuses']}; failed record {failed}; "
-                     f"summary lists {len(r['summary_failed'])} failed job(s); exit {r['returncode']}; the same command "
-                     f"with `ckpt_path=last` re-ran {r['rerun']} (exit {r['resumed_returncode']}) |")
+        lines.append(f"| one job of a 3-job sweep fails (`-m model.max_len=64,16,64`, {r['launcher']} launcher: "
+                     f"job 1's model is shorter than the ListOps data) | statuses {r['statuses']}; failed record "
+                     f"{failed}; summary lists {len(r['summary_failed'])} failed job(s); exit {r['returncode']}; "
+                     f"the same command with `ckpt_path=last` re-ran {r['rerun']} (exit {r['resumed_returncode']}) |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -446,7 +461,8 @@ def _run_command(argv: list[str]) -> None:
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
         (args.out_dir / "faults.json").write_text(json.dumps(
             {"steps": record.steps, "val_last": record.metrics.val_last, "losses": log.losses,
-             "feature_mismatches": log.feature_mismatches, "test_sentences_per_process": log.test_sentences_per_process}))
+             "feature_mismatches": log.feature_mismatches,
+             "test_sentences_per_process": log.test_sentences_per_process}))
 
 
 def main(argv: list[str] | None = None) -> None:

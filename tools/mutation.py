@@ -1,15 +1,9 @@
 """Mutation testing of the attention core: break the code on purpose, check that a test notices.
 
-    python -m tests.mutation [--out results/mutation.md] [--limit N] [--jobs 2] [--rev HEAD]
-
-Each mutant changes one AST node of a file in efficient_attn/attention/ or efficient_attn/generate.py
-(swap + and −, * and /, flip a comparison, change a numeric constant, drop an augmented assignment
-or a call statement, replace an in-place/masking call by its receiver or a call by its first
-argument, tril ↔ triu, drop a not/~/unary minus, and ↔ or, delete an ``if …: return`` branch).
-Docstrings, messages, ``raise``/``assert``, argument validation (``if …: raise``), signatures and
-``extra_repr`` are left alone. Every mutant runs the core tests on a private copy of the repository
-(the working tree may be edited meanwhile); a test failure or a timeout kills it. Survivors are
-listed in the report, with the reason each is harmless where one is known (``EQUIVALENT``).
+Owns the runs and the report (``python -m tools.mutation --help``); ``mutation_sites`` owns which mutants
+exist, ``mutation_equivalent`` the reasons some survivors are harmless. Every mutant runs the core tests on a
+private copy of the repository (the working tree may be edited meanwhile); a test failure or a timeout kills
+it. Survivors are listed in the report, with the reason each is harmless where one is known.
 """
 
 from __future__ import annotations
@@ -28,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tools.mutation_equivalent import EQUIVALENT
-from tools.mutation_sites import ROOT, Mutant, all_mutants, targets
+from tools.mutation_sites import MUTATIONS, ROOT, Mutant, all_mutants, targets
 
 ATTENTION_TESTS = [  # fast and sharp first: with -x a killed mutant stops at its first failure
     "tests/test_reference.py", "tests/test_core_exact.py", "tests/test_gradcheck.py",
@@ -39,8 +33,9 @@ ATTENTION_TESTS = [  # fast and sharp first: with -x a killed mutant stops at it
 GENERATE_TESTS = ["tests/test_generate.py", "tests/test_beam.py"]
 # with --rev the tests come from that revision too, except these, taken from the working tree
 OVERLAY = ["tests/helpers.py", "tests/test_reference.py", "tests/test_core_exact.py", "tests/test_gradcheck.py",
-           "tests/test_generate.py", "tests/test_beam.py", "tests/test_numerics.py", "tools/mutation.py",
-           "tools/mutation_sites.py", "tools/mutation_equivalent.py"]
+           "tests/test_generate.py", "tests/test_beam.py", "tests/test_numerics.py"]
+# what the tests import besides the core (the application, its configs, tools.faults): always the working tree's
+SUPPORT = ["efficient_attn_tasks", "configs", "tools"]
 PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-p", "_mutation_guard"]
 
 # ---------------------------------------------------------------- running them on private copies
@@ -58,17 +53,20 @@ def pytest_configure(config):
 
 
 def make_copy(dest: Path, rev: str | None) -> Path:
-    """efficient_attn/, tests/ (working tree, or ``rev`` overlaid with OVERLAY), pyproject.toml -> dest."""
+    """efficient_attn/, tests/ (working tree, or ``rev`` overlaid with OVERLAY), SUPPORT, pyproject.toml -> dest."""
     dest.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__")
     if rev is None:
         for folder in ("efficient_attn", "tests"):
-            shutil.copytree(ROOT / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(ROOT / folder, dest / folder, ignore=ignore)
     else:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "efficient_attn", "tests"],
                                  check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
         for path in OVERLAY:
             shutil.copy2(ROOT / path, dest / path)
+    for folder in SUPPORT:
+        shutil.copytree(ROOT / folder, dest / folder, ignore=ignore)
     for name in ("pyproject.toml", "conftest.py"):
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, dest / name)
@@ -161,7 +159,7 @@ def report(mutants: list[Mutant], command: str, rev: str | None, baseline: dict[
         lines += ["| # | file:line | mutation | why harmless |", "|---|---|---|---|"]
         for m in survivors:
             lines.append(f"| {m.ident} | {m.path}:{m.line} | {m.description.replace('|', '∣')} | {_why(m)} |")
-    lines += ["", "Rerun one mutant: `python -m tests.mutation --only ID` (IDs are stable for a given source).", ""]
+    lines += ["", "Rerun one mutant: `python -m tools.mutation --only ID` (IDs are stable for a given source).", ""]
     return "\n".join(lines)
 
 
@@ -191,7 +189,10 @@ def _torch_version() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tests.mutation", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.mutation", description=__doc__.split("\n\n")[0] + " " + MUTATIONS,
+        epilog="quick check: --list --file numerics (no test run); one mutant: --only ID --jobs 1",
+    )
     parser.add_argument("--out", default="results/mutation.md", help="report path (relative to the repo)")
     parser.add_argument("--limit", type=int, default=0, help="run a fixed random sample of N mutants (0: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rev is not None:  # pin the revision now: HEAD may move while mutants run
         args.rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.rev],
                                   capture_output=True, text=True, check=True).stdout.strip()
-    command = "python -m tests.mutation " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m tools.mutation " + " ".join(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
         copies = [make_copy(Path(tmp) / f"job{j}", args.rev) for j in range(max(1, args.jobs))]
         mutants = all_mutants(copies[0])

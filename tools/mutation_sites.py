@@ -1,4 +1,4 @@
-"""Where and how ``tools/mutation.py`` mutates the core: AST sites, operators, the mutants themselves."""
+"""Where and how ``tools/mutation.py`` mutates the core: target files, AST sites, operators, the mutants."""
 
 from __future__ import annotations
 
@@ -7,12 +7,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+MUTATIONS = (
+    "Each mutant changes one AST node of a file in efficient_attn/attention/, efficient_attn/ops/ or "
+    "efficient_attn/generate.py (swap + and −, * and /, flip a comparison, change a numeric constant, drop an "
+    "augmented assignment or a call statement, replace an in-place/masking call by its receiver or a call by its "
+    "first argument, tril ↔ triu, drop a not/~/unary minus, and ↔ or, delete an `if …: return` branch). "
+    "Docstrings, messages, raise/assert, argument validation (`if …: raise`), signatures and extra_repr are left "
+    "alone."
+)
 
 
 def targets(root: Path = ROOT) -> list[str]:
-    """Every .py file of efficient_attn/attention/, and efficient_attn/generate.py, under ``root``."""
-    found = sorted(str(p.relative_to(root)) for p in (root / "efficient_attn" / "attention").glob("*.py"))
+    """Every .py file of efficient_attn/attention/ and efficient_attn/ops/, and efficient_attn/generate.py."""
+    folders = [root / "efficient_attn" / "attention", root / "efficient_attn" / "ops"]
+    found = sorted(str(p.relative_to(root)) for folder in folders for p in folder.glob("*.py"))
     return found + ["efficient_attn/generate.py"]
+
 
 SWAP_BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult}
 FLIP_CMP = {

@@ -1,4 +1,4 @@
-"""Analysis: approximation error of kernelized attention against exact softmax."""
+"""Analysis: approximation error of kernelized attention against exact softmax (``approx``)."""
 
-# query rows KL(P ‖ P̂) is measured on (analysis.approx); defined here so approx_report's --help needs no torch
+# query rows KL(P ‖ P̂) is measured on (analysis.approx); defined here, without torch, for the approx command's --help
 KL_ROWS = 256

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..registry import attention_options, create_attention
-from . import KL_ROWS  # query rows the KL is measured on (defined beside the package, so the CLI needs no torch)
+from . import KL_ROWS  # query rows the KL is measured on (defined without torch, for the CLI)
 
 
 @dataclass(frozen=True)

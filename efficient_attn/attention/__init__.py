@@ -1,7 +1,18 @@
-"""Attention variants; importing this package registers every one of them."""
+"""The attention variants, one file each, on the shared interface of ``base`` (and ``kernel`` for the
+linear-attention family); importing this package registers every one of them."""
 
 from . import (  # noqa: F401  (registration)
-    additive, bilinear, cosformer, dot, favor, hedgehog, linear, retention, sliding_window, softmax, taylor,
+    additive,
+    bilinear,
+    cosformer,
+    dot,
+    favor,
+    hedgehog,
+    linear,
+    retention,
+    sliding_window,
+    softmax,
+    taylor,
 )
 from .base import Attention
 from .kernel import KernelAttention

@@ -7,9 +7,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..ops.differentiable import double_backward_by_recompute
 from ..registry import register_attention
 from .base import Attention, masked_softmax
-from ..ops.differentiable import double_backward_by_recompute
 
 _CHUNK_ELEMENTS = 1 << 21  # tanh elements alive at once when chunk_size is automatic (8 MiB fp32)
 

@@ -255,7 +255,7 @@ def append_kv(state: dict[str, Any] | None, k: Tensor, v: Tensor, growth: float 
     )
     if not in_place:
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or old_k.requires_grad):
-            # autograd records the views: never write into them (the old torch.cat semantics)
+            # autograd records the views: never write into them (plain torch.cat, a fresh tensor)
             return KVCache(torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2))  # (B, H, t+1, ·)
         capacity = max(int(t * growth) + 1, t + 16)
         b, h = k.shape[:2]

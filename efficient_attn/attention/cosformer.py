@@ -7,9 +7,10 @@ import math
 import torch
 from torch import Tensor
 
+from ..ops.numerics import normalize, upcast_with_ones
 from ..registry import register_attention
 from .base import check_inputs, check_step
-from .kernel import KernelAttention, normalize, upcast_with_ones
+from .kernel import KernelAttention
 
 
 @register_attention("cosformer")

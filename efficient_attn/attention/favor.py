@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..registry import register_attention
+from ..ops.favor_fused import favor_positive_attention
 from ..ops.features import (
     KERNELS,
     PROJECTIONS,
@@ -15,8 +15,9 @@ from ..ops.features import (
     relu_features,
     trig_features,
 )
-from ..ops.favor_fused import favor_positive_attention
-from .kernel import KernelAttention, upcast_with_ones
+from ..ops.numerics import upcast_with_ones
+from ..registry import register_attention
+from .kernel import KernelAttention
 
 
 @register_attention("favor")
@@ -32,7 +33,7 @@ class FavorAttention(KernelAttention):
     orthogonal directions, ORFs) or "simplex" (blocks of d directions on a regular simplex, pairwise
     cosine −1/(d−1): SimRFs, Reid et al. 2023, lower kernel-estimate MSE than orthogonal); both block
     kinds carry chi_d row norms (see ``features.random_projection``). ``projection=None`` takes it
-    from the older flag ``orthogonal`` (False: "iid", else "orthogonal", the default); giving both
+    from the boolean flag ``orthogonal`` (False: "iid", else "orthogonal", the default); giving both
     and contradicting (``orthogonal=True`` with "iid", ``False`` with a block kind) raises ValueError.
     O(L·m·d) time, O(L·(m+d)) memory; causal by chunked prefix sums, O(L·(m+d) + L·chunk + (L/chunk)·m·d)
     memory (positive kernels fused into the products: ``favor_fused``).
@@ -113,12 +114,12 @@ class FavorAttention(KernelAttention):
             self.steps_since_draw.fill_(self._steps_since_draw)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
-        # checkpoints from before ``draw_seed`` existed: keep this module's (their features are loaded as saved)
+        # a checkpoint without ``draw_seed``: keep this module's (its features are loaded as saved)
         state_dict.setdefault(prefix + "draw_seed", self.draw_seed.clone())
-        # checkpoints that counted training forward calls: one call per step without accumulation
-        legacy = state_dict.pop(prefix + "calls_since_draw", None)
-        if legacy is not None:
-            state_dict.setdefault(prefix + "steps_since_draw", legacy)
+        # a checkpoint with ``calls_since_draw`` counts training forward calls: one call per step without accumulation
+        calls = state_dict.pop(prefix + "calls_since_draw", None)
+        if calls is not None:
+            state_dict.setdefault(prefix + "steps_since_draw", calls)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._steps_since_draw = int(self.steps_since_draw)
 
@@ -172,7 +173,7 @@ class FavorAttention(KernelAttention):
 
 
 def _resolve_projection(projection: str | None, orthogonal: bool | None) -> str:
-    """The projection kind from ``projection`` and the older ``orthogonal`` flag (None = unset)."""
+    """The projection kind from ``projection`` and the boolean ``orthogonal`` flag (None = unset)."""
     if projection is None:
         return "iid" if orthogonal is False else "orthogonal"
     if projection not in PROJECTIONS:

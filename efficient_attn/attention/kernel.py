@@ -16,12 +16,11 @@ and future keys cannot move an output, and every factor e^{g_j − G} is ≤ 1.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Attention, check_inputs, check_step, unsupported_use
 from ..ops.causal_linear import causal_linear_attention
 from ..ops.numerics import PADDED_LOG_SCALE, normalize, scale_values, upcast_with_ones
+from .base import Attention, check_inputs, check_step, unsupported_use
 
 
 class KernelAttention(Attention):
@@ -141,7 +140,6 @@ class KernelAttention(Attention):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
-
 
 
 def _mask_log_scale(log_scale: Tensor | None, key_padding_mask: Tensor | None) -> Tensor | None:

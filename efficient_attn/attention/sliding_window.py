@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..registry import register_attention
 from ..ops.numerics import upcast
+from ..registry import register_attention
 from .base import Attention, check_inputs, check_step
 
 

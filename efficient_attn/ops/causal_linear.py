@@ -40,6 +40,7 @@ def causal_linear_attention(
 
 
 def chunk_spans(length: int, size: int) -> list[slice]:
+    """Consecutive slices of ``size`` rows covering 0..length−1 (the last one may be shorter)."""
     return [slice(start, min(start + size, length)) for start in range(0, length, size)]
 
 

@@ -5,13 +5,12 @@ out_i = Σ_j (φ(q_i)·φ(k_j)) e^{g_j − G_i} v_j / Σ_j (φ(q_i)·φ(k_j)) e^
 g_j = r_{k_j} − ‖scale·k_j‖²/2 a key's log-scale, G_i the largest visible one (``kernel``'s convention:
 the maximum over the unpadded keys, or causally the running maximum, as ``causal_linear`` does).
 
-Why (issue 15): the generic path (``KernelAttention.attend`` + ``features._PositiveFeatures``) builds
-φ(q), φ(k) and, in backward, their gradients as whole (L, m) tensors (m ≫ d), sweeps each through
-memory several times (amax, exp, the gradient's product with φ, the normalisation) and, on a CPU,
-pages every fresh buffer of that size in again at each step. Here the features of a block of rows
-are made while in cache (x·w_sᵀ, row max, exp), used by the products at once and kept for backward,
-where each block's (or causal chunk's) gradient becomes dx while in cache too: the kept features
-are the only (L, m)-sized data (as before), no gradient of them is ever whole, and the output
+The generic path (``KernelAttention.attend`` + ``features.positive_features``) builds φ(q), φ(k)
+and, in backward, their gradients as whole (L, m) tensors (m ≫ d) and sweeps each through memory
+several times (amax, exp, the gradient's product with φ, the normalisation). Here the features of a
+block of rows are made while in cache (x·w_sᵀ, row max, exp), used by the products at once and kept
+for backward, where each block's (or causal chunk's) gradient becomes dx while in cache too: the kept
+features are the only (L, m)-sized data, no gradient of them is ever whole, and the output
 normalisation is part of the same Function. Same estimator and stabilisation, never more FLOPs.
 
 Non-causal: every key block first (their log-scales give G), then one (m, Dv+1) state
@@ -29,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .causal_linear import causal_plain, chunk_spans, intra_weights, Scales
+from .causal_linear import Scales, causal_plain, chunk_spans, intra_weights
 from .differentiable import double_backward_by_recompute
 from .features import positive_features_plain
 from .numerics import PADDED_LOG_SCALE, normalize, scale_values

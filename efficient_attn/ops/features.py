@@ -73,7 +73,7 @@ def _simplex(dim: int, dtype: torch.dtype | None = None) -> Tensor:
 def gaussian_projection(
     num_features: int, dim: int, *, orthogonal: bool, generator: torch.Generator | None = None
 ) -> Tensor:
-    """``random_projection`` with kind "orthogonal" or "iid" (the original API)."""
+    """``random_projection`` with kind "orthogonal" or "iid", chosen by a boolean."""
     return random_projection(num_features, dim, "orthogonal" if orthogonal else "iid", generator)
 
 
