@@ -247,7 +247,7 @@ def test_missing_multi30k_lists_every_missing_file_and_tries_one_download(tmp_pa
     assert not list((root / "multi30k").glob("tmp*"))  # no partial downloads left
 
 
-def test_data_dir_is_under_the_cache_dir_as_the_readme_says(tmp_path, monkeypatch):
+def test_data_dir_is_under_the_cache_dir_as_the_docs_say(tmp_path, monkeypatch):
     monkeypatch.delenv("EFFICIENT_ATTN_DATA", raising=False)
     monkeypatch.setenv("EFFICIENT_ATTN_CACHE", str(tmp_path / "cache"))
     assert data.data_dir() == tmp_path / "cache" / "data"
@@ -258,8 +258,8 @@ def test_data_dir_is_under_the_cache_dir_as_the_readme_says(tmp_path, monkeypatc
     monkeypatch.setenv("EFFICIENT_ATTN_DATA", str(tmp_path / "d"))
     assert data.data_dir(None, tmp_path / "mine") == tmp_path / "d"
     assert data.data_dir(tmp_path / "x") == tmp_path / "x"
-    readme = (REPO / "README.md").read_text()
-    assert "else `$EFFICIENT_ATTN_DATA`, else `<cache dir>/data`" in readme
+    docs = (REPO / "docs" / "training.md").read_text()
+    assert "else `$EFFICIENT_ATTN_DATA`, else `<cache dir>/data`" in docs
 
 
 # ----------------------------------------------------------------------------- bench, approx, report --help
