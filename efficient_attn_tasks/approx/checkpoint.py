@@ -16,9 +16,8 @@ from typing import Any
 import torch
 
 from efficient_attn import Attention, MultiHeadAttention, create_attention, seed_attentions
-from efficient_attn_tasks.approx import report as approx_report
 from efficient_attn.transformer import Block
-
+from efficient_attn_tasks.approx import report as approx_report
 from efficient_attn_tasks.run.checkpoint import load as load_checkpoint
 
 

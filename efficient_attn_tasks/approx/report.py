@@ -77,8 +77,8 @@ def run(a: argparse.Namespace) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
     """The m sweep and the scale sweep on random inputs; returns {name: (png, rows)}."""
     import torch
 
-    from efficient_attn.registry import get_attention_class, import_attentions
     from efficient_attn.analysis.approx import ESTIMATORS, error_vs_features, error_vs_scale, estimator
+    from efficient_attn.registry import get_attention_class, import_attentions
 
     import_attentions(getattr(a, "imports", []))
     extra = [name for name in getattr(a, "attentions", "").split(",") if name]

@@ -154,8 +154,8 @@ def run(a: argparse.Namespace) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
     """The study, written to <out>/sqrt_dk.{csv,png} and logged to the active W&B run, if any."""
     import torch
 
-    from efficient_attn_tasks.commands.cli import wrote
     from efficient_attn_tasks.approx.report import log_to_wandb, write_csv
+    from efficient_attn_tasks.commands.cli import wrote
 
     if a.threads:
         torch.set_num_threads(a.threads)

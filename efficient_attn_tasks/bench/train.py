@@ -164,8 +164,8 @@ def run_train_point(spec: dict[str, Any]) -> dict[str, Any]:
     import torch.nn.functional as F
 
     import efficient_attn as ea
-    from efficient_attn_tasks.bench.kernels import DTYPES, rss_mib
     from efficient_attn.transformer import AttentionSpec, TransformerConfig, TransformerLM
+    from efficient_attn_tasks.bench.kernels import DTYPES, rss_mib
 
     torch.set_num_threads(spec["threads"])
     device, cuda = torch.device(spec["device"]), spec["device"].startswith("cuda")
@@ -239,7 +239,6 @@ class Series:
 
     def __init__(self, name: str, cfg: dict[str, Any]) -> None:
         import efficient_attn as ea
-
         from efficient_attn_tasks.bench import kernels as bench
 
         self.name, self.cfg = name, cfg

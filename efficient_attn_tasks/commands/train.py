@@ -21,10 +21,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from efficient_attn_tasks.commands.cli import bare, known_errors
 from efficient_attn_tasks.config.checks import CONFIG_DIR, ConfigError, check_config
-from efficient_attn_tasks.tasks.data import DataError
-from efficient_attn_tasks.run.record import RESULTS_JSON, Attempt, RunRecord, record_status, reset_peak_memory, \
-    run_record, summary_line, tested_checkpoint, write_failed_record
+from efficient_attn_tasks.run.record import (
+    RESULTS_JSON,
+    Attempt,
+    RunRecord,
+    record_status,
+    reset_peak_memory,
+    run_record,
+    summary_line,
+    tested_checkpoint,
+    write_failed_record,
+)
 from efficient_attn_tasks.run.resume import remove_unstarted_run_dir, resume_argv, resume_checkpoint
+from efficient_attn_tasks.tasks.data import DataError
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -60,8 +69,17 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from efficient_attn_tasks.config.labels import attention_label
-    from efficient_attn_tasks.run.callbacks import (CurveLog, EpochLine, NonFiniteGuard, SaveOnInterrupt, Throughput, ValidateAtMaxSteps,
-                            keep_averaged_weights_for_test, progress_bar, quiet_lightning)
+    from efficient_attn_tasks.run.callbacks import (
+        CurveLog,
+        EpochLine,
+        NonFiniteGuard,
+        SaveOnInterrupt,
+        Throughput,
+        ValidateAtMaxSteps,
+        keep_averaged_weights_for_test,
+        progress_bar,
+        quiet_lightning,
+    )
     from efficient_attn_tasks.run.loggers import finish_wandb, make_logger, wandb_offline_note
 
     quiet_lightning()

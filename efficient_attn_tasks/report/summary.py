@@ -16,9 +16,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from efficient_attn_tasks.report.tables import markdown
 from efficient_attn_tasks.report.runs import failure, find_runs, hydra_job, metrics
-from efficient_attn_tasks.report.stats import finite_values, as_number, mean_ci
+from efficient_attn_tasks.report.stats import as_number, finite_values, mean_ci
+from efficient_attn_tasks.report.tables import markdown
 
 NOT_ROWS = {"seed", "attention", "ckpt_path"}  # overrides that never split rows (attention leads every label)
 RESOURCES = (("tokens/s", "train_tokens_per_s"), ("peak MiB", "peak_memory_mib"), ("wall s", "wall_time_s"))

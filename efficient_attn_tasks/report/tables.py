@@ -61,9 +61,17 @@ from pathlib import Path
 from typing import Any
 
 from efficient_attn_tasks.commands.cli import UsageError, wrote
-
 from efficient_attn_tasks.report.runs import RESOURCES, field, find_runs, metrics, not_run_labels
-from efficient_attn_tasks.report.stats import finite_values, is_number, as_number, ci_halfwidth, mean_ci, mean_std, paired_p, welch
+from efficient_attn_tasks.report.stats import (
+    as_number,
+    ci_halfwidth,
+    finite_values,
+    is_number,
+    mean_ci,
+    mean_std,
+    paired_p,
+    welch,
+)
 
 HEADLINE = {"translation": "test/bleu", "listops": "test/acc", "lm": "test/bpc", "mqar": "test/acc"}  # --pivot task columns
 LOWER_IS_BETTER = {"lm"}  # left out of the Avg column: an average of accuracy and bits/byte means nothing

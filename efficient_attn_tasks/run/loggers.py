@@ -11,8 +11,8 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-from efficient_attn_tasks.config.labels import attention_config
 from efficient_attn_tasks.config.checks import LOGGER_KEYS  # noqa: F401  (the config check's copy: one list of keys)
+from efficient_attn_tasks.config.labels import attention_config
 
 if TYPE_CHECKING:
     from pytorch_lightning.loggers import Logger, WandbLogger

@@ -39,7 +39,6 @@ from torchmetrics import MeanMetric
 
 from efficient_attn import attention_aux_loss, attention_optimizer_step
 from efficient_attn.transformer import count_parameters
-
 from efficient_attn_tasks.config.schema import OptimConfig
 from efficient_attn_tasks.run.distributed import all_reduce_sum, world_size
 from efficient_attn_tasks.tasks.data import cache_dir as resolve_cache_dir
@@ -55,6 +54,25 @@ def task_section(cfg: DictConfig, schema: type[Schema]) -> Schema:
     """The ``task:`` group as a checked ``schema`` (unknown keys are a TypeError, bad values a ValueError);
     every task's ``task_config`` is this with its ``Config``."""
     return schema(**OmegaConf.to_container(cfg.task, resolve=True))
+
+
+class OneLength:
+    """Mixin for a task section whose sequences all have the length of one field, named by ``longest_from``
+    (``"task.<field>"``): that length is its ``longest_sequence``, the default ``model.max_len``."""
+
+    longest_from: str
+
+    @property
+    def longest_sequence(self) -> int:
+        return getattr(self, self.longest_from.removeprefix("task."))
+
+
+def check_positive(section: Any, names: tuple[str, ...]) -> None:
+    """ValueError naming the first of the fields ``names`` of a task section that is not a positive int."""
+    for name in names:
+        value = getattr(section, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"task.{name} must be a positive int, got {value!r}")
 
 
 def data_options(cfg: DictConfig) -> dict[str, Any]:
@@ -222,6 +240,16 @@ class TaskModule(pl.LightningModule):
     def batch_tokens(self, batch: Any) -> int:
         """Tokens the model processed in one training batch (non-padding, inputs and targets)."""
         raise NotImplementedError
+
+    def eval_step(self, batch: Any, split: str) -> None:
+        """Add one evaluation batch of ``split`` (val or test) to its means (:meth:`accumulate`)."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.eval_step(batch, "test")
 
     def global_mean(self, mean: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(the loss to backpropagate, the loss to log) from this process's ``mean`` loss over its ``count``

@@ -30,10 +30,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from efficient_attn.transformer import TransformerClassifier
-
 from efficient_attn_tasks.config.schema import attention_spec, transformer_config
 from efficient_attn_tasks.tasks import register_task
-from efficient_attn_tasks.tasks.base import TaskData, TaskModule, data_options, task_section
+from efficient_attn_tasks.tasks.base import TaskData, TaskModule, check_positive, data_options, task_section
 from efficient_attn_tasks.tasks.data import DataError
 
 ATTENTION_SITES = ("encoder",)  # the model's attention sites (check_config)
@@ -72,9 +71,7 @@ class Config:
     longest_from = "task.max_length - 1, +1 with task.pooling=cls"  # what longest_sequence follows (errors)
 
     def __post_init__(self) -> None:
-        for name in ("train_size", "val_size", "test_size", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"task.{name} must be a positive int, got {getattr(self, name)!r}")
+        check_positive(self, ("train_size", "val_size", "test_size", "batch_size"))
         if self.pooling not in ("mean", "cls"):
             raise ValueError(f"task.pooling must be 'mean' or 'cls', got {self.pooling!r}")
         if self.num_workers < 0:
@@ -344,13 +341,7 @@ class ListOpsModule(TaskModule):
         self.log("train/loss", logged, on_step=True, on_epoch=False, batch_size=len(batch["label"]))
         return loss
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def _eval_step(self, batch: dict[str, Tensor], split: str) -> None:
+    def eval_step(self, batch: dict[str, Tensor], split: str) -> None:
         logits, labels = self(batch), batch["label"]  # (B, 10), (B,)
         self.accumulate(split, "loss", F.cross_entropy(logits, labels), len(labels))
         self.accumulate(split, "acc", (logits.argmax(-1) == labels).float())  # micro accuracy, as MulticlassAccuracy

@@ -27,10 +27,17 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from efficient_attn.transformer import TransformerLM, decode_state_size
-
 from efficient_attn_tasks.config.schema import attention_spec, transformer_config
 from efficient_attn_tasks.tasks import register_task
-from efficient_attn_tasks.tasks.base import SPLITS, TaskData, TaskModule, data_options, task_section
+from efficient_attn_tasks.tasks.base import (
+    SPLITS,
+    OneLength,
+    TaskData,
+    TaskModule,
+    check_positive,
+    data_options,
+    task_section,
+)
 
 IGNORE = -100  # target at non-query positions: no loss, no accuracy
 ATTENTION_SITES = ("decoder",)  # the model's attention sites (check_config)
@@ -39,7 +46,7 @@ Batch = dict[str, Tensor]
 
 @register_task("mqar")
 @dataclass
-class Config:
+class Config(OneLength):
     """The ``task:`` section for ``task=mqar`` (configs/task/mqar.yaml)."""
 
     name: str = "mqar"
@@ -58,9 +65,7 @@ class Config:
     longest_from = "task.seq_len"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "seq_len", "num_kv_pairs", "train_size", "val_size", "test_size", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"task.{name} must be a positive int, got {getattr(self, name)!r}")
+        check_positive(self, ("vocab_size", "seq_len", "num_kv_pairs", "train_size", "val_size", "test_size", "batch_size"))
         if self.seq_len % 2:
             raise ValueError(f"task.seq_len must be even (queries sit at even offsets), got {self.seq_len}")
         if 4 * self.num_kv_pairs > self.seq_len:
@@ -72,11 +77,6 @@ class Config:
             raise ValueError(f"task.vocab_size={self.vocab_size} leaves fewer than num_kv_pairs distinct keys")
         if not 0.0 < self.power_a <= 1.0:
             raise ValueError(f"task.power_a must be in (0, 1], got {self.power_a}")
-
-    @property
-    def longest_sequence(self) -> int:
-        """Tokens in one sequence (the default model.max_len)."""
-        return self.seq_len
 
 
 def task_config(cfg: DictConfig) -> Config:
@@ -191,13 +191,7 @@ class MQARModule(TaskModule):
         self.log("train/acc", acc, on_step=True, on_epoch=False, batch_size=size)
         return loss
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def _eval_step(self, batch: Batch, split: str) -> None:
+    def eval_step(self, batch: Batch, split: str) -> None:
         loss, acc, count = self.scores(batch)
         self.accumulate(split, "loss", loss, count)
         self.accumulate(split, "acc", acc, count)

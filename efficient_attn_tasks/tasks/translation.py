@@ -27,11 +27,10 @@ from torch.utils.data import DataLoader
 
 from efficient_attn.generate import beam_search, greedy_search
 from efficient_attn.transformer import Seq2SeqTransformer
-
 from efficient_attn_tasks.config.schema import attention_spec, transformer_config
 from efficient_attn_tasks.run.distributed import all_gather_objects
 from efficient_attn_tasks.tasks import register_task
-from efficient_attn_tasks.tasks.base import SPLITS, TaskData, TaskModule, data_options, task_section
+from efficient_attn_tasks.tasks.base import SPLITS, TaskData, TaskModule, check_positive, data_options, task_section
 from efficient_attn_tasks.tasks.data import RESOURCES, DataError, data_dir, fetch_all, read_lines
 from efficient_attn_tasks.tasks.sampling import GlobalBatches, by_length, sharded_eval_loader
 
@@ -95,9 +94,7 @@ class Config:
                              "synthetic_symbols in 1..26")
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"task.tokenizer must be one of {list(TOKENIZERS)}, got {self.tokenizer!r}")
-        for name in ("vocab_size", "max_tokens", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"task.{name} must be a positive int, got {getattr(self, name)!r}")
+        check_positive(self, ("vocab_size", "max_tokens", "batch_size"))
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"task.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.max_len_a < 0 or not isinstance(self.max_len_b, int) or self.max_len_b < 0:
@@ -398,13 +395,9 @@ class TranslationModule(TaskModule):
         self.log("train/loss", logged, prog_bar=True, batch_size=n)
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step("val", batch, beam=1 if self.task.val_bleu else 0)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step("test", batch, beam=self.task.beam_size)
-
-    def _eval_step(self, split: str, batch: dict, beam: int) -> None:
+    def eval_step(self, batch: dict, split: str) -> None:
+        """The loss, and the hypotheses for BLEU: beam search on test, greedy on val when ``task.val_bleu``."""
+        beam = self.task.beam_size if split == "test" else int(self.task.val_bleu)
         nll, n = self._nll(batch, 0.0)
         self.accumulate(split, "loss", nll, n)
         self._outputs.setdefault(split, []).append((batch["ids"], self.translate(batch, beam) if beam else [],
