@@ -72,7 +72,7 @@ def _wandb_logger(cfg: DictConfig, out_dir: Path, mode: str) -> WandbLogger:
         kwargs.update(id=id_file.read_text().strip(), resume="allow")
     logger = WandbLogger(mode=mode, **kwargs)
     try:
-        logger.experiment  # starts the run now, so a failure is caught here and not mid-training
+        logger.experiment  # starts the run here, so a failure is caught here and not mid-training
     except Exception as err:  # noqa: BLE001 - any failure to reach W&B: bad key, no network, timeout
         if mode != "online":
             raise

@@ -1,13 +1,10 @@
-"""ListOps (Nangia & Bowman 2018) as in Long Range Arena (Tay et al. 2021): classify the value of a
-nested list expression, e.g. ``[MAX 2 9 [MIN 4 7 ] 0 ]`` -> 9.
+"""ListOps (Nangia & Bowman 2018) as in Long Range Arena (Tay et al. 2021): classify the value of a nested list
+expression, e.g. ``[MAX 2 9 [MIN 4 7 ] 0 ]`` -> 9: operators MIN, MAX, MED and SM (sum modulo 10) over the
+digits 0-9, 10 classes.
 
-Operators MIN, MAX, MED (median) and SM (sum modulo 10) over the digits 0-9; 10 classes.
-The generator follows LRA's ``generate_tree``: below the root a node is an operator with
-probability 0.25 (else a digit) while its depth is below ``max_depth`` (the root has depth 1, so
-operators nest at most ``max_depth - 1`` deep); expressions are rejection-sampled until their
-length in tokens lies strictly between ``min_length`` and ``max_length`` (LRA: 500 < len < 2000).
-Brackets are tokens; a sequence is split on whitespace. Splits are generated once, deduplicated
-like LRA's, and cached.
+The generator follows LRA's ``generate_tree`` (:func:`generate_listops`), rejection-sampling expressions until
+their length in tokens lies strictly between ``min_length`` and ``max_length``; brackets are tokens. The splits
+are generated once, deduplicated as LRA's, and cached.
 """
 
 from __future__ import annotations
@@ -191,7 +188,8 @@ def generate_listops(
 ) -> list[tuple[list[str], int]]:
     """``n`` distinct (tokens, value) pairs with min_length < len(tokens) < max_length.
 
-    ``seen`` holds digests of expressions to skip (e.g. other splits'); accepted ones are added.
+    The root has depth 1, so operators nest at most ``max_depth - 1`` deep. ``seen`` holds digests of
+    expressions to skip (e.g. other splits'); accepted ones are added.
     """
     check_params(min_length, max_length, max_depth, max_args)
     rng, seen = random.Random(seed), set() if seen is None else seen

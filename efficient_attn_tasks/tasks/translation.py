@@ -126,14 +126,14 @@ def load_pairs(t: Config, root: Path | None = None) -> dict[str, tuple[list[str]
     into) the data dir ``root`` (default: efficient_attn_tasks/tasks/data.py ``data_dir()``)."""
     if t.source == "multi30k":
         root = root or data_dir()
-        key = lambda split, lang: f"multi30k/{MULTI30K_SPLITS[split]}.{lang}.gz"
-        keys = [key(s, lang) for s in SPLITS for lang in (t.src_lang, t.tgt_lang)]
-        unknown = [k for k in keys if k not in RESOURCES]
+        langs = (t.src_lang, t.tgt_lang)
+        keys = {(s, lang): f"multi30k/{MULTI30K_SPLITS[s]}.{lang}.gz" for s in SPLITS for lang in langs}
+        unknown = [k for k in keys.values() if k not in RESOURCES]
         if unknown:
             raise DataError(f"Multi30k has no {', '.join(unknown)}; task.src_lang / task.tgt_lang must be en, de or fr")
-        paths = fetch_all(keys, root)  # every missing file named in one error
-        get = lambda split, lang: read_lines(paths[key(split, lang)])
-        return {s: _checked(get(s, t.src_lang), get(s, t.tgt_lang), s) for s in SPLITS}
+        paths = fetch_all(list(keys.values()), root)  # every missing file named in one error
+        lines = {where: read_lines(paths[key]) for where, key in keys.items()}  # (split, lang) -> lines
+        return {s: _checked(lines[s, t.src_lang], lines[s, t.tgt_lang], s) for s in SPLITS}
     if t.source == "files":
         if not t.files or set(t.files) != set(SPLITS):
             raise ValueError("task.source=files needs task.files="
@@ -451,8 +451,7 @@ def restore(cfg: DictConfig, checkpoint: dict) -> tuple[TranslationData, Transla
     checkpoint's bytes; the data is read only if the data module is set up. A checkpoint that holds no
     tokenizer gets it from the training data, as ``build``."""
     if "tokenizer" not in checkpoint:
-        print("note: this checkpoint holds no tokenizer (saved before checkpoints did); rebuilding it from the "
-              "training data", file=sys.stderr)
+        print("note: this checkpoint holds no tokenizer; rebuilding it from the training data", file=sys.stderr)
         return build(cfg)
     data = TranslationData(task_config(cfg), **data_options(cfg))
     data.sp = spm.SentencePieceProcessor(model_proto=checkpoint["tokenizer"])
