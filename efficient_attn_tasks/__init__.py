@@ -1,7 +1,7 @@
-"""Lightning tasks (translation, listops, lm, mqar) and the command-line apps.
+"""The application of efficient-attn: Lightning tasks (translation, listops, lm, mqar), their Hydra configs, the
+command-line apps, reports and benchmarks.
 
-Installed as ``efficient_attn_tasks`` (the repository keeps the folder ``tasks/``; ``pyproject.toml`` maps
-it), so no generic top-level name such as ``tasks`` is installed. Never imported by ``efficient_attn``.
+Needs the ``train`` extra (checked on import, with the install command); ``efficient_attn`` never imports it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ if _missing:
 
 
 def config_dir() -> Path:
-    """The Hydra config tree: ``configs/`` inside this package in a wheel, beside ``tasks/`` in the repo."""
+    """The Hydra config tree: ``configs/`` inside this package in a wheel, beside it in a checkout."""
     here = Path(__file__).resolve().parent
     for candidate in (here / "configs", here.parent / "configs"):
         if (candidate / "train.yaml").is_file():

@@ -2,7 +2,7 @@
 
 Forward hooks on every core attention capture one validation batch's q, k, v per attention site; the
 error of FAVOR+ against exact softmax is measured there, and per layer output with every attention of
-the model swapped to FAVOR+ (Performer App. D.1 / Fig. 14). The command line is ``efficient_attn_tasks/commands/approx.py``.
+the model swapped to FAVOR+ (Performer App. D.1 / Fig. 14).
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from typing import Any
 import torch
 
 from efficient_attn import Attention, MultiHeadAttention, create_attention, seed_attentions
-from efficient_attn_tasks.approx import report as approx_report
 from efficient_attn.transformer import Block
-
+from efficient_attn_tasks.approx import report as approx_report
 from efficient_attn_tasks.run.checkpoint import load as load_checkpoint
 
 
@@ -40,7 +39,8 @@ def run(a: argparse.Namespace) -> None:
 
 
 def load(checkpoint: Path) -> tuple[Any, Any]:
-    """(data module, task module in eval mode, float64) rebuilt from a checkpoint's own config (efficient_attn_tasks/run/checkpoint.py)."""
+    """(data module, task module in eval mode, float64) rebuilt from a checkpoint's own config
+    (efficient_attn_tasks/run/checkpoint.py)."""
     loaded = load_checkpoint(checkpoint)
     return loaded.data, loaded.module.double().eval()
 
@@ -64,7 +64,8 @@ def capture(module: Any, batch: dict[str, Any]) -> list[dict[str, Any]]:
     return sites
 
 
-def _forward_with_hooks(module: Any, batch: dict[str, Any], kind: type, hook: Any, *, with_kwargs: bool = False) -> None:
+def _forward_with_hooks(module: Any, batch: dict[str, Any], kind: type, hook: Any, *,
+                        with_kwargs: bool = False) -> None:
     """One no-grad forward pass calling ``hook(name, *hook_args)`` after every submodule of type ``kind``."""
     names = {m: n for n, m in module.named_modules() if isinstance(m, kind)}
     handles = [m.register_forward_hook(lambda mod, *a: hook(names[mod], *a), with_kwargs=with_kwargs) for m in names]

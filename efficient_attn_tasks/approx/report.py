@@ -1,12 +1,9 @@
-"""FAVOR+ approximation-error curves against exact softmax on random inputs, as CSV + PNG (the default study of
-``efficient-attn-approx``, whose options are in efficient_attn_tasks/commands/approx.py).
+"""FAVOR+ approximation error against exact softmax on random inputs: the default study of ``efficient-attn-approx``.
 
-Writes error_vs_features.{csv,png} (error against m) and error_vs_scale.{csv,png} (error against the
-input scale at fixed m), and logs both to the active W&B run, if any. Two errors, each mean ± std
-over the draws with its count of non-finite draws: the MSE of the attention output (``mse_*``,
-``non_finite``) and KL(P ‖ P̂) between exact and estimated attention rows on the first ``--kl-rows``
-queries (``kl_*``, ``kl_non_finite``: draws with a row whose estimate has a weight ≤ 0, i.e. trig
-features; see :mod:`efficient_attn.analysis.approx`). The PNGs have an MSE panel and a KL panel.
+Owns the sweeps over the number of features m and over the input scale, their CSV and PNG (a panel for the MSE
+of the attention output, one for KL(P ‖ P̂) of attention rows, each mean ± std over draws with the non-finite
+draws counted; :mod:`efficient_attn.analysis.approx` computes them) and their logging to an active W&B run.
+The PNG drawing and the CSV writer serve the ``--checkpoint`` study too.
 """
 
 from __future__ import annotations
@@ -77,13 +74,13 @@ def run(a: argparse.Namespace) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
     """The m sweep and the scale sweep on random inputs; returns {name: (png, rows)}."""
     import torch
 
-    from efficient_attn.registry import get_attention_class, import_attentions
     from efficient_attn.analysis.approx import ESTIMATORS, error_vs_features, error_vs_scale, estimator
+    from efficient_attn.registry import get_attention_class, import_attentions
 
     import_attentions(getattr(a, "imports", []))
     extra = [name for name in getattr(a, "attentions", "").split(",") if name]
     for name in extra:
-        get_attention_class(name)  # unknown names fail now, with the registered ones listed
+        get_attention_class(name)  # unknown names fail here, with the registered ones listed
 
     if a.quick:
         a.length, a.draws, a.features, a.scales = 512, 5, [8, 32, 128], [0.5, 1.0, 2.0]

@@ -1,25 +1,9 @@
-"""Why dot products are scaled by 1/√d_k (Vaswani et al. 2017, footnote 4), measured.
+"""Why dot products are scaled by 1/√d_k (Vaswani et al. 2017, footnote 4), measured: ``--study sqrt_dk``.
 
-With q, k entries iid N(0, 1), q·k = Σ_i q_i k_i has mean 0 and variance d_k, so unscaled logits grow
-like √d_k: the softmax saturates (one key takes almost all the mass) and its Jacobian
-J = diag(p) − ppᵀ, hence every gradient through it, collapses toward 0. Dividing by √d_k keeps the
-logit variance at 1 whatever d_k. For each d_k and each scaling this module reports, over independent
-draws of q (L, d_k) and k (S, d_k) in float64:
-
-    logit_var   empirical variance of the L·S logits (≈ d_k unscaled, ≈ 1 scaled)
-    max_prob    max_j p_ij, averaged over queries i (saturation: 1/S uniform … 1 one-hot)
-    entropy     −Σ_j p_ij log p_ij in nats, averaged over queries (log S uniform … 0 one-hot)
-    grad_norm   ‖∂p_i/∂z_i‖_F = ‖diag(p_i) − p_i p_iᵀ‖_F, averaged over queries
-    grad_norm_median   the same norm, median over queries (the typical query)
-
-‖J‖_F is largest for intermediate p and small at both ends (uniform: ≈ 1/√S; one-hot: 0), so the
-query mean of the unscaled norm falls only slowly with d_k (~d_k^(-1/2) at large d_k): it is carried
-by the few queries whose top two logits happen to be close, and where it crosses the scaled norm
-depends on S: with S = 64 it is below it at d_k = 256 (0.12 vs 0.18); with S = 256 only near
-d_k ≈ 700 (0.15 vs 0.10 at d_k = 256), though its median there is already 0.05 and ≈ 1e-3 at d_k = 1024.
-
-``efficient-attn-approx --study sqrt_dk`` runs it (:func:`run`): sqrt_dk.csv (one row per d_k × scaling, mean and
-std over draws) and sqrt_dk.png.
+With q, k entries iid N(0, 1), q·k has variance d_k: unscaled logits saturate the softmax, and its Jacobian
+J = diag(p) − ppᵀ, hence every gradient through it, shrinks toward 0; dividing by √d_k keeps the variance at 1.
+Per d_k and scaling, in float64, this module measures the logit variance, the largest probability, the entropy
+and ‖J‖_F over random draws, and plots them against d_k.
 """
 
 from __future__ import annotations
@@ -38,7 +22,7 @@ if TYPE_CHECKING:  # torch loads when a study runs, so the command's --help does
 
 DIMS = (16, 32, 64, 128, 256)
 SCALINGS = ("unscaled", "scaled")  # logits q·k and q·k/√d_k
-STATS = ("logit_var", "max_prob", "entropy", "grad_norm", "grad_norm_median")
+STATS = ("logit_var", "max_prob", "entropy", "grad_norm", "grad_norm_median")  # grad_norm: ‖J‖_F, query mean
 COLUMNS = ("d_k", "scaling", "queries", "keys", "draws",
            *(f"{s}_{part}" for s in STATS for part in ("mean", "std")))
 
@@ -154,8 +138,8 @@ def run(a: argparse.Namespace) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
     """The study, written to <out>/sqrt_dk.{csv,png} and logged to the active W&B run, if any."""
     import torch
 
-    from efficient_attn_tasks.commands.cli import wrote
     from efficient_attn_tasks.approx.report import log_to_wandb, write_csv
+    from efficient_attn_tasks.commands.cli import wrote
 
     if a.threads:
         torch.set_num_threads(a.threads)

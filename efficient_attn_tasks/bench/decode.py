@@ -1,11 +1,9 @@
 """Benchmark mode ``decode``, the worker side: generation speed at context L through the real decoding states.
 
-One point: the state after an L-token prefix (``attn.prefill``, timed as ``prefill_s``), then
-``decode_steps`` timed ``decode_step`` calls (step 0 a warm-up; ``time_s`` the median per token,
-``tokens_per_s`` = B / that), and ``state_mib``, the decoding state after them (a KV cache grows with L, a
-kernel attention's running sum does not). ``sdpa`` (and the pinned-backend baselines) decode from
-:class:`PreallocatedCache`, a KV cache allocated once and written in place. The parent side (series,
-CSV, summary) is :mod:`efficient_attn_tasks.bench.kernels`'s. No torch at module level (``--help`` stays fast).
+One point: the state after an L-token prefix (``attn.prefill``, timed), then timed ``decode_step`` calls (the
+median per token) and the size of the decoding state after them (a KV cache grows with L, a kernel attention's
+running sum does not). ``sdpa`` decodes from :class:`PreallocatedCache`, a KV cache allocated once and written
+in place. The series, CSV and summary are :mod:`efficient_attn_tasks.bench.kernels`'s. No torch at module level.
 """
 
 from __future__ import annotations

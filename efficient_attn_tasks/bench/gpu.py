@@ -1,23 +1,9 @@
-"""The GPU benchmark in one command (``tools/gpu_bench.sh``): kernels, decoding and training throughput,
-in bf16 and fp32, against SDPA and FlashAttention, within a total time budget.
+"""The GPU benchmark in one command (``tools/gpu_bench.sh``): kernels, decoding and training throughput, in bf16
+and fp32, against SDPA and FlashAttention, within a total time budget.
 
-What: four ``efficient-attn-bench`` runs (:mod:`efficient_attn_tasks.bench.kernels`, nothing re-implemented):
-for each dtype (bf16, then fp32) the kernel modes (causal, noncausal forward+backward, and decode)
-and then the train mode (:mod:`efficient_attn_tasks.bench.train`), at L = 1K, 4K, 16K, 64K, for the
-attentions in ``--attentions`` plus ``sdpa`` (torch's default SDPA dispatch) and ``sdpa_flash``
-(SDPA pinned to FlashAttention; ``n/a`` in fp32 on CUDA). The training runs keep 64K tokens per
-batch (batch 64 at 1K, 1 at 64K). Every point is a subprocess with a per-point ``--timeout``
-(a point that runs out of memory or time ends its series, as bench does), and every run gets a
-share of ``--budget`` (the unspent part of one run passes on to the next), so the whole script
-stays under ~10 minutes on an H100/H200-class GPU: ~136 points at an estimated 2-4 s each, most
-of it interpreter and CUDA start-up (an estimate: not yet run on a GPU; the budget is the bound).
-Needs only the project's install (no network).
-
-Outputs: ``<out>/gpu_<gpu name>/<dtype>/`` holds each run's ``bench_<gpu>.csv``/``.png``/
-``summary_<gpu>.md`` and ``train_<gpu>.csv``/``.png``/``train_summary_<gpu>.md``;
-``<out>/gpu_<gpu name>/run.md`` the commands, the machine and each run's time and point counts.
-The last line printed says where the files went. ``--quick --device cpu`` runs the same plan
-with tiny sizes (the tests do).
+Owns the plan (four ``efficient-attn-bench`` runs: :mod:`efficient_attn_tasks.bench.kernels` does the work),
+the split of ``--budget`` among them (what one run leaves passes on to the next) and the ``run.md`` that lists
+the commands, the machine and each run's points.
 """
 
 from __future__ import annotations

@@ -1,30 +1,10 @@
-"""Benchmark: forward+backward time and peak memory of every attention against sequence length L.
+"""The benchmark behind ``efficient-attn-bench``: forward+backward time and peak memory of every attention against L.
 
-What: for each (attention, mode in {causal, noncausal}, L) point, self-attention on random
-q, k, v of shape (B, H, L, D) with requires_grad, one step = ``attn(q, k, v).mean().backward()``.
-Mode ``decode``: generation at context L: the state after an L-token prefix (``attn.prefill``,
-timed as ``prefill_s``), then ``--decode-steps`` timed ``decode_step`` calls (median per token,
-``tokens_per_s`` = B / that); ``state_mib`` is the decoding state after them (a KV cache grows
-with L, a kernel attention's running sum does not). The ``sdpa`` baseline decodes from a
-preallocated KV cache (the usual fast cache; :mod:`efficient_attn_tasks.bench.decode` has the decode worker).
-A mode a variant cannot run (``supports_*``: retention is causal-only) is recorded as ``n/a``.
-Mode ``train``: end-to-end LM training throughput and the share of it spent in attention
-(:mod:`efficient_attn_tasks.bench.train`, its own ``train_*`` files). ``sdpa_flash`` (opt-in, by name in
-``--attentions``) is ``sdpa`` pinned to the FlashAttention backend (:mod:`efficient_attn_tasks.bench.sdpa`).
-How: each point runs in a fresh subprocess (``python -m efficient_attn_tasks.bench.kernels --worker JSON``) with
-``torch.set_num_threads`` and OMP/MKL_NUM_THREADS set, so peak memory is per point. The worker
-builds inputs, reads RSS (``base_rss_mib``), runs 1 warm-up step and ``--repeats`` timed steps
-(median ``time_s`` and ``time_min_s``; CUDA synchronized), then reports the process peak RSS
-(``getrusage`` ru_maxrss) and, on CUDA, ``torch.cuda.max_memory_allocated``. On CPU the worker
-caps its address space (RLIMIT_AS) at what is free, so a point too big fails as ``oom``
-instead of waking the OOM killer. A point that times out / OOMs / errors ends its series: larger
-L are recorded as ``skipped``. Baselines in the same run: performer-pytorch ``FastAttention``
-(``performer_pytorch``) and raw ``F.scaled_dot_product_attention`` (``sdpa``). A square matmul
-in a subprocess gives the machine's peak GFLOP/s for the same dtype and thread count.
-``--budget`` bounds the whole run: once spent, the remaining points are ``skipped``. The points run one
-L at a time (every series' point at that L, then the next L: :func:`by_length`), so a shared machine's
-drift hits the points compared at one L alike; the CSV groups them by series.
-Outputs in ``--out``: ``bench_<device>.csv``, ``bench_<device>.png``, ``summary_<device>.md``.
+Owns the kernel modes (causal, noncausal: ``attn(q, k, v).mean().backward()`` on random (B, H, L, D) inputs),
+the worker that measures one point in its own subprocess (so peak memory is that point's), the series (a
+failure skips the larger L; ``--budget`` bounds the run), the baselines (performer-pytorch, SDPA), the matmul
+peak, and the dispatch to the decode and train modes (:mod:`~efficient_attn_tasks.bench.decode`,
+:mod:`~efficient_attn_tasks.bench.train`). The report is :mod:`efficient_attn_tasks.bench.report`.
 """
 
 from __future__ import annotations
@@ -201,7 +181,8 @@ def worker_main(spec_json: str) -> None:
 # ---------------------------------------------------------------- parent side
 
 def run_subprocess(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run one point in a fresh interpreter with the thread count pinned; never raises."""
+    """Run one point in a fresh interpreter with the thread count pinned (so its peak memory is its own);
+    never raises."""
     threads = str(spec["threads"])
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     cmd = [sys.executable, "-m", "efficient_attn_tasks.bench.kernels", "--worker", json.dumps(spec)]
@@ -354,7 +335,7 @@ def run(args: argparse.Namespace) -> None:
     names = args.attentions.split(",") if args.attentions else ea.list_attentions()
     for name in names:
         if name not in BASELINES and name not in SDPA_BACKENDS:
-            ea.get_attention_class(name)  # unknown names fail now, with the registered ones listed
+            ea.get_attention_class(name)  # unknown names fail here, with the registered ones listed
     if args.baselines:
         if importlib.util.find_spec("performer_pytorch") is None:
             print("note: performer_pytorch not installed (pip install -e '.[bench]'); baseline skipped")

@@ -83,8 +83,8 @@ def summary(rows: list[dict[str, Any]], cfg: dict[str, Any], machine: str, peak:
     head = "| L | " + " | ".join(f"{n} {m}" for n, m in cols) + " |\n|" + "---|" * (len(cols) + 1)
     lines = [f"# Attention benchmark ({cfg['device']})", "", f"- machine: {machine}",
              f"- config: B={cfg['batch']}, H={cfg['heads']}, D={cfg['head_dim']}, m={cfg['num_features']}, "
-             f"{cfg['dtype']}, {cfg['repeats']} timed repeats after 1 warm-up (median; 1 where a step takes over 20 s), "
-             "forward+backward",
+             f"{cfg['dtype']}, {cfg['repeats']} timed repeats after 1 warm-up "
+             "(median; 1 where a step takes over 20 s), forward+backward",
              f"- matmul peak ({cfg['matmul_size']}² {cfg['dtype']}): "
              + (f"{peak:.1f} GFLOP/s" if peak else "failed")]
     if any(r["mode"] != "decode" for r in rows):  # a decode-only run has no forward+backward tables

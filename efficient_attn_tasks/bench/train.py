@@ -1,39 +1,10 @@
 """Benchmark mode ``train``: end-to-end LM training throughput of every attention against context L.
 
-What: a :class:`~efficient_attn.transformer.TransformerLM` (default 4 layers, d_model 256, 4 heads,
-d_ff 1024, byte vocabulary of 256, pre-LN, dropout 0.1) trained with AdamW on random tokens at each
-context L with the **tokens per batch fixed** (batch = ``--tokens-per-batch`` / L), so every point
-does the same work outside attention and the attention's own cost is what changes with L. One step
-= forward, cross-entropy (+ any attention auxiliary loss), backward, ``optimizer.step``; ``--warmup``
-steps are run first and not timed, then ``--steps`` timed steps: ``time_s`` is their median,
-``tokens_per_s`` = batch·L / ``time_s``. Peak memory as the kernel modes: process peak RSS on CPU,
-``torch.cuda.max_memory_allocated`` on CUDA. ``bf16``/``fp16`` train under ``torch.autocast``
-(fp32 weights and AdamW), the usual mixed-precision recipe. ``sdpa_flash`` is the softmax model
-with SDPA pinned to its flash backend (:mod:`efficient_attn_tasks.bench.sdpa`); ``softmax`` itself
-already runs ``F.scaled_dot_product_attention`` with torch's default dispatch.
-
-Attention share: :class:`AttentionClock` times every core attention (the module
-``MultiHeadAttention.attention``: Q/K/V/O projections excluded) in forward *and* backward with
-module hooks (forward pre/post, full-backward pre/post), synchronizing CUDA at each boundary;
-``attention_share`` = that time / the whole step's time, the median over ``PROFILE_STEPS`` extra steps
-run after the timed ones (the synchronization would slow the timed steps, so it never touches them).
-Why hooks and not ``torch.profiler`` ``record_function`` ranges: a range only covers the forward
-call; the backward kernels run later in the autograd engine (on CUDA in its own thread), outside
-any range, and attributing them back needs the profiler's sequence-number matching — while the
-full-backward hooks fire exactly when the core's output gradient arrives and when its input
-gradients are done. Between the two, the engine (which runs the ready node created last first)
-runs only the core's own backward nodes. Hooks need no edit in the library's forward path and
-cost nothing when not attached; the profiler's per-op overhead would also inflate the many small
-ops of the kernelized variants.
-
-Each point runs in its own subprocess with the kernel modes' machinery (timeout, OOM, the rest of a
-series skipped after a failure, ``--budget``). The points are measured one L at a time (every
-attention at that L, then softmax once more), so the points compared at one L are minutes apart
-rather than the whole run apart, and softmax's re-check (``recheck_tokens_per_s``, the summary's
-drift table) shows how much a shared machine's speed moved meanwhile. Outputs in ``--out``: ``train_<device>.csv``,
-``train_<device>.png`` (tokens/s, attention share and peak memory against L) and
-``train_summary_<device>.md`` (tables, and per attention the L from which it trains faster than
-softmax in the same run), written by :mod:`efficient_attn_tasks.bench.train_report`. No torch at module level (``--help`` stays fast).
+A byte-level :class:`~efficient_attn.transformer.TransformerLM` trains on random tokens with the tokens per
+batch fixed (batch = tokens / L), so only the attention's cost changes with L. Owns the train mode's options,
+the worker that times one point (tokens/s, peak memory, and the share of the step spent in the core attention:
+:class:`AttentionClock`) and the series run one L at a time, with softmax re-checked at each L to show the
+machine's drift. The report is :mod:`efficient_attn_tasks.bench.train_report`. No torch at module level.
 """
 
 from __future__ import annotations
@@ -112,9 +83,10 @@ class AttentionClock:
     """Seconds spent inside every core attention of ``model``, forward and backward, while entered.
 
     Forward: pre-hook to hook. Backward: full-backward pre-hook (the output's gradient arrived) to
-    full-backward hook (every input gradient computed). ``sync`` runs at each boundary (CUDA: wait
-    for the queued kernels, so the time is the device's); the hooks are removed on exit. ``clock``
-    is the time source (a test passes a fake one to check exactly what falls inside the intervals).
+    full-backward hook (every input gradient computed); in between the autograd engine runs only the core's
+    own backward nodes. A profiler range would miss the backward, which runs later in the engine (on CUDA in
+    its own thread). ``sync`` runs at each boundary (CUDA: the device's time), which slows a step, so the
+    timed steps run without the clock. ``clock`` is the time source (a test passes a fake one).
     """
 
     def __init__(self, model: Any, sync: Callable[[], None], clock: Callable[[], float] = time.perf_counter) -> None:
@@ -164,8 +136,8 @@ def run_train_point(spec: dict[str, Any]) -> dict[str, Any]:
     import torch.nn.functional as F
 
     import efficient_attn as ea
-    from efficient_attn_tasks.bench.kernels import DTYPES, rss_mib
     from efficient_attn.transformer import AttentionSpec, TransformerConfig, TransformerLM
+    from efficient_attn_tasks.bench.kernels import DTYPES, rss_mib
 
     torch.set_num_threads(spec["threads"])
     device, cuda = torch.device(spec["device"]), spec["device"].startswith("cuda")
@@ -180,7 +152,7 @@ def run_train_point(spec: dict[str, Any]) -> dict[str, Any]:
     tokens = torch.randint(0, VOCAB, (batch, length + 1), generator=gen, device=device)  # (B, L + 1)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L) each
     dtype = getattr(torch, DTYPES[spec["dtype"]])
-    mixed = dtype != torch.float32
+    mixed = dtype != torch.float32  # bf16/fp16: autocast over fp32 weights and AdamW (mixed precision)
 
     def sync() -> None:
         if cuda:
@@ -239,7 +211,6 @@ class Series:
 
     def __init__(self, name: str, cfg: dict[str, Any]) -> None:
         import efficient_attn as ea
-
         from efficient_attn_tasks.bench import kernels as bench
 
         self.name, self.cfg = name, cfg

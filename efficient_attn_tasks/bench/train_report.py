@@ -35,15 +35,16 @@ def _value(text: str) -> Any:
 
 
 def _summary_machine(md: Path) -> str:
-    """The ``- machine:`` line of an existing summary (for a CSV written before its ``machine`` column)."""
+    """The ``- machine:`` line of an existing summary (for a CSV without a ``machine`` column)."""
     lines = md.read_text().splitlines() if md.exists() else []
-    return next((line.removeprefix("- machine: ") for line in lines if line.startswith("- machine: ")), "unknown machine")
+    found = (line.removeprefix("- machine: ") for line in lines if line.startswith("- machine: "))
+    return next(found, "unknown machine")
 
 
 def rebuild(out: Path) -> list[Path]:
     """Redraw the PNG and rewrite the summary of every ``train_<device>.csv`` in ``out`` from the CSV alone
     (no point is measured again): for a change in how the results are summarised. The machine is the
-    CSV's ``machine`` column or, in a CSV written before it, the old summary's ``- machine:`` line."""
+    CSV's ``machine`` column or, in a CSV without one, the summary's ``- machine:`` line."""
     paths: list[Path] = []
     for path in sorted(out.glob("train_*.csv")):
         slug = path.stem.removeprefix("train_")

@@ -21,10 +21,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from efficient_attn_tasks.commands.cli import bare, known_errors
 from efficient_attn_tasks.config.checks import CONFIG_DIR, ConfigError, check_config
-from efficient_attn_tasks.tasks.data import DataError
-from efficient_attn_tasks.run.record import RESULTS_JSON, Attempt, RunRecord, record_status, reset_peak_memory, \
-    run_record, summary_line, tested_checkpoint, write_failed_record
+from efficient_attn_tasks.run.record import (
+    RESULTS_JSON,
+    Attempt,
+    RunRecord,
+    record_status,
+    reset_peak_memory,
+    run_record,
+    summary_line,
+    tested_checkpoint,
+    write_failed_record,
+)
 from efficient_attn_tasks.run.resume import remove_unstarted_run_dir, resume_argv, resume_checkpoint
+from efficient_attn_tasks.tasks.data import DataError
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -34,14 +43,11 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = (),
         plugins: Sequence[Any] = ()) -> RunRecord:
     """Train, test the best checkpoint, write results.json (``"status": "ok"``); returns the record.
 
-    ``ckpt_path=last`` resumes from ``<out_dir>/checkpoints/last.ckpt`` (same W&B run id, same
-    results.json); a run dir whose results.json says ok is not run again, one whose record says failed
-    is. A run that raises (a config, data or non-finite error, any other exception) first writes its
-    failed record (:func:`efficient_attn_tasks.run.record.failed_record`), so a sweep shows which job failed, where and why.
-    The ``callbacks`` group's entries (configs/callbacks/) and then ``callbacks`` (e.g. by tests) are
-    added to the app's own (checkpointing, throughput, the learning curves: ``curves.csv``,
-    ``curves.png``); ``plugins`` go to the Trainer, e.g. fp16 AMP with a gradient scaler on CPU (with
-    ``trainer.precision=null``), which ``trainer.precision=16-mixed`` turns into bf16 there.
+    ``ckpt_path=last`` resumes from ``<out_dir>/checkpoints/last.ckpt`` (same W&B run id, same results.json);
+    a run dir whose record says ok is not run again, one whose record says failed is. A run that raises first
+    writes its failed record, so a sweep shows which job failed, where and why. ``callbacks`` (e.g. from tests)
+    join the app's own and the ``callbacks`` group's; ``plugins`` go to the Trainer (e.g. fp16 AMP with a
+    gradient scaler on CPU, with ``trainer.precision=null``: ``16-mixed`` means bf16 there).
     """
     attempt = Attempt(time.perf_counter())
     try:
@@ -60,8 +66,17 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from efficient_attn_tasks.config.labels import attention_label
-    from efficient_attn_tasks.run.callbacks import (CurveLog, EpochLine, NonFiniteGuard, SaveOnInterrupt, Throughput, ValidateAtMaxSteps,
-                            keep_averaged_weights_for_test, progress_bar, quiet_lightning)
+    from efficient_attn_tasks.run.callbacks import (
+        CurveLog,
+        EpochLine,
+        NonFiniteGuard,
+        SaveOnInterrupt,
+        Throughput,
+        ValidateAtMaxSteps,
+        keep_averaged_weights_for_test,
+        progress_bar,
+        quiet_lightning,
+    )
     from efficient_attn_tasks.run.loggers import finish_wandb, make_logger, wandb_offline_note
 
     quiet_lightning()
@@ -172,8 +187,8 @@ def optional_callbacks(callbacks: DictConfig | None, monitor: str, mode: str) ->
 
 
 def draw_curves(rows: list[tuple[int, str, float]], out_dir: Path, monitor: str, title: str) -> None:
-    """``curves.csv`` and ``curves.png`` in the run dir (efficient_attn_tasks/run/curves.py); a failure is a warning line, never
-    the run's: its results are written by then."""
+    """``curves.csv`` and ``curves.png`` in the run dir (efficient_attn_tasks/run/curves.py); a failure is a
+    warning line, never the run's: its results are written by then."""
     from efficient_attn_tasks.run.curves import CURVES_PNG, plot_run, read_curves, write_curves
 
     try:
@@ -214,11 +229,9 @@ SWEEP_FAILED_EXIT = 1  # a multirun in which a job failed (or left no results.js
 
 
 class RunSummary(Callback):
-    """Hydra callback (configs/train.yaml, every multirun): print a compact table (efficient_attn_tasks/report/summary.py): per
-    attention config its main metric (mean ± 95% CI over seeds), speed, memory and time, in launch order,
-    failed jobs listed with their run dir and error, then the ``efficient-attn-report`` command for the full
-    table; then exit with ``SWEEP_FAILED_EXIT`` if a job failed, so a script sees it (the jobs themselves
-    return, for the sweep to go on: ``_app``)."""
+    """Hydra callback (configs/train.yaml, every multirun): print the compact table of
+    efficient_attn_tasks/report/summary.py, then exit with ``SWEEP_FAILED_EXIT`` if a job failed, so a script
+    sees it (the jobs themselves return, for the sweep to go on: ``_app``)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from efficient_attn_tasks.report.summary import summarize

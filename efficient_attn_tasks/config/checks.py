@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from efficient_attn_tasks import config_dir
-from efficient_attn_tasks.config.schema import SITES, AttentionConfig, OptimConfig, check_attentions, transformer_config
 from efficient_attn_tasks.config.labels import drop_stale_config
+from efficient_attn_tasks.config.schema import SITES, AttentionConfig, OptimConfig, check_attentions, transformer_config
 from efficient_attn_tasks.tasks import task_module
 
 # Start-up stays light: --help and the checks of the top-level, optim, trainer and logger sections load

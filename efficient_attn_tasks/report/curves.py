@@ -1,13 +1,8 @@
 """``efficient-attn-report --curves``: a sweep's validation curves, the mean ± std band over seeds per table row.
 
-One line per row of the report's table (``--rows``, after ``--tune``; with ``--rows attention``, one per
-attention config): at every step where any of the row's runs validated, the mean over those runs (seeds)
-of the monitored validation metric (``metrics.monitor``: val/acc, val/bleu, val/bpc) and its sample
-standard deviation, shaded (none where fewer than two runs validated at that step, e.g. after an early
-stop). One panel per monitored metric. Read from each run dir's ``curves.csv`` (written by every
-efficient-attn-train run, whatever its logger; efficient_attn_tasks/run/curves.py); runs without one (trained
-before the file existed) are left out and counted. Writes the PNG (drawn by efficient_attn_tasks/plots.py) and,
-beside it, the numbers as CSV.
+Owns the bands: per step where any of a row's runs validated, the mean and sample std of the monitored metric
+over those runs, read from each run dir's ``curves.csv`` (efficient_attn_tasks/run/curves.py); runs without one
+are left out and counted. Writes the bands as CSV beside the PNG (drawn by efficient_attn_tasks/plots.py).
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """``efficient-attn-report --plot``: the table rows as lines, the mean with its 95% CI band.
 
-Input: the rows of ``<out>_stats.csv`` as dicts (each ``--rows`` key as a column, then ``<metric>_mean``
-and ``<metric>_ci``). One panel per value of the ``panel`` keys, one line per value of the ``series``
-keys, x sorted numerically. ``x`` is a rows key (e.g. ``config.task.seq_len``; ticks at its values) or
-a metric (e.g. ``test/state_size``: its per-row mean, as in the Zoology/Based "accuracy vs recurrent
-state size" plots). This module turns the rows into lines; :func:`efficient_attn_tasks.plots.table_rows`
-draws them.
+Turns the rows of ``<out>_stats.csv`` into panels (one per value of the ``panel`` keys) of lines (one per value
+of the ``series`` keys), x sorted numerically; ``x`` is a rows key or a metric's per-row mean (as in the
+Zoology/Based "accuracy vs recurrent state size" plots). :func:`efficient_attn_tasks.plots.table_rows` draws them.
 """
 
 from __future__ import annotations

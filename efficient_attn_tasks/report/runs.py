@@ -1,12 +1,9 @@
 """Reading run records for the report and the sweep summary: every run dir under some roots (a dir with
-``.hydra/``) with its ``results.json`` (finished or failed) or without one, the config files Hydra picked for
-it, and the fields and metric columns a table reads from a record.
+``.hydra/``), with its ``results.json`` (finished or failed) or without one, and the config files Hydra picked.
 
-Tables come from each run's ``results.json``, read as a :class:`~efficient_attn_tasks.run.record.RunRecord`
-(efficient_attn_tasks/run/record.py writes and reads it), never from W&B files. A table row is that record's
-JSON object (``RunRecord.to_dict``: every key of the current format, older records' gaps filled by
-``from_json``) plus what the run dir adds: ``row``, ``_dir``, ``_job``, ``choices``. Importing this module
-loads neither torch nor Lightning.
+A table row is the run's :class:`~efficient_attn_tasks.run.record.RunRecord` as a dict (``to_dict``) plus
+what the run dir adds (``row``, ``_dir``, ``_job``, ``choices``); this module also reads the fields and metric
+columns of a row. Importing it loads neither torch nor Lightning.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """The compact table a multirun prints when it ends (``RunSummary`` in efficient_attn_tasks/commands/train.py).
 
-One row per attention config (``favor_plus``, not the registry's ``favor``) and per value of any other
-swept override except the seed; the main metric as mean ± 95% CI over the row's runs (seeds) with n,
-then training tokens/s, peak memory and wall time (means); rows in the order their first job was
-launched; failed runs (results.json status failed) and runs without ``results.json`` (killed, running)
-listed after them, never counted in a mean; under the table, each failed job's run dir and error. A last
-line gives the ``efficient-attn-report`` command for the full table. Records come from
-efficient_attn_tasks/report/runs.py, statistics from efficient_attn_tasks/report/tables.py and
-efficient_attn_tasks/report/stats.py.
+One row per attention config and value of any other swept override except the seed, in launch order: the main
+metric as mean ± 95% CI over the row's runs, then tokens/s, peak memory and wall time. Failed jobs and jobs
+without ``results.json`` are listed after the rows, never averaged; a last line gives the
+``efficient-attn-report`` command for the full table.
 """
 
 from __future__ import annotations
@@ -16,9 +12,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from efficient_attn_tasks.report.tables import markdown
 from efficient_attn_tasks.report.runs import failure, find_runs, hydra_job, metrics
-from efficient_attn_tasks.report.stats import finite_values, as_number, mean_ci
+from efficient_attn_tasks.report.stats import as_number, finite_values, mean_ci
+from efficient_attn_tasks.report.tables import markdown
 
 NOT_ROWS = {"seed", "attention", "ckpt_path"}  # overrides that never split rows (attention leads every label)
 RESOURCES = (("tokens/s", "train_tokens_per_s"), ("peak MiB", "peak_memory_mib"), ("wall s", "wall_time_s"))

@@ -1,49 +1,9 @@
-"""Tables from run records (``results.json``), never from W&B files: the work of ``efficient-attn-report``
-(its command line: efficient_attn_tasks/commands/report.py).
+"""The tables of ``efficient-attn-report``: run records (``results.json``, never W&B files) as rows of cells over seeds.
 
-    efficient-attn-report multirun/2026-11-21 --out results/tables/quickstart
-    efficient-attn-report runs/ --rows attention --pivot task --avg       # an LRA-style attention × task table
-    efficient-attn-report runs/ --baseline "multi30k_small / softmax"      # Δ and Welch t-test p per row
-    efficient-attn-report multirun/table3 --rows row --metrics "val/bleu (last),val/ppl (last)"
-    efficient-attn-report multirun/table3 --rows row --baseline base --wandb efficient-attn
-
-Rows group runs by ``--rows`` (record fields such as ``attention``, ``row``, ``seed``;
-``config.<dotted.key>``; ``choices.<group>`` = the config file picked, e.g. ``favor_plus``); cells are mean ± std over
-the group's runs (seeds) with n. Metric columns: the best validation value of the monitored metric
-("val <monitor> (best)"), every last validation metric ("val/bleu (last)", ...), every test metric
-("test/bleu", ...), then resources (parameters, tokens/s, memory, time). ``--baseline <row label>``
-adds "Δ <metric> (p)" for every val/ and test/ metric: the difference of means and the two-sided
-Welch t-test p ("n<2" when a side has fewer than two runs), so runs with test=false get Δ on their
-last validation metrics. ``--metrics`` keeps only the named metric columns (n and resources stay);
-an unknown name is an error listing the known ones. ``--wandb PROJECT`` also logs the table as a
-``wandb.Table`` in a run with job_type "report" (mode: ``WANDB_MODE``, else online when logged in,
-else offline). A run whose ``results.json`` says ``"status": "failed"`` gets a row under the table with
-its run dir, the step it reached and its error, and never enters a mean; so does a run dir whose
-``results.json`` is missing (crashed, killed, still running). Rows are sorted by their key values, numbers numerically (seq_len 64 before 128).
-
-Sweeps with statistics (a grid attention × cell × learning rate × seed), e.g. MQAR:
-
-    efficient-attn-report multirun/mqar --rows attention,config.task.seq_len,config.task.num_kv_pairs,config.model.d_model --tune config.optim.lr --ci --paired softmax --metrics test/acc,test/state_size --out results/tables/mqar
-    efficient-attn-report multirun/mqar --rows attention,config.task.seq_len,config.task.num_kv_pairs,config.model.d_model --tune config.optim.lr --plot results/plots/mqar.png --x config.task.seq_len --xlabel-key config.task.num_kv_pairs --panel config.model.d_model --logx
-    efficient-attn-report multirun/mqar --rows attention,config.task.seq_len,config.task.num_kv_pairs,config.model.d_model --tune config.optim.lr --plot results/plots/mqar_state.png --x test/state_size --panel config.task.seq_len,config.task.num_kv_pairs --logx
-
-``--tune KEY`` (not a ``--rows`` key, e.g. ``config.optim.lr``): within each row, keep only the runs of
-the KEY value whose mean over seeds of ``metrics.val_best`` is best (max; min when the monitor names a
-loss, ppl or bpc), ties to the smaller value; columns "best <KEY>" and "<KEY> tried" (number of values).
-Selection never looks at test metrics, which are reported from the chosen runs only. ``--ci``: cells
-are mean ± the 95% confidence half-width of the mean over seeds (t-distribution), instead of ± std.
-``--paired ATTENTION`` (needs ``attention`` in ``--rows``; not with ``--baseline``): per compared
-metric (as ``--baseline``), "Δ <metric> vs <ATTENTION> (paired p)" = mean over seeds of row − baseline
-(the row with the same other keys and this attention; runs matched by seed) and the two-sided paired
-t-test p, " *" when p < 0.05; "n<2" with fewer than two matched seeds, "—" on the baseline row.
-State sizes (``test/state_size``) print as integers and get no Δ column: they do not vary by seed.
-``--out X`` also writes ``X_stats.csv``: per row its key values, n, the tuned value, and per metric
-``<metric>_mean``, ``<metric>_ci`` (95% half-width, 0 for n=1), with --paired ``<metric>_delta``,
-``<metric>_p``. ``--plot OUT.png --x KEY`` (see ``efficient_attn_tasks/report/lines.py``): y (``--y``, default the task's
-headline metric) against a rows key or a metric's mean (``--x test/state_size``), one line per
-``--series`` value (default attention) with a 95% CI band, one panel per ``--panel`` value (both take
-comma-separated rows keys); with a rows key as x, the rows of one panel and series must differ in x
-(else an error: give the key that tells them apart as ``--panel`` or ``--series``).
+Owns the grouping of runs into rows, the ``--tune`` choice per row (on validation metrics only), the metric
+columns, Δ against a baseline row (Welch's t-test) or a seed-matched attention (paired t-test), the attention ×
+task pivot, the ``_stats.csv`` and the W&B table. Failed and unfinished runs are listed under a table, never
+averaged. The options are in efficient_attn_tasks/commands/report.py.
 """
 
 from __future__ import annotations
@@ -61,11 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from efficient_attn_tasks.commands.cli import UsageError, wrote
-
 from efficient_attn_tasks.report.runs import RESOURCES, field, find_runs, metrics, not_run_labels
-from efficient_attn_tasks.report.stats import finite_values, is_number, as_number, ci_halfwidth, mean_ci, mean_std, paired_p, welch
+from efficient_attn_tasks.report.stats import (
+    as_number,
+    ci_halfwidth,
+    finite_values,
+    is_number,
+    mean_ci,
+    mean_std,
+    paired_p,
+    welch,
+)
 
-HEADLINE = {"translation": "test/bleu", "listops": "test/acc", "lm": "test/bpc", "mqar": "test/acc"}  # --pivot task columns
+# the --pivot task columns
+HEADLINE = {"translation": "test/bleu", "listops": "test/acc", "lm": "test/bpc", "mqar": "test/acc"}
 LOWER_IS_BETTER = {"lm"}  # left out of the Avg column: an average of accuracy and bits/byte means nothing
 LOSS_LIKE = ("loss", "ppl", "bpc")  # --tune minimises a monitor whose name holds one of these
 SIGNIFICANT = 0.05  # --paired appends " *" to a p below this

@@ -1,8 +1,9 @@
 """The app's own Lightning callbacks and console settings: training throughput, the non-finite guard, save on
-SIGTERM, one line per epoch, the learning curves, quiet info lines; what the optional callbacks (configs/callbacks/) need from the app.
+SIGTERM, one line per epoch, the learning curves, quiet info lines; what the optional callbacks
+(configs/callbacks/) need from the app.
 
-Imported by :func:`efficient_attn_tasks.commands.train.run` only when a run starts (it loads Lightning), never by ``--help``
-or the config checks.
+Imported by :func:`efficient_attn_tasks.commands.train.run` only when a run starts (it loads Lightning), never
+by ``--help`` or the config checks.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from efficient_attn_tasks.run.distributed import all_gather_stack, world_size
 
 # Lightning's info lines ("GPU available: ...", "TPU available: ...", "💡 Tip: ...", "`Trainer.fit` stopped")
 # go through these loggers at INFO; warnings and errors still show.
-QUIET_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.seed", "lightning.pytorch.utilities.rank_zero",
-                 "lightning_fabric.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+QUIET_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.seed",
+                 "lightning.pytorch.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
+                 "lightning.fabric.utilities.rank_zero")
 
 
 def quiet_lightning() -> None:
@@ -76,7 +78,8 @@ class ValidateAtMaxSteps(pl.Callback):
     checkpoint says so in results.json, ``metrics.test_checkpoint``).
     """
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True
 
@@ -210,13 +213,10 @@ class Throughput(pl.Callback):
 class NonFiniteGuard(pl.Callback):
     """Stops the run (or skips the update) when a training step yields a NaN/Inf loss or gradient.
 
-    Checked after backward, before the optimizer step: ``policy="stop"`` raises with the step and
-    the attention; ``policy="skip"`` drops that update (gradients cleared) and counts it.
-
-    Under fp16 AMP (a precision plugin with a gradient scaler) Lightning unscales the gradients
-    before this check, and non-finite gradients from a finite loss are the scaler's overflow: it
-    skips that step and lowers its scale, as AMP should. Those steps are normal and only counted
-    (``scaler_skipped``); a non-finite loss is an incident with or without a scaler.
+    Checked after backward, before the optimizer step: ``policy="stop"`` raises with the step and the
+    attention; ``policy="skip"`` drops that update (gradients cleared) and counts it. Under fp16 AMP,
+    non-finite gradients from a finite loss are the gradient scaler's overflow (it skips the step and lowers
+    its scale): those steps are only counted (``scaler_skipped``); a non-finite loss is always an incident.
     """
 
     def __init__(self, policy: str, attention: str) -> None:
@@ -255,7 +255,7 @@ class NonFiniteGuard(pl.Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = state["skipped"]
-        self.scaler_skipped = state.get("scaler_skipped", 0)  # checkpoints from before the count
+        self.scaler_skipped = state.get("scaler_skipped", 0)  # a checkpoint without the count
 
 
 def grad_scaler(trainer: pl.Trainer) -> Any:

@@ -18,7 +18,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from efficient_attn.registry import import_attentions
-
 from efficient_attn_tasks.config.checks import ConfigError
 from efficient_attn_tasks.run.record import RESULTS_JSON, RunRecord
 from efficient_attn_tasks.tasks import task_module

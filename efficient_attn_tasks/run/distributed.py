@@ -1,7 +1,8 @@
 """Collectives over the processes of a DDP run that degrade to the identity on one process.
 
 Used by the task modules' evaluation (corpus BLEU gathers every shard's hypotheses), the weighted means of
-efficient_attn_tasks/tasks/base.py and the throughput callback; each is a no-op without an initialised ``torch.distributed`` group.
+efficient_attn_tasks/tasks/base.py and the throughput callback; each is a no-op without an initialised
+``torch.distributed`` group.
 """
 
 from __future__ import annotations

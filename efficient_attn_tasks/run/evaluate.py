@@ -21,9 +21,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     """Score, write the record (and the hypotheses), print the summary; returns the record."""
     import pytorch_lightning as pl
 
+    from efficient_attn_tasks.config.labels import attention_label
     from efficient_attn_tasks.run.callbacks import quiet_lightning
     from efficient_attn_tasks.run.checkpoint import load
-    from efficient_attn_tasks.config.labels import attention_label
     from efficient_attn_tasks.run.record import hardware, versions
 
     start = time.perf_counter()
@@ -114,8 +114,8 @@ def _translation_files(loaded: Any, src_path: Path, ref_path: Path) -> Any:
 
 def _lm_file(loaded: Any, path: Path) -> Any:
     """A UTF-8 file in contiguous windows of the run's context length (all of it, whatever task.eval_batches)."""
-    from efficient_attn_tasks.tasks import lm
     from efficient_attn_tasks.run.checkpoint import ConfigError
+    from efficient_attn_tasks.tasks import lm
     from efficient_attn_tasks.tasks.sampling import eval_loader
 
     data = lm.read_bytes(lm.Config(dataset="file", path=str(path)), path)

@@ -16,7 +16,6 @@ def run(a: argparse.Namespace, out: TextIO) -> str:
     import torch
 
     from efficient_attn.generate import sample
-
     from efficient_attn_tasks.run.checkpoint import ConfigError, device, load
 
     loaded = load(a.checkpoint)

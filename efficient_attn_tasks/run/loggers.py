@@ -11,8 +11,8 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-from efficient_attn_tasks.config.labels import attention_config
 from efficient_attn_tasks.config.checks import LOGGER_KEYS  # noqa: F401  (the config check's copy: one list of keys)
+from efficient_attn_tasks.config.labels import attention_config
 
 if TYPE_CHECKING:
     from pytorch_lightning.loggers import Logger, WandbLogger
@@ -72,7 +72,7 @@ def _wandb_logger(cfg: DictConfig, out_dir: Path, mode: str) -> WandbLogger:
         kwargs.update(id=id_file.read_text().strip(), resume="allow")
     logger = WandbLogger(mode=mode, **kwargs)
     try:
-        logger.experiment  # starts the run now, so a failure is caught here and not mid-training
+        logger.experiment  # starts the run here, so a failure is caught here and not mid-training
     except Exception as err:  # noqa: BLE001 - any failure to reach W&B: bad key, no network, timeout
         if mode != "online":
             raise

@@ -62,13 +62,10 @@ class RunRecord:
     """One run's ``results.json``: a finished run (``status`` "ok": metrics, sizes, speed, memory, times) or a
     failed one (``status`` "failed": ``error``, the step reached, no metrics).
 
-    :meth:`to_json` writes ``version`` (always :data:`RECORD_VERSION`), then the keys readers expect of the
-    record's status, in this order (``OK_KEYS``, ``FAILED_KEYS``; null when unset), then any other field that
-    is set. :meth:`from_json` reads every format: a record without
-    ``version`` is format 1 (``version`` says which format was read), and the keys an older record lacks
-    get their defaults there and nowhere else (no ``status``: a finished run; no ``seed``: ``config.seed``;
-    a failed record without ``steps``: step 0). Keys this code does not know, from a newer or hand-edited
-    record, are kept in ``extra`` and written back as they were, never dropped and never an error.
+    :meth:`to_json` writes ``version`` (:data:`RECORD_VERSION`), then the keys of the record's status in order
+    (``OK_KEYS``, ``FAILED_KEYS``; null when unset), then any other field that is set. :meth:`from_json` reads
+    every format (no ``version``: format 1) and is the one place that fills a key a record lacks; keys this code
+    does not know (a newer or hand-edited record) are kept in ``extra`` and written back, never dropped.
     """
 
     name: str | None = None

@@ -1,26 +1,10 @@
 """What every task shares: the task protocol, the data and Lightning module bases, the optimiser and schedule.
 
-The task protocol. A task is a module (``tasks/<name>.py``; efficient_attn_tasks/tasks/mqar.py is the smallest)
-and a config file, ``configs/task/<name>.yaml``; the task registry (efficient_attn_tasks/tasks/__init__.py)
-finds the module by the config's ``name``. The module has, in this order:
-
-- its docstring, then constants (``ATTENTION_SITES``: the sites of its model, from ``encoder``, ``decoder``
-  and ``cross``, whose attentions check_config checks; vocabulary, ...);
-- ``Config``, its ``task:`` section as a dataclass decorated with ``@register_task(<name>)`` (``name``
-  defaults to ``<name>``; ``__post_init__`` refuses bad values; ``longest_sequence`` or ``default_max_len``
-  fills a null ``model.max_len``), then ``task_config(cfg) -> Config``, which calls :func:`task_section`
-  (the only way a task reads ``cfg.task``);
-- its data helpers, which take the typed ``Config`` (and resolved paths), never ``cfg.task``;
-- its data module, a :class:`TaskData` made as ``XData(task, **data_options(cfg))``: it supplies only
-  ``load_splits`` and what differs (``collate_fn``, ``dataset``, ``train_batches``);
-- its Lightning module, a :class:`TaskModule` with ``monitor`` / ``monitor_mode`` (the validation metric
-  that picks the best checkpoint), ``self.task = task_config(cfg)``, and evaluation metrics kept as
-  weighted means (:meth:`TaskModule.accumulate`, logged at the end of each evaluation epoch);
-- ``build(cfg) -> (data module, Lightning module)``; a task whose ``build`` reads data to make its module
-  (translation: the tokenizer) also has ``restore(cfg, checkpoint)``, which makes it from what the
-  checkpoint holds (efficient_attn_tasks/run/checkpoint.py).
-
-tests/test_task_protocol.py checks this for every task the registry knows.
+A task is a module ``tasks/<name>.py`` (mqar.py is the smallest) and a config ``configs/task/<name>.yaml``.
+The module holds, in this order: constants (``ATTENTION_SITES``); ``Config``, its ``task:`` section, registered
+with ``@register_task``; ``task_config`` (:func:`task_section`); data helpers that take the ``Config``; a
+:class:`TaskData`; a :class:`TaskModule`; ``build(cfg)`` and, where ``build`` reads data, ``restore(cfg,
+checkpoint)``. tests/test_task_protocol.py checks every task the registry knows.
 """
 
 from __future__ import annotations
@@ -39,7 +23,6 @@ from torchmetrics import MeanMetric
 
 from efficient_attn import attention_aux_loss, attention_optimizer_step
 from efficient_attn.transformer import count_parameters
-
 from efficient_attn_tasks.config.schema import OptimConfig
 from efficient_attn_tasks.run.distributed import all_reduce_sum, world_size
 from efficient_attn_tasks.tasks.data import cache_dir as resolve_cache_dir
@@ -57,6 +40,25 @@ def task_section(cfg: DictConfig, schema: type[Schema]) -> Schema:
     return schema(**OmegaConf.to_container(cfg.task, resolve=True))
 
 
+class OneLength:
+    """Mixin for a task section whose sequences all have the length of one field, named by ``longest_from``
+    (``"task.<field>"``): that length is its ``longest_sequence``, the default ``model.max_len``."""
+
+    longest_from: str
+
+    @property
+    def longest_sequence(self) -> int:
+        return getattr(self, self.longest_from.removeprefix("task."))
+
+
+def check_positive(section: Any, names: tuple[str, ...]) -> None:
+    """ValueError naming the first of the fields ``names`` of a task section that is not a positive int."""
+    for name in names:
+        value = getattr(section, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"task.{name} must be a positive int, got {value!r}")
+
+
 def data_options(cfg: DictConfig) -> dict[str, Any]:
     """The run-level values a data module takes besides its task section (:class:`TaskData`'s keywords)."""
     return {"seed": cfg.get("seed") or 0, "data_dir": cfg.get("data_dir"), "cache_dir": cfg.get("cache_dir"),
@@ -69,14 +71,10 @@ NAN = float("nan")  # the evaluation means' nan_strategy: a NaN value stays NaN 
 class TaskData(pl.LightningDataModule):
     """A task's splits and their loaders; a task supplies ``load_splits`` and only what differs.
 
-    ``load_splits()`` returns ``{split: data}`` once (``setup``); a task adds no ``__init__``. Optional:
-    ``collate_fn`` (a ``staticmethod``; default torch's), ``dataset(split)`` (what a loader reads; default the split as
-    loaded), ``train_batches`` (default: a fresh shuffle per epoch, ``task.batch_size`` each) and
-    ``eval_dataloader`` (default: the whole split on every process, in order). Every loader takes
-    ``task.num_workers`` workers (kept alive across epochs when there are any).
-
-    Keywords, the run's: ``seed`` (batch order), ``data_dir`` / ``cache_dir`` (config ``data_dir`` /
-    ``cache_dir``, resolved as efficient_attn_tasks/tasks/data.py says into ``data_root`` / ``cache_root``), ``max_len``
+    ``load_splits()`` returns ``{split: data}`` once (``setup``); a task adds no ``__init__``. It may override
+    ``collate_fn`` (a ``staticmethod``), ``dataset(split)``, ``train_batches`` and ``eval_dataloader``. The
+    keywords are the run's (:func:`data_options`): ``seed`` (batch order), ``data_dir`` / ``cache_dir``
+    (resolved by efficient_attn_tasks/tasks/data.py into ``data_root`` / ``cache_root``) and ``max_len``
     (``model.max_len``, for a task whose data must fit the model).
     """
 
@@ -222,6 +220,16 @@ class TaskModule(pl.LightningModule):
     def batch_tokens(self, batch: Any) -> int:
         """Tokens the model processed in one training batch (non-padding, inputs and targets)."""
         raise NotImplementedError
+
+    def eval_step(self, batch: Any, split: str) -> None:
+        """Add one evaluation batch of ``split`` (val or test) to its means (:meth:`accumulate`)."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.eval_step(batch, "test")
 
     def global_mean(self, mean: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(the loss to backpropagate, the loss to log) from this process's ``mean`` loss over its ``count``

@@ -155,6 +155,7 @@ def read_lines(path: Path) -> list[str]:
                 return f.read().splitlines()
         return path.read_text(encoding="utf-8").splitlines()
     except (OSError, EOFError, zlib.error) as err:
-        raise DataError(f"cannot read {path}: {err} (corrupt or truncated file?); delete it to download it again") from None
+        raise DataError(f"cannot read {path}: {err} (corrupt or truncated file?); "
+                        "delete it to download it again") from None
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text: {err}") from None

@@ -1,13 +1,10 @@
-"""ListOps (Nangia & Bowman 2018) as in Long Range Arena (Tay et al. 2021): classify the value of a
-nested list expression, e.g. ``[MAX 2 9 [MIN 4 7 ] 0 ]`` -> 9.
+"""ListOps (Nangia & Bowman 2018) as in Long Range Arena (Tay et al. 2021): classify the value of a nested list
+expression, e.g. ``[MAX 2 9 [MIN 4 7 ] 0 ]`` -> 9: operators MIN, MAX, MED and SM (sum modulo 10) over the
+digits 0-9, 10 classes.
 
-Operators MIN, MAX, MED (median) and SM (sum modulo 10) over the digits 0-9; 10 classes.
-The generator follows LRA's ``generate_tree``: below the root a node is an operator with
-probability 0.25 (else a digit) while its depth is below ``max_depth`` (the root has depth 1, so
-operators nest at most ``max_depth - 1`` deep); expressions are rejection-sampled until their
-length in tokens lies strictly between ``min_length`` and ``max_length`` (LRA: 500 < len < 2000).
-Brackets are tokens; a sequence is split on whitespace. Splits are generated once, deduplicated
-like LRA's, and cached.
+The generator follows LRA's ``generate_tree`` (:func:`generate_listops`), rejection-sampling expressions until
+their length in tokens lies strictly between ``min_length`` and ``max_length``; brackets are tokens. The splits
+are generated once, deduplicated as LRA's, and cached.
 """
 
 from __future__ import annotations
@@ -30,10 +27,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from efficient_attn.transformer import TransformerClassifier
-
 from efficient_attn_tasks.config.schema import attention_spec, transformer_config
 from efficient_attn_tasks.tasks import register_task
-from efficient_attn_tasks.tasks.base import TaskData, TaskModule, data_options, task_section
+from efficient_attn_tasks.tasks.base import TaskData, TaskModule, check_positive, data_options, task_section
 from efficient_attn_tasks.tasks.data import DataError
 
 ATTENTION_SITES = ("encoder",)  # the model's attention sites (check_config)
@@ -72,9 +68,7 @@ class Config:
     longest_from = "task.max_length - 1, +1 with task.pooling=cls"  # what longest_sequence follows (errors)
 
     def __post_init__(self) -> None:
-        for name in ("train_size", "val_size", "test_size", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"task.{name} must be a positive int, got {getattr(self, name)!r}")
+        check_positive(self, ("train_size", "val_size", "test_size", "batch_size"))
         if self.pooling not in ("mean", "cls"):
             raise ValueError(f"task.pooling must be 'mean' or 'cls', got {self.pooling!r}")
         if self.num_workers < 0:
@@ -194,7 +188,8 @@ def generate_listops(
 ) -> list[tuple[list[str], int]]:
     """``n`` distinct (tokens, value) pairs with min_length < len(tokens) < max_length.
 
-    ``seen`` holds digests of expressions to skip (e.g. other splits'); accepted ones are added.
+    The root has depth 1, so operators nest at most ``max_depth - 1`` deep. ``seen`` holds digests of
+    expressions to skip (e.g. other splits'); accepted ones are added.
     """
     check_params(min_length, max_length, max_depth, max_args)
     rng, seen = random.Random(seed), set() if seen is None else seen
@@ -344,13 +339,7 @@ class ListOpsModule(TaskModule):
         self.log("train/loss", logged, on_step=True, on_epoch=False, batch_size=len(batch["label"]))
         return loss
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def _eval_step(self, batch: dict[str, Tensor], split: str) -> None:
+    def eval_step(self, batch: dict[str, Tensor], split: str) -> None:
         logits, labels = self(batch), batch["label"]  # (B, 10), (B,)
         self.accumulate(split, "loss", F.cross_entropy(logits, labels), len(labels))
         self.accumulate(split, "acc", (logits.argmax(-1) == labels).float())  # micro accuracy, as MulticlassAccuracy

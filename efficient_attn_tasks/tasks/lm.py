@@ -22,10 +22,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from efficient_attn.transformer import TransformerLM
-
 from efficient_attn_tasks.config.schema import attention_spec, transformer_config
 from efficient_attn_tasks.tasks import register_task
-from efficient_attn_tasks.tasks.base import TaskData, TaskModule, data_options, task_section
+from efficient_attn_tasks.tasks.base import OneLength, TaskData, TaskModule, check_positive, data_options, task_section
 from efficient_attn_tasks.tasks.data import DataError, fetch
 from efficient_attn_tasks.tasks.sampling import GlobalBatches, random_draws
 
@@ -38,7 +37,7 @@ Batch = dict[str, Tensor]
 
 @register_task("lm")
 @dataclass
-class Config:
+class Config(OneLength):
     """The ``task:`` section for ``task=lm`` (configs/task/lm.yaml)."""
 
     name: str = "lm"
@@ -58,19 +57,12 @@ class Config:
             raise ValueError(f"task.dataset must be one of {list(DATASETS)}, got {self.dataset!r}")
         if self.dataset == "file" and not self.path:
             raise ValueError("task.dataset=file needs task.path (a UTF-8 text file)")
-        for name in ("context_length", "batch_size", "train_batches_per_epoch"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"task.{name} must be a positive int, got {getattr(self, name)!r}")
+        check_positive(self, ("context_length", "batch_size", "train_batches_per_epoch"))
         if self.eval_batches is not None and (not isinstance(self.eval_batches, int) or self.eval_batches < 1):
             raise ValueError(f"task.eval_batches must be a positive int or null, got {self.eval_batches!r}")
         self.split = tuple(float(f) for f in self.split)
         if len(self.split) != 2 or min(self.split) <= 0 or sum(self.split) >= 1:
             raise ValueError(f"task.split must be two positive fractions (train, val) summing to < 1, got {self.split}")
-
-    @property
-    def longest_sequence(self) -> int:
-        """Tokens in one window (the default model.max_len)."""
-        return self.context_length
 
 
 def task_config(cfg: DictConfig) -> Config:
@@ -219,13 +211,7 @@ class ByteLMModule(TaskModule):
         self.log("train/bpc", bits(logged), on_step=True, on_epoch=False, batch_size=size)
         return loss
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def _eval_step(self, batch: Batch, split: str) -> None:
+    def eval_step(self, batch: Batch, split: str) -> None:
         loss, count = self.loss(batch), batch["targets"].numel()
         self.accumulate(split, "loss", loss, count)
         self.accumulate(split, "bpc", bits(loss), count)

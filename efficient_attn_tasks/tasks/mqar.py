@@ -1,19 +1,10 @@
 """Multi-query associative recall (MQAR; Arora et al. 2023, "Zoology", and the Based paper).
 
-A sequence opens with ``num_kv_pairs`` key–value token pairs, then holds queries — keys seen
-before — among random filler tokens; at a query the model must predict the value bound to that
-key. Loss and accuracy count only the query positions. Generator semantics follow zoology's
-``multiquery_ar``: keys are drawn (distinct within a sequence) from ``[1, V/2)``, values from
-``[V/2, V)``; after the ``2·kv`` context tokens, query ``i`` sits at ``2·gap_i`` with the gaps
-drawn without replacement from ``range((L − 2·kv)/2)`` with probability ∝ ``(gap + 1)^(a − 1)``
-(``power_a`` = a; a → 0 favours queries soon after the context, a = 1 is uniform); every other
-position holds a uniformly random token (``random_non_queries``, zoology's generator default) or
-token 0 (``random_non_queries: false``, as zoology's Figure 2 configs set it). The model is the ``lm``
-family's causal decoder.
-
-Splits come from ``data_seed`` (train, val and test from distinct derived streams), not from
-the run ``seed``, so every seed and attention sees the same data; val and test examples whose
-key–value context occurs in train are dropped (disjoint splits), the count is reported.
+A sequence opens with ``num_kv_pairs`` key–value pairs, then holds queries (keys seen before) among filler
+tokens; at a query the model predicts the value bound to that key, and only the query positions count in loss
+and accuracy. The generator follows zoology's ``multiquery_ar`` (:func:`generate`). The splits come from
+``data_seed``, not the run's ``seed``, so every seed and attention sees the same data; val and test drop the
+examples whose context occurs in train. The model is the ``lm`` task's causal decoder.
 """
 
 from __future__ import annotations
@@ -27,10 +18,17 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from efficient_attn.transformer import TransformerLM, decode_state_size
-
 from efficient_attn_tasks.config.schema import attention_spec, transformer_config
 from efficient_attn_tasks.tasks import register_task
-from efficient_attn_tasks.tasks.base import SPLITS, TaskData, TaskModule, data_options, task_section
+from efficient_attn_tasks.tasks.base import (
+    SPLITS,
+    OneLength,
+    TaskData,
+    TaskModule,
+    check_positive,
+    data_options,
+    task_section,
+)
 
 IGNORE = -100  # target at non-query positions: no loss, no accuracy
 ATTENTION_SITES = ("decoder",)  # the model's attention sites (check_config)
@@ -39,7 +37,7 @@ Batch = dict[str, Tensor]
 
 @register_task("mqar")
 @dataclass
-class Config:
+class Config(OneLength):
     """The ``task:`` section for ``task=mqar`` (configs/task/mqar.yaml)."""
 
     name: str = "mqar"
@@ -58,9 +56,8 @@ class Config:
     longest_from = "task.seq_len"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "seq_len", "num_kv_pairs", "train_size", "val_size", "test_size", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"task.{name} must be a positive int, got {getattr(self, name)!r}")
+        check_positive(self, ("vocab_size", "seq_len", "num_kv_pairs", "train_size", "val_size", "test_size",
+                              "batch_size"))
         if self.seq_len % 2:
             raise ValueError(f"task.seq_len must be even (queries sit at even offsets), got {self.seq_len}")
         if 4 * self.num_kv_pairs > self.seq_len:
@@ -72,11 +69,6 @@ class Config:
             raise ValueError(f"task.vocab_size={self.vocab_size} leaves fewer than num_kv_pairs distinct keys")
         if not 0.0 < self.power_a <= 1.0:
             raise ValueError(f"task.power_a must be in (0, 1], got {self.power_a}")
-
-    @property
-    def longest_sequence(self) -> int:
-        """Tokens in one sequence (the default model.max_len)."""
-        return self.seq_len
 
 
 def task_config(cfg: DictConfig) -> Config:
@@ -93,7 +85,13 @@ def _distinct(n: int, low: int, high: int, count: int, g: torch.Generator) -> Te
 
 
 def generate(cfg: Config, n: int, seed: int) -> Batch:
-    """``n`` MQAR sequences: tokens (n, L) and targets (n, L) (the value at queries, else -100)."""
+    """``n`` MQAR sequences: tokens (n, L) and targets (n, L) (the value at queries, else -100).
+
+    As zoology's ``multiquery_ar``: keys distinct per sequence from [1, V/2), values from [V/2, V); after the
+    2·kv context tokens, query i sits at 2·gap_i, the gaps drawn without replacement from range((L − 2·kv)/2)
+    with probability ∝ (gap + 1)^(a − 1) (a = ``power_a``: a → 0 favours early queries, a = 1 is uniform);
+    the filler is random tokens or token 0 (``random_non_queries``).
+    """
     g = torch.Generator().manual_seed(seed)
     V, L, kv = cfg.vocab_size, cfg.seq_len, cfg.num_kv_pairs
     keys = _distinct(n, 1, V // 2, kv, g)  # (n, kv)
@@ -191,13 +189,7 @@ class MQARModule(TaskModule):
         self.log("train/acc", acc, on_step=True, on_epoch=False, batch_size=size)
         return loss
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def _eval_step(self, batch: Batch, split: str) -> None:
+    def eval_step(self, batch: Batch, split: str) -> None:
         loss, acc, count = self.scores(batch)
         self.accumulate(split, "loss", loss, count)
         self.accumulate(split, "acc", acc, count)

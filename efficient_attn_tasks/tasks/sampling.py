@@ -1,15 +1,10 @@
 """Training batches that are seeded per epoch, sharded across processes and resumable mid-epoch.
 
-Every task builds its epoch as a list of *global* batches (``task.batch_size`` examples each, in
-an order seeded by ``(seed, epoch)``). Process r of w takes ``batch[r::w]`` of every global batch,
-so w processes together train on exactly the batches one process would: the DDP run and the
-single-process run see the same data, step for step. A run restarted from a mid-epoch checkpoint
-skips the batches that epoch already trained on (the position is saved by ``TaskModule``).
-Evaluation either runs the whole split on every process (:func:`eval_loader`) or shares it out by
-whole batches (:func:`sharded_eval_loader`, for costly decoding; the task gathers the results).
-
-Loaders never draw from torch's global RNG (each gets its own seeded generator): the global RNG
-then only feeds dropout and the like, and it is saved and restored with the checkpoint.
+An epoch is a list of global batches in an order seeded by ``(seed, epoch)``; process r of w takes
+``batch[r::w]`` of each, so a DDP run trains on the same data, step for step, as one process, and a run
+resumed mid-epoch skips the batches already trained. Evaluation runs the whole split on every process or shares
+it out by whole batches. Loaders draw from their own seeded generators, never from torch's global RNG (which
+feeds dropout and is saved with the checkpoint).
 """
 
 from __future__ import annotations

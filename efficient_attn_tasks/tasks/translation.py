@@ -27,11 +27,10 @@ from torch.utils.data import DataLoader
 
 from efficient_attn.generate import beam_search, greedy_search
 from efficient_attn.transformer import Seq2SeqTransformer
-
 from efficient_attn_tasks.config.schema import attention_spec, transformer_config
 from efficient_attn_tasks.run.distributed import all_gather_objects
 from efficient_attn_tasks.tasks import register_task
-from efficient_attn_tasks.tasks.base import SPLITS, TaskData, TaskModule, data_options, task_section
+from efficient_attn_tasks.tasks.base import SPLITS, TaskData, TaskModule, check_positive, data_options, task_section
 from efficient_attn_tasks.tasks.data import RESOURCES, DataError, data_dir, fetch_all, read_lines
 from efficient_attn_tasks.tasks.sampling import GlobalBatches, by_length, sharded_eval_loader
 
@@ -95,9 +94,7 @@ class Config:
                              "synthetic_symbols in 1..26")
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"task.tokenizer must be one of {list(TOKENIZERS)}, got {self.tokenizer!r}")
-        for name in ("vocab_size", "max_tokens", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"task.{name} must be a positive int, got {getattr(self, name)!r}")
+        check_positive(self, ("vocab_size", "max_tokens", "batch_size"))
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"task.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.max_len_a < 0 or not isinstance(self.max_len_b, int) or self.max_len_b < 0:
@@ -129,14 +126,14 @@ def load_pairs(t: Config, root: Path | None = None) -> dict[str, tuple[list[str]
     into) the data dir ``root`` (default: efficient_attn_tasks/tasks/data.py ``data_dir()``)."""
     if t.source == "multi30k":
         root = root or data_dir()
-        key = lambda split, lang: f"multi30k/{MULTI30K_SPLITS[split]}.{lang}.gz"
-        keys = [key(s, lang) for s in SPLITS for lang in (t.src_lang, t.tgt_lang)]
-        unknown = [k for k in keys if k not in RESOURCES]
+        langs = (t.src_lang, t.tgt_lang)
+        keys = {(s, lang): f"multi30k/{MULTI30K_SPLITS[s]}.{lang}.gz" for s in SPLITS for lang in langs}
+        unknown = [k for k in keys.values() if k not in RESOURCES]
         if unknown:
             raise DataError(f"Multi30k has no {', '.join(unknown)}; task.src_lang / task.tgt_lang must be en, de or fr")
-        paths = fetch_all(keys, root)  # every missing file named in one error
-        get = lambda split, lang: read_lines(paths[key(split, lang)])
-        return {s: _checked(get(s, t.src_lang), get(s, t.tgt_lang), s) for s in SPLITS}
+        paths = fetch_all(list(keys.values()), root)  # every missing file named in one error
+        lines = {where: read_lines(paths[key]) for where, key in keys.items()}  # (split, lang) -> lines
+        return {s: _checked(lines[s, t.src_lang], lines[s, t.tgt_lang], s) for s in SPLITS}
     if t.source == "files":
         if not t.files or set(t.files) != set(SPLITS):
             raise ValueError("task.source=files needs task.files="
@@ -398,13 +395,9 @@ class TranslationModule(TaskModule):
         self.log("train/loss", logged, prog_bar=True, batch_size=n)
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step("val", batch, beam=1 if self.task.val_bleu else 0)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step("test", batch, beam=self.task.beam_size)
-
-    def _eval_step(self, split: str, batch: dict, beam: int) -> None:
+    def eval_step(self, batch: dict, split: str) -> None:
+        """The loss, and the hypotheses for BLEU: beam search on test, greedy on val when ``task.val_bleu``."""
+        beam = self.task.beam_size if split == "test" else int(self.task.val_bleu)
         nll, n = self._nll(batch, 0.0)
         self.accumulate(split, "loss", nll, n)
         self._outputs.setdefault(split, []).append((batch["ids"], self.translate(batch, beam) if beam else [],
@@ -458,8 +451,7 @@ def restore(cfg: DictConfig, checkpoint: dict) -> tuple[TranslationData, Transla
     checkpoint's bytes; the data is read only if the data module is set up. A checkpoint that holds no
     tokenizer gets it from the training data, as ``build``."""
     if "tokenizer" not in checkpoint:
-        print("note: this checkpoint holds no tokenizer (saved before checkpoints did); rebuilding it from the "
-              "training data", file=sys.stderr)
+        print("note: this checkpoint holds no tokenizer; rebuilding it from the training data", file=sys.stderr)
         return build(cfg)
     data = TranslationData(task_config(cfg), **data_options(cfg))
     data.sp = spm.SentencePieceProcessor(model_proto=checkpoint["tokenizer"])
