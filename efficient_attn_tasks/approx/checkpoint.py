@@ -18,7 +18,7 @@ import torch
 from efficient_attn import Attention, MultiHeadAttention, create_attention, seed_attentions
 from efficient_attn.transformer import Block
 from efficient_attn_tasks.approx import report as approx_report
-from efficient_attn_tasks.run.checkpoint import load as load_checkpoint
+from efficient_attn_tasks.inference.checkpoint import load as load_checkpoint
 
 
 def run(a: argparse.Namespace) -> None:
@@ -40,7 +40,7 @@ def run(a: argparse.Namespace) -> None:
 
 def load(checkpoint: Path) -> tuple[Any, Any]:
     """(data module, task module in eval mode, float64) rebuilt from a checkpoint's own config
-    (efficient_attn_tasks/run/checkpoint.py)."""
+    (efficient_attn_tasks/inference/checkpoint.py)."""
     loaded = load_checkpoint(checkpoint)
     return loaded.data, loaded.module.double().eval()
 

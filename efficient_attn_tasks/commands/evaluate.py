@@ -1,5 +1,5 @@
 """``efficient-attn-eval``: score a trained checkpoint of any task on a split of its run's data or on given
-files (the work: efficient_attn_tasks/run/evaluate.py)."""
+files (the work: efficient_attn_tasks/inference/evaluate.py)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _score(a: argparse.Namespace) -> None:
-    from efficient_attn_tasks.run.evaluate import run  # torch and Lightning load here
+    from efficient_attn_tasks.inference.evaluate import run  # torch and Lightning load here
 
     run(a)
 

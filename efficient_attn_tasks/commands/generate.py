@@ -1,5 +1,5 @@
 """``efficient-attn-generate``: continue a text with a trained byte-level language model (task=lm), one byte per
-decoding step on the model's incremental state (the work: efficient_attn_tasks/run/generate.py)."""
+decoding step on the model's incremental state (the work: efficient_attn_tasks/inference/generate.py)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _generate(a: argparse.Namespace) -> None:
-    from efficient_attn_tasks.run.generate import run  # torch loads here
+    from efficient_attn_tasks.inference.generate import run  # torch loads here
 
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(encoding="utf-8")

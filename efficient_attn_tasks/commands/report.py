@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     plot.add_argument("--xlabel-key", metavar="KEY", help="a --rows key printed under each x tick, e.g. "
                                                           "config.task.num_kv_pairs")
     p.add_argument("--curves", nargs="?", const="", metavar="OUT.png",
-                   help="learning curves (efficient_attn_tasks/report/curves.py): per table row the "
+                   help="learning curves (efficient_attn_tasks/report/curve_bands.py): per table row the "
                         "validation metric against steps, mean ± std band over seeds; no file: <out>_curves.png "
                         "beside the tables")
     return p

@@ -1,5 +1,5 @@
 """``efficient-attn-translate``: translate sentences, one per line from stdin or ``--input``, with a trained
-translation checkpoint, one translation per line to stdout (the work: efficient_attn_tasks/run/translate.py)."""
+translation checkpoint, one translation per line to stdout (the work: efficient_attn_tasks/inference/translate.py)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _translate(a: argparse.Namespace) -> None:
-    from efficient_attn_tasks.run.translate import open_input, run  # torch loads here
+    from efficient_attn_tasks.inference.translate import open_input, run  # torch loads here
 
     with open_input(a.input) as lines:
         run(a, lines, sys.stdout)

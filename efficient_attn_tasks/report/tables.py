@@ -366,7 +366,7 @@ def run(args: argparse.Namespace) -> None:
     if args.plot and built is not None:
         plot_rows(args, rows, built, names, records)
     if args.curves is not None:
-        from efficient_attn_tasks.report.curves import write_curves
+        from efficient_attn_tasks.report.curve_bands import write_curves
 
         write_curves(args, built)
     if args.wandb:

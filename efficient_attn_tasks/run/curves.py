@@ -4,7 +4,7 @@
 ``run()`` writes both into the run dir at its end, whatever the logger: W&B runs (offline without an
 account) write no ``metrics.csv``, and Lightning's CSV logger deletes its ``metrics.csv`` when a run
 resumes into the same dir, so the curves come from the app's own record. ``efficient-attn-report --curves``
-(efficient_attn_tasks/report/curves.py) reads the same file. Drawn by efficient_attn_tasks/plots.py.
+(efficient_attn_tasks/report/curve_bands.py) reads the same file. Drawn by efficient_attn_tasks/plots.py.
 """
 
 from __future__ import annotations

@@ -323,7 +323,7 @@ class ListOpsModule(TaskModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Also the token vocabulary: a checkpoint loaded by code with another one is refused
-        (efficient_attn_tasks/run/checkpoint.py)."""
+        (efficient_attn_tasks/inference/checkpoint.py)."""
         super().on_save_checkpoint(checkpoint)
         checkpoint["vocabulary"] = list(VOCAB)
 

@@ -1,7 +1,7 @@
 """Translation: Multi30k (default), any parallel text files, HF `datasets` corpora, or generated copy/reverse.
 
 Tokenization is one joint SentencePiece model trained on the training split and cached; every
-checkpoint holds its bytes, so a checkpoint runs alone (``restore``, efficient_attn_tasks/run/checkpoint.py).
+checkpoint holds its bytes, so a checkpoint runs alone (``restore``, efficient_attn_tasks/inference/checkpoint.py).
 Validation decodes greedily for BLEU; test decodes with beam search from the best checkpoint.
 BLEU is sacreBLEU on detokenized output against the raw references; its signature is recorded.
 On several processes (DDP) each decodes its share of the sentences (whole batches, as one process
@@ -447,7 +447,7 @@ def build(cfg: DictConfig) -> tuple[TranslationData, TranslationModule]:
 
 
 def restore(cfg: DictConfig, checkpoint: dict) -> tuple[TranslationData, TranslationModule]:
-    """``build`` for a saved checkpoint (efficient_attn_tasks/run/checkpoint.py): the tokenizer from the
+    """``build`` for a saved checkpoint (efficient_attn_tasks/inference/checkpoint.py): the tokenizer from the
     checkpoint's bytes; the data is read only if the data module is set up. A checkpoint that holds no
     tokenizer gets it from the training data, as ``build``."""
     if "tokenizer" not in checkpoint:

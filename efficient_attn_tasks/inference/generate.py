@@ -16,7 +16,7 @@ def run(a: argparse.Namespace, out: TextIO) -> str:
     import torch
 
     from efficient_attn.generate import sample
-    from efficient_attn_tasks.run.checkpoint import ConfigError, device, load
+    from efficient_attn_tasks.inference.checkpoint import ConfigError, device, load
 
     loaded = load(a.checkpoint)
     if loaded.cfg.task.name != "lm":

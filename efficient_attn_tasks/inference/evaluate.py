@@ -23,7 +23,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
     from efficient_attn_tasks.config.labels import attention_label
     from efficient_attn_tasks.run.callbacks import quiet_lightning
-    from efficient_attn_tasks.run.checkpoint import load
+    from efficient_attn_tasks.inference.checkpoint import load
     from efficient_attn_tasks.run.record import hardware, versions
 
     start = time.perf_counter()
@@ -73,7 +73,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
 def _loader(loaded: Any, a: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """(test loader, what it reads for the record): the run's ``--split``, or ``--files``."""
-    from efficient_attn_tasks.run.checkpoint import ConfigError
+    from efficient_attn_tasks.inference.checkpoint import ConfigError
 
     task = loaded.cfg.task.name
     if not a.files:
@@ -95,7 +95,7 @@ def _loader(loaded: Any, a: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 def _translation_files(loaded: Any, src_path: Path, ref_path: Path) -> Any:
     """Parallel source and reference files, in order, batched as the run's test split."""
-    from efficient_attn_tasks.run.checkpoint import ConfigError, check_lengths
+    from efficient_attn_tasks.inference.checkpoint import ConfigError, check_lengths
     from efficient_attn_tasks.tasks.data import read_lines
     from efficient_attn_tasks.tasks.sampling import sharded_eval_loader
     from efficient_attn_tasks.tasks.translation import collate_indexed
@@ -114,7 +114,7 @@ def _translation_files(loaded: Any, src_path: Path, ref_path: Path) -> Any:
 
 def _lm_file(loaded: Any, path: Path) -> Any:
     """A UTF-8 file in contiguous windows of the run's context length (all of it, whatever task.eval_batches)."""
-    from efficient_attn_tasks.run.checkpoint import ConfigError
+    from efficient_attn_tasks.inference.checkpoint import ConfigError
     from efficient_attn_tasks.tasks import lm
     from efficient_attn_tasks.tasks.sampling import eval_loader
 

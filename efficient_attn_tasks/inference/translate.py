@@ -18,7 +18,7 @@ def run(a: argparse.Namespace, lines: Iterable[str], out: TextIO) -> None:
     """Translate ``lines`` batch by batch, writing each batch's translations to ``out`` as soon as it is done."""
     import torch
 
-    from efficient_attn_tasks.run.checkpoint import ConfigError, device, load
+    from efficient_attn_tasks.inference.checkpoint import ConfigError, device, load
 
     loaded = load(a.checkpoint, {"batch_size": a.batch_size})
     if loaded.cfg.task.name != "translation":
@@ -41,7 +41,7 @@ def translate_lines(module: Any, lines: list[str], beam: int, where: str = "inpu
     """Translations of ``lines`` as one batch (blank lines stay blank; ``where``/``first`` name lines in errors)."""
     import torch
 
-    from efficient_attn_tasks.run.checkpoint import check_lengths
+    from efficient_attn_tasks.inference.checkpoint import check_lengths
     from efficient_attn_tasks.tasks.translation import collate
 
     ids = module.sp.encode(lines)
@@ -67,7 +67,7 @@ def _chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
 def open_input(path: Path | None) -> ContextManager[Iterable[str]]:
     """The lines to translate: the UTF-8 file ``path``, or stdin (and stdout) as UTF-8 whatever the locale;
     stdin is not closed when done."""
-    from efficient_attn_tasks.run.checkpoint import ConfigError
+    from efficient_attn_tasks.inference.checkpoint import ConfigError
 
     if path is not None:
         if not path.is_file():
