@@ -14,9 +14,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, EMAWeightAveraging
 
+from efficient_attn_tasks.commands.train import CONFIG_DIR, ConfigError, check_config, run
 from efficient_attn_tasks.run import loggers
 from efficient_attn_tasks.run.record import RunRecord
-from efficient_attn_tasks.commands.train import CONFIG_DIR, ConfigError, check_config, run
 from tests.helpers import config, config_files, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,7 +80,8 @@ def test_a_wrong_callback_is_a_config_error_naming_the_key(overrides, message):
 
 def test_the_cli_refuses_an_unknown_callback_key_in_one_line(tmp_path):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-m", "efficient_attn_tasks.commands.train", "logger=none", "callbacks=early_stopping",
+    out = subprocess.run([sys.executable, "-m", "efficient_attn_tasks.commands.train", "logger=none",
+                          "callbacks=early_stopping",
                           "+callbacks.early_stopping.patiense=1"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 2

@@ -1,4 +1,4 @@
-"""Checkpoints run alone (efficient_attn_tasks/inference/checkpoint.py): ``efficient-attn-eval`` on a checkpoint copied away from its
+"""Checkpoints run alone (inference/checkpoint.py): ``efficient-attn-eval`` on a checkpoint copied away from its
 run, with an empty data dir and tokenizer cache, reproduces the run's test metrics for every task;
 ``--files`` scores like the split; ``efficient-attn-translate`` writes the run's test hypotheses;
 ``efficient-attn-generate`` continues a prompt as the full forward does; misuse is one clear error."""
@@ -14,17 +14,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from efficient_attn_tasks.inference import checkpoint
-from efficient_attn_tasks.run.record import RunRecord
-from efficient_attn_tasks.commands import evaluate
-from efficient_attn_tasks.commands import generate
-from efficient_attn_tasks.tasks import listops
-from efficient_attn_tasks.tasks import lm
-from efficient_attn_tasks.commands import translate
-from efficient_attn_tasks.tasks import translation
+from efficient_attn_tasks.commands import evaluate, generate, translate
 from efficient_attn_tasks.commands.train import run
-from tests.helpers import config, tiny_overrides
+from efficient_attn_tasks.inference import checkpoint
 from efficient_attn_tasks.inference import evaluate as scoring
+from efficient_attn_tasks.run.record import RunRecord
+from efficient_attn_tasks.tasks import listops, lm, translation
+from tests.helpers import config, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,23 +20,17 @@ import pytest
 from hydra import compose, initialize_config_dir
 from scipy import stats as scipy_stats
 
-from efficient_attn_tasks.commands import bench
+from efficient_attn_tasks.commands import approx, bench, evaluate, generate, report, translate
 from efficient_attn_tasks.commands.cli import HelpFormatter
-from efficient_attn_tasks.commands import approx
-from efficient_attn_tasks.tasks import data
-from efficient_attn_tasks.commands import evaluate
-from efficient_attn_tasks.commands import generate
-from efficient_attn_tasks.commands import report
-from efficient_attn_tasks.commands import translate
-from efficient_attn_tasks.tasks import translation
-from efficient_attn_tasks.run.callbacks import progress_bar
+from efficient_attn_tasks.commands.train import RunSummary, default_threads, run
 from efficient_attn_tasks.config.checks import CONFIG_DIR, trainer_arguments
-from efficient_attn_tasks.tasks.data import DataError
-from efficient_attn_tasks.run.record import RunRecord
-from efficient_attn_tasks.run.resume import remove_unstarted_run_dir
 from efficient_attn_tasks.report.stats import as_number
 from efficient_attn_tasks.report.summary import summarize, summary
-from efficient_attn_tasks.commands.train import RunSummary, default_threads, run
+from efficient_attn_tasks.run.callbacks import progress_bar
+from efficient_attn_tasks.run.record import RunRecord
+from efficient_attn_tasks.run.resume import remove_unstarted_run_dir
+from efficient_attn_tasks.tasks import data, translation
+from efficient_attn_tasks.tasks.data import DataError
 from tests.helpers import TINY_TRANSLATION, config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,7 +44,8 @@ MULTI30K = [f"multi30k/{split}.{lang}.gz" for split in ("train", "val", "test_20
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "efficient_attn_tasks.commands.train", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "efficient_attn_tasks.commands.train", *args], capture_output=True,
+                          text=True, env=env,
                           cwd=cwd, timeout=120)
 
 
@@ -444,7 +439,8 @@ def test_every_multirun_ends_with_the_summary():
     for overrides in ([], ["experiment=quickstart"], ["experiment=mqar/quick"]):
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("train", overrides=overrides, return_hydra_config=True)
-        assert [c._target_ for c in cfg.hydra.callbacks.values()] == ["efficient_attn_tasks.commands.train.RunSummary"], overrides
+        targets = [c._target_ for c in cfg.hydra.callbacks.values()]
+        assert targets == ["efficient_attn_tasks.commands.train.RunSummary"], overrides
 
 
 def test_multirun_summary_splits_rows_by_other_swept_values(tmp_path, capsys):

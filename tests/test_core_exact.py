@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 import efficient_attn as ea
-
 from efficient_attn.attention.base import unsupported_use
 
 from .helpers import make_qkv, skip_unsupported

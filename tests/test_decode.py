@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import efficient_attn as ea
-
 from efficient_attn.transformer import reorder_state
 
 from .helpers import decode_sequence, make_qkv, skip_unsupported

@@ -98,9 +98,7 @@ class _plain_functions:
 
     def __enter__(self):
         from efficient_attn.attention import additive, favor
-        from efficient_attn.ops import causal_linear
-        from efficient_attn.ops import favor_fused
-        from efficient_attn.ops import features
+        from efficient_attn.ops import causal_linear, favor_fused, features
 
         self.saved = [
             (causal_linear, "causal_linear_attention", causal_linear.causal_linear_attention),

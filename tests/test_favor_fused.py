@@ -14,8 +14,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import efficient_attn as ea
-from efficient_attn.ops import favor_fused
 from efficient_attn.attention.kernel import KernelAttention
+from efficient_attn.ops import favor_fused
 
 from .helpers import assert_same_grads, make_qkv
 

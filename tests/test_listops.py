@@ -6,7 +6,6 @@ import torch
 from omegaconf import OmegaConf
 
 import efficient_attn as ea
-from tests.helpers import LossLog, skip_unsupported
 from efficient_attn_tasks.tasks.listops import (
     OPERATORS,
     PAD_ID,
@@ -17,6 +16,7 @@ from efficient_attn_tasks.tasks.listops import (
     evaluate,
     generate_listops,
 )
+from tests.helpers import LossLog, skip_unsupported
 
 SMALL = dict(min_length=10, max_length=40, max_depth=6, max_args=5)
 

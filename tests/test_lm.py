@@ -166,7 +166,8 @@ def test_eval_loss_is_token_weighted_over_a_short_last_batch(tmp_path):
     """val split of 2,000 bytes / 64-token windows = 31 windows: batches of 8, 8, 8, 7."""
     pl.seed_everything(0)
     dm, module = build(full_config(path=str(text_file(tmp_path)), split=[0.8, 0.1]))
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
     result = trainer.validate(module, datamodule=dm, verbose=False)[0]
     batches = list(dm.val_dataloader())
     assert [len(b["tokens"]) for b in batches] == [8, 8, 8, 7]

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from efficient_attn.transformer import AttentionSpec, TransformerConfig, TransformerLM, decode_state_size
+from efficient_attn_tasks.commands.report import main as report_main
 from efficient_attn_tasks.run.record import RunRecord
 from efficient_attn_tasks.tasks import mqar
-from efficient_attn_tasks.commands.report import main as report_main
 from tests.helpers import config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,11 +13,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -58,7 +58,8 @@ def test_wheel_has_no_generic_top_level_names_and_every_config(wheel):
     packages = {str(p.parent.relative_to(REPO)) for top in ("efficient_attn", "efficient_attn_tasks")
                 for p in (REPO / top).rglob("__init__.py")}
     assert packages <= {name.rsplit("/", 1)[0] for name in names}  # every subpackage is listed in pyproject
-    configs = {f"efficient_attn_tasks/configs/{p.relative_to(REPO / 'configs')}" for p in (REPO / "configs").rglob("*.yaml")}
+    configs = {f"efficient_attn_tasks/configs/{p.relative_to(REPO / 'configs')}"
+               for p in (REPO / "configs").rglob("*.yaml")}
     assert configs and configs <= set(names)
     modules = {str(p.relative_to(REPO)) for p in (REPO / "efficient_attn_tasks").rglob("*.py")}
     assert modules <= set(names)

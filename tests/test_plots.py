@@ -33,7 +33,8 @@ def test_only_the_plotting_module_imports_matplotlib():
 
 
 def test_the_modules_that_plot_import_without_matplotlib():
-    modules = ["efficient_attn_tasks.plots", "efficient_attn_tasks.report.lines", "efficient_attn_tasks.report.curve_bands",
+    modules = ["efficient_attn_tasks.plots", "efficient_attn_tasks.report.lines",
+               "efficient_attn_tasks.report.curve_bands",
                "efficient_attn_tasks.run.curves", "efficient_attn_tasks.bench.report",
                "efficient_attn_tasks.approx.report", "efficient_attn_tasks.approx.scaling"]
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint('matplotlib' in sys.modules)"

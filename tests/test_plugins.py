@@ -129,10 +129,12 @@ def test_plugin_attention_trains_evaluates_and_reports(plugin, tmp_path):
     record = RunRecord.read(run_dir / "results.json")
     assert (record.status, record.attention, record.attention_config) == ("ok", "my_attention", "my_attention")
     assert record.config["attention"]["kwargs"] == {"temperature": 2.0}
-    evaluated = run(["-m", "efficient_attn_tasks.commands.evaluate", str(run_dir), "--out", str(tmp_path / "eval.json")],
+    evaluated = run(["-m", "efficient_attn_tasks.commands.evaluate", str(run_dir), "--out",
+                     str(tmp_path / "eval.json")],
                     plugin, tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert record.metrics.test["test/acc"] == pytest.approx(json.loads((tmp_path / "eval.json").read_text())["metrics"]["acc"])
+    scored = json.loads((tmp_path / "eval.json").read_text())["metrics"]["acc"]
+    assert record.metrics.test["test/acc"] == pytest.approx(scored)
     report = run(["-m", "efficient_attn_tasks.commands.report", str(run_dir)], plugin, tmp_path)
     assert report.returncode == 0 and "my_attention" in report.stdout, report.stderr[-3000:]
 
@@ -141,7 +143,8 @@ def test_plugin_attention_trains_evaluates_and_reports(plugin, tmp_path):
 def test_plugin_attention_in_bench_and_approx(plugin, tmp_path):
     bench = run(["-m", "efficient_attn_tasks.commands.bench", "--attentions", "my_attention,softmax",
                  "--modes", "noncausal", "--lengths", "32", "--heads", "2", "--head-dim", "8", "--repeats", "1",
-                 "--threads", "1", "--no-baselines", "--matmul-size", "64", "--out", str(tmp_path / "bench")], plugin, tmp_path)
+                 "--threads", "1", "--no-baselines", "--matmul-size", "64", "--out", str(tmp_path / "bench")],
+                plugin, tmp_path)
     assert bench.returncode == 0, bench.stderr[-3000:]
     rows = next((tmp_path / "bench").glob("bench_*.csv")).read_text().splitlines()
     assert any(r.startswith("my_attention,") and ",ok," in r for r in rows), rows
@@ -163,13 +166,15 @@ def test_imports_key_reaches_a_module_that_is_not_installed(plugin, tmp_path):
     assert RunRecord.read(run_dir / "results.json").attention == "loose"
     bench = run(["-m", "efficient_attn_tasks.commands.bench", "--imports", "loose_attention", "--attentions", "loose",
                  "--modes", "causal", "--lengths", "16", "--heads", "1", "--head-dim", "4", "--repeats", "1",
-                 "--threads", "1", "--no-baselines", "--matmul-size", "64", "--out", str(tmp_path / "bench")], plugin, tmp_path,
-                extra_path=loose)
+                 "--threads", "1", "--no-baselines", "--matmul-size", "64", "--out", str(tmp_path / "bench")],
+                plugin, tmp_path, extra_path=loose)
     assert bench.returncode == 0, bench.stderr[-3000:]
-    rows = [r for r in next((tmp_path / "bench").glob("bench_*.csv")).read_text().splitlines() if r.startswith("loose,")]
+    csv_lines = next((tmp_path / "bench").glob("bench_*.csv")).read_text().splitlines()
+    rows = [r for r in csv_lines if r.startswith("loose,")]
     assert rows and all(",ok," in r for r in rows), rows  # measured in the worker process, which imports it too
     script = shutil.which("efficient-attn-train")  # its sys.path starts at its bin dir, not at the working dir
-    in_cwd = run([script, *TINY, "imports=[loose_attention]", "attention.name=loose", f"hydra.run.dir={tmp_path / 'cwd'}"],
+    in_cwd = run([script, *TINY, "imports=[loose_attention]", "attention.name=loose",
+                  f"hydra.run.dir={tmp_path / 'cwd'}"],
                  plugin, loose)  # a module in the working dir, as a user has it
     assert in_cwd.returncode == 0, in_cwd.stderr[-3000:]
     missing = run(["-m", "efficient_attn_tasks.commands.train", *TINY, "imports=[no_such_module]"], plugin, tmp_path)

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import efficient_attn as ea
-
 from efficient_attn.attention.base import unsupported_use
 
 from .helpers import assert_causal_rows_ignore_the_future, make_qkv, skip_unsupported

@@ -8,8 +8,18 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from efficient_attn_tasks.run.record import (MESSAGE_CHARS, RECORD_VERSION, Attempt, Metrics, RunError, RunRecord,
-                                             failed_record, record_status, summary_line, write_failed_record)
+from efficient_attn_tasks.run.record import (
+    MESSAGE_CHARS,
+    RECORD_VERSION,
+    Attempt,
+    Metrics,
+    RunError,
+    RunRecord,
+    failed_record,
+    record_status,
+    summary_line,
+    write_failed_record,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = sorted((REPO / "results").rglob("results.json"))

@@ -88,5 +88,6 @@ def test_custom_variant_plugs_into_wrapper():
 
 def test_attention_options():
     opts = ea.attention_options("favor")
-    assert opts["num_features"] == 256 and opts["kernel"] == "softmax" and opts["orthogonal"] is None and opts["projection"] is None
+    assert opts["num_features"] == 256 and opts["kernel"] == "softmax"
+    assert opts["orthogonal"] is None and opts["projection"] is None
     assert "head_dim" not in opts

@@ -8,13 +8,13 @@ import pytorch_lightning as pl
 import torch
 
 from efficient_attn import create_attention, list_attentions
-from tools import faults
+from efficient_attn_tasks.commands.train import run
 from efficient_attn_tasks.config.checks import ConfigError, check_config
 from efficient_attn_tasks.run.record import RunError, RunRecord
 from efficient_attn_tasks.run.resume import resume_argv
 from efficient_attn_tasks.tasks.sampling import ShardedBatches, eval_shard, shuffled
-from efficient_attn_tasks.commands.train import run
 from tests.helpers import LossLog, skip_unsupported
+from tools import faults
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,9 +113,7 @@ GRAD_TASKS = {  # tiny configs; 5 examples a global batch: 3 and 2 on two proces
 
 def global_batch(task: str, cfg) -> tuple[list, Callable[[list], dict]]:
     """(5 seeded examples of ``task`` with unequal token counts, the task's collate)."""
-    from efficient_attn_tasks.tasks import listops
-    from efficient_attn_tasks.tasks import mqar
-    from efficient_attn_tasks.tasks import translation
+    from efficient_attn_tasks.tasks import listops, mqar, translation
 
     g = torch.Generator().manual_seed(1)
     lengths = [3, 9, 4, 7, 2]
@@ -124,7 +122,8 @@ def global_batch(task: str, cfg) -> tuple[list, Callable[[list], dict]]:
         rows = [(ids(n), ids(n + i % 3), "") for i, n in enumerate(lengths)]  # source, target, reference
         return rows, translation.collate
     if task == "listops":
-        return [(torch.randint(2, listops.VOCAB_SIZE, (n,), generator=g), i) for i, n in enumerate(lengths)], listops.collate
+        rows = [(torch.randint(2, listops.VOCAB_SIZE, (n,), generator=g), i) for i, n in enumerate(lengths)]
+        return rows, listops.collate
     if task == "lm":
         tokens = torch.randint(256, (5, 13), generator=g)
         return [{"tokens": t[:-1], "targets": t[1:]} for t in tokens], torch.utils.data.default_collate
@@ -253,13 +252,15 @@ def test_nonfinite_loss_stops_naming_step_and_attention(tmp_path):
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])
 def test_one_failing_job_does_not_end_the_sweep(tmp_path, launcher):
     resume = launcher == "basic"  # resuming does not depend on the launcher
-    result = faults.sweep_with_a_failing_job(tmp_path, launcher, resume)  # -m model.max_len=64,16,64: job 1 cannot build
+    # -m model.max_len=64,16,64: job 1 cannot build
+    result = faults.sweep_with_a_failing_job(tmp_path, launcher, resume)
     assert result["statuses"] == {"0_softmax": "ok", "1_softmax": "failed", "2_softmax": "ok"}, result["output"]
     failed = result["failed"]["1_softmax"]
     assert failed["steps"] == 0 and failed["error"]["type"] == "ConfigError" and "model.max_len=16" in failed["error"][
         "message"] and "model.max_len=16" in failed["overrides"] and failed["config"]["model"]["max_len"] == 16
     assert result["returncode"] == 1, result["output"]  # after the summary
-    assert result["summary_failed"] == [f"{tmp_path / 'sweep' / '1_softmax'}: ConfigError: {failed['error']['message']}"]
+    job = tmp_path / "sweep" / "1_softmax"
+    assert result["summary_failed"] == [f"{job}: ConfigError: {failed['error']['message']}"]
     if resume:  # ckpt_path=last with the same sweep dir runs the failed job again, and only that one
         assert result["rerun"] == ["1_softmax"] and result["resumed_returncode"] == 1
     rows = [line for line in result["report"].splitlines() if line.startswith("| softmax") or "(failed" in line]
@@ -307,6 +308,7 @@ def test_same_seed_gives_bit_identical_losses_and_favor_features(tmp_path):
     for i, log in enumerate(logs):
         run(faults.compose_config(overrides), tmp_path / str(i), callbacks=[log])
     assert logs[0].losses == logs[1].losses
-    states = [torch.load(tmp_path / str(i) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"] for i in (0, 1)]
+    states = [torch.load(tmp_path / str(i) / "checkpoints" / "last.ckpt",
+                         weights_only=False)["state_dict"] for i in (0, 1)]
     projections = [k for k in states[0] if k.endswith("projection")]
     assert projections and all(torch.equal(states[0][k], states[1][k]) for k in projections)

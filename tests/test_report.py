@@ -14,7 +14,8 @@ def record(attention: str, seed: int, score: float, task: str = "translation", m
     return {
         "name": "exp", "task": task, "attention": attention, "seed": seed,
         "metrics": {"monitor": "val/x", "val_best": score - 1, "test": {metric: score}},
-        "num_parameters": 1000, "steps": 100, "train_tokens_per_s": 2000.0, "peak_memory_mib": 500.0, "wall_time_s": 60.0,
+        "num_parameters": 1000, "steps": 100, "train_tokens_per_s": 2000.0, "peak_memory_mib": 500.0,
+        "wall_time_s": 60.0,
     }
 
 
@@ -55,7 +56,7 @@ def test_table_groups_seeds_and_lists_missing_runs(tmp_path, capsys):
 
 
 def failed(attention: str, seed: int, steps: int = 3) -> dict:
-    """A failed run's record (efficient_attn_tasks/run/record.py ``failed_record``): no metrics, the error and the step reached."""
+    """A failed run's record (``failed_record``): no metrics, the error and the step reached."""
     return {"name": "exp", "task": "translation", "attention": attention, "seed": seed, "status": "failed",
             "error": {"type": "FloatingPointError", "message": "non-finite loss at step 3 | lower optim.lr"},
             "config": {"seed": seed}, "overrides": [f"seed={seed}"], "steps": steps, "wall_time_s": 1.0}
@@ -75,7 +76,8 @@ def test_failed_runs_are_listed_as_failed_and_never_averaged(tmp_path, capsys):
     main([str(tmp_path), "--rows", "attention", "--pivot", "task"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[4] == "| softmax | 31 ± 1.414 (n=2) |"
-    assert lines[5].startswith(f"| {tmp_path / '6'} (failed at step 3: FloatingPointError:") and lines[5].endswith(" | n/a |")
+    assert lines[5].startswith(f"| {tmp_path / '6'} (failed at step 3: FloatingPointError:")
+    assert lines[5].endswith(" | n/a |")
 
 
 def test_a_sweep_of_failed_runs_only_is_a_table_of_failures(tmp_path, capsys):

@@ -8,8 +8,8 @@ import math
 import pytest
 from scipy import stats
 
-from efficient_attn_tasks.report import lines as table_lines
 from efficient_attn_tasks.commands.report import main
+from efficient_attn_tasks.report import lines as table_lines
 from efficient_attn_tasks.report.stats import ci_halfwidth
 
 T_975_2 = 4.302652729749462  # t distribution, 97.5% quantile, 2 degrees of freedom (from a t table: 4.303)

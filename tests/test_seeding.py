@@ -214,8 +214,8 @@ def projection_log():
 
 @pytest.mark.usefixtures("one_thread")
 def test_lightning_redraws_at_optimizer_steps_with_gradient_accumulation(tmp_path):
-    from tools import faults
     from efficient_attn_tasks.commands.train import run
+    from tools import faults
 
     log = projection_log()
     cfg = faults.compose_config([*faults.TINY, *faults.FAVOR, "attention.kwargs.redraw_interval=2",

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import Tensor
 from torch.autograd import gradcheck, gradgradcheck
-from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import efficient_attn as ea
 from efficient_attn.transformer import AttentionSpec, Seq2SeqTransformer, TransformerClassifier, TransformerConfig

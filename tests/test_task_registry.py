@@ -167,7 +167,8 @@ def config(*overrides: str):
 def test_built_in_tasks_are_found_by_name_and_unknown_ones_are_refused(registry):
     assert task_names() == ["listops", "lm", "mqar", "translation"]
     assert task_module("mqar").__name__ == "efficient_attn_tasks.tasks.mqar"
-    with pytest.raises(ValueError, match=r"unknown task 'mt'; choose one of \['listops', 'lm', 'mqar', 'translation'\]"):
+    with pytest.raises(ValueError,
+                       match=r"unknown task 'mt'; choose one of \['listops', 'lm', 'mqar', 'translation'\]"):
         task_module("mt")
     with pytest.raises(ValueError, match="unknown task 'data'"):  # a helper module of the package, no config file
         task_module("data")

@@ -17,13 +17,12 @@ from omegaconf import OmegaConf
 import efficient_attn as ea
 from efficient_attn.attention.base import unsupported_use
 from efficient_attn.transformer import SITE_USE, AttentionSpec
-from efficient_attn_tasks.tasks import translation
+from efficient_attn_tasks.commands.train import run
 from efficient_attn_tasks.config.checks import ConfigError, check_config
 from efficient_attn_tasks.run.curves import read_curves
-from efficient_attn_tasks.tasks.data import DataError
 from efficient_attn_tasks.run.record import RunRecord, peak_memory_mib, reset_peak_memory
-from efficient_attn_tasks.tasks import task_module
-from efficient_attn_tasks.commands.train import run
+from efficient_attn_tasks.tasks import task_module, translation
+from efficient_attn_tasks.tasks.data import DataError
 from tests.helpers import QUIET, SHARED_DATA, LossLog, config, config_files, site_specs, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -419,7 +418,8 @@ def test_missing_data_dir_without_network_is_a_clear_error(tmp_path, monkeypatch
 
     monkeypatch.setattr("urllib.request.urlopen", offline)
     task = translation.task_config(config("task=translation"))
-    with pytest.raises(DataError, match=r"6 of 6 data files are not in the data dir .*multi30k/train.en.gz.* point data_dir="):
+    with pytest.raises(DataError,
+                       match=r"6 of 6 data files are not in the data dir .*multi30k/train.en.gz.* point data_dir="):
         translation.load_pairs(task, tmp_path / "nowhere")
 
 

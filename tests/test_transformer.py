@@ -105,7 +105,8 @@ def test_decoder_is_causal(name):
     src, src_mask, tgt = batch()
     changed = tgt.clone()
     changed[:, 4:] = (changed[:, 4:] + 1) % VOCAB
-    torch.testing.assert_close(model(src, changed, src_mask)[:, :4], model(src, tgt, src_mask)[:, :4], rtol=0, atol=1e-12)
+    torch.testing.assert_close(model(src, changed, src_mask)[:, :4], model(src, tgt, src_mask)[:, :4], rtol=0,
+                               atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["softmax", "favor", "additive"])
@@ -160,8 +161,10 @@ def test_classifier_and_head_dim_override():
 def test_sinusoid_table_matches_the_paper():
     table = sinusoid_table(50, 8).double()
     pos, i = 17, 2
-    assert table[pos, 2 * i].item() == pytest.approx(torch.sin(torch.tensor(pos / 10000 ** (2 * i / 8))).item(), abs=1e-6)
-    assert table[pos, 2 * i + 1].item() == pytest.approx(torch.cos(torch.tensor(pos / 10000 ** (2 * i / 8))).item(), abs=1e-6)
+    assert table[pos, 2 * i].item() == pytest.approx(torch.sin(torch.tensor(pos / 10000 ** (2 * i / 8))).item(),
+                                                     abs=1e-6)
+    assert table[pos, 2 * i + 1].item() == pytest.approx(torch.cos(torch.tensor(pos / 10000 ** (2 * i / 8))).item(),
+                                                         abs=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     import pytorch_lightning as pl
 
     from efficient_attn_tasks.config.labels import attention_label
-    from efficient_attn_tasks.run.callbacks import quiet_lightning
     from efficient_attn_tasks.inference.checkpoint import load
+    from efficient_attn_tasks.run.callbacks import quiet_lightning
     from efficient_attn_tasks.run.record import hardware, versions
 
     start = time.perf_counter()
