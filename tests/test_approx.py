@@ -41,7 +41,7 @@ def test_orthogonal_beats_iid_at_small_scale():
 
 
 def test_trig_breaks_down_without_overflow_and_non_finite_is_counted_not_averaged(monkeypatch):
-    """Trig keys carry h(k) = exp(‖k‖²/2) as a log-scale, so large norms no longer overflow; the
+    """Trig keys carry h(k) = exp(‖k‖²/2) as a log-scale, so large norms do not overflow; the
     estimator still breaks down (signed normalizer), which the error shows. A non-finite estimate
     is counted apart and never averaged."""
     trig = error_vs_scale([3.0], num_features=8, length=32, dim=16, draws=3, estimators=[TRIG])[0]
