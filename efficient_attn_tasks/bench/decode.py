@@ -13,9 +13,8 @@ import statistics
 import time
 from typing import Any
 
+from efficient_attn_tasks.bench.points import DTYPES, MIB, attention_module, rss_mib
 from efficient_attn_tasks.bench.sdpa import SDPA_BACKENDS, sdpa_backend
-
-MIB = 2**20
 
 
 def _state_mib(state: Any) -> float:
@@ -55,8 +54,6 @@ class PreallocatedCache:
 def run_decode(spec: dict[str, Any]) -> dict[str, Any]:
     """Time ``decode_steps`` generation steps after an L-token prefix; no gradients."""
     import torch
-
-    from efficient_attn_tasks.bench.kernels import DTYPES, attention_module, rss_mib
 
     torch.set_num_threads(spec["threads"])
     device, cuda = torch.device(spec["device"]), spec["device"].startswith("cuda")

@@ -1,10 +1,11 @@
 """The benchmark behind ``efficient-attn-bench``: forward+backward time and peak memory of every attention against L.
 
-Owns the kernel modes (causal, noncausal: ``attn(q, k, v).mean().backward()`` on random (B, H, L, D) inputs),
-the worker that measures one point in its own subprocess (so peak memory is that point's), the series (a
-failure skips the larger L; ``--budget`` bounds the run), the baselines (performer-pytorch, SDPA), the matmul
-peak, and the dispatch to the decode and train modes (:mod:`~efficient_attn_tasks.bench.decode`,
-:mod:`~efficient_attn_tasks.bench.train`). The report is :mod:`efficient_attn_tasks.bench.report`.
+Owns the kernel modes (causal, noncausal: ``attn(q, k, v).mean().backward()`` on random (B, H, L, D) inputs)
+and their series (a failure skips the larger L; ``--budget`` bounds the run), the matmul peak, the command's
+run over every mode, and the ``--worker`` entry that measures one point of any mode in its own subprocess.
+The point machinery is :mod:`~efficient_attn_tasks.bench.points`; the other modes are
+:mod:`~efficient_attn_tasks.bench.decode` and :mod:`~efficient_attn_tasks.bench.train`; the report is
+:mod:`~efficient_attn_tasks.bench.report`.
 """
 
 from __future__ import annotations
@@ -13,54 +14,45 @@ import argparse
 import csv
 import importlib.util
 import json
-import os
 import re
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Callable, Iterator
 
 from efficient_attn_tasks.bench import decode as bench_decode
 from efficient_attn_tasks.bench import train as bench_train
+from efficient_attn_tasks.bench import train_report
+from efficient_attn_tasks.bench.points import (
+    BASELINES,
+    DTYPES,
+    MARK,
+    MIB,
+    attention_module,
+    by_length,
+    cap_address_space,
+    estimate_bytes,
+    next_stop,
+    not_applicable,
+    not_run,
+    rss_mib,
+    run_subprocess,
+    time_left,
+)
 from efficient_attn_tasks.bench.report import machine_info, plot, summary
 from efficient_attn_tasks.bench.sdpa import SDPA_BACKENDS, sdpa_backend, sdpa_unavailable
 from efficient_attn_tasks.commands.cli import wrote
 
-BASELINES = ["performer_pytorch", "sdpa"]
 FEATURE_ATTENTIONS = {"favor", "performer_pytorch"}  # FLOPs 3 × 8·L·m·d per head (fwd 8Lmd, bwd ≈ 2× fwd)
 QUADRATIC_ATTENTIONS = {"softmax", "dot", "bilinear", "sdpa"}  # FLOPs 3 × 4·L²·d per head, noncausal only
-FAILED = ("timeout", "oom", "error")
 SLOW_STEP_S = 20.0  # predicted seconds per step above which a point is timed once
 FIELDS = ["attention", "mode", "L", "batch", "heads", "head_dim", "num_features", "dtype", "device",
           "threads", "repeats", "status", "time_s", "time_min_s", "peak_rss_mib", "base_rss_mib", "peak_cuda_mib",
           "gflops", "frac_of_matmul", "tokens_per_s", "prefill_s", "state_mib", "torch_version", "message"]
-MARK = "BENCH_RESULT "
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-MIB = 2**20
 
 
 # ---------------------------------------------------------------- worker side (one point per process)
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
-
-
-def _available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        info = dict(line.split(":", 1) for line in f)
-    return int(info["MemAvailable"].split()[0]) * 1024
-
-
-def _cap_address_space() -> None:
-    """Let this process map at most its current size plus 90% of free RAM: OOM becomes an exception."""
-    with open("/proc/self/status") as f:
-        vm_size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-    limit = vm_size + int(0.9 * _available_bytes())
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
 
 def _build(spec: dict[str, Any]) -> Callable:
     """The callable f(q, k, v) timed for ``spec['attention']``."""
@@ -80,19 +72,6 @@ def _build(spec: dict[str, Any]) -> Callable:
         return module.to(spec["device"])
     module = attention_module(spec)
     return lambda q, k, v: module(q, k, v, causal=causal)
-
-
-def attention_module(spec: dict[str, Any]):
-    """The registered attention of ``spec`` with the benchmark's options: ``num_features`` for
-    feature-based variants, ``max_len`` (cosFormer's M) covering every position the point uses."""
-    import efficient_attn as ea
-
-    name, options = spec["attention"], ea.attention_options(spec["attention"])
-    kwargs = {"num_features": spec["num_features"]} if "num_features" in options else {}
-    if "max_len" in options:
-        kwargs["max_len"] = spec["L"] + spec.get("decode_steps", 0) + 1
-    module = ea.create_attention(name, head_dim=spec["head_dim"], num_heads=spec["heads"], **kwargs)
-    return module.to(spec["device"])
 
 
 def run_point(spec: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +143,7 @@ def worker_main(spec_json: str) -> None:
 
             import_attentions(spec["imports"])  # the user's own attentions (--imports)
         if not spec["device"].startswith("cuda"):
-            _cap_address_space()
+            cap_address_space()
         if spec["attention"] == "matmul":
             result = run_matmul(spec)
         elif spec["mode"] == "train":
@@ -179,33 +158,6 @@ def worker_main(spec_json: str) -> None:
 
 
 # ---------------------------------------------------------------- parent side
-
-def run_subprocess(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run one point in a fresh interpreter with the thread count pinned (so its peak memory is its own);
-    never raises."""
-    threads = str(spec["threads"])
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    cmd = [sys.executable, "-m", "efficient_attn_tasks.bench.kernels", "--worker", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "message": f"over {timeout:g} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK):])
-    if proc.returncode in (-9, 137):
-        return {"status": "oom", "message": "killed by SIGKILL (likely out of memory)"}
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-    return {"status": "error", "message": f"exit {proc.returncode}: {tail}"}
-
-
-def estimate_bytes(name: str, length: int, cfg: dict[str, Any]) -> float | None:
-    """Rough peak bytes for variants whose memory is known to blow up; None = not estimated."""
-    elem = cfg["batch"] * cfg["heads"] * {"fp32": 4, "bf16": 2, "fp16": 2}[cfg["dtype"]]
-    if name == "additive":  # scores, weights and their grads: 4 (B, H, L, L) tensors
-        return 4 * elem * length**2
-    return None
-
 
 def flops(name: str, causal: bool, length: int, cfg: dict[str, Any]) -> float | None:
     """Nominal forward+backward FLOPs (backward ≈ 2× forward, hence the factor 3), all heads."""
@@ -228,50 +180,6 @@ def make_row(name: str, mode: str, length: int, cfg: dict[str, Any], result: dic
         row["gflops"] = count / row["time_s"] / 1e9
         row["frac_of_matmul"] = row["gflops"] / peak_gflops if peak_gflops else None
     return row
-
-
-def not_applicable(name: str, mode: str) -> str | None:
-    """Why ``name`` cannot run ``mode`` (a causal-only variant non-causally; a baseline without decoding)."""
-    if mode == "decode":
-        return "performer-pytorch has no incremental decoding" if name == "performer_pytorch" else None
-    if name in BASELINES or name in SDPA_BACKENDS:
-        return None
-    import efficient_attn as ea
-    from efficient_attn.attention.base import unsupported_use
-
-    return unsupported_use(ea.get_attention_class(name), causal=mode != "noncausal", cross=False)
-
-
-def time_left(cfg: dict[str, Any]) -> float:
-    """Seconds the next point may run: ``--timeout``, or less where the run's ``--budget`` ends first
-    (<= 0: the budget is spent)."""
-    deadline = cfg.get("deadline")
-    return cfg["timeout"] if deadline is None else min(cfg["timeout"], deadline - time.monotonic())
-
-
-def not_run(reason: str | None, stop: str | None, limit: float, device: str, need_bytes: float | None,
-            predicted_s: float, too_slow: str) -> dict[str, Any] | None:
-    """Why a series' next point is not run (its result row), or None to run it: the mode does not
-    apply, an earlier point failed, the budget is spent, it would not fit in free RAM (CPU), or its
-    predicted time (``predicted_s``, explained by ``too_slow``) exceeds ``limit``."""
-    if reason:
-        return {"status": "n/a", "message": reason}
-    if stop:
-        return {"status": "skipped", "message": stop}
-    if limit <= 0:
-        return {"status": "skipped", "message": "the run's --budget is spent"}
-    if device == "cpu" and need_bytes and need_bytes > _available_bytes():
-        return {"status": "skipped", "message": f"estimated {need_bytes / 2**30:.1f} GiB > available RAM"}
-    if predicted_s > limit:
-        return {"status": "skipped", "message": too_slow}
-    return None
-
-
-def next_stop(result: dict[str, Any], stop: str | None, length: int) -> str | None:
-    """After a failed or skipped point, every larger L of the series is skipped with this message."""
-    if result["status"] in FAILED or (result["status"] == "skipped" and not stop):
-        return f"after {result['status']} at L={length}"
-    return stop
 
 
 def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) -> Iterator[dict[str, Any]]:
@@ -303,30 +211,13 @@ def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) ->
         yield make_row(name, mode, length, cfg, result, peak)
 
 
-def by_length(series: list[Iterator[dict[str, Any]]], lengths: list[int],
-              after: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
-    """Every series' rows, measured one L at a time (each series' point at that L, then the next L), so
-    the points compared at one L are minutes apart, not the whole run apart: a shared machine's drift
-    hits them alike. ``after(rows at that L)`` runs after each L. Returned grouped by series."""
-    rows: list[list[dict[str, Any]]] = [[] for _ in series]
-    for _ in lengths:
-        measured = [next(s) for s in series]
-        for own, row in zip(rows, measured):
-            own.append(row)
-        if after is not None:
-            after(measured)
-    return [row for own in rows for row in own]
-
-
 def run(args: argparse.Namespace) -> None:
     """The benchmark ``efficient-attn-bench``'s options ask for (efficient_attn_tasks/commands/bench.py), into
     ``args.out``; ``--summarize``: the train mode's files redrawn from its CSV, nothing measured."""
     if importlib.util.find_spec("matplotlib") is None:  # before minutes of timing, not at the plot
         raise SystemExit('efficient-attn-bench draws its PNGs with matplotlib: pip install "efficient-attn[bench]"')
     if args.summarize:
-        from efficient_attn_tasks.bench.train_report import rebuild
-
-        return wrote(*rebuild(args.out), file=sys.stderr)
+        return wrote(*train_report.rebuild(args.out), file=sys.stderr)
     import torch
 
     import efficient_attn as ea
@@ -348,7 +239,10 @@ def run(args: argparse.Namespace) -> None:
     if kernel_modes:
         run_kernel_modes(names, kernel_modes, cfg, machine, slug)
     if "train" in modes:
-        wrote(*bench_train.run(names, cfg, machine, slug, args.out), file=sys.stderr)
+        csv_path, png, md = (args.out / f"{stem}_{slug}{ext}" for stem, ext in
+                             (("train", ".csv"), ("train", ".png"), ("train_summary", ".md")))
+        rows = bench_train.run(names, cfg, machine, csv_path)
+        wrote(csv_path, *train_report.report(rows, cfg, machine, png, md), file=sys.stderr)
 
 
 def run_kernel_modes(names: list[str], modes: list[str], cfg: dict[str, Any], machine: str, slug: str) -> None:

@@ -3,8 +3,8 @@
 A byte-level :class:`~efficient_attn.transformer.TransformerLM` trains on random tokens with the tokens per
 batch fixed (batch = tokens / L), so only the attention's cost changes with L. Owns the train mode's options,
 the worker that times one point (tokens/s, peak memory, and the share of the step spent in the core attention:
-:class:`AttentionClock`) and the series run one L at a time, with softmax re-checked at each L to show the
-machine's drift. The report is :mod:`efficient_attn_tasks.bench.train_report`. No torch at module level.
+:class:`AttentionClock`), the series run one L at a time (softmax re-checked at each L to show the machine's
+drift) and their CSV. The report is :mod:`efficient_attn_tasks.bench.train_report`. No torch at module level.
 """
 
 from __future__ import annotations
@@ -19,6 +19,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from efficient_attn_tasks.bench.points import (
+    DTYPES,
+    by_length,
+    estimate_bytes,
+    next_stop,
+    not_applicable,
+    not_run,
+    rss_mib,
+    run_subprocess,
+    time_left,
+)
 from efficient_attn_tasks.bench.sdpa import SDPA_BACKENDS, sdpa_backend, sdpa_unavailable
 
 VOCAB = 256  # byte-level tokens
@@ -137,7 +148,6 @@ def run_train_point(spec: dict[str, Any]) -> dict[str, Any]:
 
     import efficient_attn as ea
     from efficient_attn.transformer import AttentionSpec, TransformerConfig, TransformerLM
-    from efficient_attn_tasks.bench.kernels import DTYPES, rss_mib
 
     torch.set_num_threads(spec["threads"])
     device, cuda = torch.device(spec["device"]), spec["device"].startswith("cuda")
@@ -211,12 +221,11 @@ class Series:
 
     def __init__(self, name: str, cfg: dict[str, Any]) -> None:
         import efficient_attn as ea
-        from efficient_attn_tasks.bench import kernels as bench
 
         self.name, self.cfg = name, cfg
         self.core = "softmax" if name in SDPA_BACKENDS else name
         self.features = cfg["num_features"] if "num_features" in ea.attention_options(self.core) else None
-        self.reason = sdpa_unavailable(name, cfg["device"], cfg["dtype"]) or bench.not_applicable(self.core, "causal")
+        self.reason = sdpa_unavailable(name, cfg["device"], cfg["dtype"]) or not_applicable(self.core, "causal")
         self.stop: str | None = None
         self.last: tuple[int, float] | None = None  # (L, seconds per step) of the last measured point
         self.runs = cfg["warmup"] + cfg["steps"] + PROFILE_STEPS  # steps a point's worker runs
@@ -231,19 +240,17 @@ class Series:
 
     def measure(self, length: int) -> dict[str, Any]:
         """Run (or skip) the point at ``length``; return its CSV row."""
-        from efficient_attn_tasks.bench import kernels as bench
-
         cfg, spec, runs = self.cfg, self.spec(length), self.runs
-        estimate = bench.estimate_bytes(self.core, length, spec)
+        estimate = estimate_bytes(self.core, length, spec)
         step = self.last[1] * length / self.last[0] if self.last else 0.0  # predicted seconds per step
-        limit = bench.time_left(cfg)
-        result = bench.not_run(self.reason, self.stop, limit, cfg["device"], estimate and estimate * cfg["layers"],
-                               step * runs, f"predicted {step:.1f} s per step x {runs} > time limit")
+        limit = time_left(cfg)
+        result = not_run(self.reason, self.stop, limit, cfg["device"], estimate and estimate * cfg["layers"],
+                         step * runs, f"predicted {step:.1f} s per step x {runs} > time limit")
         if result is None:
-            result = bench.run_subprocess(spec, limit)
+            result = run_subprocess(spec, limit)
         if result["status"] == "ok":
             self.last = (length, result["time_s"])
-        self.stop = bench.next_stop(result, self.stop, length)
+        self.stop = next_stop(result, self.stop, length)
         row = {key: spec.get(key, cfg.get(key)) for key in FIELDS} | {key: result.get(key) for key in FIELDS
                                                                        if key in result}
         shown = f"{result['tokens_per_s']:.0f} tok/s, attention {result['attention_share']:.0%}" \
@@ -259,12 +266,10 @@ class Series:
     def recheck(self, row: dict[str, Any]) -> None:
         """Measure ``row``'s point again (after the other attentions at that L) into ``recheck_tokens_per_s``:
         how far the machine's speed drifted while the others ran."""
-        from efficient_attn_tasks.bench import kernels as bench
-
-        limit = bench.time_left(self.cfg)
+        limit = time_left(self.cfg)
         if row["status"] != "ok" or limit < 2 * row["time_s"] * self.runs:
             return
-        result = bench.run_subprocess(self.spec(row["L"]), limit)
+        result = run_subprocess(self.spec(row["L"]), limit)
         if result["status"] == "ok":
             row["recheck_tokens_per_s"] = result["tokens_per_s"]
             print(f"  {self.name:<18} re-check  L={row['L']:<6} ok       {result['tokens_per_s']:.0f} tok/s "
@@ -283,13 +288,10 @@ def trainable(names: list[str]) -> list[str]:
     return kept
 
 
-def run(names: list[str], cfg: dict[str, Any], machine: str, slug: str, out: Path) -> list[Path]:
+def run(names: list[str], cfg: dict[str, Any], machine: str, path: Path) -> list[dict[str, Any]]:
     """Run the train mode for ``names``, one L at a time (every attention at that L, then the reference
-    once more: its re-check bounds the drift between points compared in the same run); write the CSV,
-    plot and summary into ``out``; return their paths."""
-    from efficient_attn_tasks.bench.kernels import by_length
-    from efficient_attn_tasks.bench.train_report import report
-
+    once more: its re-check bounds the drift between points compared in the same run); write the rows
+    to the CSV ``path`` and return them (the report is :func:`efficient_attn_tasks.bench.train_report.report`)."""
     series = [Series(name, cfg) for name in trainable(names)]
     reference = next((s for s in series if s.name == REFERENCE), None)
 
@@ -298,10 +300,9 @@ def run(names: list[str], cfg: dict[str, Any], machine: str, slug: str, out: Pat
             reference.recheck(measured[series.index(reference)])
 
     rows = by_length([s.points() for s in series], cfg["lengths"], recheck)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"train_{slug}.csv", out / f"train_{slug}.png", out / f"train_summary_{slug}.md"]
-    with open(paths[0], "w", newline="") as f:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(row | {"machine": machine} for row in rows)
-    return paths[:1] + report(rows, cfg, machine, paths[1], paths[2])
+    return rows

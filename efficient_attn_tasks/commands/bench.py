@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from efficient_attn_tasks.bench import train as bench_train
-from efficient_attn_tasks.bench.kernels import DTYPES
+from efficient_attn_tasks.bench.points import DTYPES
 from efficient_attn_tasks.commands.cli import parser as cli_parser
 from efficient_attn_tasks.commands.cli import run_command
 
