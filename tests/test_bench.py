@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from efficient_attn_tasks.commands import bench
 from efficient_attn_tasks.bench import report as bench_report
 from efficient_attn_tasks.bench.report import crossover
+from efficient_attn_tasks.commands import bench
 
 
 @pytest.mark.slow

@@ -11,16 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from efficient_attn_tasks.bench import kernels
+from efficient_attn.attention.base import Attention
+from efficient_attn.transformer import AttentionSpec, TransformerConfig, TransformerLM
 from efficient_attn_tasks.bench import decode as bench_decode
 from efficient_attn_tasks.bench import gpu as bench_gpu
-from efficient_attn_tasks.commands import bench
-from efficient_attn_tasks.commands import gpu_bench
+from efficient_attn_tasks.bench import kernels
 from efficient_attn_tasks.bench import train_report as bench_train_report
-from efficient_attn.attention.base import Attention
 from efficient_attn_tasks.bench.sdpa import sdpa_unavailable
 from efficient_attn_tasks.bench.train import PROFILE_STEPS, AttentionClock, run_train_point
-from efficient_attn.transformer import AttentionSpec, TransformerConfig, TransformerLM
+from efficient_attn_tasks.commands import bench, gpu_bench
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -219,8 +218,11 @@ def test_gpu_plan_covers_both_dtypes_all_modes_and_every_run_parses():
     assert sum(share for *_, share in runs) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("argv, message", [(["--device", "cpu"], "add --quick"),
-                                           (["--device", "cpu", "--quick", "--attentions", "sofmax"], "'sofmax' is not")])
+REFUSED = [(["--device", "cpu"], "add --quick"),
+           (["--device", "cpu", "--quick", "--attentions", "sofmax"], "'sofmax' is not")]
+
+
+@pytest.mark.parametrize("argv, message", REFUSED)
 def test_gpu_script_refuses_before_running(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit:
         gpu_bench.main([*argv, "--out", str(tmp_path)])

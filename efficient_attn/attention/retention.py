@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.numerics import upcast
+from ..ops.numerics import upcast, upcast_call
 from ..registry import register_attention
 from .base import Attention, check_inputs, check_step
 
@@ -62,12 +62,11 @@ class RetentionAttention(Attention):
         self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool
     ) -> Tensor:
         # causal=False and S ≠ L were refused by the base class; padded k, v are zero already
-        out_dtype = v.dtype
-        with torch.autocast(q.device.type, enabled=False):
-            q, k, v = upcast(q, k, v)
-            log_gamma = self.log_gammas(q.dtype, q.device)  # (H,)
-            out = chunked_retention(q * self.scale, k, v, log_gamma, self.chunk_size)  # (B, H, L, Dv)
-        return out.to(out_dtype)
+        return upcast_call(self._retain, q, k, v)
+
+    def _retain(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        log_gamma = self.log_gammas(q.dtype, q.device)  # (H,)
+        return chunked_retention(q * self.scale, k, v, log_gamma, self.chunk_size)  # (B, H, L, Dv)
 
     def prefill(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
         """The recurrent state after positions 0..t−1 in one product: S = Σ_j γ^{t−1−j} k_jᵀ v_j."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.numerics import upcast
+from ..ops.numerics import upcast, upcast_call
 from ..registry import register_attention
 from .base import Attention, check_inputs, check_step
 
@@ -41,11 +41,7 @@ class SlidingWindowAttention(Attention):
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool
     ) -> Tensor:
-        out_dtype = v.dtype
-        with torch.autocast(q.device.type, enabled=False):
-            q, k, v = upcast(q, k, v)
-            out = banded_softmax_attention(q, k, v, key_padding_mask, causal, self.window, self.scale)
-        return out.to(out_dtype)
+        return upcast_call(banded_softmax_attention, q, k, v, key_padding_mask, causal, self.window, self.scale)
 
     def prefill(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
         """The decoding state after positions 0..t−1: the last w keys/values, as stepping keeps them."""

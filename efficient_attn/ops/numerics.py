@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -13,6 +15,13 @@ def upcast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v in float32 (float64 stays float64)."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def upcast_call(fn: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor, *args: Any) -> Tensor:
+    """fn(q, k, v, *args) on :func:`upcast` inputs with autocast off; the result in v's dtype."""
+    with torch.autocast(q.device.type, enabled=False):
+        out = fn(*upcast(q, k, v), *args)
+    return out.to(v.dtype)
 
 
 def upcast_with_ones(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:

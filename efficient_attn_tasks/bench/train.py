@@ -19,17 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from efficient_attn_tasks.bench.points import (
-    DTYPES,
-    by_length,
-    estimate_bytes,
-    next_stop,
-    not_applicable,
-    not_run,
-    rss_mib,
-    run_subprocess,
-    time_left,
-)
+from efficient_attn_tasks.bench import points
 from efficient_attn_tasks.bench.sdpa import SDPA_BACKENDS, sdpa_backend, sdpa_unavailable
 
 VOCAB = 256  # byte-level tokens
@@ -161,7 +151,7 @@ def run_train_point(spec: dict[str, Any]) -> dict[str, Any]:
     gen = torch.Generator(device=device).manual_seed(0)
     tokens = torch.randint(0, VOCAB, (batch, length + 1), generator=gen, device=device)  # (B, L + 1)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, L) each
-    dtype = getattr(torch, DTYPES[spec["dtype"]])
+    dtype = getattr(torch, points.DTYPES[spec["dtype"]])
     mixed = dtype != torch.float32  # bf16/fp16: autocast over fp32 weights and AdamW (mixed precision)
 
     def sync() -> None:
@@ -184,7 +174,7 @@ def run_train_point(spec: dict[str, Any]) -> dict[str, Any]:
     if cuda:
         sync()
         torch.cuda.reset_peak_memory_stats()
-    base_rss = rss_mib()
+    base_rss = points.rss_mib()
     for _ in range(spec["warmup"]):
         step()
     times = []
@@ -225,7 +215,7 @@ class Series:
         self.name, self.cfg = name, cfg
         self.core = "softmax" if name in SDPA_BACKENDS else name
         self.features = cfg["num_features"] if "num_features" in ea.attention_options(self.core) else None
-        self.reason = sdpa_unavailable(name, cfg["device"], cfg["dtype"]) or not_applicable(self.core, "causal")
+        self.reason = sdpa_unavailable(name, cfg["device"], cfg["dtype"]) or points.not_applicable(self.core, "causal")
         self.stop: str | None = None
         self.last: tuple[int, float] | None = None  # (L, seconds per step) of the last measured point
         self.runs = cfg["warmup"] + cfg["steps"] + PROFILE_STEPS  # steps a point's worker runs
@@ -241,16 +231,16 @@ class Series:
     def measure(self, length: int) -> dict[str, Any]:
         """Run (or skip) the point at ``length``; return its CSV row."""
         cfg, spec, runs = self.cfg, self.spec(length), self.runs
-        estimate = estimate_bytes(self.core, length, spec)
+        estimate = points.estimate_bytes(self.core, length, spec)
         step = self.last[1] * length / self.last[0] if self.last else 0.0  # predicted seconds per step
-        limit = time_left(cfg)
-        result = not_run(self.reason, self.stop, limit, cfg["device"], estimate and estimate * cfg["layers"],
+        limit = points.time_left(cfg)
+        result = points.not_run(self.reason, self.stop, limit, cfg["device"], estimate and estimate * cfg["layers"],
                          step * runs, f"predicted {step:.1f} s per step x {runs} > time limit")
         if result is None:
-            result = run_subprocess(spec, limit)
+            result = points.run_subprocess(spec, limit)
         if result["status"] == "ok":
             self.last = (length, result["time_s"])
-        self.stop = next_stop(result, self.stop, length)
+        self.stop = points.next_stop(result, self.stop, length)
         row = {key: spec.get(key, cfg.get(key)) for key in FIELDS} | {key: result.get(key) for key in FIELDS
                                                                        if key in result}
         shown = f"{result['tokens_per_s']:.0f} tok/s, attention {result['attention_share']:.0%}" \
@@ -266,10 +256,10 @@ class Series:
     def recheck(self, row: dict[str, Any]) -> None:
         """Measure ``row``'s point again (after the other attentions at that L) into ``recheck_tokens_per_s``:
         how far the machine's speed drifted while the others ran."""
-        limit = time_left(self.cfg)
+        limit = points.time_left(self.cfg)
         if row["status"] != "ok" or limit < 2 * row["time_s"] * self.runs:
             return
-        result = run_subprocess(self.spec(row["L"]), limit)
+        result = points.run_subprocess(self.spec(row["L"]), limit)
         if result["status"] == "ok":
             row["recheck_tokens_per_s"] = result["tokens_per_s"]
             print(f"  {self.name:<18} re-check  L={row['L']:<6} ok       {result['tokens_per_s']:.0f} tok/s "
@@ -299,7 +289,7 @@ def run(names: list[str], cfg: dict[str, Any], machine: str, path: Path) -> list
         if reference is not None and len(series) > 1:
             reference.recheck(measured[series.index(reference)])
 
-    rows = by_length([s.points() for s in series], cfg["lengths"], recheck)
+    rows = points.by_length([s.points() for s in series], cfg["lengths"], recheck)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
