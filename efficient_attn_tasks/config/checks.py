@@ -29,8 +29,8 @@ from efficient_attn_tasks.tasks import task_module
 
 # Start-up stays light: --help and the checks of the top-level, optim, trainer and logger sections load
 # neither torch nor Lightning (tests/test_cli.py); the task's module loads them, W&B loads when a run starts.
-TOP_LEVEL = {"seed", "name", "row", "data_dir", "cache_dir", "ckpt_path", "checkpoint_every", "test", "threads",
-             "nonfinite", "imports", "optim", "task", "attention", "model", "trainer", "logger", "callbacks"}
+TOP_LEVEL = {"seed", "name", "row", "data_dir", "cache_dir", "ckpt_path", "overwrite", "checkpoint_every", "test",
+             "threads", "nonfinite", "imports", "optim", "task", "attention", "model", "trainer", "logger", "callbacks"}
 CONFIG_DIR = str(config_dir())
 LOGGER_KEYS = {  # efficient_attn_tasks/run/loggers.py builds them
     "wandb": {"kind", "project", "entity", "mode", "init_timeout", "log_model"},

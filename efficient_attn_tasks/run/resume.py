@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from efficient_attn_tasks.config.checks import ConfigError
+from efficient_attn_tasks.run.lock import RUN_LOCK
 from efficient_attn_tasks.run.record import RESULTS_JSON, record_status
 
 
@@ -69,6 +70,7 @@ def remove_unstarted_run_dir(out_dir: Path) -> bool:
 
 
 def _unstarted(entry: Path) -> bool:
-    """What a run dir holds before its run writes anything: Hydra's files, or the failed record of that run."""
-    return entry.name == ".hydra" or (entry.suffix == ".log" and entry.is_file()) or \
+    """What a run dir holds before its run writes anything: Hydra's files, the run's lock, or the failed
+    record of that run."""
+    return entry.name in (".hydra", RUN_LOCK) or (entry.suffix == ".log" and entry.is_file()) or \
         (entry.name == RESULTS_JSON and record_status(entry) == "failed")

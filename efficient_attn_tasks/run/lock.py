@@ -1,0 +1,130 @@
+"""Who may use a single run's dir: one live run at a time (:func:`hold_run_dir`, an ``fcntl.flock`` on
+``<run dir>/.run.lock`` held for the run's life), and a new run only where no earlier run left its records
+(:func:`earlier_run`) unless it resumes that run (``ckpt_path=last`` or a checkpoint inside the dir) or
+says ``overwrite=true`` (:func:`clear_run` removes the earlier run's outputs). :class:`RunDirGuard`, a Hydra
+callback of configs/train.yaml, applies both before Hydra writes ``.hydra/`` into the dir.
+
+In DDP only the launching process (rank 0) holds the lock: the processes Lightning starts for the other ranks
+run the same command in the same dir. Multirun job dirs are not guarded (a sweep dir is new, or is resumed
+with ``ckpt_path=last``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from efficient_attn_tasks.run.record import RESULTS_JSON, record_status
+
+RUN_LOCK = ".run.lock"
+# what a run writes into its dir besides Hydra's .hydra/ and log (commands/train.py, run/loggers.py, run/curves.py)
+RUN_OUTPUTS = (RESULTS_JSON, "checkpoints", "curves.csv", "curves.png", "test_hypotheses.txt", "metrics.csv",
+               "hparams.yaml", "wandb", "wandb_id")
+
+
+class RunDirBusy(RuntimeError):
+    """Another live run holds the run dir's lock."""
+
+
+def hold_run_dir(run_dir: Path) -> IO[str]:
+    """Lock ``run_dir`` for this process (created if missing): the open lock file, which holds the lock
+    until it is closed or the process ends. Raises :class:`RunDirBusy` at once if another run holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir / RUN_LOCK, "a+")  # noqa: SIM115 - held open for the run's life
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        pid = lock.read().strip() or "?"
+        lock.close()
+        raise RunDirBusy(f"run dir {run_dir} is in use by another run (pid {pid})") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def earlier_run(run_dir: Path) -> str | None:
+    """What in ``run_dir`` shows an earlier run that trained ("results.json", "checkpoints/"), else None.
+    A failed record with no checkpoint (a run stopped before it trained) is no such run: a new run replaces it."""
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        return "checkpoints/"
+    if (run_dir / RESULTS_JSON).is_file() and record_status(run_dir / RESULTS_JSON) != "failed":
+        return RESULTS_JSON
+    return None
+
+
+def resumes(ckpt_path: str | None, run_dir: Path) -> bool:
+    """Whether ``ckpt_path`` continues the run of ``run_dir``: ``last``, or a checkpoint file inside it."""
+    if ckpt_path is None:
+        return False
+    if str(ckpt_path) == "last":
+        return True
+    return run_dir.resolve() in Path(str(ckpt_path)).resolve().parents
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove the outputs of an earlier run (:data:`RUN_OUTPUTS`) from ``run_dir``; anything else stays."""
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def claim_run_dir(run_dir: Path, ckpt_path: str | None, overwrite: bool) -> IO[str]:
+    """Lock ``run_dir`` (:func:`hold_run_dir`) and check that this run may use it: an earlier run's dir only
+    to resume it or with ``overwrite`` (which clears it first). Raises :class:`RunDirBusy` or ValueError
+    with the message for the user; returns the held lock."""
+    if overwrite and str(ckpt_path) == "last":
+        raise ValueError("overwrite=true and ckpt_path=last contradict each other; give one of them")
+    lock = hold_run_dir(run_dir)
+    found = earlier_run(run_dir)
+    if found and not resumes(ckpt_path, run_dir):
+        if not overwrite:
+            lock.close()
+            raise ValueError(f"run dir {run_dir} holds an earlier run ({found}); resume it with ckpt_path=last, "
+                             "replace it with overwrite=true, or choose another hydra.run.dir")
+        clear_run(run_dir)
+    return lock
+
+
+def launching_process() -> bool:
+    """False in the processes a DDP launcher started for ranks other than 0 (RANK or LOCAL_RANK set, not 0)."""
+    return all(os.environ.get(var, "0") == "0" for var in ("RANK", "LOCAL_RANK"))
+
+
+class RunDirGuard(Callback):
+    """Hydra callback of a single run (configs/train.yaml): :func:`claim_run_dir` on ``hydra.run.dir``
+    before Hydra writes into it; a refusal prints one ``error: ...`` line and exits 2. The lock is held
+    until the run ends."""
+
+    def __init__(self) -> None:
+        self.lock: IO[str] | None = None
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not launching_process():
+            return
+        HydraConfig.instance().set_config(config)  # as Hydra resolves the run dir (hydra.core.utils.run_job)
+        run_dir = Path(os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir"))))
+        try:
+            self.lock = claim_run_dir(run_dir, config.get("ckpt_path"), bool(config.get("overwrite")))
+        except (RunDirBusy, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
