@@ -440,7 +440,8 @@ def test_every_multirun_ends_with_the_summary():
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("train", overrides=overrides, return_hydra_config=True)
         targets = [c._target_ for c in cfg.hydra.callbacks.values()]
-        assert targets == ["efficient_attn_tasks.commands.train.RunSummary"], overrides
+        assert targets == ["efficient_attn_tasks.run.lock.RunDirGuard",
+                           "efficient_attn_tasks.commands.train.RunSummary"], overrides
 
 
 def test_multirun_summary_splits_rows_by_other_swept_values(tmp_path, capsys):
