@@ -1,0 +1,60 @@
+"""Ctrl-C on a real training run: it saves last.ckpt at the end of its step, writes an interrupted record, says
+in one line where it saved and how to resume, exits 130; the printed command finishes the same run."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from efficient_attn_tasks.run.record import RESULTS_JSON, RunRecord
+from tests.helpers import TINY_LISTOPS
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, "-m", "efficient_attn_tasks.commands.train"]
+STEPS, BATCHES = 200, 20  # 20 batches an epoch: Ctrl-C lands mid-epoch
+OVERRIDES = ["task=listops", "model=tiny", "logger=none", *TINY_LISTOPS, f"task.train_size={16 * BATCHES}",
+             "trainer.max_epochs=-1", f"trainer.max_steps={STEPS}", "trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_step_reached_records_it_and_the_printed_command_finishes_the_run(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled",
+           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out, err = (tmp_path / "stdout.txt").open("w+"), (tmp_path / "stderr.txt").open("w+")
+    proc = subprocess.Popen([*TRAIN, *OVERRIDES], cwd=tmp_path, env=env, stdout=out, stderr=err, text=True)
+    start = time.monotonic()
+    while "epoch 1" not in (tmp_path / "stdout.txt").read_text() and time.monotonic() - start < 120:
+        assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, (tmp_path / "stderr.txt").read_text()
+    lines = (tmp_path / "stderr.txt").read_text().splitlines()
+    said = [ln for ln in lines if ln.startswith("interrupted at step")]
+    assert len(said) == 1, lines
+
+    (run_dir,) = [p.parent for p in tmp_path.glob("outputs/*/*/.hydra")]
+    record = RunRecord.read(run_dir / RESULTS_JSON)
+    assert record.status == "interrupted" and record.stopped and record.metrics is None
+    assert BATCHES <= record.steps < STEPS and record.error.type == "KeyboardInterrupt"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert said[0].startswith(f"interrupted at step {record.steps} by SIGINT; saved {last}; resume with: ")
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    position = ckpt["data_position"]  # saved at the end of a step: the batches it trained, no more
+    assert ckpt["global_step"] == record.steps == position["epoch"] * BATCHES + position["batches"]
+
+    command = shlex.split(said[0].split("resume with: ", 1)[1])
+    assert command[0] == "efficient-attn-train" and command[1:] == [*OVERRIDES, "ckpt_path=last"]
+    second = subprocess.run([*TRAIN, *command[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    finished = RunRecord.read(run_dir / RESULTS_JSON)
+    assert finished.status == "ok" and finished.steps == STEPS and finished.resumed_from == str(last)
+    assert len(list(tmp_path.glob("outputs/*/*/.hydra"))) == 1  # the same run dir, continued
