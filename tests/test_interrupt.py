@@ -3,6 +3,7 @@ in one line where it saved and how to resume, exits 130; the printed command fin
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -14,7 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from efficient_attn_tasks.run.record import RESULTS_JSON, RunRecord
+from efficient_attn_tasks.commands import report
+from efficient_attn_tasks.commands.train import interrupt_signal, resume_command
+from efficient_attn_tasks.report.runs import find_runs
+from efficient_attn_tasks.run.record import RESULTS_JSON, RunError, RunRecord
+from efficient_attn_tasks.run.resume import remove_unstarted_run_dir, resume_checkpoint
 from tests.helpers import TINY_LISTOPS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,3 +63,57 @@ def test_ctrl_c_saves_the_step_reached_records_it_and_the_printed_command_finish
     finished = RunRecord.read(run_dir / RESULTS_JSON)
     assert finished.status == "ok" and finished.steps == STEPS and finished.resumed_from == str(last)
     assert len(list(tmp_path.glob("outputs/*/*/.hydra"))) == 1  # the same run dir, continued
+
+
+def interrupted_record(steps: int = 7) -> RunRecord:
+    return RunRecord(name="listops", task="listops", attention="softmax", seed=0, status="interrupted",
+                     error=RunError("KeyboardInterrupt", f"interrupted at step {steps} by SIGINT; saved last.ckpt"),
+                     steps=steps, wall_time_s=1.0)
+
+
+def test_an_interrupted_record_reads_back_as_a_stopped_run_without_metrics():
+    record = interrupted_record()
+    saved = json.loads(record.to_json())
+    assert saved["status"] == "interrupted" and "metrics" not in saved and saved["steps"] == 7
+    back = RunRecord.from_json(record.to_json())
+    assert back == record and back.stopped and not back.failed and back.metrics is None
+    assert RunRecord.from_json({"status": "interrupted"}).steps == 0  # hand-written: stopped before training
+
+
+def test_ckpt_path_last_continues_an_interrupted_run_and_the_report_lists_it_unaveraged(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
+    interrupted_record().write(run_dir / RESULTS_JSON)
+    assert resume_checkpoint("last", run_dir) == str(run_dir / "checkpoints" / "last.ckpt")
+    records, missing, stopped = find_runs([tmp_path])
+    assert records == [] and missing == [] and [r["status"] for r in stopped] == ["interrupted"]
+    report.main([str(tmp_path), "--rows", "attention"])
+    assert f"| {run_dir} (interrupted at step 7: KeyboardInterrupt: interrupted at step 7 by SIGINT" in \
+        capsys.readouterr().out
+    assert remove_unstarted_run_dir(run_dir) is False  # an interrupted run keeps its dir
+
+
+def test_the_signal_behind_a_stop_and_the_command_that_resumes(tmp_path):
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit(1)  # as Lightning exits after handling Ctrl-C
+    except SystemExit as err:
+        assert interrupt_signal(err) == signal.SIGINT
+    assert interrupt_signal(KeyboardInterrupt()) == signal.SIGINT
+    assert interrupt_signal(SIGTERMException()) == signal.SIGTERM
+    assert interrupt_signal(SystemExit(1)) is None and interrupt_signal(ValueError()) is None
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert resume_command(["task=listops", "callbacks=[ema,lr_monitor]", "ckpt_path=x.ckpt"], tmp_path, None) == \
+        "efficient-attn-train task=listops 'callbacks=[ema,lr_monitor]' ckpt_path=last"
+    assert resume_command(["-m", "seed=0,1"], tmp_path / "0", tmp_path) == \
+        f"efficient-attn-train -m seed=0,1 hydra.sweep.dir={tmp_path} ckpt_path=last"
+    assert resume_command(["task=mqar"], tmp_path / "new", None) == \
+        f"efficient-attn-train task=mqar hydra.run.dir={tmp_path / 'new'} ckpt_path=last"  # no last.ckpt: this dir
