@@ -18,6 +18,7 @@ import torch
 from efficient_attn_tasks.commands import report
 from efficient_attn_tasks.commands.train import interrupt_signal, resume_command
 from efficient_attn_tasks.report.runs import find_runs
+from efficient_attn_tasks.report.summary import summarize
 from efficient_attn_tasks.run.record import RESULTS_JSON, RunError, RunRecord
 from efficient_attn_tasks.run.resume import remove_unstarted_run_dir, resume_checkpoint
 from tests.helpers import TINY_LISTOPS
@@ -92,6 +93,8 @@ def test_ckpt_path_last_continues_an_interrupted_run_and_the_report_lists_it_una
     report.main([str(tmp_path), "--rows", "attention"])
     assert f"| {run_dir} (interrupted at step 7: KeyboardInterrupt: interrupted at step 7 by SIGINT" in \
         capsys.readouterr().out
+    text, unfinished = summarize(tmp_path)  # the sweep summary
+    assert unfinished == 1 and "(interrupted at step 7" in text and "results.json status interrupted;" in text
     assert remove_unstarted_run_dir(run_dir) is False  # an interrupted run keeps its dir
 
 

@@ -139,8 +139,9 @@ def summarize(sweep_dir: Path | str) -> tuple[str, int]:
     lines = [count, markdown(header, body).rstrip(),
              "main metric: mean ± 95% CI over the row's runs (seeds), n of them; tokens/s, peak MiB, wall s: means"]
     if errors:
-        lines.append("Failed jobs (results.json status failed or interrupted; ckpt_path=last with the same "
-                     "hydra.sweep.dir runs them again):")
+        statuses = " or ".join(sorted({job["status"] for job in errors}))  # failed, interrupted
+        lines.append(f"Failed jobs (results.json status {statuses}; ckpt_path=last with the same hydra.sweep.dir "
+                     "runs them again):")
         lines += [f"  {job['dir']}: {job['error']}" for job in sorted(errors, key=_launch_order)]
     lines.append(f"Full table (every metric): {report_command(sweep_dir, records, keys)}")
     return "\n".join(lines), len(failed)
