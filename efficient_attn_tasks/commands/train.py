@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import shlex
+import signal
 import sys
 import time
 import traceback
@@ -25,6 +27,7 @@ from efficient_attn_tasks.run.record import (
     RESULTS_JSON,
     Attempt,
     RunRecord,
+    rank_zero,
     record_status,
     reset_peak_memory,
     run_record,
@@ -44,8 +47,10 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = (),
     """Train, test the best checkpoint, write results.json (``"status": "ok"``); returns the record.
 
     ``ckpt_path=last`` resumes from ``<out_dir>/checkpoints/last.ckpt`` (same W&B run id, same results.json);
-    a run dir whose record says ok is not run again, one whose record says failed is. A run that raises first
-    writes its failed record, so a sweep shows which job failed, where and why. ``callbacks`` (e.g. from tests)
+    a run dir whose record says ok is not run again, one whose record says failed or interrupted is. A run that
+    raises first writes its failed record, so a sweep shows which job failed, where and why; one stopped by
+    Ctrl-C or SIGTERM saves last.ckpt at the end of its step (SaveOnInterrupt), writes its interrupted record and
+    raises on (:func:`interrupt_signal` names the signal). ``callbacks`` (e.g. from tests)
     join the app's own and the ``callbacks`` group's; ``plugins`` go to the Trainer (e.g. fp16 AMP with a
     gradient scaler on CPU, with ``trainer.precision=null``: ``16-mixed`` means bf16 there).
     """
@@ -55,6 +60,47 @@ def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = (),
     except Exception as err:
         write_failed_record(cfg, out_dir, err, attempt)
         raise
+    except (KeyboardInterrupt, SystemExit) as err:
+        stop = interrupt_signal(err)
+        if stop is not None:
+            saved = saved_step(attempt.trainer)
+            what = f"interrupted at step {attempt.step} by {stop.name}; " + \
+                (f"saved {out_dir / 'checkpoints' / 'last.ckpt'}" if saved is not None else "no checkpoint saved")
+            kind = KeyboardInterrupt if stop == signal.SIGINT else type(err)
+            write_failed_record(cfg, out_dir, kind(what), attempt, status="interrupted")
+        raise
+
+
+def interrupt_signal(err: BaseException) -> signal.Signals | None:
+    """The signal behind an exception that ends a run: SIGTERM (Lightning's SIGTERMException), SIGINT (a
+    KeyboardInterrupt, or the exit Lightning makes after handling one), else None."""
+    if type(err).__name__ == "SIGTERMException":  # Lightning's, raised at the end of the step after SIGTERM
+        return signal.SIGTERM
+    if isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit) and
+                                              isinstance(err.__context__, KeyboardInterrupt)):
+        return signal.SIGINT
+    return None
+
+
+def saved_step(trainer: pl.Trainer | None) -> int | None:
+    """The step at which the trainer's SaveOnInterrupt saved last.ckpt; None when it saved none."""
+    for callback in getattr(trainer, "callbacks", None) or []:
+        if hasattr(callback, "saved_step") and callback.saved_step is not None:
+            return int(callback.saved_step)
+    return None
+
+
+def resume_command(argv: Sequence[str], out_dir: Path, sweep_dir: Path | None) -> str:
+    """The command that continues an interrupted run: ``argv`` (this command's arguments, with the run dir
+    ``main`` found when it resumed) with ``ckpt_path=last``; a multirun keeps its ``hydra.sweep.dir``, a run with
+    no last.ckpt names its run dir (``ckpt_path=last`` then starts it again there)."""
+    args = [a for a in argv if not a.startswith("ckpt_path=")]
+    if sweep_dir is not None and not any(a.startswith("hydra.sweep.dir=") for a in args):
+        args.append(f"hydra.sweep.dir={sweep_dir}")
+    elif sweep_dir is None and not any(a.startswith("hydra.run.dir=") for a in args) and \
+            not (out_dir / "checkpoints" / "last.ckpt").is_file():
+        args.append(f"hydra.run.dir={out_dir}")
+    return shlex.join(["efficient-attn-train", *args, "ckpt_path=last"])
 
 
 def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plugins: Sequence[Any],
@@ -98,7 +144,7 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
     pl.seed_everything(cfg.seed, workers=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if record_status(out_dir / RESULTS_JSON) == "failed":  # an earlier attempt's: this one runs it again
+    if record_status(out_dir / RESULTS_JSON) in RunRecord.STOPPED:  # an earlier attempt's: this one runs it again
         (out_dir / RESULTS_JSON).unlink(missing_ok=True)
     reset_peak_memory()
     try:
@@ -264,10 +310,18 @@ def _app(cfg: DictConfig) -> None:
         if not isinstance(err, FloatingPointError):
             remove_unstarted_run_dir(out_dir)
         sys.exit(2)
-    except SystemExit as err:
-        if type(err).__name__ == "SIGTERMException":  # Lightning's, raised at the end of the step after SIGTERM
-            sys.exit(143)  # 128 + SIGTERM; last.ckpt was saved
-        raise
+    except (KeyboardInterrupt, SystemExit) as err:  # Ctrl-C, SIGTERM: the run saved last.ckpt and its record
+        stop = interrupt_signal(err)
+        if stop is None:
+            raise
+        if rank_zero():
+            results = out_dir / RESULTS_JSON
+            what = RunRecord.read(results).error.message if record_status(results) == "interrupted" else \
+                f"interrupted by {stop.name}"
+            sweep_dir = Path(HydraConfig.get().sweep.dir) if sweep else None
+            print(f"{what}; resume with: {resume_command(sys.argv[1:], out_dir, sweep_dir)}",
+                  file=sys.stderr)
+        sys.exit(128 + stop)  # 130 after Ctrl-C, 143 after SIGTERM
     except Exception:  # a bug or e.g. out of memory: the traceback, and in a sweep the next job
         if not sweep:
             raise

@@ -17,8 +17,8 @@ RESOURCES = ("num_parameters", "steps", "skipped_updates", "train_tokens_per_s",
 
 
 def find_runs(roots: list[Path]) -> tuple[list[dict[str, Any]], list[Path], list[dict[str, Any]]]:
-    """(records of finished runs, run dirs without results.json, records of failed runs); a run dir is one with
-    a .hydra/ folder."""
+    """(records of finished runs, run dirs without results.json, records of failed or interrupted runs); a run
+    dir is one with a .hydra/ folder."""
     records, missing, failed = [], [], []
     for root in roots:
         for hydra_dir in sorted(root.rglob(".hydra")):
@@ -36,20 +36,21 @@ def find_runs(roots: list[Path]) -> tuple[list[dict[str, Any]], list[Path], list
             # recorded label (the layer configs joined by "+")
             if not (record.config.get("model") or {}).get("layer_attentions"):
                 row["attention"] = record.attention_config or choices.get("attention") or record.attention
-            (failed if record.failed else records).append({**row, "_dir": str(hydra_dir.parent), "_job": job,
+            (failed if record.stopped else records).append({**row, "_dir": str(hydra_dir.parent), "_job": job,
                                                            "choices": choices})
     return records, missing, failed
 
 
 def failure(record: dict[str, Any]) -> str:
-    """A failed record's error as "Type: message"."""
+    """A failed or interrupted record's error as "Type: message"."""
     return f"{record['error']['type']}: {record['error']['message']}"
 
 
 def not_run_labels(missing: list[Path], failed: list[dict[str, Any]] | None) -> list[str]:
-    """Labels of the rows under the table: each failed run (run dir, step reached, error; "|" escaped for
-    Markdown), then each run dir without results.json."""
-    labels = [f"{r['_dir']} (failed at step {r['steps']}: {failure(r)})".replace("|", "\\|") for r in failed or []]
+    """Labels of the rows under the table: each failed or interrupted run (run dir, status, step reached, error;
+    "|" escaped for Markdown), then each run dir without results.json."""
+    labels = [f"{r['_dir']} ({r['status']} at step {r['steps']}: {failure(r)})".replace("|", "\\|")
+              for r in failed or []]
     return labels + [f"{path} (missing results.json)" for path in missing]
 
 

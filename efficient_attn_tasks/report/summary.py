@@ -88,7 +88,7 @@ def compact_table(records: list[dict[str, Any]], failed: list[dict[str, Any]],
     for job in sorted(failed, key=_launch_order):
         seed = f", seed {job['overrides']['seed']}" if "seed" in job["overrides"] else ""
         number = f", job {job['job']}" if job["job"] is not None else ""
-        what = (f"failed at step {job['steps']}{seed}{number}" if job["error"] is not None else
+        what = (f"{job['status']} at step {job['steps']}{seed}{number}" if job["error"] is not None else
                 f"no results.json{seed}{number}: failed, killed or running")
         body.append([f"{row_label(job['attention'], job['overrides'], keys)} ({what})", "0",
                      *["n/a"] * (len(header) - 2)])
@@ -101,12 +101,14 @@ def _launch_order(job: dict[str, Any]) -> tuple[bool, int, str]:
 
 def _failed_job(run_dir: Path, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """What is known of a failed job (its failed ``record``) or of one without results.json: its attention
-    config, job number, overrides, and for a failed record the error ("Type: message") and the step reached."""
+    config, job number, overrides, and for a failed or interrupted record its status, the error ("Type:
+    message") and the step reached."""
     choices, job = hydra_job(run_dir / ".hydra")
     found = overrides(run_dir)
     attention = choices.get("attention") or found.get("attention") or (record or {}).get("attention") or run_dir.name
     error = failure(record) if record is not None else None
     return {"dir": run_dir, "job": job, "overrides": found, "attention": attention, "error": error,
+            "status": record["status"] if record is not None else None,
             "steps": record["steps"] if record is not None else 0}
 
 
@@ -137,8 +139,9 @@ def summarize(sweep_dir: Path | str) -> tuple[str, int]:
     lines = [count, markdown(header, body).rstrip(),
              "main metric: mean ± 95% CI over the row's runs (seeds), n of them; tokens/s, peak MiB, wall s: means"]
     if errors:
-        lines.append("Failed jobs (results.json status failed; ckpt_path=last with the same hydra.sweep.dir runs "
-                     "them again):")
+        statuses = " or ".join(sorted({job["status"] for job in errors}))  # failed, interrupted
+        lines.append(f"Failed jobs (results.json status {statuses}; ckpt_path=last with the same hydra.sweep.dir "
+                     "runs them again):")
         lines += [f"  {job['dir']}: {job['error']}" for job in sorted(errors, key=_launch_order)]
     lines.append(f"Full table (every metric): {report_command(sweep_dir, records, keys)}")
     return "\n".join(lines), len(failed)

@@ -1,5 +1,5 @@
 """The app's own Lightning callbacks and console settings: training throughput, the non-finite guard, save on
-SIGTERM, one line per epoch, the learning curves, quiet info lines; what the optional callbacks
+Ctrl-C or SIGTERM, one line per epoch, the learning curves, quiet info lines; what the optional callbacks
 (configs/callbacks/) need from the app.
 
 Imported by :func:`efficient_attn_tasks.commands.train.run` only when a run starts (it loads Lightning), never
@@ -9,7 +9,9 @@ by ``--help`` or the config checks.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -85,21 +87,62 @@ class ValidateAtMaxSteps(pl.Callback):
 
 
 class SaveOnInterrupt(pl.Callback):
-    """On SIGTERM (Lightning stops at the end of the current step), save ``last.ckpt`` first.
+    """On Ctrl-C (SIGINT) or SIGTERM, stop at the end of the current step (or validation batch) and save
+    ``last.ckpt`` there; ``saved_step`` is then that step. The caller writes the interrupted record and says how
+    to resume (efficient_attn_tasks/commands/train.py).
 
-    SIGKILL cannot be caught: such a run resumes from the last periodic (``checkpoint_every``) or
-    validation checkpoint.
+    SIGTERM is Lightning's (its SIGTERMException). SIGINT: during fit this callback's handler only asks for the
+    stop (a checkpoint saved mid-step would not match its data position); the step then ends with a
+    KeyboardInterrupt that Lightning hands to ``on_exception``. A second Ctrl-C interrupts at once (Python's
+    default handler is back), still saving. SIGKILL cannot be caught: such a run resumes from the last periodic
+    (``checkpoint_every``) or validation checkpoint.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.saved_step: int | None = None
+        self._requested = False
+        self._previous: Any = None  # the SIGINT handler before fit; None when this callback installed none
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._requested = False
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self._requested = True
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._previous is not None and signal.getsignal(signal.SIGINT) == self._on_sigint:
+            signal.signal(signal.SIGINT, self._previous)
+        self._previous = None
+
+    def _stop_if_requested(self, trainer: pl.Trainer) -> None:
+        requested = self._requested
+        if world_size() > 1:  # every process stops at the same step, as with Lightning's SIGTERM
+            flag = torch.tensor([float(requested)], device=trainer.strategy.root_device)
+            requested = bool(all_gather_stack(flag).max() > 0)
+        if requested:
+            raise KeyboardInterrupt
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._stop_if_requested(trainer)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.state.fn == "fit" and world_size() == 1:  # DDP: processes may differ in validation batches
+            self._stop_if_requested(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+        self._restore()
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and trainer.state.fn == "fit":
             trainer.save_checkpoint(self.path)
-            if trainer.is_global_zero:
-                print(f"interrupted at step {trainer.global_step}; saved {self.path}; "
-                      "run the same command with ckpt_path=last to resume", file=sys.stderr)
+            self.saved_step = trainer.global_step
 
 
 class CurveLog(pl.Callback):

@@ -55,11 +55,12 @@ def hold_run_dir(run_dir: Path) -> IO[str]:
 
 def earlier_run(run_dir: Path) -> str | None:
     """What in ``run_dir`` shows an earlier run that trained ("results.json", "checkpoints/"), else None.
-    A failed record with no checkpoint (a run stopped before it trained) is no such run: a new run replaces it."""
+    A failed or interrupted record with no checkpoint (a run stopped before it saved) is no such run: a new run
+    replaces it."""
     checkpoints = run_dir / "checkpoints"
     if checkpoints.is_dir() and any(checkpoints.iterdir()):
         return "checkpoints/"
-    if (run_dir / RESULTS_JSON).is_file() and record_status(run_dir / RESULTS_JSON) != "failed":
+    if (run_dir / RESULTS_JSON).is_file() and record_status(run_dir / RESULTS_JSON) not in ("failed", "interrupted"):
         return RESULTS_JSON
     return None
 

@@ -1,6 +1,6 @@
 """A run's record, ``results.json``: :class:`RunRecord`, the one typed form every writer and reader of that file
 goes through (the trainer writes it; the report, the sweep summary, checkpoint lookup and resuming read it);
-what a finished run measured (:func:`run_record`) or who a failed run was and why it stopped
+what a finished run measured (:func:`run_record`) or who a failed or interrupted run was and why it stopped
 (:func:`failed_record`); which checkpoint the test split used, the run's one-line summary, and the memory,
 hardware and version facts every record carries.
 
@@ -29,7 +29,7 @@ RESULTS_JSON = "results.json"  # a run dir's record
 
 @dataclasses.dataclass
 class RunError:
-    """Why a failed run stopped: the exception's type name and its one-line message."""
+    """Why a failed or interrupted run stopped: the exception's type name and its one-line message."""
 
     type: str = "error"
     message: str = ""
@@ -59,8 +59,9 @@ class Metrics:
 
 @dataclasses.dataclass
 class RunRecord:
-    """One run's ``results.json``: a finished run (``status`` "ok": metrics, sizes, speed, memory, times) or a
-    failed one (``status`` "failed": ``error``, the step reached, no metrics).
+    """One run's ``results.json``: a finished run (``status`` "ok": metrics, sizes, speed, memory, times), a
+    failed one (``status`` "failed": ``error``, the step reached, no metrics) or an interrupted one (``status``
+    "interrupted": Ctrl-C or SIGTERM, as a failed one; its ``last.ckpt`` holds the step reached).
 
     :meth:`to_json` writes ``version`` (:data:`RECORD_VERSION`), then the keys of the record's status in order
     (``OK_KEYS``, ``FAILED_KEYS``; null when unset), then any other field that is set. :meth:`from_json` reads
@@ -73,7 +74,7 @@ class RunRecord:
     attention: str | None = None  # attention.name, or the model.layer_attentions joined by "+"
     attention_config: str | None = None  # the attention config file (favor_relu where attention is favor)
     seed: int | None = None
-    status: str = "ok"  # or "failed"
+    status: str = "ok"  # or "failed", "interrupted" (STOPPED)
     config: dict[str, Any] = dataclasses.field(default_factory=dict)  # resolved (as written when it cannot resolve)
     overrides: list[str] = dataclasses.field(default_factory=list)  # the Hydra job's; [] in format 1 records
     metrics: Metrics | None = None  # finished runs only
@@ -104,6 +105,7 @@ class RunRecord:
                "train_tokens_per_s", "train_tokens_per_s_scope", "peak_memory_mib", "fit_time_s", "wall_time_s",
                "hardware", "versions", "skipped_updates", "scaler_skipped_steps", "precision", "resumed_from",
                "threads")
+    STOPPED = ("failed", "interrupted")  # unfinished: no metrics; ckpt_path=last runs them again
     FAILED_KEYS = ("name", "task", "attention", "seed", "status", "error", "config", "overrides", "steps",
                    "resumed_from", "wall_time_s", "versions")
 
@@ -111,9 +113,14 @@ class RunRecord:
     def failed(self) -> bool:
         return self.status == "failed"
 
+    @property
+    def stopped(self) -> bool:
+        """Failed or interrupted: the run did not finish, has no metrics, and ``ckpt_path=last`` continues it."""
+        return self.status in self.STOPPED
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of the current format: ``version``, the status's keys, other set fields, ``extra``."""
-        keys = self.FAILED_KEYS if self.failed else self.OK_KEYS
+        keys = self.FAILED_KEYS if self.stopped else self.OK_KEYS
         fields = [f.name for f in dataclasses.fields(self) if f.name not in ("version", "extra")]
         keys = [*keys, *(k for k in fields if k not in keys and getattr(self, k) is not None)]
         out: dict[str, Any] = {"version": RECORD_VERSION}
@@ -141,11 +148,11 @@ class RunRecord:
             known["seed"] = known["config"].get("seed")
         if isinstance(known.get("metrics"), dict):
             known["metrics"] = Metrics.from_dict(known["metrics"])
-        if known["status"] == "failed" or isinstance(known.get("error"), dict):
+        if known["status"] in cls.STOPPED or isinstance(known.get("error"), dict):
             error, error_extra = _split(RunError, known.get("error") or {})
             known["error"] = RunError(**error, extra=error_extra)
-        if known["status"] == "failed":
-            known["steps"] = known.get("steps") or 0  # failed before training
+        if known["status"] in cls.STOPPED:
+            known["steps"] = known.get("steps") or 0  # stopped before training
         version = raw.get("version", 1)
         return cls(**known, version=version if isinstance(version, int) else 1, extra=extra)
 
@@ -245,10 +252,11 @@ def run_record(cfg, module, trainer, checkpoint, throughput, val, test, fit_s, w
 MESSAGE_CHARS = 1000  # a failed record's error message is cut here (an error can print a whole tensor)
 
 
-def failed_record(cfg: DictConfig, err: BaseException, attempt: Attempt) -> RunRecord:
+def failed_record(cfg: DictConfig, err: BaseException, attempt: Attempt, status: str = "failed") -> RunRecord:
     """The record of a run that raised ``err``: who it was (name, task, attention, seed, config, overrides, as
-    a finished run's record), ``"status": "failed"``, the error's type and one-line message, the step it reached
-    (0 before training), its wall time. No metrics: readers never average a failed run into a table."""
+    a finished run's record), ``status`` ("failed", or "interrupted" for Ctrl-C or SIGTERM), the error's type
+    and one-line message, the step it reached (0 before training), its wall time. No metrics: readers never
+    average a stopped run into a table."""
     from efficient_attn_tasks.config.labels import attention_label
 
     try:
@@ -265,7 +273,7 @@ def failed_record(cfg: DictConfig, err: BaseException, attempt: Attempt) -> RunR
         task=OmegaConf.select(cfg, "task.name", default=None),
         attention=attention,
         seed=OmegaConf.select(cfg, "seed", default=None),
-        status="failed",
+        status=status,
         error=RunError(type(err).__name__, message[:MESSAGE_CHARS]),
         config=config,
         overrides=job_overrides(),
@@ -276,19 +284,27 @@ def failed_record(cfg: DictConfig, err: BaseException, attempt: Attempt) -> RunR
     )
 
 
-def write_failed_record(cfg: DictConfig, out_dir: Path, err: BaseException, attempt: Attempt) -> None:
+def write_failed_record(cfg: DictConfig, out_dir: Path, err: BaseException, attempt: Attempt,
+                        status: str = "failed") -> None:
     """Write :func:`failed_record` to ``out_dir/results.json`` (rank zero only), unless that file is a finished
-    run's record (ok): a later attempt's error does not erase a result."""
-    rank_zero = attempt.trainer.is_global_zero if attempt.trainer is not None else \
-        int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
-    if not rank_zero or record_status(out_dir / RESULTS_JSON) == "ok":
+    run's record (ok): a later attempt's error or interrupt does not erase a result."""
+    if not rank_zero(attempt.trainer) or record_status(out_dir / RESULTS_JSON) == "ok":
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    failed_record(cfg, err, attempt).write(out_dir / RESULTS_JSON)
+    failed_record(cfg, err, attempt, status).write(out_dir / RESULTS_JSON)
+
+
+def rank_zero(trainer: Any = None) -> bool:
+    """Whether this process is the run's first (writes the record): the trainer's word once it exists, else
+    the launcher's environment (LOCAL_RANK, NODE_RANK)."""
+    if trainer is not None:
+        return bool(trainer.is_global_zero)
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
 def record_status(path: Path) -> str | None:
-    """A results.json's ``status``: "ok" or "failed" (:meth:`RunRecord.from_json`: format 1 records are ok);
+    """A results.json's ``status``: "ok", "failed" or "interrupted" (:meth:`RunRecord.from_json`: format 1
+    records are ok);
     None when there is no such file or it cannot be read (a run killed while writing it)."""
     try:
         return RunRecord.read(path).status
