@@ -18,7 +18,7 @@ from efficient_attn.analysis.approx import (
     sample_qkv,
 )
 from efficient_attn_tasks.commands import approx
-from efficient_attn_tasks.commands.train import run
+from efficient_attn_tasks.run.fit import run
 from tests.helpers import tiny_cfg
 
 POSITIVE_ORTH, POSITIVE_IID = ESTIMATORS[0], ESTIMATORS[1]

@@ -14,8 +14,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, EMAWeightAveraging
 
-from efficient_attn_tasks.commands.train import CONFIG_DIR, ConfigError, check_config, run
+from efficient_attn_tasks.config.checks import CONFIG_DIR, ConfigError, check_config
 from efficient_attn_tasks.run import loggers
+from efficient_attn_tasks.run.fit import run
 from efficient_attn_tasks.run.record import RunRecord
 from tests.helpers import config, config_files, tiny_cfg
 

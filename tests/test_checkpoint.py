@@ -15,9 +15,9 @@ import torch
 from omegaconf import OmegaConf
 
 from efficient_attn_tasks.commands import evaluate, generate, translate
-from efficient_attn_tasks.commands.train import run
 from efficient_attn_tasks.inference import checkpoint
 from efficient_attn_tasks.inference import evaluate as scoring
+from efficient_attn_tasks.run.fit import run
 from efficient_attn_tasks.run.record import RunRecord
 from efficient_attn_tasks.tasks import listops, lm, translation
 from tests.helpers import config, tiny_overrides

@@ -22,11 +22,12 @@ from scipy import stats as scipy_stats
 
 from efficient_attn_tasks.commands import approx, bench, evaluate, generate, report, translate
 from efficient_attn_tasks.commands.cli import HelpFormatter
-from efficient_attn_tasks.commands.train import RunSummary, default_threads, run
+from efficient_attn_tasks.commands.train import RunSummary
 from efficient_attn_tasks.config.checks import CONFIG_DIR, trainer_arguments
 from efficient_attn_tasks.report.stats import as_number
 from efficient_attn_tasks.report.summary import summarize, summary
 from efficient_attn_tasks.run.callbacks import progress_bar
+from efficient_attn_tasks.run.fit import default_threads, run
 from efficient_attn_tasks.run.record import RunRecord
 from efficient_attn_tasks.run.resume import remove_unstarted_run_dir
 from efficient_attn_tasks.tasks import data, translation
@@ -92,7 +93,7 @@ def _check_fails(overrides: list[list[str]], then: str) -> subprocess.CompletedP
     return _fresh_python(
         "import sys\n"
         "from hydra import compose, initialize_config_dir\n"
-        "from efficient_attn_tasks.commands.train import CONFIG_DIR, ConfigError, check_config\n"
+        "from efficient_attn_tasks.config.checks import CONFIG_DIR, ConfigError, check_config\n"
         f"for overrides in {overrides!r}:\n"
         "    with initialize_config_dir(config_dir=CONFIG_DIR, version_base='1.3'):\n"
         "        cfg = compose('train', overrides=overrides)\n"
@@ -478,7 +479,7 @@ APP = """
 import os, sys
 import hydra
 from hydra.core.config_store import ConfigStore
-from efficient_attn_tasks.commands.train import default_threads, joblib_n_jobs
+from efficient_attn_tasks.run.fit import default_threads, joblib_n_jobs
 
 @hydra.main(version_base="1.3", config_path=None, config_name="cfg")
 def app(cfg):  # one file per job: parallel jobs' prints would interleave

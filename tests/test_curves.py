@@ -11,11 +11,11 @@ import pytest
 import pytorch_lightning as pl
 
 from efficient_attn_tasks.commands.report import main as report
-from efficient_attn_tasks.commands.train import draw_curves, run
 from efficient_attn_tasks.report.curve_bands import band, edges
 from efficient_attn_tasks.run import curves as curves_module
 from efficient_attn_tasks.run.callbacks import Throughput
 from efficient_attn_tasks.run.curves import plot_run, read_curves, write_curves
+from efficient_attn_tasks.run.fit import draw_curves, run
 from tests.helpers import tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from efficient_attn_tasks.commands.train import CONFIG_DIR, check_config, run
+from efficient_attn_tasks.config.checks import CONFIG_DIR, check_config
+from efficient_attn_tasks.run.fit import run
 from tests.helpers import QUIET, SHARED_DATA, config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

@@ -274,7 +274,7 @@ def test_training_app_adds_and_logs_the_distill_loss(tmp_path):
     ``train/aux_loss``, and the optimised loss is ``train/loss`` + it."""
     import pytorch_lightning as pl
 
-    from efficient_attn_tasks.commands.train import run
+    from efficient_attn_tasks.run.fit import run
 
     class Record(pl.Callback):
         def __init__(self) -> None:

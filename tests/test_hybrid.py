@@ -21,9 +21,10 @@ from efficient_attn.transformer import (
     TransformerLM,
     decode_state_size,
 )
-from efficient_attn_tasks.commands.train import ConfigError, check_config, run
+from efficient_attn_tasks.config.checks import ConfigError, check_config
 from efficient_attn_tasks.config.labels import attention_label
 from efficient_attn_tasks.config.schema import attention_spec
+from efficient_attn_tasks.run.fit import run
 from efficient_attn_tasks.run.record import RunRecord
 from tests.helpers import config, tiny_cfg
 

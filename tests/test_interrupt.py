@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from efficient_attn_tasks.commands import report
-from efficient_attn_tasks.commands.train import interrupt_signal, resume_command
+from efficient_attn_tasks.commands.train import resume_command
 from efficient_attn_tasks.report.runs import find_runs
 from efficient_attn_tasks.report.summary import summarize
+from efficient_attn_tasks.run.fit import interrupt_signal
 from efficient_attn_tasks.run.record import RESULTS_JSON, RunError, RunRecord
 from efficient_attn_tasks.run.resume import remove_unstarted_run_dir, resume_checkpoint
 from tests.helpers import TINY_LISTOPS

@@ -8,8 +8,8 @@ import pytorch_lightning as pl
 import torch
 
 from efficient_attn import create_attention, list_attentions
-from efficient_attn_tasks.commands.train import run
 from efficient_attn_tasks.config.checks import ConfigError, check_config
+from efficient_attn_tasks.run.fit import run
 from efficient_attn_tasks.run.record import RunError, RunRecord
 from efficient_attn_tasks.run.resume import resume_argv
 from efficient_attn_tasks.tasks.sampling import ShardedBatches, eval_shard, shuffled

@@ -214,7 +214,7 @@ def projection_log():
 
 @pytest.mark.usefixtures("one_thread")
 def test_lightning_redraws_at_optimizer_steps_with_gradient_accumulation(tmp_path):
-    from efficient_attn_tasks.commands.train import run
+    from efficient_attn_tasks.run.fit import run
     from tools import faults
 
     log = projection_log()

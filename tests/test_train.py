@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 import efficient_attn as ea
 from efficient_attn.attention.base import unsupported_use
 from efficient_attn.transformer import SITE_USE, AttentionSpec
-from efficient_attn_tasks.commands.train import run
 from efficient_attn_tasks.config.checks import ConfigError, check_config
 from efficient_attn_tasks.run.curves import read_curves
+from efficient_attn_tasks.run.fit import run
 from efficient_attn_tasks.run.record import RunRecord, peak_memory_mib, reset_peak_memory
 from efficient_attn_tasks.tasks import task_module, translation
 from efficient_attn_tasks.tasks.data import DataError

@@ -27,8 +27,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from efficient_attn_tasks.commands import report
-from efficient_attn_tasks.commands.train import run
 from efficient_attn_tasks.config.checks import CONFIG_DIR, ConfigError
+from efficient_attn_tasks.run.fit import run
 from efficient_attn_tasks.run.record import RESULTS_JSON, RunRecord
 from tests.helpers import tiny_overrides
 

@@ -1,93 +1,34 @@
-"""``efficient-attn-train``: the Hydra app that trains one task with one attention and records the run
-(configs/train.yaml; its ``hydra.help.template`` is ``--help``). Importing it loads neither torch nor Lightning:
-the config checks (config/checks.py) load them with the task's module, W&B when a run starts; the record is
-run/record.py, resuming run/resume.py."""
+"""``efficient-attn-train``: the Hydra app (configs/train.yaml, whose ``hydra.help.template`` is ``--help``) that
+runs each job through :func:`efficient_attn_tasks.run.fit.run`, turns its errors and interrupts into one line and an
+exit code, and ends a multirun with its summary. Importing it loads neither torch nor Lightning."""
 
 from __future__ import annotations
 
-import inspect
-import os
 import shlex
-import signal
 import sys
-import time
 import traceback
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from efficient_attn_tasks.commands.cli import bare, known_errors
-from efficient_attn_tasks.config.checks import CONFIG_DIR, ConfigError, check_config
+from efficient_attn_tasks.config.checks import CONFIG_DIR, ConfigError
+from efficient_attn_tasks.run.fit import interrupt_signal, run
 from efficient_attn_tasks.run.record import (
     RESULTS_JSON,
-    Attempt,
     RunRecord,
     rank_zero,
     record_status,
-    reset_peak_memory,
-    run_record,
-    summary_line,
-    tested_checkpoint,
-    write_failed_record,
 )
-from efficient_attn_tasks.run.resume import remove_unstarted_run_dir, resume_argv, resume_checkpoint
+from efficient_attn_tasks.run.resume import remove_unstarted_run_dir, resume_argv
 from efficient_attn_tasks.tasks.data import DataError
 
 if TYPE_CHECKING:
-    import pytorch_lightning as pl
-
-
-def run(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback] = (),
-        plugins: Sequence[Any] = ()) -> RunRecord:
-    """Train, test the best checkpoint, write results.json (``"status": "ok"``); returns the record.
-
-    ``ckpt_path=last`` resumes from ``<out_dir>/checkpoints/last.ckpt`` (same W&B run id, same results.json);
-    a run dir whose record says ok is not run again, one whose record says failed or interrupted is. A run that
-    raises first writes its failed record, so a sweep shows which job failed, where and why; one stopped by
-    Ctrl-C or SIGTERM saves last.ckpt at the end of its step (SaveOnInterrupt), writes its interrupted record and
-    raises on (:func:`interrupt_signal` names the signal). ``callbacks`` (e.g. from tests)
-    join the app's own and the ``callbacks`` group's; ``plugins`` go to the Trainer (e.g. fp16 AMP with a
-    gradient scaler on CPU, with ``trainer.precision=null``: ``16-mixed`` means bf16 there).
-    """
-    attempt = Attempt(time.perf_counter())
-    try:
-        return _train(cfg, out_dir, callbacks, plugins, attempt)
-    except Exception as err:
-        write_failed_record(cfg, out_dir, err, attempt)
-        raise
-    except (KeyboardInterrupt, SystemExit) as err:
-        stop = interrupt_signal(err)
-        if stop is not None:
-            saved = saved_step(attempt.trainer)
-            what = f"interrupted at step {attempt.step} by {stop.name}; " + \
-                (f"saved {out_dir / 'checkpoints' / 'last.ckpt'}" if saved is not None else "no checkpoint saved")
-            kind = KeyboardInterrupt if stop == signal.SIGINT else type(err)
-            write_failed_record(cfg, out_dir, kind(what), attempt, status="interrupted")
-        raise
-
-
-def interrupt_signal(err: BaseException) -> signal.Signals | None:
-    """The signal behind an exception that ends a run: SIGTERM (Lightning's SIGTERMException), SIGINT (a
-    KeyboardInterrupt, or the exit Lightning makes after handling one), else None."""
-    if type(err).__name__ == "SIGTERMException":  # Lightning's, raised at the end of the step after SIGTERM
-        return signal.SIGTERM
-    if isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit) and
-                                              isinstance(err.__context__, KeyboardInterrupt)):
-        return signal.SIGINT
-    return None
-
-
-def saved_step(trainer: pl.Trainer | None) -> int | None:
-    """The step at which the trainer's SaveOnInterrupt saved last.ckpt; None when it saved none."""
-    for callback in getattr(trainer, "callbacks", None) or []:
-        if hasattr(callback, "saved_step") and callback.saved_step is not None:
-            return int(callback.saved_step)
-    return None
+    pass
 
 
 def resume_command(argv: Sequence[str], out_dir: Path, sweep_dir: Path | None) -> str:
@@ -101,174 +42,6 @@ def resume_command(argv: Sequence[str], out_dir: Path, sweep_dir: Path | None) -
             not (out_dir / "checkpoints" / "last.ckpt").is_file():
         args.append(f"hydra.run.dir={out_dir}")
     return shlex.join(["efficient-attn-train", *args, "ckpt_path=last"])
-
-
-def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plugins: Sequence[Any],
-           attempt: Attempt) -> RunRecord:
-    start = attempt.start
-    task = check_config(cfg)
-    import pytorch_lightning as pl
-    import torch
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
-    from efficient_attn_tasks.config.labels import attention_label
-    from efficient_attn_tasks.run.callbacks import (
-        CurveLog,
-        EpochLine,
-        NonFiniteGuard,
-        SaveOnInterrupt,
-        Throughput,
-        ValidateAtMaxSteps,
-        keep_averaged_weights_for_test,
-        progress_bar,
-        quiet_lightning,
-    )
-    from efficient_attn_tasks.run.loggers import finish_wandb, make_logger, wandb_offline_note
-
-    quiet_lightning()
-    ckpt_path = resume_checkpoint(cfg.ckpt_path, out_dir)
-    if ckpt_path == "done":
-        record = RunRecord.read(out_dir / RESULTS_JSON)
-        print(f"{out_dir} already finished (results.json); nothing to resume")
-        return record
-    attempt.resumed_from = ckpt_path
-    threads = default_threads(cfg.threads, joblib_n_jobs(), os.cpu_count() or 1)
-    if threads:
-        torch.set_num_threads(threads)
-    # Our loaders resume mid-epoch through the module's saved data position (efficient_attn_tasks/tasks/sampling.py).
-    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-    # Lightning's own use of a torch API that torch deprecated; nothing a user can act on.
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    # DDP: every process logs the whole split's val/test metrics (it evaluates the whole split, or translation
-    # gathers every process's share), so Lightning's advice to average them over the processes does not apply.
-    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
-    pl.seed_everything(cfg.seed, workers=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if record_status(out_dir / RESULTS_JSON) in RunRecord.STOPPED:  # an earlier attempt's: this one runs it again
-        (out_dir / RESULTS_JSON).unlink(missing_ok=True)
-    reset_peak_memory()
-    try:
-        try:
-            datamodule, module = task.build(cfg)
-        except ConfigError:
-            raise
-        except ValueError as err:  # a task config value its checks reject (e.g. impossible ListOps lengths)
-            raise ConfigError(f"task.{cfg.task.name}: {err}") from None
-        logger = make_logger(cfg, out_dir)
-        checkpoints = out_dir / "checkpoints"
-        best = ModelCheckpoint(dirpath=checkpoints, monitor=module.monitor, mode=module.monitor_mode, save_last=True,
-                               filename="best-{step}")
-        throughput, guard, curves = Throughput(), NonFiniteGuard(cfg.nonfinite, attention_label(cfg)), CurveLog()
-        own = [best, throughput, guard, SaveOnInterrupt(checkpoints / "last.ckpt"), ValidateAtMaxSteps(), curves]
-        if cfg.checkpoint_every:
-            own.append(ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=int(cfg.checkpoint_every),
-                                       save_top_k=0, save_last=True))
-        trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-        trainer_args["enable_progress_bar"] = progress_bar(trainer_args.get("enable_progress_bar"))
-        if not trainer_args["enable_progress_bar"]:
-            own.append(EpochLine())
-        if plugins:
-            trainer_args["plugins"] = [*(trainer_args.get("plugins") or []), *plugins]
-        optional = optional_callbacks(cfg.get("callbacks"), module.monitor, module.monitor_mode)
-        trainer = pl.Trainer(**trainer_args, default_root_dir=str(out_dir), logger=logger,
-                             callbacks=[*own, *optional, *callbacks])
-        attempt.trainer = trainer
-        if logger:
-            logger.log_hyperparams({"num_parameters": module.num_parameters()})
-        fit_start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        fit_s = time.perf_counter() - fit_start
-        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}  # before test
-        test, tested = {}, None
-        if cfg.test:
-            tested = tested_checkpoint(best.best_model_path, trainer.global_step, trainer.is_global_zero)
-            keep_averaged_weights_for_test(trainer.callbacks)
-            fit_states = [(c, c.state_dict()) for c in (throughput, guard, curves)]
-            test = trainer.test(module, datamodule=datamodule, ckpt_path=tested["path"], verbose=False)[0]
-            for c, state in fit_states:  # test(ckpt_path) loaded the best checkpoint's callback states: the whole run's
-                c.load_state_dict(state)
-        record = run_record(cfg, module, trainer, best, throughput, val, test, fit_s, time.perf_counter() - start)
-        record.metrics.test_checkpoint = tested
-        record.skipped_updates = guard.skipped
-        record.scaler_skipped_steps = guard.scaler_skipped  # fp16 AMP overflow steps the scaler skipped (normal)
-        record.precision = str(trainer.precision)  # as Lightning ran it (16-mixed on CPU becomes bf16-mixed)
-        record.resumed_from = str(ckpt_path) if ckpt_path else None
-        record.threads = torch.get_num_threads()
-        if trainer.is_global_zero:
-            record.write(out_dir / RESULTS_JSON)
-            if getattr(module, "test_hypotheses", None):
-                (out_dir / "test_hypotheses.txt").write_text("\n".join(module.test_hypotheses) + "\n")
-            draw_curves(curves.rows, out_dir, module.monitor, f"{record.task} / {record.attention_config}")
-            print(summary_line(record))
-        return record
-    finally:
-        note = wandb_offline_note()
-        finish_wandb()
-        if note:
-            print(note)
-
-
-def optional_callbacks(callbacks: DictConfig | None, monitor: str, mode: str) -> list[pl.Callback]:
-    """The ``callbacks`` group's entries (checked by :func:`check_callbacks`), instantiated in config order.
-
-    An entry with ``monitor: null`` (and ``mode: null``) watches the task's validation metric in its
-    direction, ``monitor``/``mode``: the module's ``monitor``/``monitor_mode``, which also pick the best
-    checkpoint (listops: val/acc, max; translation: val/bleu, or val/loss without task.val_bleu).
-    """
-    from hydra.utils import get_class, instantiate
-
-    out = []
-    for name, entry in (callbacks or {}).items():
-        task_metric = {}
-        if "monitor" in entry and entry.monitor is None:
-            task_metric["monitor"] = monitor
-            if "mode" in inspect.signature(get_class(entry._target_)).parameters:
-                task_metric["mode"] = mode
-        try:
-            out.append(instantiate(entry, **task_metric))
-        except Exception as err:  # noqa: BLE001 - Hydra wraps the class's own error in several lines
-            cause = err.__cause__ or err
-            raise ConfigError(f"callbacks.{name}: {type(cause).__name__}: {str(cause).splitlines()[0]}") from None
-    return out
-
-
-def draw_curves(rows: list[tuple[int, str, float]], out_dir: Path, monitor: str, title: str) -> None:
-    """``curves.csv`` and ``curves.png`` in the run dir (efficient_attn_tasks/run/curves.py); a failure is a
-    warning line, never the run's: its results are written by then."""
-    from efficient_attn_tasks.run.curves import CURVES_PNG, plot_run, read_curves, write_curves
-
-    try:
-        plot_run(read_curves(write_curves(rows, out_dir)), monitor, out_dir / CURVES_PNG, title)
-    except Exception as err:  # noqa: BLE001 - matplotlib, fonts, disk: any of them
-        print(f"warning: learning curves not drawn ({type(err).__name__}: {err}); results.json is complete",
-              file=sys.stderr)
-
-
-def default_threads(threads: int | None, n_jobs: int | None, cpus: int) -> int | None:
-    """Torch threads for one run: ``threads`` when set; for a job of a joblib multirun (``n_jobs`` = the
-    launcher's n_jobs, None when not under joblib) that runs k > 1 jobs at once, max(1, cpus // k), so
-    the jobs share the cores instead of each starting one thread per core; else None (torch's default).
-    A negative n_jobs counts back from the CPU count (-1: all of them), as in joblib."""
-    if threads:
-        return int(threads)
-    if n_jobs is None:
-        return None
-    at_once = cpus + 1 + n_jobs if n_jobs < 0 else n_jobs
-    return max(1, cpus // at_once) if at_once > 1 else None
-
-
-def joblib_n_jobs() -> int | None:
-    """``hydra.launcher.n_jobs`` when this process runs a multirun job under Hydra's joblib launcher, else None
-    (joblib's own n_jobs=None means one job at a time)."""
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return None
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN or "joblib" not in str(hydra_cfg.launcher.get("_target_", "")).lower():
-        return None
-    n_jobs = hydra_cfg.launcher.get("n_jobs")
-    return 1 if n_jobs is None else int(n_jobs)
 
 
 SWEEP_FAILED_EXIT = 1  # a multirun in which a job failed (or left no results.json) ends with this exit code

@@ -45,7 +45,7 @@ class ConfigError(ValueError):
 
 APP_TRAINER_ARGUMENTS = {  # pl.Trainer arguments run() passes itself: a trainer.* value would clash with them
     "callbacks": "the app adds its own (checkpoints, throughput, non-finite guard); from Python, pass yours as "
-                 "efficient_attn_tasks.commands.train.run(cfg, out_dir, callbacks=[...])",
+                 "efficient_attn_tasks.run.fit.run(cfg, out_dir, callbacks=[...])",
     "logger": "choose the logger group instead: logger=wandb, logger=csv or logger=none",
     "default_root_dir": "the run dir is hydra.run.dir (hydra.sweep.dir with -m); set that instead",
 }

@@ -28,7 +28,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
     start = time.perf_counter()
     quiet_lightning()
-    # Lightning's own use of a torch API that torch deprecated (as in commands/train.py); nothing a user can act on
+    # Lightning's own use of a torch API that torch deprecated (as in run/fit.py); nothing a user can act on
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     loaded = load(a.checkpoint, {"beam_size": a.beam, "batch_size": a.batch_size}, a.data_dir, a.cache_dir)
     cfg, module = loaded.cfg, loaded.module

@@ -1,4 +1,4 @@
-"""The compact table a multirun prints when it ends (``RunSummary`` in efficient_attn_tasks/commands/train.py).
+"""The compact table a multirun prints when it ends (``RunSummary`` in commands/train.py).
 
 One row per attention config and value of any other swept override except the seed, in launch order: the main
 metric as mean ± 95% CI over the row's runs, then tokens/s, peak memory and wall time. Failed jobs and jobs

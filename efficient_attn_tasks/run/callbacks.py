@@ -2,7 +2,7 @@
 Ctrl-C or SIGTERM, one line per epoch, the learning curves, quiet info lines; what the optional callbacks
 (configs/callbacks/) need from the app.
 
-Imported by :func:`efficient_attn_tasks.commands.train.run` only when a run starts (it loads Lightning), never
+Imported by :func:`efficient_attn_tasks.run.fit.run` only when a run starts (it loads Lightning), never
 by ``--help`` or the config checks.
 """
 
@@ -89,7 +89,7 @@ class ValidateAtMaxSteps(pl.Callback):
 class SaveOnInterrupt(pl.Callback):
     """On Ctrl-C (SIGINT) or SIGTERM, stop at the end of the current step (or validation batch) and save
     ``last.ckpt`` there; ``saved_step`` is then that step. The caller writes the interrupted record and says how
-    to resume (efficient_attn_tasks/commands/train.py).
+    to resume (efficient_attn_tasks/run/fit.py).
 
     SIGTERM is Lightning's (its SIGTERMException). SIGINT: during fit this callback's handler only asks for the
     stop (a checkpoint saved mid-step would not match its data position); the step then ends with a

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from efficient_attn_tasks.run.record import RESULTS_JSON, record_status
 
 RUN_LOCK = ".run.lock"
-# what a run writes into its dir besides Hydra's .hydra/ and log (commands/train.py, run/loggers.py, run/curves.py)
+# what a run writes into its dir besides Hydra's .hydra/ and log (run/fit.py, run/loggers.py, run/curves.py)
 RUN_OUTPUTS = (RESULTS_JSON, "checkpoints", "curves.csv", "curves.png", "test_hypotheses.txt", "metrics.csv",
                "hparams.yaml", "wandb", "wandb_id")
 
