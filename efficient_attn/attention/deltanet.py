@@ -1,4 +1,4 @@
-"""``deltanet``: linear attention with the delta rule (Schlag et al. 2021; Yang et al., NeurIPS 2024, arXiv:2406.06484)."""
+"""``deltanet``: the delta rule (Schlag et al. 2021; Yang et al., NeurIPS 2024, arXiv:2406.06484)."""
 
 from __future__ import annotations
 

@@ -111,7 +111,8 @@ class GatedRecurrentAttention(Attention):
         return chunked_gated_with_state(q, k, v, log_gate, self.chunk_size)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, model_dim={self.model_dim}, chunk_size={self.chunk_size}, scale={self.scale:.4g}"
+        options = f"model_dim={self.model_dim}, chunk_size={self.chunk_size}, scale={self.scale:.4g}"
+        return f"{super().extra_repr()}, {options}"
 
 
 def _squeeze(log_gate: Tensor | None) -> Tensor | None:
@@ -131,7 +132,8 @@ def mamba2_decay(x: Tensor, weight: Tensor, dt_bias: Tensor, a_log: Tensor) -> T
 
 
 def init_mamba2_decay(dt_bias: Tensor, a_log: Tensor, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
-    """Mamba-2's initialisation: A ~ U[1, 16] (stored as log A); dt_bias = softplus⁻¹(dt), log dt ~ U[log dt_min, log dt_max]."""
+    """Mamba-2's initialisation: A ~ U[1, 16] (stored as log A); dt_bias = softplus⁻¹(dt),
+    log dt ~ U[log dt_min, log dt_max]."""
     with torch.no_grad():
         a_log.copy_(torch.empty_like(a_log).uniform_(1.0, 16.0).log())
         dt = torch.empty_like(dt_bias).uniform_(math.log(dt_min), math.log(dt_max)).exp()

@@ -53,4 +53,5 @@ class GatedLinearAttention(GatedRecurrentAttention):
         return log_gate.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2), None  # (B, H, L, D)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, gate_rank={self.gate_down.shape[0]}, gate_temperature={self.gate_temperature:g}"
+        gate = f"gate_rank={self.gate_down.shape[0]}, gate_temperature={self.gate_temperature:g}"
+        return f"{super().extra_repr()}, {gate}"
