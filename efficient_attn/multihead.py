@@ -9,7 +9,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .attention.base import private_rng
-from .registry import create_attention
+from .registry import create_attention, get_attention_class
 
 
 class MultiHeadAttention(nn.Module):
@@ -58,10 +58,11 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, inner, bias=bias)
         self.v_proj = nn.Linear(d_model, inner, bias=bias)
         self.out_proj = nn.Linear(inner, d_model, bias=bias)
+        kwargs = dict(attention_kwargs or {})
+        if getattr(get_attention_class(attention), "token_input", False):
+            kwargs.setdefault("model_dim", d_model)  # the core reads the layer's input tokens
         with private_rng():  # the core's own draws leave the global RNG as they found it
-            self.attention = create_attention(
-                attention, head_dim=head_dim, num_heads=num_heads, **(attention_kwargs or {})
-            )
+            self.attention = create_attention(attention, head_dim=head_dim, num_heads=num_heads, **kwargs)
         self.dropout = nn.Dropout(dropout)
 
     def forward(
@@ -116,8 +117,20 @@ class MultiHeadAttention(nn.Module):
     ) -> Tensor:
         """Attention of (B, L, d_model) queries over already projected keys/values (B, H, S, D)."""
         q = rearrange(self.q_proj(query), "b l (h d) -> b h l d", h=self.num_heads)  # (B, H, L, D)
-        out = self.attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal)  # (B, H, L, D)
+        token = self._token(query)
+        out = self.attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal, **token)  # (B, H, L, D)
         return self._merge(out)
+
+    def prefill(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Causal self-attention over a whole prefix x (B, T, d_model): (its output (B, T, d_model), the
+        state :meth:`decode_step` continues from at position T), the core's state from its ``prefill``."""
+        k, v = self.project_kv(x)  # (B, H, T, D) each
+        state = self.attention.prefill(k, v, **self._token(x))
+        return self.attend_projected(x, k, v, causal=True), state
+
+    def _token(self, x: Tensor) -> dict[str, Tensor]:
+        """``{"x": x}`` for a core that reads the tokens (``token_input``), else nothing."""
+        return {"x": x} if self.attention.token_input else {}
 
     def attend_cached(self, query: Tensor, memory: dict[str, Tensor | None]) -> Tensor:
         """Queries (B, L, d_model) against ``attention.cache_memory(*project_kv(memory))``."""
@@ -136,7 +149,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"decode_step expects (B, 1, {self.d_model}), got {tuple(x.shape)}")
         q = rearrange(self.q_proj(x), "b l (h d) -> b h l d", h=self.num_heads)  # (B, H, 1, D)
         k, v = self.project_kv(x)  # (B, H, 1, D) each
-        out, state = self.attention.decode_step(q, k, v, state)  # (B, H, 1, D)
+        out, state = self.attention.decode_step(q, k, v, state, **self._token(x))  # (B, H, 1, D)
         return self._merge(out), state
 
     def _merge(self, out: Tensor) -> Tensor:

@@ -245,9 +245,8 @@ class Block(nn.Module):
         state: DecodeState = {}
 
         def self_attend(h: Tensor) -> Tensor:
-            k, v = self.self_attn.project_kv(h)  # (B, H, T, D) each
-            state["self"] = self.self_attn.attention.prefill(k, v)
-            return self.self_attn.attend_projected(h, k, v, causal=True)
+            out, state["self"] = self.self_attn.prefill(h)  # (B, T, d_model)
+            return out
 
         x = self._residual(0, x, self_attend)
         return self._residual(len(self.norms) - 1, x, self.ff), state

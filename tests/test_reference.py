@@ -16,6 +16,7 @@ import efficient_attn as ea
 from efficient_attn.ops.features import KERNELS
 
 from .helpers import make_qkv, skip_unsupported
+from .recurrent_reference import GATES, recurrent_reference
 
 
 def kernel_softmax(attn, q, k, h):
@@ -100,11 +101,16 @@ REFERENCE_KERNELS = {
 }
 # variants that see only some keys by design: name -> (attn, L, S) -> (L, S) bool, True = may attend
 REFERENCE_BANDS = {"sliding_window": band_sliding_window}
-# variants whose output is Σ_j K_ij v_j, not divided by Σ_j K_ij (RetNet normalises outside the core)
-UNNORMALISED = {"retention"}
+# variants whose output is Σ_j K_ij v_j, not divided by Σ_j K_ij (RetNet normalises outside the core), and the
+# token-gated recurrences, whose references are loops over tokens (tests/recurrent_reference.py)
+UNNORMALISED = {"retention", *GATES}
+WITH_REFERENCE = set(REFERENCE_KERNELS) | set(GATES)
 
 
 def reference(name, attn, q, k, v, mask=None, causal=False):
+    if name in GATES:
+        assert causal, f"{name} is causal-only"
+        return recurrent_reference(name, attn, q, k, v, mask)
     B, H, L, _ = q.shape
     S = k.shape[2]
     out = torch.zeros(B, H, L, v.shape[-1], dtype=torch.float64)
@@ -134,7 +140,7 @@ def build(name, d=8, h=2, **kwargs):
 
 def test_every_registered_attention_has_a_reference():
     """A new variant must come with its float64 reference: a missing one fails, it is not skipped."""
-    missing = sorted(set(ea.list_attentions()) - set(REFERENCE_KERNELS))
+    missing = sorted(set(ea.list_attentions()) - WITH_REFERENCE)
     assert not missing, f"no float64 reference in tests/test_reference.py for {missing}"
 
 
@@ -154,7 +160,7 @@ def test_additive_reference_agrees_with_the_pairwise_loop():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("name", ea.list_attentions())
 def test_matches_reference(name, causal):
-    if name not in REFERENCE_KERNELS:
+    if name not in WITH_REFERENCE:
         pytest.fail(f"no float64 reference written for {name!r}")
     attn = build(name)
     q, k, v = make_qkv(b=2, h=2, length=11, d=8, dv=5)
@@ -170,7 +176,7 @@ def test_matches_reference(name, causal):
 
 @pytest.mark.parametrize("name", ea.list_attentions())
 def test_cross_attention_matches_reference(name):
-    if name not in REFERENCE_KERNELS:
+    if name not in WITH_REFERENCE:
         pytest.fail(f"no float64 reference written for {name!r}")
     attn = build(name)
     q, k, v = make_qkv(b=2, h=2, length=5, s=9, d=8, dv=3)

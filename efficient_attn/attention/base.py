@@ -24,12 +24,23 @@ class Attention(nn.Module):
     ``supports_causal`` / ``supports_key_padding`` / ``supports_noncausal`` /
     ``supports_cross_attention`` to False for uses they cannot honour (those then raise, with the
     message of :func:`unsupported_use`, instead of being ignored).
+
+    **Per-token input.** A variant that computes something from the tokens themselves (GLA's gates,
+    the delta rule's β) sets ``token_input = True`` and takes a keyword ``model_dim`` (the width of
+    the token vectors; ``MultiHeadAttention`` passes its ``d_model``). Its ``forward``, ``decode_step``
+    and ``prefill`` then require ``x`` (B, L, model_dim), the layer's input at the query positions
+    (the same sequence as the keys: such variants are self-attention only), and ``attend`` receives
+    it as the keyword ``x``, with padded rows zeroed. Used alone (no ``x``, ``model_dim`` = H·D) the
+    core reads the keys as its tokens, x = k with the heads merged, so it runs on q, k, v like any
+    other variant. Every other variant takes no ``x`` (passing one raises), so their ``attend``
+    signature is unchanged.
     """
 
     supports_causal: bool = True
     supports_key_padding: bool = True
     supports_noncausal: bool = True  # False: causal-only (a recurrence such as retention)
     supports_cross_attention: bool = True  # False: needs S == L, query i and key i the same position
+    token_input: bool = False  # True: forward/decode_step/prefill take x (B, L, model_dim), see above
     seed: int | None = None  # an explicit seed option; :func:`~efficient_attn.seed_attentions` derives from it
     # an auxiliary training loss (scalar, weighted) that the last training-mode forward produced, else
     # None (Hedgehog distillation); :func:`~efficient_attn.attention_aux_loss` sums and clears them
@@ -51,16 +62,22 @@ class Attention(nn.Module):
         *,
         key_padding_mask: Tensor | None = None,
         causal: bool = False,
+        x: Tensor | None = None,
     ) -> Tensor:
         check_inputs(q, k, v, key_padding_mask, causal, self.num_heads, self.head_dim)
         problem = unsupported_use(type(self), causal=causal, cross=q.shape[-2] != k.shape[-2])
         if problem:
             raise ValueError(problem)
+        check_token_input(self, x, q)
         if key_padding_mask is not None:
             if not self.supports_key_padding:
                 raise ValueError(f"{type(self).__name__} does not support key_padding_mask")
             pad = key_padding_mask[:, None, :, None]  # (B, 1, S, 1)
             k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)  # padding (even inf/NaN) cannot leak
+            if x is not None:
+                x = x.masked_fill(key_padding_mask[:, :, None], 0.0)  # (B, L, model_dim)
+        if self.token_input:
+            return self.attend(q, k, v, key_padding_mask, causal, x=tokens_or_keys(x, k))
         return self.attend(q, k, v, key_padding_mask, causal)
 
     def attend(
@@ -174,6 +191,29 @@ def private_rng(seed: int | None = None, module: nn.Module | None = None) -> Ite
             for index in devices:
                 torch.cuda.default_generators[index].manual_seed(seed)
         yield
+
+
+def check_token_input(attn: Attention, x: Tensor | None, q: Tensor) -> None:
+    """``x`` is given exactly when ``attn`` takes a per-token input, and then is (B, L, model_dim)."""
+    name = type(attn).__name__
+    if not attn.token_input:
+        if x is not None:
+            raise ValueError(f"{name} takes no per-token input x (only variants with token_input = True do)")
+        return
+    b, heads, length, dim = q.shape
+    want = (b, length, attn.model_dim)
+    if x is None:
+        if attn.model_dim != heads * dim:
+            raise ValueError(f"{name} computes its gates from the tokens: pass x of shape (B, L, model_dim) = "
+                             f"{want} (without x it reads the keys, which needs model_dim = H·D = {heads * dim})")
+        return
+    if tuple(x.shape) != want or not x.is_floating_point():
+        raise ValueError(f"{name} needs x of shape (B, L, model_dim) = {want}, got {x.dtype} {tuple(x.shape)}")
+
+
+def tokens_or_keys(x: Tensor | None, k: Tensor) -> Tensor:
+    """The per-token input: ``x`` (B, L, model_dim), or without it the keys with heads merged (B, L, H·D)."""
+    return x if x is not None else k.transpose(1, 2).flatten(2)  # (B, H, L, D) -> (B, L, H·D)
 
 
 def check_inputs(
