@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     md = [
         '# Gated and delta-rule kernels against flash-linear-attention\'s plain-torch references', '',
         f'fla: github.com/fla-org/flash-linear-attention at commit `{commit}`.', '',
+        f'efficient-attn: commit `{_git_commit(Path(__file__).resolve().parent.parent) or "unknown"}` '
+        '(the tree the command ran on).', '',
         f'Command: `{cmd}`', '',
         ('fla files (loaded alone by path, unmodified: float32 inside):' if args.as_shipped else
          'fla files (loaded alone by path, float32 casts rewritten to float64 in the source text, nothing else '
@@ -295,6 +297,13 @@ def main(argv: list[str] | None = None) -> int:
         'beta = sigmoid(randn); q, k L2-normalised for the delta rule. fla GLA and DeltaNet scale q by D^-0.5 '
         'inside, so ours gets q·D^-0.5; the other fla functions get scale=1. fla DeltaNet chunkwise / parallel '
         'need L a multiple of their block: inputs zero-padded at the end, output cut to L.', '',
+        'fla conventions (read from the files; all agree with ours once mapped): GLA and simple GLA decay the '
+        'state first, then add k_tᵀ v_t, and read o_t after the update (gate of token t applies to S_{t-1}, '
+        'token t itself undecayed); DeltaNet v\'_t = beta_t (v_t - k_t S), S += k_tᵀ v\'_t; Gated DeltaNet decays S '
+        'by exp(g_t) before the delta step (a scalar, so the same as decaying after (I - beta_t k_tᵀ k_t)). '
+        'Layouts: `delta_rule/naive.py` is (B, H, T, D), the other three files (B, T, H, D). '
+        '`naive_chunk_gated_delta_rule` takes (q, k, v, g, beta), `naive_recurrent_gated_delta_rule` '
+        '(q, k, v, beta, g).', '',
         f'Max |error| over the seeds (tolerance {args.tol:g}):', '',
         tab, '',
         *[f'Not found: `{m}`; only the self-check loop was compared for its ops.' for m in missing],
