@@ -73,11 +73,13 @@ def kernel_hedgehog(attn, q, k, h):
 
 
 def kernel_cosformer(attn, q, k, h):
-    """(ReLU(q_i) + ε)·(ReLU(k_j) + ε) · cos(π/2 · (i − j)/M), i, j the row and column indices."""
+    """(ReLU(q_i) + ε)·(ReLU(k_j) + ε) · cos(π/2 · (i − j)/M), i, j the row and column indices,
+    M = max_len, or max(L, S) (the official code's m) when max_len is None."""
     i = torch.arange(q.shape[0], dtype=torch.float64)[:, None]
     j = torch.arange(k.shape[0], dtype=torch.float64)[None, :]
+    horizon = max(q.shape[0], k.shape[0]) if attn.max_len is None else attn.max_len
     relu = (torch.relu(q) + attn.kernel_eps) @ (torch.relu(k) + attn.kernel_eps).T
-    return relu * torch.cos(math.pi / 2 * (i - j) / attn.max_len)
+    return relu * torch.cos(math.pi / 2 * (i - j) / horizon)
 
 
 def kernel_retention(attn, q, k, h):
