@@ -65,8 +65,9 @@ def kernel_taylor(attn, q, k, h):
 
 
 def kernel_hedgehog(attn, q, k, h):
-    """Hedgehog: φ(x) = [softmax(x W_h + b_h), softmax(−(x W_h + b_h))], K = φ(q)·φ(k) (no q, k scaling)."""
-    q_low, k_low = q @ attn.weight[h] + attn.bias[h], k @ attn.weight[h] + attn.bias[h]  # (L, d'), (S, d')
+    """Hedgehog: φ(x) = [softmax(x W_h + b_h), softmax(−(x W_h + b_h))], K = φ_q(q)·φ_k(k) (no q, k scaling)."""
+    k_weight, k_bias = (attn.weight, attn.bias) if attn.tied else (attn.k_weight, attn.k_bias)  # φ_k
+    q_low, k_low = q @ attn.weight[h] + attn.bias[h], k @ k_weight[h] + k_bias[h]  # (L, d'), (S, d')
     positive = torch.softmax(q_low, -1) @ torch.softmax(k_low, -1).T  # (L, S)
     negative = torch.softmax(-q_low, -1) @ torch.softmax(-k_low, -1).T  # (L, S)
     return positive + negative
