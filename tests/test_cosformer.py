@@ -23,10 +23,13 @@ def build(d=8, h=2, dtype=torch.float64, **kwargs):
     return ea.create_attention("cosformer", head_dim=d, num_heads=h, **kwargs).to(dtype).eval()
 
 
-@pytest.mark.parametrize("max_len", [13, 40, 1024])
-@pytest.mark.parametrize("length, s", [(13, 13), (5, 11), (11, 4)])
+@pytest.mark.parametrize(
+    "length, s, max_len",
+    [(n, m, max_len) for n, m in [(13, 13), (5, 11), (11, 4)] for max_len in (13, 40, 1024)] + [(13, 13, None)],
+)
 def test_decomposition_equals_the_cos_weighted_formula(length, s, max_len):
-    """[φ cos θ_i, φ sin θ_i]·[φ cos θ_j, φ sin θ_j] = φ(q_i)·φ(k_j) cos(π/2·(i − j)/M), float64."""
+    """[φ cos θ_i, φ sin θ_i]·[φ cos θ_j, φ sin θ_j] = φ(q_i)·φ(k_j) cos(π/2·(i − j)/M), float64
+    (max_len None: M = the rows passed, queries and keys of one length L)."""
     attn = build(max_len=max_len, kernel_eps=0.01)
     q, k, _ = make_qkv(b=2, h=2, length=length, s=s, d=8)
     phi_q, _ = attn.feature_map(q, is_query=True)  # (B, H, L, 2D)
@@ -35,7 +38,7 @@ def test_decomposition_equals_the_cos_weighted_formula(length, s, max_len):
     i = torch.arange(length, dtype=torch.float64)[:, None]
     j = torch.arange(s, dtype=torch.float64)[None, :]
     relu = (torch.relu(q) + 0.01) @ (torch.relu(k) + 0.01).transpose(-1, -2)  # (B, H, L, S)
-    direct = relu * torch.cos(math.pi / 2 * (i - j) / max_len)
+    direct = relu * torch.cos(math.pi / 2 * (i - j) / (max_len or length))
     torch.testing.assert_close(phi_q @ phi_k.transpose(-1, -2), direct, rtol=1e-12, atol=1e-14)
 
 
@@ -88,7 +91,7 @@ def test_positions_beyond_max_len_raise():
         attn(q, k, v, causal=True)
     with pytest.raises(ValueError, match="max_len=5"):
         decode_sequence(attn, q, k, v)  # the 6th step
-    for bad in ({"max_len": 0}, {"kernel_eps": -1.0}):
+    for bad in ({"max_len": 0}, {"max_len": 2.0}, {"kernel_eps": -1.0}):
         with pytest.raises(ValueError):
             ea.create_attention("cosformer", head_dim=8, num_heads=2, **bad)
 
@@ -116,3 +119,42 @@ def test_cross_attention_is_refused():
         attn(q, k, v)
     with pytest.raises(ValueError, match="self-attention only"):
         attn.cache_memory(k, v)
+
+
+@pytest.mark.parametrize("length", [8, 64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_default_horizon_is_the_sequence_length(length, causal):
+    """max_len None (the default): M = L, as the official code's m = max(src_len, tgt_len), so the weight
+    at the largest distance L − 1 is cos(π/2·(L−1)/L) whatever L (0.20 at L = 8, 0.025 at L = 64), not
+    ~1 as a fixed M = 1024 would give; the output is that of max_len = L and differs from max_len = 1024."""
+    attn = build()
+    assert attn.max_len is None
+    q, k, v = make_qkv(b=2, h=2, length=length, d=8, dv=3)
+    phi_q, _ = attn.feature_map(q, is_query=True)  # (B, H, L, 2D)
+    phi_k, _ = attn.feature_map(k, is_query=False)  # (B, H, L, 2D)
+    relu = (torch.relu(q) + attn.kernel_eps) @ (torch.relu(k) + attn.kernel_eps).transpose(-1, -2)  # (B, H, L, L)
+    ratio = (phi_q @ phi_k.transpose(-1, -2)) / relu  # the cos weights
+    torch.testing.assert_close(ratio[..., -1, 0], torch.full((2, 2), math.cos(math.pi / 2 * (length - 1) / length),
+                                                             dtype=torch.float64), rtol=1e-12, atol=1e-14)
+    out = attn(q, k, v, causal=causal)
+    torch.testing.assert_close(out, build(max_len=length)(q, k, v, causal=causal), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, reference("cosformer", attn, q, k, v, causal=causal), rtol=1e-10, atol=1e-10)
+    assert (out - build(max_len=1024)(q, k, v, causal=causal)).abs().max() > 1e-3
+
+
+def test_decoding_without_max_len_raises_and_with_max_len_l_equals_the_default_forward():
+    """Decoding fixes M before the length is known: max_len None raises one clear error (prefill and
+    decode_step); with max_len = L, stepping through the sequence gives the default causal forward (M = L)."""
+    q, k, v = make_qkv(b=2, h=2, length=13, d=8, dv=3)
+    attn = build()
+    for call in (lambda: attn.decode_step(q[:, :, :1], k[:, :, :1], v[:, :, :1]), lambda: attn.prefill(k, v)):
+        with pytest.raises(ValueError, match="decoding needs a fixed M.*set the attention's max_len"):
+            call()
+    full = attn(q, k, v, causal=True)
+    torch.testing.assert_close(decode_sequence(build(max_len=13), q, k, v), full, rtol=1e-12, atol=1e-12)
+    state = build(max_len=13).prefill(k[:, :, :5], v[:, :, :5])
+    rows = []
+    for t in range(5, 13):
+        out, state = build(max_len=13).decode_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
+        rows.append(out)
+    torch.testing.assert_close(torch.cat(rows, dim=2), full[:, :, 5:], rtol=1e-12, atol=1e-12)

@@ -20,8 +20,9 @@ def build(d=8, h=2, dtype=torch.float64, random_params=True, **kwargs):
     attn = ea.create_attention("hedgehog", head_dim=d, num_heads=h, **kwargs).to(dtype).eval()
     if random_params:
         with torch.no_grad():
-            attn.weight.normal_(0.0, d**-0.5)
-            attn.bias.normal_(0.0, 1.0)
+            for weight, bias in attn.maps():
+                weight.normal_(0.0, d**-0.5)
+                bias.normal_(0.0, 1.0)
     return attn
 
 
@@ -54,13 +55,14 @@ def test_features_are_two_softmaxes_of_the_affine_map(feature_dim):
                 neg = torch.stack([torch.exp(-zm) for zm in z])
                 want[b, h, n] = torch.cat([pos / pos.sum(), neg / neg.sum()])
     torch.testing.assert_close(phi, want, rtol=1e-12, atol=1e-14)
-    assert torch.equal(attn.feature_map(x, is_query=False)[0], phi)  # the same map for keys
+    assert not torch.equal(attn.feature_map(x, is_query=False)[0], phi)  # keys have a map of their own
 
 
 def test_identity_init_when_feature_dim_is_head_dim():
     attn = build(d=6, h=3, random_params=False)
     assert attn.feature_dim == 6 and torch.equal(attn.weight, torch.eye(6, dtype=torch.float64).expand(3, 6, 6))
     assert torch.equal(attn.bias, torch.zeros(3, 6, dtype=torch.float64))
+    assert torch.equal(attn.k_weight, attn.weight) and torch.equal(attn.k_bias, attn.bias)  # both maps start alike
     x = make_qkv(b=1, h=3, length=4, d=6)[0]
     phi, _ = attn.feature_map(x, is_query=True)
     torch.testing.assert_close(phi, torch.cat([x.softmax(-1), (-x).softmax(-1)], -1), rtol=1e-14, atol=0)
@@ -75,7 +77,44 @@ def test_other_feature_dims_start_gaussian_and_are_seeded_per_module():
     attn = ea.create_attention("hedgehog", head_dim=16, num_heads=4, feature_dim=32)
     assert attn.weight.shape == (4, 16, 32) and torch.equal(attn.bias, torch.zeros(4, 32))
     assert abs(attn.weight.std().item() - 16**-0.5) < 0.02 and abs(attn.weight.mean().item()) < 0.02
+    assert attn.k_weight.shape == (4, 16, 32) and torch.equal(attn.k_bias, torch.zeros(4, 32))
+    assert not torch.equal(attn.k_weight, attn.weight)  # two draws
     assert_reset_random_is_seeded(attn, lambda a: a.weight)
+    assert_reset_random_is_seeded(attn, lambda a: a.k_weight)
+
+
+@pytest.mark.parametrize("feature_dim", [None, 5])
+def test_queries_and_keys_have_separate_maps_unless_tied(feature_dim):
+    """The default (the paper's): φ_q (weight, bias) and φ_k (k_weight, k_bias), distinct parameters; moving
+    φ_k changes key features and the output, never a query's features. tied=True: one map, the parameter
+    count of a single map (H·D·d' + H·d'), the same features for queries and keys."""
+    attn = build(feature_dim=feature_dim)
+    d_prime = feature_dim or 8
+    single = 2 * 8 * d_prime + 2 * d_prime
+    names = dict(attn.named_parameters())
+    assert set(names) == {"weight", "bias", "k_weight", "k_bias"}
+    assert sum(p.numel() for p in names.values()) == 2 * single
+    assert attn.k_weight is not attn.weight and attn.k_bias is not attn.bias
+    q, k, v = make_qkv(b=2, h=2, length=7, d=8, dv=3)
+    phi_q, phi_k = attn.feature_map(q, is_query=True)[0], attn.feature_map(k, is_query=False)[0]
+    out = {causal: attn(q, k, v, causal=causal) for causal in (False, True)}
+    with torch.no_grad():
+        attn.k_weight.add_(0.3 * torch.randn_like(attn.k_weight))
+    assert torch.equal(attn.feature_map(q, is_query=True)[0], phi_q)
+    assert not torch.allclose(attn.feature_map(k, is_query=False)[0], phi_k)
+    for causal in (False, True):
+        assert not torch.allclose(attn(q, k, v, causal=causal), out[causal], rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(attn(q, k, v, causal=causal), reference("hedgehog", attn, q, k, v, None, causal),
+                                   rtol=1e-10, atol=1e-11)
+
+    tied = build(feature_dim=feature_dim, tied=True)
+    assert tied.k_weight is None and tied.k_bias is None and len(tied.maps()) == 1
+    assert sum(p.numel() for p in tied.parameters()) == single and {n for n, _ in tied.named_parameters()} == {
+        "weight", "bias"}
+    assert torch.equal(tied.feature_map(q, is_query=False)[0], tied.feature_map(q, is_query=True)[0])
+    torch.testing.assert_close(tied(q, k, v), reference("hedgehog", tied, q, k, v), rtol=1e-10, atol=1e-11)
+    tied.reset_random(3)  # seeding covers the one map
+    assert tied.k_weight is None
 
 
 def test_bad_options_raise():
@@ -85,7 +124,10 @@ def test_bad_options_raise():
     for bad in (-0.5, float("nan"), "1", True):
         with pytest.raises(ValueError, match="distill"):
             ea.create_attention("hedgehog", head_dim=8, num_heads=2, distill=bad)
-    assert ea.attention_options("hedgehog") == {"feature_dim": None, "distill": 0.0, "chunk_size": 64}
+    for bad in (1, "no", None):
+        with pytest.raises(ValueError, match="tied"):
+            ea.create_attention("hedgehog", head_dim=8, num_heads=2, tied=bad)
+    assert ea.attention_options("hedgehog") == {"feature_dim": None, "distill": 0.0, "tied": False, "chunk_size": 64}
 
 
 # ----------------------------------------------------------------------------- attention
@@ -110,7 +152,7 @@ def test_gradients_across_chunks_match_float64_reference(chunk):
     assert_same_grads(
         lambda: attn(q, k, v, key_padding_mask=mask, causal=True),
         lambda: reference("hedgehog", attn, q, k, v, mask, causal=True),
-        (q, k, v), [attn.weight, attn.bias],
+        (q, k, v), [attn.weight, attn.bias, attn.k_weight, attn.k_bias],
     )
 
 
@@ -183,7 +225,7 @@ def test_distill_gradient_flows_through_the_student_only(causal):
     q, k, v = make_qkv(b=2, h=2, length=6, d=4, dv=3, scale=1.5)
     mask = mask_of(2, 6, {0: slice(4, None), 1: slice(0, 1)})
     q, k = q.requires_grad_(), k.requires_grad_()
-    leaves = (q, k, attn.weight, attn.bias)
+    leaves = (q, k, attn.weight, attn.bias, attn.k_weight, attn.k_bias)
 
     attn(q, k, v, key_padding_mask=mask, causal=causal)
     got = torch.autograd.grad(attn.aux_loss, leaves)
@@ -191,7 +233,7 @@ def test_distill_gradient_flows_through_the_student_only(causal):
     both = torch.autograd.grad(hand_distill(attn, q, k, mask, causal, detach_teacher=False), leaves)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
-    assert all(g.abs().max() > 1e-3 for g in got)  # the student's q, k, W and b are all trained
+    assert all(g.abs().max() > 1e-3 for g in got)  # the student's q, k and both maps' W and b are all trained
     assert not torch.allclose(got[0], both[0], rtol=1e-6, atol=1e-8)  # a live teacher would change ∂q
 
 

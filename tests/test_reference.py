@@ -66,19 +66,22 @@ def kernel_taylor(attn, q, k, h):
 
 
 def kernel_hedgehog(attn, q, k, h):
-    """Hedgehog: φ(x) = [softmax(x W_h + b_h), softmax(−(x W_h + b_h))], K = φ(q)·φ(k) (no q, k scaling)."""
-    q_low, k_low = q @ attn.weight[h] + attn.bias[h], k @ attn.weight[h] + attn.bias[h]  # (L, d'), (S, d')
+    """Hedgehog: φ(x) = [softmax(x W_h + b_h), softmax(−(x W_h + b_h))], K = φ_q(q)·φ_k(k) (no q, k scaling)."""
+    k_weight, k_bias = (attn.weight, attn.bias) if attn.tied else (attn.k_weight, attn.k_bias)  # φ_k
+    q_low, k_low = q @ attn.weight[h] + attn.bias[h], k @ k_weight[h] + k_bias[h]  # (L, d'), (S, d')
     positive = torch.softmax(q_low, -1) @ torch.softmax(k_low, -1).T  # (L, S)
     negative = torch.softmax(-q_low, -1) @ torch.softmax(-k_low, -1).T  # (L, S)
     return positive + negative
 
 
 def kernel_cosformer(attn, q, k, h):
-    """(ReLU(q_i) + ε)·(ReLU(k_j) + ε) · cos(π/2 · (i − j)/M), i, j the row and column indices."""
+    """(ReLU(q_i) + ε)·(ReLU(k_j) + ε) · cos(π/2 · (i − j)/M), i, j the row and column indices,
+    M = max_len, or max(L, S) (the official code's m) when max_len is None."""
     i = torch.arange(q.shape[0], dtype=torch.float64)[:, None]
     j = torch.arange(k.shape[0], dtype=torch.float64)[None, :]
+    horizon = max(q.shape[0], k.shape[0]) if attn.max_len is None else attn.max_len
     relu = (torch.relu(q) + attn.kernel_eps) @ (torch.relu(k) + attn.kernel_eps).T
-    return relu * torch.cos(math.pi / 2 * (i - j) / attn.max_len)
+    return relu * torch.cos(math.pi / 2 * (i - j) / horizon)
 
 
 def kernel_retention(attn, q, k, h):

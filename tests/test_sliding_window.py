@@ -230,3 +230,24 @@ def test_cross_attention_is_refused_clearly():
 def test_bad_options_raise(bad):
     with pytest.raises(ValueError):
         ea.create_attention("sliding_window", head_dim=8, num_heads=2, **bad)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_number_of_keys_a_query_sees(causal):
+    """w = 5, L = 20: an inner query sees w keys causal (i − 4..i) and 2w − 1 = 9 bidirectional (|i − j| < 5),
+    not Longformer's w/2 per side; row 0 sees 1 (causal) or w (bidirectional); decoding keeps w keys."""
+    length, window = 20, 5
+    q, k, v = make_qkv(b=1, h=1, length=length, d=8)
+    attn = build(window, h=1)
+    v.requires_grad_()
+
+    def seen(i: int) -> list[int]:
+        (grad,) = torch.autograd.grad(attn(q, k, v, causal=causal)[0, 0, i].sum(), v)  # weight_ij on key j
+        return [j for j in range(length) if grad[0, 0, j].abs().sum() > 0]
+
+    assert seen(10) == (list(range(6, 11)) if causal else list(range(6, 15)))
+    assert len(seen(10)) == (window if causal else 2 * window - 1)
+    assert len(seen(0)) == (1 if causal else window)
+    if causal:
+        state = attn.prefill(k[:, :, :12], v[:, :, :12].detach())
+        assert state["k"].shape[2] == window

@@ -282,7 +282,7 @@ def test_model_max_len_follows_the_task_unless_set(model):
         assert cfg.model.max_len == max_len, (task, extra)
     cfg = config("task=listops", "attention=cosformer", f"model={model}")
     check_config(cfg)
-    assert cfg.attention.kwargs.max_len == 1999  # cosFormer's M is the model's max_len
+    assert cfg.attention.kwargs.max_len is None  # cosFormer's M: each call's sequence length
     cfg = config("task=lm", f"model={model}", "model.max_len=2048")
     check_config(cfg)
     assert cfg.model.max_len == 2048

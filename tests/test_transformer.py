@@ -22,7 +22,8 @@ VOCAB, BOS, EOS, PAD = 40, 2, 3, 0
 
 
 def spec(name: str) -> AttentionSpec:
-    return AttentionSpec(name, {"num_features": 32} if name == "favor" else {})
+    """cosFormer decodes with a fixed M (max_len 16 covers every position here)."""
+    return AttentionSpec(name, {"favor": {"num_features": 32}, "cosformer": {"max_len": 16}}.get(name, {}))
 
 
 def config(**kw) -> TransformerConfig:

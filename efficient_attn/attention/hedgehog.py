@@ -13,25 +13,28 @@ from .kernel import KernelAttention
 
 @register_attention("hedgehog")
 class HedgehogAttention(KernelAttention):
-    """Hedgehog linear attention: a learned per-head affine map, then a softmax over its outputs.
+    """Hedgehog linear attention: learned per-head affine maps, then a softmax over their outputs.
 
     x̃ = x W_h + b_h with W_h (D, d') and b_h (d') per head (d' = ``feature_dim``, default D), and
     φ(x) = [softmax(x̃), softmax(−x̃)]  (M = 2d' features, softmax over the feature axis),
-    out_i = φ(q_i)ᵀ Σ_j φ(k_j) v_jᵀ / φ(q_i)ᵀ Σ_j φ(k_j).
-    The map is applied to q and k as they come (no D^{-1/4}, as in the paper's code): W_h learns any
+    out_i = φ_q(q_i)ᵀ Σ_j φ_k(k_j) v_jᵀ / φ_q(q_i)ᵀ Σ_j φ_k(k_j).
+    Queries and keys have maps of their own (φ_q: ``weight``, ``bias``; φ_k: ``k_weight``, ``k_bias``), as
+    the paper and its code (``feature_map_q``, ``feature_map_k``) do; ``tied=True`` shares one map
+    (``weight``, ``bias``; ``k_weight`` and ``k_bias`` are None), half the parameters.
+    Each map is applied to q and k as they come (no D^{-1/4}, as in the paper's code): W_h learns any
     temperature. Every feature is in (0, 1] and each half sums to 1, so nothing overflows and no
     log-scale is needed (softmax is shift-invariant per row), and φ(q)·φ(k) > 0: every row that sees a
-    key has a positive normalizer. W_h starts as the identity when d' = D (the paper's init, so the
-    first features are softmax(±x)), else with N(0, 1/D) entries; b_h starts at 0 (drawn by
-    ``reset_parameters``, on the module's private stream inside a model).
+    key has a positive normalizer. Each W_h starts as the identity when d' = D (the paper's init, so the
+    first features are softmax(±x)), else with N(0, 1/D) entries (the query map's, then the key map's);
+    b_h starts at 0 (drawn by ``reset_parameters``, on the module's private stream inside a model).
     O(L·d'·Dv) time, O(L·d') memory; causal by chunked prefix sums (``chunk_size``), decoding with a
     constant (B, H, 2d', Dv+1) state. Masks: key padding yes; causal yes; cross-attention yes.
 
     Distillation (``distill`` = λ > 0, the paper's attention-weight mimicry): in training mode each
     forward also sets ``aux_loss`` = λ · mean over (batch, head, query rows that see a key) of
     −Σ_j p_ij log p̂_ij, p = masked softmax(q kᵀ/√D) (the teacher: detached, a fixed target),
-    p̂_ij = φ(q_i)·φ(k_j) / Σ_{visible j'} φ(q_i)·φ(k_j') (the student: its gradient reaches W_h, b_h,
-    q and k), both under the same causal and padding masks. This builds the (B, H, L, S) weights:
+    p̂_ij = φ_q(q_i)·φ_k(k_j) / Σ_{visible j'} φ_q(q_i)·φ_k(k_j') (the student: its gradient reaches both
+    maps' W_h, b_h, q and k), both under the same causal and padding masks. This builds the (B, H, L, S) weights:
     O(L·S·(D + d')) time and O(L·S) memory, at training time only; log p̂ is floored at the dtype's
     smallest normal (a pair whose kernel underflows costs ≤ 87 nats in float32 and passes no
     gradient). Otherwise (eval mode, λ = 0, decoding) ``aux_loss`` is None.
@@ -45,6 +48,7 @@ class HedgehogAttention(KernelAttention):
         *,
         feature_dim: int | None = None,
         distill: float = 0.0,
+        tied: bool = False,
         chunk_size: int = 64,
     ) -> None:
         super().__init__(head_dim, num_heads, chunk_size=chunk_size)
@@ -53,28 +57,40 @@ class HedgehogAttention(KernelAttention):
             raise ValueError(f"feature_dim must be a positive int (or None = head_dim), got {feature_dim!r}")
         if isinstance(distill, bool) or not isinstance(distill, (int, float)) or not distill >= 0.0:
             raise ValueError(f"distill must be a float ≥ 0 (the distillation loss weight), got {distill!r}")
+        if not isinstance(tied, bool):
+            raise ValueError(f"tied must be a bool (one feature map for queries and keys), got {tied!r}")
         self.feature_dim = feature_dim
         self.distill = float(distill)
-        self.weight = nn.Parameter(torch.empty(num_heads, head_dim, feature_dim))  # (H, D, d')
+        self.tied = tied
+        self.weight = nn.Parameter(torch.empty(num_heads, head_dim, feature_dim))  # (H, D, d'): φ_q (shared if tied)
         self.bias = nn.Parameter(torch.empty(num_heads, feature_dim))  # (H, d')
+        # φ_k: (H, D, d') and (H, d'), None if tied
+        self.k_weight = None if tied else nn.Parameter(torch.empty(num_heads, head_dim, feature_dim))
+        self.k_bias = None if tied else nn.Parameter(torch.empty(num_heads, feature_dim))
         self.aux_loss: Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            if self.feature_dim == self.head_dim:
-                self.weight.copy_(torch.eye(self.head_dim).expand_as(self.weight))  # (H, D, D): identity
-            else:
-                self.weight.normal_(0.0, self.head_dim**-0.5)  # x̃ entries have x's mean square
-            self.bias.zero_()
+            for weight, bias in self.maps():
+                if self.feature_dim == self.head_dim:
+                    weight.copy_(torch.eye(self.head_dim).expand_as(weight))  # (H, D, D): identity
+                else:
+                    weight.normal_(0.0, self.head_dim**-0.5)  # x̃ entries have x's mean square
+                bias.zero_()
 
-    def project(self, x: Tensor) -> Tensor:
-        """(B, H, N, D) -> x̃ = x W_h + b_h (B, H, N, d')."""
-        xp = torch.einsum("bhnd,hde->bhne", x, self.weight.to(x.dtype))  # (B, H, N, d')
-        return xp + self.bias.to(x.dtype)[:, None, :]  # (B, H, N, d') + (H, 1, d')
+    def maps(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """The (weight, bias) of each feature map: the query map's, then the key map's (one if tied)."""
+        return [(self.weight, self.bias)] + ([] if self.tied else [(self.k_weight, self.k_bias)])
+
+    def project(self, x: Tensor, is_query: bool = True) -> Tensor:
+        """(B, H, N, D) -> x̃ = x W_h + b_h (B, H, N, d'), with the query map or the key map."""
+        weight, bias = self.maps()[0 if is_query or self.tied else 1]
+        xp = torch.einsum("bhnd,hde->bhne", x, weight.to(x.dtype))  # (B, H, N, d')
+        return xp + bias.to(x.dtype)[:, None, :]  # (B, H, N, d') + (H, 1, d')
 
     def feature_map(self, x: Tensor, is_query: bool, *, fresh_grad: bool = False) -> tuple[Tensor, None]:
-        xp = self.project(x)  # (B, H, N, d')
+        xp = self.project(x, is_query)  # (B, H, N, d')
         return torch.cat([xp.softmax(-1), (-xp).softmax(-1)], dim=-1), None  # (B, H, N, 2d'), exact
 
     def attend(
@@ -115,4 +131,4 @@ class HedgehogAttention(KernelAttention):
         return super().__getstate__() | {"aux_loss": None}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, feature_dim={self.feature_dim}, distill={self.distill}"
+        return f"{super().extra_repr()}, feature_dim={self.feature_dim}, distill={self.distill}, tied={self.tied}"

@@ -1,4 +1,5 @@
-"""Sliding-window (local) softmax attention (Longformer, Beltagy et al. 2020; Mistral 7B, Jiang et al. 2023)."""
+"""Sliding-window (local) softmax attention, as in Longformer (Beltagy et al. 2020) and Mistral 7B (Jiang et al.
+2023); the window ``window`` counts keys as stated in the class docstring, not as either paper does."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ class SlidingWindowAttention(Attention):
 
     out_i = Σ_{j∈W(i)} softmax_j(scale · q_i·k_j) v_j,  W(i) = {j : |i − j| < w} (bidirectional) or
     {j : i − w < j ≤ i} (causal: the query itself and the w − 1 keys before it); scale = 1/√d by default.
+    So a query away from the ends sees w keys causal (i−w+1..i) and 2w − 1 bidirectional (w − 1 per side).
+    Other conventions: Longformer's window w is w/2 keys per side (about w + 1 in all); FlashAttention's
+    ``window_size=(left, right)`` sees keys i − left..i + right (``(w − 1, 0)`` is causal w here,
+    ``(w − 1, w − 1)`` bidirectional w here); Hugging Face's Mistral ``sliding_window`` = W gives at most W
+    keys in its eager path but W + 1 through FlashAttention (transformers issue 29623).
     Blocked: rows in blocks of w queries, each against its own key block and the neighbouring one(s)
     (2 blocks causal, 3 bidirectional) under a banded mask: O(L·w·d) time, O(L·w) memory, and no
     (L, L) tensor ever exists. Row max subtracted (softmax); a row that sees no key outputs zeros.
