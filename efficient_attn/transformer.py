@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention.base import unsupported_use
-from .multihead import MultiHeadAttention
+from .multihead import MultiHeadAttention, check_layer_options
 from .registry import attention_options, get_attention_class
 from .seeding import seed_attentions
 
@@ -42,10 +42,13 @@ SITE_USE = {
 
 @dataclass
 class AttentionSpec:
-    """Which registered attention an attention site uses, and its options."""
+    """Which registered attention an attention site uses, its options (``kwargs``, the core's) and its
+    layer options (``layer``: :class:`~efficient_attn.multihead.MultiHeadAttention`'s ``short_conv``,
+    ``output_norm``, ``output_gate``; empty = the plain layer)."""
 
     name: str = "softmax"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    layer: dict[str, Any] = field(default_factory=dict)
 
     def check(self, where: str, site: str | None = None) -> None:
         """Name and options exist; with ``site`` (a :data:`SITE_USE` key) the attention can also serve
@@ -60,7 +63,14 @@ class AttentionSpec:
                 f"{where}: attention {self.name!r} has no option(s) {unknown}; "
                 f"accepted: {attention_options(self.name)}"
             )
+        try:
+            check_layer_options(**self.layer)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
         problem = None if site is None else unsupported_use(cls, **SITE_USE[site])
+        if site is not None and SITE_USE[site]["cross"] and self.layer.get("short_conv"):
+            problem = ("short_conv is for self-attention only (it convolves each position's own q, k, v); "
+                       "set layer.short_conv: 0 for cross-attention")
         if problem:
             raise ValueError(f"{where}: attention {self.name!r} cannot serve as {site} attention: {problem}")
 
@@ -188,7 +198,7 @@ class Block(nn.Module):
 
         def mha(spec: AttentionSpec) -> MultiHeadAttention:
             return MultiHeadAttention(
-                cfg.d_model, cfg.num_heads, spec.name, spec.kwargs, head_dim=cfg.head_dim
+                cfg.d_model, cfg.num_heads, spec.name, spec.kwargs, head_dim=cfg.head_dim, **spec.layer
             )
 
         self.self_attn = mha(self_attention)

@@ -31,6 +31,12 @@ class RetentionAttention(Attention):
     only (S ≠ L raises); key padding yes: padded keys and values are zeroed, so they add nothing
     (they still count as positions in the decay), and a row that sees no real key outputs zeros.
     Computed in float32 (float64 stays float64), also under autocast; the output comes in v's dtype.
+
+    ``rotary=True``: RetNet's relative position, the rotation part of xPos: q_t and k_t are rotated by
+    t·θ before the product, θ_i = 1/10000^(i/(D/2−1)) for the pairs (2i, 2i+1), i = 0..D/2−1 (torchscale's
+    ``RetNetRelPos``/``theta_shift``, microsoft/torchscale retnet.py and multiscale_retention.py), so
+    q_t·k_j depends on t − j only; D must be even. Decoding then also keeps the position (``pos`` (B,)).
+    RetNet's GroupNorm and swish gate are the layer options (configs/attention/retnet.yaml).
     """
 
     supports_noncausal = False
@@ -44,8 +50,14 @@ class RetentionAttention(Attention):
         gammas: float | Sequence[float] | None = None,
         scale: float | None = None,
         chunk_size: int = 64,
+        rotary: bool = False,
     ) -> None:
         super().__init__(head_dim, num_heads)
+        if not isinstance(rotary, bool):
+            raise ValueError(f"rotary must be a bool, got {rotary!r}")
+        if rotary and head_dim % 2:
+            raise ValueError(f"rotary rotates pairs of channels: head_dim must be even, got {head_dim}")
+        self.rotary = rotary
         self.gammas = _gammas(gammas, num_heads)  # a tuple of floats: not a buffer, so no cast rounds it
         if scale is not None and not scale > 0:
             raise ValueError(f"scale must be positive, got {scale!r}")
@@ -66,6 +78,9 @@ class RetentionAttention(Attention):
 
     def _retain(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         log_gamma = self.log_gammas(q.dtype, q.device)  # (H,)
+        if self.rotary:
+            pos = torch.arange(q.shape[2], dtype=q.dtype, device=q.device)  # (L,)
+            q, k = rotate(q, pos), rotate(k, pos)
         return chunked_retention(q * self.scale, k, v, log_gamma, self.chunk_size)  # (B, H, L, Dv)
 
     def prefill(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
@@ -73,30 +88,54 @@ class RetentionAttention(Attention):
         check_inputs(k, k, v, None, True, self.num_heads, self.head_dim)
         with torch.autocast(k.device.type, enabled=False):
             _, k, v = upcast(k, k, v)
+            if self.rotary:
+                k = rotate(k, torch.arange(k.shape[2], dtype=k.dtype, device=k.device))  # (B, H, t, D)
             age = torch.arange(k.shape[2] - 1, -1, -1, device=k.device, dtype=k.dtype)  # (t,): t−1−j
             decay = (self.log_gammas(k.dtype, k.device)[:, None] * age).exp()  # (H, t)
             kv = (k * decay[:, :, None]).transpose(-1, -2) @ v  # (B, H, D, Dv)
+        if self.rotary:
+            return {"kv": kv, "pos": torch.full((k.shape[0],), k.shape[2], dtype=torch.long, device=k.device)}
         return {"kv": kv}
 
     def decode_step(
         self, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The recurrent form, O(D·Dv) per step whatever t: state ``kv`` = S_t (B, H, D, Dv)."""
+        """The recurrent form, O(D·Dv) per step whatever t: state ``kv`` = S_t (B, H, D, Dv) (with ``rotary``
+        also ``pos`` (B,), the next position)."""
         check_step(q, k, v)
         check_inputs(q, k, v, None, True, self.num_heads, self.head_dim)
         out_dtype = v.dtype
         with torch.autocast(q.device.type, enabled=False):
             q, k, v = upcast(q, k, v)
+            if self.rotary:
+                pos = torch.zeros(q.shape[0], dtype=torch.long, device=q.device) if state is None else state["pos"]
+                angle = pos.to(q.dtype)[:, None, None]  # (B, 1, 1): every head and row of sample b at pos[b]
+                q, k = rotate(q, angle), rotate(k, angle)
             kv = k.transpose(-1, -2) @ v  # (B, H, D, Dv): k_tᵀ v_t
             if state is not None:
                 gamma = self.log_gammas(q.dtype, q.device).exp()[:, None, None]  # (H, 1, 1)
                 kv = state["kv"] * gamma + kv  # S_t = γ S_{t−1} + k_tᵀ v_t
             out = (q * self.scale) @ kv  # (B, H, 1, Dv)
+        if self.rotary:
+            return out.to(out_dtype), {"kv": kv, "pos": pos + 1}
         return out.to(out_dtype), {"kv": kv}
 
     def extra_repr(self) -> str:
         gammas = ", ".join(f"{g:.6g}" for g in self.gammas)
-        return f"{super().extra_repr()}, gammas=({gammas}), scale={self.scale:.4g}, chunk_size={self.chunk_size}"
+        rotary = ", rotary=True" if self.rotary else ""
+        chunk = f"chunk_size={self.chunk_size}{rotary}"
+        return f"{super().extra_repr()}, gammas=({gammas}), scale={self.scale:.4g}, {chunk}"
+
+
+def rotate(x: Tensor, pos: Tensor) -> Tensor:
+    """x (..., L, D) with each channel pair (2i, 2i+1) of row l rotated by the angle pos_l·θ_i (RetNet's
+    xPos rotation), θ_i = 10000^(−i/(D/2−1)); ``pos`` broadcasts against x's leading dims and L (e.g. (L,))."""
+    half = x.shape[-1] // 2
+    theta = 10000.0 ** -torch.linspace(0.0, 1.0, half, dtype=torch.float64, device=x.device)  # (D/2,)
+    angle = pos[..., None].to(torch.float64) * theta  # (..., L, D/2)
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    even, odd = x[..., 0::2], x[..., 1::2]  # (..., L, D/2) each
+    return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)  # (..., L, D)
 
 
 def _gammas(gammas: float | Sequence[float] | None, num_heads: int) -> tuple[float, ...]:

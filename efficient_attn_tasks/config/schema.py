@@ -74,16 +74,35 @@ class AttentionConfig:
     attentions (``{name, kwargs}`` or attention config names), a pattern tiled over each
     self-attention stack; ``name`` is then only the label (e.g. ``based``) and ``kwargs`` empty.
     ``config``: the name of the attention config file (``configs/attention/<config>.yaml`` sets it to its
-    own name), which tells apart variants of one registered attention (favor_plus, favor_relu: ``favor``)."""
+    own name), which tells apart variants of one registered attention (favor_plus, favor_relu: ``favor``).
+    ``layer``: the layer options of ``MultiHeadAttention`` (:data:`LAYER_DEFAULTS`' keys; every single-attention
+    config file spells them out, so ``attention.layer.short_conv=4`` overrides any of them)."""
 
     name: str = "softmax"
     config: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     layers: Any = None
+    layer: Any = None
+
+
+# MultiHeadAttention's layer options and their defaults (efficient_attn.multihead.LAYER_OPTIONS): off
+LAYER_DEFAULTS: dict[str, Any] = {"short_conv": 0, "output_norm": None, "output_gate": False}
+
+
+def layer_options(node: Any) -> dict[str, Any]:
+    """An attention section's ``layer`` mapping without the options at their defaults (``{}``: the plain layer);
+    unknown keys are kept, so :meth:`AttentionSpec.check` names them."""
+    layer = _container(node.get("layer")) if isinstance(node, dict) or OmegaConf.is_config(node) else None
+    if layer is None:
+        return {}
+    if not isinstance(layer, dict):
+        raise ValueError(f"an attention's layer must be a mapping of layer options {sorted(LAYER_DEFAULTS)}, "
+                         f"got {layer!r}")
+    return {k: v for k, v in layer.items() if k not in LAYER_DEFAULTS or v != LAYER_DEFAULTS[k]}
 
 
 ATTENTION_CONFIG_DIR = config_dir() / "attention"  # the CLI's group
-_ENTRY_KEYS = {"name", "kwargs"}
+_ENTRY_KEYS = {"name", "kwargs", "layer"}
 
 
 def model_max_len(cfg: DictConfig) -> int:
@@ -132,7 +151,10 @@ def attention_spec(cfg: DictConfig, site: str) -> AttentionSpec | list[Attention
     if not isinstance(node, dict):
         raise ValueError(f"{where} must be {{name, kwargs}}, got {node!r}")
     if node.get("layers") is None:
-        return AttentionSpec(node["name"], dict(node.get("kwargs") or {}))
+        return AttentionSpec(node["name"], dict(node.get("kwargs") or {}), layer_options(node))
+    if layer_options(node):
+        raise ValueError(f"{where}: a per-layer hybrid ({node['name']!r}) takes no layer options of its own; "
+                         f"set each layer's in {where}.layers (layer: {{...}})")
     pattern = _entries(node["layers"], f"{where}.layers")
     if not pattern:
         raise ValueError(f"{where}.layers is empty; give at least one attention, or null for a single attention")
@@ -164,12 +186,12 @@ def layer_entry(entry: Any, where: str) -> AttentionSpec:
         node = entry
         unknown = sorted(set(node) - _ENTRY_KEYS - {"layers"})
         if unknown or "name" not in node:
-            raise ValueError(f"{where}: a layer's attention is {{name, kwargs}}, got keys {sorted(node)}")
+            raise ValueError(f"{where}: a layer's attention is {{name, kwargs, layer}}, got keys {sorted(node)}")
     else:
         raise ValueError(f"{where}: expected an attention config name or {{name, kwargs}}, got {entry!r}")
     if node.get("layers") is not None:
         raise ValueError(f"{where}: {node.get('name')!r} is itself a per-layer hybrid; a layer takes one attention")
-    return AttentionSpec(node["name"], dict(node.get("kwargs") or {}))
+    return AttentionSpec(node["name"], dict(node.get("kwargs") or {}), layer_options(node))
 
 
 def check_attentions(cfg: DictConfig, sites: Sequence[str]) -> None:
@@ -188,7 +210,7 @@ def check_attentions(cfg: DictConfig, sites: Sequence[str]) -> None:
         if site not in sites:
             node = _container(cfg.model.get(f"{site}_attention") or cfg.attention)
             if node.get("layers") is None:  # a hybrid's layers are checked where it serves
-                spec = AttentionSpec(node["name"], dict(node.get("kwargs") or {}))
+                spec = AttentionSpec(node["name"], dict(node.get("kwargs") or {}), layer_options(node))
                 _refuse_causal(spec, where)
                 spec.check(where)
             continue
