@@ -231,12 +231,14 @@ def test_config_layer_override_label_and_two_step_training(tmp_path):
 
     cfg = tiny_cfg("mqar", "gla", "attention.layer.short_conv=4", "trainer.max_steps=2", "test=false")
     check_config(cfg)
-    assert attention_spec(cfg, "decoder") == AttentionSpec("gla", {}, {"short_conv": 4})
+    paper = {"output_norm": "rmsnorm", "output_gate": True}  # configs/attention/gla.yaml: the paper's layer
+    assert attention_spec(cfg, "decoder") == AttentionSpec("gla", {}, {"short_conv": 4, **paper})
     assert attention_label(cfg) == attention_config(cfg) == "gla+conv4"
     assert config_label("gla", "gla", cfg.attention.layer) == "gla+conv4"
     plain = tiny_cfg("mqar", "gla")
     check_config(plain)
-    assert attention_label(plain) == attention_config(plain) == "gla" and attention_spec(plain, "decoder").layer == {}
+    assert attention_label(plain) == attention_config(plain) == "gla"
+    assert attention_spec(plain, "decoder").layer == paper
     record = run(cfg, tmp_path)
     assert record.steps == 2 and record.attention == "gla+conv4"
 
@@ -272,6 +274,6 @@ def test_run_dir_label_names_the_layer_options():
 
     import efficient_attn_tasks.config.labels  # noqa: F401  (registers the resolver)
 
-    node = OmegaConf.create({"attention": {"name": "gla", "config": "gla", "layer": {"short_conv": 4}},
+    node = OmegaConf.create({"attention": {"name": "linear", "config": "linear", "layer": {"short_conv": 4}},
                              "d": "${attention_label:${attention.name},${attention.config},${attention.layer}}"})
-    assert node.d == "gla+conv4"
+    assert node.d == "linear+conv4"
