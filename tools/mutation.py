@@ -31,6 +31,8 @@ ATTENTION_TESTS = [  # fast and sharp first: with -x a killed mutant stops at it
     "tests/test_multihead.py", "tests/test_registry.py", "tests/test_seeding.py",
 ]
 GENERATE_TESTS = ["tests/test_generate.py", "tests/test_beam.py"]
+# files whose own tests live in their family's file: the token-gated recurrences and their kernels
+FAMILY = {stem: "gated" for stem in ("gla", "mamba2", "deltanet", "gated_deltanet", "delta")}
 # with --rev the tests come from that revision too, except these, taken from the working tree
 OVERLAY = ["tests/helpers.py", "tests/test_reference.py", "tests/test_core_exact.py", "tests/test_gradcheck.py",
            "tests/test_generate.py", "tests/test_beam.py", "tests/test_numerics.py"]
@@ -79,7 +81,7 @@ def tests_for(path: str) -> list[str]:
     test_hedgehog.py for attention/hedgehog.py), then the shared core suites."""
     if path.endswith("generate.py"):
         return GENERATE_TESTS
-    own = f"tests/test_{Path(path).stem}.py"
+    own = f"tests/test_{FAMILY.get(Path(path).stem, Path(path).stem)}.py"
     return [own, *ATTENTION_TESTS] if own not in ATTENTION_TESTS and (ROOT / own).is_file() else ATTENTION_TESTS
 
 
