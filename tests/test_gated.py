@@ -27,7 +27,7 @@ def _inputs(length: int, d: int = 6, e: int = 5, dtype=torch.float64, seed: int 
     return q, k, v, log_gate, beta
 
 
-@pytest.mark.parametrize("length, chunk", [(1, 4), (13, 4), (13, 5), (16, 16), (37, 8), (37, 64)])
+@pytest.mark.parametrize("length, chunk", [(1, 4), (13, 4), (13, 5), (16, 16), (37, 8), (37, 64), (70, 32), (150, 64)])
 @pytest.mark.parametrize("channels", ["per_channel", "scalar"])
 def test_chunked_gated_equals_recurrence(length, chunk, channels):
     q, k, v, log_gate, _ = _inputs(length)

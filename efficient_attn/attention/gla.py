@@ -20,13 +20,14 @@ class GatedLinearAttention(GatedRecurrentAttention):
     = 16, as in the paper and flash-linear-attention's layer), one channel per key dimension, computed
     in log space: log α = logsigmoid(x W₁ W₂ + b)/τ. Output normalisation and the swish output gate of
     the paper's layer are ``MultiHeadAttention`` options (``output_norm``, ``output_gate``).
-    Cost: O(L·C·D + L·D·Dv) time in chunks of C = ``chunk_size`` (16: the per-channel gate forms
-    (C, C, D) factors), O(D·Dv) per decoded token; state (B, H, D, Dv).
+    Cost: O(L·C·D + L·D·Dv) time in chunks of C = ``chunk_size``, whose per-channel factors are
+    pairwise only inside sub-blocks of 16 rows (O(L·16·D) memory), matrix products across them;
+    O(D·Dv) per decoded token; state (B, H, D, Dv).
     Masks: causal self-attention only; padded positions leave the state unchanged (gate 1).
     """
 
     def __init__(
-        self, head_dim: int, num_heads: int, *, model_dim: int | None = None, chunk_size: int = 16,
+        self, head_dim: int, num_heads: int, *, model_dim: int | None = None, chunk_size: int = 64,
         scale: float | None = None, gate_rank: int = 16, gate_temperature: float = 16.0,
     ) -> None:
         super().__init__(head_dim, num_heads, model_dim=model_dim, chunk_size=chunk_size, scale=scale)
