@@ -108,3 +108,28 @@ def test_decode_crossover_against_softmax_and_sdpa():
     assert "B = 8" in lines[1]
     assert "- favor: L = 4096 / L = 4096" in lines
     assert "- linear: L = 4096 / not reached" in lines
+
+
+@pytest.mark.parametrize("name", ["gla", "mamba2", "deltanet", "gated_deltanet"])
+def test_token_gated_attentions_are_causal_only_in_the_bench(name):
+    """The token-gated attentions are n/a non-causally (no subprocess started) and run causally and decoding."""
+    from efficient_attn_tasks.bench.points import not_applicable
+
+    assert "causal-only" in not_applicable(name, "noncausal")
+    assert not_applicable(name, "causal") is None and not_applicable(name, "decode") is None
+
+
+def test_causal_only_variant_is_skipped_non_causally_not_crashed(tmp_path):
+    """End to end at a tiny size: gla's non-causal points are n/a rows, its causal and decode points are
+    measured, and the summary tables carry the n/a row beside softmax's."""
+    bench.main(["--attentions", "softmax,gla", "--modes", "causal,noncausal,decode", "--lengths", "16",
+                "--heads", "2", "--head-dim", "8", "--repeats", "1", "--decode-steps", "2", "--threads", "1",
+                "--matmul-size", "64", "--no-baselines", "--out", str(tmp_path)])
+    rows = {(r["attention"], r["mode"]): r for r in csv.DictReader(open(tmp_path / "bench_cpu.csv"))}
+    assert rows["gla", "noncausal"]["status"] == "n/a" and "causal-only" in rows["gla", "noncausal"]["message"]
+    assert not rows["gla", "noncausal"]["time_s"]
+    for mode in ("causal", "decode"):
+        assert rows["gla", mode]["status"] == rows["softmax", mode]["status"] == "ok", rows["gla", mode]
+        assert float(rows["gla", mode]["time_s"]) > 0
+    summary = (tmp_path / "summary_cpu.md").read_text()
+    assert "| gla | noncausal | n/a |" in summary and "| gla | causal |" in summary
