@@ -79,9 +79,9 @@ def test_tune_picks_the_lr_by_validation_never_by_test(tmp_path, capsys):
     rows = table_rows(out)
     assert list(rows["softmax / 64"])[:5] == ["attention / config.task.seq_len", "n", "best optim.lr", "optim.lr tried",
                                                "test/acc"]
-    assert rows["softmax / 64"]["best optim.lr"] == "0.001" and rows["softmax / 64"]["n"] == "2"
+    assert rows["softmax / 64"]["best optim.lr"] == "0.001 (edge)" and rows["softmax / 64"]["n"] == "2"  # of 2 values
     assert rows["softmax / 64"]["test/acc"] == "0.5 ± 0"  # test of the val-chosen runs only, not 0.99
-    assert rows["favor_m16 / 64"]["best optim.lr"] == "0.01" and rows["favor_m16 / 64"]["optim.lr tried"] == "3"
+    assert rows["favor_m16 / 64"]["best optim.lr"] == "0.01 (edge)" and rows["favor_m16 / 64"]["optim.lr tried"] == "3"
     assert rows["favor_m16 / 64"]["test/acc"] == "0.25 ± 0"
     assert "every metric is from its runs only" in out
 
@@ -94,8 +94,8 @@ def test_tune_minimises_a_loss_monitor_and_breaks_ties_to_the_smaller_value(tmp_
         write_run(tmp_path, "softmax", seed, lr=2e-2, val=0.5, acc=0.4, monitor="val/loss", seq_len=128)  # smaller wins
     main([str(tmp_path), "--rows", ROWS, "--tune", "config.optim.lr", "--metrics", "test/acc"])
     rows = table_rows(capsys.readouterr().out)
-    assert rows["softmax / 64"]["best optim.lr"] == "0.001" and rows["softmax / 64"]["test/acc"] == "0.2 ± 0"
-    assert rows["softmax / 128"]["best optim.lr"] == "0.02" and rows["softmax / 128"]["test/acc"] == "0.4 ± 0"
+    assert rows["softmax / 64"]["best optim.lr"] == "0.001 (edge)" and rows["softmax / 64"]["test/acc"] == "0.2 ± 0"
+    assert rows["softmax / 128"]["best optim.lr"] == "0.02 (edge)" and rows["softmax / 128"]["test/acc"] == "0.4 ± 0"
     assert list(rows) == ["softmax / 64", "softmax / 128"]  # numbers sort numerically
 
 

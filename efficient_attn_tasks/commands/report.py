@@ -20,6 +20,7 @@ examples:
   efficient-attn-report multirun/2026-11-21 --rows attention --ci --out results/tables/quickstart
   efficient-attn-report runs/ --rows attention --baseline softmax            # Δ and Welch t-test p per row
   efficient-attn-report multirun/mqar --rows attention,config.task.seq_len --tune config.optim.lr --ci --paired softmax
+  efficient-attn-report multirun/mqar --rows attention --ci --per-seed --success "test/acc>=0.9" --paired softmax
 
 outputs:
   the Markdown table on stdout; a "wrote <path>" line for every file written:
@@ -45,7 +46,17 @@ def parser() -> argparse.ArgumentParser:
                                      "(default: every metric)")
     p.add_argument("--tune", metavar="KEY", help="e.g. config.optim.lr (not a --rows key): per row, keep the runs of "
                                                  "the value with the best mean val_best over seeds")
-    p.add_argument("--ci", action="store_true", help="cells are mean ± 95%% CI half-width (t) instead of ± std")
+    p.add_argument("--ci", action="store_true",
+                   help="cells are mean ± 95%% CI half-width (t) instead of ± std; a bounded metric (--bounds, or "
+                        "acc/accuracy with values in [0, 1]) gets mean [lo, hi], a bootstrap interval inside its range")
+    p.add_argument("--bounds", action="append", metavar="METRIC=LO,HI",
+                   help="the range of a metric for --ci intervals, e.g. test/bleu=0,100 (repeatable)")
+    p.add_argument("--per-seed", action="store_true",
+                   help='a "<metric> by seed" column per val/ and test/ metric: values in seed order, '
+                        'e.g. 0.99/0.13/0.98')
+    p.add_argument("--success", action="append", metavar="METRIC>=THRESHOLD",
+                   help="e.g. test/acc>=0.9 (or <=; repeatable): successes/n with an exact Clopper-Pearson 95%% "
+                        "interval and the mean of the successful runs; with --paired an exact McNemar test")
     p.add_argument("--pivot", choices=["task"], help="columns = tasks (each task's headline test metric); "
                                                        "default: one column per metric")
     p.add_argument("--avg", action="store_true", help="with --pivot: an Avg column over tasks")
@@ -75,8 +86,10 @@ def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     rows = args.rows.split(",")
     if args.pivot and args.metrics:
         p.error("--metrics selects columns of the grouped table; --pivot shows each task's headline metric")
-    if args.pivot and (args.tune or args.ci or args.paired or args.plot):
-        p.error("--tune, --ci, --paired and --plot work on the grouped table, not --pivot")
+    if args.pivot and (args.tune or args.ci or args.paired or args.plot or args.per_seed or args.success
+                       or args.bounds):
+        p.error("--tune, --ci, --paired, --per-seed, --success, --bounds and --plot work on the grouped table, "
+                "not --pivot")
     if args.tune and args.tune in rows:
         p.error(f"--tune {args.tune} is a --rows key: each row would have one value to choose from")
     if args.paired and "attention" not in rows:
