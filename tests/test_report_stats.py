@@ -10,6 +10,7 @@ from scipy import stats
 
 from efficient_attn_tasks.commands.report import main
 from efficient_attn_tasks.report.stats import bounded_interval, holm, mcnemar_p, success_ci
+from efficient_attn_tasks.report.summary import summary
 from tests.test_report_sweep import table_rows
 
 BIMODAL = {2: 0.98, 0: 0.99, 1: 0.13}  # seed: test/acc, written out of seed order
@@ -130,17 +131,18 @@ def test_still_improving_counts_unconverged_runs(tmp_path, capsys):
     write(tmp_path, "softmax", 0, 0.9, converged=False, best_step=50)  # converged False wins over best_step
     write(tmp_path, "softmax", 1, 0.9, converged=True, best_step=100)
     write(tmp_path, "softmax", 2, 0.9, best_step=100)  # no converged: best checkpoint at the last step (steps 100)
+    write(tmp_path, "softmax", 3, 0.9, converged=False, best_step=50)
     write(tmp_path, "favor", 0, 0.9, best_step=40)
     write(tmp_path, "favor", 1, 0.9)  # says neither
     write(tmp_path, "linear", 0, 0.9)
     main([str(tmp_path), "--rows", "attention", "--metrics", "test/acc", "--out", str(tmp_path / "t")])
     out = capsys.readouterr().out
     rows = table_rows(out)
-    assert rows["softmax"]["still improving"] == "2/3"
+    assert rows["softmax"]["still improving"] == "3/4"
     assert rows["favor"]["still improving"] == "0/1 (1 n/a)"
     assert rows["linear"]["still improving"] == "n/a"
     _, stats_rows = read_stats_by_attention(tmp_path / "t_stats.csv")
-    assert stats_rows["softmax"]["still_improving"] == "2" and stats_rows["linear"]["still_improving"] == ""
+    assert stats_rows["softmax"]["still_improving"] == "3" and stats_rows["linear"]["still_improving"] == ""
 
 
 def test_still_improving_column_is_absent_without_the_fields(tmp_path, capsys):
@@ -154,3 +156,10 @@ def read_stats_by_attention(path):
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         return reader.fieldnames, {r["attention"]: r for r in reader}
+
+
+def test_multirun_summary_gives_an_accuracy_its_bounded_interval(tmp_path):
+    for seed, acc in BIMODAL.items():
+        write(tmp_path, "favor", seed, acc)
+    text = summary(tmp_path)
+    assert "| favor | 3 | 0.7 [0.13, 0.99] |" in text and "bootstrap interval inside [0, 1]" in text

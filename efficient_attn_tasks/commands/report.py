@@ -19,8 +19,8 @@ Details: efficient_attn_tasks/report/tables.py.
 examples:
   efficient-attn-report multirun/2026-11-21 --rows attention --ci --out results/tables/quickstart
   efficient-attn-report runs/ --rows attention --baseline softmax            # Δ and Welch t-test p per row
-  efficient-attn-report multirun/mqar --rows attention,config.task.seq_len --tune config.optim.lr --ci --paired softmax
-  efficient-attn-report multirun/mqar --rows attention --ci --per-seed --success "test/acc>=0.9" --paired softmax
+  efficient-attn-report multirun/mqar --rows attention,config.task.seq_len --tune config.optim.lr --ci --per-seed \
+      --success "test/acc>=0.9" --paired softmax   # bounded intervals, successes, Holm-corrected paired tests
 
 outputs:
   the Markdown table on stdout; a "wrote <path>" line for every file written:

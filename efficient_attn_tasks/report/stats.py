@@ -1,5 +1,7 @@
-"""The statistics behind ``efficient-attn-report``: cells as mean ± std or mean ± 95% CI over seeds,
-Welch's t-test for independent groups, the paired t-test for seed-matched rows."""
+"""The statistics behind ``efficient-attn-report``: cells as mean ± std or mean ± 95% CI over seeds, a bootstrap
+interval that stays inside a bounded metric's range, per-seed values, success rates with exact (Clopper–Pearson)
+intervals, Welch's t-test for independent groups, the paired t-test and the exact McNemar test for seed-matched
+rows, and Holm's adjustment over a table's tests."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """The compact table a multirun prints when it ends (``RunSummary`` in commands/train.py).
 
 One row per attention config and value of any other swept override except the seed, in launch order: the main
-metric as mean ± 95% CI over the row's runs, then tokens/s, peak memory and wall time. Failed jobs and jobs
-without ``results.json`` are listed after the rows, never averaged; a last line gives the
-``efficient-attn-report`` command for the full table.
+metric as mean ± 95% CI over the row's runs (an accuracy: mean [lo, hi] inside [0, 1]), then tokens/s, peak
+memory and wall time. Failed jobs and jobs without ``results.json`` are listed after the rows, never averaged; a
+last line gives the ``efficient-attn-report`` command for the full table.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from efficient_attn_tasks.report.runs import failure, find_runs, hydra_job, metrics
-from efficient_attn_tasks.report.stats import as_number, finite_values, mean_ci
-from efficient_attn_tasks.report.tables import markdown
+from efficient_attn_tasks.report.stats import as_number, finite_values, mean_ci, mean_interval
+from efficient_attn_tasks.report.tables import markdown, metric_bounds
 
 NOT_ROWS = {"seed", "attention", "ckpt_path"}  # overrides that never split rows (attention leads every label)
 RESOURCES = (("tokens/s", "train_tokens_per_s"), ("peak MiB", "peak_memory_mib"), ("wall s", "wall_time_s"))
@@ -82,7 +82,9 @@ def compact_table(records: list[dict[str, Any]], failed: list[dict[str, Any]],
               next(iter(names.values())) if one_metric and names else "main metric", *(h for h, _ in RESOURCES)]
     body = []
     for label, runs in rows.items():
-        value = mean_ci([metrics(r).get(names[label]) for r in runs])
+        values = [metrics(r).get(names[label]) for r in runs]
+        bounds = metric_bounds(names[label], values, {})
+        value = mean_interval(values, bounds) if bounds is not None else mean_ci(values)
         body.append([label, str(len(runs)), value if one_metric else f"{names[label]} {value}",
                      *(_mean([r.get(key) for r in runs]) for _, key in RESOURCES)])
     for job in sorted(failed, key=_launch_order):
@@ -137,7 +139,8 @@ def summarize(sweep_dir: Path | str) -> tuple[str, int]:
     count = f"{len(records)} run(s) in {sweep_dir}" + (f", {len(errors)} failed" if errors else "") + \
         (f", {len(failed) - len(errors)} without results.json" if len(failed) > len(errors) else "")
     lines = [count, markdown(header, body).rstrip(),
-             "main metric: mean ± 95% CI over the row's runs (seeds), n of them; tokens/s, peak MiB, wall s: means"]
+             "main metric: mean ± 95% CI over the row's runs (seeds), n of them (an accuracy in [0, 1]: mean [lo, hi], "
+             "a bootstrap interval inside [0, 1]); tokens/s, peak MiB, wall s: means"]
     if errors:
         statuses = " or ".join(sorted({job["status"] for job in errors}))  # failed, interrupted
         lines.append(f"Failed jobs (results.json status {statuses}; ckpt_path=last with the same hydra.sweep.dir "

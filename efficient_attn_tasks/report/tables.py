@@ -1,9 +1,10 @@
 """The tables of ``efficient-attn-report``: run records (``results.json``, never W&B files) as rows of cells over seeds.
 
-Owns the grouping of runs into rows, the ``--tune`` choice per row (on validation metrics only), the metric
-columns, Δ against a baseline row (Welch's t-test) or a seed-matched attention (paired t-test), the attention ×
-task pivot, the ``_stats.csv`` and the W&B table. Failed and unfinished runs are listed under a table, never
-averaged. The options are in efficient_attn_tasks/commands/report.py.
+Owns the grouping of runs into rows, the ``--tune`` choice per row (on validation metrics only, "(edge)" at either
+end of the grid), the metric columns (bounded intervals, per-seed values, success rates, still-improving runs), Δ
+against a baseline row (Welch's t-test) or a seed-matched attention (paired t-test, exact McNemar, Holm over the
+table), the attention × task pivot, the ``_stats.csv`` and the W&B table. Failed and unfinished runs are listed
+under a table, never averaged. The options are in efficient_attn_tasks/commands/report.py.
 """
 
 from __future__ import annotations
@@ -653,7 +654,8 @@ def notes(args: argparse.Namespace, footer: list[str] | None = None) -> str:
     (``render``'s lines on bounded intervals, successes, edges and the corrected tests)."""
     lines = []
     if args.ci:
-        lines.append("Cells: mean ± 95% confidence half-width of the mean over seeds (t-distribution); n = seeds.")
+        lines.append("Cells: mean ± 95% confidence half-width of the mean over seeds (t-distribution; bounded metrics: "
+                     "see below); n = seeds.")
     if args.tune:
         lines.append(f"Per row, the {short(args.tune)} with the best mean over seeds of the monitored validation "
                      "metric (val_best); every metric is from its runs only.")
