@@ -63,7 +63,7 @@ def test_early_stopping_that_fires_records_converged_best_and_stopped_step(tmp_p
 
 
 def test_early_stopping_that_never_fires_records_a_run_still_improving(tmp_path):
-    """Patience 10 over 2 validations: the cap (8 steps) ends the run, so it was still improving: False."""
+    """Patience 10 over 2 validations: the cap (8 steps) ends the run, still improving: False."""
     record = run(tiny_cfg("listops", "softmax", "trainer.max_epochs=2", "callbacks=early_stopping",
                           "callbacks.early_stopping.patience=10", "test=false"), tmp_path)
     assert (record.stopped_step, record.converged) == (8, False)

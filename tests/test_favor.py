@@ -111,7 +111,7 @@ def test_no_redraw_on_the_final_optimizer_step():
     ea.attention_optimizer_step(attn)
     ea.attention_optimizer_step(attn, final=True)
     assert torch.equal(attn.projection, first) and attn.feature_redraws == 0 and int(attn.steps_since_draw) == 3
-    ea.attention_optimizer_step(attn)  # a longer cap after resuming: the redraw that was held back
+    ea.attention_optimizer_step(attn)  # a longer cap after resuming: the held-back redraw
     assert not torch.equal(attn.projection, first) and attn.feature_redraws == 1
     fixed = favor(redraw_interval=0)
     fixed.final_optimizer_step()

@@ -214,7 +214,7 @@ def tested_checkpoint(best_path: str, last_step: int, announce: bool = True) -> 
 
 
 def checkpoint_step(path: str) -> int:
-    """The optimizer step a Lightning checkpoint was saved at (its ``global_step``)."""
+    """The optimizer step at which a Lightning checkpoint is saved (its ``global_step``)."""
     import torch
 
     return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
@@ -229,7 +229,7 @@ def training_verdict(early_stopping: bool, early_stopped: bool, best_step: int |
     - else None when validation never ran (no best step);
     - else False with early stopping on (the run reached its step cap, or early stopping fired on divergence
       or a non-finite metric): an improvement larger than ``min_delta`` came within its last ``patience``
-      validations, so it was still improving;
+      validations: still improving;
     - else (early stopping off) False when the best validation is the last one (``best_step ==
       last_val_step``: still improving at the cap), None otherwise (an earlier best may be a plateau or
       noise; without a patience rule that cannot be told).
