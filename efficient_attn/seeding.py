@@ -37,9 +37,14 @@ def seed_attentions(model: nn.Module, base_seed: int | None = None) -> None:
             module.reset_random(module_seed(own, name))
 
 
-def attention_optimizer_step(model: nn.Module) -> None:
+def attention_optimizer_step(model: nn.Module, *, final: bool = False) -> None:
     """Call every core attention's ``optimizer_step`` hook; call once after each optimizer step
-    (not per forward or per accumulated micro-batch): FAVOR+ counts its redraw interval here."""
+    (not per forward or per accumulated micro-batch): FAVOR+ counts its redraw interval here.
+    ``final``: the run's last optimizer step (the caller knows its cap): ``final_optimizer_step`` instead,
+    where FAVOR+ counts the step but never redraws (those features would meet no training)."""
     for module in model.modules():
         if isinstance(module, Attention):
-            module.optimizer_step()
+            if final:
+                module.final_optimizer_step()
+            else:
+                module.optimizer_step()

@@ -47,6 +47,38 @@ def test_early_stopping_from_config_stops_on_the_tasks_metric(tmp_path):
     assert record.steps == 8 and record.epochs == 2
 
 
+def best_checkpoint_step(record: RunRecord) -> int:
+    """The step in the best checkpoint's file name (``best-step=N.ckpt``)."""
+    return int(Path(record.metrics.best_checkpoint).stem.removeprefix("best-step="))
+
+
+def test_early_stopping_that_fires_records_converged_best_and_stopped_step(tmp_path):
+    """Patience 1, never better: stops at step 8 of a 20-step cap; converged, best step from its checkpoint."""
+    record = run(tiny_cfg("listops", "softmax", "trainer.max_epochs=5", "callbacks=early_stopping",
+                          "callbacks.early_stopping.patience=1", NEVER_BETTER, "test=false"), tmp_path)
+    assert record.stopped_step == record.steps == 8 and record.converged is True
+    assert record.best_step in (4, 8) and record.best_step == best_checkpoint_step(record)
+    assert record.feature_redraws is None  # softmax has no random features
+    assert RunRecord.read(tmp_path / "results.json") == record
+
+
+def test_early_stopping_that_never_fires_records_a_run_still_improving(tmp_path):
+    """Patience 10 over 2 validations: the cap (8 steps) ends the run, still improving: False."""
+    record = run(tiny_cfg("listops", "softmax", "trainer.max_epochs=2", "callbacks=early_stopping",
+                          "callbacks.early_stopping.patience=10", "test=false"), tmp_path)
+    assert (record.stopped_step, record.converged) == (8, False)
+    assert record.best_step == best_checkpoint_step(record)
+
+
+def test_without_early_stopping_converged_is_false_only_for_a_best_last_validation(tmp_path):
+    record = run(tiny_cfg("listops", "softmax", "trainer.max_epochs=2", "test=false"), tmp_path)
+    assert record.stopped_step == 8 and record.best_step == best_checkpoint_step(record)
+    assert record.converged is (False if record.best_step == 8 else None)
+    unvalidated = run(tiny_cfg("listops", "softmax", "trainer.max_steps=2", "trainer.limit_val_batches=0",
+                               "test=false"), tmp_path / "no_val")
+    assert (unvalidated.stopped_step, unvalidated.best_step, unvalidated.converged) == (2, None, None)
+
+
 def test_default_callbacks_add_nothing(tmp_path):
     assert OmegaConf.to_container(config().callbacks) == {}
     assert OmegaConf.to_container(config("callbacks=none").callbacks) == {}

@@ -102,6 +102,22 @@ def test_redraw_every_n_optimizer_steps_never_in_forward():
     assert torch.equal(fixed.projection, before)
 
 
+def test_no_redraw_on_the_final_optimizer_step():
+    """redraw_interval == the run's steps: the final step is counted but draws nothing (features no step would
+    train with); a resumed run that goes on redraws at its next step."""
+    attn = favor(redraw_interval=3).train()
+    first = attn.projection.clone()
+    ea.attention_optimizer_step(attn)
+    ea.attention_optimizer_step(attn)
+    ea.attention_optimizer_step(attn, final=True)
+    assert torch.equal(attn.projection, first) and attn.feature_redraws == 0 and int(attn.steps_since_draw) == 3
+    ea.attention_optimizer_step(attn)  # a longer cap after resuming: the held-back redraw
+    assert not torch.equal(attn.projection, first) and attn.feature_redraws == 1
+    fixed = favor(redraw_interval=0)
+    fixed.final_optimizer_step()
+    assert fixed.feature_redraws == 0 and int(fixed.steps_since_draw) == 0
+
+
 def test_features_are_checkpointed_buffers():
     attn = favor(redraw_interval=1).train()
     q, k, v = make_qkv(b=1, h=2, length=5, d=16, dtype=torch.float32)

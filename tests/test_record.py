@@ -18,6 +18,7 @@ from efficient_attn_tasks.run.record import (
     failed_record,
     record_status,
     summary_line,
+    training_verdict,
     write_failed_record,
 )
 
@@ -25,7 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 COMMITTED = sorted((REPO / "results").rglob("results.json"))
 
 OK_KEYS = ["version", "name", "task", "attention", "attention_config", "seed", "status", "config", "overrides",
-           "metrics", "bleu_signature", "num_parameters", "epochs", "steps", "processes", "train_tokens",
+           "metrics", "bleu_signature", "num_parameters", "epochs", "steps", "stopped_step", "best_step", "converged",
+           "feature_redraws", "processes", "train_tokens",
            "train_tokens_per_s", "train_tokens_per_s_scope", "peak_memory_mib", "fit_time_s", "wall_time_s",
            "hardware", "versions", "skipped_updates", "scaler_skipped_steps", "precision", "resumed_from", "threads"]
 FAILED_KEYS = ["version", "name", "task", "attention", "seed", "status", "error", "config", "overrides", "steps",
@@ -41,7 +43,8 @@ def finished() -> RunRecord:
                         test={"test/acc": 0.375}, best_checkpoint="/runs/x/checkpoints/best-step=4.ckpt",
                         test_checkpoint={"checkpoint": "best", "path": "/runs/x/checkpoints/best-step=4.ckpt",
                                          "step": 4}),
-        bleu_signature=None, num_parameters=1234, epochs=2, steps=8, processes=1, train_tokens=4096,
+        bleu_signature=None, num_parameters=1234, epochs=2, steps=8, stopped_step=8, best_step=4, converged=None,
+        feature_redraws=0, processes=1, train_tokens=4096,
         train_tokens_per_s=512.5, train_tokens_per_s_scope="global (sum over processes)", peak_memory_mib=300.25,
         fit_time_s=8.0, wall_time_s=9.5, hardware="CPU, 1 threads", versions={"python": "3.12.0", "torch": "2.4.0"},
         skipped_updates=0, scaler_skipped_steps=0, precision="32-true", resumed_from=None, threads=1)
@@ -112,6 +115,29 @@ def test_a_hand_written_format_1_record_gets_its_defaults_in_from_json():
     assert record.skipped_updates is None and record.train_tokens_per_s is None  # not recorded: None, never 0
     assert old == before  # from_json leaves the caller's object alone
     assert RunRecord.from_json(json.dumps(old)) == record
+
+
+def test_a_format_2_record_without_the_training_verdict_reads_them_as_null():
+    old = finished().to_dict()
+    for key in ("stopped_step", "best_step", "converged", "feature_redraws"):
+        del old[key]
+    record = RunRecord.from_json({**old, "version": 2})
+    assert record.version == 2 and record.extra == {}
+    assert (record.stopped_step, record.best_step, record.converged, record.feature_redraws) == (None,) * 4
+    assert list(record.to_dict()) == OK_KEYS and record.to_dict()["converged"] is None
+
+
+@pytest.mark.parametrize("early_stopping, early_stopped, best_step, last_val_step, converged", [
+    (True, True, 40, 60, True),      # stopped because the metric stopped improving
+    (True, False, 60, 60, False),    # reached its cap with early stopping on: still improving
+    (True, False, 40, 60, False),    # improved (by min_delta) within its patience, best just before
+    (True, False, None, None, None),  # never validated
+    (False, False, 60, 60, False),   # no early stopping, best at the last validation: still improving
+    (False, False, 40, 60, None),    # no early stopping, an earlier best: cannot be told
+    (False, False, None, None, None),
+])
+def test_training_verdict_rule(early_stopping, early_stopped, best_step, last_val_step, converged):
+    assert training_verdict(early_stopping, early_stopped, best_step, last_val_step) is converged
 
 
 def test_a_hand_written_failed_record_without_steps_or_error_reads():

@@ -550,3 +550,17 @@ def test_record_counts_completed_epochs_and_keeps_last_validation(tmp_path):
     record = run(tiny_cfg("listops", "softmax", "trainer.max_epochs=2"), tmp_path)
     assert record.epochs == 2 and record.steps == 8
     assert set(record.metrics.val_last) >= {"val/acc", "val/loss"}
+
+
+@pytest.mark.parametrize("cap", ["trainer.max_steps=4", "trainer.max_epochs=1"])
+def test_favor_redraw_interval_equal_to_the_cap_never_redraws_and_the_record_says_so(tmp_path, cap):
+    """redraw_interval 4 in a 4-step run (max_steps, or one epoch of 4 steps): the redraw that would fall on the
+    last step is skipped, so the last validation and the test score the features the model trained with;
+    interval 2 redraws once (after step 2), and a fixed-features run records 0."""
+    record = run(tiny_cfg("listops", "favor_plus", cap, "attention.kwargs.redraw_interval=4"), tmp_path / "a")
+    assert (record.steps, record.feature_redraws) == (4, 0)
+    once = run(tiny_cfg("listops", "favor_plus", cap, "attention.kwargs.redraw_interval=2"), tmp_path / "b")
+    assert once.feature_redraws == 1
+    fixed = run(tiny_cfg("listops", "favor_plus", cap, "attention.kwargs.redraw_interval=0", "test=false"),
+                tmp_path / "c")
+    assert fixed.feature_redraws == 0

@@ -151,6 +151,12 @@ class Attention(nn.Module):
         """Called once after every optimizer step (:func:`~efficient_attn.attention_optimizer_step`);
         a no-op unless the variant keeps a schedule (FAVOR+ redraws)."""
 
+    def final_optimizer_step(self) -> None:
+        """Called instead of :meth:`optimizer_step` after a run's last optimizer step
+        (``attention_optimizer_step(model, final=True)``): what that step changes would meet no training,
+        only the last validation and the test. By default the same as :meth:`optimizer_step`."""
+        self.optimizer_step()
+
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, num_heads={self.num_heads}"
 

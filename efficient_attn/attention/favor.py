@@ -42,7 +42,8 @@ class FavorAttention(KernelAttention):
     float32 buffer (float64 under ``.double()``; it stays float32 when the module is cast to
     bf16/fp16), saved in checkpoints. It is redrawn every ``redraw_interval`` optimizer steps
     (0 = never), counted by :meth:`optimizer_step`, which the training loop calls once per step
-    (``efficient_attn.attention_optimizer_step``); forward and decoding never redraw. Draw n uses a
+    (``efficient_attn.attention_optimizer_step``), except after the run's last step, which
+    :meth:`final_optimizer_step` counts without a redraw; forward and decoding never redraw. Draw n uses a
     generator seeded by (``draw_seed``, n). Standalone, ``draw_seed`` is ``seed``, or with
     ``seed=None`` one draw from torch's RNG; inside a model, ``efficient_attn.seed_attentions``
     sets it per module from (``seed`` or the run's seed, the module's name), so every FAVOR+ module
@@ -112,6 +113,21 @@ class FavorAttention(KernelAttention):
             self.redraw_features()
         else:
             self.steps_since_draw.fill_(self._steps_since_draw)
+
+    @torch.no_grad()
+    def final_optimizer_step(self) -> None:
+        """Count the run's last optimizer step without redrawing: features drawn there would be used by the
+        last validation and the test but never trained with. A run resumed with a larger cap redraws at its
+        next step (the count is then past ``redraw_interval``)."""
+        if self.redraw_interval == 0:
+            return
+        self._steps_since_draw += 1
+        self.steps_since_draw.fill_(self._steps_since_draw)
+
+    @property
+    def feature_redraws(self) -> int:
+        """Redraws since the features were seeded (``reset_random``) or built: draws after the first."""
+        return int(self.num_draws) - 1
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         # a checkpoint without ``draw_seed``: keep this module's (its features are loaded as saved)

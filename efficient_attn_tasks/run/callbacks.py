@@ -301,6 +301,23 @@ class NonFiniteGuard(pl.Callback):
         self.scaler_skipped = state.get("scaler_skipped", 0)  # a checkpoint without the count
 
 
+def early_stopping_outcome(callbacks: list[pl.Callback]) -> tuple[bool, bool]:
+    """(whether an EarlyStopping callback ran, whether one stopped the run because its metric stopped
+    improving: patience exhausted or ``stopping_threshold`` reached; a stop on divergence or a non-finite
+    metric is not that). Read after fit and before test (test restores the best checkpoint's callback states)."""
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    stops = [c for c in callbacks if isinstance(c, EarlyStopping)]
+    converged = False
+    for stop in stops:
+        reason = getattr(stop, "stopping_reason", None)  # Lightning >= 2.6
+        if reason is not None:
+            converged |= reason.name in ("PATIENCE_EXHAUSTED", "STOPPING_THRESHOLD")
+        else:
+            converged |= stop.stopped_epoch > 0 and stop.wait_count >= stop.patience
+    return bool(stops), converged
+
+
 def grad_scaler(trainer: pl.Trainer) -> Any:
     """The gradient scaler of the trainer's precision plugin (fp16 AMP), or None."""
     return getattr(trainer.precision_plugin, "scaler", None)

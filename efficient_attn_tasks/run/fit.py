@@ -20,11 +20,14 @@ from efficient_attn_tasks.run.record import (
     RESULTS_JSON,
     Attempt,
     RunRecord,
+    checkpoint_step,
+    feature_redraws,
     record_status,
     reset_peak_memory,
     run_record,
     summary_line,
     tested_checkpoint,
+    training_verdict,
     write_failed_record,
 )
 from efficient_attn_tasks.run.resume import resume_checkpoint
@@ -97,6 +100,7 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
         SaveOnInterrupt,
         Throughput,
         ValidateAtMaxSteps,
+        early_stopping_outcome,
         keep_averaged_weights_for_test,
         progress_bar,
         quiet_lightning,
@@ -157,6 +161,10 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         fit_s = time.perf_counter() - fit_start
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}  # before test
+        stopped_step, redraws = trainer.global_step, feature_redraws(module)  # test loads the best checkpoint
+        best_step = checkpoint_step(best.best_model_path) if best.best_model_path else None
+        last_val_step = max((s for s, k, _ in curves.rows if k.startswith("val/")), default=None)
+        converged = training_verdict(*early_stopping_outcome(trainer.callbacks), best_step, last_val_step)
         test, tested = {}, None
         if cfg.test:
             tested = tested_checkpoint(best.best_model_path, trainer.global_step, trainer.is_global_zero)
@@ -167,6 +175,8 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
                 c.load_state_dict(state)
         record = run_record(cfg, module, trainer, best, throughput, val, test, fit_s, time.perf_counter() - start)
         record.metrics.test_checkpoint = tested
+        record.stopped_step, record.best_step, record.converged = stopped_step, best_step, converged
+        record.feature_redraws = redraws
         record.skipped_updates = guard.skipped
         record.scaler_skipped_steps = guard.scaler_skipped  # fp16 AMP overflow steps the scaler skipped (normal)
         record.precision = str(trainer.precision)  # as Lightning ran it (16-mixed on CPU becomes bf16-mixed)

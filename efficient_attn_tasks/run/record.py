@@ -23,7 +23,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-RECORD_VERSION = 2  # the format RunRecord.to_json writes; a record without "version" is format 1
+RECORD_VERSION = 3  # the format RunRecord.to_json writes; a record without "version" is format 1
+# Format 3 adds stopped_step, best_step, converged and feature_redraws (null in older records: not recorded)
 RESULTS_JSON = "results.json"  # a run dir's record
 
 
@@ -83,6 +84,10 @@ class RunRecord:
     num_parameters: int | None = None
     epochs: int | None = None  # completed epochs
     steps: int | None = None  # optimizer steps (a failed run: the step it reached)
+    stopped_step: int | None = None  # the optimizer step training stopped at (its cap, or early stopping)
+    best_step: int | None = None  # the optimizer step of the best validation checkpoint; None without validation
+    converged: bool | None = None  # training_verdict(): True early stopping fired, False still improving, None unknown
+    feature_redraws: int | None = None  # FAVOR+ feature redraws during training; None: the model has no such features
     processes: int | None = None  # DDP: devices × nodes
     train_tokens: int | None = None  # of all processes
     train_tokens_per_s: float | None = None  # global: all processes' tokens / training seconds
@@ -101,7 +106,8 @@ class RunRecord:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys this code does not know
 
     OK_KEYS = ("name", "task", "attention", "attention_config", "seed", "status", "config", "overrides", "metrics",
-               "bleu_signature", "num_parameters", "epochs", "steps", "processes", "train_tokens",
+               "bleu_signature", "num_parameters", "epochs", "steps", "stopped_step", "best_step", "converged",
+               "feature_redraws", "processes", "train_tokens",
                "train_tokens_per_s", "train_tokens_per_s_scope", "peak_memory_mib", "fit_time_s", "wall_time_s",
                "hardware", "versions", "skipped_updates", "scaler_skipped_steps", "precision", "resumed_from",
                "threads")
@@ -200,14 +206,48 @@ def tested_checkpoint(best_path: str, last_step: int, announce: bool = True) -> 
     said in a warning line (``announce``: this process prints) so a test metric never hides its source.
     """
     if best_path:
-        import torch
-
-        step = torch.load(best_path, map_location="cpu", weights_only=False, mmap=True)["global_step"]
-        return {"checkpoint": "best", "path": best_path, "step": int(step)}
+        return {"checkpoint": "best", "path": best_path, "step": checkpoint_step(best_path)}
     if announce:
         print(f"warning: no best checkpoint (validation never ran); testing the last weights, step {last_step}; "
               "results.json says test_checkpoint: last", file=sys.stderr)
     return {"checkpoint": "last", "path": None, "step": last_step}
+
+
+def checkpoint_step(path: str) -> int:
+    """The optimizer step at which a Lightning checkpoint is saved (its ``global_step``)."""
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+
+
+def training_verdict(early_stopping: bool, early_stopped: bool, best_step: int | None,
+                     last_val_step: int | None) -> bool | None:
+    """``converged`` of a run record, from how training ended:
+
+    - True: early stopping fired because the monitored metric stopped improving (its patience ran out, or it
+      reached ``stopping_threshold``);
+    - else None when validation never ran (no best step);
+    - else False with early stopping on (the run reached its step cap, or early stopping fired on divergence
+      or a non-finite metric): an improvement larger than ``min_delta`` came within its last ``patience``
+      validations: still improving;
+    - else (early stopping off) False when the best validation is the last one (``best_step ==
+      last_val_step``: still improving at the cap), None otherwise (an earlier best may be a plateau or
+      noise; without a patience rule that cannot be told).
+    """
+    if early_stopped:
+        return True
+    if best_step is None:
+        return None
+    if early_stopping:
+        return False
+    return False if best_step == last_val_step else None
+
+
+def feature_redraws(model: Any) -> int | None:
+    """Redraws of random features during training: the most of any module with a ``feature_redraws`` count
+    (FAVOR+; every module of one config shares its schedule); None when the model has no such module."""
+    counts = [int(m.feature_redraws) for m in model.modules() if hasattr(m, "feature_redraws")]
+    return max(counts) if counts else None
 
 
 def run_record(cfg, module, trainer, checkpoint, throughput, val, test, fit_s, wall_s) -> RunRecord:

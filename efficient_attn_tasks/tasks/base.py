@@ -208,10 +208,14 @@ class TaskModule(pl.LightningModule):
 
         Lightning calls this once per real step (after the last of ``accumulate_grad_batches``
         micro-batches), before ``on_train_batch_end``, so checkpoints saved there include the hooks' effect.
+        The step that reaches the run's cap (``trainer.estimated_stepping_batches``: max_steps, or max_epochs
+        × steps per epoch) is the final one: FAVOR+ does not redraw there (features no step trains with).
         """
         self.log("train/lr", float(optimizer.param_groups[0]["lr"]), on_step=True, on_epoch=False)
+        step = self.trainer.global_step  # steps completed before this one
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        attention_optimizer_step(self)
+        cap = self.trainer.estimated_stepping_batches  # -1 or inf: no step cap (max_time, an endless loader)
+        attention_optimizer_step(self, final=0 < cap <= step + 1)
 
     def forward(self, batch: Any) -> torch.Tensor:
         """The model's output (logits) for one batch as the data module yields it."""
