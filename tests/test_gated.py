@@ -158,3 +158,37 @@ def test_wrapper_feeds_the_layer_input_as_x(name):
     q, k, v = (proj(x).unflatten(-1, (3, 4)).transpose(1, 2) for proj in (mha.q_proj, mha.k_proj, mha.v_proj))
     core = mha.attention(q, k, v, causal=True, x=x)  # (B, H, L, D)
     torch.testing.assert_close(mha(x, causal=True), mha.out_proj(core.transpose(1, 2).flatten(2)))
+
+
+def test_plain_forms_return_the_outputs():
+    """The public forms without state return (B, H, L, E), the outputs of their ``*_with_state`` forms."""
+    from efficient_attn.ops.delta import chunked_delta, delta_recurrence
+    from efficient_attn.ops.gated import chunked_gated, gated_recurrence
+
+    q, k, v, log_gate, beta = _inputs(11)
+    k = F.normalize(k, dim=-1)
+    want = gated_recurrence_with_state(q, k, v, log_gate)[0]
+    for got in (gated_recurrence(q, k, v, log_gate), chunked_gated(q, k, v, log_gate, 4)):
+        assert got.shape == (2, 3, 11, 5)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    want = delta_recurrence_with_state(q, k, v, beta, log_gate[..., 0])[0]
+    for got in (delta_recurrence(q, k, v, beta, log_gate[..., 0]), chunked_delta(q, k, v, beta, log_gate[..., 0], 4)):
+        assert got.shape == (2, 3, 11, 5)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", GATED)
+def test_initialisation_follows_the_papers(name):
+    """Gate projections start as nn.Linear does (uniform in ±1/√fan_in); Mamba-2's decay starts with
+    A = exp(A_log) in [1, 16] and dt = softplus(dt_bias) in [1e-3, 0.1]."""
+    torch.manual_seed(0)
+    attn = ea.create_attention(name, head_dim=16, num_heads=64, model_dim=256)
+    for param_name in ("gate_down", "gate_up", "dt_proj", "beta_proj"):
+        weight = getattr(attn, param_name, None)
+        if weight is not None:
+            bound = 1.0 / weight.shape[1] ** 0.5
+            assert weight.abs().max() <= bound and weight.abs().max() > 0.97 * bound, param_name
+    if hasattr(attn, "a_log"):
+        a, dt = attn.a_log.exp(), F.softplus(attn.dt_bias)
+        assert ((a >= 1.0) & (a <= 16.0)).all() and a.max() - a.min() > 10
+        assert ((dt >= 1e-3 * (1 - 1e-5)) & (dt <= 0.1 * (1 + 1e-5))).all() and dt.max() / dt.min() > 20
