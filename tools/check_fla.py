@@ -256,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--fla-commit', default=None, help='commit of the tree (read with git when --fla-dir is a checkout)')
     p.add_argument('--out', type=Path, default=Path('results/reference_checks/fla.md'))
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3, 4])
-    p.add_argument('--shape', type=int, nargs=5, default=[2, 3, 37, 8, 5], metavar=('B', 'H', 'L', 'D', 'E'))
+    p.add_argument('--shape', type=int, nargs=5, default=[2, 3, 150, 8, 5], metavar=('B', 'H', 'L', 'D', 'E'))
     p.add_argument('--fla-chunk', type=int, default=16, help="chunk size of fla's chunked references")
-    p.add_argument('--chunks', type=int, nargs='+', default=[8, 16, 64], help='chunk sizes of ours')
+    p.add_argument('--chunks', type=int, nargs='+', default=[8, 32, 64], help='chunk sizes of ours')
     p.add_argument('--tol', type=float, default=1e-10)
     p.add_argument('--as-shipped', action='store_true',
                    help='run the fla files unmodified (float32 inside; needs a looser --tol)')
