@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
-
 from ..registry import register_attention
-from .gated import GatedRecurrentAttention, linear
+from .gated import GatedRecurrentAttention
 
 
 @register_attention("deltanet")
@@ -22,18 +19,3 @@ class DeltaNetAttention(GatedRecurrentAttention):
     """
 
     delta_rule = True
-    normalize_qk = True
-
-    def __init__(
-        self, head_dim: int, num_heads: int, *, model_dim: int | None = None, chunk_size: int = 64,
-        scale: float | None = None,
-    ) -> None:
-        super().__init__(head_dim, num_heads, model_dim=model_dim, chunk_size=chunk_size, scale=scale)
-        self.beta_proj = nn.Parameter(torch.empty(num_heads, self.model_dim))  # w (H, model_dim)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.beta_proj, a=5**0.5)  # nn.Linear's default
-
-    def gates(self, x: Tensor) -> tuple[None, Tensor]:
-        return None, linear(x, self.beta_proj).sigmoid().transpose(1, 2)  # β (B, H, L)

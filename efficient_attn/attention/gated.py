@@ -12,7 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..ops.delta import chunked_delta_with_state, delta_recurrence_with_state
 from ..ops.gated import chunked_gated_with_state, gated_recurrence_with_state
@@ -23,16 +23,17 @@ from .base import Attention, check_inputs, check_step, check_token_input, tokens
 class GatedRecurrentAttention(Attention):
     """Base: causal self-attention through a gated recurrence S_t (B, H, D, Dv) computed in chunks.
 
-    Subclasses implement :meth:`gates` and set ``delta_rule``; ``normalize_qk`` L2-normalises q and k
-    (the delta rule needs ‖k‖ = 1). Computed in float32 (float64 stays float64), also under autocast;
-    the output comes in v's dtype.
+    A subclass sets ``delta_rule`` (β_t = σ(x_t w_h) per head, parameter ``beta_proj``; q and k L2-normalised:
+    the rule needs ‖k‖ = 1) and ``mamba2_gate`` (Mamba-2's decay per head: ``dt_proj``, ``dt_bias``,
+    ``a_log``), or overrides :meth:`gates` with its own parameters (GLA). Computed in float32 (float64 stays
+    float64), also under autocast; the output comes in v's dtype.
     """
 
     supports_noncausal = False
     supports_cross_attention = False
     token_input = True
     delta_rule: bool = False
-    normalize_qk: bool = False
+    mamba2_gate: bool = False
 
     def __init__(
         self, head_dim: int, num_heads: int, *, model_dim: int | None = None, chunk_size: int = 64,
@@ -47,10 +48,30 @@ class GatedRecurrentAttention(Attention):
             raise ValueError(f"scale must be positive, got {scale!r}")
         self.model_dim, self.chunk_size = model_dim, chunk_size
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+        if self.delta_rule:
+            self.beta_proj = nn.Parameter(torch.empty(num_heads, model_dim))  # w (H, model_dim)
+        if self.mamba2_gate:
+            self.dt_proj = nn.Parameter(torch.empty(num_heads, model_dim))  # u (H, model_dim)
+            self.dt_bias = nn.Parameter(torch.empty(num_heads))  # (H,)
+            self.a_log = nn.Parameter(torch.empty(num_heads))  # log A (H,)
+        self._reset_gates()
+
+    def reset_parameters(self) -> None:
+        self._reset_gates()
+
+    def _reset_gates(self) -> None:
+        """β and decay projections as nn.Linear's default; Mamba-2's decay as :func:`init_mamba2_decay`."""
+        if self.delta_rule:
+            nn.init.kaiming_uniform_(self.beta_proj, a=math.sqrt(5))
+        if self.mamba2_gate:
+            nn.init.kaiming_uniform_(self.dt_proj, a=math.sqrt(5))
+            init_mamba2_decay(self.dt_bias, self.a_log)
 
     def gates(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """x (B, L, model_dim) -> (log gate (B, H, L, D) or (B, H, L, 1) or None, β (B, H, L) or None)."""
-        raise NotImplementedError
+        beta = linear(x, self.beta_proj).sigmoid().transpose(1, 2) if self.delta_rule else None  # (B, H, L)
+        decay = mamba2_decay(x, self.dt_proj, self.dt_bias, self.a_log) if self.mamba2_gate else None
+        return decay, beta  # (B, H, L, 1) or None, (B, H, L) or None
 
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool, *, x: Tensor
@@ -94,7 +115,7 @@ class GatedRecurrentAttention(Attention):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """Upcast q, k, v; scale (and normalise) q, k; gates from x, set to "no change" at padded positions."""
         q, k, v = upcast(q, k, v)
-        if self.normalize_qk:
+        if self.delta_rule:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         log_gate, beta = self.gates(x.to(q.dtype))
         if key_padding_mask is not None:

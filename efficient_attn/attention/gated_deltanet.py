@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
-
 from ..registry import register_attention
-from .gated import GatedRecurrentAttention, init_mamba2_decay, linear, mamba2_decay
+from .gated import GatedRecurrentAttention
 
 
 @register_attention("gated_deltanet")
@@ -23,24 +20,4 @@ class GatedDeltaNetAttention(GatedRecurrentAttention):
     """
 
     delta_rule = True
-    normalize_qk = True
-
-    def __init__(
-        self, head_dim: int, num_heads: int, *, model_dim: int | None = None, chunk_size: int = 64,
-        scale: float | None = None,
-    ) -> None:
-        super().__init__(head_dim, num_heads, model_dim=model_dim, chunk_size=chunk_size, scale=scale)
-        self.beta_proj = nn.Parameter(torch.empty(num_heads, self.model_dim))  # w (H, model_dim)
-        self.dt_proj = nn.Parameter(torch.empty(num_heads, self.model_dim))  # u (H, model_dim)
-        self.dt_bias = nn.Parameter(torch.empty(num_heads))  # (H,)
-        self.a_log = nn.Parameter(torch.empty(num_heads))  # log A (H,)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        for weight in (self.beta_proj, self.dt_proj):
-            nn.init.kaiming_uniform_(weight, a=5**0.5)  # nn.Linear's default
-        init_mamba2_decay(self.dt_bias, self.a_log)
-
-    def gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        beta = linear(x, self.beta_proj).sigmoid().transpose(1, 2)  # (B, H, L)
-        return mamba2_decay(x, self.dt_proj, self.dt_bias, self.a_log), beta  # (B, H, L, 1), (B, H, L)
+    mamba2_gate = True

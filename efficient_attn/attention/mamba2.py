@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
-
 from ..registry import register_attention
-from .gated import GatedRecurrentAttention, init_mamba2_decay, mamba2_decay
+from .gated import GatedRecurrentAttention
 
 
 @register_attention("mamba2")
@@ -22,19 +19,4 @@ class Mamba2Attention(GatedRecurrentAttention):
     Masks: causal self-attention only; padded positions leave the state unchanged (a = 1).
     """
 
-    def __init__(
-        self, head_dim: int, num_heads: int, *, model_dim: int | None = None, chunk_size: int = 64,
-        scale: float | None = None,
-    ) -> None:
-        super().__init__(head_dim, num_heads, model_dim=model_dim, chunk_size=chunk_size, scale=scale)
-        self.dt_proj = nn.Parameter(torch.empty(num_heads, self.model_dim))  # w (H, model_dim)
-        self.dt_bias = nn.Parameter(torch.empty(num_heads))  # (H,)
-        self.a_log = nn.Parameter(torch.empty(num_heads))  # log A (H,)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.dt_proj, a=5**0.5)  # nn.Linear's default
-        init_mamba2_decay(self.dt_bias, self.a_log)
-
-    def gates(self, x: Tensor) -> tuple[Tensor, None]:
-        return mamba2_decay(x, self.dt_proj, self.dt_bias, self.a_log), None  # (B, H, L, 1)
+    mamba2_gate = True
