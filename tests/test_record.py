@@ -86,7 +86,7 @@ def test_read_and_write_use_the_file(tmp_path):
 
 @pytest.mark.skipif(not COMMITTED, reason="no committed results under results/")
 def test_every_committed_record_reads_and_writes_back_what_it_holds():
-    """Format 1 records (no "version") from results/: each reads, and its JSON object keeps every key and
+    """Committed records from results/ (formats 1 and 2): each reads, and its JSON object keeps every key and
     value of the file, with the keys the file lacks added (defaults) and "version" stamped."""
     assert len(COMMITTED) > 100
     for path in COMMITTED:
@@ -95,8 +95,9 @@ def test_every_committed_record_reads_and_writes_back_what_it_holds():
         assert record.version == raw.get("version", 1) and record.status == raw.get("status", "ok"), path
         assert record.metrics is not None and record.metrics.monitor and record.extra == {}, path
         written = record.to_dict()
-        kept = {k: v for k, v in written.items() if k in raw and k != "metrics"}
+        kept = {k: v for k, v in written.items() if k in raw and k not in ("version", "metrics")}
         assert kept == {k: v for k, v in raw.items() if k not in ("version", "metrics")}, path
+        assert written["version"] == RECORD_VERSION, path  # a format 2 record is stamped with the current format
         assert {k: v for k, v in written["metrics"].items() if k in raw["metrics"]} == raw["metrics"], path
         assert list(written) == OK_KEYS, path
 
