@@ -1,0 +1,134 @@
+"""The MQAR protocol as a resumable queue: per (attention, cell, width), a learning-rate search on validation,
+then more seeds at the chosen rate, then more again where the seeds disagree about success.
+
+    python -m tools.mqar_protocol SWEEP_DIR --items softmax:L64_kv8:64 deltanet+conv4:L64_kv8:64 [--workers 2]
+
+An item is ``ATTENTION[+convK]:CELL:D_MODEL``. Stages, each one ``efficient-attn-train -m experiment=mqar/grid``
+call into SWEEP_DIR (``ckpt_path=last``: finished jobs are skipped, interrupted ones resume):
+
+1. search: every ``--lrs`` value × ``--search-seeds``;
+2. confirm: the learning rate with the best mean ``val_best`` over the search seeds, seeds up to ``--seeds``;
+3. widen: where the confirmed runs disagree about success (``val_best >= --success``), seeds up to ``--more-seeds``.
+
+Workers take items in order (one job each, one thread), so every item finishes whole before the queue moves on.
+Selection reads validation only; the report (``--tune config.optim.lr``) compares rates on the seeds every rate has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from efficient_attn_tasks.run.record import RunRecord
+
+
+def parse_item(text: str) -> tuple[str, int, str, int]:
+    """``deltanet+conv4:L64_kv8:64`` → ("deltanet", 4, "L64_kv8", 64)."""
+    attention, cell, width = text.split(":")
+    name, _, conv = attention.partition("+conv")
+    return name, int(conv or 0), cell, int(width)
+
+
+def item_overrides(name: str, conv: int, cell: str, width: int) -> list[str]:
+    out = [f"attention={name}", f"mqar_cell={cell}", f"model.d_model={width}"]
+    return out + ([f"attention.layer.short_conv={conv}"] if conv else [])
+
+
+def train(sweep: Path, overrides: list[str], lrs: list[float], seeds: list[int], extra: list[str]) -> None:
+    cmd = ["efficient-attn-train", "-m", "experiment=mqar/grid", f"hydra.sweep.dir={sweep}", "ckpt_path=last",
+           "hydra.launcher.n_jobs=1", *overrides, *extra, "optim.lr=" + ",".join(map(str, lrs)),
+           "seed=" + ",".join(map(str, seeds))]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=False, cwd=sweep)
+
+
+def records(sweep: Path, name: str, conv: int, cell_len: tuple[int, int], width: int) -> list[RunRecord]:
+    """The finished runs of one item in the sweep dir."""
+    found = []
+    for path in sweep.glob("*/results.json"):
+        r = RunRecord.read(path)
+        c = r.config
+        if r.status != "ok" or c["attention"].get("config") != name:
+            continue
+        if ((c["task"]["seq_len"], c["task"]["num_kv_pairs"]) == cell_len and c["model"]["d_model"] == width
+                and int((c["attention"].get("layer") or {}).get("short_conv") or 0) == conv):
+            found.append(r)
+    return found
+
+
+def best_lr(runs: list[RunRecord], lrs: list[float], seeds: list[int]) -> float | None:
+    scores = {lr: [r.metrics.val_best for r in runs if abs(r.config["optim"]["lr"] - lr) < 1e-12 and r.seed in seeds]
+              for lr in lrs}
+    scored = {lr: statistics.mean(v) for lr, v in scores.items() if v}
+    return max(scored, key=scored.get) if scored else None
+
+
+def cell_of(sweep: Path, cell: str) -> tuple[int, int]:
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "mqar_cell" / f"{cell}.yaml"
+    c = OmegaConf.load(root)
+    return int(c.seq_len), int(c.num_kv_pairs)
+
+
+def run_item(sweep: Path, item: str, args: argparse.Namespace) -> None:
+    name, conv, cell, width = parse_item(item)
+    overrides = item_overrides(name, conv, cell, width)
+    cell_len = cell_of(sweep, cell)
+    train(sweep, overrides, args.lrs, args.search_seeds, args.extra)
+    lr = best_lr(records(sweep, name, conv, cell_len, width), args.lrs, args.search_seeds)
+    if lr is None:
+        print(f"{item}: no finished search run", flush=True)
+        return
+    train(sweep, overrides, [lr], list(range(args.seeds)), args.extra)
+    chosen = [r for r in records(sweep, name, conv, cell_len, width) if abs(r.config["optim"]["lr"] - lr) < 1e-12]
+    wins = {r.metrics.val_best >= args.success for r in chosen}
+    if len(wins) > 1 and args.more_seeds > args.seeds:
+        train(sweep, overrides, [lr], list(range(args.more_seeds)), args.extra)
+
+
+def claim(sweep: Path, item: str) -> bool:
+    try:
+        (sweep / ".claims" / item.replace(":", "_")).mkdir(parents=True)
+        return True
+    except FileExistsError:
+        return False
+
+
+def worker(sweep: Path, items: list[str], args: argparse.Namespace) -> None:
+    for item in items:
+        if claim(sweep, item):
+            run_item(sweep, item, args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", type=Path)
+    p.add_argument("--items", nargs="+", required=True)
+    p.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")], default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2])
+    p.add_argument("--search-seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--more-seeds", type=int, default=10)
+    p.add_argument("--success", type=float, default=0.9)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--extra", nargs="*", default=[], help="more overrides for every job, e.g. trainer.max_steps=5")
+    args = p.parse_args(argv)
+    sweep = args.sweep.resolve()
+    (sweep / ".claims").mkdir(parents=True, exist_ok=True)
+    if os.environ.get("MQAR_PROTOCOL_WORKER"):
+        worker(sweep, args.items, args)
+        return
+    for claimed in (sweep / ".claims").iterdir():  # a restart re-runs every unfinished item (finished jobs skip)
+        claimed.rmdir()
+    env = dict(os.environ, MQAR_PROTOCOL_WORKER="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "tools.mqar_protocol", *sys.argv[1:]], env=env)
+             for _ in range(args.workers)]
+    sys.exit(max(p.wait() for p in procs))
+
+
+if __name__ == "__main__":
+    main()
