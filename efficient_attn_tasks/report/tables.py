@@ -174,14 +174,19 @@ def _hashable(value: Any) -> Any:
 def tune(runs: list[dict[str, Any]], key: str, label: str = "") -> tuple[list[dict[str, Any]], Any, int]:
     """(the runs of the chosen ``key`` value, that value, how many values the runs tried).
 
-    The chosen value has the best mean over its runs (seeds) of ``metrics.val_best``: the largest, or the
-    smallest when the monitor is loss-like (see ``minimises``); ties go to the smaller value. Test metrics
-    are never looked at, so they stay an unbiased estimate for the chosen value.
+    The chosen value has the best mean of ``metrics.val_best`` over the seeds that every value has (all its
+    runs when no seed is common): the largest, or the smallest when the monitor is loss-like (see
+    ``minimises``); ties go to the smaller value. So a value given more seeds after a search (a confirm stage)
+    is compared on the search seeds, as the others are. Test metrics are never looked at, so they stay an
+    unbiased estimate for the chosen value.
     """
     by_value: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         by_value[_hashable(field(r, key))].append(r)
-    scores = {v: finite_values([r["metrics"]["val_best"] for r in rs]) for v, rs in by_value.items()}
+    scored = [{r.get("seed") for r in rs if finite_values([r["metrics"]["val_best"]])} for rs in by_value.values()]
+    common = set.intersection(*[s for s in scored if s]) if any(scored) else set()
+    scores = {v: finite_values([r["metrics"]["val_best"] for r in rs if not common or r.get("seed") in common])
+              for v, rs in by_value.items()}
     candidates = sorted((v for v, s in scores.items() if s), key=_order)  # ascending: min/max keep the first tie
     if not candidates:
         raise SystemExit(f"--tune {key}: no run of row {label!r} has a finite metrics.val_best")
