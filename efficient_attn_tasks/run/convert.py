@@ -13,6 +13,7 @@ loaded too. Two entry points use it: ``efficient-attn-train init_from=<run or .c
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -39,10 +40,10 @@ class Transfer:
     dropped: list[str] = field(default_factory=list)
 
     def line(self, source: Path | str) -> str:
-        """One log line: the counts, and the names of the fresh tensors."""
-        fresh = f": {_names(self.fresh)}" if self.fresh else ""
+        """One log line: the counts, and the fresh tensors' names (layer numbers as ``*``)."""
+        fresh = f" ({', '.join(layer_patterns(self.fresh))})" if self.fresh else ""
         return (f"init from {source}: loaded {len(self.loaded)} tensors, kept {len(self.fresh)} of the new "
-                f"attention fresh{fresh}; dropped {len(self.dropped)} of the checkpoint's attention")
+                f"attention fresh{fresh}, dropped {len(self.dropped)} of the checkpoint's attention")
 
     def to_dict(self) -> dict[str, Any]:
         return {"loaded": len(self.loaded), "fresh": self.fresh, "dropped": self.dropped}
@@ -183,6 +184,11 @@ def parse_kwargs(items: Sequence[str]) -> dict[str, Any]:
             raise ConfigError(f"--attention-kwargs {item!r}: give key=value, e.g. num_features=4096")
         out[key.strip()] = yaml.safe_load(value)
     return out
+
+
+def layer_patterns(keys: Sequence[str]) -> list[str]:
+    """State-dict keys with their layer numbers as ``*``, each pattern once, in first-seen order."""
+    return list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", k) for k in keys))
 
 
 def _shared(key: str) -> bool:
