@@ -109,6 +109,18 @@ def test_the_attentions_own_tensors_are_never_loaded_from_another_attention():
     assert torch.equal(new[0].attention.projection, old[0].attention.projection)
 
 
+def test_only_attention_tensors_may_be_missing_or_left_over():
+    def model(*extra: torch.nn.Module) -> torch.nn.Module:
+        return torch.nn.Sequential(MultiHeadAttention(16, 2, "softmax"), torch.nn.Linear(16, 16), *extra)
+
+    old = {**model().state_dict(), "0.attention.weight": torch.ones(2, 8, 8)}  # the old attention's own
+    assert convert.load_converted(model(), old, same_attention=False).dropped == ["0.attention.weight"]
+    with pytest.raises(ConfigError, match="lacks weights of this model that no attention owns: 2.weight, 2.bias"):
+        convert.load_converted(model(torch.nn.Linear(16, 16)), old, same_attention=False)
+    with pytest.raises(ConfigError, match="no attention's and have no place in this model: 2.weight"):
+        convert.load_converted(model(), {**old, "2.weight": torch.ones(3)}, same_attention=False)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["task=mqar", "model.d_model=32"], "do not fit this model: model.embed_tgt.tokens.weight"),
     (["task=listops"], "is a checkpoint of task mqar, but this run's task is listops"),
