@@ -152,4 +152,4 @@ def test_init_from_with_ckpt_path_is_refused_in_one_line_with_exit_2(softmax_run
 
 def test_the_swap_in_help_example_names_a_real_option():
     text = evaluate.parser().format_help()
-    assert "--attention favor_plus --attention-kwargs num_features=1024" in text
+    assert "last.ckpt --split val --attention favor_plus --attention-kwargs num_features=1024" in text

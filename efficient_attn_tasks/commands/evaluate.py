@@ -15,9 +15,8 @@ runs alone: its config and tokenizer are inside it.
 
 examples:
   efficient-attn-eval outputs/<date>/<run>             # the run's best checkpoint on its test split
-  efficient-attn-eval outputs/<date>/<run>/checkpoints/last.ckpt --split val --beam 8
+  efficient-attn-eval <run>/checkpoints/last.ckpt --split val --attention favor_plus --attention-kwargs num_features=1024
   efficient-attn-eval <run> --files newstest2014.en newstest2014.de   # translation: source, reference
-  efficient-attn-eval <run> --attention favor_plus --attention-kwargs num_features=1024   # swap-in: FAVOR+ weights
 
 outputs:
   --out, the record (default: beside the checkpoint, <ckpt stem>.eval_<split, or the first file's name>.json;
@@ -25,6 +24,8 @@ outputs:
     metrics, the checkpoint used and why, data, beam, batch size, sacreBLEU signature, versions,
     swapped_in (--attention: the attention config and kwargs, tensors loaded, kept fresh, dropped)
   translation: the hypotheses too, one per line, in <record stem>.hyp.txt
+  --attention NAME: the model rebuilt with attention config NAME (its kwargs, --attention-kwargs on top) and
+    scored with the run's weights outside the attention cores; the new attention's own are drawn from the seed
   stdout: one summary line, then the path of each file written
 """
 
