@@ -124,6 +124,7 @@ def test_only_attention_tensors_may_be_missing_or_left_over():
 @pytest.mark.parametrize("overrides, message", [
     (["task=mqar", "model.d_model=32"], "do not fit this model: model.embed_tgt.tokens.weight"),
     (["task=listops"], "is a checkpoint of task mqar, but this run's task is listops"),
+    (["task=mqar", "task.vocab_size=40"], "trained with task.vocab_size=32, this run has task.vocab_size=40"),
 ])
 def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line_before_any_data(softmax_run, tmp_path, monkeypatch,
                                                                                overrides, message):
@@ -152,4 +153,4 @@ def test_init_from_with_ckpt_path_is_refused_in_one_line_with_exit_2(softmax_run
 
 def test_the_swap_in_help_example_names_a_real_option():
     text = evaluate.parser().format_help()
-    assert "last.ckpt --split val --attention favor_plus --attention-kwargs num_features=1024" in text
+    assert "last.ckpt --split val --attention favor_plus --attention-kwargs num_features=64" in text

@@ -15,7 +15,7 @@ runs alone: its config and tokenizer are inside it.
 
 examples:
   efficient-attn-eval outputs/<date>/<run>             # the run's best checkpoint on its test split
-  efficient-attn-eval <run>/checkpoints/last.ckpt --split val --attention favor_plus --attention-kwargs num_features=1024
+  efficient-attn-eval <run>/checkpoints/last.ckpt --split val --attention favor_plus --attention-kwargs num_features=64
   efficient-attn-eval <run> --files newstest2014.en newstest2014.de   # translation: source, reference
 
 outputs:

@@ -27,6 +27,7 @@ from efficient_attn_tasks.config.checks import ConfigError
 from efficient_attn_tasks.config.schema import ATTENTION_CONFIG_DIR, SITES, attention_spec, check_attentions
 
 SHARED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")  # what every variant's layer has
+VOCABULARY_KEYS = ("vocab_size", "tokenizer")  # task keys that fix the tokens the embeddings stand for
 SHOWN = 5  # names shown in a refusal or in the log line
 
 
@@ -133,6 +134,11 @@ def read_source(cfg: DictConfig, task: Any) -> Source:
         raise ConfigError(f"init_from={file} is a checkpoint of task {name}, but this run's task is {new}; "
                           f"give a {new} checkpoint, or set task={name}")
     check_vocabulary(file, checkpoint, new, task)
+    for key in VOCABULARY_KEYS:  # translation trains with the checkpoint's tokenizer (fit.py: the task's restore)
+        if key in old.task and key in cfg.task and old.task[key] != cfg.task[key]:
+            raise ConfigError(f"init_from={file} was trained with task.{key}={old.task[key]}, this run has "
+                              f"task.{key}={cfg.task[key]}; the embeddings belong to the checkpoint's vocabulary: "
+                              f"set task.{key}={old.task[key]}")
     cfg.init_from = str(file.resolve())
     return Source(file, chosen, checkpoint, old)
 
