@@ -14,6 +14,7 @@ import torch
 from efficient_attn import MultiHeadAttention
 from efficient_attn.attention.favor import FavorAttention
 from efficient_attn_tasks.commands import evaluate
+from efficient_attn_tasks.commands.train import resume_command
 from efficient_attn_tasks.config.checks import ConfigError
 from efficient_attn_tasks.inference import checkpoint
 from efficient_attn_tasks.inference import evaluate as scoring
@@ -149,6 +150,9 @@ def test_init_from_with_ckpt_path_is_refused_in_one_line_with_exit_2(softmax_run
     assert out.returncode == 2, out.stderr[-2000:]
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: init_from=") and "give one of them" in err[0]
+    # an interrupted run that started from init_from: its resume command drops init_from and names its run dir
+    assert resume_command(["task=mqar", "init_from=runs/a", "attention=hedgehog"], tmp_path, None) == \
+        f"efficient-attn-train task=mqar attention=hedgehog hydra.run.dir={tmp_path} ckpt_path=last"
 
 
 def test_the_swap_in_help_example_names_a_real_option():
