@@ -3,12 +3,16 @@ trained attention's rows are from softmax's: each checked on inputs whose right 
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from efficient_attn import create_attention
+from efficient_attn.analysis.rows import attention_rows, rows_against_softmax, softmax_rows, visible_keys
+from efficient_attn.attention.kernel import KernelAttention
 from efficient_attn_tasks.tasks import mqar
 from tests.helpers import config
 
@@ -86,3 +90,71 @@ def test_reach_share_counts_the_generated_split():
         assert mqar.reach_share(cfg, d) == sum(x <= d for x in distances) / len(distances)
     assert mqar.reach_share(cfg, 0) == 0.0 and mqar.reach_share(cfg, cfg.seq_len) == 1.0
     assert mqar.window_reach(16) == 15 and mqar.window_reach(16, layers=2) == 30
+
+
+# ----------------------------------------------------------------------------- attention rows against softmax
+
+
+class OneHotKeys(KernelAttention):
+    """φ(q) = e^{q/√d}, φ(k) = k: for one-hot keys φ(q)·φ(k_j) = e^{q·k_j/√d}, so its rows are softmax's."""
+
+    def feature_map(self, x, is_query, *, fresh_grad=False):
+        return ((x * x.shape[-1] ** -0.5).exp() if is_query else x), None
+
+
+def qkv(seed: int = 0, length: int = 10, dim: int = 6) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(2, 2, length, dim, generator=g, dtype=torch.float64) for _ in range(3))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_row_kl_is_zero_exactly_when_the_rows_are_softmax(causal):
+    q, _, v = qkv()
+    k = F.one_hot(torch.randint(6, (2, 2, 10), generator=torch.Generator().manual_seed(1)), 6).double()
+    attn = OneHotKeys(6, 2).double()
+    torch.testing.assert_close(attn(q, k, v, causal=causal),
+                               create_attention("softmax", head_dim=6, num_heads=2)(q, k, v, causal=causal))
+    same = rows_against_softmax(attn, q, k, causal=causal)
+    assert same["rows"] == "kernel" and same["softmax_mass"] == pytest.approx(1.0, abs=1e-12)
+    assert abs(same["kl_softmax_model"]) < 1e-12 and abs(same["kl_model_softmax"]) < 1e-12
+    other = rows_against_softmax(attn, q, k + 0.3, causal=causal)  # keys off the one-hot set: other rows
+    assert other["kl_softmax_model"] > 1e-3 and other["kl_model_softmax"] > 1e-3
+
+
+@pytest.mark.parametrize("name, kwargs", [("linear", {}), ("favor", {"num_features": 32}), ("hedgehog", {}),
+                                          ("taylor", {}), ("sliding_window", {"window": 3}), ("softmax", {})])
+@pytest.mark.parametrize("causal", [False, True])
+def test_rows_are_the_ones_the_attention_averages_with(name, kwargs, causal):
+    q, k, v = qkv(2)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 7:] = True  # the second sequence's last 3 keys are padding
+    attn = create_attention(name, head_dim=6, num_heads=2, **kwargs).double().eval()
+    kind, rows, visible = attention_rows(attn, q, k, pad, causal)
+    assert (rows[1, :, :, 7:] == 0).all()  # padded keys get no weight
+    out = attn(q, k, v, key_padding_mask=pad, causal=causal)  # (B, H, L, Dv)
+    torch.testing.assert_close(rows @ v.masked_fill(pad[:, None, :, None], 0.0), out, rtol=0, atol=1e-12)
+    result = rows_against_softmax(attn, q, k, pad, causal)
+    if name == "softmax":
+        assert abs(result["kl_softmax_model"]) < 1e-12
+    else:
+        assert result["kl_softmax_model"] > 0 and result["kl_model_softmax"] > 0
+
+
+def test_sliding_window_rows_report_the_mass_inside_the_window():
+    q, k, _ = qkv(3)
+    window = create_attention("sliding_window", head_dim=6, num_heads=2, window=3).double()
+    p = softmax_rows(q, k, visible_keys(10, None, True))
+    mass = (p * visible_keys(10, None, True, 3)).sum(-1)  # (B, H, L): softmax mass on the window's keys
+    result = rows_against_softmax(window, q, k, causal=True)
+    assert result["rows"] == "window" and result["kl_softmax_model"] == math.inf  # mass outside the band
+    assert result["softmax_mass"] == pytest.approx(float(mass.mean()), abs=1e-12)
+    assert result["kl_model_softmax"] == pytest.approx(float(-mass.log().mean()), abs=1e-12)  # = −log(mass)
+    wide = create_attention("sliding_window", head_dim=6, num_heads=2, window=10).double()
+    assert abs(rows_against_softmax(wide, q, k, causal=True)["kl_softmax_model"]) < 1e-12  # sees every key
+
+
+@pytest.mark.parametrize("name", ["mamba2", "retention", "dot"])
+def test_attentions_without_normalized_rows_say_so(name):
+    q, k, _ = qkv(4)
+    result = rows_against_softmax(create_attention(name, head_dim=6, num_heads=2).double(), q, k, causal=True)
+    assert result["rows"] == "no rows" and math.isnan(result["kl_softmax_model"])
