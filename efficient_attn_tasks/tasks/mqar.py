@@ -252,7 +252,11 @@ class MQARModule(TaskModule):
         return loss
 
     def eval_step(self, batch: Batch, split: str) -> None:
-        logits = self(batch)  # (B, L, V)
+        self.eval_logits(batch, self(batch), split)
+
+    def eval_logits(self, batch: Batch, logits: Tensor, split: str) -> None:
+        """Add one batch's loss, accuracy and :func:`recall_scores`, from the model's ``logits`` (B, L, V),
+        to the means of ``split``."""
         loss, acc, count = self.scores(batch, logits)
         self.accumulate(split, "loss", loss, count)
         self.accumulate(split, "acc", acc, count)
