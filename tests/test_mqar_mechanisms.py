@@ -3,6 +3,7 @@ trained attention's rows are from softmax's: each checked on inputs whose right 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -158,3 +159,42 @@ def test_attentions_without_normalized_rows_say_so(name):
     q, k, _ = qkv(4)
     result = rows_against_softmax(create_attention(name, head_dim=6, num_heads=2).double(), q, k, causal=True)
     assert result["rows"] == "no rows" and math.isnan(result["kl_softmax_model"])
+
+
+# ----------------------------------------------------------------------------- tools/mqar_mechanisms
+
+
+def test_mechanisms_tool_reproduces_the_run_and_counts_the_window_reach(tmp_path):
+    from efficient_attn_tasks.run.fit import run
+    from tests.helpers import tiny_cfg
+    from tools import mqar_mechanisms
+
+    sweep = tmp_path / "sweep"
+    run(tiny_cfg("mqar", "sliding_window", "attention.kwargs.window=4", "trainer.max_epochs=1"), sweep / "w4")
+    (sweep / "broken").mkdir()  # no results.json: not a finished run
+    rows = mqar_mechanisms.main([str(sweep), "--out", str(tmp_path / "out" / "mech"), "--rows-batch", "4"])
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["acc"] == pytest.approx(row["acc_recorded"], abs=1e-6)  # the run's own test accuracy
+    assert (row["window"], row["layers"], row["rows"]) == (4, 2, "window")
+    task = mqar.Config(**json.loads((sweep / "w4" / "results.json").read_text())["config"]["task"])
+    assert row["reach1"] == mqar.reach_share(task, 3) and row["reach_stack"] == mqar.reach_share(task, 6)
+    assert row["reach1"] < mqar.reach_share(task, 4)  # distances are even: 3 reaches no further than 2, 4 does
+    assert 0 < row["reach_stack"] < 1  # queries on both sides of the reach: near and far both measured
+    near = row["reach_stack"]
+    assert row["acc"] == pytest.approx(near * row["acc_near"] + (1 - near) * row["acc_far"], abs=1e-6)
+    assert 0 < row["softmax_mass"] < 1 and row["kl_softmax_model"] == math.inf and row["kl_model_softmax"] > 0
+    pairs = [row[f"acc_pair{i}"] for i in range(row["num_kv_pairs"])]
+    assert row["acc"] == pytest.approx(sum(pairs) / len(pairs), abs=1e-6)  # every key asked once per sequence
+    header = (tmp_path / "out" / "mech.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["run", "attention", "seq_len"] and "acc_pair1" in header and "acc_near" in header
+    assert (tmp_path / "out" / "mech.md").is_file()
+
+
+def test_accuracy_splits_at_the_reach():
+    from tools.mqar_mechanisms import by_reach
+
+    distances = torch.tensor([2, 4, 6, 8, 10])
+    correct = torch.tensor([True, True, False, False, True])
+    assert by_reach(distances, correct, 5) == {"reach_stack": 0.4, "acc_near": 1.0, "acc_far": pytest.approx(1 / 3)}
+    assert math.isnan(by_reach(distances, correct, 10)["acc_far"])  # every key within reach

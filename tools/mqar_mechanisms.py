@@ -61,6 +61,15 @@ def window_layers(model: torch.nn.Module) -> tuple[int, int] | None:
     return windows.pop(), len(sites)
 
 
+def by_reach(distances: torch.Tensor, correct: torch.Tensor, reach: int) -> dict[str, float]:
+    """``reach_stack``: the share of queries whose key is at most ``reach`` back; ``acc_near`` / ``acc_far``: the
+    accuracy of those and of the others (NaN where there are none). distances, correct (queries,)."""
+    near = distances <= reach
+    return {"reach_stack": float(near.double().mean()),
+            "acc_near": float(correct[near].double().mean()) if near.any() else math.nan,
+            "acc_far": float(correct[~near].double().mean()) if (~near).any() else math.nan}
+
+
 def measure(run_dir: Path, splits_cache: dict[str, Any], rows_batch: int = 32) -> dict[str, Any]:
     """One CSV row for ``run_dir`` (see the module docstring)."""
     from efficient_attn.analysis.rows import rows_against_softmax
@@ -97,12 +106,9 @@ def measure(run_dir: Path, splits_cache: dict[str, Any], rows_batch: int = 32) -
     if reach is not None:
         window, layers = reach
         dist, ok = torch.cat(distances), torch.cat(right)  # (queries,), matching order (key_distances: row major)
-        near = dist <= mqar.window_reach(window, layers)
         row |= {"window": window, "layers": layers,
                 "reach1": float((dist <= mqar.window_reach(window)).double().mean()),
-                "reach_stack": float(near.double().mean()),
-                "acc_near": float(ok[near].double().mean()) if near.any() else math.nan,
-                "acc_far": float(ok[~near].double().mean()) if (~near).any() else math.nan}
+                **by_reach(dist, ok, mqar.window_reach(window, layers))}
     module.double()
     first = next(iter(data.test_dataloader()))
     sites = capture(module, {k: v[:rows_batch] for k, v in first.items()})
