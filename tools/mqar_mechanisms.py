@@ -122,7 +122,7 @@ def measure(run_dir: Path, splits_cache: dict[str, Any], rows_batch: int = 32) -
 
 
 def write(rows: list[dict[str, Any]], out: Path) -> None:
-    """OUT.csv (every column, empty where a run has no value) and OUT.md (numbers to 3 decimals)."""
+    """OUT.csv (every column, empty where a run has no value) and OUT.md (numbers to 4 significant digits)."""
     pairs = max((r["num_kv_pairs"] for r in rows), default=0)
     header = FIXED + [f"acc_pair{i}" for i in range(pairs)] + AFTER
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,7 @@ def write(rows: list[dict[str, Any]], out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=header, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     short = [h for h in header if h not in ("run", "checkpoint")]
     lines = ["| " + " | ".join(short) + " |", "|" + "---|" * len(short)]
     lines += ["| " + " | ".join(fmt(r.get(h, "")) for h in short) + " |" for r in rows]
