@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from efficient_attn_tasks.commands.cli import UsageError, wrote
-from efficient_attn_tasks.report.runs import RESOURCES, field, find_runs, metrics, not_run_labels
+from efficient_attn_tasks.report.runs import RESOURCES, column_name, field, find_runs, metrics, not_run_labels
 from efficient_attn_tasks.report.stats import (
     ACCURACY_LIKE,
     BOOTSTRAP_RESAMPLES,
@@ -243,9 +243,11 @@ def build(records: list[dict[str, Any]], keys: list[str], keep: list[str] | None
 
 
 def compared(rows: list[Row], names: list[str]) -> list[str]:
-    """The Δ columns: numeric val/ and test/ metrics, except state sizes (nothing varies by seed there)."""
+    """The Δ columns: numeric val/ (last) and test/ metrics, except state sizes (nothing varies by seed there)
+    and the monitor's best validation value (a model-selection score, not compared)."""
     flat = {row.label: row.flat for row in rows}
-    return [k for k in names if k.startswith(("test/", "val/")) and _numeric(flat, k) and not is_state_size(k)]
+    return [k for k in names if k.startswith(("test/", "val/")) and not k.endswith(" (best)") and _numeric(flat, k)
+            and not is_state_size(k)]
 
 
 def short(key: str) -> str:
@@ -616,7 +618,7 @@ def run(args: argparse.Namespace) -> None:
     records, missing, failed = find_runs(args.dirs)
     if not records and not missing and not failed:
         raise UsageError(f"no run dirs (with .hydra/) under {[str(d) for d in args.dirs]}")
-    keep = _keys(args.metrics) or None
+    keep = [column_name(k) for k in _keys(args.metrics)] or None
     built: list[Row] | None = None
     names: list[str] = []
     footer: list[str] = []
@@ -677,7 +679,7 @@ def plot_rows(args: argparse.Namespace, rows: list[str], built: list[Row], names
     from efficient_attn_tasks.report.lines import plot
 
     tasks = {r.get("task") for r in records}
-    y = args.y or (HEADLINE.get(tasks.pop()) if len(tasks) == 1 else None)
+    y = column_name(args.y) if args.y else (HEADLINE.get(tasks.pop()) if len(tasks) == 1 else None)
     numeric = [k for k in names if _numeric({row.label: row.flat for row in built}, k)]
     if y is None:
         raise SystemExit(f"--plot: give --y (the runs are not of one task with a headline metric); metrics: {numeric}")
