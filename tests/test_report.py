@@ -170,6 +170,9 @@ def test_the_best_val_column_is_the_monitor_and_its_older_spelling_still_selects
         lines = capsys.readouterr().out.splitlines()
         assert lines[0] == ("| row | n | val/bleu (best) | num_parameters | steps | train_tokens_per_s "
                             "| peak_memory_mib | wall_time_s |")  # no Δ: the best val selected the model
+    main([str(tmp_path), "--rows", "row", "--metrics", "val/bleu (best)", "--ci",
+          "--bounds", "val val/bleu (best)=0,100"])
+    assert "| base | 2 | 21 [20, 22] |" in capsys.readouterr().out  # bounded: a bootstrap interval inside [0, 100]
 
 
 def test_unknown_metric_is_an_error_listing_the_known_ones(tmp_path):

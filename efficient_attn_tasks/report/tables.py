@@ -75,7 +75,7 @@ def parse_success(text: str) -> Success:
         metric, found, threshold = text.partition(op)
         if found:
             try:
-                return Success(metric.strip(), op, float(threshold))
+                return Success(column_name(metric.strip()), op, float(threshold))
             except ValueError:
                 break
     raise SystemExit(f"--success {text!r}: expected METRIC>=THRESHOLD or METRIC<=THRESHOLD, e.g. test/acc>=0.9")
@@ -92,7 +92,7 @@ def parse_bounds(items: list[str] | None) -> dict[str, tuple[float, float]]:
             raise SystemExit(f"--bounds {text!r}: expected METRIC=LO,HI, e.g. test/bleu=0,100") from None
         if not metric or not lo < hi:
             raise SystemExit(f"--bounds {text!r}: expected METRIC=LO,HI with LO < HI")
-        bounds[metric.strip()] = (lo, hi)
+        bounds[column_name(metric.strip())] = (lo, hi)
     return bounds
 
 
