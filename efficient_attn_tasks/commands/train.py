@@ -24,7 +24,7 @@ from efficient_attn_tasks.run.record import (
     rank_zero,
     record_status,
 )
-from efficient_attn_tasks.run.resume import remove_unstarted_run_dir, resume_argv
+from efficient_attn_tasks.run.resume import remove_unstarted_run_dir, requeued_checkpoint, resume_argv
 from efficient_attn_tasks.tasks.data import DataError
 
 if TYPE_CHECKING:
@@ -77,6 +77,8 @@ def _app(cfg: DictConfig) -> None:
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    if sweep:  # a job of its sweep dir, which SLURM may requeue (hydra/launcher=slurm): it resumes there
+        cfg.ckpt_path = requeued_checkpoint(cfg.ckpt_path)
     try:
         run(cfg, out_dir)
     except (ConfigError, DataError, FloatingPointError) as err:

@@ -1,13 +1,15 @@
 """Resuming and cleaning up run dirs: ``ckpt_path=last`` as a checkpoint of this run dir
 (:func:`resume_checkpoint`) or, on the command line, as the latest run dir of the same overrides
-(:func:`resume_argv`); and removing a run dir that a config or data error stopped before it wrote anything
-(:func:`remove_unstarted_run_dir`).
+(:func:`resume_argv`), or for a sweep job that SLURM requeued (:func:`requeued_checkpoint`); and removing a run dir
+that a config or data error stopped before it wrote anything (:func:`remove_unstarted_run_dir`).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
+from typing import Mapping
 
 from omegaconf import OmegaConf
 
@@ -52,6 +54,16 @@ def resume_argv(argv: list[str], outputs: Path) -> list[str]:
             return [*argv, f"hydra.run.dir={run_dir}"]
     raise ConfigError(f"ckpt_path=last: no run of these overrides {wanted} with checkpoints/last.ckpt under "
                       f"{outputs}; pass hydra.run.dir=<run dir> or ckpt_path=<file.ckpt>")
+
+
+def requeued_checkpoint(ckpt_path: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """``last`` for a job that SLURM restarted (``SLURM_RESTART_COUNT`` > 0: requeued after its time limit, a
+    preemption or a node failure, e.g. by hydra/launcher=slurm) and that names no checkpoint: it continues from its
+    run dir's last.ckpt instead of training from the start; ``ckpt_path`` otherwise."""
+    if ckpt_path is None and int(environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        print(f"SLURM restarted this job ({environ['SLURM_RESTART_COUNT']} time(s)): ckpt_path=last")
+        return "last"
+    return ckpt_path
 
 
 def remove_unstarted_run_dir(out_dir: Path) -> bool:
