@@ -4,9 +4,9 @@
 of logit scales × feature counts m, next to two baselines that ignore the features, the uniform average
 (mean of v over the visible keys, ignoring q and k) and the exact rows' entropy (against its maximum log S),
 which say when exact rows are near-uniform. :func:`error_vs_features` and :func:`error_vs_scale` keep one
-fixed input and vary the feature draws only. Every estimate runs the registry's own modules (``create_attention("favor", ...)``), so the curves
-describe the code users train with. Inputs are float64. Two errors per feature draw, against
-``softmax`` attention on the same q, k, v:
+fixed input (q, k entries with std ``scale``: logit std scale²) and vary the feature draws only. Every estimate
+runs the registry's own modules (``create_attention("favor", ...)``), so the curves describe the code users
+train with. Inputs are float64. Two errors per sample, against ``softmax`` attention on the same q, k, v:
 
 - MSE of the attention *output* (all L rows);
 - KL(P ‖ P̂) between the exact attention rows P_i = softmax(q_i kᵀ/√d) and the estimated rows
