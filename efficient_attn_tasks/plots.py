@@ -277,3 +277,52 @@ def error_bars(panels: list[Panel], out: Path, title: str) -> Path:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     return save(fig, out, tight=True)
+
+
+@dataclass
+class HeatMap:
+    """One heat map: ``values`` (rows × columns, ±inf and NaN allowed) coloured on a diverging scale
+    centred at 0 and clipped to ±``limit``, ``text`` written in each cell."""
+
+    values: Sequence[Sequence[float]]
+    text: Sequence[Sequence[str]]
+    xticks: Sequence[str]
+    yticks: Sequence[str]
+    title: str = ""
+    xlabel: str = ""
+    ylabel: str = ""
+    limit: float = 2.0
+
+
+def heat_maps(maps: list[HeatMap], out: Path, title: str, colorbar: str, ncols: int = 4) -> Path:
+    """``efficient-attn-approx``: a grid of heat maps sharing one colour bar (blue below 0, red above; a
+    cell that is not finite is grey, its text says why)."""
+    import numpy as np
+
+    ncols = min(ncols, len(maps))
+    nrows = math.ceil(len(maps) / ncols)
+    fig, axes = figure(len(maps), (3.6 * ncols + 1.2, 3.0 * nrows + 0.6), ncols=ncols, constrained=True)
+    image = None
+    for ax, hm in zip(axes, maps):
+        values = np.array(hm.values, dtype=float)
+        shown = np.ma.masked_invalid(np.clip(values, -hm.limit, hm.limit))
+        cmap = _grey_bad("RdBu_r")
+        image = ax.imshow(shown, cmap=cmap, vmin=-hm.limit, vmax=hm.limit, aspect="auto", origin="lower")
+        for (i, j), text in np.ndenumerate(np.array(hm.text, dtype=object)):
+            dark = abs(float(values[i, j])) > 0.6 * hm.limit if np.isfinite(values[i, j]) else False
+            ax.text(j, i, text, ha="center", va="center", fontsize=6.5, color="white" if dark else "black")
+        ax.set_xticks(range(len(hm.xticks)), hm.xticks, fontsize="small")
+        ax.set_yticks(range(len(hm.yticks)), hm.yticks, fontsize="small")
+        ax.set_title(hm.title, fontsize=9)
+        ax.set_xlabel(hm.xlabel, fontsize="small")
+        ax.set_ylabel(hm.ylabel, fontsize="small")
+    if image is not None:
+        fig.colorbar(image, ax=axes, label=colorbar, shrink=0.8)
+    fig.suptitle(title, fontsize=10)
+    return save(fig, out)
+
+
+def _grey_bad(name: str) -> Any:
+    from matplotlib import colormaps
+
+    return colormaps[name].with_extremes(bad="lightgrey")

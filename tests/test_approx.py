@@ -10,19 +10,24 @@ from efficient_attn import create_attention
 from efficient_attn.analysis.approx import (
     ESTIMATORS,
     Estimator,
+    error_grid,
     error_vs_features,
     error_vs_scale,
     estimated_weights,
     exact_log_probs,
     kl_divergence,
+    sample_inputs,
     sample_qkv,
+    uniform_baseline,
 )
+from efficient_attn_tasks.approx import report as approx_report
 from efficient_attn_tasks.commands import approx
 from efficient_attn_tasks.run.fit import run
 from tests.helpers import tiny_cfg
 
 POSITIVE_ORTH, POSITIVE_IID = ESTIMATORS[0], ESTIMATORS[1]
 BY_LABEL = {e.label: e for e in ESTIMATORS}
+ELU = BY_LABEL["linear elu+1 (other kernel)"]
 TRIG = Estimator("trig", "favor", {"kernel": "softmax_trig", "orthogonal": True})
 
 
@@ -124,11 +129,18 @@ def test_trig_kl_is_counted_infinite_when_weights_go_negative():
 
 def test_cli_writes_csv_and_png(tmp_path):
     approx.main(["--quick", "--length", "64", "--draws", "2", "--out", str(tmp_path)])
-    for name in ("error_vs_features", "error_vs_scale"):
+    for name in ("grid", "error_vs_features", "error_vs_scale"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
         header = (tmp_path / f"{name}.csv").read_text().splitlines()[0]
-        assert header == ("estimator,num_features,scale,draws,mse_mean,mse_std,non_finite,"
-                          "kl_mean,kl_std,kl_non_finite")
+        assert header == ("estimator,num_features,scale,input_std,logit_std_measured,samples,mse_mean,mse_std,"
+                          "non_finite,kl_mean,kl_std,kl_non_finite,uniform_mse_mean,uniform_mse_std,"
+                          "uniform_kl_mean,uniform_kl_std,entropy_mean,entropy_std,entropy_max")
+    grid = list(csv.DictReader(open(tmp_path / "grid.csv")))
+    assert {(float(r["scale"]), int(r["num_features"])) for r in grid} == {(s, m) for s in (0.5, 1.0) for m in (16, 64)}
+    assert all(r["samples"] == "3" for r in grid)  # --quick sets L, samples, m and scales
+    summary = (tmp_path / "summary.md").read_text()
+    assert "efficient-attn-approx --quick --length 64 --draws 2" in summary
+    assert all(f"({c}) " in summary for c in "abcd")
 
 
 @pytest.mark.parametrize("est", ESTIMATORS, ids=lambda e: e.label)
@@ -155,3 +167,93 @@ def test_checkpoint_errors_per_site_and_depth(tmp_path):
         (f"model.encoder.layers.{i}.self_attn.attention", "softmax", "softmax") for i in range(2)]
     assert all(abs(float(r["kl_softmax_model"])) < 1e-12 and float(r["softmax_mass"]) == pytest.approx(1) for r in own)
     assert (tmp_path / "out" / "model_rows.md").read_text().startswith("| layer | site | attention | rows |")
+
+
+# ----------------------------------------------------------------------------- the grid: fresh inputs, baselines
+def test_each_sample_draws_a_fresh_input_and_fresh_features(monkeypatch):
+    """Sample s: its own q, k, v (seed * 1000 + s) and its own features (seed s); the logits have the asked std."""
+    import efficient_attn.analysis.approx as approx_mod
+
+    seen, seeds = [], []
+    real_inputs, real_create = approx_mod.sample_inputs, approx_mod.create_attention
+    monkeypatch.setattr(approx_mod, "sample_inputs", lambda *a: seen.append(real_inputs(*a)) or seen[-1])
+    monkeypatch.setattr(approx_mod, "create_attention",
+                        lambda name, **kw: seeds.append(kw.get("seed")) or real_create(name, **kw))
+    rows = error_grid([0.5], [8, 16], length=32, dim=8, samples=2, estimators=[POSITIVE_ORTH, ELU], kl_rows=8)
+    assert len(seen) == 2
+    for a, b in zip(seen[0], seen[1]):  # q, k, v of sample 0 and of sample 1
+        assert not torch.equal(a, b)
+    assert [s for s in seeds if s is not None] == [0, 0, 1, 1]  # softmax and elu+1 take no seed
+    by = {(r["estimator"], r["num_features"]): r for r in rows}
+    assert by[ELU.label, 8]["mse_mean"] == by[ELU.label, 16]["mse_mean"]  # one value per sample, any m
+    assert by[ELU.label, 8]["mse_std"] > 0  # ... that differs between samples: the input is fresh
+    assert all(r["samples"] == 2 and r["input_std"] == pytest.approx(0.5**0.5) for r in rows)
+    q, k, _ = sample_inputs(2048, 16, 0.5, seed=3)
+    assert float((q @ k.transpose(-1, -2)).std() / 4) == pytest.approx(0.5, rel=0.03)  # scale = std of q·k/√d
+
+
+def test_uniform_baseline_against_its_formula_float64():
+    """The uniform average's MSE and KL(P ‖ uniform) = log S − H(P), written out on a 3 × 4 case."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, n, 2, dtype=torch.float64) for n in (3, 4, 4))
+    p = torch.softmax(q[0, 0] @ k[0, 0].T / 2**0.5, -1)  # (3, 4)
+    exact = (p @ v[0, 0])[None, None]
+    mean_v = v[0, 0].sum(0) / 4
+    mse = sum(float((mean_v[c] - exact[0, 0, i, c]) ** 2) for i in range(3) for c in range(2)) / 6
+    entropy = [-sum(float(p[i, j] * p[i, j].log()) for j in range(4)) for i in range(3)]
+    kl = [sum(float(p[i, j] * (p[i, j] * 4).log()) for j in range(4)) for i in range(3)]
+    log_p, visible = exact_log_probs(q, k)
+    got = uniform_baseline(log_p, v, exact, visible)
+    assert got["mse"] == pytest.approx(mse, rel=1e-12)
+    assert got["entropy"] == pytest.approx(sum(entropy) / 3, rel=1e-12)
+    assert got["entropy_max"] == pytest.approx(math.log(4), rel=1e-12)
+    assert got["kl"] == pytest.approx(sum(kl) / 3, rel=1e-12)
+    assert got["kl"] == pytest.approx(kl_divergence(log_p, torch.ones(1, 1, 3, 4, dtype=torch.float64)), rel=1e-12)
+    # causal (3 queries, their first 3 keys): row i averages v_0..v_i and its maximum entropy is log(i + 1)
+    q3, k3, v3 = q, k[..., :3, :], v[..., :3, :]
+    log_p, visible = exact_log_probs(q3, k3, causal=True)
+    exact = torch.softmax(log_p, -1) @ v3
+    mean_v = torch.stack([v3[0, 0, : i + 1].mean(0) for i in range(3)])[None, None]
+    got = uniform_baseline(log_p, v3, exact, visible)
+    assert got["mse"] == pytest.approx(float((mean_v - exact).pow(2).mean()), rel=1e-12)
+    assert got["entropy_max"] == pytest.approx((math.log(1) + math.log(2) + math.log(3)) / 3, rel=1e-12)
+    assert got["kl"] == pytest.approx(kl_divergence(log_p, torch.ones(1, 1, 3, 3, dtype=torch.float64), visible),
+                                      rel=1e-12)
+
+
+def _row(est, scale, m, mse, kl, *, std=0.0, uniform=(1.0, 1.0), bad=0):
+    return {"estimator": est, "num_features": m, "scale": scale, "input_std": scale**0.5, "logit_std_measured": scale,
+            "samples": 4, "mse_mean": mse, "mse_std": std, "non_finite": 0, "kl_mean": math.nan if bad else kl,
+            "kl_std": std, "kl_non_finite": bad, "uniform_mse_mean": uniform[0], "uniform_mse_std": 0.0,
+            "uniform_kl_mean": uniform[1], "uniform_kl_std": 0.0, "entropy_mean": 2.0, "entropy_std": 0.0,
+            "entropy_max": 3.0}
+
+
+def test_summary_claim_checks_on_constructed_numbers():
+    P, D, T = approx_report.POSITIVE, approx_report.IID, approx_report.TRIG
+    rows = [  # scale 0.5: every claim holds; scale 1: positive loses to trig at m = 16, to iid at m = 64, ...
+        _row(P, 0.5, 16, 0.4, 0.4), _row(P, 0.5, 64, 0.2, 0.2),
+        _row(D, 0.5, 16, 0.5, 0.5), _row(D, 0.5, 64, 0.3, 0.3),
+        _row(T, 0.5, 16, 0.9, 0, bad=2), _row(T, 0.5, 64, 0.8, 0, bad=4),
+        _row(P, 1.0, 16, 2.0, 0.6, std=0.1), _row(P, 1.0, 64, 3.0, 0.5, std=0.1),
+        _row(D, 1.0, 16, 2.5, 0.7, std=0.1), _row(D, 1.0, 64, 2.9, 0.7, std=0.1),
+        _row(T, 1.0, 16, 1.0, 0.6, std=0.1), _row(T, 1.0, 64, 9.0, 0.9, std=0.1),  # a tie is no win
+    ]
+    for r in rows:
+        if r["scale"] == 1.0:
+            r["uniform_mse_mean"], r["uniform_kl_mean"] = 2.5, 0.55
+    checks = {(c["scale"], c["claim"], c["metric"]): c for c in approx_report.claim_checks(rows)}
+    assert all(c["holds_at"] == c["tested"] for (s, _, _), c in checks.items() if s == 0.5)
+    assert checks[0.5, "c", "mse"]["tested"] == [64]  # steps: each m against the one before
+    want = {("a", "mse"): [64], ("a", "kl"): [64], ("b", "mse"): [16], ("b", "kl"): [16, 64],
+            ("c", "mse"): [], ("c", "kl"): [64], ("d", "mse"): [16], ("d", "kl"): [64]}
+    assert {key: checks[(1.0, *key)]["holds_at"] for key in want} == want
+    assert checks[1.0, "b", "mse"]["clear"] == [16]  # 2.5 − 2.0 > 2 s.e. = 2·√(2·0.01/4) ≈ 0.14; 3.0 − 2.9 is not
+    assert approx_report.verdict(checks[0.5, "a", "kl"]) == "holds (2/2 m, 2 clear)"  # ∞ KL: a weight ≤ 0
+    assert approx_report.verdict(checks[1.0, "c", "mse"]) == "reversed (0/1 steps, 1 clear)"
+    assert approx_report.verdict(checks[1.0, "a", "mse"]) == "mixed: holds at m = 64 (1/2 m, 2 clear)"
+    text = approx_report.summary(rows, "constructed")
+    assert "| 1 | MSE | mixed: holds at m = 64 (1/2 m, 2 clear) | 2.00e+00 ± 1.0e-01 vs 1.00e+00 ± 1.0e-01 |" in text
+    assert "∞ (4/4 samples)" in text and "| 0.5 | 0.500 | 2.000 ± 0.0e+00 | 3.000 |" in text
+    without_trig = approx_report.claim_checks([r for r in rows if r["estimator"] != T])
+    assert {c["claim"] for c in without_trig} == {"b", "c", "d"}

@@ -1,8 +1,12 @@
-"""Approximation error of kernelized attention against exact softmax (Performer protocol, Fig. 4).
+"""Approximation error of kernelized attention against exact softmax (after the Performer paper's Fig. 4).
 
-Every estimate runs the registry's own modules (``create_attention("favor", ...)``), so the curves
-describe the code users train with. Inputs are float64. Two errors per feature draw, against
-``softmax`` attention on the same q, k, v:
+:func:`error_grid` is the study: every sample draws a fresh input q, k, v *and* fresh features, over a grid
+of logit scales × feature counts m, next to two baselines that ignore the features, the uniform average
+(mean of v over the visible keys, ignoring q and k) and the exact rows' entropy (against its maximum log S),
+which say when exact rows are near-uniform. :func:`error_vs_features` and :func:`error_vs_scale` keep one
+fixed input (q, k entries with std ``scale``: logit std scale²) and vary the feature draws only. Every estimate
+runs the registry's own modules (``create_attention("favor", ...)``), so the curves describe the code users
+train with. Inputs are float64. Two errors per sample, against ``softmax`` attention on the same q, k, v:
 
 - MSE of the attention *output* (all L rows);
 - KL(P ‖ P̂) between the exact attention rows P_i = softmax(q_i kᵀ/√d) and the estimated rows
@@ -63,6 +67,12 @@ def sample_qkv(length: int, dim: int, scale: float, seed: int) -> tuple[Tensor, 
     shape = (1, 1, length, dim)
     q, k, v = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
     return q * scale, k * scale, v
+
+
+def sample_inputs(length: int, dim: int, logit_std: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k ~ N(0, logit_std) entries (std √logit_std) and v ~ N(0, 1), each (1, 1, length, dim) float64: the
+    logits q·k/√d then have std ``logit_std`` over random q, k (Var q·k = d·logit_std²)."""
+    return sample_qkv(length, dim, math.sqrt(logit_std), seed)
 
 
 def exact_softmax(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -133,6 +143,25 @@ def exact_log_probs(q: Tensor, k: Tensor, causal: bool = False) -> tuple[Tensor,
     return torch.log_softmax(logits, dim=-1), visible
 
 
+def uniform_baseline(log_p: Tensor, v: Tensor, exact: Tensor, visible: Tensor | None = None) -> dict[str, float]:
+    """The estimate that ignores q and k, out_i = mean of v_j over the visible keys, and the exact rows' entropy.
+
+    ``mse``: of that output against ``exact`` (all L rows); ``entropy``: mean over the rows of ``log_p``
+    (…, R, S; the first R queries) of H(P_i); ``entropy_max``: the mean of log n_i (n_i visible keys);
+    ``kl``: mean of KL(P_i ‖ uniform) = log n_i − H(P_i) on the same rows. visible (L, S) bool or None (all)."""
+    if visible is None:
+        out = v.mean(-2, keepdim=True).expand_as(exact)  # (B, H, L, Dv)
+        n = torch.full(log_p.shape[-2:-1], float(v.shape[-2]), dtype=v.dtype)  # (R,)
+    else:
+        weights = visible.to(v.dtype)  # (L, S)
+        out = weights @ v / weights.sum(-1, keepdim=True)  # (B, H, L, Dv)
+        n = weights[: log_p.shape[-2]].sum(-1)  # (R,)
+    p = log_p.exp()
+    entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)  # (…, R)
+    return {"mse": float((out - exact).pow(2).mean()), "entropy": float(entropy.mean()),
+            "entropy_max": float(n.log().mean()), "kl": float((n.log() - entropy).mean())}
+
+
 def measure(
     est: Estimator, q: Tensor, k: Tensor, v: Tensor, exact: Tensor, num_features: int, draws: int, scale: float,
     causal: bool = False, kl_rows: int = KL_ROWS,
@@ -183,4 +212,88 @@ def error_vs_scale(
         q, k, v = sample_qkv(length, dim, scale, seed)
         exact = exact_softmax(q, k, v)
         rows += [measure(e, q, k, v, exact, num_features, draws, scale, kl_rows=kl_rows).row() for e in estimators]
+    return rows
+
+
+@dataclass
+class Cell:
+    """One estimator at one (logit std, m) over the samples (each a fresh input and fresh features)."""
+
+    estimator: str
+    num_features: int
+    scale: float
+    errors: list[float] = field(default_factory=list)
+    non_finite: int = 0
+    kls: list[float] = field(default_factory=list)
+    kl_non_finite: int = 0
+
+    def add(self, mse: float, kl: float, has_kl: bool) -> None:
+        if math.isfinite(mse):
+            self.errors.append(mse)
+        else:
+            self.non_finite += 1
+        if math.isfinite(kl):
+            self.kls.append(kl)
+        elif has_kl:
+            self.kl_non_finite += 1
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return (statistics.mean(xs) if xs else math.nan), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def error_grid(
+    scales: Iterable[float], features: Iterable[int], *, length: int = 4096, dim: int = 16, samples: int = 15,
+    estimators: Iterable[Estimator] = ESTIMATORS, seed: int = 0, kl_rows: int = KL_ROWS,
+) -> list[dict[str, Any]]:
+    """Rows of MSE and KL, mean ± std over ``samples``, for every logit std × m × estimator, each with the
+    baselines of its logit std (uniform average's MSE and KL, exact rows' entropy and its maximum).
+
+    ``scales`` are logit stds: q, k entries have std √scale so that q·k/√d has std ``scale``
+    (:func:`sample_inputs`; ``logit_std_measured`` is the std of the logits actually drawn, on the KL rows).
+    Sample s draws its q, k, v with seed ``seed * 1000 + s`` (the same normal draw, rescaled, at every
+    logit std) and its features with ``seed = s``; a deterministic estimator has one value per sample.
+    The KL and the entropy are taken on the first ``kl_rows`` query rows (rows are i.i.d.)."""
+    estimators, features = list(estimators), list(features)
+    rows = []
+    for scale in scales:
+        cells = {(e.label, m): Cell(e.label, m, scale) for e in estimators for m in features}
+        base: dict[str, list[float]] = {"mse": [], "kl": [], "entropy": [], "entropy_max": [], "logit_std": []}
+        for s in range(samples):
+            q, k, v = sample_inputs(length, dim, scale, seed * 1000 + s)
+            exact = exact_softmax(q, k, v)
+            q_kl = q[..., : max(kl_rows, 1), :]  # the entropy needs at least one row
+            log_p, visible = exact_log_probs(q_kl, k)
+            for key, value in uniform_baseline(log_p, v, exact, visible).items():
+                base[key].append(value)
+            base["logit_std"].append(float((q_kl @ k.transpose(-1, -2)).std() * dim**-0.5))
+            for e in estimators:
+                options = attention_options(e.name)
+                done: tuple[float, float] | None = None
+                for m in features:
+                    if done is None or "num_features" in options:
+                        kwargs = dict(e.kwargs)
+                        kwargs |= {"num_features": m} if "num_features" in options else {}
+                        kwargs |= {"seed": s} if "seed" in options else {}
+                        attn = create_attention(e.name, head_dim=dim, num_heads=1, **kwargs).double().eval()
+                        has_kl = bool(kl_rows) and hasattr(attn, "feature_map")
+                        with torch.no_grad():
+                            out = attn(q, k, v)  # (1, 1, L, Dv)
+                            kl = kl_divergence(log_p, estimated_weights(attn, q_kl, k), visible) if has_kl else math.nan
+                        mse = float((out - exact).pow(2).mean()) if torch.isfinite(out).all() else math.inf
+                        done = (mse, kl)
+                    cells[e.label, m].add(*done, has_kl)
+        stats = {key: _mean_std(xs) for key, xs in base.items()}
+        for cell in cells.values():
+            mse, kl = _mean_std(cell.errors), _mean_std(cell.kls)
+            rows.append({
+                "estimator": cell.estimator, "num_features": cell.num_features, "scale": scale,
+                "input_std": math.sqrt(scale), "logit_std_measured": stats["logit_std"][0], "samples": samples,
+                "mse_mean": mse[0], "mse_std": mse[1], "non_finite": cell.non_finite,
+                "kl_mean": kl[0], "kl_std": kl[1], "kl_non_finite": cell.kl_non_finite,
+                "uniform_mse_mean": stats["mse"][0], "uniform_mse_std": stats["mse"][1],
+                "uniform_kl_mean": stats["kl"][0], "uniform_kl_std": stats["kl"][1],
+                "entropy_mean": stats["entropy"][0], "entropy_std": stats["entropy"][1],
+                "entropy_max": stats["entropy_max"][0],
+            })
     return rows
