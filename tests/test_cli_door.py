@@ -1,0 +1,117 @@
+"""A user's first mistakes: each is one ``error: ...`` line naming the problem and the fix, exit status 2, before any
+data is built, with "did you mean" where a name is close to a real one: invalid optimiser numbers, a checkpoint of
+another task or model shape, Hydra's unknown keys and config names, unusable paths and arguments of the other
+commands (refused before torch loads)."""
+
+import sys
+
+import pytest
+import torch
+
+from efficient_attn_tasks.commands import train
+from efficient_attn_tasks.commands.hydra_errors import close_options
+from efficient_attn_tasks.config.checks import ConfigError, check_config
+from efficient_attn_tasks.config.schema import OptimConfig
+from efficient_attn_tasks.run.resume import check_checkpoint
+from tests.helpers import config
+
+
+def train_main(monkeypatch, tmp_path, *args: str) -> int:
+    """``efficient-attn-train args`` in this process (run from ``tmp_path``): its exit status."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["efficient-attn-train", *args])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as stop:
+        train.main()
+    return stop.value.code
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-1", "optim.lr must be a number > 0, got -1"),
+    ("optim.lr=0", "optim.lr must be a number > 0, got 0"),
+    ("optim.lr=nan", "optim.lr must be a number > 0, got nan"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be a number >= 0"),
+    ("optim.betas=[0.9,1.0]", "optim.betas must be two numbers in [0, 1)"),
+    ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1)"),
+])
+def test_invalid_optimiser_numbers_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match="^" + message.replace("[", r"\[").replace(")", r"\)")):
+        check_config(config(override))
+
+
+def test_valid_optimiser_numbers_pass():
+    OptimConfig(lr=1, weight_decay=0, betas=(0.0, 0.999))
+
+
+@pytest.mark.parametrize("override, line", [
+    ("task.min_lenght=10", "error: unknown config key task.min_lenght; did you mean task.min_length=10?"),
+    ("optim.lrr=1", "error: unknown config key optim.lrr; did you mean optim.lr=1?"),
+    ("experment=quickstart", "error: unknown config key experment; did you mean experiment=quickstart?"),
+    ("attention=sofmax", "error: attention=sofmax: no such config; did you mean attention=softmax?"),
+    ("experiment=mqar/quik", "error: experiment=mqar/quik: no such config; did you mean experiment=mqar/quick?"),
+    ("hydra/launcher=jobli", "error: hydra/launcher=jobli: no such config; did you mean hydra/launcher=joblib?"),
+])
+def test_hydra_mistakes_are_one_line_with_did_you_mean(monkeypatch, tmp_path, capfd, override, line):
+    code = train_main(monkeypatch, tmp_path, override, "--cfg", "job")
+    err = capfd.readouterr().err
+    assert code == 2 and err.strip() == line, err
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_unparsable_override_is_one_line(monkeypatch, tmp_path, capfd):
+    code = train_main(monkeypatch, tmp_path, "optim.lr=[1", "--cfg", "job")
+    err = capfd.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "override_grammar" in err and len(err.splitlines()) == 1
+
+
+def test_attention_typo_names_the_family():
+    options = ["favor_hyp", "favor_plus", "favor_relu", "softmax", "sliding_window", "sliding_window_w16"]
+    assert close_options("favr", options) == ["favor_hyp", "favor_plus", "favor_relu"]
+    assert close_options("favor_pluss", options) == ["favor_plus"]
+    assert close_options("zzz", options) == []
+
+
+def test_other_errors_keep_hydras_report(monkeypatch, tmp_path, capfd):
+    """Only the composition mistakes change: a key added with + that the checks refuse is still theirs."""
+    code = train_main(monkeypatch, tmp_path, "++optim.lrr=1", "logger=none")
+    err = capfd.readouterr().err
+    assert code == 2 and err.strip() == "error: unknown config key optim.lrr; did you mean optim.lr?", err
+
+
+def save_checkpoint(path, cfg) -> str:
+    from omegaconf import OmegaConf
+
+    torch.save({"hyper_parameters": {"config": OmegaConf.to_container(cfg, resolve=True)}, "state_dict": {}}, path)
+    return str(path)
+
+
+def test_checkpoint_of_another_task_is_refused_before_the_data(tmp_path):
+    lm = config("task=lm")
+    check_config(lm)
+    ckpt = save_checkpoint(tmp_path / "lm.ckpt", lm)
+    mqar = config("task=mqar")
+    check_config(mqar)
+    with pytest.raises(ConfigError, match=r"is a checkpoint of task 'lm', but this run's task is 'mqar'"):
+        check_checkpoint(ckpt, mqar)
+    check_checkpoint(ckpt, lm)  # its own config: fine
+
+
+def test_checkpoint_of_another_shape_names_the_keys(tmp_path):
+    cfg = config("task=mqar")
+    check_config(cfg)
+    ckpt = save_checkpoint(tmp_path / "a.ckpt", cfg)
+    other = config("task=mqar", "model.d_model=32", "task.vocab_size=100", "model.dropout=0.3")
+    check_config(other)
+    with pytest.raises(ConfigError, match=r"task.vocab_size=100 \(checkpoint: 8192\), model.d_model=32 "
+                                          r"\(checkpoint: \d+\); set them"):
+        check_checkpoint(ckpt, other)
+    check_checkpoint(ckpt, config("task=mqar", "model.dropout=0.3", "trainer.max_steps=5"))  # no shape: fine
+
+
+def test_a_file_that_is_no_checkpoint_is_one_error(tmp_path):
+    (tmp_path / "x.ckpt").write_text("junk")
+    with pytest.raises(ConfigError, match="is not a checkpoint file"):
+        check_checkpoint(str(tmp_path / "x.ckpt"), config())
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "y.ckpt")
+    with pytest.raises(ConfigError, match="is not a checkpoint of efficient-attn-train"):
+        check_checkpoint(str(tmp_path / "y.ckpt"), config())
