@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO, TypeVar
@@ -17,6 +18,11 @@ Errors = Callable[[], tuple[type[BaseException], ...]]
 class UsageError(Exception):
     """A command-line mistake found while working (e.g. nothing under the given folders): argparse's usage line
     and ``<prog>: error: <message>``, exit status 2."""
+
+
+class CommandError(Exception):
+    """A mistake in a command's arguments found before its work (a missing input, an output folder that cannot be
+    written): one ``error: <message>`` line and exit status 2, whatever the command's ``errors``."""
 
 
 def bare(argv: Sequence[str] | None) -> bool:
@@ -34,12 +40,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 @contextlib.contextmanager
 def known_errors(errors: Errors = user_errors) -> Iterator[None]:
-    """An error of one of ``errors()``'s types as one ``error: ...`` line on stderr and exit status 2; any other
-    error goes on with its traceback."""
+    """A :class:`CommandError` or an error of one of ``errors()``'s types as one ``error: ...`` line on stderr and
+    exit status 2; any other error goes on with its traceback."""
     try:
         yield
     except Exception as err:
-        if not isinstance(err, errors()):
+        if not isinstance(err, (CommandError, *errors())):
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -52,7 +58,8 @@ def run_command(make_parser: Callable[[], argparse.ArgumentParser], argv: Sequen
     """A command's opening, then ``body(args)``, where the heavy imports belong.
 
     With no arguments at all (``help_when_bare``) the help, not a long run; else parse ``argv`` (None: the
-    process's), ``check(parser, args)`` (it may call ``parser.error``), and ``body(args)``: a
+    process's), ``check(parser, args)`` (it may call ``parser.error`` or raise a :class:`CommandError`, e.g. by
+    :func:`writable_folder`), and ``body(args)``: a
     :class:`UsageError` becomes ``parser.error``, the ``errors`` one ``error: ...`` line (:func:`known_errors`).
     """
     if help_when_bare and bare(argv):
@@ -60,13 +67,38 @@ def run_command(make_parser: Callable[[], argparse.ArgumentParser], argv: Sequen
         return None
     parser = make_parser()
     args = parser.parse_args(argv)
-    if check is not None:
-        check(parser, args)
     with known_errors(errors):
+        if check is not None:
+            check(parser, args)
         try:
             return body(args)
         except UsageError as err:
             parser.error(str(err))
+
+
+def writable_folder(path: Path, option: str, *, file: bool = False) -> None:
+    """A folder a command can write into (``option`` names it in the error; ``file``: ``path`` is a file or a
+    file prefix, whose folder is checked): it is one that can be written, or can be created under its nearest
+    existing folder; creates nothing, so a refused command leaves nothing behind. A :class:`CommandError`
+    otherwise."""
+    given = path = Path(path)
+    if file:
+        path = path.parent
+    base = path
+    while not base.exists() and base != base.parent:  # the nearest existing part of the path
+        base = base.parent
+    if not base.is_dir():
+        raise CommandError(f"{option} {given}: {base} is a file, not a folder; choose another {option}")
+    if not os.access(base, os.W_OK | os.X_OK):
+        what = f"{base} is not writable" if base == path else f"cannot create {path}, {base} is not writable"
+        raise CommandError(f"{option} {given}: {what} (read-only); choose a folder you can write, "
+                           f"e.g. {option} {Path.home() / given.name if given.name else Path.home()}")
+
+
+def existing(path: Path, option: str, what: str = "file or folder") -> None:
+    """An input path that exists; a :class:`CommandError` naming ``option`` (if any) otherwise."""
+    if not Path(path).exists():
+        raise CommandError(f"{option + ' ' if option else ''}{path}: no such {what}; check the path")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
