@@ -9,15 +9,15 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TextIO, TypeVar
+from typing import Any, Callable, Iterator, NoReturn, Sequence, TextIO, TypeVar
 
 T = TypeVar("T")
 Errors = Callable[[], tuple[type[BaseException], ...]]
 
 
 class UsageError(Exception):
-    """A command-line mistake found while working (e.g. nothing under the given folders): argparse's usage line
-    and ``<prog>: error: <message>``, exit status 2."""
+    """A command-line mistake found while working (e.g. nothing under the given folders):
+    ``<prog>: error: <message>; see <prog> --help`` (:meth:`Parser.error`), exit status 2."""
 
 
 class CommandError(Exception):
@@ -101,6 +101,14 @@ def existing(path: Path, option: str, what: str = "file or folder") -> None:
         raise CommandError(f"{option + ' ' if option else ''}{path}: no such {what}; check the path")
 
 
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line, ``<prog>: error: <message>; see <prog> --help`` (exit
+    status 2), not the usage block first."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Description and epilog verbatim; every option's help ends with "(default: X)" unless it already
     says "default": flags show on/off, an option without a value by default shows "none"."""
@@ -129,8 +137,8 @@ def parser(prog: str, text: str, **kwargs: Any) -> argparse.ArgumentParser:
     description, found, rest = text.partition("\nexamples:\n")
     if not found or "\noutputs:\n" not in rest:
         raise ValueError(f"{prog}: the help text needs an examples: and an outputs: section")
-    return argparse.ArgumentParser(prog=prog, description=description.strip("\n"), epilog=found.lstrip("\n") +
-                                   rest.rstrip("\n"), formatter_class=HelpFormatter, **kwargs)
+    return Parser(prog=prog, description=description.strip("\n"), epilog=found.lstrip("\n") + rest.rstrip("\n"),
+                  formatter_class=HelpFormatter, **kwargs)
 
 
 def checkpoint_parser(prog: str, text: str, checkpoint: str) -> argparse.ArgumentParser:
@@ -140,6 +148,21 @@ def checkpoint_parser(prog: str, text: str, checkpoint: str) -> argparse.Argumen
     p.add_argument("checkpoint", type=Path, help=f"{checkpoint}, or a run dir (its best checkpoint)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if there is one")
     return p
+
+
+def check_checkpoint_args(args: argparse.Namespace, *, positive: Sequence[str] = (),
+                          non_negative: Sequence[str] = ()) -> None:
+    """The arguments of a :func:`checkpoint_parser` command that need no torch to check: the checkpoint exists,
+    the options named in ``positive`` (e.g. "beam") are >= 1 and those in ``non_negative`` >= 0 when given, so a
+    mistake is one line in a fraction of a second, not after torch and Lightning load."""
+    if not args.checkpoint.exists():
+        raise CommandError(f"{args.checkpoint} is neither a checkpoint file nor a run dir; give a .ckpt file or a "
+                           "run dir")
+    for names, low in ((positive, 1), (non_negative, 0)):
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and value < low:
+                raise CommandError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
 def wrote(*paths: Path | str, file: TextIO | None = None) -> None:
