@@ -115,3 +115,88 @@ def test_a_file_that_is_no_checkpoint_is_one_error(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "y.ckpt")
     with pytest.raises(ConfigError, match="is not a checkpoint of efficient-attn-train"):
         check_checkpoint(str(tmp_path / "y.ckpt"), config())
+
+
+def command(main, argv, capsys) -> tuple[int, str]:
+    """(exit status, stderr) of a command's ``main(argv)`` run in this process."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    return stop.value.code, capsys.readouterr().err
+
+
+def test_approx_with_a_missing_checkpoint_creates_nothing(tmp_path, capsys):
+    from efficient_attn_tasks.commands import approx
+
+    code, err = command(approx.main, ["--checkpoint", str(tmp_path / "no.ckpt"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and err == f"error: --checkpoint {tmp_path / 'no.ckpt'}: no such checkpoint file or run dir; " \
+                                "check the path\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("approx", ["--quick", "--out", "{out}"]),
+    ("approx", ["--study", "sqrt_dk", "--out", "{out}"]),
+    ("report", ["{tmp}", "--out", "{out}/table"]),
+    ("report", ["{tmp}", "--plot", "{out}/p.png", "--x", "config.seed"]),
+    ("bench", ["--quick", "--out", "{out}"]),
+])
+def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch, name, argv):
+    """Under a file, or read-only (os.access: the tests may run as root, for whom chmod changes nothing)."""
+    import importlib
+
+    main = importlib.import_module(f"efficient_attn_tasks.commands.{name}").main
+    (tmp_path / "file").write_text("")
+    under_file = [a.format(out=tmp_path / "file" / "sub", tmp=tmp_path) for a in argv]
+    code, err = command(main, under_file, capsys)
+    assert code == 2 and err.startswith("error: --") and "file is a file, not a folder" in err, err
+    assert len(err.splitlines()) == 1
+    monkeypatch.setattr("os.access", lambda path, mode: False)
+    code, err = command(main, [a.format(out=tmp_path / "ro" / "sub", tmp=tmp_path) for a in argv], capsys)
+    assert code == 2 and "is not writable (read-only)" in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("name, argv, line", [
+    ("evaluate", ["{missing}"], "error: {missing} is neither a checkpoint file nor a run dir"),
+    ("evaluate", ["{ckpt}", "--beam", "0"], "error: --beam must be >= 1, got 0"),
+    ("evaluate", ["{ckpt}", "--batch-size", "-1"], "error: --batch-size must be >= 1, got -1"),
+    ("evaluate", ["{ckpt}", "--files", "{ckpt}", "{ckpt}", "{ckpt}"],
+     "error: --files takes SRC REF (translation) or TEXT (lm), got 3 files"),
+    ("evaluate", ["{ckpt}", "--files", "{missing}"], "error: --files: no such file {missing}"),
+    ("evaluate", ["{ckpt}", "--split", "train"], "efficient-attn-eval: error: argument --split: invalid choice"),
+    ("translate", ["{missing}"], "error: {missing} is neither a checkpoint file nor a run dir"),
+    ("translate", ["{ckpt}", "--beam", "0"], "error: --beam must be >= 1, got 0"),
+    ("translate", ["{ckpt}", "--input", "{missing}"], "error: --input {missing} is not a file"),
+    ("generate", ["{missing}"], "error: {missing} is neither a checkpoint file nor a run dir"),
+    ("generate", ["{ckpt}", "--prompt", ""], "error: --prompt is empty: give the text to continue"),
+    ("generate", ["{ckpt}", "--top-k", "-1"], "error: --top-k must be >= 0, got -1"),
+    ("generate", ["{ckpt}", "--max-new-tokens", "-5"], "error: --max-new-tokens must be >= 0, got -5"),
+])
+def test_checkpoint_commands_refuse_bad_arguments_before_loading(tmp_path, capsys, monkeypatch, name, argv, line):
+    """Nothing is loaded: the checkpoint here is an empty file, and loading one is an error of its own."""
+    import importlib
+
+    main = importlib.import_module(f"efficient_attn_tasks.commands.{name}").main
+    monkeypatch.setattr("efficient_attn_tasks.inference.checkpoint.load", lambda *a, **k: pytest.fail("loaded"))
+    (tmp_path / "a.ckpt").write_bytes(b"")
+    fill = {"ckpt": tmp_path / "a.ckpt", "missing": tmp_path / "none"}
+    code, err = command(main, [a.format(**fill) for a in argv], capsys)
+    assert code == 2 and err.startswith(line.format(**fill)) and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("evaluate", ["/no/such.ckpt"]),
+    ("translate", ["/no/such.ckpt", "--beam", "0"]),
+    ("generate", ["/no/such.ckpt", "--prompt", ""]),
+])
+def test_bad_arguments_are_refused_before_torch_loads(name, argv):
+    """In a fresh process: the refusal imports neither torch nor Lightning (seconds on a busy machine)."""
+    import subprocess
+
+    code = (f"import sys\nfrom efficient_attn_tasks.commands.{name} import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    assert e.code == 2, e.code\n"
+            "heavy = [m for m in ('torch', 'pytorch_lightning') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.startswith("error: ") and len(out.stderr.splitlines()) == 1, out.stderr
