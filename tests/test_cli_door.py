@@ -200,3 +200,21 @@ def test_bad_arguments_are_refused_before_torch_loads(name, argv):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stderr.startswith("error: ") and len(out.stderr.splitlines()) == 1, out.stderr
+
+
+@pytest.mark.parametrize("argv0", ["/usr/local/bin/efficient-attn-train", "-m"])
+def test_a_command_without_the_train_extra_names_the_install_in_one_line(argv0):
+    """An install without the train extra (hydra blocked here): the console command says what to install; an
+    import from Python raises the ImportError."""
+    import subprocess
+
+    code = ("import sys\nsys.modules['hydra'] = None\n"
+            f"sys.argv = [{argv0!r}, 'experiment=quickstart']\n"
+            "from efficient_attn_tasks.commands.train import main\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr == (
+        'error: the training and evaluation commands need the train extra (hydra not installed): '
+        'pip install "efficient-attn[train]"\n'), out.stderr
+    library = subprocess.run([sys.executable, "-c", "import sys\nsys.modules['hydra'] = None\n"
+                              "import efficient_attn_tasks"], capture_output=True, text=True, timeout=120)
+    assert library.returncode == 1 and "ImportError: the training and evaluation commands" in library.stderr
