@@ -108,6 +108,20 @@ def test_checkpoint_of_another_shape_names_the_keys(tmp_path):
     check_checkpoint(ckpt, config("task=mqar", "model.dropout=0.3", "trainer.max_steps=5"))  # no shape: fine
 
 
+def test_a_run_checks_its_checkpoint_before_building_the_data(tmp_path, monkeypatch):
+    from efficient_attn_tasks.run.fit import run
+    from efficient_attn_tasks.tasks import task_module
+    from tests.helpers import tiny_cfg
+
+    lm = tiny_cfg("lm", "softmax")
+    check_config(lm)
+    ckpt = save_checkpoint(tmp_path / "lm.ckpt", lm)
+    cfg = tiny_cfg("mqar", "softmax", f"ckpt_path={ckpt}")
+    monkeypatch.setattr(task_module("mqar"), "build", lambda *a, **k: pytest.fail("the data was built"))
+    with pytest.raises(ConfigError, match="is a checkpoint of task 'lm', but this run's task is 'mqar'"):
+        run(cfg, tmp_path / "run")
+
+
 def test_a_file_that_is_no_checkpoint_is_one_error(tmp_path):
     (tmp_path / "x.ckpt").write_text("junk")
     with pytest.raises(ConfigError, match="is not a checkpoint file"):
@@ -145,6 +159,8 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, capsys, m
     import importlib
 
     main = importlib.import_module(f"efficient_attn_tasks.commands.{name}").main
+    for work in ("approx.report", "approx.scaling", "report.tables", "bench.kernels"):  # a refusal runs none
+        monkeypatch.setattr(f"efficient_attn_tasks.{work}.run", lambda *a, **k: pytest.fail("the work ran"))
     (tmp_path / "file").write_text("")
     under_file = [a.format(out=tmp_path / "file" / "sub", tmp=tmp_path) for a in argv]
     code, err = command(main, under_file, capsys)
