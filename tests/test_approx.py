@@ -149,3 +149,9 @@ def test_checkpoint_errors_per_site_and_depth(tmp_path):
     for rows in (sites, depth):  # more features, smaller error, at every layer
         by_m = {m: [float(r["mse_mean"]) for r in rows if r["estimator"] == m] for m in ("m=8", "m=64")}
         assert all(0 < b < a for a, b in zip(by_m["m=8"], by_m["m=64"])), by_m
+    assert all(float(r["kl_mean"]) > 0 and r["kl_non_finite"] == "0" for r in sites)  # FAVOR+ rows against softmax
+    own = list(csv.DictReader(open(tmp_path / "out" / "model_rows.csv")))  # a softmax model: its rows are softmax's
+    assert [(r["site"], r["attention"], r["rows"]) for r in own] == [
+        (f"model.encoder.layers.{i}.self_attn.attention", "softmax", "softmax") for i in range(2)]
+    assert all(abs(float(r["kl_softmax_model"])) < 1e-12 and float(r["softmax_mass"]) == pytest.approx(1) for r in own)
+    assert (tmp_path / "out" / "model_rows.md").read_text().startswith("| layer | site | attention | rows |")

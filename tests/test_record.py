@@ -197,8 +197,11 @@ def test_failed_record_names_the_run_and_its_error_and_never_replaces_a_finished
 
 def test_summary_line_reads_the_record():
     line = summary_line(finished())
-    assert line == ("[listops / favor] best val/acc=0.5 test/acc=0.375 | 1,234 params | 512.5 tok/s | "
+    assert line == ("[listops / favor_relu] best val/acc=0.5 test/acc=0.375 | 1,234 params | 512.5 tok/s | "
                     "300 MiB | 10 s")
     last = finished()
     last.metrics.test_checkpoint = {"checkpoint": "last", "path": None, "step": 8}
     assert "(last weights: no best checkpoint)" in summary_line(last)
+    older = finished()
+    older.attention_config = None  # a format 1 record: the registry name
+    assert summary_line(older).startswith("[listops / favor] ")

@@ -41,7 +41,7 @@ def test_table_groups_seeds_and_lists_missing_runs(tmp_path, capsys):
     runs(tmp_path)
     main([str(tmp_path), "--out", str(tmp_path / "table")])
     lines = (tmp_path / "table.md").read_text().splitlines()
-    assert lines[0] == ("| name / task / attention | n | val val/x (best) | test/bleu | num_parameters | steps "
+    assert lines[0] == ("| name / task / attention | n | val/x (best) | test/bleu | num_parameters | steps "
                         "| train_tokens_per_s | peak_memory_mib | wall_time_s |")
     assert lines[2] == ("| exp / translation / favor | 2 | 27 ± 1.414 | 28 ± 1.414 | 1,000 ± 0 | 100 ± 0 | 2,000 ± 0 "
                         "| 500 ± 0 | 60 ± 0 |")
@@ -138,7 +138,7 @@ def test_last_validation_metrics_are_columns_after_best_val(tmp_path, capsys):
     table3_runs(tmp_path)
     main([str(tmp_path), "--rows", "row"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == ("| row | n | val val/bleu (best) | val/bleu (last) | val/loss (last) | val/ppl (last) "
+    assert lines[0] == ("| row | n | val/bleu (best) | val/bleu (last) | val/loss (last) | val/ppl (last) "
                         "| num_parameters | steps | train_tokens_per_s | peak_memory_mib | wall_time_s |")
     assert lines[2].startswith("| base | 2 | 21 ± 1.414 | 21 ± 1.414 | 1 ± 0 | 4.5 ± 0.7071 |")
 
@@ -161,6 +161,18 @@ def test_metrics_option_keeps_named_columns_n_and_resources(tmp_path, capsys):
     assert lines[0] == ("| row | n | val/ppl (last) | val/bleu (last) | num_parameters | steps | train_tokens_per_s "
                         "| peak_memory_mib | wall_time_s | Δ val/ppl (last) (p) | Δ val/bleu (last) (p) |")
     assert lines[3] == "| dk16 | 1 | 5.5 | 19 | 1,000 | 100 | 2,000 | 500 | 60 | +1 (n<2) | -2 (n<2) |"
+
+
+def test_the_best_val_column_is_the_monitor_and_its_older_spelling_still_selects_it(tmp_path, capsys):
+    table3_runs(tmp_path)
+    for spelling in ("val/bleu (best)", "val val/bleu (best)"):
+        main([str(tmp_path), "--rows", "row", "--metrics", spelling, "--baseline", "base"])
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == ("| row | n | val/bleu (best) | num_parameters | steps | train_tokens_per_s "
+                            "| peak_memory_mib | wall_time_s |")  # no Δ: the best val selected the model
+    main([str(tmp_path), "--rows", "row", "--metrics", "val/bleu (best)", "--ci",
+          "--bounds", "val val/bleu (best)=0,100"])
+    assert "| base | 2 | 21 [20, 22] |" in capsys.readouterr().out  # bounded: a bootstrap interval inside [0, 100]
 
 
 def test_unknown_metric_is_an_error_listing_the_known_ones(tmp_path):

@@ -99,6 +99,18 @@ def test_tune_minimises_a_loss_monitor_and_breaks_ties_to_the_smaller_value(tmp_
     assert list(rows) == ["softmax / 64", "softmax / 128"]  # numbers sort numerically
 
 
+def test_tune_compares_values_on_the_seeds_every_value_has(tmp_path, capsys):
+    """A search on seeds 0, 1 then three more seeds at its winner: the winner must not lose the row to a value
+    with fewer seeds because its later seeds did worse (1e-2: 0.95 on seeds 0, 1, mean 0.44 over five)."""
+    for seed in (0, 1):
+        write_run(tmp_path, "softmax", seed, lr=1e-3, val=0.9, acc=0.9)
+    for seed, val in enumerate([0.95, 0.95, 0.1, 0.1, 0.1]):
+        write_run(tmp_path, "softmax", seed, lr=1e-2, val=val, acc=val)
+    main([str(tmp_path), "--rows", ROWS, "--tune", "config.optim.lr", "--metrics", "test/acc"])
+    row = table_rows(capsys.readouterr().out)["softmax / 64"]
+    assert row["best optim.lr"] == "0.01 (edge)" and row["n"] == "5"  # every seed of the chosen value is reported
+
+
 def test_tune_key_among_rows_is_an_error(tmp_path):
     lr_sweep(tmp_path)
     with pytest.raises(SystemExit):

@@ -1,8 +1,11 @@
 """``efficient-attn-approx --checkpoint``: FAVOR+ error on the real queries and keys of a trained model.
 
 Forward hooks on every core attention capture one validation batch's q, k, v per attention site; the
-error of FAVOR+ against exact softmax is measured there, and per layer output with every attention of
-the model swapped to FAVOR+ (Performer App. D.1 / Fig. 14).
+error of FAVOR+ against exact softmax is measured there (MSE of the output, and KL(P ‖ P̂) of its rows:
+``kl_mean``), and per layer output with every attention of the model swapped to FAVOR+ (Performer
+App. D.1 / Fig. 14). ``model_rows`` compares the model's own attention rows with softmax's on the same
+q, k at every site (:mod:`efficient_attn.analysis.rows`: both KL directions and the softmax mass the
+rows cover; "no rows" for attentions without normalized rows).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any
 import torch
 
 from efficient_attn import Attention, MultiHeadAttention, create_attention, seed_attentions
+from efficient_attn.analysis.rows import rows_against_softmax
+from efficient_attn.registry import get_attention_class, list_attentions
 from efficient_attn.transformer import Block
 from efficient_attn_tasks.approx import report as approx_report
 from efficient_attn_tasks.inference.checkpoint import load as load_checkpoint
@@ -35,6 +40,7 @@ def run(a: argparse.Namespace) -> None:
                                              a.out / "error_by_depth", title,
                                              ylabel="relative error of layer output, all attention swapped"),
     }
+    approx_report.save_table(model_rows(sites), a.out / "model_rows")
     approx_report.log_to_wandb(outputs)
 
 
@@ -54,10 +60,11 @@ def validation_batch(data: Any, size: int) -> dict[str, Any]:
 def capture(module: Any, batch: dict[str, Any]) -> list[dict[str, Any]]:
     """Inputs of every core attention call in one forward pass, in call order."""
     sites: list[dict[str, Any]] = []
+    modules = dict(module.named_modules())
 
     def record(name, args, kwargs, out):
         q, k, v = args
-        sites.append({"site": name, "q": q, "k": k, "v": v,
+        sites.append({"site": name, "attention": modules[name], "q": q, "k": k, "v": v,
                       "mask": kwargs.get("key_padding_mask"), "causal": kwargs.get("causal", False)})
 
     _forward_with_hooks(module, batch, Attention, record, with_kwargs=True)
@@ -78,7 +85,8 @@ def _forward_with_hooks(module: Any, batch: dict[str, Any], kind: type, hook: An
 
 
 def site_errors(sites: list[dict[str, Any]], features: list[int], draws: int) -> list[dict[str, Any]]:
-    """MSE of FAVOR+ (positive, orthogonal) against exact softmax on each site's real q, k, v."""
+    """MSE of FAVOR+ (positive, orthogonal) against exact softmax on each site's real q, k, v, and the mean
+    KL(P ‖ P̂) of its rows (``kl_*``; an infinite draw is counted in ``kl_non_finite``, not averaged)."""
     rows = []
     for layer, s in enumerate(sites):
         h, d = s["q"].shape[1], s["q"].shape[-1]
@@ -86,12 +94,30 @@ def site_errors(sites: list[dict[str, Any]], features: list[int], draws: int) ->
         with torch.no_grad():
             exact = create_attention("softmax", head_dim=d, num_heads=h)(s["q"], s["k"], s["v"], **kw)
             for m in features:
-                errs = []
+                errs, kls = [], []
                 for draw in range(draws):
                     favor = create_attention("favor", head_dim=d, num_heads=h, num_features=m, seed=draw).double()
                     errs.append(float((favor(s["q"], s["k"], s["v"], **kw) - exact).pow(2).mean()))
-                rows.append(_row(f"m={m}", layer, s["site"], errs))
+                    kls.append(rows_against_softmax(favor, s["q"], s["k"], **kw)["kl_softmax_model"])
+                finite = [x for x in kls if x == x and abs(x) != float("inf")]
+                rows.append(_row(f"m={m}", layer, s["site"], errs) | {
+                    "kl_mean": statistics.mean(finite) if finite else float("nan"),
+                    "kl_std": statistics.stdev(finite) if len(finite) > 1 else 0.0,
+                    "kl_non_finite": len(kls) - len(finite)})
     return rows
+
+
+def model_rows(sites: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per site, the model's own attention rows against softmax's on the same q, k
+    (:func:`efficient_attn.analysis.rows.rows_against_softmax`); NaN where the attention has no rows."""
+    return [{"layer": layer, "site": s["site"], "attention": attention_name(s["attention"]),
+             **rows_against_softmax(s["attention"], s["q"], s["k"], s["mask"], s["causal"])}
+            for layer, s in enumerate(sites)]
+
+
+def attention_name(attn: Any) -> str:
+    """The registry name of an attention module (its class name if it is not registered)."""
+    return next((n for n in list_attentions() if get_attention_class(n) is type(attn)), type(attn).__name__)
 
 
 def depth_errors(module: Any, batch: dict[str, Any], features: list[int], draws: int) -> list[dict[str, Any]]:

@@ -101,6 +101,18 @@ def run(a: argparse.Namespace) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
     return outputs
 
 
+def save_table(rows: list[dict[str, Any]], stem: Path) -> list[dict[str, Any]]:
+    """``stem``.csv and ``stem``.md of ``rows`` (no plot); numbers to 4 significant digits in the Markdown."""
+    write_csv(rows, stem.with_suffix(".csv"))
+    header = list(rows[0])
+    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    wrote(stem.with_suffix(".csv"), stem.with_suffix(".md"))
+    return rows
+
+
 def save(rows: list[dict[str, Any]], x: str, stem: Path, title: str, **kw: Any) -> tuple[Path, list[dict[str, Any]]]:
     write_csv(rows, stem.with_suffix(".csv"))
     plot(rows, x, stem.with_suffix(".png"), title, **kw)

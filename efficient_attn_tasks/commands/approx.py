@@ -29,8 +29,9 @@ outputs:
   in --out (default approx_out/); each CSV has its PNG beside it (log-log, ±1 std bands):
   error_vs_features.csv/.png   MSE and KL(P ‖ P̂) against random features m, per estimator
   error_vs_scale.csv/.png      the same against the input scale at fixed m
-  with --checkpoint instead: error_by_site.csv/.png, error_by_depth.csv/.png
-  both are also logged to the active W&B run, if any
+  with --checkpoint instead: error_by_site.csv/.png (MSE and KL of FAVOR+), error_by_depth.csv/.png, and
+  model_rows.csv/.md (the model's own attention rows against softmax's: KL both ways, softmax mass covered)
+  the PNG outputs are also logged to the active W&B run, if any
 """
 SQRT_DK_HELP = """\
 Why logits are scaled by 1/√d_k: logit variance, softmax saturation and softmax gradient norm against d_k,

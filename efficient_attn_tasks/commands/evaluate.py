@@ -21,13 +21,17 @@ runs alone: its config and tokenizer are inside it.
 
 examples:
   efficient-attn-eval outputs/<date>/<run>             # the run's best checkpoint on its test split
-  efficient-attn-eval outputs/<date>/<run>/checkpoints/last.ckpt --split val --beam 8
+  efficient-attn-eval <run>/checkpoints/last.ckpt --split val --attention favor_plus --attention-kwargs num_features=64
   efficient-attn-eval <run> --files newstest2014.en newstest2014.de   # translation: source, reference
 
 outputs:
-  --out, the record (default: beside the checkpoint, <ckpt stem>.eval_<split, or the first file's name>.json):
-    metrics, the checkpoint used and why, data, beam, batch size, sacreBLEU signature, versions
+  --out, the record (default: beside the checkpoint, <ckpt stem>.eval_<split, or the first file's name>.json;
+    with --attention: <ckpt stem>.eval_<split>.swap_<NAME>[.<key>=<value>...].json):
+    metrics, the checkpoint used and why, data, beam, batch size, sacreBLEU signature, versions,
+    swapped_in (--attention: the attention config and kwargs, tensors loaded, kept fresh, dropped)
   translation: the hypotheses too, one per line, in <record stem>.hyp.txt
+  --attention NAME: the model rebuilt with attention config NAME (its kwargs, --attention-kwargs on top) and
+    scored with the run's weights outside the attention cores; the new attention's own are drawn from the seed
   stdout: one summary line, then the path of each file written
 """
 
@@ -51,6 +55,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", metavar="DIR",
                    help="generated data such as ListOps splits (default: the run's cache_dir, else "
                         "$EFFICIENT_ATTN_CACHE, else ~/.cache/efficient_attn)")
+    p.add_argument("--attention", metavar="NAME",
+                   help="swap-in: rebuild the model with attention config NAME (configs/attention/NAME.yaml, as "
+                        "attention=NAME in training) at every site, load every weight outside the attention "
+                        "cores, draw the new attention's own from the run's seed, and score")
+    p.add_argument("--attention-kwargs", nargs="+", metavar="KEY=VALUE",
+                   help="with --attention: override its kwargs, e.g. num_features=4096 (values as YAML)")
     p.add_argument("--precision", help="Lightning precision, e.g. 32-true, bf16-mixed (default: the run's "
                                        "trainer.precision, else 32-true)")
     return p

@@ -17,7 +17,7 @@ gets a row saying so.
 Details: efficient_attn_tasks/report/tables.py.
 
 examples:
-  efficient-attn-report multirun/2026-11-21 --rows attention --ci --out results/tables/quickstart
+  efficient-attn-report multirun/2026-11-21 --rows attention --ci --out tables/quickstart
   efficient-attn-report runs/ --rows attention --baseline softmax            # Δ and Welch t-test p per row
   efficient-attn-report multirun/mqar --rows attention,config.task.seq_len --tune config.optim.lr --ci --per-seed \
       --success "test/acc>=0.9" --paired softmax   # bounded intervals, successes, Holm-corrected paired tests

@@ -29,8 +29,9 @@ from efficient_attn_tasks.tasks import task_module
 
 # Start-up stays light: --help and the checks of the top-level, optim, trainer and logger sections load
 # neither torch nor Lightning (tests/test_cli.py); the task's module loads them, W&B loads when a run starts.
-TOP_LEVEL = {"seed", "name", "row", "data_dir", "cache_dir", "ckpt_path", "overwrite", "checkpoint_every", "test",
-             "threads", "nonfinite", "imports", "optim", "task", "attention", "model", "trainer", "logger", "callbacks"}
+TOP_LEVEL = {"seed", "name", "row", "data_dir", "cache_dir", "ckpt_path", "init_from", "overwrite", "checkpoint_every",
+             "test", "threads", "nonfinite", "imports", "optim", "task", "attention", "model", "trainer", "logger",
+             "callbacks"}
 CONFIG_DIR = str(config_dir())
 LOGGER_KEYS = {  # efficient_attn_tasks/run/loggers.py builds them
     "wandb": {"kind", "project", "entity", "mode", "init_timeout", "log_model"},
@@ -127,6 +128,7 @@ def check_config(cfg: DictConfig) -> Any:
     _known(set(cfg.logger.keys()), LOGGER_KEYS[cfg.logger.kind], "logger.")
     if cfg.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"nonfinite must be 'stop' or 'skip', got {cfg.nonfinite!r}")
+    check_init_from(cfg.get("init_from"), cfg.get("ckpt_path"))
 
     check_imports(cfg.get("imports"))  # before the task: an imported module may register it
     try:
@@ -154,6 +156,19 @@ def check_config(cfg: DictConfig) -> Any:
         raise ConfigError(f"task {cfg.task.name}: {err}") from None
     check_callbacks(cfg.get("callbacks"), cfg.logger.kind)  # Lightning's callbacks are imported here when set
     return task
+
+
+def check_init_from(init_from: Any, ckpt_path: Any) -> None:
+    """``init_from`` (a run dir or .ckpt whose weights start a new run, efficient_attn_tasks/run/convert.py)
+    is a path, and never meets ``ckpt_path`` (a resume restores everything, optimizer and step included)."""
+    if init_from is None:
+        return
+    if not isinstance(init_from, str) or not init_from:
+        raise ConfigError(f"init_from must be a run dir or a .ckpt file, got {init_from!r}")
+    if ckpt_path is not None:
+        raise ConfigError(f"init_from={init_from} starts a new run at step 0 from another run's weights, "
+                          f"ckpt_path={ckpt_path} resumes a run with everything (weights, optimizer, step); "
+                          "give one of them (to resume a run started with init_from, drop init_from)")
 
 
 def check_imports(imports: Any) -> None:

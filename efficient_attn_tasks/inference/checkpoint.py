@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from efficient_attn.registry import import_attentions
 from efficient_attn_tasks.config.checks import ConfigError
+from efficient_attn_tasks.config.labels import attention_label
 from efficient_attn_tasks.run.record import RESULTS_JSON, RunRecord
 from efficient_attn_tasks.tasks import task_module
 
@@ -33,6 +34,7 @@ class Loaded:
     cfg: DictConfig
     data: Any
     module: Any
+    swap: dict[str, Any] | None = None  # with ``attention``: what was swapped in, and how the weights loaded
 
 
 def find(path: Path) -> tuple[Path, str]:
@@ -58,20 +60,28 @@ def find(path: Path) -> tuple[Path, str]:
     raise ConfigError(f"run {path} has no checkpoints/best-*.ckpt; give a .ckpt file (e.g. its checkpoints/last.ckpt)")
 
 
-def load(path: Path, task_overrides: dict[str, Any] | None = None, data_dir: str | None = None,
-         cache_dir: str | None = None) -> Loaded:
-    """The checkpoint at ``path`` (a file or a run dir, see :func:`find`) rebuilt from its own config.
-
-    ``task_overrides`` set ``task.<key>`` before the modules are built (batch size, beam size; a key the
-    task has not is an error); ``data_dir`` / ``cache_dir`` replace the run's, when given.
-    """
-    file, chosen = find(Path(path))
+def read(file: Path) -> tuple[dict[str, Any], DictConfig]:
+    """(the checkpoint, its run's config) of a checkpoint file of efficient-attn-train, else a ConfigError."""
     try:  # a checkpoint holds tensors and plain data only: nothing in it may run code
         checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-        cfg = OmegaConf.create(checkpoint["hyper_parameters"]["config"])
+        return checkpoint, OmegaConf.create(checkpoint["hyper_parameters"]["config"])
     except Exception as err:  # truncated, foreign, or not saved by efficient-attn-train
         raise ConfigError(f"cannot load {file} as a checkpoint of efficient-attn-train: "
                           f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def load(path: Path, task_overrides: dict[str, Any] | None = None, data_dir: str | None = None,
+         cache_dir: str | None = None, attention: str | None = None,
+         attention_kwargs: dict[str, Any] | None = None) -> Loaded:
+    """The checkpoint at ``path`` (a file or a run dir, see :func:`find`) rebuilt from its own config.
+
+    ``task_overrides`` set ``task.<key>`` before the modules are built (batch size, beam size; a key the
+    task has not is an error); ``data_dir`` / ``cache_dir`` replace the run's, when given. ``attention``:
+    the model is rebuilt with attention config ``attention`` (its kwargs updated by ``attention_kwargs``) at
+    every site, from the run's seed, and loaded by :func:`efficient_attn_tasks.run.convert.load_converted`.
+    """
+    file, chosen = find(Path(path))
+    checkpoint, cfg = read(file)
     for key, value in (task_overrides or {}).items():
         if value is None:
             continue
@@ -86,16 +96,33 @@ def load(path: Path, task_overrides: dict[str, Any] | None = None, data_dir: str
         task = task_module(cfg.task.name)  # a task from elsewhere registered itself when its imports loaded
     except ValueError as err:
         raise ConfigError(f"{file}: {err}") from None
-    saved = checkpoint.get("vocabulary")
-    if saved is not None and list(saved) != list(task.VOCAB):
-        raise ConfigError(f"{file} was trained with the {cfg.task.name} vocabulary {list(saved)}, but this code's is "
-                          f"{list(task.VOCAB)}; use the code version that trained it")
+    check_vocabulary(file, checkpoint, cfg.task.name, task)
+    old, swap = cfg, None
+    if attention is not None:
+        from efficient_attn_tasks.run import convert
+
+        cfg = convert.swap_attention(old, attention, attention_kwargs or {}, task.ATTENTION_SITES)
+        torch.manual_seed(int(cfg.seed))  # the new attention's own tensors: drawn as training would draw them
     try:
         data, module = task.restore(cfg, checkpoint) if hasattr(task, "restore") else task.build(cfg)
     except ValueError as err:
         raise ConfigError(f"task.{cfg.task.name}: {err}") from None
-    module.load_state_dict(checkpoint["state_dict"])
-    return Loaded(file, chosen, cfg, data, module.eval())
+    if attention is None:
+        module.load_state_dict(checkpoint["state_dict"])
+    else:
+        same = convert.same_attentions(old, cfg, task.ATTENTION_SITES)
+        done = convert.load_converted(module, checkpoint["state_dict"], same)
+        swap = {"attention_config": attention, "attention": OmegaConf.to_container(cfg.attention, resolve=True),
+                "checkpoint_attention": attention_label(old), "same_attention": same, **done.to_dict()}
+    return Loaded(file, chosen, cfg, data, module.eval(), swap)
+
+
+def check_vocabulary(file: Path, checkpoint: dict[str, Any], task_name: str, task: Any) -> None:
+    """A checkpoint that saved its task's token vocabulary (ListOps) was trained with this code's."""
+    saved = checkpoint.get("vocabulary")
+    if saved is not None and list(saved) != list(task.VOCAB):
+        raise ConfigError(f"{file} was trained with the {task_name} vocabulary {list(saved)}, but this code's is "
+                          f"{list(task.VOCAB)}; use the code version that trained it")
 
 
 def device(name: str) -> torch.device:

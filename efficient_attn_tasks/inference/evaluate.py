@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 import warnings
 from pathlib import Path
@@ -22,15 +23,20 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     import pytorch_lightning as pl
 
     from efficient_attn_tasks.config.labels import attention_label
-    from efficient_attn_tasks.inference.checkpoint import load
+    from efficient_attn_tasks.inference.checkpoint import ConfigError, load
     from efficient_attn_tasks.run.callbacks import quiet_lightning
+    from efficient_attn_tasks.run.convert import parse_kwargs
     from efficient_attn_tasks.run.record import hardware, versions
 
     start = time.perf_counter()
     quiet_lightning()
     # Lightning's own use of a torch API that torch deprecated (as in run/fit.py); nothing a user can act on
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    loaded = load(a.checkpoint, {"beam_size": a.beam, "batch_size": a.batch_size}, a.data_dir, a.cache_dir)
+    swap_kwargs = parse_kwargs(a.attention_kwargs or [])
+    if swap_kwargs and not a.attention:
+        raise ConfigError("--attention-kwargs changes the attention swapped in: give --attention NAME too")
+    loaded = load(a.checkpoint, {"beam_size": a.beam, "batch_size": a.batch_size}, a.data_dir, a.cache_dir,
+                  a.attention, swap_kwargs)
     cfg, module = loaded.cfg, loaded.module
     loader, data = _loader(loaded, a)
     precision = a.precision or cfg.trainer.get("precision") or "32-true"
@@ -39,7 +45,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                          enable_model_summary=False)
     metrics = trainer.test(module, dataloaders=loader, verbose=False)[0]
     label = a.split if not a.files else a.files[0].name
-    out = a.out or loaded.path.with_name(f"{loaded.path.stem}.eval_{label}.json")
+    out = a.out or loaded.path.with_name(f"{loaded.path.stem}.eval_{label}{swap_suffix(a.attention, swap_kwargs)}.json")
     hypotheses = getattr(module, "test_hypotheses", None)
     hyp_path = out.with_name(f"{out.stem}.hyp.txt") if hypotheses else None
     record = {
@@ -47,6 +53,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "checkpoint_choice": loaded.chosen,
         "task": cfg.task.name,
         "attention": attention_label(cfg),
+        "swapped_in": loaded.swap,  # --attention: the attention config swapped in, its kwargs, what was loaded
         "name": cfg.name,
         "seed": cfg.seed,
         "data": data,
@@ -69,6 +76,14 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     print(f"[{record['task']} / {record['attention']}] {label}: {scores} | {loaded.path}")
     wrote(out, *([hyp_path] if hyp_path else []))
     return record
+
+
+def swap_suffix(attention: str | None, kwargs: dict[str, Any]) -> str:
+    """The default record name's mark of a swap-in eval: ``.swap_<name>[.<key>=<value>...]`` (none without one)."""
+    if attention is None:
+        return ""
+    parts = [f"swap_{attention}", *(f"{k}={v}" for k, v in sorted(kwargs.items()))]
+    return "." + re.sub(r"[^\w.=+-]", "_", ".".join(parts))
 
 
 def _loader(loaded: Any, a: argparse.Namespace) -> tuple[Any, dict[str, Any]]:

@@ -77,10 +77,20 @@ def field(record: dict[str, Any], key: str) -> Any:
     return value
 
 
+def best_column(monitor: str) -> str:
+    """The column of the monitored metric's best validation value: ``val/bleu (best)``."""
+    return f"{monitor} (best)"
+
+
+def column_name(name: str) -> str:
+    """A metric column as the user wrote it, with the spelling ``val val/bleu (best)`` read as ``val/bleu (best)``."""
+    return name[len("val "):] if name.startswith("val ") and name.endswith(" (best)") else name
+
+
 def metrics(record: dict[str, Any]) -> dict[str, float | None]:
-    """Metric columns of one run: best val, last val metrics as "<key> (last)", test metrics, and the resources
-    the record has (not null)."""
+    """Metric columns of one run: the monitor's best val as "<monitor> (best)", last val metrics as "<key> (last)",
+    test metrics, and the resources the record has (not null)."""
     m = record["metrics"]
     last = {f"{k} (last)": v for k, v in sorted(m["val_last"].items())}
-    row = {f"val {m['monitor']} (best)": m["val_best"], **last, **dict(sorted(m["test"].items()))}
+    row = {best_column(m["monitor"]): m["val_best"], **last, **dict(sorted(m["test"].items()))}
     return {**row, **{k: record[k] for k in RESOURCES if record.get(k) is not None}}

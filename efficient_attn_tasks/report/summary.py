@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from efficient_attn_tasks.report.runs import failure, find_runs, hydra_job, metrics
+from efficient_attn_tasks.report.runs import best_column, failure, find_runs, hydra_job, metrics
 from efficient_attn_tasks.report.stats import as_number, finite_values, mean_ci, mean_interval
 from efficient_attn_tasks.report.tables import markdown, metric_bounds
 
@@ -27,7 +27,7 @@ def main_metric(records: list[dict[str, Any]]) -> str:
     test = "test/" + monitor.split("/", 1)[-1]
     if any(test in r["metrics"]["test"] for r in records):
         return test
-    return f"val {monitor} (best)"
+    return best_column(monitor)
 
 
 def overrides(run_dir: Path) -> dict[str, str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from efficient_attn_tasks.commands.cli import UsageError, wrote
-from efficient_attn_tasks.report.runs import RESOURCES, field, find_runs, metrics, not_run_labels
+from efficient_attn_tasks.report.runs import RESOURCES, column_name, field, find_runs, metrics, not_run_labels
 from efficient_attn_tasks.report.stats import (
     ACCURACY_LIKE,
     BOOTSTRAP_RESAMPLES,
@@ -75,7 +75,7 @@ def parse_success(text: str) -> Success:
         metric, found, threshold = text.partition(op)
         if found:
             try:
-                return Success(metric.strip(), op, float(threshold))
+                return Success(column_name(metric.strip()), op, float(threshold))
             except ValueError:
                 break
     raise SystemExit(f"--success {text!r}: expected METRIC>=THRESHOLD or METRIC<=THRESHOLD, e.g. test/acc>=0.9")
@@ -92,7 +92,7 @@ def parse_bounds(items: list[str] | None) -> dict[str, tuple[float, float]]:
             raise SystemExit(f"--bounds {text!r}: expected METRIC=LO,HI, e.g. test/bleu=0,100") from None
         if not metric or not lo < hi:
             raise SystemExit(f"--bounds {text!r}: expected METRIC=LO,HI with LO < HI")
-        bounds[metric.strip()] = (lo, hi)
+        bounds[column_name(metric.strip())] = (lo, hi)
     return bounds
 
 
@@ -174,14 +174,19 @@ def _hashable(value: Any) -> Any:
 def tune(runs: list[dict[str, Any]], key: str, label: str = "") -> tuple[list[dict[str, Any]], Any, int]:
     """(the runs of the chosen ``key`` value, that value, how many values the runs tried).
 
-    The chosen value has the best mean over its runs (seeds) of ``metrics.val_best``: the largest, or the
-    smallest when the monitor is loss-like (see ``minimises``); ties go to the smaller value. Test metrics
-    are never looked at, so they stay an unbiased estimate for the chosen value.
+    The chosen value has the best mean of ``metrics.val_best`` over the seeds that every value has (all its
+    runs when no seed is common): the largest, or the smallest when the monitor is loss-like (see
+    ``minimises``); ties go to the smaller value. So a value given more seeds after a search (a confirm stage)
+    is compared on the search seeds, as the others are. Test metrics are never looked at, so they stay an
+    unbiased estimate for the chosen value.
     """
     by_value: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         by_value[_hashable(field(r, key))].append(r)
-    scores = {v: finite_values([r["metrics"]["val_best"] for r in rs]) for v, rs in by_value.items()}
+    scored = [{r.get("seed") for r in rs if finite_values([r["metrics"]["val_best"]])} for rs in by_value.values()]
+    common = set.intersection(*[s for s in scored if s]) if any(scored) else set()
+    scores = {v: finite_values([r["metrics"]["val_best"] for r in rs if not common or r.get("seed") in common])
+              for v, rs in by_value.items()}
     candidates = sorted((v for v, s in scores.items() if s), key=_order)  # ascending: min/max keep the first tie
     if not candidates:
         raise SystemExit(f"--tune {key}: no run of row {label!r} has a finite metrics.val_best")
@@ -238,9 +243,11 @@ def build(records: list[dict[str, Any]], keys: list[str], keep: list[str] | None
 
 
 def compared(rows: list[Row], names: list[str]) -> list[str]:
-    """The Δ columns: numeric val/ and test/ metrics, except state sizes (nothing varies by seed there)."""
+    """The Δ columns: numeric val/ (last) and test/ metrics, except state sizes (nothing varies by seed there)
+    and the monitor's best validation value (a model-selection score, not compared)."""
     flat = {row.label: row.flat for row in rows}
-    return [k for k in names if k.startswith(("test/", "val/")) and _numeric(flat, k) and not is_state_size(k)]
+    return [k for k in names if k.startswith(("test/", "val/")) and not k.endswith(" (best)") and _numeric(flat, k)
+            and not is_state_size(k)]
 
 
 def short(key: str) -> str:
@@ -611,7 +618,7 @@ def run(args: argparse.Namespace) -> None:
     records, missing, failed = find_runs(args.dirs)
     if not records and not missing and not failed:
         raise UsageError(f"no run dirs (with .hydra/) under {[str(d) for d in args.dirs]}")
-    keep = _keys(args.metrics) or None
+    keep = [column_name(k) for k in _keys(args.metrics)] or None
     built: list[Row] | None = None
     names: list[str] = []
     footer: list[str] = []
@@ -672,7 +679,7 @@ def plot_rows(args: argparse.Namespace, rows: list[str], built: list[Row], names
     from efficient_attn_tasks.report.lines import plot
 
     tasks = {r.get("task") for r in records}
-    y = args.y or (HEADLINE.get(tasks.pop()) if len(tasks) == 1 else None)
+    y = column_name(args.y) if args.y else (HEADLINE.get(tasks.pop()) if len(tasks) == 1 else None)
     numeric = [k for k in names if _numeric({row.label: row.flat for row in built}, k)]
     if y is None:
         raise SystemExit(f"--plot: give --y (the runs are not of one task with a headline metric); metrics: {numeric}")

@@ -116,6 +116,11 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
     attempt.resumed_from = ckpt_path
     if ckpt_path:
         check_checkpoint(ckpt_path, cfg)  # another task's or shape's checkpoint: refused before the data is built
+    source = None
+    if cfg.get("init_from") is not None:  # read and checked before anything of the run is built
+        from efficient_attn_tasks.run.convert import init_from, read_source
+
+        source = read_source(cfg, task)
     threads = default_threads(cfg.threads, joblib_n_jobs(), os.cpu_count() or 1)
     if threads:
         torch.set_num_threads(threads)
@@ -133,7 +138,12 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
     reset_peak_memory()
     try:
         try:
-            datamodule, module = task.build(cfg)
+            if source is not None and hasattr(task, "restore"):  # e.g. translation: the checkpoint's tokenizer
+                datamodule, module = task.restore(cfg, source.checkpoint)
+            else:
+                datamodule, module = task.build(cfg)
+            if source is not None:  # before any data is read (translation's tokenizer came from the checkpoint)
+                init_from(module, source, cfg, task.ATTENTION_SITES)
         except ConfigError:
             raise
         except ValueError as err:  # a task config value its checks reject (e.g. impossible ListOps lengths)

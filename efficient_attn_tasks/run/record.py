@@ -413,12 +413,14 @@ def versions() -> dict[str, str]:
 
 
 def summary_line(record: RunRecord) -> str:
-    """A finished run's one line: task, attention, best validation and test metrics, size, speed, memory, time."""
+    """A finished run's one line: task, attention config (the report's label: ``favor_plus``, not ``favor``), best
+    validation and test metrics, size, speed, memory, time."""
     m = record.metrics
     test = " ".join(f"{k}={v:.4g}" for k, v in sorted(m.test.items()))
     if (m.test_checkpoint or {}).get("checkpoint") == "last":
         test += " (last weights: no best checkpoint)"
-    return (f"[{record.task} / {record.attention}] best {m.monitor}={_fmt(m.val_best)} {test} | "
+    label = record.attention_config or record.attention
+    return (f"[{record.task} / {label}] best {m.monitor}={_fmt(m.val_best)} {test} | "
             f"{record.num_parameters:,} params | {_fmt(record.train_tokens_per_s)} tok/s | "
             f"{record.peak_memory_mib:.0f} MiB | {record.wall_time_s:.0f} s")
 

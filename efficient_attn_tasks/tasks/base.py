@@ -154,8 +154,14 @@ class TaskModule(pl.LightningModule):
         # never dropped, so a broken evaluation cannot look fine. nan_strategy=float("nan") replaces a NaN by
         # NaN and keeps the weights; "disable" would do the same but sets every weight to 1 (a torchmetrics
         # bug: Lightning-AI/torchmetrics#3434), "warn"/"ignore" drop it (the default)
-        self.means = torch.nn.ModuleDict({f"{split}_{name}": MeanMetric(nan_strategy=NAN).set_dtype(self.eval_dtype)
-                                          for split in EVAL_SPLITS for name in self.eval_means})
+        self.means = torch.nn.ModuleDict()
+        self.add_eval_means(type(self).eval_means)
+
+    def add_eval_means(self, names: tuple[str, ...]) -> None:
+        """Evaluation means beyond the class's ``eval_means`` (names that depend on the config), one per split."""
+        self.eval_means = tuple(dict.fromkeys((*self.eval_means, *names)))
+        self.means.update({f"{split}_{name}": MeanMetric(nan_strategy=NAN).set_dtype(self.eval_dtype)
+                           for split in EVAL_SPLITS for name in names})
 
     def accumulate(self, split: str, name: str, value: torch.Tensor, weight: Any = None) -> None:
         """Add ``value`` (one number, or one per item) with ``weight`` (default 1 each) to the mean

@@ -5,6 +5,12 @@ tokens; at a query the model predicts the value bound to that key, and only the 
 and accuracy. The generator follows zoology's ``multiquery_ar`` (:func:`generate`). The splits come from
 ``data_seed``, not the run's ``seed``, so every seed and attention sees the same data; val and test drop the
 examples whose context occurs in train. The model is the ``lm`` task's causal decoder.
+
+Besides loss and accuracy, val and test log where the answers come from (:func:`recall_scores`):
+``in_context``, the share of query predictions that are one of the sequence's values (a model guessing among
+them scores ≈ 1 there and ≈ 1/num_kv_pairs in accuracy), and ``acc_pair{i}``, the accuracy of the queries
+whose key is the i-th pair of the context (the last index: the most recent pair). :func:`reach_share`
+counts the queries whose key a sliding window reaches.
 """
 
 from __future__ import annotations
@@ -126,6 +132,58 @@ def make_splits(cfg: Config) -> tuple[dict[str, Batch], dict[str, int]]:
     return splits, dropped
 
 
+def query_pairs(tokens: Tensor, targets: Tensor, num_kv_pairs: int) -> tuple[Tensor, Tensor]:
+    """(asked (n, L) bool: the query positions; pair (n, L) int64: which context pair the query's key is,
+    0 = the first pair, num_kv_pairs − 1 = the most recent; −1 off queries). Found by matching the
+    query token against the context's keys, so it holds whatever order the queries come in."""
+    asked = targets != IGNORE  # (n, L)
+    keys = tokens[:, 0 : 2 * num_kv_pairs : 2]  # (n, kv)
+    match = tokens[:, :, None] == keys[:, None, :]  # (n, L, kv)
+    pair = torch.where(asked & match.any(-1), match.long().argmax(-1), -1)  # (n, L)
+    return asked, pair
+
+
+def recall_scores(
+    tokens: Tensor, targets: Tensor, predicted: Tensor, num_kv_pairs: int
+) -> dict[str, tuple[Tensor, int]]:
+    """Where the query answers come from: {name: (mean over its queries, number of queries)} for
+    ``in_context`` (the prediction is one of the sequence's values, right or not) and ``acc_pair{i}``
+    (accuracy of the queries whose key is the i-th pair in order of appearance). Empty names are left out.
+    tokens, targets, predicted (n, L) int64."""
+    asked, pair = query_pairs(tokens, targets, num_kv_pairs)
+    values = tokens[:, 1 : 2 * num_kv_pairs : 2]  # (n, kv)
+    in_context = (predicted[:, :, None] == values[:, None, :]).any(-1)  # (n, L)
+    correct = predicted == targets  # (n, L)
+    out = {"in_context": (in_context[asked].double().mean(), int(asked.sum()))}
+    for i in range(num_kv_pairs):
+        these = pair == i  # (n, L)
+        if these.any():
+            out[f"acc_pair{i}"] = (correct[these].double().mean(), int(these.sum()))
+    return {k: v for k, v in out.items() if v[1]}
+
+
+def key_distances(tokens: Tensor, targets: Tensor, num_kv_pairs: int) -> Tensor:
+    """(queries,) int64: for every query, its position minus its key's position in the context (pair i's key
+    sits at 2i), row by row; the distance a layer must reach back to see the key from the query."""
+    asked, pair = query_pairs(tokens, targets, num_kv_pairs)
+    position = torch.arange(tokens.shape[1]).expand_as(tokens)  # (n, L)
+    return (position - 2 * pair)[asked]
+
+
+def reach_share(cfg: Config, distance: int, split: str = "test") -> float:
+    """Share of the queries of ``split`` (as :func:`make_splits` generates it) whose key lies within
+    ``distance`` positions of the query. A causal sliding window of w keys reaches w − 1 back in one layer,
+    n·(w − 1) through n stacked layers (:func:`window_reach`)."""
+    data = make_splits(cfg)[0][split]
+    return float((key_distances(data["tokens"], data["targets"], cfg.num_kv_pairs) <= distance).double().mean())
+
+
+def window_reach(window: int, layers: int = 1) -> int:
+    """How far back a causal sliding window of ``window`` keys (the query and window − 1 before it) reaches
+    through ``layers`` stacked layers: layers·(window − 1)."""
+    return layers * (window - 1)
+
+
 class Sequences(Dataset):
     """Rows of a generated split."""
 
@@ -155,11 +213,13 @@ class MQARModule(TaskModule):
 
     monitor = "val/acc"
     monitor_mode = "max"
-    eval_means = ("loss", "acc")  # weighted by queries
+    # weighted by queries; in_context and acc_pair{i} (one per pair, added in __init__): recall_scores
+    eval_means = ("loss", "acc", "in_context")
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
         self.task = task_config(cfg)
+        self.add_eval_means(tuple(f"acc_pair{i}" for i in range(self.task.num_kv_pairs)))
         model_cfg = transformer_config(cfg)
         if model_cfg.max_len < self.task.seq_len:
             raise ValueError(f"task.seq_len={self.task.seq_len} exceeds model.max_len={model_cfg.max_len}; "
@@ -169,9 +229,10 @@ class MQARModule(TaskModule):
     def forward(self, batch: Batch) -> Tensor:
         return self.model(batch["tokens"])  # (B, L, V)
 
-    def scores(self, batch: Batch) -> tuple[Tensor, Tensor, int]:
-        """(mean loss over query positions, accuracy over them, number of queries)."""
-        logits = self(batch)  # (B, L, V)
+    def scores(self, batch: Batch, logits: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+        """(mean loss over query positions, accuracy over them, number of queries); ``logits``: the
+        model's on this batch, when already computed."""
+        logits = self(batch) if logits is None else logits  # (B, L, V)
         targets = batch["targets"]  # (B, L)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
         asked = targets != IGNORE  # (B, L)
@@ -191,9 +252,18 @@ class MQARModule(TaskModule):
         return loss
 
     def eval_step(self, batch: Batch, split: str) -> None:
-        loss, acc, count = self.scores(batch)
+        self.eval_logits(batch, self(batch), split)
+
+    def eval_logits(self, batch: Batch, logits: Tensor, split: str) -> None:
+        """Add one batch's loss, accuracy and :func:`recall_scores`, from the model's ``logits`` (B, L, V),
+        to the means of ``split``."""
+        loss, acc, count = self.scores(batch, logits)
         self.accumulate(split, "loss", loss, count)
         self.accumulate(split, "acc", acc, count)
+        predicted = logits.argmax(-1)  # (B, L)
+        for name, (mean, n) in recall_scores(batch["tokens"], batch["targets"], predicted,
+                                             self.task.num_kv_pairs).items():
+            self.accumulate(split, name, mean, n)
 
     def on_test_epoch_end(self) -> None:
         """Also record the decoding state one layer holds after a whole sequence (numbers per sequence);
