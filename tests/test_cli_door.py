@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from efficient_attn_tasks.commands import train
-from efficient_attn_tasks.commands.hydra_errors import close_options
+from efficient_attn_tasks.commands.cli import close_options
 from efficient_attn_tasks.config.checks import ConfigError, check_config
 from efficient_attn_tasks.config.schema import OptimConfig
 from efficient_attn_tasks.run.resume import check_checkpoint
@@ -180,6 +180,11 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, capsys, m
      "error: --files takes SRC REF (translation) or TEXT (lm), got 3 files"),
     ("evaluate", ["{ckpt}", "--files", "{missing}"], "error: --files: no such file {missing}"),
     ("evaluate", ["{ckpt}", "--split", "train"], "efficient-attn-eval: error: argument --split: invalid choice"),
+    ("evaluate", ["{ckpt}", "--attention", "favor_pluss"],
+     "error: --attention favor_pluss: no attention config 'favor_pluss' (configs/attention/); "
+     "did you mean favor_plus?"),
+    ("evaluate", ["{ckpt}", "--attention-kwargs", "num_features=8"],
+     "error: --attention-kwargs changes the attention swapped in: give --attention NAME too"),
     ("translate", ["{missing}"], "error: {missing} is neither a checkpoint file nor a run dir"),
     ("translate", ["{ckpt}", "--beam", "0"], "error: --beam must be >= 1, got 0"),
     ("translate", ["{ckpt}", "--input", "{missing}"], "error: --input {missing} is not a file"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import os
 import sys
 from pathlib import Path
@@ -163,6 +164,32 @@ def check_checkpoint_args(args: argparse.Namespace, *, positive: Sequence[str] =
             value = getattr(args, name)
             if value is not None and value < low:
                 raise CommandError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def close_names(name: str, known: Any, n: int = 1) -> list[str]:
+    """The (at most ``n``) names of ``known`` closest to ``name`` (difflib), closest first."""
+    return difflib.get_close_matches(name, sorted(set(known)), n=n)
+
+
+def close_options(option: str, options: list[str]) -> list[str]:
+    """The config closest to ``option``, or a whole family when ``option`` is closest to the family's stem
+    (``favr``: every ``favor_*`` config, whose names differ only after the stem)."""
+    stems = {o.split("_")[0] for o in options if "_" in o} - set(options)
+    close = close_names(option, set(options) | stems)
+    if close and close[0] in stems:
+        return [o for o in options if o.startswith(close[0] + "_")]
+    return close
+
+
+def group_options(group: str, config_dir: Path | str | None = None) -> list[str]:
+    """Every option of a config group (of the app's config tree unless ``config_dir``), nested ones as
+    ``mqar/quick``."""
+    if config_dir is None:
+        from efficient_attn_tasks import config_dir as app_config_dir
+
+        config_dir = app_config_dir()
+    root = Path(config_dir) / group
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
 def wrote(*paths: Path | str, file: TextIO | None = None) -> None:

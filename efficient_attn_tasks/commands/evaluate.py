@@ -10,6 +10,8 @@ from efficient_attn_tasks.commands.cli import (
     CommandError,
     check_checkpoint_args,
     checkpoint_parser,
+    close_options,
+    group_options,
     run_command,
     writable_folder,
 )
@@ -81,6 +83,13 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             raise CommandError(f"--files: no such file {', '.join(missing)}")
     if a.out is not None:
         writable_folder(a.out, "--out", file=True)
+    if a.attention_kwargs and not a.attention:
+        raise CommandError("--attention-kwargs changes the attention swapped in: give --attention NAME too")
+    if a.attention is not None and a.attention not in (names := group_options("attention")):
+        close = close_options(a.attention, names)
+        fix = f"did you mean {', '.join(close)}?" if close else f"choose one of {names}"
+        raise CommandError(f"--attention {a.attention}: no attention config {a.attention!r} (configs/attention/); "
+                           f"{fix}")
 
 
 def _score(a: argparse.Namespace) -> None:

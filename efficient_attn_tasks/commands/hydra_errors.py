@@ -10,7 +10,6 @@ composition errors change and every other error is reported as Hydra reports it.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import re
 import sys
 from pathlib import Path
@@ -18,28 +17,8 @@ from typing import Any, Callable, Iterator
 
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
+from efficient_attn_tasks.commands.cli import close_names, close_options, group_options
 from efficient_attn_tasks.config.checks import CONFIG_DIR
-
-
-def close_names(name: str, known: Any, n: int = 1) -> list[str]:
-    """The (at most ``n``) names of ``known`` closest to ``name`` (difflib), closest first."""
-    return difflib.get_close_matches(name, sorted(set(known)), n=n)
-
-
-def close_options(option: str, options: list[str]) -> list[str]:
-    """The config closest to ``option``, or a whole family when ``option`` is closest to the family's stem
-    (``favr``: every ``favor_*`` config, whose names differ only after the stem)."""
-    stems = {o.split("_")[0] for o in options if "_" in o} - set(options)
-    close = close_names(option, set(options) | stems)
-    if close and close[0] in stems:
-        return [o for o in options if o.startswith(close[0] + "_")]
-    return close
-
-
-def group_options(group: str, config_dir: Path | str = CONFIG_DIR) -> list[str]:
-    """Every option of a config group of ``config_dir``, nested ones as ``mqar/quick``."""
-    root = Path(config_dir) / group
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
 def _missing_option(err: MissingConfigException) -> str | None:
