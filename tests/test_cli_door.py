@@ -153,13 +153,14 @@ def test_approx_with_a_missing_checkpoint_creates_nothing(tmp_path, capsys):
     ("report", ["{tmp}", "--out", "{out}/table"]),
     ("report", ["{tmp}", "--plot", "{out}/p.png", "--x", "config.seed"]),
     ("bench", ["--quick", "--out", "{out}"]),
+    ("gpu_bench", ["--quick", "--device", "cpu", "--out", "{out}"]),
 ])
 def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch, name, argv):
     """Under a file, or read-only (os.access: the tests may run as root, for whom chmod changes nothing)."""
     import importlib
 
     main = importlib.import_module(f"efficient_attn_tasks.commands.{name}").main
-    for work in ("approx.report", "approx.scaling", "report.tables", "bench.kernels"):  # a refusal runs none
+    for work in ("approx.report", "approx.scaling", "report.tables", "bench.kernels", "bench.gpu"):  # none runs
         monkeypatch.setattr(f"efficient_attn_tasks.{work}.run", lambda *a, **k: pytest.fail("the work ran"))
     (tmp_path / "file").write_text("")
     under_file = [a.format(out=tmp_path / "file" / "sub", tmp=tmp_path) for a in argv]
