@@ -1,12 +1,14 @@
 """The application of efficient-attn: Lightning tasks (translation, listops, lm, mqar), their Hydra configs, the
 command-line apps, reports and benchmarks.
 
-Needs the ``train`` extra (checked on import, with the install command); ``efficient_attn`` never imports it.
+Needs the ``train`` extra (checked on import, with the install command: one line from a console command, an
+ImportError from Python); ``efficient_attn`` never imports it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 # What ``pip install "efficient-attn[train]"`` adds to the core (torch, einops), by import name.
@@ -14,8 +16,14 @@ TRAIN_EXTRA = ("hydra", "omegaconf", "pytorch_lightning", "torchmetrics", "wandb
                "scipy", "matplotlib")
 _missing = [name for name in TRAIN_EXTRA if importlib.util.find_spec(name) is None]
 if _missing:
-    raise ImportError(f"the training and evaluation commands need the train extra ({', '.join(_missing)} not "
-                      "installed): pip install \"efficient-attn[train]\"")
+    _message = (f"the training and evaluation commands need the train extra ({', '.join(_missing)} not installed): "
+                "pip install \"efficient-attn[train]\"")
+    # a console command (efficient-attn-train, ...) or ``python -m efficient_attn_tasks...`` (argv[0] is "-m" while
+    # the module is found): one line and exit status 2; an import from Python: the ImportError
+    if Path(sys.argv[0] if sys.argv else "").name.startswith("efficient-attn-") or sys.argv[:1] == ["-m"]:
+        sys.stderr.write(f"error: {_message}\n")
+        raise SystemExit(2)
+    raise ImportError(_message)
 
 
 def config_dir() -> Path:

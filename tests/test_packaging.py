@@ -66,9 +66,10 @@ def test_wheel_has_no_generic_top_level_names_and_every_config(wheel):
     assert not [n for n in names if n.startswith(("tools/", "tests/"))]  # tools and tests stay out of the wheel
 
 
-def test_core_needs_only_torch_and_einops():
+def test_core_needs_only_torch_einops_and_numpy():
+    """numpy only so that importing torch does not warn "Failed to initialize NumPy"."""
     core = [req.split(">")[0].split("=")[0].split("<")[0] for req in PYPROJECT["project"]["dependencies"]]
-    assert core == ["torch", "einops"]
+    assert core == ["torch", "einops", "numpy"]
     assert "pytorch-lightning>=2.2,<3" in PYPROJECT["project"]["optional-dependencies"]["train"]
 
 

@@ -28,8 +28,8 @@ from efficient_attn_tasks.inference.checkpoint import load as load_checkpoint
 
 def run(a: argparse.Namespace) -> None:
     """Both tables for ``a.checkpoint``, written to ``a.out`` and logged to the active W&B run, if any."""
-    a.out.mkdir(parents=True, exist_ok=True)
     data, module = load(a.checkpoint)
+    a.out.mkdir(parents=True, exist_ok=True)  # once the checkpoint loaded: a refused one leaves no folder
     batch = validation_batch(data, a.batch_size)
     sites = capture(module, batch)
     title = f"{a.checkpoint.parent.parent.name}, {a.batch_size} validation sequences, {a.draws} draws"

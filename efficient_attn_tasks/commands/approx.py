@@ -13,8 +13,8 @@ from pathlib import Path
 from efficient_attn.analysis import KL_ROWS
 from efficient_attn_tasks.approx import report as approx_report
 from efficient_attn_tasks.approx import scaling
+from efficient_attn_tasks.commands.cli import existing, run_command, writable_folder
 from efficient_attn_tasks.commands.cli import parser as cli_parser
-from efficient_attn_tasks.commands.cli import run_command
 
 STUDIES = ("favor", "sqrt_dk")
 FAVOR_HELP = """\
@@ -60,7 +60,14 @@ def main(argv: list[str] | None = None) -> None:
     """Run the ``--study`` asked for (no arguments at all: the default study's help, not a run of minutes)."""
     study = _study(argv)
     favor = functools.partial(_favor, argv=list(sys.argv[1:] if argv is None else argv))
-    run_command(functools.partial(parser, study), argv, favor if study == "favor" else scaling.run)
+    run_command(functools.partial(parser, study), argv, favor if study == "favor" else scaling.run, check=check)
+
+
+def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A missing --checkpoint or an --out that cannot be written: one line, before anything loads or is created."""
+    if getattr(args, "checkpoint", None) is not None:
+        existing(args.checkpoint, "--checkpoint", "checkpoint file or run dir")
+    writable_folder(args.out, "--out")
 
 
 def parser(study: str = "favor") -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ from pathlib import Path
 from efficient_attn_tasks.bench import train as bench_train
 from efficient_attn_tasks.bench.points import DTYPES
 from efficient_attn_tasks.commands.cli import parser as cli_parser
-from efficient_attn_tasks.commands.cli import run_command
+from efficient_attn_tasks.commands.cli import run_command, writable_folder
 
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384]
 QUICK_LENGTHS = [256, 512, 1024]
@@ -71,10 +71,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def prepare(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Check the modes, apply --quick, fill in the lengths and the train mode's sizes, resolve --device auto."""
+    """Check the modes and --out, apply --quick, fill in the lengths and the train mode's sizes, resolve
+    --device auto."""
     unknown = sorted(set(args.modes.split(",")) - set(MODES))
     if unknown:
         p.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
+    writable_folder(args.out, "--out")
     if args.quick:
         args.repeats, args.matmul_size = 1, min(args.matmul_size, 2048)
         args.decode_steps = min(args.decode_steps, 8)

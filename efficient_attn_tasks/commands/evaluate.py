@@ -6,7 +6,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from efficient_attn_tasks.commands.cli import checkpoint_parser, run_command
+from efficient_attn_tasks.commands.cli import (
+    CommandError,
+    check_checkpoint_args,
+    checkpoint_parser,
+    close_options,
+    group_options,
+    run_command,
+    writable_folder,
+)
 
 HELP = """\
 Score a trained checkpoint of any task (translation: sacreBLEU; listops, mqar: accuracy; lm: bits per byte)
@@ -61,7 +69,27 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_command(parser, argv, _score)
+    run_command(parser, argv, _score, check=check)
+
+
+def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """What needs no checkpoint to check, before torch loads: the paths, the numbers, the count of --files."""
+    check_checkpoint_args(a, positive=("beam", "batch_size"))
+    if a.files is not None:
+        if len(a.files) not in (1, 2):
+            raise CommandError(f"--files takes SRC REF (translation) or TEXT (lm), got {len(a.files)} files")
+        missing = [str(f) for f in a.files if not f.is_file()]
+        if missing:
+            raise CommandError(f"--files: no such file {', '.join(missing)}")
+    if a.out is not None:
+        writable_folder(a.out, "--out", file=True)
+    if a.attention_kwargs and not a.attention:
+        raise CommandError("--attention-kwargs changes the attention swapped in: give --attention NAME too")
+    if a.attention is not None and a.attention not in (names := group_options("attention")):
+        close = close_options(a.attention, names)
+        fix = f"did you mean {', '.join(close)}?" if close else f"choose one of {names}"
+        raise CommandError(f"--attention {a.attention}: no attention config {a.attention!r} (configs/attention/); "
+                           f"{fix}")
 
 
 def _score(a: argparse.Namespace) -> None:

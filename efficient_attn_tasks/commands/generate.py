@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from efficient_attn_tasks.commands.cli import checkpoint_parser, run_command
+from efficient_attn_tasks.commands.cli import CommandError, check_checkpoint_args, checkpoint_parser, run_command
 
 HELP = """\
 Continue a text with a trained byte-level language model (task=lm), one byte per decoding
@@ -34,7 +34,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_command(parser, argv, _generate)
+    run_command(parser, argv, _generate, check=check)
+
+
+def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """The checkpoint's path, the prompt and the numbers, before torch loads."""
+    check_checkpoint_args(a, non_negative=("max_new_tokens", "temperature", "top_k"))
+    if not a.prompt:
+        raise CommandError("--prompt is empty: give the text to continue, e.g. --prompt 'ROMEO:' "
+                           "(leave --prompt out to start at a line's start)")
 
 
 def _generate(a: argparse.Namespace) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from efficient_attn_tasks.bench.gpu import ATTENTIONS, BASELINES, LENGTHS
 from efficient_attn_tasks.commands.cli import parser as cli_parser
-from efficient_attn_tasks.commands.cli import run_command
+from efficient_attn_tasks.commands.cli import run_command, writable_folder
 
 HELP = """\
 Kernel (causal, noncausal), decode and training-throughput benchmarks in bf16 and fp32 against SDPA
@@ -43,7 +43,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """A device and attentions the plan can run on (``--device auto`` becomes cuda), before anything runs."""
+    """A device and attentions the plan can run on (``--device auto`` becomes cuda) and an --out that can be
+    written, before anything runs."""
+    writable_folder(args.out, "--out")
     import torch
 
     if args.device == "auto":

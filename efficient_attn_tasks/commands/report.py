@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from efficient_attn_tasks.commands.cli import existing, run_command, writable_folder
 from efficient_attn_tasks.commands.cli import parser as cli_parser
-from efficient_attn_tasks.commands.cli import run_command
 
 HELP = """\
 Tables from efficient-attn run records (results.json) under run or multirun dirs, never from W&B files:
@@ -82,7 +82,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Option combinations that cannot work, as argparse errors."""
+    """Option combinations that cannot work, as argparse errors; a missing dir or an output that cannot be
+    written, one line."""
     rows = args.rows.split(",")
     if args.pivot and args.metrics:
         p.error("--metrics selects columns of the grouped table; --pivot shows each task's headline metric")
@@ -105,6 +106,11 @@ def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         unknown = [k for k in plot_keys if k not in rows]
         if unknown:
             p.error(f"--panel/--series/--xlabel-key must be --rows keys; not in --rows: {unknown}")
+    for d in args.dirs:
+        existing(d, "", "run or multirun dir")
+    for option, out in (("--out", args.out), ("--plot", args.plot), ("--curves", args.curves or None)):
+        if out is not None:
+            writable_folder(Path(out), option, file=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from efficient_attn_tasks.commands.cli import bare, known_errors
+from efficient_attn_tasks.commands.hydra_errors import hydra_usage_errors
 from efficient_attn_tasks.config.checks import CONFIG_DIR, ConfigError
 from efficient_attn_tasks.run.fit import interrupt_signal, run
 from efficient_attn_tasks.run.record import (
@@ -115,7 +116,8 @@ def main() -> None:
         sys.argv.append("--help")
     with known_errors():
         sys.argv[1:] = resume_argv(sys.argv[1:], Path.cwd() / "outputs")
-    _app()
+    with hydra_usage_errors():  # a key or config name typo: one line with "did you mean", exit status 2
+        _app()
 
 
 if __name__ == "__main__":  # python -m: run the importable module's app, not this __main__ copy's, as joblib's

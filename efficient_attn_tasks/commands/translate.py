@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from efficient_attn_tasks.commands.cli import checkpoint_parser, run_command
+from efficient_attn_tasks.commands.cli import CommandError, check_checkpoint_args, checkpoint_parser, run_command
 
 HELP = """\
 Translate sentences (one per line, from stdin or --input) with a trained translation checkpoint;
@@ -35,7 +35,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """With no arguments at all, the help (a bare command would wait on stdin)."""
-    run_command(parser, argv, _translate)
+    run_command(parser, argv, _translate, check=check)
+
+
+def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """The paths and numbers, before torch loads."""
+    check_checkpoint_args(a, positive=("beam", "batch_size"))
+    if a.input is not None and not a.input.is_file():
+        raise CommandError(f"--input {a.input} is not a file")
 
 
 def _translate(a: argparse.Namespace) -> None:

@@ -9,6 +9,7 @@ loads neither torch nor Lightning; the model section and the attention specs loa
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
@@ -60,12 +61,25 @@ class OptimConfig:
     total_steps: int | None = None  # cosine's horizon; None = the trainer's (max_steps, or max_epochs x batches)
 
     def __post_init__(self) -> None:
+        if not _real(self.lr) or self.lr <= 0:
+            raise ValueError(f"optim.lr must be a number > 0, got {self.lr!r}; e.g. optim.lr=5e-4")
+        if not _real(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be a number >= 0 (0: none), got {self.weight_decay!r}")
+        betas = list(self.betas) if isinstance(self.betas, (list, tuple)) else None
+        if betas is None or len(betas) != 2 or not all(_real(b) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}; "
+                             "e.g. optim.betas=[0.9,0.98]")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 1):
             raise ValueError(f"optim.total_steps must be null or an int >= 1, got {self.total_steps!r}")
+
+
+def _real(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass

@@ -24,7 +24,7 @@ def run(a: argparse.Namespace, lines: Iterable[str], out: TextIO) -> None:
     if loaded.cfg.task.name != "translation":
         raise ConfigError(f"{loaded.path} is a {loaded.cfg.task.name} checkpoint; efficient-attn-translate needs a "
                           "translation one (efficient-attn-eval scores any task)")
-    beam = a.beam or loaded.cfg.task.beam_size
+    beam = loaded.cfg.task.beam_size if a.beam is None else a.beam
     if beam < 1 or loaded.cfg.task.batch_size < 1:
         raise ConfigError(f"--beam and --batch-size must be >= 1, got {beam} and {loaded.cfg.task.batch_size}")
     module = loaded.module.to(device(a.device))

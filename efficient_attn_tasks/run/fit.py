@@ -30,7 +30,7 @@ from efficient_attn_tasks.run.record import (
     training_verdict,
     write_failed_record,
 )
-from efficient_attn_tasks.run.resume import resume_checkpoint
+from efficient_attn_tasks.run.resume import check_checkpoint, resume_checkpoint
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -114,6 +114,8 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
         print(f"{out_dir} already finished (results.json); nothing to resume")
         return record
     attempt.resumed_from = ckpt_path
+    if ckpt_path:
+        check_checkpoint(ckpt_path, cfg)  # another task's or shape's checkpoint: refused before the data is built
     source = None
     if cfg.get("init_from") is not None:  # read and checked before anything of the run is built
         from efficient_attn_tasks.run.convert import init_from, read_source

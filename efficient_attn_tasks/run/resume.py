@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from efficient_attn_tasks.config.checks import ConfigError
 from efficient_attn_tasks.run.lock import RUN_LOCK
@@ -33,6 +33,56 @@ def resume_checkpoint(ckpt_path: str | None, out_dir: Path) -> str | None:
         return str(last)
     print(f"ckpt_path=last: no checkpoint in {out_dir} yet; starting from the beginning")
     return None
+
+
+# the model keys that set its parameters' shapes (efficient_attn.transformer.TransformerConfig): a checkpoint
+# trained with other values cannot be loaded into this config's model
+SHAPE_KEYS = ("d_model", "num_heads", "head_dim", "d_ff", "encoder_layers", "decoder_layers", "positional",
+              "tie_embeddings")
+
+
+def checkpoint_config(ckpt_path: str) -> dict[str, Any] | None:
+    """The run config saved in a checkpoint of efficient-attn-train (None: one this check cannot read without
+    running its code, left to Lightning); a file that is no checkpoint at all is a ConfigError."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    if not zipfile.is_zipfile(ckpt_path):  # torch.save writes a zip archive
+        raise ConfigError(f"ckpt_path={ckpt_path} is not a checkpoint file (not a torch.save archive); give a .ckpt "
+                          "file of efficient-attn-train or ckpt_path=last")
+    try:  # mmap: the tensors are not read
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:  # objects beyond tensors and plain data: Lightning loads it
+        return None
+    except Exception as err:  # noqa: BLE001 - truncated, not a torch file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"ckpt_path={ckpt_path} cannot be read as a checkpoint ({reason}); give a .ckpt file "
+                          "of efficient-attn-train or ckpt_path=last") from None
+    config = checkpoint.get("hyper_parameters", {}).get("config") if isinstance(checkpoint, dict) else None
+    if not isinstance(config, dict):
+        raise ConfigError(f"ckpt_path={ckpt_path} is not a checkpoint of efficient-attn-train (no run config in it)")
+    return config
+
+
+def check_checkpoint(ckpt_path: str, cfg: DictConfig) -> None:
+    """Refuse, before any data is built, a checkpoint whose weights cannot load into this config's model: another
+    task, another vocabulary size, or another model shape (:data:`SHAPE_KEYS`)."""
+    saved = checkpoint_config(ckpt_path)
+    if saved is None:
+        return
+    task, model = saved.get("task") or {}, saved.get("model") or {}
+    if task.get("name") != cfg.task.get("name"):
+        raise ConfigError(f"ckpt_path={ckpt_path} is a checkpoint of task {task.get('name')!r}, but this run's task is "
+                          f"{cfg.task.get('name')!r}; give a checkpoint of a {cfg.task.get('name')} run, or "
+                          f"task={task.get('name')} with its run's config")
+    wanted = [(f"task.{k}", task.get(k), cfg.task.get(k)) for k in ("vocab_size",) if k in task and k in cfg.task]
+    wanted += [(f"model.{k}", model.get(k), cfg.model.get(k)) for k in SHAPE_KEYS if k in model and k in cfg.model]
+    differ = [f"{key}={mine} (checkpoint: {theirs})" for key, theirs, mine in wanted if theirs != mine]
+    if differ:
+        raise ConfigError(f"ckpt_path={ckpt_path}: its model has another shape than this config's: "
+                          f"{', '.join(differ)}; set them as the checkpoint's run did, or start without ckpt_path")
 
 
 def resume_argv(argv: list[str], outputs: Path) -> list[str]:
