@@ -111,6 +111,23 @@ def test_tune_compares_values_on_the_seeds_every_value_has(tmp_path, capsys):
     assert row["best optim.lr"] == "0.01 (edge)" and row["n"] == "5"  # every seed of the chosen value is reported
 
 
+def test_tune_counts_a_diverged_run_as_the_worst_score_of_its_value(tmp_path, capsys):
+    """lr 1e-2: seed 0 scores 0.99, seed 1 diverged (a failed record). Comparing on seed 0 alone would pick 1e-2;
+    the failed run is a seed tried at 1e-2 that scored the worst, so 1e-3 (0.9, 0.9) is chosen."""
+    for seed in (0, 1):
+        write_run(tmp_path, "softmax", seed, lr=1e-3, val=0.9, acc=0.9)
+    write_run(tmp_path, "softmax", 0, lr=1e-2, val=0.99, acc=0.99)
+    write_run(tmp_path, "softmax", 1, lr=1e-2, val=0.99, acc=0.99)
+    diverged = tmp_path / sorted(p.name for p in tmp_path.iterdir())[-1] / "results.json"
+    record = json.loads(diverged.read_text())
+    record.update(status="failed", metrics=None, steps=3,
+                  error={"type": "FloatingPointError", "message": "non-finite loss", "traceback": ""})
+    diverged.write_text(json.dumps(record))
+    main([str(tmp_path), "--rows", ROWS, "--tune", "config.optim.lr", "--metrics", "test/acc"])
+    row = table_rows(capsys.readouterr().out)["softmax / 64"]
+    assert row["best optim.lr"] == "0.001 (edge)" and row["n"] == "2"
+
+
 def test_tune_key_among_rows_is_an_error(tmp_path):
     lr_sweep(tmp_path)
     with pytest.raises(SystemExit):

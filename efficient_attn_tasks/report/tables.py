@@ -171,22 +171,31 @@ def _hashable(value: Any) -> Any:
     return value if isinstance(value, Hashable) else json.dumps(value, sort_keys=True)
 
 
-def tune(runs: list[dict[str, Any]], key: str, label: str = "") -> tuple[list[dict[str, Any]], Any, int]:
+def tune(runs: list[dict[str, Any]], key: str, label: str = "",
+         failed: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], Any, int]:
     """(the runs of the chosen ``key`` value, that value, how many values the runs tried).
 
-    The chosen value has the best mean of ``metrics.val_best`` over the seeds that every value has (all its
-    runs when no seed is common): the largest, or the smallest when the monitor is loss-like (see
+    The chosen value has the best mean of ``metrics.val_best`` over the seeds that every value was run with
+    (all its runs when no seed is common): the largest, or the smallest when the monitor is loss-like (see
     ``minimises``); ties go to the smaller value. So a value given more seeds after a search (a confirm stage)
-    is compared on the search seeds, as the others are. Test metrics are never looked at, so they stay an
-    unbiased estimate for the chosen value.
+    is compared on the search seeds, as the others are. A ``failed`` run (diverged, say) counts as run with its
+    seed and scores the worst possible, so its value is never chosen over one whose runs all finished. Test
+    metrics are never looked at, so they stay an unbiased estimate for the chosen value.
     """
+    worst = math.inf if minimises(runs) else -math.inf
     by_value: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         by_value[_hashable(field(r, key))].append(r)
-    scored = [{r.get("seed") for r in rs if finite_values([r["metrics"]["val_best"]])} for rs in by_value.values()]
-    common = set.intersection(*[s for s in scored if s]) if any(scored) else set()
-    scores = {v: finite_values([r["metrics"]["val_best"] for r in rs if not common or r.get("seed") in common])
-              for v, rs in by_value.items()}
+    score_of: dict[Any, dict[Any, float]] = defaultdict(dict)  # value -> seed -> val_best
+    for r in failed or []:
+        score_of[_hashable(field(r, key))][r.get("seed")] = worst
+    for v, rs in by_value.items():
+        for r in rs:
+            if finite_values([r["metrics"]["val_best"]]):
+                score_of[v][r.get("seed")] = r["metrics"]["val_best"]
+    seeds = [set(score_of[v]) for v in by_value if score_of[v]]
+    common = set.intersection(*seeds) if seeds else set()
+    scores = {v: [x for seed, x in score_of[v].items() if not common or seed in common] for v in by_value}
     candidates = sorted((v for v, s in scores.items() if s), key=_order)  # ascending: min/max keep the first tie
     if not candidates:
         raise SystemExit(f"--tune {key}: no run of row {label!r} has a finite metrics.val_best")
@@ -228,14 +237,16 @@ def cell(name: str, values: list[float | None], ci: bool = False, bounds: tuple[
 
 
 def build(records: list[dict[str, Any]], keys: list[str], keep: list[str] | None = None,
-          tune_key: str | None = None) -> tuple[list[Row], list[str]]:
-    """The table rows (grouped by ``keys``, then narrowed by ``tune``) and their metric column names."""
+          tune_key: str | None = None, failed: list[dict[str, Any]] | None = None) -> tuple[list[Row], list[str]]:
+    """The table rows (grouped by ``keys``, then narrowed by ``tune``, which also reads the ``failed`` runs) and
+    their metric column names."""
     rows = []
+    failed_by = group(failed, keys) if failed and tune_key is not None else {}
     for label, runs in group(records, keys).items():
         tuned, tried, edge = None, 0, False
         if tune_key is not None:
             edge_of = runs
-            runs, tuned, tried = tune(runs, tune_key, label)
+            runs, tuned, tried = tune(runs, tune_key, label, failed_by.get(label))
             edge = at_edge(edge_of, tune_key, tuned)
         rows.append(Row(label, {k: field(runs[0], k) for k in keys}, runs, [metrics(r) for r in runs], tuned, tried,
                         edge))
@@ -265,7 +276,7 @@ def table(records: list[dict[str, Any]], missing: list[Path], rows: list[str] | 
     ``tune_key``, ``ci``, ``paired``: as ``--tune``, ``--ci``, ``--paired`` (see ``render``).
     """
     keys = rows or ["name", "task", "attention"]
-    built, names = build(records, keys, keep, tune_key)
+    built, names = build(records, keys, keep, tune_key, failed)
     return render(built, names, missing, keys, baseline=baseline, tune_key=tune_key, ci=ci, paired=paired,
                   failed=failed)
 
@@ -625,7 +636,7 @@ def run(args: argparse.Namespace) -> None:
     if args.pivot:
         header, body = pivot(records, missing, rows, args.avg, failed)
     else:
-        built, names = build(records, rows, keep, args.tune)
+        built, names = build(records, rows, keep, args.tune, failed)
         header, body = render(built, names, missing, rows, baseline=args.baseline, tune_key=args.tune, ci=args.ci,
                               paired=args.paired, failed=failed, options=options(args), footer=footer)
     text = markdown(header, body) + notes(args, footer)
