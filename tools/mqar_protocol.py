@@ -17,6 +17,7 @@ Selection reads validation only; the report (``--tune config.optim.lr``) compare
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -47,12 +48,12 @@ def train(sweep: Path, overrides: list[str], lrs: list[float], seeds: list[int],
 
 
 def records(sweep: Path, name: str, conv: int, cell_len: tuple[int, int], width: int) -> list[RunRecord]:
-    """The finished runs of one item in the sweep dir."""
+    """The finished (ok) and failed runs of one item in the sweep dir."""
     found = []
     for path in sweep.glob("*/results.json"):
         r = RunRecord.read(path)
         c = r.config
-        if r.status != "ok" or c["attention"].get("config") != name:
+        if r.status not in ("ok", "failed") or c["attention"].get("config") != name:
             continue
         if ((c["task"]["seq_len"], c["task"]["num_kv_pairs"]) == cell_len and c["model"]["d_model"] == width
                 and int((c["attention"].get("layer") or {}).get("short_conv") or 0) == conv):
@@ -61,7 +62,11 @@ def records(sweep: Path, name: str, conv: int, cell_len: tuple[int, int], width:
 
 
 def best_lr(runs: list[RunRecord], lrs: list[float], seeds: list[int]) -> float | None:
-    scores = {lr: [r.metrics.val_best for r in runs if abs(r.config["optim"]["lr"] - lr) < 1e-12 and r.seed in seeds]
+    """The rate with the best mean val_best over the search seeds; a failed (diverged) run scores the worst."""
+    def score(r: RunRecord) -> float:
+        return r.metrics.val_best if r.status == "ok" else -math.inf
+
+    scores = {lr: [score(r) for r in runs if abs(r.config["optim"]["lr"] - lr) < 1e-12 and r.seed in seeds]
               for lr in lrs}
     scored = {lr: statistics.mean(v) for lr, v in scores.items() if v}
     return max(scored, key=scored.get) if scored else None
@@ -85,7 +90,8 @@ def run_item(sweep: Path, item: str, args: argparse.Namespace) -> None:
         print(f"{item}: no finished search run", flush=True)
         return
     train(sweep, overrides, [lr], list(range(args.seeds)), args.extra)
-    chosen = [r for r in records(sweep, name, conv, cell_len, width) if abs(r.config["optim"]["lr"] - lr) < 1e-12]
+    chosen = [r for r in records(sweep, name, conv, cell_len, width)
+              if r.status == "ok" and abs(r.config["optim"]["lr"] - lr) < 1e-12]
     wins = {r.metrics.val_best >= args.success for r in chosen}
     if len(wins) > 1 and args.more_seeds > args.seeds:
         train(sweep, overrides, [lr], list(range(args.more_seeds)), args.extra)
