@@ -1,0 +1,41 @@
+"""tools/mqar_protocol (the learning-rate choice of the resumable MQAR queue) and tools/swap_in (its table),
+on constructed records: no training."""
+
+import pytest
+
+from efficient_attn_tasks.run.record import Metrics, RunRecord
+from tools.mqar_protocol import best_lr, item_overrides, parse_item
+from tools.swap_in import parse_swap, summary
+
+
+def run(lr: float, seed: int, val: float | None) -> RunRecord:
+    status = "ok" if val is not None else "failed"
+    return RunRecord(seed=seed, status=status, config={"optim": {"lr": lr}},
+                     metrics=Metrics(monitor="val/acc", val_best=val) if val is not None else None)
+
+
+def test_items_name_the_attention_its_convolution_cell_and_width():
+    assert parse_item("deltanet+conv4:L64_kv8:128") == ("deltanet", 4, "L64_kv8", 128)
+    assert parse_item("softmax:L256_kv16:64") == ("softmax", 0, "L256_kv16", 64)
+    assert item_overrides("deltanet", 4, "L64_kv8", 128) == [
+        "attention=deltanet", "mqar_cell=L64_kv8", "model.d_model=128", "attention.layer.short_conv=4"]
+
+
+def test_the_rate_is_chosen_on_the_search_seeds_and_a_diverged_run_scores_the_worst():
+    runs = [run(1e-3, 0, 0.9), run(1e-3, 1, 0.9), run(1e-2, 0, 0.99), run(1e-2, 1, None),
+            run(3e-3, 0, 0.95), run(3e-3, 1, 0.2), run(3e-3, 2, 1.0)]  # seed 2: a confirm run, not a search one
+    assert best_lr(runs, [1e-3, 3e-3, 1e-2], [0, 1]) == 1e-3
+    assert best_lr(runs, [1e-3, 3e-3, 1e-2], [2]) == 3e-3
+    assert best_lr([], [1e-3], [0, 1]) is None
+
+
+def test_swap_in_table_gives_each_attention_its_change_from_the_trained_model():
+    assert parse_swap("favor_plus:num_features=256,redraw_interval=0") == (
+        "favor_plus", ["num_features=256", "redraw_interval=0"])
+    assert parse_swap("linear") == ("linear", [])
+    rows = [{"run": r, "seed": s, "attention": a, "acc": x} for r, s, a, x in [
+        ("a", 0, "as trained", 1.0), ("b", 1, "as trained", 0.9), ("a", 0, "linear", 0.2), ("b", 1, "linear", 0.4)]]
+    lines = summary(rows, "acc")
+    assert lines[2].startswith("| as trained | 2 | 0.95 [0.9, 1] | 1/0.9 | +0 |")
+    row = lines[3].split(" | ")
+    assert row[0] == "| linear" and row[3] == "0.2/0.4" and float(row[4].rstrip(" |")) == pytest.approx(-0.65)
