@@ -142,17 +142,38 @@ def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line_before_any_data(s
     assert "\n" not in str(err.value)
 
 
-def test_init_from_with_ckpt_path_is_refused_in_one_line_with_exit_2(softmax_run, tmp_path):
+def test_init_from_with_another_checkpoint_is_refused_in_one_line_with_exit_2(softmax_run, tmp_path):
+    ckpt = checkpoint.find(softmax_run)[0]
     out = subprocess.run([sys.executable, "-m", "efficient_attn_tasks.commands.train",
-                          *tiny_overrides("mqar", f"init_from={softmax_run}", "ckpt_path=last",
+                          *tiny_overrides("mqar", f"init_from={softmax_run}", f"ckpt_path='{ckpt}'",
                                           f"hydra.run.dir={tmp_path / 'both'}")],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: init_from=") and "give one of them" in err[0]
-    # an interrupted run that started from init_from: its resume command drops init_from and names its run dir
+    # an interrupted run that started from init_from keeps it: ckpt_path=last resumes it from its own last.ckpt
     assert resume_command(["task=mqar", "init_from=runs/a", "attention=hedgehog"], tmp_path, None) == \
-        f"efficient-attn-train task=mqar attention=hedgehog hydra.run.dir={tmp_path} ckpt_path=last"
+        f"efficient-attn-train task=mqar init_from=runs/a attention=hedgehog hydra.run.dir={tmp_path} ckpt_path=last"
+
+
+def test_a_run_started_from_init_from_resumes_from_its_own_last_checkpoint(softmax_run, tmp_path):
+    """ckpt_path=last with init_from: a run dir without last.ckpt starts from init_from's weights; one with a
+    last.ckpt (an interrupted attempt) resumes from it, never from init_from again."""
+    out = tmp_path / "favor"
+    first = Snapshot()
+    cfg = config(*tiny_overrides("mqar", "attention=favor_plus", f"init_from={softmax_run}", "ckpt_path=last",
+                                 "trainer.max_steps=2"))
+    assert run(cfg, out, callbacks=[first]).status == "ok"
+    saved = torch.load(checkpoint.find(softmax_run)[0], map_location="cpu", weights_only=True)["state_dict"]
+    assert torch.equal(first.state["model.embed_tgt.tokens.weight"], saved["model.embed_tgt.tokens.weight"])
+    (out / "results.json").unlink()  # as an interrupted attempt leaves it: last.ckpt, no finished record
+    again = Snapshot()
+    cfg = config(*tiny_overrides("mqar", "attention=favor_plus", f"init_from={softmax_run}", "ckpt_path=last",
+                                 "trainer.max_steps=4"))
+    record = run(cfg, out, callbacks=[again])
+    assert record.status == "ok" and record.resumed_from and record.stopped_step == 4
+    embed = "model.embed_tgt.tokens.weight"
+    assert not torch.equal(again.state[embed], saved[embed])  # the 2 steps trained, not init_from's weights
 
 
 def test_the_swap_in_help_example_names_a_real_option():

@@ -35,16 +35,14 @@ if TYPE_CHECKING:
 def resume_command(argv: Sequence[str], out_dir: Path, sweep_dir: Path | None) -> str:
     """The command that continues an interrupted run: ``argv`` (this command's arguments, with the run dir
     ``main`` found when it resumed) with ``ckpt_path=last``; a multirun keeps its ``hydra.sweep.dir``, a run with
-    no last.ckpt names its run dir (``ckpt_path=last`` then starts it again there). ``init_from`` is dropped (the
-    two are refused together: a resume restores the run's own weights), so a single run then names its run dir
-    (its overrides no longer match the run's for ``ckpt_path=last`` to find it)."""
+    no last.ckpt names its run dir (``ckpt_path=last`` then starts it again there). A run started with
+    ``init_from`` keeps it: with ``ckpt_path=last`` it resumes from its own last.ckpt, or starts again from
+    ``init_from`` when it has none."""
     args = [a for a in argv if not a.startswith("ckpt_path=")]
-    started_from = any(a.startswith("init_from=") for a in args)
-    args = [a for a in args if not a.startswith("init_from=")]
     if sweep_dir is not None and not any(a.startswith("hydra.sweep.dir=") for a in args):
         args.append(f"hydra.sweep.dir={sweep_dir}")
     elif sweep_dir is None and not any(a.startswith("hydra.run.dir=") for a in args) and \
-            (started_from or not (out_dir / "checkpoints" / "last.ckpt").is_file()):
+            not (out_dir / "checkpoints" / "last.ckpt").is_file():
         args.append(f"hydra.run.dir={out_dir}")
     return shlex.join(["efficient-attn-train", *args, "ckpt_path=last"])
 

@@ -160,15 +160,17 @@ def check_config(cfg: DictConfig) -> Any:
 
 def check_init_from(init_from: Any, ckpt_path: Any) -> None:
     """``init_from`` (a run dir or .ckpt whose weights start a new run, efficient_attn_tasks/run/convert.py)
-    is a path, and never meets ``ckpt_path`` (a resume restores everything, optimizer and step included)."""
+    is a path. With ``ckpt_path=last`` a run started from it resumes from its own last.ckpt (or starts from
+    ``init_from`` when it has none), so a converted sweep resumes like any other; any other ``ckpt_path``
+    (another checkpoint's weights, optimizer and step) is refused beside it."""
     if init_from is None:
         return
     if not isinstance(init_from, str) or not init_from:
         raise ConfigError(f"init_from must be a run dir or a .ckpt file, got {init_from!r}")
-    if ckpt_path is not None:
+    if ckpt_path not in (None, "last"):
         raise ConfigError(f"init_from={init_from} starts a new run at step 0 from another run's weights, "
                           f"ckpt_path={ckpt_path} resumes a run with everything (weights, optimizer, step); "
-                          "give one of them (to resume a run started with init_from, drop init_from)")
+                          "give one of them (ckpt_path=last resumes a run started with init_from)")
 
 
 def check_imports(imports: Any) -> None:

@@ -117,7 +117,8 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
     if ckpt_path:
         check_checkpoint(ckpt_path, cfg)  # another task's or shape's checkpoint: refused before the data is built
     source = None
-    if cfg.get("init_from") is not None:  # read and checked before anything of the run is built
+    if cfg.get("init_from") is not None and not ckpt_path:  # a new run (a resumed one has its own weights);
+        # read and checked before anything of the run is built
         from efficient_attn_tasks.run.convert import init_from, read_source
 
         source = read_source(cfg, task)
