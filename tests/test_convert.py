@@ -156,7 +156,7 @@ def test_init_from_with_another_checkpoint_is_refused_in_one_line_with_exit_2(so
         f"efficient-attn-train task=mqar init_from=runs/a attention=hedgehog hydra.run.dir={tmp_path} ckpt_path=last"
 
 
-def test_a_run_started_from_init_from_resumes_from_its_own_last_checkpoint(softmax_run, tmp_path):
+def test_a_run_started_from_init_from_resumes_from_its_own_last_checkpoint(softmax_run, tmp_path, capsys):
     """ckpt_path=last with init_from: a run dir without last.ckpt starts from init_from's weights; one with a
     last.ckpt (an interrupted attempt) resumes from it, never from init_from again."""
     out = tmp_path / "favor"
@@ -166,6 +166,7 @@ def test_a_run_started_from_init_from_resumes_from_its_own_last_checkpoint(softm
     assert run(cfg, out, callbacks=[first]).status == "ok"
     saved = torch.load(checkpoint.find(softmax_run)[0], map_location="cpu", weights_only=True)["state_dict"]
     assert torch.equal(first.state["model.embed_tgt.tokens.weight"], saved["model.embed_tgt.tokens.weight"])
+    assert any(x.startswith("init from") for x in capsys.readouterr().out.splitlines())
     (out / "results.json").unlink()  # as an interrupted attempt leaves it: last.ckpt, no finished record
     again = Snapshot()
     cfg = config(*tiny_overrides("mqar", "attention=favor_plus", f"init_from={softmax_run}", "ckpt_path=last",
@@ -174,6 +175,7 @@ def test_a_run_started_from_init_from_resumes_from_its_own_last_checkpoint(softm
     assert record.status == "ok" and record.resumed_from and record.stopped_step == 4
     embed = "model.embed_tgt.tokens.weight"
     assert not torch.equal(again.state[embed], saved[embed])  # the 2 steps trained, not init_from's weights
+    assert not any(x.startswith("init from") for x in capsys.readouterr().out.splitlines())  # not read again
 
 
 def test_the_swap_in_help_example_names_a_real_option():
