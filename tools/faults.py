@@ -470,7 +470,7 @@ def first_week_inputs(work: Path) -> list[dict[str, Any]]:
     cases = [  # (key, shown command, argv)
         ("lr", "efficient-attn-train experiment=quickstart attention=softmax optim.lr=-1",
          [*TRAIN, "experiment=quickstart", "attention=softmax", "optim.lr=-1"]),
-        ("other_task", "efficient-attn-train task=mqar attention=softmax ckpt_path=lm.ckpt (a tiny lm run's)",
+        ("other_task", "efficient-attn-train task=mqar attention=softmax ckpt_path=lm.ckpt",
          [*TRAIN, "task=mqar", "attention=softmax", f"ckpt_path={lm_ckpt}"]),
         ("min_lenght", "efficient-attn-train task.min_lenght=10", [*TRAIN, "task.min_lenght=10"]),
         ("lrr", "efficient-attn-train optim.lrr=1", [*TRAIN, "optim.lrr=1"]),
@@ -542,8 +542,9 @@ def first_week_rows(same: dict[str, Any], stop: dict[str, Any], inputs: list[dic
     for r in inputs:
         left = (f"; run dirs left: {r['run_dirs']}" if r["command"].startswith("efficient-attn-train") else
                 f"; approx_ckpt/ {'created' if r['approx_out'] else 'not created'}" if r["key"] == "approx" else "")
-        rows.append(f"| 3. `{r['command']}` | {BEFORE[r['key']]} | exit {r['returncode']} after {r['seconds']:.2f} s, "
-                    f"{r['lines']} line(s): `{r['message'][:300]}`{left} |")
+        lm = " (lm.ckpt: a tiny lm run's last.ckpt, made here)" if "lm.ckpt" in r["command"] else ""
+        rows.append(f"| 3. `{r['command']}`{lm} | {BEFORE[r['key']]} | exit {r['returncode']} after "
+                    f"{r['seconds']:.2f} s, {r['lines']} line(s): `{r['message'][:300]}`{left} |")
     return rows
 
 
