@@ -312,3 +312,74 @@ def test_same_seed_gives_bit_identical_losses_and_favor_features(tmp_path):
                          weights_only=False)["state_dict"] for i in (0, 1)]
     projections = [k for k in states[0] if k.endswith("projection")]
     assert projections and all(torch.equal(states[0][k], states[1][k]) for k in projections)
+
+
+# ----------------------------------------------------------------------------- a user's first week
+@pytest.mark.slow
+def test_a_second_run_in_a_finished_runs_dir_is_refused_and_leaves_it_intact(tmp_path):
+    r = faults.same_run_dir_twice(tmp_path)
+    assert r["first_returncode"] == 0 and r["returncode"] == 2, r
+    assert r["stderr"] == [f"error: run dir {tmp_path / 'run'} holds an earlier run (checkpoints/); resume it with "
+                           "ckpt_path=last, replace it with overwrite=true, or choose another hydra.run.dir"]
+    assert r["intact"] and r["hydra_files"] == [".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"]
+    assert "last.ckpt" in r["checkpoints"] and "last-v1.ckpt" not in r["checkpoints"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_a_second_run_knocking_then_the_printed_command_finishes_the_run(tmp_path):
+    r = faults.ctrl_c_and_resume(tmp_path, steps=400)
+    # while the first run trains, the lock refuses a second run in its dir, in one line, before Hydra writes
+    assert r["first_alive"] and r["live_returncode"] == 2 and r["hydra_intact"], r
+    assert len(r["live_stderr"]) == 1 and re.fullmatch(r"error: run dir .+ is in use by another run \(pid \d+\)",
+                                                       r["live_stderr"][0]), r
+    # Ctrl-C: exit 130, one line naming the checkpoint and the command, an interrupted record at the saved step
+    assert r["returncode"] == 130 and len(r["said"]) == 1, r
+    assert r["status"] == "interrupted" and r["interrupted_steps"] == r["saved_step"] > 0, r
+    assert " saved " in r["said"][0] and r["said"][0].endswith(" ".join(r["command"]))
+    assert r["command"][0] == "efficient-attn-train" and r["command"][-1] == "ckpt_path=last"
+    assert r["resumed_returncode"] == 0, r["resumed_output"]
+    assert r["final_status"] == "ok" and r["final_steps"] == 400 and r["run_dirs"] == 1
+    assert r["resumed_from"].endswith("checkpoints/last.ckpt")
+
+
+FIRST_WEEK_LINES = {  # what each mistake's one line must say
+    "lr": "error: optim.lr must be a number > 0, got -1",
+    "other_task": "is a checkpoint of task 'lm', but this run's task is 'mqar'",
+    "min_lenght": "error: unknown config key task.min_lenght; did you mean task.min_length=10?",
+    "lrr": "error: unknown config key optim.lrr; did you mean optim.lr=1?",
+    "favr": "error: attention=favr: no such config; did you mean one of attention=favor_",
+    "experment": "error: unknown config key experment; did you mean experiment=quickstart?",
+    "approx": "error: --checkpoint /no/such/path: no such checkpoint file or run dir",
+    "prompt": "error: --prompt is empty",
+}
+
+
+@pytest.mark.slow
+def test_each_first_week_mistake_is_one_line_exit_2_and_leaves_nothing(tmp_path):
+    rows = faults.first_week_inputs(tmp_path)
+    assert [r["key"] for r in rows] == list(FIRST_WEEK_LINES)
+    for r in rows:
+        assert r["returncode"] == 2 and r["lines"] == 1 and FIRST_WEEK_LINES[r["key"]] in r["message"], r
+        assert r["run_dirs"] == 0 and not r["approx_out"], r
+
+
+def test_the_first_week_rows_quote_a_before_for_each_mistake_and_state_the_after():
+    same = {"returncode": 2, "seconds": 0.5, "stderr": ["error: run dir /w/run holds an earlier run"], "intact": True,
+            "hydra_files": [".hydra/config.yaml"], "checkpoints": ["last.ckpt"], "run_dir": "/w/run"}
+    stop = {"live_returncode": 2, "live_seconds": 1.0, "live_stderr": ["error: busy"], "first_alive": True,
+            "hydra_intact": True, "max_steps": 400, "returncode": 130, "stop_seconds": 0.4,
+            "said": ["interrupted at step 25 by SIGINT; saved /w/x/last.ckpt; resume with: efficient-attn-train a"],
+            "stderr_lines": 1, "status": "interrupted", "interrupted_steps": 25, "saved_step": 25,
+            "resumed_returncode": 0, "final_status": "ok", "final_steps": 400, "resumed_from": "/w/x/last.ckpt",
+            "run_dirs": 1, "work": "/w"}
+    inputs = [{"key": k, "command": f"efficient-attn-train {k}", "returncode": 2, "seconds": 0.5, "lines": 1,
+               "message": "error: x", "run_dirs": 0, "approx_out": False} for k in FIRST_WEEK_LINES]
+    rows = faults.first_week_rows(same, stop, inputs)
+    assert len(rows) == 3 + len(FIRST_WEEK_LINES) and all(row.count(" | ") == 2 for row in rows)
+    assert "intact, byte for byte" in rows[0] and "still training" in rows[1]
+    assert "exit 130" in rows[2] and "`interrupted at step 25 by SIGINT; saved <work>/x/last.ckpt;" in rows[2]
+    assert "exit 1 after 2.5 s, nothing printed, no results.json" in rows[2]
+    assert all("be45d3d" in row for row in rows[3:]) and all("exit 2 after 0.50 s" in row for row in rows[3:])
+    same["intact"], stop["first_alive"] = False, False
+    rows = faults.first_week_rows(same, stop, inputs)
+    assert "CHANGED" in rows[0] and "had ended" in rows[1]
