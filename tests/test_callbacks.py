@@ -173,3 +173,33 @@ def test_wandb_run_is_tagged_and_typed_with_the_attention_config(tmp_path, monke
     loggers._wandb_logger(config("attention=favor_relu"), tmp_path / "0_favor_relu", "disabled")
     assert captured["tags"] == ["favor", "favor_relu", "listops"] and captured["job_type"] == "favor_relu"
     assert captured["group"] == "listops" and captured["name"] == "0_favor_relu"
+
+
+def stopped_at(values, **kw):
+    """The index of the validation at which ArmedEarlyStopping (patience 2, min_delta 0.001, mode max) stops."""
+    from efficient_attn_tasks.run.callbacks import ArmedEarlyStopping, early_stopping_outcome
+
+    stop = ArmedEarlyStopping(monitor="val/acc", mode="max", patience=2, min_delta=0.001, **kw)
+    for i, v in enumerate(values):
+        if stop._evaluate_stopping_criteria(torch.tensor(v))[0]:
+            stop.stopped_epoch = i
+            assert early_stopping_outcome([stop]) == (True, True)  # a stop on its plateau: converged
+            return i
+    assert early_stopping_outcome([stop]) == (True, False)
+    return None
+
+
+def test_armed_early_stopping_never_stops_a_run_on_the_floor_only_one_that_learned():
+    """MQAR at 8 pairs: a floor plateau (0.13 best, then 2 validations without a 0.001 gain) stops plain early
+    stopping at validation 3; armed at 0.5, patience counts from the learned plateau (0.99 at 7): stop at 9."""
+    late = [0.12, 0.13, 0.125, 0.128, 0.127, 0.126, 0.9, 0.99, 0.99, 0.99]
+    assert stopped_at(late) == 3
+    assert stopped_at(late, arm_at=0.5) == 9
+    assert stopped_at([0.12, 0.125] * 10, arm_at=0.5) is None  # never learned: runs to the cap, still improving
+    assert stopped_at([0.12, 0.13, 0.5, 0.5, 0.5], arm_at=0.5) == 4  # arm_at reached exactly arms it
+
+
+def test_mqar_experiments_use_armed_early_stopping():
+    cfg = config("experiment=mqar/cpu")
+    assert cfg.callbacks.early_stopping._target_.endswith("ArmedEarlyStopping")
+    assert cfg.callbacks.early_stopping.arm_at == 0.5 and cfg.callbacks.early_stopping.patience == 2

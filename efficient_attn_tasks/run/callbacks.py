@@ -19,6 +19,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks.early_stopping import EarlyStopping, EarlyStoppingReason
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from efficient_attn_tasks.run.distributed import all_gather_stack, world_size
@@ -301,12 +302,30 @@ class NonFiniteGuard(pl.Callback):
         self.scaler_skipped = state.get("scaler_skipped", 0)  # a checkpoint without the count
 
 
+class ArmedEarlyStopping(EarlyStopping):
+    """Lightning's EarlyStopping whose patience counts only once the monitored metric has reached ``arm_at``
+    (at or above it for mode max, at or below for min): a run on a plateau before a late transition (MQAR's
+    1/KV floor, where a run can sit for thousands of steps and then learn) is never stopped there, only one
+    that has learned and stopped improving. ``arm_at`` None: plain EarlyStopping."""
+
+    def __init__(self, *args: Any, arm_at: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.arm_at = arm_at
+
+    def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple[bool, str | None]:
+        should_stop, reason = super()._evaluate_stopping_criteria(current)
+        best = float(self.best_score)
+        armed = self.arm_at is None or (best >= self.arm_at if self.mode == "max" else best <= self.arm_at)
+        if should_stop and not armed and self.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED:
+            self.wait_count, self.stopping_reason, should_stop = 0, EarlyStoppingReason.NOT_STOPPED, False
+            reason = f"{self.monitor} has not reached {self.arm_at}: early stopping not armed"
+        return should_stop, reason
+
+
 def early_stopping_outcome(callbacks: list[pl.Callback]) -> tuple[bool, bool]:
     """(whether an EarlyStopping callback ran, whether one stopped the run because its metric stopped
     improving: patience exhausted or ``stopping_threshold`` reached; a stop on divergence or a non-finite
     metric is not that). Read after fit and before test (test restores the best checkpoint's callback states)."""
-    from pytorch_lightning.callbacks import EarlyStopping
-
     stops = [c for c in callbacks if isinstance(c, EarlyStopping)]
     converged = False
     for stop in stops:
