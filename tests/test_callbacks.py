@@ -203,3 +203,16 @@ def test_mqar_experiments_use_armed_early_stopping():
     cfg = config("experiment=mqar/cpu")
     assert cfg.callbacks.early_stopping._target_.endswith("ArmedEarlyStopping")
     assert cfg.callbacks.early_stopping.arm_at == 0.5 and cfg.callbacks.early_stopping.patience == 2
+
+
+def test_mqar_armed_early_stopping_runs_on_the_tasks_metric_and_never_stops_below_arm_at(tmp_path):
+    """callbacks=mqar_early_stopping in a real run: monitor and mode come from the task (val/acc, max); with
+    patience 1 and no validation ever improving (min_delta 10) plain early stopping would stop at the second
+    validation, but val/acc never reaches arm_at (0.5) in a few steps, so the run goes to its cap."""
+    seen = Seen()
+    cfg = tiny_cfg("mqar", "softmax", "trainer.max_epochs=3", "callbacks=mqar_early_stopping",
+                   "callbacks.early_stopping.patience=1", NEVER_BETTER, "test=false")
+    record = run(cfg, tmp_path, callbacks=[seen])
+    stopper = [c for c in seen.callbacks if isinstance(c, EarlyStopping)]
+    assert len(stopper) == 1 and (stopper[0].monitor, stopper[0].mode, stopper[0].arm_at) == ("val/acc", "max", 0.5)
+    assert record.epochs == 3 and record.converged is False

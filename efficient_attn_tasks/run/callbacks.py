@@ -308,8 +308,9 @@ class ArmedEarlyStopping(EarlyStopping):
     1/KV floor, where a run can sit for thousands of steps and then learn) is never stopped there, only one
     that has learned and stopped improving. ``arm_at`` None: plain EarlyStopping."""
 
-    def __init__(self, *args: Any, arm_at: float | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, monitor: str | None = None, mode: str = "min", arm_at: float | None = None,
+                 **kwargs: Any) -> None:  # monitor and mode named: the run fills them from the task's metric
+        super().__init__(monitor=monitor, mode=mode, **kwargs)
         self.arm_at = arm_at
 
     def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple[bool, str | None]:
