@@ -65,8 +65,9 @@ class FavorAttention(KernelAttention):
         kernel_eps: float = 1e-3,
         seed: int | None = None,
         chunk_size: int = 64,
+        recompute: bool = True,
     ) -> None:
-        super().__init__(head_dim, num_heads, chunk_size=chunk_size)
+        super().__init__(head_dim, num_heads, chunk_size=chunk_size, recompute=recompute)
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if num_features < 1 or redraw_interval < 0 or kernel_eps < 0:
@@ -177,7 +178,7 @@ class FavorAttention(KernelAttention):
             if self.kernel == "softmax_hyp":
                 w = torch.cat([w, -w])  # (2m, d): hyperbolic features are the positive features of ±w
             out = favor_positive_attention(
-                q, k, v1, w, self.head_dim**-0.25, key_padding_mask, causal, self.chunk_size
+                q, k, v1, w, self.head_dim**-0.25, key_padding_mask, causal, self.chunk_size, self.recompute
             )  # (B, H, L, Dv)
         return out.to(out_dtype)
 
