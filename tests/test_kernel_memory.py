@@ -68,7 +68,7 @@ def test_recompute_matches_kept_features(name, options):
             mask[0, -9:] = True
             out = attn(q, k, v, causal=causal, key_padding_mask=None if causal else mask)
             inputs = [q, k, v, *attn.parameters()]
-            results.append((out, torch.autograd.grad(out, inputs, torch.randn_like(out))))
+            results.append((out, torch.autograd.grad(out, inputs, torch.randn(out.shape, dtype=out.dtype))))
         (out0, grads0), (out1, grads1) = results
         torch.testing.assert_close(out1, out0, rtol=1e-12, atol=1e-12)
         for g1, g0 in zip(grads1, grads0):

@@ -17,6 +17,8 @@ instead of being kept, so a layer keeps for backward q, k, [v, 1] and the output
 tensors, not the (B, H, L, M) features (M ≫ D for FAVOR+, Hedgehog, Taylor) nor the map's own
 intermediates; the cost is one more pass of the feature map. The products are not redone: backward
 runs the chunked (causal) or closed-form (non-causal) gradient on the re-made features directly.
+The output is laid out as (B, L, H, Dv) in memory, so the heads' merge before the output projection
+is a view and the tensor that projection keeps is this one, not a copy.
 """
 
 from __future__ import annotations
@@ -70,10 +72,10 @@ class KernelAttention(Attention):
                 v1 = v1.masked_fill(key_padding_mask[:, None, :, None], 0.0)
             params = [p for p in self.parameters() if p.requires_grad]
             if self.recompute and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or params):
-                out1 = _Recomputed.apply(self, key_padding_mask, causal, q, k, v1, *params)
+                out = _Recomputed.apply(self, key_padding_mask, causal, q, k, v1, *params)  # (B, H, L, Dv)
             else:
-                out1 = self._contract(q, k, v1, key_padding_mask, causal)  # (B, H, L, Dv+1)
-        return normalize(out1).to(out_dtype)
+                out = normalize(self._contract(q, k, v1, key_padding_mask, causal))  # (B, H, L, Dv)
+        return out.to(out_dtype)
 
     def _features(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """φ(q) (B, H, L, M), φ(k) (B, H, S, M) and the keys' log-scales (B, H, S) (padded keys lowest) or None."""
@@ -181,22 +183,30 @@ class _Recomputed(torch.autograd.Function):
     def forward(ctx, module, pad, causal, q, k, v1, *params):
         phi_q, phi_k, log_scale = module._features(q, k, pad)  # grad mode is off inside forward
         out1 = _products(phi_q, phi_k, v1, log_scale, causal, module.chunk_size)  # (B, H, L, Dv+1)
+        b, h, length, e = out1.shape
+        num, den = out1[..., :-1], out1[..., -1:]  # (B, H, L, Dv), (B, H, L, 1)
+        den = torch.where(den == 0, 1.0, den)  # as ``normalize``: a row that sees no key gets 0
+        out = out1.new_empty(b, length, h, e - 1).transpose(1, 2)  # (B, H, L, Dv) in (B, L, H, Dv) memory
+        torch.div(num, den, out=out)
         ctx.module, ctx.pad, ctx.causal, ctx.num_params = module, pad, causal, len(params)
-        ctx.save_for_backward(q, k, v1)
-        return out1
+        ctx.save_for_backward(q, k, v1, out, den)
+        return out
 
     @staticmethod
-    def backward(ctx, grad_out1):
-        q, k, v1 = ctx.saved_tensors
+    def backward(ctx, grad_out):
+        q, k, v1, out, den = ctx.saved_tensors
         module, pad, causal = ctx.module, ctx.pad, ctx.causal
         params = [p for p in module.parameters() if p.requires_grad]
         if len(params) != ctx.num_params:
             raise RuntimeError("kernel attention: trainable parameters changed between forward and backward")
         if torch.is_grad_enabled():  # create_graph=True: differentiate a plain re-computation
             grads = double_backward_by_recompute(
-                lambda a, b, c, *_: module._contract(a, b, c, pad, causal), (q, k, v1, *params), (grad_out1,)
+                lambda a, b, c, *_: normalize(module._contract(a, b, c, pad, causal)), (q, k, v1, *params),
+                (grad_out,),
             )
             return (None, None, None, *grads)
+        dot = (grad_out * out).sum(-1, keepdim=True).neg_()  # (B, H, L, 1): −Σ_e grad_e out_e
+        grad_out1 = torch.cat([grad_out, dot], dim=-1).div_(den)  # (B, H, L, Dv+1): numerators, normalizer
         with torch.enable_grad():
             xq, xk = q.detach().requires_grad_(), k.detach().requires_grad_()
             phi_q, phi_k, log_scale = module._features(xq, xk, pad)

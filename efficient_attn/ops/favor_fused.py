@@ -58,12 +58,12 @@ def favor_positive_attention(
     rows = max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // (b * h * w.shape[0]))
     if causal:
         chunk = max(1, min(chunk_size, length))
-        out = _CausalFavor.apply(*flat, w, scale, pad, chunk, max(1, rows // chunk) * chunk, recompute)
+        out = _CausalFavor.apply(*flat, w, scale, pad, chunk, max(1, rows // chunk) * chunk, recompute, b)
     elif _pairwise_is_cheaper(length, s_len, w.shape[0], v1.shape[-1]) and max(length, s_len) <= rows:
         out = _PairwiseFavor.apply(*flat, w, scale, pad)
     else:
         out = _NoncausalFavor.apply(*flat, w, scale, pad, rows)
-    return out.reshape(b, h, length, -1)
+    return out.reshape(b, h, length, -1)  # causal: (B, H, L, Dv) in (B, L, H, Dv) memory already
 
 
 def _features(x: Tensor, w_s: Tensor, s: slice) -> tuple[Tensor, Tensor]:
@@ -213,7 +213,7 @@ class _CausalFavor(torch.autograd.Function):
     chunk's features and masked scores again; the states are held only during this backward."""
 
     @staticmethod
-    def forward(ctx, xq, xk, v1, w, scale, pad, chunk, rows, recompute=False):
+    def forward(ctx, xq, xk, v1, w, scale, pad, chunk, rows, recompute=False, batch=None):
         bh, length, _ = xq.shape
         w_s = w * scale
         keys, g = _key_features(xk, w_s, scale, pad, rows)
@@ -238,7 +238,11 @@ class _CausalFavor(torch.autograd.Function):
             if n + 1 < len(chunks):
                 state = state.mul(scales.shrink[:, n]).baddbmm_(kc.transpose(1, 2), v_in[:, s])
         den = _divisor(out1)
-        out = out1[..., :-1].div_(den)
+        if batch is None:
+            out = out1[..., :-1].div_(den)  # (BH, L, Dv)
+        else:  # (B, H, L, Dv) in (B, L, H, Dv) memory: the heads' merge after it is a view, not a copy
+            out = out1.new_empty(batch, length, bh // batch, out1.shape[-1] - 1).transpose(1, 2)
+            torch.div(out1[..., :-1].view(out.shape), den.view(*out.shape[:-1], 1), out=out)
         if recompute:
             keys, queries = [], []
         ctx.save_for_backward(xq, xk, v1, w, pad, g, out, den, *keys, *queries, *kept)
@@ -248,11 +252,12 @@ class _CausalFavor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         xq, xk, v1, w, pad, g, out, den, *kept = ctx.saved_tensors
+        out, grad_out = out.reshape(-1, *out.shape[-2:]), grad_out.reshape(-1, *grad_out.shape[-2:])  # (BH, L, Dv)
         if torch.is_grad_enabled():  # create_graph=True: differentiate a plain re-computation
             grads = double_backward_by_recompute(
                 lambda a, b, c: _favor_plain(a, b, c, w, ctx.scale, pad, True), (xq, xk, v1), (grad_out,)
             )
-            return (*grads, None, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None, None)
         keys, queries, kept = kept[: ctx.blocks], kept[ctx.blocks : 2 * ctx.blocks], kept[2 * ctx.blocks :]
         w_s = w * ctx.scale
         w_aug = _augmented(w_s, ctx.scale)
@@ -296,7 +301,7 @@ class _CausalFavor(torch.autograd.Function):
                 rev = entering if rev is None else entering.add_(rev.mul_(scales.grow[:, n]))
             grad_xq[:, s] = _x_grad(grad_q, qc, w_s, None)
             grad_xk[:, s] = _x_grad(grad_k, kc, w_aug, xk[:, s])
-        return grad_xq, grad_xk, grad_v1, None, None, None, None, None, None
+        return grad_xq, grad_xk, grad_v1, None, None, None, None, None, None, None
 
 
 def _in_block(blocks: list[Tensor], s: slice, rows: int) -> Tensor:
