@@ -36,7 +36,9 @@ class FavorAttention(KernelAttention):
     from the boolean flag ``orthogonal`` (False: "iid", else "orthogonal", the default); giving both
     and contradicting (``orthogonal=True`` with "iid", ``False`` with a block kind) raises ValueError.
     O(L·m·d) time, O(L·(m+d)) memory; causal by chunked prefix sums, O(L·(m+d) + L·chunk + (L/chunk)·m·d)
-    memory (positive kernels fused into the products: ``favor_fused``).
+    memory (positive kernels fused into the products: ``favor_fused``). Kept for backward: with ``recompute``
+    (default) only q, k, [v, 1] and the output, O(L·d), the rest made again in backward; without it also the
+    features and, causal, the score blocks and chunk states.
     Stabilized per key (a log-scale against the largest visible key: see ``kernel`` and ``features``).
     Masks: key padding yes; causal yes. The m×d projection (rows w, shared by all heads) is a
     float32 buffer (float64 under ``.double()``; it stays float32 when the module is cast to
