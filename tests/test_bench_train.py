@@ -16,6 +16,7 @@ from efficient_attn.transformer import AttentionSpec, TransformerConfig, Transfo
 from efficient_attn_tasks.bench import decode as bench_decode
 from efficient_attn_tasks.bench import gpu as bench_gpu
 from efficient_attn_tasks.bench import kernels
+from efficient_attn_tasks.bench import train as bench_train
 from efficient_attn_tasks.bench import train_report as bench_train_report
 from efficient_attn_tasks.bench.sdpa import sdpa_unavailable
 from efficient_attn_tasks.bench.train import PROFILE_STEPS, AttentionClock, run_train_point
@@ -146,6 +147,18 @@ def test_tokens_per_batch_must_be_a_multiple_of_every_length(capsys):
     assert err.startswith("efficient-attn-bench: error: --tokens-per-batch 16384 is not a multiple of L = [32768]")
     assert "raise --tokens-per-batch" in err
     bench.parse_args(["--modes", "causal", "--lengths", "32768"])  # only the train mode needs it
+
+
+def test_train_batch_fixes_the_batch_and_grows_the_tokens():
+    """--train-batch B: batch B at every L (B·L tokens per step, no multiple-of-L check); --profile-steps 0."""
+    args = bench.parse_args(["--modes", "train", "--train-batch", "2", "--lengths", "1000", "3000",
+                             "--profile-steps", "0"])
+    cfg = vars(args) | {"deadline": None}
+    series = bench_train.Series("linear", cfg)
+    specs = [series.spec(L) for L in (1000, 3000)]
+    assert [(s["batch"], s["tokens_per_batch"]) for s in specs] == [(2, 2000), (2, 6000)]
+    assert specs[0]["profile_steps"] == 0 and series.runs == args.warmup + args.steps
+    assert bench.parse_args(["--modes", "train", "--lengths", "1024"]).train_batch is None
 
 
 def test_spent_budget_skips_every_remaining_point(tmp_path):

@@ -107,7 +107,7 @@ class _plain_functions:
             (favor, "favor_positive_attention", favor.favor_positive_attention),
         ]
 
-        def favor_plain(q, k, v1, w, scale, mask, causal, chunk):
+        def favor_plain(q, k, v1, w, scale, mask, causal, chunk, recompute=False):  # recompute: no effect here
             b, h, length, _ = q.shape
             flat = [t.reshape(b * h, t.shape[2], -1) for t in (q, k, v1)]
             pad = None if mask is None else mask[:, None, :].expand(b, h, -1).reshape(b * h, -1)

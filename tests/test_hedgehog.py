@@ -127,7 +127,8 @@ def test_bad_options_raise():
     for bad in (1, "no", None):
         with pytest.raises(ValueError, match="tied"):
             ea.create_attention("hedgehog", head_dim=8, num_heads=2, tied=bad)
-    assert ea.attention_options("hedgehog") == {"feature_dim": None, "distill": 0.0, "tied": False, "chunk_size": 64}
+    assert ea.attention_options("hedgehog") == {"feature_dim": None, "distill": 0.0, "tied": False, "chunk_size": 64,
+                                                "recompute": True}
 
 
 # ----------------------------------------------------------------------------- attention

@@ -51,8 +51,9 @@ class CosformerAttention(KernelAttention):
         max_len: int | None = None,
         kernel_eps: float = 1e-3,
         chunk_size: int = 64,
+        recompute: bool = True,
     ) -> None:
-        super().__init__(head_dim, num_heads, chunk_size=chunk_size)
+        super().__init__(head_dim, num_heads, chunk_size=chunk_size, recompute=recompute)
         if max_len is not None and (not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1):
             raise ValueError(f"max_len must be a positive int or None (M = the sequence length), got {max_len!r}")
         if not kernel_eps >= 0:

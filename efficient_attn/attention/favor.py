@@ -36,7 +36,9 @@ class FavorAttention(KernelAttention):
     from the boolean flag ``orthogonal`` (False: "iid", else "orthogonal", the default); giving both
     and contradicting (``orthogonal=True`` with "iid", ``False`` with a block kind) raises ValueError.
     O(L·m·d) time, O(L·(m+d)) memory; causal by chunked prefix sums, O(L·(m+d) + L·chunk + (L/chunk)·m·d)
-    memory (positive kernels fused into the products: ``favor_fused``).
+    memory (positive kernels fused into the products: ``favor_fused``). Kept for backward: with ``recompute``
+    (default) only q, k, [v, 1] and the output, O(L·d), the rest made again in backward; without it also the
+    features and, causal, the score blocks and chunk states.
     Stabilized per key (a log-scale against the largest visible key: see ``kernel`` and ``features``).
     Masks: key padding yes; causal yes. The m×d projection (rows w, shared by all heads) is a
     float32 buffer (float64 under ``.double()``; it stays float32 when the module is cast to
@@ -65,8 +67,9 @@ class FavorAttention(KernelAttention):
         kernel_eps: float = 1e-3,
         seed: int | None = None,
         chunk_size: int = 64,
+        recompute: bool = True,
     ) -> None:
-        super().__init__(head_dim, num_heads, chunk_size=chunk_size)
+        super().__init__(head_dim, num_heads, chunk_size=chunk_size, recompute=recompute)
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if num_features < 1 or redraw_interval < 0 or kernel_eps < 0:
@@ -177,7 +180,7 @@ class FavorAttention(KernelAttention):
             if self.kernel == "softmax_hyp":
                 w = torch.cat([w, -w])  # (2m, d): hyperbolic features are the positive features of ±w
             out = favor_positive_attention(
-                q, k, v1, w, self.head_dim**-0.25, key_padding_mask, causal, self.chunk_size
+                q, k, v1, w, self.head_dim**-0.25, key_padding_mask, causal, self.chunk_size, recompute=self.recompute
             )  # (B, H, L, Dv)
         return out.to(out_dtype)
 

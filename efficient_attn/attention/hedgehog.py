@@ -50,8 +50,9 @@ class HedgehogAttention(KernelAttention):
         distill: float = 0.0,
         tied: bool = False,
         chunk_size: int = 64,
+        recompute: bool = True,
     ) -> None:
-        super().__init__(head_dim, num_heads, chunk_size=chunk_size)
+        super().__init__(head_dim, num_heads, chunk_size=chunk_size, recompute=recompute)
         feature_dim = head_dim if feature_dim is None else feature_dim
         if not isinstance(feature_dim, int) or isinstance(feature_dim, bool) or feature_dim < 1:
             raise ValueError(f"feature_dim must be a positive int (or None = head_dim), got {feature_dim!r}")

@@ -11,6 +11,14 @@ scale a row may see, which cancels in its ratio: non-causal, G = max over the un
 each (batch, head), every one visible to every query; causal, the running maximum G_i over keys
 0..i (``causal_linear``), as online softmax does. Both depend only on keys the row sees, so padded
 and future keys cannot move an output, and every factor e^{g_j − G} is ≤ 1.
+
+Training memory: with ``recompute`` (the default) the features are made again in backward from q and k
+instead of being kept, so a layer keeps for backward q, k, [v, 1] and the output, (B, H, L, D)-sized
+tensors, not the (B, H, L, M) features (M ≫ D for FAVOR+, Hedgehog, Taylor) nor the map's own
+intermediates; the cost is one more pass of the feature map. The products are not redone: backward
+runs the chunked (causal) or closed-form (non-causal) gradient on the re-made features directly.
+The output is laid out as (B, L, H, Dv) in memory, so the heads' merge before the output projection
+is a view and the tensor that projection keeps is this one, not a copy.
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops.causal_linear import causal_linear_attention
+from ..ops.causal_linear import causal_linear_attention, causal_linear_backward
+from ..ops.differentiable import double_backward_by_recompute
 from ..ops.numerics import PADDED_LOG_SCALE, normalize, scale_values, upcast_with_ones
 from .base import Attention, check_inputs, check_step, unsupported_use
 
@@ -29,13 +38,17 @@ class KernelAttention(Attention):
     Features and products are computed in float32 (float64 if the inputs are float64), also under
     bf16/fp16 autocast; the output comes back in v's dtype. Padded keys get a zero row in the
     value-and-normalizer matrix, so their features never reach any output.
+    ``recompute`` (default True): in training, keep q, k instead of their features and make the features
+    again in backward (same values, gradients equal up to rounding; see the module docstring). Needs a
+    deterministic ``feature_map`` (a pure function of its input and the module's parameters and buffers);
+    key log-scales are treated as constants, as the causal form always does.
     """
 
-    def __init__(self, head_dim: int, num_heads: int, *, chunk_size: int = 64) -> None:
+    def __init__(self, head_dim: int, num_heads: int, *, chunk_size: int = 64, recompute: bool = True) -> None:
         super().__init__(head_dim, num_heads)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size!r}")
-        self.chunk_size = chunk_size
+        self.chunk_size, self.recompute = chunk_size, bool(recompute)
 
     def feature_map(
         self, x: Tensor, is_query: bool, *, fresh_grad: bool = False
@@ -57,16 +70,23 @@ class KernelAttention(Attention):
             q, k, v1 = upcast_with_ones(q, k, v)  # v1 (B, H, S, Dv+1)
             if key_padding_mask is not None:  # k, v are zero there already; drop their normalizer too
                 v1 = v1.masked_fill(key_padding_mask[:, None, :, None], 0.0)
-            phi_q, _ = self.feature_map(q, is_query=True, fresh_grad=True)  # (B, H, L, M)
-            phi_k, log_scale = self.feature_map(k, is_query=False, fresh_grad=True)  # (B, H, S, M)
-            log_scale = _mask_log_scale(log_scale, key_padding_mask)  # (B, H, S) or None
-            if causal:
-                out1 = causal_linear_attention(phi_q, phi_k, v1, self.chunk_size, log_scale)
+            params = [p for p in self.parameters() if p.requires_grad]
+            if self.recompute and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or params):
+                out = _Recomputed.apply(self, key_padding_mask, causal, q, k, v1, *params)  # (B, H, L, Dv)
             else:
-                v1 = scale_values(v1, log_scale)  # (B, H, S, Dv+1): · e^{g_j − max g}
-                kv_t = v1.transpose(-1, -2) @ phi_k  # (B, H, Dv+1, M); this order keeps dφ(k) contiguous
-                out1 = phi_q @ kv_t.transpose(-1, -2)  # (B, H, L, M) @ (B, H, M, Dv+1)
-        return normalize(out1).to(out_dtype)
+                out = normalize(self._contract(q, k, v1, key_padding_mask, causal))  # (B, H, L, Dv)
+        return out.to(out_dtype)
+
+    def _features(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """φ(q) (B, H, L, M), φ(k) (B, H, S, M) and the keys' log-scales (B, H, S) (padded keys lowest) or None."""
+        phi_q, _ = self.feature_map(q, is_query=True, fresh_grad=True)  # (B, H, L, M)
+        phi_k, log_scale = self.feature_map(k, is_query=False, fresh_grad=True)  # (B, H, S, M)
+        return phi_q, phi_k, _mask_log_scale(log_scale, key_padding_mask)
+
+    def _contract(self, q: Tensor, k: Tensor, v1: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
+        """Unnormalised (numerators, normalizer) (B, H, L, Dv+1) from upcast q, k and v1, differentiable."""
+        phi_q, phi_k, log_scale = self._features(q, k, key_padding_mask)
+        return _products(phi_q, phi_k, v1, log_scale, causal, self.chunk_size)
 
     def decode_step(
         self, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Tensor] | None = None
@@ -147,3 +167,85 @@ def _mask_log_scale(log_scale: Tensor | None, key_padding_mask: Tensor | None) -
     if log_scale is None or key_padding_mask is None:
         return log_scale
     return log_scale.masked_fill(key_padding_mask[:, None, :], PADDED_LOG_SCALE)
+
+
+class _Recomputed(torch.autograd.Function):
+    """``KernelAttention._contract`` that keeps q, k, v1 for backward and makes the features again there.
+
+    Inputs: the module, key padding mask, causal flag, q, k, v1 and the module's trainable parameters
+    (passed so that their gradients, from the re-made features' graph, reach them). Backward: the
+    features again with autograd on, the products' gradient on them (``causal_linear_backward``, or the
+    non-causal closed form), then autograd through the feature map only. Second derivatives
+    (``create_graph=True``) differentiate a plain re-computation (``double_backward_by_recompute``).
+    """
+
+    @staticmethod
+    def forward(ctx, module, pad, causal, q, k, v1, *params):
+        phi_q, phi_k, log_scale = module._features(q, k, pad)  # grad mode is off inside forward
+        out1 = _products(phi_q, phi_k, v1, log_scale, causal, module.chunk_size)  # (B, H, L, Dv+1)
+        b, h, length, e = out1.shape
+        num, den = out1[..., :-1], out1[..., -1:]  # (B, H, L, Dv), (B, H, L, 1)
+        den = torch.where(den == 0, 1.0, den)  # as ``normalize``: a row that sees no key gets 0
+        out = out1.new_empty(b, length, h, e - 1).transpose(1, 2)  # (B, H, L, Dv) in (B, L, H, Dv) memory
+        torch.div(num, den, out=out)
+        ctx.module, ctx.pad, ctx.causal, ctx.num_params = module, pad, causal, len(params)
+        ctx.save_for_backward(q, k, v1, out, den)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v1, out, den = ctx.saved_tensors
+        module, pad, causal = ctx.module, ctx.pad, ctx.causal
+        params = [p for p in module.parameters() if p.requires_grad]
+        if len(params) != ctx.num_params:
+            raise RuntimeError("kernel attention: trainable parameters changed between forward and backward")
+        if torch.is_grad_enabled():  # create_graph=True: differentiate a plain re-computation
+            grads = double_backward_by_recompute(
+                lambda a, b, c, *_: normalize(module._contract(a, b, c, pad, causal)), (q, k, v1, *params),
+                (grad_out,),
+            )
+            return (None, None, None, *grads)
+        dot = (grad_out * out).sum(-1, keepdim=True).neg_()  # (B, H, L, 1): −Σ_e grad_e out_e
+        grad_out1 = torch.cat([grad_out, dot], dim=-1).div_(den)  # (B, H, L, Dv+1): numerators, normalizer
+        with torch.enable_grad():
+            xq, xk = q.detach().requires_grad_(), k.detach().requires_grad_()
+            phi_q, phi_k, log_scale = module._features(xq, xk, pad)
+        grad_q, grad_k, grad_v1 = _feature_grads(
+            phi_q.detach(), phi_k.detach(), v1, None if log_scale is None else log_scale.detach(), causal,
+            module.chunk_size, grad_out1,
+        )
+        grads = torch.autograd.grad((phi_q, phi_k), (xq, xk, *params), (grad_q, grad_k), allow_unused=True)
+        return (None, None, None, grads[0], grads[1], grad_v1, *grads[2:])
+
+
+def _products(
+    phi_q: Tensor, phi_k: Tensor, v1: Tensor, log_scale: Tensor | None, causal: bool, chunk: int
+) -> Tensor:
+    """(B, H, L, M), (B, H, S, M), (B, H, S, E), log-scales (B, H, S) or None -> (B, H, L, E) unnormalised."""
+    if causal:
+        return causal_linear_attention(phi_q, phi_k, v1, chunk, log_scale)
+    v1 = scale_values(v1, log_scale)  # (B, H, S, Dv+1): · e^{g_j − max g}
+    kv_t = v1.transpose(-1, -2) @ phi_k  # (B, H, Dv+1, M); this order keeps dφ(k) contiguous
+    return phi_q @ kv_t.transpose(-1, -2)  # (B, H, L, M) @ (B, H, M, Dv+1)
+
+
+def _feature_grads(
+    phi_q: Tensor, phi_k: Tensor, v1: Tensor, log_scale: Tensor | None, causal: bool, chunk: int, grad: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of the unnormalised output (B, H, L, E) for φ(q), φ(k) and v1, from the output's ``grad``."""
+    b, h, length, m = phi_q.shape
+    if causal:
+        flat = [t.reshape(b * h, length, -1) for t in (phi_q, phi_k, v1, grad)]  # (BH, L, ·)
+        g = None if log_scale is None else log_scale.reshape(b * h, length)  # (BH, L)
+        run_max = None if g is None else g.cummax(-1).values  # (BH, L)
+        grads = causal_linear_backward(*flat[:3], g, run_max, max(1, min(chunk, length)), flat[3].contiguous())
+        return tuple(t.reshape(b, h, length, -1) for t in grads)
+    weights = None
+    if log_scale is not None:
+        weights = (log_scale - log_scale.amax(-1, keepdim=True)).exp()[..., None]  # (B, H, S, 1), ≤ 1
+    v_in = v1 if weights is None else v1 * weights  # (B, H, S, E)
+    kv = phi_k.transpose(-1, -2) @ v_in  # (B, H, M, E)
+    grad_kv = phi_q.transpose(-1, -2) @ grad  # (B, H, M, E)
+    grad_v1 = phi_k @ grad_kv  # (B, H, S, E)
+    return grad @ kv.transpose(-1, -2), v_in @ grad_kv.transpose(-1, -2), (
+        grad_v1 if weights is None else grad_v1.mul_(weights))

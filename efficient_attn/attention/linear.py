@@ -18,8 +18,8 @@ class LinearAttention(KernelAttention):
     Masks: key padding yes; causal yes.
     """
 
-    def __init__(self, head_dim: int, num_heads: int, *, chunk_size: int = 64) -> None:
-        super().__init__(head_dim, num_heads, chunk_size=chunk_size)
+    def __init__(self, head_dim: int, num_heads: int, *, chunk_size: int = 64, recompute: bool = True) -> None:
+        super().__init__(head_dim, num_heads, chunk_size=chunk_size, recompute=recompute)
 
     def feature_map(self, x: Tensor, is_query: bool, *, fresh_grad: bool = False) -> tuple[Tensor, None]:
         return F.elu(x) + 1.0, None  # (B, H, N, D), exact as returned

@@ -28,9 +28,9 @@ class TaylorAttention(KernelAttention):
     """
 
     def __init__(
-        self, head_dim: int, num_heads: int, *, feature_dim: int = 16, chunk_size: int = 64
+        self, head_dim: int, num_heads: int, *, feature_dim: int = 16, chunk_size: int = 64, recompute: bool = True
     ) -> None:
-        super().__init__(head_dim, num_heads, chunk_size=chunk_size)
+        super().__init__(head_dim, num_heads, chunk_size=chunk_size, recompute=recompute)
         if not isinstance(feature_dim, int) or isinstance(feature_dim, bool) or feature_dim < 1:
             raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
         self.feature_dim = feature_dim

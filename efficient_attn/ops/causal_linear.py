@@ -12,9 +12,10 @@ e^{g_j − G_i}, e^{G_prev − G_i} is ≤ 1, so nothing overflows.
 Chunks of C rows: inside a chunk a masked (C, C) product; across chunks one running (M, E) state,
 kept relative to the running maximum and rescaled when it grows. The backward walks the chunks
 again (forward order for dq, reverse order for dk and dv), so no (L, M, E) tensor and no per-chunk
-state is stored; only the masked (C, C) blocks (and their e^{g_j − G_i} factors) are kept between
-the passes.
-Time O(L·M·E + L·C·(M+E)); extra memory O(B·H·(M·E + L·C)).
+state is stored; forward keeps only its inputs (and G); backward makes each masked (C, C) score block
+(with its e^{g_j − G_i} factors) again where it needs it, one product per chunk, and holds only the
+gradient blocks (g_i·v_j, C × C) between its two passes.
+Time O(L·M·E + L·C·(M+E)); extra memory O(B·H·(M·E + L·C)), the L·C part in backward only.
 Second derivatives (``create_graph=True``) are exact through a plain autograd re-computation,
 which holds the (L, L) weights: fine for gradient penalties, not meant for long sequences.
 """
@@ -94,19 +95,16 @@ class _CausalLinear(torch.autograd.Function):
         run_max = None if g is None else g.cummax(-1).values  # (BH, L): G_i
         scales = None if g is None else Scales(g, run_max, chunks)
         v_in = v if g is None else v * scales.decay  # (BH, L, E): what enters the state
-        ctx.scores, ctx.weights = [], []  # per chunk (BH, C, C), kept for backward: O(L·C) memory
         for n, s in enumerate(chunks):
             qc, kc = q[:, s], k[:, s]  # (BH, C, M)
             scores = torch.bmm(qc, kc.transpose(1, 2)).tril_()  # (BH, C, C): j ≤ i
             carried = torch.bmm(qc, state)  # (BH, C, E)
             if g is not None:
-                ctx.weights.append(intra_weights(g, run_max, s))
-                scores.mul_(ctx.weights[-1])  # · e^{g_j − G_i}
+                scores.mul_(intra_weights(g, run_max, s))  # · e^{g_j − G_i}
                 carried.mul_(scales.carry[:, s])  # · e^{ref − G_i}
                 state.mul_(scales.shrink[:, n])  # re-reference to G at this chunk's last key
             out[:, s] = carried.baddbmm_(scores, v[:, s])  # (BH, C, E)
             state.baddbmm_(kc.transpose(1, 2), v_in[:, s])  # (BH, M, E)
-            ctx.scores.append(scores)
         ctx.save_for_backward(q, k, v, g, run_max)
         ctx.chunk = chunk
         return out
@@ -119,16 +117,18 @@ class _CausalLinear(torch.autograd.Function):
                 lambda a, b, c: causal_plain(a, b, c, g), (q, k, v), (grad_out,)
             )
             return (*grads, None, None)
-        return (*_backward(ctx, q, k, v, g, run_max, grad_out.contiguous()), None, None)
+        return (*causal_linear_backward(q, k, v, g, run_max, ctx.chunk, grad_out.contiguous()), None, None)
 
 
-def _backward(
-    ctx, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, run_max: Tensor | None, grad_out: Tensor
+def causal_linear_backward(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, run_max: Tensor | None, chunk: int, grad_out: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq_i = Σ_{j≤i} (g_i·v_j) w_ij φ(k_j);  dk_j = Σ_{i≥j} (g_i·v_j) w_ij φ(q_i);
     dv_j = Σ_{i≥j} (φ(q_i)·φ(k_j)) w_ij g_i,  w_ij = e^{g_j − G_i} (1 without log-scales).
-    The saved score blocks already carry w; every other factor comes from ``Scales`` (all ≤ 1)."""
-    chunks = chunk_spans(q.shape[1], ctx.chunk)
+    Flat (BH, L, ·) features q, k, values v, log-scales g (BH, L) or None and their running maximum G,
+    the chunk C, the output's gradient (BH, L, E). The forward pass's masked score blocks (with w) are made
+    again in the reverse pass, where they are used; every other factor comes from ``Scales`` (all ≤ 1)."""
+    chunks = chunk_spans(q.shape[1], chunk)
     scales = None if g is None else Scales(g, run_max, chunks).reverse()
     v_in = v if g is None else v * scales.decay  # (BH, L, E), as in forward
     g_in = grad_out if g is None else grad_out * scales.weight  # (BH, L, E): what enters rev
@@ -140,7 +140,7 @@ def _backward(
         gv = torch.bmm(gc, v[:, s].transpose(1, 2)).tril_()  # (BH, C, C)
         carried = torch.bmm(gc, state.transpose(1, 2))  # (BH, C, M)
         if g is not None:
-            gv.mul_(ctx.weights[n])
+            gv.mul_(intra_weights(g, run_max, s))
             carried.mul_(scales.carry[:, s])
             state.mul_(scales.shrink[:, n])
         grad_q[:, s] = carried.baddbmm_(gv, kc)  # (BH, C, M)
@@ -148,8 +148,11 @@ def _backward(
         gvs.append(gv)
     rev = state.zero_()  # (BH, M, E): Σ φ(q_i) g_iᵀ (· e^{start − G_i}) over later chunks
     for n in reversed(range(len(chunks))):
-        s, gv, scores = chunks[n], gvs[n], ctx.scores[n]
+        s, gv = chunks[n], gvs[n]
         qc, kc, vc, gc = q[:, s], k[:, s], v[:, s], grad_out[:, s]
+        scores = torch.bmm(qc, kc.transpose(1, 2)).tril_()  # (BH, C, C): forward's block, made again
+        if g is not None:
+            scores.mul_(intra_weights(g, run_max, s))
         from_later_k = torch.bmm(vc, rev.transpose(1, 2))  # (BH, C, M)
         from_later_v = torch.bmm(kc, rev)  # (BH, C, E)
         if g is not None:

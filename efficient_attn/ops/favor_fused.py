@@ -39,13 +39,15 @@ MIN_BLOCK_ROWS = 64  # many heads (training batches) still get matrix products o
 
 def favor_positive_attention(
     q: Tensor, k: Tensor, v1: Tensor, w: Tensor, scale: float,
-    key_padding_mask: Tensor | None, causal: bool, chunk_size: int,
+    key_padding_mask: Tensor | None, causal: bool, chunk_size: int, recompute: bool = False,
 ) -> Tensor:
     """Normalised FAVOR+ attention with positive features of ``scale``·x against the rows of w.
 
     q (B, H, L, d), k (B, H, S, d), v1 (B, H, S, Dv+1): values with the normalizer's column of ones,
     zero on padded keys; w (m, d); key_padding_mask (B, S) or None; ``chunk_size``: causal chunk C.
     Returns (B, H, L, Dv); a row that sees no key gets 0. Float32 or float64 throughout.
+    ``recompute`` (causal): keep no features, score blocks or chunk states for backward, which makes them
+    again chunk by chunk (one more pass of the feature map over q and two over k, one more state sweep).
     """
     b, h, length, _ = q.shape
     s_len = k.shape[2]
@@ -56,12 +58,12 @@ def favor_positive_attention(
     rows = max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // (b * h * w.shape[0]))
     if causal:
         chunk = max(1, min(chunk_size, length))
-        out = _CausalFavor.apply(*flat, w, scale, pad, chunk, max(1, rows // chunk) * chunk)
+        out = _CausalFavor.apply(*flat, w, scale, pad, chunk, max(1, rows // chunk) * chunk, recompute, b)
     elif _pairwise_is_cheaper(length, s_len, w.shape[0], v1.shape[-1]) and max(length, s_len) <= rows:
         out = _PairwiseFavor.apply(*flat, w, scale, pad)
     else:
         out = _NoncausalFavor.apply(*flat, w, scale, pad, rows)
-    return out.reshape(b, h, length, -1)
+    return out.reshape(b, h, length, -1)  # causal: (B, H, L, Dv) in (B, L, H, Dv) memory already
 
 
 def _features(x: Tensor, w_s: Tensor, s: slice) -> tuple[Tensor, Tensor]:
@@ -205,10 +207,13 @@ class _CausalFavor(torch.autograd.Function):
     and kept; forward also keeps each chunk's incoming state, so backward is one reverse pass that
     turns each chunk's feature gradients into dq, dk at once. The first chunk has no incoming state
     and the last no later rows: their products with a zero state are skipped (a single chunk, as at
-    the quickstart's lengths, is then just the masked (C, C) scores)."""
+    the quickstart's lengths, is then just the masked (C, C) scores).
+    With ``recompute`` nothing (L, m)- or per-chunk-sized is kept: backward first sweeps the chunks forward
+    to make the incoming states again (key features made per chunk), then in its reverse pass makes each
+    chunk's features and masked scores again; the states are held only during this backward."""
 
     @staticmethod
-    def forward(ctx, xq, xk, v1, w, scale, pad, chunk, rows):
+    def forward(ctx, xq, xk, v1, w, scale, pad, chunk, rows, recompute=False, batch=None):
         bh, length, _ = xq.shape
         w_s = w * scale
         keys, g = _key_features(xk, w_s, scale, pad, rows)
@@ -228,38 +233,61 @@ class _CausalFavor(torch.autograd.Function):
             else:
                 carried = torch.bmm(qc, state).mul_(scales.carry[:, s])  # (BH, C, E)
                 out1[:, s] = carried.baddbmm_(scores, v1[:, s])
-            kept += [state, scores]  # each state is a new tensor (below), so the kept ones stay as they were
+            if not recompute:
+                kept += [state, scores]  # each state is a new tensor (below), so the kept ones stay as they were
             if n + 1 < len(chunks):
                 state = state.mul(scales.shrink[:, n]).baddbmm_(kc.transpose(1, 2), v_in[:, s])
         den = _divisor(out1)
-        out = out1[..., :-1].div_(den)
+        if batch is None:
+            out = out1[..., :-1].div_(den)  # (BH, L, Dv)
+        else:  # (B, H, L, Dv) in (B, L, H, Dv) memory: the heads' merge after it is a view, not a copy
+            out = out1.new_empty(batch, length, bh // batch, out1.shape[-1] - 1).transpose(1, 2)
+            torch.div(out1[..., :-1].view(out.shape), den.view(*out.shape[:-1], 1), out=out)
+        if recompute:
+            keys, queries = [], []
         ctx.save_for_backward(xq, xk, v1, w, pad, g, out, den, *keys, *queries, *kept)
-        ctx.scale, ctx.chunk, ctx.rows, ctx.blocks = scale, chunk, rows, len(keys)
+        ctx.scale, ctx.chunk, ctx.rows, ctx.blocks, ctx.recompute = scale, chunk, rows, len(keys), recompute
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         xq, xk, v1, w, pad, g, out, den, *kept = ctx.saved_tensors
+        out, grad_out = out.reshape(-1, *out.shape[-2:]), grad_out.reshape(-1, *grad_out.shape[-2:])  # (BH, L, Dv)
         if torch.is_grad_enabled():  # create_graph=True: differentiate a plain re-computation
             grads = double_backward_by_recompute(
                 lambda a, b, c: _favor_plain(a, b, c, w, ctx.scale, pad, True), (xq, xk, v1), (grad_out,)
             )
-            return (*grads, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None, None)
         keys, queries, kept = kept[: ctx.blocks], kept[ctx.blocks : 2 * ctx.blocks], kept[2 * ctx.blocks :]
         w_s = w * ctx.scale
         w_aug = _augmented(w_s, ctx.scale)
         run_max = g.cummax(-1).values  # (BH, L): G_i
         chunks = chunk_spans(xq.shape[1], ctx.chunk)
         scales = Scales(g, run_max, chunks).reverse()
+        if ctx.recompute:  # the forward's incoming states again: chunk features made and dropped
+            state, v_in = xq.new_zeros(xq.shape[0], w.shape[0], v1.shape[-1]), v1 * scales.decay  # (BH, m, E)
+            for n, s in enumerate(chunks):
+                kept += [state, None]
+                if n + 1 < len(chunks):
+                    kc = _features(xk, w_s, s)[0]  # (BH, C, m)
+                    state = state.mul(scales.shrink[:, n]).baddbmm_(kc.transpose(1, 2), v_in[:, s])
+            del v_in
         grad1 = _normalized_grad(grad_out, out, den)  # (BH, L, E)
         g_in = grad1 * scales.weight  # (BH, L, E): what enters the reverse state
         grad_xq, grad_xk, grad_v1 = torch.empty_like(xq), torch.empty_like(xk), torch.empty_like(v1)
         rev = None  # (BH, m, E): Σ φ(q_i) grad_iᵀ (· e^{start − G_i}) over later chunks
         for n in reversed(range(len(chunks))):
             s, (state, scores) = chunks[n], kept[2 * n : 2 * n + 2]
-            qc, kc = _in_block(queries, s, ctx.rows), _in_block(keys, s, ctx.rows)  # (BH, C, m)
+            kept[2 * n] = None  # a re-made state goes once used
+            if ctx.recompute:
+                qc, kc = _features(xq, w_s, s)[0], _features(xk, w_s, s)[0]  # (BH, C, m)
+                weights = intra_weights(g, run_max, s)  # (BH, C, C)
+                scores = torch.bmm(qc, kc.transpose(1, 2)).tril_().mul_(weights)
+            else:
+                qc, kc = _in_block(queries, s, ctx.rows), _in_block(keys, s, ctx.rows)  # (BH, C, m)
+                weights = intra_weights(g, run_max, s)
             gc, vc, later = grad1[:, s], v1[:, s], scales.later[:, s]
-            gv = torch.bmm(gc, vc.transpose(1, 2)).tril_().mul_(intra_weights(g, run_max, s))  # (BH, C, C)
+            gv = torch.bmm(gc, vc.transpose(1, 2)).tril_().mul_(weights)  # (BH, C, C)
             grad_q = torch.bmm(gv, kc)  # (BH, C, m); the first chunk had no incoming state
             if n:
                 grad_q.baddbmm_(gc * scales.carry[:, s], state.transpose(1, 2))
@@ -273,7 +301,7 @@ class _CausalFavor(torch.autograd.Function):
                 rev = entering if rev is None else entering.add_(rev.mul_(scales.grow[:, n]))
             grad_xq[:, s] = _x_grad(grad_q, qc, w_s, None)
             grad_xk[:, s] = _x_grad(grad_k, kc, w_aug, xk[:, s])
-        return grad_xq, grad_xk, grad_v1, None, None, None, None, None
+        return grad_xq, grad_xk, grad_v1, None, None, None, None, None, None, None
 
 
 def _in_block(blocks: list[Tensor], s: slice, rows: int) -> Tensor:

@@ -1,7 +1,9 @@
 """Benchmark mode ``train``: end-to-end LM training throughput of every attention against context L.
 
 A byte-level :class:`~efficient_attn.transformer.TransformerLM` trains on random tokens with the tokens per
-batch fixed (batch = tokens / L), so only the attention's cost changes with L. Owns the train mode's options,
+batch fixed (batch = tokens / L), so only the attention's cost changes with L; or (``--train-batch B``)
+with the batch fixed, so the tokens per step grow with L (B·L): the series where a quadratic attention's
+memory grows faster than the tokens and a linear-time one's must not. Owns the train mode's options,
 the worker that times one point (tokens/s, peak memory, and the share of the step spent in the core attention:
 :class:`AttentionClock`), the series run one L at a time (softmax re-checked at each L to show the machine's
 drift) and their CSV. The report is :mod:`efficient_attn_tasks.bench.train_report`. No torch at module level.
@@ -23,11 +25,12 @@ from efficient_attn_tasks.bench import points
 from efficient_attn_tasks.bench.sdpa import SDPA_BACKENDS, sdpa_backend, sdpa_unavailable
 
 VOCAB = 256  # byte-level tokens
-PROFILE_STEPS = 3  # steps timed with the attention hooks after the timed steps (median share)
+PROFILE_STEPS = 3  # steps timed with the attention hooks after the timed steps (median share); --profile-steps
 REFERENCE = "softmax"
 FULL = {"d_model": 256, "layers": 4, "train_heads": 4, "d_ff": 1024, "tokens_per_batch": 16384, "steps": 10,
-        "warmup": 3}
-QUICK = {"d_model": 64, "layers": 2, "train_heads": 4, "d_ff": 128, "tokens_per_batch": 1024, "steps": 2, "warmup": 1}
+        "warmup": 3, "profile_steps": PROFILE_STEPS}
+QUICK = {"d_model": 64, "layers": 2, "train_heads": 4, "d_ff": 128, "tokens_per_batch": 1024, "steps": 2, "warmup": 1,
+         "profile_steps": PROFILE_STEPS}
 FIELDS = ["attention", "mode", "L", "batch", "tokens_per_batch", "d_model", "layers", "heads", "d_ff", "num_features",
           "dtype", "device", "threads", "warmup", "steps", "status", "time_s", "time_min_s", "tokens_per_s",
           "attention_s", "attention_share", "peak_rss_mib", "base_rss_mib", "peak_cuda_mib", "recheck_tokens_per_s",
@@ -49,6 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokens-per-batch", type=int, metavar="T",
                    help=f"tokens per step, batch = T / L; a multiple of every L (default: {FULL['tokens_per_batch']}; "
                         f"--quick {QUICK['tokens_per_batch']})")
+    g.add_argument("--train-batch", type=int, metavar="B",
+                   help="fixed batch B at every L instead of fixed tokens: B·L tokens per step (--tokens-per-batch "
+                        "is then unused), the series in which memory grows with L")
+    g.add_argument("--profile-steps", type=int, metavar="N",
+                   help=f"steps timed with the attention hooks after the timed ones, for the attention share (default "
+                        f"{PROFILE_STEPS}; 0 = no share, e.g. for a memory-only run)")
     g.add_argument("--steps", type=int, help=f"timed training steps per point (default: {FULL['steps']}; "
                                              f"--quick {QUICK['steps']})")
     g.add_argument("--summarize", action="store_true",
@@ -68,12 +77,14 @@ def resolve(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     for key in ("d_model", "layers", "train_heads", "d_ff", "tokens_per_batch", "steps"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
-    if args.warmup < 0:
-        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.warmup < 0 or args.profile_steps < 0:
+        p.error(f"--warmup and --profile-steps must be >= 0, got {args.warmup}, {args.profile_steps}")
+    if args.train_batch is not None and args.train_batch < 1:
+        p.error(f"--train-batch must be >= 1, got {args.train_batch}")
     if args.d_model % args.train_heads:
         p.error(f"--d-model {args.d_model} is not divisible by --train-heads {args.train_heads}; change one of them")
     bad = [L for L in args.lengths if args.tokens_per_batch % L]
-    if bad:
+    if bad and args.train_batch is None:
         p.error(f"--tokens-per-batch {args.tokens_per_batch} is not a multiple of L = {bad} (batch = tokens / L is "
                 "fixed); raise --tokens-per-batch to a multiple of every --lengths value or drop those lengths")
 
@@ -184,7 +195,7 @@ def run_train_point(spec: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - start)
     attention, shares = [], []
     with AttentionClock(model, sync) as clock:
-        for _ in range(PROFILE_STEPS):
+        for _ in range(spec.get("profile_steps", PROFILE_STEPS)):
             clock.seconds, start = 0.0, time.perf_counter()
             step()
             attention.append(clock.seconds)
@@ -192,7 +203,8 @@ def run_train_point(spec: dict[str, Any]) -> dict[str, Any]:
     median = statistics.median(times)
     return {
         "status": "ok", "time_s": median, "time_min_s": min(times), "tokens_per_s": batch * length / median,
-        "attention_s": statistics.median(attention), "attention_share": statistics.median(shares),
+        "attention_s": statistics.median(attention) if attention else None,
+        "attention_share": statistics.median(shares) if shares else None,
         "base_rss_mib": base_rss, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
     }
@@ -218,15 +230,18 @@ class Series:
         self.reason = sdpa_unavailable(name, cfg["device"], cfg["dtype"]) or points.not_applicable(self.core, "causal")
         self.stop: str | None = None
         self.last: tuple[int, float] | None = None  # (L, seconds per step) of the last measured point
-        self.runs = cfg["warmup"] + cfg["steps"] + PROFILE_STEPS  # steps a point's worker runs
+        self.runs = cfg["warmup"] + cfg["steps"] + cfg.get("profile_steps", PROFILE_STEPS)  # steps a worker runs
 
     def spec(self, length: int) -> dict[str, Any]:
         """The worker's description of the point at ``length``."""
         cfg = self.cfg
-        return {"attention": self.name, "mode": "train", "L": length, "batch": cfg["tokens_per_batch"] // length,
-                "heads": cfg["train_heads"], "num_features": self.features, "imports": cfg.get("imports", [])} | {
-                    key: cfg[key] for key in ("tokens_per_batch", "d_model", "layers", "d_ff", "dtype", "device",
-                                              "threads", "steps", "warmup")}
+        batch = cfg.get("train_batch") or cfg["tokens_per_batch"] // length
+        return {"attention": self.name, "mode": "train", "L": length, "batch": batch,
+                "tokens_per_batch": batch * length, "heads": cfg["train_heads"], "num_features": self.features,
+                "imports": cfg.get("imports", []),
+                "profile_steps": cfg.get("profile_steps", PROFILE_STEPS)} | {
+                    key: cfg[key] for key in ("d_model", "layers", "d_ff", "dtype", "device", "threads", "steps",
+                                              "warmup")}
 
     def measure(self, length: int) -> dict[str, Any]:
         """Run (or skip) the point at ``length``; return its CSV row."""
@@ -243,8 +258,11 @@ class Series:
         self.stop = points.next_stop(result, self.stop, length)
         row = {key: spec.get(key, cfg.get(key)) for key in FIELDS} | {key: result.get(key) for key in FIELDS
                                                                        if key in result}
-        shown = f"{result['tokens_per_s']:.0f} tok/s, attention {result['attention_share']:.0%}" \
-            if result["status"] == "ok" else result.get("message", "")
+        shown = result.get("message", "")
+        if result["status"] == "ok":
+            share = result["attention_share"]
+            shown = (f"{result['tokens_per_s']:.0f} tok/s, attention " + ("-" if share is None else f"{share:.0%}")
+                     + f", peak RSS {result['peak_rss_mib']:.0f} MiB")
         print(f"  {self.name:<18} train     L={length:<6} {result['status']:<8} {shown}", file=sys.stderr, flush=True)
         return row
 

@@ -55,6 +55,10 @@ def rebuild(out: Path) -> list[Path]:
         cfg = {key: first[key] for key in ("tokens_per_batch", "d_model", "layers", "d_ff", "dtype", "device",
                                            "warmup", "steps")}
         cfg |= {"train_heads": first["heads"], "lengths": list(dict.fromkeys(r["L"] for r in rows))}
+        if len({r["batch"] for r in rows}) == 1 and len({r["tokens_per_batch"] for r in rows}) > 1:
+            cfg["train_batch"] = first["batch"]  # a --train-batch run: the batch is fixed, the tokens grow
+        if all(r.get("attention_share") is None for r in rows):
+            cfg["profile_steps"] = 0
         paths += report(rows, cfg, machine, out / f"train_{slug}.png", md)
     if not paths:
         raise SystemExit(f"efficient-attn-bench: no train_<device>.csv in {out} to summarise")
@@ -77,8 +81,10 @@ def drift(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def model_text(cfg: dict[str, Any]) -> str:
+    tokens = f"batch {cfg['train_batch']} (B·L tokens)" if cfg.get("train_batch") else \
+        f"{cfg['tokens_per_batch']} tokens/batch"
     return (f"TransformerLM {cfg['layers']} layers, d_model {cfg['d_model']}, {cfg['train_heads']} heads, "
-            f"d_ff {cfg['d_ff']}, {cfg['tokens_per_batch']} tokens/batch, {cfg['dtype']}")
+            f"d_ff {cfg['d_ff']}, {tokens}, {cfg['dtype']}")
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
@@ -116,7 +122,8 @@ def summary(rows: list[dict[str, Any]], cfg: dict[str, Any], machine: str) -> st
             for L in lengths:
                 row = get.get((name, L))
                 ok = row is not None and row["status"] == "ok"
-                cells.append(fmt.format(value(row)) if ok else "–" if row is None else row["status"])
+                cells.append((fmt.format(value(row)) if value(row) is not None else "–") if ok
+                             else "–" if row is None else row["status"])
             lines.append(f"| {name} | " + " | ".join(cells) + " |" + (f" {extra(name)} |" if extra else ""))
         return lines
 
@@ -137,13 +144,17 @@ def summary(rows: list[dict[str, Any]], cfg: dict[str, Any], machine: str) -> st
         return f"{noise}{row['tokens_per_s'] / ref['tokens_per_s']:.2f}×"
 
     memory = "CUDA max allocated" if cfg["device"] != "cpu" else "process peak RSS, torch and model included"
+    batch = f"batch {cfg['train_batch']} at every L (B·L tokens per step)" if cfg.get("train_batch") else \
+        f"batch = {cfg['tokens_per_batch']} / L"
+    profiled = cfg.get("profile_steps", PROFILE_STEPS)
+    share = (f"median of {profiled} further steps timed with module hooks (device synchronized at each boundary)"
+             if profiled else "not measured (--profile-steps 0)")
     lines = [f"# Training throughput against context length ({cfg['device']})", "", f"- machine: {machine}",
              f"- model: {model_text(cfg)}; byte vocabulary ({VOCAB}), dropout 0.1, AdamW, random tokens; "
-             f"batch = {cfg['tokens_per_batch']} / L",
+             f"{batch}",
              f"- {cfg['warmup']} warm-up step(s), then {cfg['steps']} timed step(s) (median; forward, backward, "
              "optimizer step)",
-             "- attention share: core attention (projections excluded) forward+backward time ÷ step time, median "
-             f"of {PROFILE_STEPS} further steps timed with module hooks (device synchronized at each boundary)",
+             f"- attention share: core attention (projections excluded) forward+backward time ÷ step time, {share}",
              "- faster than softmax from: the smallest L from which the attention's step is faster than softmax's at "
              "every larger measured L (same run; a softmax point that failed counts as slower; where softmax was "
              "re-checked, faster than both of its measurements)",

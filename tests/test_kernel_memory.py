@@ -1,0 +1,75 @@
+"""Training memory of the kernel attentions: what a forward keeps for backward (a memory property, not a timing).
+
+With ``recompute`` (the default) a kernel attention keeps q, k, [v, 1] and its output, (B, H, L, D)-sized, never
+its (B, H, L, M) features, the feature map's intermediates, or per-chunk score blocks and states. Counted with
+``efficient_attn_tasks.bench.saved.saved_for_backward`` (saved-tensor hooks plus the tensors custom Functions keep
+as attributes), each storage once, parameters left out.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import efficient_attn as ea
+from efficient_attn_tasks.bench.saved import saved_for_backward
+
+B, H, L, D = 2, 2, 256, 16
+CASES = [
+    ("linear", {}),
+    ("cosformer", {}),
+    ("hedgehog", {}),
+    ("taylor", {"feature_dim": 4}),  # 1 + 4 + 16 = 21 features
+    ("favor", {"num_features": 64}),  # fused positive features, m = 4·D
+    ("favor", {"num_features": 64, "kernel": "softmax_trig"}),  # the generic path, 2m = 8·D features
+]
+
+
+def _saved(name: str, options: dict, causal: bool, recompute: bool) -> list:
+    torch.manual_seed(0)
+    attn = ea.create_attention(name, head_dim=D, num_heads=H, recompute=recompute, **options).train()
+    q, k, v = (torch.randn(B, H, L, D, requires_grad=True) for _ in range(3))
+    return saved_for_backward(attn, lambda: attn(q, k, v, causal=causal).sum())
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("name,options", CASES, ids=[f"{n}-{o.get('kernel', '')}" for n, o in CASES])
+def test_recompute_keeps_only_inputs_and_output(name, options, causal):
+    """At most five (B, H, L, D+1) float32 tensors (q, k, [v, 1], the output and a spare) and nothing of
+    B·H·L·M elements (the features, M ≥ D + 5 here, would exceed both bounds)."""
+    if name == "favor" and options.get("kernel") is None and not causal:
+        pytest.skip("the fused non-causal FAVOR+ keeps its features (recompute covers the causal form)")
+    rows = _saved(name, options, causal, recompute=True)
+    unit = B * H * L * (D + 1) * 4
+    total = sum(r.nbytes for r in rows)
+    assert total <= 5 * unit, [(r.node, r.field, r.shape, r.nbytes) for r in rows]
+    biggest = max(r.nbytes for r in rows)
+    assert biggest <= unit, [(r.node, r.shape) for r in rows if r.nbytes > unit]
+
+
+def test_without_recompute_favor_keeps_its_features():
+    """The bound above is not vacuous: without recompute FAVOR+ keeps (B·H, L, m) features and chunk states."""
+    rows = _saved("favor", {"num_features": 64}, True, recompute=False)
+    assert sum(r.nbytes for r in rows) > 5 * B * H * L * (D + 1) * 4
+
+
+@pytest.mark.parametrize("name,options", CASES, ids=[f"{n}-{o.get('kernel', '')}" for n, o in CASES])
+def test_recompute_matches_kept_features(name, options):
+    """Same output, same gradients (float64; q, k, v and the module's parameters), causal and not."""
+    for causal in (True, False):
+        results = []
+        for recompute in (False, True):
+            torch.manual_seed(0)
+            attn = ea.create_attention(name, head_dim=D, num_heads=H, recompute=recompute, chunk_size=32,
+                                       **options).double().train()
+            torch.manual_seed(1)
+            q, k, v = (torch.randn(B, H, 70, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+            mask = torch.zeros(B, 70, dtype=torch.bool)
+            mask[0, -9:] = True
+            out = attn(q, k, v, causal=causal, key_padding_mask=None if causal else mask)
+            inputs = [q, k, v, *attn.parameters()]
+            results.append((out, torch.autograd.grad(out, inputs, torch.randn(out.shape, dtype=out.dtype))))
+        (out0, grads0), (out1, grads1) = results
+        torch.testing.assert_close(out1, out0, rtol=1e-12, atol=1e-12)
+        for g1, g0 in zip(grads1, grads0):
+            torch.testing.assert_close(g1, g0, rtol=1e-10, atol=1e-12)
