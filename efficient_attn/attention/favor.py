@@ -180,7 +180,8 @@ class FavorAttention(KernelAttention):
             if self.kernel == "softmax_hyp":
                 w = torch.cat([w, -w])  # (2m, d): hyperbolic features are the positive features of ±w
             out = favor_positive_attention(
-                q, k, v1, w, self.head_dim**-0.25, key_padding_mask, causal, self.chunk_size, recompute=self.recompute
+                q, k, v1, w, self.head_dim**-0.25, key_padding_mask, causal, self.chunk_size,
+                recompute=self.remakes_features(),
             )  # (B, H, L, Dv)
         return out.to(out_dtype)
 

@@ -71,11 +71,17 @@ class KernelAttention(Attention):
             if key_padding_mask is not None:  # k, v are zero there already; drop their normalizer too
                 v1 = v1.masked_fill(key_padding_mask[:, None, :, None], 0.0)
             params = [p for p in self.parameters() if p.requires_grad]
-            if self.recompute and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or params):
+            if self.remakes_features() and (q.requires_grad or k.requires_grad or params):
                 out = _Recomputed.apply(self, key_padding_mask, causal, q, k, v1, *params)  # (B, H, L, Dv)
             else:
                 out = normalize(self._contract(q, k, v1, key_padding_mask, causal))  # (B, H, L, Dv)
         return out.to(out_dtype)
+
+    def remakes_features(self) -> bool:
+        """Whether this forward keeps q, k for backward and makes the features again there: ``recompute``, in
+        training, and not under ``torch.compile`` (its backward's ``autograd.grad`` would break the graph; the
+        compiler plans the memory of a compiled step itself)."""
+        return self.recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
     def _features(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """φ(q) (B, H, L, M), φ(k) (B, H, S, M) and the keys' log-scales (B, H, S) (padded keys lowest) or None."""

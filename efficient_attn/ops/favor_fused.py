@@ -242,7 +242,7 @@ class _CausalFavor(torch.autograd.Function):
             out = out1[..., :-1].div_(den)  # (BH, L, Dv)
         else:  # (B, H, L, Dv) in (B, L, H, Dv) memory: the heads' merge after it is a view, not a copy
             out = out1.new_empty(batch, length, bh // batch, out1.shape[-1] - 1).transpose(1, 2)
-            torch.div(out1[..., :-1].view(out.shape), den.view(*out.shape[:-1], 1), out=out)
+            out.copy_(out1[..., :-1].view(out.shape) / den.view(*out.shape[:-1], 1))  # compile refuses a strided out=
         if recompute:
             keys, queries = [], []
         ctx.save_for_backward(xq, xk, v1, w, pad, g, out, den, *keys, *queries, *kept)
