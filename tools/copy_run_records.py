@@ -14,11 +14,12 @@ from pathlib import Path
 
 
 def copy_records(sweep: Path, dest: Path) -> int:
-    """Copy every run dir of ``sweep`` whose results.json has status ok; returns how many."""
+    """Copy every run dir of ``sweep`` whose results.json has status ok or failed (not interrupted); returns how
+    many."""
     copied = 0
     for run in sorted(p for p in sweep.iterdir() if (p / "results.json").is_file()):
         record = json.loads((run / "results.json").read_text())
-        if record.get("status") != "ok":
+        if record.get("status") not in ("ok", "failed"):  # a diverged run is part of the grid: --tune reads it
             continue
         best = sorted(run.glob("checkpoints/best-step=*.ckpt"))
         if best and record.get("best_step") is None:

@@ -140,3 +140,36 @@ def check_lengths(seqs: Sequence[Sequence[int]], limit: int, where: str, first_l
         if len(seq) > limit:
             raise ConfigError(f"{where} line {first_line + i} has {len(seq)} tokens, more than the {limit} this "
                               "model takes (model.max_len); shorten or split that line")
+
+
+VOCABULARY_KEYS = ("vocab_size", "tokenizer")  # task keys that fix the tokens the embeddings stand for
+
+
+@dataclass
+class Source:
+    """The checkpoint a run starts from (``init_from``): its file, why that file, the checkpoint, its run's config."""
+
+    path: Path
+    chosen: str
+    checkpoint: dict[str, Any]
+    cfg: DictConfig
+
+
+def read_source(cfg: DictConfig, task: Any) -> Source:
+    """The checkpoint ``cfg.init_from`` names (a .ckpt, or a run dir: its best checkpoint), read before anything
+    of the run is built; it must be of ``cfg``'s task. ``cfg.init_from`` becomes the file's absolute path, so the
+    run's config (and results.json) says which checkpoint it started from."""
+    file, chosen = find(Path(cfg.init_from))
+    checkpoint, old = read(file)
+    name, new = old.task.get("name"), cfg.task.get("name")
+    if name != new:
+        raise ConfigError(f"init_from={file} is a checkpoint of task {name}, but this run's task is {new}; "
+                          f"give a {new} checkpoint, or set task={name}")
+    check_vocabulary(file, checkpoint, new, task)
+    for key in VOCABULARY_KEYS:  # translation trains with the checkpoint's tokenizer (fit.py: the task's restore)
+        if key in old.task and key in cfg.task and old.task[key] != cfg.task[key]:
+            raise ConfigError(f"init_from={file} was trained with task.{key}={old.task[key]}, this run has "
+                              f"task.{key}={cfg.task[key]}; the embeddings belong to the checkpoint's vocabulary: "
+                              f"set task.{key}={old.task[key]}")
+    cfg.init_from = str(file.resolve())
+    return Source(file, chosen, checkpoint, old)

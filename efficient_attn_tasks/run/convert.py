@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -26,8 +26,10 @@ from efficient_attn.multihead import MultiHeadAttention
 from efficient_attn_tasks.config.checks import ConfigError
 from efficient_attn_tasks.config.schema import ATTENTION_CONFIG_DIR, SITES, attention_spec, check_attentions
 
+if TYPE_CHECKING:
+    from efficient_attn_tasks.inference.checkpoint import Source
+
 SHARED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")  # what every variant's layer has
-VOCABULARY_KEYS = ("vocab_size", "tokenizer")  # task keys that fix the tokens the embeddings stand for
 SHOWN = 5  # names shown in a refusal or in the log line
 
 
@@ -109,38 +111,6 @@ def same_attentions(old: DictConfig, new: DictConfig, sites: Sequence[str]) -> b
         return all(attention_spec(old, s) == attention_spec(new, s) for s in sites)
     except (TypeError, ValueError):  # a checkpoint's attention this code cannot resolve: not the same
         return False
-
-
-@dataclass
-class Source:
-    """The checkpoint a run starts from (``init_from``): its file, why that file, the checkpoint, its run's config."""
-
-    path: Path
-    chosen: str
-    checkpoint: dict[str, Any]
-    cfg: DictConfig
-
-
-def read_source(cfg: DictConfig, task: Any) -> Source:
-    """The checkpoint ``cfg.init_from`` names (a .ckpt, or a run dir: its best checkpoint), read before anything
-    of the run is built; it must be of ``cfg``'s task. ``cfg.init_from`` becomes the file's absolute path, so the
-    run's config (and results.json) says which checkpoint it started from."""
-    from efficient_attn_tasks.inference.checkpoint import check_vocabulary, find, read
-
-    file, chosen = find(Path(cfg.init_from))
-    checkpoint, old = read(file)
-    name, new = old.task.get("name"), cfg.task.get("name")
-    if name != new:
-        raise ConfigError(f"init_from={file} is a checkpoint of task {name}, but this run's task is {new}; "
-                          f"give a {new} checkpoint, or set task={name}")
-    check_vocabulary(file, checkpoint, new, task)
-    for key in VOCABULARY_KEYS:  # translation trains with the checkpoint's tokenizer (fit.py: the task's restore)
-        if key in old.task and key in cfg.task and old.task[key] != cfg.task[key]:
-            raise ConfigError(f"init_from={file} was trained with task.{key}={old.task[key]}, this run has "
-                              f"task.{key}={cfg.task[key]}; the embeddings belong to the checkpoint's vocabulary: "
-                              f"set task.{key}={old.task[key]}")
-    cfg.init_from = str(file.resolve())
-    return Source(file, chosen, checkpoint, old)
 
 
 def init_from(module: nn.Module, source: Source, cfg: DictConfig, sites: Sequence[str]) -> Transfer:

@@ -119,7 +119,8 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
     source = None
     if cfg.get("init_from") is not None and not ckpt_path:  # a new run (a resumed one has its own weights);
         # read and checked before anything of the run is built
-        from efficient_attn_tasks.run.convert import init_from, read_source
+        from efficient_attn_tasks.inference.checkpoint import read_source
+        from efficient_attn_tasks.run.convert import init_from
 
         source = read_source(cfg, task)
     threads = default_threads(cfg.threads, joblib_n_jobs(), os.cpu_count() or 1)
