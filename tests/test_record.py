@@ -86,10 +86,16 @@ def test_read_and_write_use_the_file(tmp_path):
 
 @pytest.mark.skipif(not COMMITTED, reason="no committed results under results/")
 def test_every_committed_record_reads_and_writes_back_what_it_holds():
-    """Committed records from results/ (formats 1 and 2): each reads, and its JSON object keeps every key and
-    value of the file, with the keys the file lacks added (defaults) and "version" stamped."""
+    """Committed records from results/ (formats 1 to 3; finished runs, and the failed runs a sweep keeps for
+    --tune): each reads, and its JSON object keeps every key and value of the file, with the keys the file lacks
+    added (defaults) and "version" stamped."""
     assert len(COMMITTED) > 100
-    for path in COMMITTED:
+    failed = [p for p in COMMITTED if json.loads(p.read_text()).get("status") == "failed"]
+    for path in failed:  # a failed run: its error and the step it reached, no metrics
+        record = RunRecord.read(path)
+        assert record.failed and record.metrics is None and record.error is not None, path
+        assert list(record.to_dict())[: len(FAILED_KEYS)] == FAILED_KEYS, path
+    for path in (p for p in COMMITTED if p not in failed):
         raw = json.loads(path.read_text())
         record = RunRecord.read(path)
         assert record.version == raw.get("version", 1) and record.status == raw.get("status", "ok"), path
