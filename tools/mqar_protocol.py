@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from efficient_attn_tasks.run.record import RunRecord
 
 
@@ -72,18 +74,16 @@ def best_lr(runs: list[RunRecord], lrs: list[float], seeds: list[int]) -> float 
     return max(scored, key=scored.get) if scored else None
 
 
-def cell_of(sweep: Path, cell: str) -> tuple[int, int]:
-    from omegaconf import OmegaConf
-
-    root = Path(__file__).resolve().parents[1] / "configs" / "mqar_cell" / f"{cell}.yaml"
-    c = OmegaConf.load(root)
+def cell_of(cell: str) -> tuple[int, int]:
+    """(seq_len, num_kv_pairs) of configs/mqar_cell/<cell>.yaml."""
+    c = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "mqar_cell" / f"{cell}.yaml")
     return int(c.seq_len), int(c.num_kv_pairs)
 
 
 def run_item(sweep: Path, item: str, args: argparse.Namespace) -> None:
     name, conv, cell, width = parse_item(item)
     overrides = item_overrides(name, conv, cell, width)
-    cell_len = cell_of(sweep, cell)
+    cell_len = cell_of(cell)
     train(sweep, overrides, args.lrs, args.search_seeds, args.extra)
     lr = best_lr(records(sweep, name, conv, cell_len, width), args.lrs, args.search_seeds)
     if lr is None:
