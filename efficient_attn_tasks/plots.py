@@ -93,7 +93,7 @@ def figure(panels: int, size: tuple[float, float], *, ncols: int | None = None, 
 
 
 def label_axes(ax: Any, panel: Panel, *, title_size: str | int | None = None) -> None:
-    """Title, axis labels, y scale and y range of ``panel``."""
+    """Title, axis labels, y scale, y range and x ticks of ``panel``."""
     if panel.title:
         ax.set_title(panel.title, **({"fontsize": title_size} if title_size else {}))
     ax.set_xlabel(panel.xlabel)
@@ -101,6 +101,8 @@ def label_axes(ax: Any, panel: Panel, *, title_size: str | int | None = None) ->
     ax.set_yscale(panel.yscale)
     if panel.ylim is not None:
         ax.set_ylim(*panel.ylim)
+    if panel.ticks is not None:
+        x_ticks(ax, panel.ticks)
 
 
 def log_x(ax: Any, base: int = 10, *, powers: bool = False) -> None:

@@ -31,6 +31,7 @@ from efficient_attn_tasks.run.record import (
     write_failed_record,
 )
 from efficient_attn_tasks.run.resume import check_checkpoint, resume_checkpoint
+from efficient_attn_tasks.run.threads import busy_cores, default_threads
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -123,9 +124,7 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
         from efficient_attn_tasks.run.convert import init_from
 
         source = read_source(cfg, task)
-    threads = default_threads(cfg.threads, joblib_n_jobs(), os.cpu_count() or 1)
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(cfg.threads)
     # Our loaders resume mid-epoch through the module's saved data position (efficient_attn_tasks/tasks/sampling.py).
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     # Lightning's own use of a torch API that torch deprecated; nothing a user can act on.
@@ -246,17 +245,21 @@ def draw_curves(rows: list[tuple[int, str, float]], out_dir: Path, monitor: str,
               file=sys.stderr)
 
 
-def default_threads(threads: int | None, n_jobs: int | None, cpus: int) -> int | None:
-    """Torch threads for one run: ``threads`` when set; for a job of a joblib multirun (``n_jobs`` = the
-    launcher's n_jobs, None when not under joblib) that runs k > 1 jobs at once, max(1, cpus // k), so
-    the jobs share the cores instead of each starting one thread per core; else None (torch's default).
-    A negative n_jobs counts back from the CPU count (-1: all of them), as in joblib."""
+def set_threads(threads: int | None) -> None:
+    """Torch's threads for this run (:func:`default_threads`); one line when other processes' load cut them."""
+    import torch
+
     if threads:
-        return int(threads)
-    if n_jobs is None:
-        return None
-    at_once = cpus + 1 + n_jobs if n_jobs < 0 else n_jobs
-    return max(1, cpus // at_once) if at_once > 1 else None
+        torch.set_num_threads(int(threads))
+        return
+    n_jobs = joblib_n_jobs()
+    busy = busy_cores() if n_jobs is None or n_jobs == 1 else None
+    chosen = default_threads(None, n_jobs, os.cpu_count() or 1, busy)
+    if chosen and chosen < torch.get_num_threads():  # never more than torch's own default (physical cores)
+        torch.set_num_threads(chosen)
+        if busy is not None and busy >= 0.5:
+            print(f"{busy:.1f} of {os.cpu_count()} cores busy with other work at the start: {chosen} torch "
+                  f"thread{'s' if chosen > 1 else ''} (threads=N sets it)", flush=True)
 
 
 def joblib_n_jobs() -> int | None:
