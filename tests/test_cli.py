@@ -30,7 +30,7 @@ from efficient_attn_tasks.run.callbacks import progress_bar
 from efficient_attn_tasks.run.fit import default_threads, run
 from efficient_attn_tasks.run.record import RunRecord
 from efficient_attn_tasks.run.resume import remove_unstarted_run_dir
-from efficient_attn_tasks.tasks import data, translation
+from efficient_attn_tasks.tasks import data, translation, translation_data
 from efficient_attn_tasks.tasks.data import DataError
 from tests.helpers import TINY_TRANSLATION, config
 
@@ -234,7 +234,7 @@ def test_missing_multi30k_lists_every_missing_file_and_tries_one_download(tmp_pa
     (root / "multi30k").mkdir(parents=True)
     (root / "multi30k" / "val.de.gz").write_bytes(b"present")  # not missing: not listed
     with pytest.raises(DataError) as err:
-        translation.load_pairs(translation.task_config(config("task=translation")), root)
+        translation_data.load_pairs(translation.task_config(config("task=translation")), root)
     message = str(err.value)
     assert "5 of 6 data files are not in the data dir" in message and "network unreachable" in message
     for name in MULTI30K:

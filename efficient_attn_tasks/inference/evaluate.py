@@ -113,7 +113,7 @@ def _translation_files(loaded: Any, src_path: Path, ref_path: Path) -> Any:
     from efficient_attn_tasks.inference.checkpoint import ConfigError, check_lengths
     from efficient_attn_tasks.tasks.data import read_lines
     from efficient_attn_tasks.tasks.sampling import sharded_eval_loader
-    from efficient_attn_tasks.tasks.translation import collate_indexed
+    from efficient_attn_tasks.tasks.translation_data import collate_indexed
 
     src, ref = read_lines(src_path), read_lines(ref_path)
     if len(src) != len(ref) or not src:
