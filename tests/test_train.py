@@ -20,7 +20,8 @@ from efficient_attn.transformer import SITE_USE, AttentionSpec
 from efficient_attn_tasks.config.checks import ConfigError, check_config
 from efficient_attn_tasks.run.curves import read_curves
 from efficient_attn_tasks.run.fit import run
-from efficient_attn_tasks.run.record import RunRecord, peak_memory_mib, reset_peak_memory
+from efficient_attn_tasks.run.machine import peak_memory_mib, reset_peak_memory
+from efficient_attn_tasks.run.record import RunRecord
 from efficient_attn_tasks.tasks import task_module, translation, translation_data
 from efficient_attn_tasks.tasks.data import DataError
 from tests.helpers import QUIET, SHARED_DATA, LossLog, config, config_files, site_specs, tiny_cfg

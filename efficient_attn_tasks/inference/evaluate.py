@@ -26,7 +26,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from efficient_attn_tasks.inference.checkpoint import ConfigError, load
     from efficient_attn_tasks.run.callbacks import quiet_lightning
     from efficient_attn_tasks.run.convert import parse_kwargs
-    from efficient_attn_tasks.run.record import hardware, versions
+    from efficient_attn_tasks.run.machine import hardware, versions
 
     start = time.perf_counter()
     quiet_lightning()
