@@ -36,7 +36,8 @@ _EXPORTS = {  # public name -> the submodule that defines it
     "seed_attentions": ".seeding",
 }
 _SUBMODULES = {
-    "analysis", "attention", "aux_loss", "generate", "multihead", "ops", "registry", "seeding", "transformer",
+    "analysis", "attention", "aux_loss", "generate", "layers", "multihead", "ops", "registry", "seeding", "spec",
+    "transformer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,5 +1,5 @@
 """What several test files share: the tiny task configs and how to compose them, random inputs for the
-attention tests, and checks that more than one attention's tests make.
+attention tests, checks that more than one attention's tests make, and a fresh interpreter for import checks.
 
 Light to import: Hydra and Lightning load only when a config is composed or ``LossLog`` is used, so the
 core attention tests run without the app's dependencies.
@@ -8,7 +8,10 @@ core attention tests run without the app's dependencies.
 from __future__ import annotations
 
 import copy
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # read-only data beside the repo
+REPO = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- tiny configs of the app
 
@@ -64,6 +68,13 @@ def config_files(group: str) -> list[str]:
     from efficient_attn_tasks.config.checks import CONFIG_DIR
 
     return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+def fresh_python(code: str) -> subprocess.CompletedProcess:
+    """``code`` run by a new Python interpreter in the repo (one thread, this checkout importable): what it
+    imports is all that is loaded."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
 
 
 def __getattr__(name: str) -> Any:

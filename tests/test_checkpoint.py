@@ -19,7 +19,7 @@ from efficient_attn_tasks.inference import checkpoint
 from efficient_attn_tasks.inference import evaluate as scoring
 from efficient_attn_tasks.run.fit import run
 from efficient_attn_tasks.run.record import RunRecord
-from efficient_attn_tasks.tasks import listops, lm, translation
+from efficient_attn_tasks.tasks import listops, lm, translation, translation_data
 from tests.helpers import config, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,7 +111,7 @@ def test_a_run_dir_means_its_best_checkpoint_even_when_moved(runs, tmp_path):
 def test_translate_writes_the_runs_test_hypotheses_and_files_score_like_the_split(runs, tmp_path, monkeypatch,
                                                                                   capsys):
     run_dir, record = runs("translation")
-    src, ref = translation.load_pairs(translation.task_config(OmegaConf.create(record.config)))["test"]
+    src, ref = translation_data.load_pairs(translation.task_config(OmegaConf.create(record.config)))["test"]
     (tmp_path / "test.src").write_text("\n".join(src) + "\n")
     (tmp_path / "test.ref").write_text("\n".join(ref) + "\n")
     translate.main([str(best(record)), "--input", str(tmp_path / "test.src")])

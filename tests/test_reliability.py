@@ -113,14 +113,14 @@ GRAD_TASKS = {  # tiny configs; 5 examples a global batch: 3 and 2 on two proces
 
 def global_batch(task: str, cfg) -> tuple[list, Callable[[list], dict]]:
     """(5 seeded examples of ``task`` with unequal token counts, the task's collate)."""
-    from efficient_attn_tasks.tasks import listops, mqar, translation
+    from efficient_attn_tasks.tasks import listops, mqar, translation_data
 
     g = torch.Generator().manual_seed(1)
     lengths = [3, 9, 4, 7, 2]
     if task == "translation":
         ids = lambda n: torch.randint(4, 40, (n,), generator=g).tolist()  # noqa: E731
         rows = [(ids(n), ids(n + i % 3), "") for i, n in enumerate(lengths)]  # source, target, reference
-        return rows, translation.collate
+        return rows, translation_data.collate
     if task == "listops":
         rows = [(torch.randint(2, listops.VOCAB_SIZE, (n,), generator=g), i) for i, n in enumerate(lengths)]
         return rows, listops.collate

@@ -20,8 +20,9 @@ from efficient_attn.transformer import SITE_USE, AttentionSpec
 from efficient_attn_tasks.config.checks import ConfigError, check_config
 from efficient_attn_tasks.run.curves import read_curves
 from efficient_attn_tasks.run.fit import run
-from efficient_attn_tasks.run.record import RunRecord, peak_memory_mib, reset_peak_memory
-from efficient_attn_tasks.tasks import task_module, translation
+from efficient_attn_tasks.run.machine import peak_memory_mib, reset_peak_memory
+from efficient_attn_tasks.run.record import RunRecord
+from efficient_attn_tasks.tasks import task_module, translation, translation_data
 from efficient_attn_tasks.tasks.data import DataError
 from tests.helpers import QUIET, SHARED_DATA, LossLog, config, config_files, site_specs, tiny_cfg
 
@@ -378,8 +379,9 @@ def test_translation_pairs_longer_than_max_len_stop_before_training(tmp_path, sp
 def test_decoding_limit_is_capped_at_max_len_with_a_note(tmp_path, capsys):
     """a·|src| + b beyond model.max_len is capped there (the decoder has no further positions), with a note:
     every reference fits (at most max_len - 1 tokens + EOS), so the cap cuts no hypothesis that could match."""
-    assert translation.decoding_limit(9, 16, 1.5, 10) == 16 and translation.decoding_limit(2, 16, 1.5, 10) == 13
-    assert translation.decoding_cap_note("test", [3, 4], 16, 1.5, 10) is None
+    assert translation_data.decoding_limit(9, 16, 1.5, 10) == 16
+    assert translation_data.decoding_limit(2, 16, 1.5, 10) == 13
+    assert translation_data.decoding_cap_note("test", [3, 4], 16, 1.5, 10) is None
     lines = {s: list(SHORT) for s in ("train", "val", "test")}
     lines["test"].append("abcdefab")  # 9 tokens: fits, but 1.5 · 9 + 10 = 23 > 16
     record = run(char_translation(write_split_files(tmp_path, lines), 16), tmp_path / "run")
@@ -420,7 +422,7 @@ def test_missing_data_dir_without_network_is_a_clear_error(tmp_path, monkeypatch
     task = translation.task_config(config("task=translation"))
     with pytest.raises(DataError,
                        match=r"6 of 6 data files are not in the data dir .*multi30k/train.en.gz.* point data_dir="):
-        translation.load_pairs(task, tmp_path / "nowhere")
+        translation_data.load_pairs(task, tmp_path / "nowhere")
 
 
 def files_override(src: Path, tgt: Path) -> str:
@@ -439,7 +441,7 @@ def test_hf_datasets_corpora_are_read_by_split_and_language(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "datasets", type(sys)("datasets"))
     monkeypatch.setattr(sys.modules["datasets"], "load_dataset", load_dataset, raising=False)
-    pairs = translation.load_pairs(translation.task_config(config("task=translation", "task.source=hf",
+    pairs = translation_data.load_pairs(translation.task_config(config("task=translation", "task.source=hf",
                                                                   "task.hf_name=wmt14", "task.hf_config=de-en")))
     assert calls == [("wmt14", "de-en")]
     assert pairs["train"] == (["a cat"], ["eine Katze"]) and pairs["val"] == (["a"], ["ein"])
@@ -450,7 +452,7 @@ def test_parallel_files_of_unequal_length_are_rejected(tmp_path):
         (tmp_path / name).write_text("x y\n" * n)
     cfg = config("task=translation", "task.source=files", files_override(tmp_path / "a.src", tmp_path / "a.tgt"))
     with pytest.raises(DataError, match="source has 3 lines but target has 2"):
-        translation.load_pairs(translation.task_config(cfg))
+        translation_data.load_pairs(translation.task_config(cfg))
 
 
 def test_corrupt_or_altered_files_are_clear_errors(tmp_path):
@@ -459,10 +461,10 @@ def test_corrupt_or_altered_files_are_clear_errors(tmp_path):
         for lang in ("en", "de"):
             (tmp_path / "multi30k" / f"{split}.{lang}.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
     with pytest.raises(DataError, match="does not match its SHA-256 .* delete it to download it again"):
-        translation.load_pairs(translation.task_config(config("task=translation")), tmp_path)
+        translation_data.load_pairs(translation.task_config(config("task=translation")), tmp_path)
     gz = tmp_path / "multi30k" / "train.en.gz"
     with pytest.raises(DataError, match="cannot read .*train.en.gz.*corrupt or truncated"):
-        translation.load_pairs(translation.task_config(config("task=translation", "task.source=files",
+        translation_data.load_pairs(translation.task_config(config("task=translation", "task.source=files",
                                                               files_override(gz, gz))))
 
 

@@ -637,7 +637,7 @@ def write_report(args: argparse.Namespace) -> None:
 
 
 def _machine() -> str:
-    from efficient_attn_tasks.run.record import hardware
+    from efficient_attn_tasks.run.machine import hardware
 
     return hardware()
 

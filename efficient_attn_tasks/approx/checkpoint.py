@@ -20,8 +20,8 @@ import torch
 
 from efficient_attn import Attention, MultiHeadAttention, create_attention, seed_attentions
 from efficient_attn.analysis.rows import rows_against_softmax
+from efficient_attn.layers import Block
 from efficient_attn.registry import get_attention_class, list_attentions
-from efficient_attn.transformer import Block
 from efficient_attn_tasks.approx import report as approx_report
 from efficient_attn_tasks.inference.checkpoint import load as load_checkpoint
 

@@ -28,7 +28,7 @@ from efficient_attn_tasks.config.schema import SITES, AttentionConfig, OptimConf
 from efficient_attn_tasks.tasks import task_module
 
 # Start-up stays light: --help and the checks of the top-level, optim, trainer and logger sections load
-# neither torch nor Lightning (tests/test_cli.py); the task's module loads them, W&B loads when a run starts.
+# neither torch nor Lightning (tests/test_cli_train.py); the task's module loads them, W&B loads when a run starts.
 TOP_LEVEL = {"seed", "name", "row", "data_dir", "cache_dir", "ckpt_path", "init_from", "overwrite", "checkpoint_every",
              "test", "threads", "nonfinite", "imports", "optim", "task", "attention", "model", "trainer", "logger",
              "callbacks"}

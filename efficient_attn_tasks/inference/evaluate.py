@@ -26,7 +26,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from efficient_attn_tasks.inference.checkpoint import ConfigError, load
     from efficient_attn_tasks.run.callbacks import quiet_lightning
     from efficient_attn_tasks.run.convert import parse_kwargs
-    from efficient_attn_tasks.run.record import hardware, versions
+    from efficient_attn_tasks.run.machine import hardware, versions
 
     start = time.perf_counter()
     quiet_lightning()
@@ -113,7 +113,7 @@ def _translation_files(loaded: Any, src_path: Path, ref_path: Path) -> Any:
     from efficient_attn_tasks.inference.checkpoint import ConfigError, check_lengths
     from efficient_attn_tasks.tasks.data import read_lines
     from efficient_attn_tasks.tasks.sampling import sharded_eval_loader
-    from efficient_attn_tasks.tasks.translation import collate_indexed
+    from efficient_attn_tasks.tasks.translation_data import collate_indexed
 
     src, ref = read_lines(src_path), read_lines(ref_path)
     if len(src) != len(ref) or not src:

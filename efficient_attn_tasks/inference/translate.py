@@ -42,7 +42,7 @@ def translate_lines(module: Any, lines: list[str], beam: int, where: str = "inpu
     import torch
 
     from efficient_attn_tasks.inference.checkpoint import check_lengths
-    from efficient_attn_tasks.tasks.translation import collate
+    from efficient_attn_tasks.tasks.translation_data import collate
 
     ids = module.sp.encode(lines)
     check_lengths(ids, module.model.cfg.max_len, where, first)

@@ -22,7 +22,7 @@ from efficient_attn_tasks.plots import Line, Panel
 from efficient_attn_tasks.run.curves import CURVES_CSV, Series, read_curves
 
 if TYPE_CHECKING:
-    from efficient_attn_tasks.report.tables import Row
+    from efficient_attn_tasks.report.rows import Row
 
 
 @dataclass

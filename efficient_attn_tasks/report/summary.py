@@ -12,9 +12,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from efficient_attn_tasks.report.cells import metric_bounds
 from efficient_attn_tasks.report.runs import best_column, failure, find_runs, hydra_job, metrics
 from efficient_attn_tasks.report.stats import as_number, finite_values, mean_ci, mean_interval
-from efficient_attn_tasks.report.tables import markdown, metric_bounds
+from efficient_attn_tasks.report.tables import markdown
 
 NOT_ROWS = {"seed", "attention", "ckpt_path"}  # overrides that never split rows (attention leads every label)
 RESOURCES = (("tokens/s", "train_tokens_per_s"), ("peak MiB", "peak_memory_mib"), ("wall s", "wall_time_s"))

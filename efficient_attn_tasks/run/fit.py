@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from efficient_attn_tasks.config.checks import ConfigError, check_config
+from efficient_attn_tasks.run.machine import reset_peak_memory
 from efficient_attn_tasks.run.record import (
     RESULTS_JSON,
     Attempt,
@@ -23,7 +24,6 @@ from efficient_attn_tasks.run.record import (
     checkpoint_step,
     feature_redraws,
     record_status,
-    reset_peak_memory,
     run_record,
     summary_line,
     tested_checkpoint,

@@ -1,8 +1,8 @@
 """A run's record, ``results.json``: :class:`RunRecord`, the one typed form every writer and reader of that file
 goes through (the trainer writes it; the report, the sweep summary, checkpoint lookup and resuming read it);
 what a finished run measured (:func:`run_record`) or who a failed or interrupted run was and why it stopped
-(:func:`failed_record`); which checkpoint the test split used, the run's one-line summary, and the memory,
-hardware and version facts every record carries.
+(:func:`failed_record`); which checkpoint the test split used and the run's one-line summary. The memory, hardware
+and version facts every record carries are efficient_attn_tasks/run/machine.py.
 
 Importing this module loads neither torch nor Lightning; the helpers that read torch import it.
 """
@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -22,6 +20,8 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from efficient_attn_tasks.run.machine import hardware, peak_memory_mib, versions
 
 RECORD_VERSION = 3  # the format RunRecord.to_json writes; a record without "version" is format 1
 # Format 3 adds stopped_step, best_step, converged and feature_redraws (null in older records: not recorded)
@@ -357,59 +357,6 @@ def job_overrides() -> list[str]:
     if not HydraConfig.initialized():
         return []
     return list(HydraConfig.get().overrides.task)
-
-
-def reset_peak_memory() -> None:
-    """Start a fresh peak for this run (multirun jobs share one process)."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak resident set size (VmHWM)
-    except OSError:
-        pass
-
-
-def peak_memory_mib() -> float:
-    """Peak GPU memory allocated if CUDA was used, else the process's peak resident set size since
-    :func:`reset_peak_memory` (Linux VmHWM; elsewhere the lifetime peak)."""
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        status = Path("/proc/self/status").read_text().splitlines()
-        return next(int(ln.split()[1]) for ln in status if ln.startswith("VmHWM")) / 1024  # kB
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def hardware() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("efficient-attn", "torch", "pytorch-lightning", "hydra-core", "wandb", "sacrebleu", "sentencepiece"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def summary_line(record: RunRecord) -> str:

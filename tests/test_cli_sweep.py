@@ -1,0 +1,187 @@
+"""Sweeps on the command line: the compact multirun summary (launch order, intervals, failed jobs apart, rows split
+by the other swept values, the exit status), the summary callback of every multirun, and the thread count of
+parallel sweep jobs (joblib)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from scipy import stats as scipy_stats
+
+from efficient_attn_tasks.commands import report
+from efficient_attn_tasks.commands.train import RunSummary
+from efficient_attn_tasks.config.checks import CONFIG_DIR
+from efficient_attn_tasks.report.stats import as_number
+from efficient_attn_tasks.report.summary import summarize, summary
+from efficient_attn_tasks.run.fit import default_threads
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ----------------------------------------------------------------------------- the multirun summary
+def _job(root: Path, num: int, choice: str, seed: int, score: float | None, lr: float = 1e-3) -> None:
+    """A fake multirun job dir: .hydra/ with its choices, job number and overrides; results.json unless
+    ``score`` is None (a failed job)."""
+    run_dir = root / f"{num}_{choice}"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "hydra.yaml").write_text(
+        f"hydra:\n  job:\n    num: {num}\n  runtime:\n    choices:\n      attention: {choice}\n"
+        "      task: translation\n")
+    (run_dir / ".hydra" / "overrides.yaml").write_text(
+        f"- attention={choice}\n- seed={seed}\n- optim.lr={lr}\n- experiment=quickstart\n")
+    if score is None:
+        return
+    record = {"name": "quickstart", "task": "translation", "attention": choice.split("_")[0], "seed": seed,
+              "config": {"seed": seed, "optim": {"lr": lr}},
+              "metrics": {"monitor": "val/bleu", "val_best": score - 1, "val_last": {"val/bleu": score - 1},
+                          "test": {"test/bleu": score, "test/loss": 1.0}},
+              "num_parameters": 1000, "steps": 100, "train_tokens_per_s": 2000.0 + seed, "peak_memory_mib": 500.0,
+              "wall_time_s": 60.0}
+    (run_dir / "results.json").write_text(json.dumps(record))
+
+
+def _failed(root: Path, num: int, choice: str, seed: int, steps: int = 0) -> Path:
+    """A fake failed job: its .hydra/ and a failed record (efficient_attn_tasks/run/record.py ``failed_record``)."""
+    _job(root, num, choice, seed, None)
+    record = {"name": "quickstart", "task": "translation", "attention": choice, "seed": seed, "status": "failed",
+              "error": {"type": "DataError", "message": f"job {num} has no data; set data_dir"}, "steps": steps}
+    (root / f"{num}_{choice}" / "results.json").write_text(json.dumps(record))
+    return root / f"{num}_{choice}"
+
+
+def _table(text: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+
+
+def test_multirun_summary_is_compact_in_launch_order_with_ci_and_failed_runs(tmp_path):
+    for num, (choice, seed, score) in enumerate([("softmax", 0, 30.0), ("favor_plus", 0, 29.0), ("softmax", 1, 32.0),
+                                                 ("favor_plus", 1, 27.0), ("linear", 0, None), ("bilinear", 0, 20.0),
+                                                 ("additive", 0, 25.0), ("dot", 0, 21.0), ("taylor", 0, 22.0),
+                                                 ("hedgehog", 0, 23.0), ("cosformer", 0, 24.0)]):
+        _job(tmp_path, num, choice, seed, score)
+    text = summary(tmp_path)
+    rows = _table(text)
+    assert rows[0] == ["attention", "n", "test/bleu", "tokens/s", "peak MiB", "wall s"]
+    labels = [r[0] for r in rows[2:]]
+    assert labels[:-1] == ["softmax", "favor_plus", "bilinear", "additive", "dot", "taylor", "hedgehog", "cosformer"]
+    half = scipy_stats.t.ppf(0.975, 1) * scipy_stats.tstd([30.0, 32.0]) / 2 ** 0.5
+    assert rows[2] == ["softmax", "2", f"31 ± {as_number(half)}", "2,000", "500", "60"]  # tokens/s: mean of 2000, 2001
+    assert rows[3][:3] == ["favor_plus", "2", f"28 ± {as_number(half)}"]  # the config name, not the registry's favor
+    assert rows[4][:3] == ["bilinear", "1", "20"]  # one seed: no interval
+    assert labels[-1].startswith("linear (no results.json, seed 0, job 4") and rows[-1][1:] == ["0", *["n/a"] * 4]
+    assert text.splitlines()[0] == f"10 run(s) in {tmp_path}, 1 without results.json"
+    assert text.splitlines()[-1] == f"Full table (every metric): efficient-attn-report {tmp_path} --rows attention --ci"
+
+
+def test_multirun_summary_lists_failed_jobs_with_run_dir_and_error_apart_from_the_means(tmp_path):
+    _job(tmp_path, 0, "softmax", 0, 30.0)
+    first = _failed(tmp_path, 1, "softmax", 1, steps=7)
+    _job(tmp_path, 2, "softmax", 2, 32.0)
+    _job(tmp_path, 3, "linear", 0, None)  # no results.json
+    second = _failed(tmp_path, 4, "favor_plus", 0)
+    text, failed = summarize(tmp_path)
+    assert failed == 3  # the exit code's count: failed records and jobs without results.json
+    lines = text.splitlines()
+    assert lines[0] == f"2 run(s) in {tmp_path}, 2 failed, 1 without results.json"
+    rows = _table(text)
+    assert rows[2][:3] == ["softmax", "2", "31 ± 12.71"]  # seeds 0 and 2 only
+    assert [r[0] for r in rows[3:]] == ["softmax (failed at step 7, seed 1, job 1)",
+                                       "linear (no results.json, seed 0, job 3: failed, killed or running)",
+                                       "favor_plus (failed at step 0, seed 0, job 4)"]
+    start = lines.index("Failed jobs (results.json status failed; ckpt_path=last with the same hydra.sweep.dir runs "
+                        "them again):")
+    assert lines[start + 1:] == [f"  {first}: DataError: job 1 has no data; set data_dir",
+                                 f"  {second}: DataError: job 4 has no data; set data_dir",
+                                 f"Full table (every metric): efficient-attn-report {tmp_path} --rows attention --ci"]
+
+
+def test_the_sweep_exits_1_after_its_summary_when_a_job_failed(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    _job(tmp_path, 0, "softmax", 0, 30.0)
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    RunSummary().on_multirun_end(config)  # every job finished: no exit
+    assert capsys.readouterr().out.startswith(f"\n1 run(s) in {tmp_path}\n")
+    _failed(tmp_path, 1, "softmax", 1)
+    with pytest.raises(SystemExit) as exit_:
+        RunSummary().on_multirun_end(config)
+    out = capsys.readouterr()
+    assert exit_.value.code == 1 and "Failed jobs" in out.out and "1 job(s) of the sweep failed" in out.err
+
+
+def test_every_multirun_ends_with_the_summary():
+    for overrides in ([], ["experiment=quickstart"], ["experiment=mqar/quick"]):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        targets = [c._target_ for c in cfg.hydra.callbacks.values()]
+        assert targets == ["efficient_attn_tasks.run.lock.RunDirGuard",
+                           "efficient_attn_tasks.commands.train.RunSummary"], overrides
+
+
+def test_multirun_summary_splits_rows_by_other_swept_values(tmp_path, capsys):
+    for num, (lr, seed, score) in enumerate([(1e-3, 0, 30.0), (1e-3, 1, 31.0), (3e-3, 0, 20.0), (3e-3, 1, 22.0)]):
+        _job(tmp_path, num, "softmax", seed, score, lr=lr)
+    text = summary(tmp_path)
+    rows = _table(text)
+    assert rows[0][0] == "attention / optim.lr" and [r[:2] for r in rows[2:]] == [["softmax / 0.001", "2"],
+                                                                                  ["softmax / 0.003", "2"]]
+    command = text.splitlines()[-1].split(": ", 1)[1]
+    assert command == f"efficient-attn-report {tmp_path} --rows attention,config.optim.lr --ci"
+    report.main(command.split()[1:])  # the printed command works and gives the same rows
+    full = _table(capsys.readouterr().out)
+    assert [r[:2] for r in full[2:]] == [["softmax / 0.001", "2"], ["softmax / 0.003", "2"]]
+
+
+# ----------------------------------------------------------------------------- threads of parallel sweep jobs
+@pytest.mark.parametrize("threads, n_jobs, cpus, expected", [
+    (None, None, 16, None),  # not under joblib: torch's default
+    (None, 2, 16, 8),  # 2 jobs at once share 16 cores
+    (None, 3, 2, 1),  # never below one thread
+    (None, 1, 16, None),  # one job at a time: torch's default
+    (None, -1, 8, 1),  # joblib's -1: as many jobs as CPUs
+    (None, -3, 8, 1),  # 8 + 1 - 3 = 6 jobs
+    (None, -7, 8, 4),  # 2 jobs
+    (4, 2, 16, 4),  # an explicit threads=N wins
+    (0, 2, 16, 8),  # 0 is unset, as in the config check
+])
+def test_default_threads(threads, n_jobs, cpus, expected):
+    assert default_threads(threads, n_jobs, cpus) == expected
+
+
+APP = """
+import os, sys
+import hydra
+from hydra.core.config_store import ConfigStore
+from efficient_attn_tasks.run.fit import default_threads, joblib_n_jobs
+
+@hydra.main(version_base="1.3", config_path=None, config_name="cfg")
+def app(cfg):  # one file per job: parallel jobs' prints would interleave
+    with open(f"job{cfg.x}.txt", "w") as f:
+        f.write(f"JOB {cfg.x} {joblib_n_jobs()} {default_threads(None, joblib_n_jobs(), 4)}")
+
+ConfigStore.instance().store(name="cfg", node={"x": 0, "defaults": ["_self_", {"override hydra/launcher": "joblib"}]})
+app()
+"""
+
+
+def test_joblib_jobs_are_read_from_the_hydra_config(tmp_path):
+    (tmp_path / "app.py").write_text(APP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    def jobs(*args: str) -> list[str]:
+        out = subprocess.run([sys.executable, "app.py", *args], capture_output=True, text=True, env=env, cwd=tmp_path,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        found = sorted(p.read_text() for p in tmp_path.glob("job*.txt"))
+        for p in tmp_path.glob("job*.txt"):
+            p.unlink()
+        return found
+
+    assert jobs("-m", "x=1,2", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path / 'm'}") == \
+        ["JOB 1 2 2", "JOB 2 2 2"]  # 4 CPUs // 2 jobs
+    assert jobs("x=3", f"hydra.run.dir={tmp_path / 'r'}") == ["JOB 3 None None"]  # a single run
