@@ -220,6 +220,7 @@ def test_missing_multi30k_lists_every_missing_file_and_tries_one_download(tmp_pa
         translation_data.load_pairs(translation.task_config(config("task=translation")), root)
     message = str(err.value)
     assert "5 of 6 data files are not in the data dir" in message and "network unreachable" in message
+    assert message.count("point data_dir=") == 1  # the advice once
     for name in MULTI30K:
         assert (name in message) == (name != "multi30k/val.de.gz"), name
     assert len(calls) == 1  # the first failed download stops the others

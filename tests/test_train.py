@@ -63,7 +63,7 @@ def test_every_config_file_composes_and_checks(group):
 def task_attention_pairs() -> list:
     """Every task × attention config. The default tier runs every task with FAVOR+ and every attention on
     MQAR (the fastest task; FAVOR+ variants that differ only in numbers are left to the slow tier)."""
-    numbers_only = {"favor_m16", "favor_m64", "favor_iid", "favor_fixed", "sliding_window_w16"}
+    numbers_only = {"favor_m16", "favor_m64", "favor_iid", "favor_fixed", "favor_m64_fixed", "sliding_window_w16"}
     return [pytest.param(task, attention, marks=() if attention == "favor_plus" or (
                 task == "mqar" and attention not in numbers_only) else pytest.mark.slow)
             for task in ("translation", "listops", "lm", "mqar") for attention in config_files("attention")]

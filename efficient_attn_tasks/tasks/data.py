@@ -109,8 +109,8 @@ def fetch_all(keys: list[str], root: Path) -> dict[str, Path]:
         names = ", ".join(RESOURCES[k].path for k in still)
         raise DataError(
             f"{len(still)} of {len(keys)} data files are not in the data dir {root} and could not be downloaded: "
-            f"{names} (first failure: {failure}). Put the files there, or point data_dir= / EFFICIENT_ATTN_DATA "
-            f"at a directory that has them"
+            f"{names} (first failure: {getattr(failure, 'cause', failure)}). Put the files there, or point "
+            "data_dir= / EFFICIENT_ATTN_DATA at a directory that has them"
         )
     return {k: fetch(k, root) for k in keys}
 
@@ -124,10 +124,12 @@ def _download(res: Resource, target: Path) -> None:
     except OSError as err:  # no network, DNS failure, HTTP error, read-only data dir
         if "tmp" in locals():
             Path(tmp.name).unlink(missing_ok=True)
-        raise DataError(
+        error = DataError(
             f"{res.path} is not in the data dir {target.parent.parent} and downloading {res.url} failed "
             f"({err}); put the file there, or point data_dir= / EFFICIENT_ATTN_DATA at a directory that has it"
-        ) from None
+        )
+        error.cause = f"downloading {res.url} failed ({err})"  # what fetch_all quotes beside its own advice
+        raise error from None
     digest = sha256(Path(tmp.name))
     if res.sha256 is not None and digest != res.sha256:
         Path(tmp.name).unlink()
