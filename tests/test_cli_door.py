@@ -240,3 +240,9 @@ def test_a_command_without_the_train_extra_names_the_install_in_one_line(argv0):
     library = subprocess.run([sys.executable, "-c", "import sys\nsys.modules['hydra'] = None\n"
                               "import efficient_attn_tasks"], capture_output=True, text=True, timeout=120)
     assert library.returncode == 1 and "ImportError: the training and evaluation commands" in library.stderr
+
+
+def test_multirun_with_cfg_is_one_line(monkeypatch, tmp_path, capfd):
+    code = train_main(monkeypatch, tmp_path, "-m", "experiment=quickstart", "--cfg", "job")
+    err = capfd.readouterr().err
+    assert code == 2 and err.startswith("error: Only one of --run, --multirun") and len(err.splitlines()) == 1, err

@@ -106,5 +106,10 @@ def hydra_usage_errors() -> Iterator[None]:
     hydra_utils.run_and_report = run_and_report
     try:
         yield
+    except ValueError as err:  # Hydra's own check of its flags, raised before run_and_report
+        if not str(err).startswith("Only one of --run, --multirun"):
+            raise
+        print(f"error: {err} (--cfg job shows one job's config: drop -m)", file=sys.stderr)
+        sys.exit(2)
     finally:
         hydra_utils.run_and_report = report
