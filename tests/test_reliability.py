@@ -122,6 +122,9 @@ def test_every_checkpoint_of_a_twice_resumed_run_holds_the_data_position_of_its_
     assert len(seen) > 20
     wrong = {name: p for name, p in seen.items() if p[0] != p[1] * 8 + p[2]}
     assert not wrong, wrong
+    # every attempt's newest checkpoint is last.ckpt, the one ckpt_path=last resumes from (no last-v1.ckpt beside it)
+    assert {k: v[0] for k, v in positions(tmp_path / "run" / "checkpoints").items() if "last" in k} == \
+        {"last.ckpt": 20}
 
 
 def test_a_checkpoint_whose_data_position_disagrees_with_its_loop_resumes_where_the_loop_stands(tmp_path, capsys):
