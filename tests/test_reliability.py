@@ -154,6 +154,31 @@ def test_a_checkpoint_whose_data_position_disagrees_with_its_loop_resumes_where_
                     "loop (epoch 1, 0 batches); resuming where the loop stands"]
 
 
+
+class SaveAtEnd(pl.Callback):
+    """Save a checkpoint to ``path`` once the fit loop has ended (as ModelCheckpoint's ``save_last`` may)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer, module) -> None:
+        trainer.save_checkpoint(self.path)
+
+
+def test_a_run_extended_past_its_max_steps_trains_the_batches_of_the_longer_run(tmp_path):
+    # stopped at step 20, mid-epoch 2 (8 batches an epoch): the ended fit loop counts that epoch as completed; the
+    # data position stays in it, so going on to step 28 trains epoch 2's last 4 batches, as the 28-step run did
+    longer, extended = LossLog(), LossLog()
+    run(faults.compose_config([*faults.TINY, "trainer.max_steps=28"]), tmp_path / "longer", callbacks=[longer])
+    end = tmp_path / "end.ckpt"
+    run(faults.compose_config([*faults.TINY, "trainer.max_steps=20"]), tmp_path / "run", callbacks=[SaveAtEnd(end)])
+    ckpt = torch.load(end, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 20 and ckpt["data_position"] == {"epoch": 2, "batches": 4}
+    record = run(faults.compose_config([*faults.TINY, "trainer.max_steps=28", f"ckpt_path={end}"]), tmp_path / "more",
+                 callbacks=[extended])
+    assert record.steps == 28 and extended.losses == longer.losses[20:]
+
+
 # ----------------------------------------------------------------------------- DDP
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process_and_share_favor_features(tmp_path):
