@@ -151,13 +151,15 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
             raise ConfigError(f"task.{cfg.task.name}: {err}") from None
         logger = make_logger(cfg, out_dir)
         checkpoints = out_dir / "checkpoints"
+        # No versioned names: a resumed run's callbacks may not know the last.ckpt already there (SaveOnInterrupt
+        # wrote it, or the dir moved) and would save last-v1.ckpt beside it, leaving ckpt_path=last an older one.
         best = ModelCheckpoint(dirpath=checkpoints, monitor=module.monitor, mode=module.monitor_mode, save_last=True,
-                               filename="best-{step}")
+                               filename="best-{step}", enable_version_counter=False)
         throughput, guard, curves = Throughput(), NonFiniteGuard(cfg.nonfinite, attention_label(cfg)), CurveLog()
         own = [best, throughput, guard, SaveOnInterrupt(checkpoints / "last.ckpt"), ValidateAtMaxSteps(), curves]
         if cfg.checkpoint_every:
             own.append(ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=int(cfg.checkpoint_every),
-                                       save_top_k=0, save_last=True))
+                                       save_top_k=0, save_last=True, enable_version_counter=False))
         trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
         trainer_args["enable_progress_bar"] = progress_bar(trainer_args.get("enable_progress_bar"))
         if not trainer_args["enable_progress_bar"]:

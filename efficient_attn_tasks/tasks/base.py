@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -149,7 +150,6 @@ class TaskModule(pl.LightningModule):
         self.optim_cfg = OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True))
         self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
         self.resume_position: dict[str, int] | None = None  # set when restored from a checkpoint
-        self._epoch_batches = 0
         # no state in checkpoints (torchmetrics states are not persistent). A NaN value makes the mean NaN:
         # never dropped, so a broken evaluation cannot look fine. nan_strategy=float("nan") replaces a NaN by
         # NaN and keeps the weights; "disable" would do the same but sets every weight to 1 (a torchmetrics
@@ -189,22 +189,13 @@ class TaskModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.log_means("test")
 
-    def on_train_epoch_start(self) -> None:
-        resumed = self.resume_position
-        self._epoch_batches = resumed["batches"] if resumed and resumed["epoch"] == self.current_epoch else 0
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._epoch_batches += 1  # counted at the start: checkpoints saved at this batch's end include it
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        epoch, done = self.current_epoch, self._epoch_batches
-        if done >= self.trainer.num_training_batches:  # saved at the end of an epoch: resume at the next one
-            epoch, done = epoch + 1, 0
-        checkpoint["data_position"] = {"epoch": epoch, "batches": done}
+        loop = checkpoint.get("loops", {}).get("fit_loop") or self.trainer.fit_loop.state_dict()
+        checkpoint["data_position"] = loop_position(loop, self.trainer.num_training_batches)
         checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.resume_position = checkpoint.get("data_position")
+        self.resume_position = resume_position(checkpoint, self._trainer)
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
 
@@ -321,6 +312,52 @@ def _with_attention_aux_loss(step: Any) -> Any:
         return out + aux
 
     return training_step
+
+
+def loop_position(fit_loop: dict[str, Any], num_batches: float | None = None) -> dict[str, int]:
+    """Where Lightning's fit loop in state ``fit_loop`` (``FitLoop.state_dict()``, a checkpoint's
+    ``loops.fit_loop``) resumes: ``{"epoch": e, "batches": n}``, epoch e with its first n batches trained.
+
+    Batches are this process's loader batches (micro-batches under accumulation); a resumed loader skips
+    them (``ShardedBatches.resume_at``). They are the batch progress's ``processed``: the batches whose step
+    ran, what Lightning restores its own progress to. An epoch whose batches all ran (its last batch, or
+    ``num_batches`` of them) resumes at the next epoch's start; so does a state saved in the epoch's end hooks
+    (``processed`` epochs ahead of ``completed``). Saved in its start hooks, an epoch has no batch run yet.
+    Saved after a fit that stopped mid-epoch (``max_steps``, early stopping), the loop counts that epoch as
+    completed; the data position stays in it (a longer run resumed there trains the batches it left).
+    """
+    epochs, progress = fit_loop["epoch_progress"]["current"], fit_loop["epoch_loop.batch_progress"]
+    epoch, batches = epochs["completed"], progress["current"]  # completed epochs: trainer.current_epoch
+    if epochs["processed"] > epoch:
+        return {"epoch": epoch + 1, "batches": 0}
+    if epochs["started"] < epochs["ready"]:
+        return {"epoch": epoch, "batches": 0}
+    done = batches["processed"]
+    if (progress["is_last_batch"] and done == batches["ready"]) or (num_batches is not None and done >= num_batches):
+        return {"epoch": epoch + 1, "batches": 0}
+    if done and epochs["ready"] == epoch:  # no epoch in progress: the fit ended in the one it counts as completed
+        return {"epoch": epoch - 1, "batches": done}
+    return {"epoch": epoch, "batches": done}
+
+
+def resume_position(checkpoint: dict[str, Any], trainer: Any = None) -> dict[str, int] | None:
+    """The data position a run restored from ``checkpoint`` resumes at: its ``data_position`` where that
+    agrees with its fit loop state (:func:`loop_position`), else the loop's, with a one-line warning: a
+    loader that resumed elsewhere would end the epoch short of Lightning's count of its batches, and that
+    epoch would neither validate nor checkpoint. A position one epoch on from the loop's batch count is the
+    loop's too (an epoch cut short by ``trainer.limit_train_batches``, which the state alone does not hold)."""
+    saved, loop = checkpoint.get("data_position"), checkpoint.get("loops", {}).get("fit_loop")
+    if saved is None or not loop or (trainer is not None and trainer.state.fn != "fit"):  # test: no training data
+        return saved
+    where = loop_position(loop)
+    if saved == where or (saved == {"epoch": where["epoch"] + 1, "batches": 0} and where["batches"] > 0):
+        return saved
+    if trainer is None or trainer.is_global_zero:
+        path = Path(getattr(trainer, "ckpt_path", None) or "checkpoint").name
+        print(f"warning: checkpoint {path}: data position epoch {saved['epoch']}, {saved['batches']} batches "
+              f"disagrees with its training loop (epoch {where['epoch']}, {where['batches']} batches); resuming "
+              "where the loop stands", file=sys.stderr, flush=True)
+    return where
 
 
 def rng_states() -> dict[str, Any]:
