@@ -189,3 +189,40 @@ def test_casting_the_module_does_not_round_the_decays():
     """γ are Python floats, not a buffer: bf16 cannot round 1 − 2^-12 to 1."""
     attn = build(h=8, dtype=torch.bfloat16)
     assert attn.gammas[7] == 1 - 2**-12 and not list(attn.buffers())
+
+
+def _saved_bytes(recompute: bool, length: int = 256, d: int = 16) -> tuple[int, int]:
+    """(bytes retention keeps for backward, one float32 (B, H, L, D) tensor's bytes)."""
+    from efficient_attn_tasks.bench.saved import saved_for_backward
+
+    attn = build(d=d, dtype=torch.float32, chunk_size=32, recompute=recompute).train()
+    q, k, v = (torch.randn(2, 2, length, d, requires_grad=True) for _ in range(3))
+    rows = saved_for_backward(attn, lambda: attn(q, k, v, causal=True).sum())
+    return sum(r.nbytes for r in rows), 2 * 2 * length * d * 4
+
+
+def test_recompute_keeps_only_q_k_v():
+    """With ``recompute`` (the default) backward holds q, k, v and nothing else of (B, H, L, ·) size (no score
+    blocks, decayed copies or chunk states); without it, several times that (so the bound is not vacuous)."""
+    kept, unit = _saved_bytes(recompute=True)
+    assert kept <= 3 * unit + 4096, kept / unit
+    assert _saved_bytes(recompute=False)[0] > 5 * unit
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_recompute_matches_keeping_the_graph(rotary):
+    """Same output and gradients (float64, padding across a chunk edge) with and without ``recompute``."""
+    results = []
+    for recompute in (False, True):
+        attn = build(d=4, chunk_size=5, rotary=rotary, gammas=[0.5, 0.9], recompute=recompute)
+        torch.manual_seed(1)
+        q, k, v = (t.requires_grad_() for t in make_qkv(b=2, h=2, length=17, d=4, dv=3))
+        mask = torch.zeros(2, 17, dtype=torch.bool)
+        mask[1, 4:6] = True
+        out = attn(q, k, v, key_padding_mask=mask, causal=True)
+        grads = torch.autograd.grad(out, (q, k, v), torch.randn(out.shape, dtype=out.dtype))
+        results.append((out, grads))
+    (out0, grads0), (out1, grads1) = results
+    torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+    for g1, g0 in zip(grads1, grads0):
+        torch.testing.assert_close(g1, g0, rtol=1e-12, atol=1e-13)

@@ -75,8 +75,9 @@ class CosformerAttention(KernelAttention):
             )
         positions = torch.arange(start, start + n, device=x.device, dtype=x.dtype)  # (N,)
         theta = (positions * (math.pi / (2 * horizon)))[:, None]  # (N, 1)
+        trig = torch.stack([torch.cos(theta), torch.sin(theta)], dim=-2)  # (N, 2, 1)
         phi = torch.relu(x) + self.kernel_eps  # (B, H, N, D)
-        return torch.cat([phi * torch.cos(theta), phi * torch.sin(theta)], dim=-1), None  # (B, H, N, 2D)
+        return (phi[..., None, :] * trig).flatten(-2), None  # (B, H, N, 2, D) -> (B, H, N, 2D): [φ cos θ, φ sin θ]
 
     def _check_decoding(self) -> None:
         if self.max_len is None:

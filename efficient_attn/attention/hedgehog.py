@@ -92,7 +92,9 @@ class HedgehogAttention(KernelAttention):
 
     def feature_map(self, x: Tensor, is_query: bool, *, fresh_grad: bool = False) -> tuple[Tensor, None]:
         xp = self.project(x, is_query)  # (B, H, N, d')
-        return torch.cat([xp.softmax(-1), (-xp).softmax(-1)], dim=-1), None  # (B, H, N, 2d'), exact
+        # one softmax over the pair, whose output is the features: the graph keeps them once, not a copy besides
+        pair = torch.stack([xp, -xp], dim=-2)  # (B, H, N, 2, d')
+        return pair.softmax(-1).flatten(-2), None  # (B, H, N, 2d'): [softmax(x̃), softmax(−x̃)], exact
 
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool

@@ -15,8 +15,10 @@ and future keys cannot move an output, and every factor e^{g_j − G} is ≤ 1.
 Training memory: with ``recompute`` (the default) the features are made again in backward from q and k
 instead of being kept, so a layer keeps for backward q, k, [v, 1] and the output, (B, H, L, D)-sized
 tensors, not the (B, H, L, M) features (M ≫ D for FAVOR+, Hedgehog, Taylor) nor the map's own
-intermediates; the cost is one more pass of the feature map. The products are not redone: backward
-runs the chunked (causal) or closed-form (non-causal) gradient on the re-made features directly.
+intermediates. The products are not redone: backward runs the chunked (causal) or closed-form (non-causal)
+gradient on re-made features (values only, no graph; the keys' gradient written over their features), drops
+them, and then differentiates each map alone, made again with its graph: backward's working set is the features
+and their gradients or one map's graph, never both. The cost is two more passes of the feature map.
 The output is laid out as (B, L, H, Dv) in memory, so the heads' merge before the output projection
 is a view and the tensor that projection keeps is this one, not a copy.
 """
@@ -27,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..ops.causal_linear import causal_linear_attention, causal_linear_backward
-from ..ops.differentiable import double_backward_by_recompute
+from ..ops.differentiable import double_backward_by_recompute, recompute_active
 from ..ops.numerics import PADDED_LOG_SCALE, normalize, scale_values, upcast_with_ones
 from .base import Attention, check_inputs, check_step, unsupported_use
 
@@ -81,7 +83,7 @@ class KernelAttention(Attention):
         """Whether this forward keeps q, k for backward and makes the features again there: ``recompute``, in
         training, and not under ``torch.compile`` (its backward's ``autograd.grad`` would break the graph; the
         compiler plans the memory of a compiled step itself)."""
-        return self.recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        return recompute_active(self.recompute)
 
     def _features(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """φ(q) (B, H, L, M), φ(k) (B, H, S, M) and the keys' log-scales (B, H, S) (padded keys lowest) or None."""
@@ -180,8 +182,10 @@ class _Recomputed(torch.autograd.Function):
 
     Inputs: the module, key padding mask, causal flag, q, k, v1 and the module's trainable parameters
     (passed so that their gradients, from the re-made features' graph, reach them). Backward: the
-    features again with autograd on, the products' gradient on them (``causal_linear_backward``, or the
-    non-causal closed form), then autograd through the feature map only. Second derivatives
+    features again (values only), the products' gradient on them (``causal_linear_backward``, or the
+    non-causal closed form); then, the features dropped, each feature map (queries', then keys') made again
+    with autograd on and differentiated alone, so backward never holds both maps' graphs (for Hedgehog a
+    second copy of the features, its softmax outputs) next to the features and their gradients. Second derivatives
     (``create_graph=True``) differentiate a plain re-computation (``double_backward_by_recompute``).
     """
 
@@ -213,15 +217,28 @@ class _Recomputed(torch.autograd.Function):
             return (None, None, None, *grads)
         dot = (grad_out * out).sum(-1, keepdim=True).neg_()  # (B, H, L, 1): −Σ_e grad_e out_e
         grad_out1 = torch.cat([grad_out, dot], dim=-1).div_(den)  # (B, H, L, Dv+1): numerators, normalizer
-        with torch.enable_grad():
-            xq, xk = q.detach().requires_grad_(), k.detach().requires_grad_()
-            phi_q, phi_k, log_scale = module._features(xq, xk, pad)
-        grad_q, grad_k, grad_v1 = _feature_grads(
-            phi_q.detach(), phi_k.detach(), v1, None if log_scale is None else log_scale.detach(), causal,
-            module.chunk_size, grad_out1,
+        phi_q, phi_k, log_scale = module._features(q, k, pad)  # grad mode is off here: values only, no graph
+        owned = phi_k.untyped_storage().data_ptr() not in {t.untyped_storage().data_ptr() for t in (q, k, v1)}
+        grad_phi_q, grad_phi_k, grad_v1 = _feature_grads(  # dφ(k) written into φ(k) when no input shares it
+            phi_q, phi_k, v1, log_scale, causal, module.chunk_size, grad_out1, overwrite_k=owned
         )
-        grads = torch.autograd.grad((phi_q, phi_k), (xq, xk, *params), (grad_q, grad_k), allow_unused=True)
-        return (None, None, None, grads[0], grads[1], grad_v1, *grads[2:])
+        del phi_q, phi_k, grad_out1  # before the maps' graphs: the features are not held twice
+        grad_q, *params_q = _map_grads(module, q, True, grad_phi_q, params)
+        del grad_phi_q
+        grad_k, *params_k = _map_grads(module, k, False, grad_phi_k, params)
+        grad_params = [a if b is None else b if a is None else a + b for a, b in zip(params_q, params_k)]
+        return (None, None, None, grad_q, grad_k, grad_v1, *grad_params)
+
+
+def _map_grads(
+    module: KernelAttention, x: Tensor, is_query: bool, grad_phi: Tensor, params: list[Tensor]
+) -> tuple[Tensor | None, ...]:
+    """Gradients for x and ``params`` of ``feature_map(x)`` against ``grad_phi`` (a buffer the map may overwrite),
+    through the map's graph made again here and dropped on return (the log-scale is a constant)."""
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_()
+        phi, _ = module.feature_map(leaf, is_query=is_query, fresh_grad=True)  # (B, H, N, M)
+    return torch.autograd.grad(phi, (leaf, *params), grad_phi, allow_unused=True)
 
 
 def _products(
@@ -236,15 +253,18 @@ def _products(
 
 
 def _feature_grads(
-    phi_q: Tensor, phi_k: Tensor, v1: Tensor, log_scale: Tensor | None, causal: bool, chunk: int, grad: Tensor
+    phi_q: Tensor, phi_k: Tensor, v1: Tensor, log_scale: Tensor | None, causal: bool, chunk: int, grad: Tensor,
+    overwrite_k: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of the unnormalised output (B, H, L, E) for φ(q), φ(k) and v1, from the output's ``grad``."""
+    """Gradients of the unnormalised output (B, H, L, E) for φ(q), φ(k) and v1, from the output's ``grad``;
+    ``overwrite_k`` (causal): φ(k) is the caller's own buffer, and its gradient is written into it."""
     b, h, length, m = phi_q.shape
     if causal:
         flat = [t.reshape(b * h, length, -1) for t in (phi_q, phi_k, v1, grad)]  # (BH, L, ·)
         g = None if log_scale is None else log_scale.reshape(b * h, length)  # (BH, L)
         run_max = None if g is None else g.cummax(-1).values  # (BH, L)
-        grads = causal_linear_backward(*flat[:3], g, run_max, max(1, min(chunk, length)), flat[3].contiguous())
+        grads = causal_linear_backward(*flat[:3], g, run_max, max(1, min(chunk, length)), flat[3].contiguous(),
+                                       overwrite_k=overwrite_k)
         return tuple(t.reshape(b, h, length, -1) for t in grads)
     weights = None
     if log_scale is not None:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.differentiable import recompute_active, recompute_in_backward
 from ..ops.numerics import upcast, upcast_call
 from ..registry import register_attention
 from .base import Attention, check_inputs, check_step
@@ -37,6 +38,9 @@ class RetentionAttention(Attention):
     ``RetNetRelPos``/``theta_shift``, microsoft/torchscale retnet.py and multiscale_retention.py), so
     q_t·k_j depends on t − j only; D must be even. Decoding then also keeps the position (``pos`` (B,)).
     RetNet's GroupNorm and swish gate are the layer options (configs/attention/retnet.yaml).
+    Training memory: with ``recompute`` (the default) a forward keeps only q, k, v for backward, which runs the
+    chunked form again (``recompute_in_backward``), not its (C, C) score blocks, decayed copies and per-chunk
+    states, each (B, H, L, ·)-sized; the cost is one more forward. ``recompute=False`` keeps them.
     """
 
     supports_noncausal = False
@@ -51,6 +55,7 @@ class RetentionAttention(Attention):
         scale: float | None = None,
         chunk_size: int = 64,
         rotary: bool = False,
+        recompute: bool = True,
     ) -> None:
         super().__init__(head_dim, num_heads)
         if not isinstance(rotary, bool):
@@ -64,7 +69,7 @@ class RetentionAttention(Attention):
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-        self.chunk_size = chunk_size
+        self.chunk_size, self.recompute = chunk_size, bool(recompute)
 
     def log_gammas(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """(H,) log γ_h, computed in float64 and then cast."""
@@ -74,6 +79,11 @@ class RetentionAttention(Attention):
         self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool
     ) -> Tensor:
         # causal=False and S ≠ L were refused by the base class; padded k, v are zero already
+        if recompute_active(self.recompute) and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return recompute_in_backward(self._retain_upcast, q, k, v)  # (B, H, L, Dv)
+        return self._retain_upcast(q, k, v)
+
+    def _retain_upcast(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return upcast_call(self._retain, q, k, v)
 
     def _retain(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

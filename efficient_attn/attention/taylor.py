@@ -44,9 +44,10 @@ class TaylorAttention(KernelAttention):
     def feature_map(self, x: Tensor, is_query: bool, *, fresh_grad: bool = False) -> tuple[Tensor, None]:
         d = self.feature_dim
         xp = torch.einsum("bhnd,hde->bhne", x, self.weight.to(x.dtype))  # (B, H, N, d')
-        outer = (xp[..., :, None] * xp[..., None, :]).flatten(-2)  # (B, H, N, d'²): x̃_a x̃_b
+        # scaled on the d'-wide side: no second (B, H, N, d'²) tensor for the division and its gradient
+        outer = (xp[..., :, None] * (xp / math.sqrt(2.0 * d))[..., None, :]).flatten(-2)  # (B, H, N, d'²)
         ones = torch.ones_like(xp[..., :1])  # (B, H, N, 1)
-        features = [ones, xp / d**0.25, outer / math.sqrt(2.0 * d)]
+        features = [ones, xp / d**0.25, outer]  # outer: x̃_a x̃_b / (√2·√d')
         return torch.cat(features, dim=-1), None  # (B, H, N, 1 + d' + d'²), exact as returned
 
     def extra_repr(self) -> str:

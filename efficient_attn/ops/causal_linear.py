@@ -121,18 +121,22 @@ class _CausalLinear(torch.autograd.Function):
 
 
 def causal_linear_backward(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, run_max: Tensor | None, chunk: int, grad_out: Tensor
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, run_max: Tensor | None, chunk: int, grad_out: Tensor,
+    *, overwrite_k: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq_i = Σ_{j≤i} (g_i·v_j) w_ij φ(k_j);  dk_j = Σ_{i≥j} (g_i·v_j) w_ij φ(q_i);
     dv_j = Σ_{i≥j} (φ(q_i)·φ(k_j)) w_ij g_i,  w_ij = e^{g_j − G_i} (1 without log-scales).
     Flat (BH, L, ·) features q, k, values v, log-scales g (BH, L) or None and their running maximum G,
     the chunk C, the output's gradient (BH, L, E). The forward pass's masked score blocks (with w) are made
-    again in the reverse pass, where they are used; every other factor comes from ``Scales`` (all ≤ 1)."""
+    again in the reverse pass, where they are used; every other factor comes from ``Scales`` (all ≤ 1).
+    ``overwrite_k``: k is a buffer no one else holds; dk is written into it, each chunk after that chunk's last use
+    of k (the reverse pass goes last), so backward needs one (L, M) buffer fewer."""
     chunks = chunk_spans(q.shape[1], chunk)
     scales = None if g is None else Scales(g, run_max, chunks).reverse()
     v_in = v if g is None else v * scales.decay  # (BH, L, E), as in forward
     g_in = grad_out if g is None else grad_out * scales.weight  # (BH, L, E): what enters rev
-    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    grad_q, grad_v = torch.empty_like(q), torch.empty_like(v)
+    grad_k = k if overwrite_k else torch.empty_like(k)
     state = q.new_zeros(q.shape[0], q.shape[2], v.shape[2])  # (BH, M, E), as in forward
     gvs = []
     for n, s in enumerate(chunks):
@@ -159,7 +163,7 @@ def causal_linear_backward(
             from_later_k.mul_(scales.later[:, s])
             from_later_v.mul_(scales.later[:, s])
             rev.mul_(scales.grow[:, n])  # re-reference to G at this chunk's first row
-        grad_k[:, s] = from_later_k.baddbmm_(gv.transpose(1, 2), qc)  # (BH, C, M)
+        grad_k[:, s] = from_later_k.baddbmm_(gv.transpose(1, 2), qc)  # (BH, C, M); kc is not used after this
         grad_v[:, s] = from_later_v.baddbmm_(scores.transpose(1, 2), gc)  # (BH, C, E)
         rev.baddbmm_(qc.transpose(1, 2), g_in[:, s])
     return grad_q, grad_k, grad_v

@@ -10,7 +10,9 @@ and the node that holds it. Parameters are left out (they are not activations).
     python -m efficient_attn_tasks.bench.saved --attentions softmax,linear,favor --lengths 1024 4096 --layers 2
 
 prints, per attention and L, the saved MiB by module kind (attention core, projections, MLP, norms,
-rest) and the core's largest entries (node, shape, MiB). No forward runs at import.
+rest) and the core's largest entries (node, shape, MiB); with ``--peak`` also the most bytes live at once during
+forward and backward (``lm_step_peak``: what a step's peak RSS measures, without the allocator's caching). No forward
+runs at import.
 """
 
 from __future__ import annotations
@@ -156,9 +158,9 @@ def summarize(rows: list[Saved]) -> tuple[dict[str, int], list[tuple[str, int, i
     return dict(by_kind), entries
 
 
-def lm_breakdown(attention: str, length: int, tokens: int, layers: int, d_model: int = 256, heads: int = 4,
-                 d_ff: int = 1024, num_features: int = 256, options: dict[str, Any] | None = None) -> list[Saved]:
-    """The saved tensors of one forward + loss of the train mode's LM (batch = tokens / L)."""
+def _lm(attention: str, length: int, tokens: int, layers: int, d_model: int, heads: int, d_ff: int,
+        num_features: int, options: dict[str, Any] | None) -> tuple[Any, Callable[[], Any]]:
+    """The train mode's LM (batch = tokens / L) and a function running its forward and loss on fixed tokens."""
     import torch
     import torch.nn.functional as F
 
@@ -177,7 +179,39 @@ def lm_breakdown(attention: str, length: int, tokens: int, layers: int, d_model:
         logits = model(data[:, :-1])  # (B, L, V)
         return F.cross_entropy(logits.flatten(0, 1), data[:, 1:].flatten())
 
+    return model, forward
+
+
+def lm_breakdown(attention: str, length: int, tokens: int, layers: int, d_model: int = 256, heads: int = 4,
+                 d_ff: int = 1024, num_features: int = 256, options: dict[str, Any] | None = None) -> list[Saved]:
+    """The saved tensors of one forward + loss of the train mode's LM (batch = tokens / L)."""
+    model, forward = _lm(attention, length, tokens, layers, d_model, heads, d_ff, num_features, options)
     return saved_for_backward(model, forward)
+
+
+def peak_bytes(fn: Callable[[], Any]) -> int:
+    """The most bytes live at once, above those live at the start, while ``fn()`` runs: the CPU allocator's
+    allocations and frees in order, from the profiler's memory events (deterministic: no allocator caching, no
+    other process, unlike peak RSS)."""
+    import torch
+
+    with torch.autograd.profiler.profile(profile_memory=True) as prof:
+        fn()
+    # every allocation (+bytes) and free (−bytes) of the CPU allocator, in order; parsed lazily, not as op events
+    records = [e for e in prof.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"]
+    live = peak = 0
+    for record in sorted(records, key=lambda e: e.start_ns()):  # a stable sort: same-ns records keep their order
+        live += record.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def lm_step_peak(attention: str, length: int, tokens: int, layers: int, d_model: int = 256, heads: int = 4,
+                 d_ff: int = 1024, num_features: int = 256, options: dict[str, Any] | None = None) -> int:
+    """Peak bytes live during one forward, loss and backward of the train mode's LM, parameters left out (they
+    exist before), gradients included: the allocator's counterpart of a training step's peak RSS."""
+    model, forward = _lm(attention, length, tokens, layers, d_model, heads, d_ff, num_features, options)
+    return peak_bytes(lambda: forward().backward())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an attention option (every attention that has it), e.g. recompute=false")
     p.add_argument("--top", type=int, default=8, help="core entries shown")
+    p.add_argument("--peak", action="store_true",
+                   help="also the peak bytes live during a forward and backward (profiler memory events)")
     args = p.parse_args(argv)
     import efficient_attn as ea
 
@@ -207,6 +243,10 @@ def main(argv: list[str] | None = None) -> None:
             shown = ", ".join(f"{k} {b / MIB:.1f}" for k, b in sorted(by_kind.items(), key=lambda kv: -kv[1]))
             print(f"{name} L={length} B={max(1, args.tokens_per_batch // length)} layers={args.layers} "
                   f"{options or ''}: saved {total / MIB:.1f} MiB ({shown})")
+            if args.peak:
+                peak = lm_step_peak(name, length, args.tokens_per_batch, args.layers, num_features=args.num_features,
+                                    options=options)
+                print(f"    step peak (forward + backward, above the parameters): {peak / MIB:.1f} MiB")
             for label, count, nbytes in entries[: args.top]:
                 print(f"    {re.sub(r'Backward0?$', '', label):<60} x{count:<4} {nbytes / MIB:8.1f} MiB")
 
