@@ -401,3 +401,16 @@ def test_decoding_follows_every_change_of_the_projection(kernel):
     check(attn)
     check(attn.float(), rtol=1e-5, atol=1e-6)  # a cast
     assert attn._step_cache[1][2] == torch.float32
+
+
+def test_decoding_with_gradients_equals_decoding_without():
+    """A step whose q or k needs a gradient makes its features through ``feature_map`` (differentiable);
+    its outputs are those of the no-gradient step, and a backward through the steps runs."""
+    attn = favor(num_features=16).double()
+    q, k, v = make_qkv(b=2, h=2, length=6, d=16)
+    plain = decode_sequence(attn, q, k, v)
+    q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    tracked = decode_sequence(attn, q2, k2, v)
+    torch.testing.assert_close(tracked, plain, rtol=1e-10, atol=1e-12)
+    tracked.square().sum().backward()
+    assert torch.isfinite(q2.grad).all() and torch.isfinite(k2.grad).all() and k2.grad.abs().sum() > 0
