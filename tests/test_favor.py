@@ -374,3 +374,43 @@ def test_new_options_decode_like_causal_attention(kw):
     attn = favor(**kw, num_features=16).double()
     q, k, v = make_qkv(b=2, h=2, length=9, d=16, scale=1.5)
     torch.testing.assert_close(decode_sequence(attn, q, k, v), attn(q, k, v, causal=True), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "softmax_hyp"])
+def test_decoding_follows_every_change_of_the_projection(kernel):
+    """Decoding's cached step projection is made again whenever the features change between steps: a
+    redraw, a load, an in-place edit, a new buffer, a cast; decoding always equals the causal forward."""
+    attn = favor(kernel=kernel, num_features=16, seed=1).double()
+    q, k, v = make_qkv(b=2, h=2, length=5, d=16)
+
+    def check(module, rtol=1e-10, atol=1e-12):
+        a, b, c = (t.to(module.projection.dtype) for t in (q, k, v))
+        got = decode_sequence(module, a, b, c)
+        torch.testing.assert_close(got, module(a, b, c, causal=True), rtol=rtol, atol=atol)
+        return got
+
+    first = check(attn)
+    attn.redraw_features()  # written in place
+    assert not torch.allclose(check(attn), first)
+    attn.load_state_dict(favor(kernel=kernel, num_features=16, seed=2).double().state_dict())
+    check(attn)
+    with torch.no_grad():
+        attn.projection.mul_(0.5)
+    check(attn)
+    attn.projection = torch.randn(16, 16, dtype=torch.float64)  # another tensor
+    check(attn)
+    check(attn.float(), rtol=1e-5, atol=1e-6)  # a cast
+    assert attn._step_cache[1][2] == torch.float32
+
+
+def test_decoding_with_gradients_equals_decoding_without():
+    """A step whose q or k needs a gradient makes its features through ``feature_map`` (differentiable);
+    its outputs are those of the no-gradient step, and a backward through the steps runs."""
+    attn = favor(num_features=16).double()
+    q, k, v = make_qkv(b=2, h=2, length=6, d=16)
+    plain = decode_sequence(attn, q, k, v)
+    q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    tracked = decode_sequence(attn, q2, k2, v)
+    torch.testing.assert_close(tracked, plain, rtol=1e-10, atol=1e-12)
+    tracked.square().sum().backward()
+    assert torch.isfinite(q2.grad).all() and torch.isfinite(k2.grad).all() and k2.grad.abs().sum() > 0

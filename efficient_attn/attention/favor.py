@@ -40,6 +40,8 @@ class FavorAttention(KernelAttention):
     (default) only q, k, [v, 1] and the output, O(L·d), the rest made again in backward; without it also the
     features and, causal, the score blocks and chunk states.
     Stabilized per key (a log-scale against the largest visible key: see ``kernel`` and ``features``).
+    Decoding (``decode_step``) makes a step's q and k features in one product with a cached, scaled copy
+    of the projection (``step_features``).
     Masks: key padding yes; causal yes. The m×d projection (rows w, shared by all heads) is a
     float32 buffer (float64 under ``.double()``; it stays float32 when the module is cast to
     bf16/fp16), saved in checkpoints. It is redrawn every ``redraw_interval`` optimizer steps
@@ -87,6 +89,7 @@ class FavorAttention(KernelAttention):
         self.register_buffer("draw_seed", torch.tensor(base, dtype=torch.long))
         self.register_buffer("steps_since_draw", torch.zeros((), dtype=torch.long))  # saved for resume
         self._steps_since_draw = 0  # host copy of the buffer: counting steps never syncs a GPU
+        self._step_cache: tuple | None = None  # see ``_step_projection``
         self.redraw_features()
 
     @torch.no_grad()
@@ -162,6 +165,37 @@ class FavorAttention(KernelAttention):
         if self.kernel == "softmax_trig":
             return trig_features(x, w, is_query)
         return relu_features(x, w, self.kernel_eps)
+
+    def step_features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Positive kernels without autograd: both rows' features from one product with the cached step
+        projection (``_step_projection``), the same values as ``feature_map`` up to rounding (the same
+        stabiliser: r_x = the row's largest logit; the key's log-scale r_k − ‖k‖²/(2√d)). Otherwise, or
+        when q or k needs a gradient, ``feature_map`` twice."""
+        if self.kernel not in ("softmax", "softmax_hyp") or (
+            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+        ):
+            return super().step_features(q, k)
+        logits = torch.cat([q, k], dim=2) @ self._step_projection(q.dtype)  # (B, H, 2, M): rows q, k
+        row_max = logits.amax(-1, keepdim=True)  # (B, H, 2, 1): r_q, r_k
+        phi = logits.sub_(row_max).exp_()  # (B, H, 2, M), in (0, 1]
+        log_scale = torch.sub(row_max[:, :, 1], torch.linalg.vecdot(k, k), alpha=0.5 * self.head_dim**-0.5)
+        return phi[:, :, :1], phi[:, :, 1:], log_scale  # log-scale r_k − ‖k‖²/(2√d) (B, H, 1)
+
+    def _step_projection(self, dtype: torch.dtype) -> Tensor:
+        """(d, M) for ``step_features``: the rows w (and −w for "softmax_hyp") times d^(−1/4), transposed, in
+        ``dtype``. Cached, and made again whenever the ``projection`` buffer is another tensor (a device or
+        dtype move, ``load_state_dict`` with ``assign``) or was written in place (a redraw, a load)."""
+        w = self.projection
+        cached = self._step_cache
+        if cached is not None and cached[0] is w and cached[1] == (w._version, w.data_ptr(), dtype, self.kernel):
+            return cached[2]
+        w_step = w.to(dtype) * self.head_dim**-0.25  # (m, d)
+        if self.kernel == "softmax_hyp":
+            w_step = torch.cat([w_step, -w_step])  # (2m, d)
+        w_step = w_step.T.contiguous()  # (d, M)
+        if not w.is_inference():  # inference tensors keep no version counter
+            self._step_cache = (w, (w._version, w.data_ptr(), dtype, self.kernel), w_step)
+        return w_step
 
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool

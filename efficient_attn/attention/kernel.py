@@ -102,28 +102,45 @@ class KernelAttention(Attention):
         """One causal step in O(M·Dv), whatever t: the state is Σ_{j≤t} φ(k_j)[v_j, 1]ᵀ (B, H, M, Dv+1),
         held relative to the running maximum key log-scale G_t (state ``log_scale`` (B, H, 1, 1)) and
         rescaled when it grows, as the causal forward does. Features are never redrawn here, so a
-        whole decode uses one projection."""
+        whole decode uses one projection. The given state is read, never written."""
         check_step(q, k, v)
         check_inputs(q, k, v, None, True, self.num_heads, self.head_dim)
         out_dtype = v.dtype
         with torch.autocast(q.device.type, enabled=False):
             q, k, v1 = upcast_with_ones(q, k, v)  # v1 (B, H, 1, Dv+1)
-            phi_k, log_scale = self.feature_map(k, is_query=False)  # (B, H, 1, M), (B, H, 1) or None
+            phi_q, phi_k, log_scale = self.step_features(q, k)  # (B, H, 1, M) twice, (B, H, 1) or None
+            phi_k = phi_k.transpose(-1, -2)  # (B, H, M, 1)
+            carried = None if state is None else state["kv"]  # (B, H, M, Dv+1)
+            fresh = False  # whether ``carried`` is a copy this step made (then updated in place)
             new_state = {}
             if log_scale is not None:
                 g = log_scale[..., None]  # (B, H, 1, 1)
-                run_max = g if state is None else torch.maximum(state["log_scale"], g)  # G_t
-                v1 = v1 * (g - run_max).exp()  # (B, H, 1, Dv+1)
+                if carried is None:
+                    run_max = g  # G_0 = g_0: the factor e^{g − G} is 1
+                else:
+                    before = state["log_scale"]  # G_{t−1} (B, H, 1, 1)
+                    run_max = torch.maximum(before, g)  # G_t
+                    # on CPU, where the test is cheap, a maximum that did not grow skips the factor e^0 = 1
+                    if run_max.device.type != "cpu" or not torch.equal(run_max, before):
+                        carried, fresh = carried * (before - run_max).exp(), True  # a copy: the state is not written
+                    v1 = v1 * (g - run_max).exp()  # (B, H, 1, Dv+1), factor ≤ 1
                 new_state["log_scale"] = run_max
-            kv = phi_k.transpose(-1, -2) @ v1  # (B, H, M, Dv+1)
-            if state is not None:
-                carried = state["kv"]
-                if log_scale is not None:
-                    carried = carried * (state["log_scale"] - run_max).exp()
-                kv = carried + kv
+            if carried is None:
+                kv = phi_k * v1  # (B, H, M, Dv+1): the outer product φ(k_t)[v_t, 1]ᵀ
+            elif fresh:
+                kv = carried.addcmul_(phi_k, v1)
+            else:
+                kv = torch.addcmul(carried, phi_k, v1)  # (B, H, M, Dv+1)
             new_state["kv"] = kv
-            out1 = self.feature_map(q, is_query=True)[0] @ kv  # (B, H, 1, Dv+1)
+            out1 = phi_q @ kv  # (B, H, 1, Dv+1)
         return normalize(out1).to(out_dtype), new_state
+
+    def step_features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One decoding step's φ(q) (B, H, 1, M), φ(k) (B, H, 1, M) and the key's log-scale (B, H, 1) or None,
+        from upcast q, k (B, H, 1, D): ``feature_map`` twice (variants may make both in one pass)."""
+        phi_q, _ = self.feature_map(q, is_query=True)  # (B, H, 1, M)
+        phi_k, log_scale = self.feature_map(k, is_query=False)  # (B, H, 1, M), (B, H, 1) or None
+        return phi_q, phi_k, log_scale
 
     def prefill(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
         """The decoding state after keys 0..t−1 in one pass: ``kv`` = Σ_j φ(k_j)[v_j, 1]ᵀ relative to
