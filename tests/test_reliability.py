@@ -485,3 +485,12 @@ def test_the_first_week_rows_quote_a_before_for_each_mistake_and_state_the_after
     same["intact"], stop["first_alive"] = False, False
     rows = faults.first_week_rows(same, stop, inputs)
     assert "CHANGED" in rows[0] and "had ended" in rows[1]
+
+
+def test_last_checkpoint_follows_every_validation_not_only_the_best(tmp_path):
+    # lr ~ 0: the validation metric never improves after the first epoch, so the best checkpoint stays at step 8
+    # and Lightning's own save_last would keep last.ckpt there too
+    cfg = faults.compose_config([*faults.TINY, "trainer.max_steps=24", "optim.lr=1e-12", "optim.warmup_steps=0"])
+    assert run(cfg, tmp_path / "run").steps == 24
+    steps = {k: v[0] for k, v in positions(tmp_path / "run" / "checkpoints").items()}
+    assert steps == {"best-step=8.ckpt": 8, "last.ckpt": 24}, steps

@@ -87,6 +87,20 @@ class ValidateAtMaxSteps(pl.Callback):
             trainer.should_stop = True
 
 
+class LastAtValidation(pl.Callback):
+    """``last.ckpt`` after every validation of a fit, so ``ckpt_path=last`` resumes from the latest validated step:
+    Lightning's ``save_last`` writes it only at a step where a top-k checkpoint was saved, which leaves it at
+    the best step (thousands of steps back on a plateau) once the metric stops improving."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        trainer.save_checkpoint(self.path)
+
+
 class SaveOnInterrupt(pl.Callback):
     """On Ctrl-C (SIGINT) or SIGTERM, stop at the end of the current step (or validation batch) and save
     ``last.ckpt`` there; ``saved_step`` is then that step. The caller writes the interrupted record and says how

@@ -97,6 +97,7 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
     from efficient_attn_tasks.run.callbacks import (
         CurveLog,
         EpochLine,
+        LastAtValidation,
         NonFiniteGuard,
         SaveOnInterrupt,
         Throughput,
@@ -156,7 +157,8 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
         best = ModelCheckpoint(dirpath=checkpoints, monitor=module.monitor, mode=module.monitor_mode, save_last=True,
                                filename="best-{step}", enable_version_counter=False)
         throughput, guard, curves = Throughput(), NonFiniteGuard(cfg.nonfinite, attention_label(cfg)), CurveLog()
-        own = [best, throughput, guard, SaveOnInterrupt(checkpoints / "last.ckpt"), ValidateAtMaxSteps(), curves]
+        own = [best, LastAtValidation(checkpoints / "last.ckpt"), throughput, guard,
+               SaveOnInterrupt(checkpoints / "last.ckpt"), ValidateAtMaxSteps(), curves]
         if cfg.checkpoint_every:
             own.append(ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=int(cfg.checkpoint_every),
                                        save_top_k=0, save_last=True, enable_version_counter=False))
