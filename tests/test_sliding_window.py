@@ -251,3 +251,16 @@ def test_number_of_keys_a_query_sees(causal):
     if causal:
         state = attn.prefill(k[:, :, :12], v[:, :, :12].detach())
         assert state["k"].shape[2] == window
+
+
+def test_band_masks_made_under_inference_mode_do_not_reach_autograd():
+    """The band mask is kept per shape; one made under ``torch.inference_mode`` (an inference tensor, which
+    autograd cannot save) is never handed to a forward that records gradients, and the results agree."""
+    attn = build(7, dtype=torch.float32)
+    q, k, v = make_qkv(b=1, h=2, length=29, d=8, dtype=torch.float32)  # a shape no other test uses
+    with torch.inference_mode():
+        want = attn(q, k, v, causal=True)
+    q.requires_grad_()
+    got = attn(q, k, v, causal=True)
+    got.square().sum().backward()
+    assert torch.equal(got.detach(), want) and q.grad.isfinite().all()
