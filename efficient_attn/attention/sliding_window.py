@@ -110,7 +110,11 @@ def banded_softmax_attention(
         blocked = blocked & ~empty  # empty rows let through to their whole span (finite), zeroed afterwards
     zero = qb.new_zeros(()).expand(b * h * n, c, span)  # not read: beta = 0
     scores = torch.baddbmm(zero, qb, kb, beta=0.0, alpha=scale).view(b, h, n, c, span)  # (B, H, N, c, span)
-    weights = scores.masked_fill_(blocked, float("-inf")).softmax(-1)  # row max subtracted inside
+    scores.masked_fill_(blocked, float("-inf"))
+    if torch.is_grad_enabled() and scores.requires_grad:
+        weights = scores.softmax(-1)  # row max subtracted inside
+    else:  # no autograd: in place, one (B, H, N, c, span) tensor fewer
+        weights = torch.softmax(scores, -1, out=scores)
     out = torch.bmm(weights.view(b * h * n, c, span), vb.transpose(1, 2)).view(b, h, n, c, dv)  # (B, H, N, c, Dv)
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
