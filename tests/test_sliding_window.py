@@ -41,8 +41,8 @@ def plain(q: Tensor, k: Tensor, v: Tensor, window: int, causal: bool, mask: Tens
     return out
 
 
-# (L, window): L a multiple of w, not one, w = 1, w ≥ L, one block
-CASES = [(12, 4), (13, 4), (13, 5), (17, 3), (9, 1), (6, 6), (6, 64), (1, 3)]
+# (L, window): L a multiple of w, not one, w = 1, w ≥ L, one block, blocks of 32 queries shorter than w
+CASES = [(12, 4), (13, 4), (13, 5), (17, 3), (9, 1), (6, 6), (6, 64), (1, 3), (100, 40)]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])

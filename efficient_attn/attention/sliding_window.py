@@ -25,7 +25,8 @@ class SlidingWindowAttention(Attention):
     ``window_size=(left, right)`` sees keys i − left..i + right (``(w − 1, 0)`` is causal w here,
     ``(w − 1, w − 1)`` bidirectional w here); Hugging Face's Mistral ``sliding_window`` = W gives at most W
     keys in its eager path but W + 1 through FlashAttention (transformers issue 29623).
-    Blocked: rows in blocks of c = min(w, 32) queries, each against the span of keys its rows' bands cover
+    Blocked: rows in blocks of c = min(w, 32) queries (c = w where autograd records: larger blocks speed the
+    backward), each against the span of keys its rows' bands cover
     (c + w − 1 causal, c + 2w − 2 bidirectional) under a banded mask built once per shape: O(L·w·d) time,
     O(L·w) memory, and no (L, L) tensor ever exists. Row max subtracted (softmax); a row that sees no key
     outputs zeros.
@@ -81,8 +82,9 @@ def banded_softmax_attention(
     """q, k (B, H, L, D), v (B, H, L, Dv) -> (B, H, L, Dv), softmax over each query's band of keys.
 
     w = min(window, L) (a window past the sequence's length sees all of it). Blocks of c = min(w, BLOCK)
-    queries; block n's rows meet the span of keys their bands cover, positions n·c − (w − 1) to
-    n·c + c − 1 (+ w − 1 unless causal): a (c, span) score block, span = c + w − 1 causal, c + 2w − 2
+    queries (c = w where autograd records: the backward's matmuls run faster on the larger blocks); block
+    n's rows meet the span of keys their bands cover, positions n·c − (w − 1) to n·c + c − 1 (+ w − 1
+    unless causal): a (c, span) score block, span = c + w − 1 causal, c + 2w − 2
     bidirectional, of which each row's band is w or 2w − 1 keys. The heads lie end to end as one
     sequence, so every span is a window of one strided view that the batched matmul reads in place (no
     copy of the keys per block); a span reaching into a neighbouring head, or past the sequence, is masked.
@@ -90,7 +92,8 @@ def banded_softmax_attention(
     b, h, length, d = q.shape
     dv = v.shape[-1]
     w = min(window, length)
-    c = min(w, BLOCK)  # queries per block
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    c = w if grad else min(w, BLOCK)  # queries per block
     n = -(-length // c)  # number of query blocks
     padded = n * c
     reach = w if causal else 2 * w - 1  # keys in a band: columns a .. a + reach − 1 of row a's span
@@ -127,7 +130,7 @@ def _end_to_end(x: Tensor, left: int, right: int) -> Tensor:
     return torch.cat([zeros[:left], x.reshape(-1, x.shape[-1]), zeros[left:]])  # (left + B·H·L + right, D)
 
 
-BLOCK = 32  # queries per block at most: at w = 64 on CPU, faster than blocks of 16, 64 or 128
+BLOCK = 32  # queries per block without autograd: at w = 64 on CPU, a faster forward than blocks of 16, 64 or 128
 _MASKS: dict[tuple, Tensor] = {}  # the band masks of recent shapes (at most _MASKS_KEPT)
 _MASKS_KEPT = 8
 
