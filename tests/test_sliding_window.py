@@ -255,7 +255,7 @@ def test_number_of_keys_a_query_sees(causal):
 
 def test_band_masks_made_under_inference_mode_do_not_reach_autograd():
     """The band mask is kept per shape; one made under ``torch.inference_mode`` (an inference tensor, which
-    autograd cannot save) is never handed to a forward that records gradients, and the results agree."""
+    autograd cannot save) never reaches a forward that records gradients, and the results agree."""
     attn = build(7, dtype=torch.float32)
     q, k, v = make_qkv(b=1, h=2, length=29, d=8, dtype=torch.float32)  # a shape no other test uses
     with torch.inference_mode():
@@ -263,4 +263,7 @@ def test_band_masks_made_under_inference_mode_do_not_reach_autograd():
     q.requires_grad_()
     got = attn(q, k, v, causal=True)
     got.square().sum().backward()
-    assert torch.equal(got.detach(), want) and q.grad.isfinite().all()
+    torch.testing.assert_close(got.detach(), want)
+    assert q.grad.isfinite().all()
+    with torch.no_grad():  # the kept mask, outside inference mode
+        torch.testing.assert_close(attn(q, k, v, causal=True), want)

@@ -25,11 +25,10 @@ class SlidingWindowAttention(Attention):
     ``window_size=(left, right)`` sees keys i − left..i + right (``(w − 1, 0)`` is causal w here,
     ``(w − 1, w − 1)`` bidirectional w here); Hugging Face's Mistral ``sliding_window`` = W gives at most W
     keys in its eager path but W + 1 through FlashAttention (transformers issue 29623).
-    Blocked: rows in blocks of c = min(w, 32) queries (c = w where autograd records: larger blocks speed the
-    backward), each against the span of keys its rows' bands cover
-    (c + w − 1 causal, c + 2w − 2 bidirectional) under a banded mask built once per shape: O(L·w·d) time,
-    O(L·w) memory, and no (L, L) tensor ever exists. Row max subtracted (softmax); a row that sees no key
-    outputs zeros.
+    Blocked: rows in blocks of c = min(w, 32) queries (w where autograd records: a faster backward), each
+    against the span of keys its rows' bands cover (c + w − 1 causal, c + 2w − 2 bidirectional) under a
+    banded mask: O(L·w·d) time, O(L·w) memory, and no (L, L) tensor ever exists. Row max
+    subtracted (softmax); a row that sees no key outputs zeros.
     Masks: key padding yes; causal yes. Self-attention only: query i and key i are the same position,
     so cross-attention (S ≠ L) raises. Decoding keeps the last w keys/values (a cache bounded by w).
     Computed in float32 (float64 stays float64), also under autocast; the output comes in v's dtype.
@@ -82,18 +81,19 @@ def banded_softmax_attention(
     """q, k (B, H, L, D), v (B, H, L, Dv) -> (B, H, L, Dv), softmax over each query's band of keys.
 
     w = min(window, L) (a window past the sequence's length sees all of it). Blocks of c = min(w, BLOCK)
-    queries (c = w where autograd records: the backward's matmuls run faster on the larger blocks); block
+    queries (where autograd records, :func:`_banded_for_autograd`: blocks of w against whole key blocks); block
     n's rows meet the span of keys their bands cover, positions n·c − (w − 1) to n·c + c − 1 (+ w − 1
     unless causal): a (c, span) score block, span = c + w − 1 causal, c + 2w − 2
     bidirectional, of which each row's band is w or 2w − 1 keys. The heads lie end to end as one
     sequence, so every span is a window of one strided view that the batched matmul reads in place (no
     copy of the keys per block); a span reaching into a neighbouring head, or past the sequence, is masked.
     """
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _banded_for_autograd(q, k, v, key_padding_mask, causal, window, scale)
     b, h, length, d = q.shape
     dv = v.shape[-1]
     w = min(window, length)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    c = w if grad else min(w, BLOCK)  # queries per block
+    c = min(w, BLOCK)  # queries per block
     n = -(-length // c)  # number of query blocks
     padded = n * c
     reach = w if causal else 2 * w - 1  # keys in a band: columns a .. a + reach − 1 of row a's span
@@ -114,10 +114,7 @@ def banded_softmax_attention(
     zero = qb.new_zeros(()).expand(b * h * n, c, span)  # not read: beta = 0
     scores = torch.baddbmm(zero, qb, kb, beta=0.0, alpha=scale).view(b, h, n, c, span)  # (B, H, N, c, span)
     scores.masked_fill_(blocked, float("-inf"))
-    if torch.is_grad_enabled() and scores.requires_grad:
-        weights = scores.softmax(-1)  # row max subtracted inside
-    else:  # no autograd: in place, one (B, H, N, c, span) tensor fewer
-        weights = torch.softmax(scores, -1, out=scores)
+    weights = torch.softmax(scores, -1, out=scores)  # in place (no autograd here); row max subtracted inside
     out = torch.bmm(weights.view(b * h * n, c, span), vb.transpose(1, 2)).view(b, h, n, c, dv)  # (B, H, N, c, Dv)
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
@@ -138,9 +135,9 @@ _MASKS_KEPT = 8
 def _outside_band(length: int, padded: int, c: int, span: int, left: int, device: torch.device) -> Tensor:
     """(N, c, span) bool, True = masked: query a of block n (position n·c + a) may attend column t of its
     span (position n·c − left + t) only inside its band (a ≤ t ≤ a + span − c) and inside the sequence.
-    Built once per shape and device (eagerly; traced when compiling), apart for inference mode."""
+    Built once per shape and device (eagerly; traced when compiling); never saved by autograd (no-grad path)."""
     compiling = torch.compiler.is_compiling()
-    key = None if compiling else (length, c, span, left, device, torch.is_inference_mode_enabled())
+    key = None if compiling else (length, c, span, left, device)
     mask = None if key is None else _MASKS.get(key)
     if mask is None:
         rows = torch.arange(c, device=device)[:, None]  # (c, 1)
@@ -153,3 +150,42 @@ def _outside_band(length: int, padded: int, c: int, span: int, left: int, device
                 _MASKS.clear()
             _MASKS[key] = mask
     return mask
+
+
+def _banded_for_autograd(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool, window: int, scale: float
+) -> Tensor:
+    """:func:`banded_softmax_attention` where autograd records: blocks of w queries against key blocks
+    n−1, n (and n+1 unless causal), a (w, 2w or 3w) score block each; the matmuls copy the key blocks, and
+    the backward runs faster on those copies than on the overlapping views of the forward alone."""
+    b, h, length, d = q.shape
+    w = min(window, length)
+    n = -(-length // w)  # number of query blocks
+    span = 2 * w if causal else 3 * w  # keys a block meets
+    right = n * w - length + (0 if causal else w)  # zero keys after the sequence, so every block has a full span
+    qb = F.pad(q, (0, 0, 0, n * w - length)).view(b, h, n, w, d)  # (B, H, N, w, D)
+    kb = F.pad(k, (0, 0, w, right)).unfold(2, span, w)  # (B, H, N, D, span): keys from (n − 1)·w on
+    vb = F.pad(v, (0, 0, w, right)).unfold(2, span, w)  # (B, H, N, Dv, span)
+    allowed = _autograd_block_mask(key_padding_mask, b, length, w, span, right, causal, q.device)  # (B, 1, N, w, span)
+    empty = ~allowed.any(-1, keepdim=True)  # (B, 1, N, w, 1): rows that see no key
+    scores = (qb @ kb) * scale  # (B, H, N, w, span)
+    # empty rows are let through to their whole span (finite: padding is zeroed) and zeroed afterwards
+    weights = scores.masked_fill(~(allowed | empty), float("-inf")).softmax(-1)  # row max subtracted inside
+    out = (weights @ vb.transpose(-1, -2)).masked_fill(empty, 0.0)  # (B, H, N, w, Dv)
+    return out.reshape(b, h, n * w, -1)[:, :, :length]  # (B, H, L, Dv)
+
+
+def _autograd_block_mask(
+    key_padding_mask: Tensor | None, b: int, length: int, w: int, span: int, right: int, causal: bool,
+    device: torch.device,
+) -> Tensor:
+    """(B, 1, N, w, span) bool: query a of block n (position n·w + a) may attend key c of its span
+    (position n·w − w + c): inside the band, a real position, and not padding."""
+    rows = torch.arange(w, device=device)[:, None]  # (w, 1)
+    cols = torch.arange(span, device=device)[None, :]  # (1, span)
+    offset = cols - w - rows  # (w, span): j − i
+    band = (offset <= 0) & (offset > -w) if causal else offset.abs() < w  # (w, span)
+    real = torch.zeros(b, w + length + right, dtype=torch.bool, device=device)  # (B, w + L + right)
+    real[:, w : w + length] = True if key_padding_mask is None else ~key_padding_mask
+    real = real.unfold(1, span, w)  # (B, N, span)
+    return band & real[:, None, :, None, :]  # (B, 1, N, w, span)
