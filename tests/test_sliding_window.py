@@ -41,8 +41,8 @@ def plain(q: Tensor, k: Tensor, v: Tensor, window: int, causal: bool, mask: Tens
     return out
 
 
-# (L, window): L a multiple of w, not one, w = 1, w ≥ L, one block
-CASES = [(12, 4), (13, 4), (13, 5), (17, 3), (9, 1), (6, 6), (6, 64), (1, 3)]
+# (L, window): L a multiple of w, not one, w = 1, w ≥ L, one block, blocks of 32 queries shorter than w
+CASES = [(12, 4), (13, 4), (13, 5), (17, 3), (9, 1), (6, 6), (6, 64), (1, 3), (100, 40)]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
@@ -251,3 +251,19 @@ def test_number_of_keys_a_query_sees(causal):
     if causal:
         state = attn.prefill(k[:, :, :12], v[:, :, :12].detach())
         assert state["k"].shape[2] == window
+
+
+def test_band_masks_made_under_inference_mode_do_not_reach_autograd():
+    """The band mask is kept per shape; one made under ``torch.inference_mode`` (an inference tensor, which
+    autograd cannot save) never reaches a forward that records gradients, and the results agree."""
+    attn = build(7, dtype=torch.float32)
+    q, k, v = make_qkv(b=1, h=2, length=29, d=8, dtype=torch.float32)  # a shape no other test uses
+    with torch.inference_mode():
+        want = attn(q, k, v, causal=True)
+    q.requires_grad_()
+    got = attn(q, k, v, causal=True)
+    got.square().sum().backward()
+    torch.testing.assert_close(got.detach(), want)
+    assert q.grad.isfinite().all()
+    with torch.no_grad():  # the kept mask, outside inference mode
+        torch.testing.assert_close(attn(q, k, v, causal=True), want)

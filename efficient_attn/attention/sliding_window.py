@@ -25,9 +25,10 @@ class SlidingWindowAttention(Attention):
     ``window_size=(left, right)`` sees keys i − left..i + right (``(w − 1, 0)`` is causal w here,
     ``(w − 1, w − 1)`` bidirectional w here); Hugging Face's Mistral ``sliding_window`` = W gives at most W
     keys in its eager path but W + 1 through FlashAttention (transformers issue 29623).
-    Blocked: rows in blocks of w queries, each against its own key block and the neighbouring one(s)
-    (2 blocks causal, 3 bidirectional) under a banded mask: O(L·w·d) time, O(L·w) memory, and no
-    (L, L) tensor ever exists. Row max subtracted (softmax); a row that sees no key outputs zeros.
+    Blocked: rows in blocks of c = min(w, 32) queries (w where autograd records: a faster backward), each
+    against the span of keys its rows' bands cover (c + w − 1 causal, c + 2w − 2 bidirectional) under a
+    banded mask: O(L·w·d) time, O(L·w) memory, and no (L, L) tensor ever exists. Row max
+    subtracted (softmax); a row that sees no key outputs zeros.
     Masks: key padding yes; causal yes. Self-attention only: query i and key i are the same position,
     so cross-attention (S ≠ L) raises. Decoding keeps the last w keys/values (a cache bounded by w).
     Computed in float32 (float64 stays float64), also under autocast; the output comes in v's dtype.
@@ -79,9 +80,84 @@ def banded_softmax_attention(
 ) -> Tensor:
     """q, k (B, H, L, D), v (B, H, L, Dv) -> (B, H, L, Dv), softmax over each query's band of keys.
 
-    Blocks of w = min(window, L) rows (a window past the sequence's length sees all of it); block n's
-    queries meet keys of blocks n−1, n (and n+1 unless causal): a (w, 2w or 3w) score block each.
+    w = min(window, L) (a window past the sequence's length sees all of it). Blocks of c = min(w, BLOCK)
+    queries (where autograd records, :func:`_banded_for_autograd`: blocks of w against whole key blocks); block
+    n's rows meet the span of keys their bands cover, positions n·c − (w − 1) to n·c + c − 1 (+ w − 1
+    unless causal): a (c, span) score block, span = c + w − 1 causal, c + 2w − 2
+    bidirectional, of which each row's band is w or 2w − 1 keys. The heads lie end to end as one
+    sequence, so every span is a window of one strided view that the batched matmul reads in place (no
+    copy of the keys per block); a span reaching into a neighbouring head, or past the sequence, is masked.
     """
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _banded_for_autograd(q, k, v, key_padding_mask, causal, window, scale)
+    b, h, length, d = q.shape
+    dv = v.shape[-1]
+    w = min(window, length)
+    c = min(w, BLOCK)  # queries per block
+    n = -(-length // c)  # number of query blocks
+    padded = n * c
+    reach = w if causal else 2 * w - 1  # keys in a band: columns a .. a + reach − 1 of row a's span
+    span = c + reach - 1
+    left, right = w - 1, reach - w  # keys a span holds before its block and after it
+    if padded != length:
+        q, k, v = (F.pad(t, (0, 0, 0, padded - length)) for t in (q, k, v))  # (B, H, N·c, ·)
+    qb = q.reshape(b * h * n, c, d)  # (B·H·N, c, D)
+    kb = _end_to_end(k, left, right).unfold(0, span, c)  # (B·H·N, D, span)
+    vb = _end_to_end(v, left, right).unfold(0, span, c)  # (B·H·N, Dv, span)
+    blocked = _outside_band(length, padded, c, span, left, q.device)  # (N, c, span)
+    empty = None
+    if key_padding_mask is not None:
+        pad = F.pad(key_padding_mask, (left, padded - length + right), value=True).unfold(1, span, c)  # (B, N, span)
+        blocked = blocked | pad[:, None, :, None, :]  # (B, 1, N, c, span)
+        empty = blocked.all(-1, keepdim=True)  # (B, 1, N, c, 1): rows that see no key
+        blocked = blocked & ~empty  # empty rows let through to their whole span (finite), zeroed afterwards
+    zero = qb.new_zeros(()).expand(b * h * n, c, span)  # not read: beta = 0
+    scores = torch.baddbmm(zero, qb, kb, beta=0.0, alpha=scale).view(b, h, n, c, span)  # (B, H, N, c, span)
+    scores.masked_fill_(blocked, float("-inf"))
+    weights = torch.softmax(scores, -1, out=scores)  # in place (no autograd here); row max subtracted inside
+    out = torch.bmm(weights.view(b * h * n, c, span), vb.transpose(1, 2)).view(b, h, n, c, dv)  # (B, H, N, c, Dv)
+    if empty is not None:
+        out = out.masked_fill(empty, 0.0)
+    return out.view(b, h, padded, dv)[:, :, :length]  # (B, H, L, Dv)
+
+
+def _end_to_end(x: Tensor, left: int, right: int) -> Tensor:
+    """(B, H, L, D) -> (left + B·H·L + right, D): the heads end to end between zero rows (one copy: cat)."""
+    zeros = x.new_zeros(left + right, x.shape[-1])  # (left + right, D)
+    return torch.cat([zeros[:left], x.reshape(-1, x.shape[-1]), zeros[left:]])  # (left + B·H·L + right, D)
+
+
+BLOCK = 32  # queries per block without autograd: at w = 64 on CPU, a faster forward than blocks of 16, 64 or 128
+_MASKS: dict[tuple, Tensor] = {}  # the band masks of recent shapes (at most _MASKS_KEPT)
+_MASKS_KEPT = 8
+
+
+def _outside_band(length: int, padded: int, c: int, span: int, left: int, device: torch.device) -> Tensor:
+    """(N, c, span) bool, True = masked: query a of block n (position n·c + a) may attend column t of its
+    span (position n·c − left + t) only inside its band (a ≤ t ≤ a + span − c) and inside the sequence.
+    Built once per shape and device (eagerly; traced when compiling); never saved by autograd (no-grad path)."""
+    compiling = torch.compiler.is_compiling()
+    key = None if compiling else (length, c, span, left, device)
+    mask = None if key is None else _MASKS.get(key)
+    if mask is None:
+        rows = torch.arange(c, device=device)[:, None]  # (c, 1)
+        cols = torch.arange(span, device=device)[None, :]  # (1, span)
+        outside = torch.ones(span - c + padded, dtype=torch.bool, device=device)  # (left + N·c + right,)
+        outside[left : left + length] = False
+        mask = (cols < rows) | (cols > rows + span - c) | outside.unfold(0, span, c)[:, None, :]  # (N, c, span)
+        if key is not None:
+            if len(_MASKS) >= _MASKS_KEPT:
+                _MASKS.clear()
+            _MASKS[key] = mask
+    return mask
+
+
+def _banded_for_autograd(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool, window: int, scale: float
+) -> Tensor:
+    """:func:`banded_softmax_attention` where autograd records: blocks of w queries against key blocks
+    n−1, n (and n+1 unless causal), a (w, 2w or 3w) score block each; the matmuls copy the key blocks, and
+    the backward runs faster on those copies than on the overlapping views of the forward alone."""
     b, h, length, d = q.shape
     w = min(window, length)
     n = -(-length // w)  # number of query blocks
@@ -90,7 +166,7 @@ def banded_softmax_attention(
     qb = F.pad(q, (0, 0, 0, n * w - length)).view(b, h, n, w, d)  # (B, H, N, w, D)
     kb = F.pad(k, (0, 0, w, right)).unfold(2, span, w)  # (B, H, N, D, span): keys from (n − 1)·w on
     vb = F.pad(v, (0, 0, w, right)).unfold(2, span, w)  # (B, H, N, Dv, span)
-    allowed = _block_mask(key_padding_mask, b, length, w, span, right, causal, q.device)  # (B, 1, N, w, span)
+    allowed = _autograd_block_mask(key_padding_mask, b, length, w, span, right, causal, q.device)  # (B, 1, N, w, span)
     empty = ~allowed.any(-1, keepdim=True)  # (B, 1, N, w, 1): rows that see no key
     scores = (qb @ kb) * scale  # (B, H, N, w, span)
     # empty rows are let through to their whole span (finite: padding is zeroed) and zeroed afterwards
@@ -99,7 +175,7 @@ def banded_softmax_attention(
     return out.reshape(b, h, n * w, -1)[:, :, :length]  # (B, H, L, Dv)
 
 
-def _block_mask(
+def _autograd_block_mask(
     key_padding_mask: Tensor | None, b: int, length: int, w: int, span: int, right: int, causal: bool,
     device: torch.device,
 ) -> Tensor:

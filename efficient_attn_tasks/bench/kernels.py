@@ -3,7 +3,8 @@
 Owns the kernel modes (causal, noncausal: ``attn(q, k, v).mean().backward()`` on random (B, H, L, D) inputs)
 and their series (a failure skips the larger L; ``--budget`` bounds the run), the matmul peak, the command's
 run over every mode, and the ``--worker`` entry that measures one point of any mode in its own subprocess.
-The point machinery is :mod:`~efficient_attn_tasks.bench.points`; the other modes are
+The attentions compared with the compiled FlexAttention baselines (:mod:`~efficient_attn_tasks.bench.flex`)
+are also timed forward alone. The point machinery is :mod:`~efficient_attn_tasks.bench.points`; the other modes are
 :mod:`~efficient_attn_tasks.bench.decode` and :mod:`~efficient_attn_tasks.bench.train`; the report is
 :mod:`~efficient_attn_tasks.bench.report`.
 """
@@ -24,6 +25,14 @@ from typing import Any, Callable, Iterator
 from efficient_attn_tasks.bench import decode as bench_decode
 from efficient_attn_tasks.bench import train as bench_train
 from efficient_attn_tasks.bench import train_report
+from efficient_attn_tasks.bench.flex import (
+    FLEX_BASELINES,
+    FORWARD_ONLY,
+    FORWARD_TIMED,
+    build_flex,
+    flex_unavailable,
+    forward_only,
+)
 from efficient_attn_tasks.bench.points import (
     BASELINES,
     DTYPES,
@@ -45,11 +54,12 @@ from efficient_attn_tasks.bench.sdpa import SDPA_BACKENDS, sdpa_backend, sdpa_un
 from efficient_attn_tasks.commands.cli import wrote
 
 FEATURE_ATTENTIONS = {"favor", "performer_pytorch"}  # FLOPs 3 × 8·L·m·d per head (fwd 8Lmd, bwd ≈ 2× fwd)
-QUADRATIC_ATTENTIONS = {"softmax", "dot", "bilinear", "sdpa"}  # FLOPs 3 × 4·L²·d per head, noncausal only
+QUADRATIC_ATTENTIONS = {"softmax", "dot", "bilinear", "sdpa", "flex"}  # FLOPs 3 × 4·L²·d per head, noncausal only
 SLOW_STEP_S = 20.0  # predicted seconds per step above which a point is timed once
 FIELDS = ["attention", "mode", "L", "batch", "heads", "head_dim", "num_features", "dtype", "device",
-          "threads", "repeats", "status", "time_s", "time_min_s", "peak_rss_mib", "base_rss_mib", "peak_cuda_mib",
-          "gflops", "frac_of_matmul", "tokens_per_s", "prefill_s", "state_mib", "torch_version", "message"]
+          "threads", "repeats", "status", "time_s", "time_min_s", "forward_s", "peak_rss_mib", "base_rss_mib",
+          "peak_cuda_mib", "gflops", "frac_of_matmul", "tokens_per_s", "prefill_s", "state_mib", "torch_version",
+          "message"]
 
 
 # ---------------------------------------------------------------- worker side (one point per process)
@@ -65,6 +75,8 @@ def _build(spec: dict[str, Any]) -> Callable:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         return sdpa
+    if name in FLEX_BASELINES:
+        return build_flex(spec)
     if name == "performer_pytorch":
         from performer_pytorch import FastAttention
 
@@ -74,8 +86,21 @@ def _build(spec: dict[str, Any]) -> Callable:
     return lambda q, k, v: module(q, k, v, causal=causal)
 
 
+def _timed(call: Callable[[], None], repeats: int) -> list[float]:
+    """Seconds of ``repeats`` calls of ``call``, after one untimed warm-up call (where torch.compile compiles)."""
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def run_point(spec: dict[str, Any]) -> dict[str, Any]:
-    """Time one (attention, mode, L) point in this process; returns the measured fields."""
+    """Time one (attention, mode, L) point in this process; returns the measured fields: forward+backward
+    (``time_s``), and for :data:`FORWARD_TIMED` the forward alone without autograd (``forward_s``);
+    FlexAttention on CPU only the latter (status ``forward only``)."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -87,26 +112,35 @@ def run_point(spec: dict[str, Any]) -> dict[str, Any]:
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=dtype).requires_grad_() for _ in range(3))
     leaves = [q, k, v, *params]
+    inputs = [t.detach() for t in (q, k, v)]  # the forward alone: no input requires grad
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
 
     def step() -> None:
         for t in leaves:
             t.grad = None
         fn(q, k, v).mean().backward()
-        if cuda:
-            torch.cuda.synchronize()
+        sync()
 
+    def forward() -> None:
+        with torch.no_grad():
+            fn(*inputs)
+        sync()
+
+    sync()
     if cuda:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base_rss = rss_mib()
-    step()  # warm-up
-    times = []
-    for _ in range(spec["repeats"]):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {
-        "status": "ok", "time_s": statistics.median(times), "time_min_s": min(times),
+    if forward_only(spec["attention"], spec["device"]):
+        result = {"status": FORWARD_ONLY, "message": "FlexAttention has no backward on CPU: forward timed alone"}
+    else:
+        times = _timed(step, spec["repeats"])
+        result = {"status": "ok", "time_s": statistics.median(times), "time_min_s": min(times)}
+    if spec["attention"] in FORWARD_TIMED:
+        result["forward_s"] = statistics.median(_timed(forward, spec["repeats"]))
+    return result | {
         "base_rss_mib": base_rss, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / MIB if cuda else None,
     }
@@ -182,6 +216,15 @@ def make_row(name: str, mode: str, length: int, cfg: dict[str, Any], result: dic
     return row
 
 
+def _shown(result: dict[str, Any]) -> str:
+    """A point's times (or why it has none) for the progress line."""
+    if result["status"] not in ("ok", FORWARD_ONLY):
+        return result.get("message", "")
+    times = [f"{result['time_s']:.4f} s"] if result.get("time_s") is not None else []
+    times += [f"forward {result['forward_s']:.4f} s"] if result.get("forward_s") is not None else []
+    return ", ".join(times)
+
+
 def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) -> Iterator[dict[str, Any]]:
     """The rows of one (attention, mode), one L per ``next`` (:func:`by_length` interleaves the series).
     After a failure the larger L are skipped; a point whose step is predicted (quadratically from the
@@ -189,7 +232,8 @@ def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) ->
     per step is timed once instead of ``repeats`` times. A mode the variant cannot run is ``n/a`` at
     every L; once the run's ``--budget`` is spent, ``skipped``."""
     stop, last = None, None
-    reason = not_applicable(name, mode) or sdpa_unavailable(name, cfg["device"], cfg["dtype"])
+    reason = (flex_unavailable(name, mode) if name in FLEX_BASELINES else not_applicable(name, mode)) \
+        or sdpa_unavailable(name, cfg["device"], cfg["dtype"])
     for length in cfg["lengths"]:
         estimate = estimate_bytes(name, length, cfg) if mode != "decode" else None
         step = last[1] * (length / last[0]) ** 2 if last else 0.0  # predicted seconds per step
@@ -203,11 +247,11 @@ def run_series(name: str, mode: str, cfg: dict[str, Any], peak: float | None) ->
             spec |= {"attention": name, "mode": mode, "L": length, "repeats": repeats,
                      "imports": cfg.get("imports", [])}
             result = run_subprocess(spec, limit) | {"repeats": repeats}
-        if result["status"] == "ok":
-            last = (length, result["time_s"])
+        if result["status"] in ("ok", FORWARD_ONLY):
+            last = (length, result.get("time_s") or result["forward_s"])
         stop = next_stop(result, stop, length)
-        shown = f"{result['time_s']:.4f} s" if result["status"] == "ok" else result.get("message", "")
-        print(f"  {name:<18} {mode:<9} L={length:<6} {result['status']:<8} {shown}", file=sys.stderr, flush=True)
+        line = f"{name:<18} {mode:<9} L={length:<6} {result['status']:<8} {_shown(result)}"
+        print(f"  {line}", file=sys.stderr, flush=True)
         yield make_row(name, mode, length, cfg, result, peak)
 
 
@@ -225,12 +269,13 @@ def run(args: argparse.Namespace) -> None:
     ea.import_attentions(args.imports)
     names = args.attentions.split(",") if args.attentions else ea.list_attentions()
     for name in names:
-        if name not in BASELINES and name not in SDPA_BACKENDS:
+        if name not in BASELINES and name not in SDPA_BACKENDS and name not in FLEX_BASELINES:
             ea.get_attention_class(name)  # unknown names fail here, with the registered ones listed
     if args.baselines:
         if importlib.util.find_spec("performer_pytorch") is None:
             print("note: performer_pytorch not installed (pip install -e '.[bench]'); baseline skipped")
         names += [b for b in BASELINES if b not in names and (b != "performer_pytorch" or importlib.util.find_spec(b))]
+        names += [b for b, mirrored in FLEX_BASELINES.items() if mirrored in names and b not in names]
     deadline = time.monotonic() + args.budget if args.budget is not None else None
     cfg = vars(args) | {"torch_version": torch.__version__, "deadline": deadline}
     machine, slug = machine_info(args.device, args.threads)

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from efficient_attn_tasks.bench.flex import FLEX_BASELINES, FORWARD_ONLY
 from efficient_attn_tasks.plots import Line, Panel, against_length
 
 
@@ -89,6 +90,7 @@ def summary(rows: list[dict[str, Any]], cfg: dict[str, Any], machine: str, peak:
              + (f"{peak:.1f} GFLOP/s" if peak else "failed")]
     if any(r["mode"] != "decode" for r in rows):  # a decode-only run has no forward+backward tables
         lines += kernel_tables(rows, cfg, get, cols, cell, ratio, head)
+        lines += flex_table(rows, lengths)
     lines += decode_table(rows, lengths, cfg["batch"])
     return "\n".join(lines) + "\n"
 
@@ -148,6 +150,43 @@ def against_references(rows: list[dict[str, Any]], lengths: list[int]) -> list[s
                 row = get.get((name, mode, L))
                 cells += [show(row), *(ratio(row, get.get((ref, mode, L))) for ref in REFERENCES)]
             lines.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def flex_table(rows: list[dict[str, Any]], lengths: list[int]) -> list[str]:
+    """The forward alone (no autograd, ms) of sliding_window against ``flex_window`` and of softmax against
+    ``flex`` (compiled FlexAttention, :mod:`~efficient_attn_tasks.bench.flex`), with their ratios (same run;
+    > 1 = ours slower) and sdpa's forward beside them; nothing when the run has no FlexAttention row."""
+    get = {(r["attention"], r["mode"], r["L"]): r for r in rows}
+    flexed = {r["mode"] for r in rows if r["attention"] in FLEX_BASELINES}
+    modes = [m for m in ("causal", "noncausal") if m in flexed]
+    if not modes:
+        return []
+
+    def forward_s(key: tuple) -> float | None:
+        row = get.get(key)
+        return row.get("forward_s") if row and row["status"] in ("ok", FORWARD_ONLY) else None
+
+    def show(key: tuple) -> str:
+        row, seconds = get.get(key), forward_s(key)
+        return f"{seconds * 1e3:.1f}" if seconds else ("–" if row is None else row["status"])
+
+    def ratio(ours: tuple, flex: tuple) -> str:
+        a, b = forward_s(ours), forward_s(flex)
+        return f"{a / b:.2f}×" if a and b else "–"
+
+    lines = ["", "## Forward alone against compiled FlexAttention (ms, no autograd, same run)", "",
+             "flex_window: sliding_window's band (same window and convention); flex: softmax attention; both "
+             "torch.compile'd, compiled and block mask built before the timing. ÷ = ours / FlexAttention's "
+             "(> 1: ours slower).", "",
+             "| mode | L | sliding_window | flex_window | ÷ | softmax | flex | ÷ | sdpa |", "|" + "---|" * 9]
+    for mode in modes:
+        for L in lengths:
+            key = {n: (n, mode, L) for n in ("sliding_window", "flex_window", "softmax", "flex", "sdpa")}
+            cells = [show(key["sliding_window"]), show(key["flex_window"]),
+                     ratio(key["sliding_window"], key["flex_window"]), show(key["softmax"]), show(key["flex"]),
+                     ratio(key["softmax"], key["flex"]), show(key["sdpa"])]
+            lines.append(f"| {mode} | {L} | " + " | ".join(cells) + " |")
     return lines
 
 

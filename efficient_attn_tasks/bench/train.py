@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from efficient_attn_tasks.bench import points
+from efficient_attn_tasks.bench.flex import FLEX_BASELINES
 from efficient_attn_tasks.bench.sdpa import SDPA_BACKENDS, sdpa_backend, sdpa_unavailable
 
 VOCAB = 256  # byte-level tokens
@@ -36,7 +37,8 @@ FIELDS = ["attention", "mode", "L", "batch", "tokens_per_batch", "d_model", "lay
           "attention_s", "attention_share", "peak_rss_mib", "base_rss_mib", "peak_cuda_mib", "recheck_tokens_per_s",
           "torch_version", "machine", "message"]
 NOT_TRAINED = {"sdpa": "softmax is the model on F.scaled_dot_product_attention's default dispatch",
-               "performer_pytorch": "not a registered attention, so not an LM core"}
+               "performer_pytorch": "not a registered attention, so not an LM core"} | {
+    name: "a kernel baseline (compiled FlexAttention), not an LM core" for name in FLEX_BASELINES}
 
 
 # ---------------------------------------------------------------- command line

@@ -17,7 +17,8 @@ MODES = ("causal", "noncausal", "decode", "train")
 
 HELP = """\
 Time forward+backward (or decoding) and measure peak memory of every attention against sequence length L,
-each point in a fresh subprocess, with performer-pytorch and F.scaled_dot_product_attention as baselines.
+each point in a fresh subprocess, with performer-pytorch, F.scaled_dot_product_attention and compiled FlexAttention
+(flex beside softmax, flex_window beside sliding_window; forward only on CPU, where it has no backward) as baselines.
 
 examples:
   efficient-attn-bench --quick --out /tmp/bench            # every attention, L = 256 512 1024, 1 repeat
@@ -28,7 +29,7 @@ outputs:
   in --out (default bench_out/), <device> = cpu or the GPU's name:
   bench_<device>.csv   one row per attention x mode x L: status, time, peak memory, GFLOP/s, tokens/s
   bench_<device>.png   log-log time and peak memory against L
-  summary_<device>.md  ratios to softmax and favor, crossovers (also printed)
+  summary_<device>.md  ratios to softmax and favor, crossovers, forward alone against FlexAttention (also printed)
   train_<device>.csv, train_<device>.png, train_summary_<device>.md   --modes train: one row per attention x L:
                        tokens/s, attention share of the step, peak memory; the L from which it beats softmax
 """
@@ -60,7 +61,8 @@ def parser() -> argparse.ArgumentParser:
                    help="wall limit of the whole run: once spent, the remaining points are skipped")
     p.add_argument("--matmul-size", type=int, default=4096, help="n of the n x n matmul that measures peak GFLOP/s")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time performer-pytorch FastAttention (if installed) and sdpa")
+                   help="also time performer-pytorch FastAttention (if installed), sdpa, and compiled FlexAttention "
+                        "(flex, flex_window: with softmax, sliding_window in the run; forward only on CPU)")
     p.add_argument("--quick", action="store_true",
                    help="lengths 256 512 1024 (unless --lengths), 1 repeat, <= 8 decode steps, <= 2048 matmul")
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder")
