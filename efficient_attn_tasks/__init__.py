@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 
 # How long an idle OpenMP thread spins before it sleeps, set before torch loads OpenMP: libgomp's own 300,000
-# spins (~3 ms) waste the cores that other processes need, 0 (OMP_WAIT_POLICY=PASSIVE) cost the quickstart 18%
-# idle, 10,000 cost it 1.5% (results/benchmarks/contention/). A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+# spins (~3 ms) hold the cores that other processes need (the quickstart 19x slower beside one CPU-bound process),
+# 0 (OMP_WAIT_POLICY=PASSIVE) costs it ~17% idle; 1,000 keeps both small (results/benchmarks/contention/).
+# A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["GOMP_SPINCOUNT"] = "10000"
+    os.environ["GOMP_SPINCOUNT"] = "1000"
 
 # What ``pip install "efficient-attn[train]"`` adds to the core (torch, einops), by import name.
 TRAIN_EXTRA = ("hydra", "omegaconf", "pytorch_lightning", "torchmetrics", "wandb", "sentencepiece", "sacrebleu",

@@ -75,7 +75,7 @@ def test_a_run_takes_the_free_cores_and_says_so(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("given, expected", [
-    ({}, "GOMP_SPINCOUNT=10000 OMP_WAIT_POLICY=None"),  # the package's bounded spin
+    ({}, "GOMP_SPINCOUNT=1000 OMP_WAIT_POLICY=None"),  # the package's bounded spin
     ({"OMP_WAIT_POLICY": "ACTIVE"}, "GOMP_SPINCOUNT=None OMP_WAIT_POLICY=ACTIVE"),  # the user's own wins
     ({"GOMP_SPINCOUNT": "5"}, "GOMP_SPINCOUNT=5 OMP_WAIT_POLICY=None"),
 ])

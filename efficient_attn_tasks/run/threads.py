@@ -1,7 +1,7 @@
 """How many threads a run gets: the user's ``threads``, a joblib job's share of the cores, or the cores that
 other processes leave free when the run starts. With every core in use, one torch thread more than the free
 cores makes OpenMP threads spin at barriers while they wait for a descheduled peer: a 2-thread quickstart
-beside one CPU-bound process took 13x its idle time, and 1.0x at 1 thread (results/benchmarks/contention/).
+beside one CPU-bound process took 19x its idle time, and 1.0x at 1 thread (results/benchmarks/contention/).
 The waiting policy (``OMP_WAIT_POLICY``, set before torch loads: efficient_attn_tasks/__init__.py) bounds the
 damage when the load arrives after the start."""
 
