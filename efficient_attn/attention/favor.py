@@ -15,8 +15,9 @@ from ..ops.features import (
     relu_features,
     trig_features,
 )
-from ..ops.numerics import upcast_with_ones
+from ..ops.numerics import normalize, upcast_with_ones
 from ..registry import register_attention
+from .base import check_inputs, check_step
 from .kernel import KernelAttention
 
 
@@ -166,23 +167,47 @@ class FavorAttention(KernelAttention):
             return trig_features(x, w, is_query)
         return relu_features(x, w, self.kernel_eps)
 
-    def step_features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Positive kernels without autograd: both rows' features from one product with the cached step
-        projection (``_step_projection``), the same values as ``feature_map`` up to rounding (the same
-        stabiliser: r_x = the row's largest logit; the key's log-scale r_k − ‖k‖²/(2√d)). Otherwise, or
-        when q or k needs a gradient, ``feature_map`` twice."""
+    def decode_step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Positive kernels without autograd: ``KernelAttention.decode_step`` in fewer operations, same state
+        and values up to rounding. With the step projection W (``_step_projection``), a = W k − ‖k‖²/(2√d)
+        is log φ(k) up to a constant, so φ(k) e^{−G} = e^{a − G} directly; G (state ``log_scale``) grows to
+        max(a) only when a key exceeds it (then the state is rescaled, as the generic step does each time).
+        φ(q) = e^{W q − max(W q)}: its scale cancels in the normalisation. Otherwise the generic step."""
         if self.kernel not in ("softmax", "softmax_hyp") or (
-            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         ):
-            return super().step_features(q, k)
-        logits = torch.cat([q, k], dim=2) @ self._step_projection(q.dtype)  # (B, H, 2, M): rows q, k
-        row_max = logits.amax(-1, keepdim=True)  # (B, H, 2, 1): r_q, r_k
-        phi = logits.sub_(row_max).exp_()  # (B, H, 2, M), in (0, 1]
-        log_scale = torch.sub(row_max[:, :, 1], torch.linalg.vecdot(k, k), alpha=0.5 * self.head_dim**-0.5)
-        return phi[:, :, :1], phi[:, :, 1:], log_scale  # log-scale r_k − ‖k‖²/(2√d) (B, H, 1)
+            return super().decode_step(q, k, v, state)
+        check_step(q, k, v)
+        check_inputs(q, k, v, None, True, self.num_heads, self.head_dim)
+        out_dtype = v.dtype
+        with torch.autocast(q.device.type, enabled=False):
+            q, k, v1 = upcast_with_ones(q, k, v)  # v1 (B, H, 1, Dv+1)
+            w = self._step_projection(q.dtype)  # (d, M)
+            phi_q = q @ w  # (B, H, 1, M): logits of the query
+            phi_q = phi_q.sub_(phi_q.amax(-1, keepdim=True)).exp_()  # in (0, 1]
+            a = torch.linalg.vecdot(k, k)[..., None]  # (B, H, 1, 1): ‖k‖²
+            a = torch.sub(k @ w, a, alpha=0.5 * self.head_dim**-0.5)  # (B, H, 1, M): log φ(k) + const
+            g = a.amax(-1, keepdim=True)  # (B, H, 1, 1): the key's log-scale
+            if state is None:
+                carried, run_max = None, g
+            else:
+                carried, run_max = state["kv"], state["log_scale"]  # (B, H, M, Dv+1), (B, H, 1, 1)
+                # the running maximum grows: rescale the state (a copy); tested on CPU only, where it is cheap
+                if run_max.device.type != "cpu" or bool((g > run_max).any()):
+                    grown = torch.maximum(run_max, g)
+                    carried, run_max = carried * (run_max - grown).exp(), grown
+            phi_k = a.sub_(run_max).exp_().transpose(-1, -2)  # (B, H, M, 1): φ(k) e^{−G}, ≤ 1
+            if carried is None:
+                kv = phi_k * v1  # (B, H, M, Dv+1)
+            else:
+                kv = torch.addcmul(carried, phi_k, v1)  # (B, H, M, Dv+1), a new tensor
+            out1 = phi_q @ kv  # (B, H, 1, Dv+1)
+        return normalize(out1).to(out_dtype), {"kv": kv, "log_scale": run_max}
 
     def _step_projection(self, dtype: torch.dtype) -> Tensor:
-        """(d, M) for ``step_features``: the rows w (and −w for "softmax_hyp") times d^(−1/4), transposed, in
+        """(d, M) for ``decode_step``: the rows w (and −w for "softmax_hyp") times d^(−1/4), transposed, in
         ``dtype``. Cached, and made again whenever the ``projection`` buffer is another tensor (a device or
         dtype move, ``load_state_dict`` with ``assign``) or was written in place (a redraw, a load)."""
         w = self.projection
