@@ -215,7 +215,7 @@ def projection_log():
 @pytest.mark.usefixtures("one_thread")
 def test_lightning_redraws_at_optimizer_steps_with_gradient_accumulation(tmp_path):
     from efficient_attn_tasks.run.fit import run
-    from tools import faults
+    from tools import faults_scenarios as faults
 
     log = projection_log()
     cfg = faults.compose_config([*faults.TINY, *faults.FAVOR, "attention.kwargs.redraw_interval=2",
