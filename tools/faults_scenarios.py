@@ -1,6 +1,6 @@
 """Fault injection for the training stack, the training faults: kill, resume, sweeps with a failing job, 2 processes,
-bf16 and fp16. Each scenario runs tiny real trainings and returns what happened; tests/test_reliability.py calls
-them and ``python -m tools.faults`` writes its report from them.
+bf16 and fp16. Each scenario runs tiny real trainings and returns what happened; tests/test_reliability.py and
+tests/test_resume.py call them and ``python -m tools.faults`` writes its report from them.
 """
 
 from __future__ import annotations
