@@ -53,8 +53,8 @@ def check_transfer(model: nn.Module) -> None:
         if isinstance(mha, MultiHeadAttention) and any(p.requires_grad for p in mha.attention.parameters()):
             options = layer_options(mha)
             if options:
-                raise ValueError(f"{name}: attention transfer needs the attention's layer options off, "
-                                 f"{', '.join(options)} set")
+                raise ValueError(f"{name}: attention transfer needs the attention's layer options off, but "
+                                 f"{' and '.join(options)} set")
 
 
 class AttentionTransfer:

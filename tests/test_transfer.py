@@ -141,7 +141,7 @@ def test_stage_one_needs_a_softmax_checkpoint_and_cores_without_layer_options(so
     with pytest.raises(ConfigError, match=r"init_from's decoder attention is hedgehog") as err:
         run(converted(tmp_path / "hedgehog", "hedgehog", "transfer_steps=5"), tmp_path / "again")
     assert "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match=r"layer options off, output_norm, output_gate set; set transfer_steps=0"):
+    with pytest.raises(ConfigError, match=r"options off, but output_norm and output_gate set; set transfer_steps=0"):
         run(converted(softmax_run, "gla", "transfer_steps=5"), tmp_path / "gla")
 
 
