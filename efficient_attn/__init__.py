@@ -37,7 +37,7 @@ _EXPORTS = {  # public name -> the submodule that defines it
 }
 _SUBMODULES = {
     "analysis", "attention", "aux_loss", "generate", "layers", "multihead", "ops", "registry", "seeding", "spec",
-    "transformer",
+    "transfer", "transformer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -29,7 +29,8 @@ from efficient_attn_tasks.tasks import task_module
 
 # Start-up stays light: --help and the checks of the top-level, optim, trainer and logger sections load
 # neither torch nor Lightning (tests/test_cli_train.py); the task's module loads them, W&B loads when a run starts.
-TOP_LEVEL = {"seed", "name", "row", "data_dir", "cache_dir", "ckpt_path", "init_from", "overwrite", "checkpoint_every",
+TOP_LEVEL = {"seed", "name", "row", "data_dir", "cache_dir", "ckpt_path", "init_from", "transfer_steps",
+             "transfer_lr", "overwrite", "checkpoint_every",
              "test", "threads", "nonfinite", "imports", "optim", "task", "attention", "model", "trainer", "logger",
              "callbacks"}
 CONFIG_DIR = str(config_dir())
@@ -129,6 +130,7 @@ def check_config(cfg: DictConfig) -> Any:
     if cfg.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"nonfinite must be 'stop' or 'skip', got {cfg.nonfinite!r}")
     check_init_from(cfg.get("init_from"), cfg.get("ckpt_path"))
+    check_transfer(cfg.get("transfer_steps", 0), cfg.get("transfer_lr"), cfg.get("init_from"))
 
     check_imports(cfg.get("imports"))  # before the task: an imported module may register it
     try:
@@ -171,6 +173,18 @@ def check_init_from(init_from: Any, ckpt_path: Any) -> None:
         raise ConfigError(f"init_from={init_from} starts a new run at step 0 from another run's weights, "
                           f"ckpt_path={ckpt_path} resumes a run with everything (weights, optimizer, step); "
                           "give one of them (ckpt_path=last resumes a run started with init_from)")
+
+
+def check_transfer(steps: Any, lr: Any, init_from: Any) -> None:
+    """``transfer_steps`` (stage one of a conversion, efficient_attn_tasks/run/transfer.py) is an int >= 0, set
+    only with ``init_from``; ``transfer_lr`` is null (optim.lr) or a positive number."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ConfigError(f"transfer_steps must be an int >= 0 (0 = no transfer stage), got {steps!r}")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        raise ConfigError(f"transfer_lr must be a positive number or null (optim.lr), got {lr!r}")
+    if steps and init_from is None:
+        raise ConfigError(f"transfer_steps={steps} trains a converted model's new attention against the softmax run "
+                          "it starts from: set init_from=<softmax run dir or .ckpt>, or transfer_steps=0")
 
 
 def check_imports(imports: Any) -> None:

@@ -125,6 +125,10 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
         from efficient_attn_tasks.run.convert import init_from
 
         source = read_source(cfg, task)
+        if cfg.get("transfer_steps"):
+            from efficient_attn_tasks.run.transfer import check_teacher
+
+            check_teacher(source.cfg, cfg.transfer_steps, task.ATTENTION_SITES)
     set_threads(cfg.threads)
     # Our loaders resume mid-epoch through the module's saved data position (efficient_attn_tasks/tasks/sampling.py).
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
@@ -174,6 +178,10 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
         attempt.trainer = trainer
         if logger:
             logger.log_hyperparams({"num_parameters": module.num_parameters()})
+        from efficient_attn_tasks.run.transfer import transfer_stage
+
+        transfer = transfer_stage(cfg, source is not None, bool(ckpt_path), module, datamodule, trainer, logger,
+                                  out_dir)
         fit_start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         fit_s = time.perf_counter() - fit_start
@@ -199,6 +207,7 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
         record.precision = str(trainer.precision)  # as Lightning ran it (16-mixed on CPU becomes bf16-mixed)
         record.resumed_from = str(ckpt_path) if ckpt_path else None
         record.threads = torch.get_num_threads()
+        record.transfer = transfer
         if trainer.is_global_zero:
             record.write(out_dir / RESULTS_JSON)
             if getattr(module, "test_hypotheses", None):

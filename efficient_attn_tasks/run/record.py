@@ -102,6 +102,7 @@ class RunRecord:
     precision: str | None = None  # as Lightning ran it (16-mixed on CPU becomes bf16-mixed)
     resumed_from: str | None = None  # the checkpoint this attempt resumed from
     threads: int | None = None  # torch threads
+    transfer: dict[str, Any] | None = None  # stage one of a conversion (transfer_steps): steps run, losses
     version: int = RECORD_VERSION  # the format this record was read in
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # keys this code does not know
 
