@@ -136,6 +136,18 @@ def test_based_config_tiles_its_pattern_and_layer_attentions_override_it():
     assert attention_spec(cfg, "decoder") == AttentionSpec("softmax")  # a per-site override wins
 
 
+def test_a_site_attention_may_be_a_config_name():
+    cfg = config("task=translation", "model.decoder_attention=sliding_window_w16")
+    check_config(cfg)
+    assert attention_spec(cfg, "decoder") == AttentionSpec("sliding_window", {"window": 16})  # its yaml's kwargs
+    assert attention_spec(cfg, "encoder") == AttentionSpec("softmax")
+    check_config(config("task=lm", "model.encoder_attention=favor_plus"))  # a site the task lacks: checked alone
+    with pytest.raises(ConfigError, match=r"model.decoder_attention: unknown attention config 'nosuch'; choose"):
+        check_config(config("task=translation", "model.decoder_attention=nosuch"))
+    with pytest.raises(ConfigError, match=r"cannot serve as encoder attention"):
+        check_config(config("task=translation", "model.encoder_attention=gla"))
+
+
 def test_translation_uses_the_hybrid_for_both_self_attention_stacks_and_needs_a_cross_attention():
     with pytest.raises(ConfigError, match=r"'based' is a per-layer hybrid .* set model.cross_attention"):
         check_config(config("task=translation", "attention=based"))

@@ -146,8 +146,9 @@ def check_config(cfg: DictConfig) -> Any:
 
     _check_section(cfg.model, ModelConfig, "model")
     for site in SITES:
-        _check_section(cfg.model.get(f"{site}_attention") or cfg.attention, AttentionConfig,
-                       f"model.{site}_attention")
+        section = cfg.model.get(f"{site}_attention") or cfg.attention
+        if not isinstance(section, str):  # a config name is read and checked by attention_spec
+            _check_section(section, AttentionConfig, f"model.{site}_attention")
     try:
         transformer_config(cfg)
     except (TypeError, ValueError) as err:

@@ -144,8 +144,9 @@ def attention_spec(cfg: DictConfig, site: str) -> AttentionSpec | list[Attention
     (exactly one entry per layer of the site's stack; translation: encoder and decoder alike);
     ``attention``. An attention with ``layers`` (a hybrid, ``attention=based``) has its pattern
     tiled over the stack: layer i uses ``layers[i % len(layers)]``. Entries are attention config
-    names (``configs/attention/<name>.yaml``, its kwargs applied) or ``{name, kwargs}``.
-    Cross-attention takes one attention: a hybrid there is a ``ValueError`` saying what to set.
+    names (``configs/attention/<name>.yaml``, its kwargs applied) or ``{name, kwargs}``; so is
+    ``model.<site>_attention``. Cross-attention takes one attention: a hybrid there is a ``ValueError``
+    saying what to set.
     """
     from efficient_attn.transformer import AttentionSpec
 
@@ -161,6 +162,8 @@ def attention_spec(cfg: DictConfig, site: str) -> AttentionSpec | list[Attention
             )
         return [layer_entry(e, f"model.layer_attentions[{i}]") for i, e in enumerate(entries)]
     where = f"model.{site}_attention" if override else "attention"
+    if isinstance(override, str):  # a config name: configs/attention/<name>.yaml
+        return layer_entry(override, where)
     node = _container(override or cfg.attention)
     if not isinstance(node, dict):
         raise ValueError(f"{where} must be {{name, kwargs}}, got {node!r}")
@@ -222,9 +225,11 @@ def check_attentions(cfg: DictConfig, sites: Sequence[str]) -> None:
     for site in SITES:
         where = f"{site} attention"
         if site not in sites:
-            node = _container(cfg.model.get(f"{site}_attention") or cfg.attention)
-            if node.get("layers") is None:  # a hybrid's layers are checked where it serves
-                spec = AttentionSpec(node["name"], dict(node.get("kwargs") or {}), layer_options(node))
+            node = cfg.model.get(f"{site}_attention") or cfg.attention
+            node = node if isinstance(node, str) else _container(node)  # a str: a config name
+            if isinstance(node, str) or node.get("layers") is None:  # a hybrid's layers are checked where it serves
+                spec = (layer_entry(node, f"model.{site}_attention") if isinstance(node, str) else
+                        AttentionSpec(node["name"], dict(node.get("kwargs") or {}), layer_options(node)))
                 _refuse_causal(spec, where)
                 spec.check(where)
             continue
