@@ -187,3 +187,19 @@ def test_last_checkpoint_follows_every_validation_not_only_the_best(tmp_path):
     assert run(cfg, tmp_path / "run").steps == 24
     steps = {k: v[0] for k, v in positions(tmp_path / "run" / "checkpoints").items()}
     assert steps == {"best-step=8.ckpt": 8, "last.ckpt": 24}, steps
+
+
+def test_early_stopping_run_resumed_from_an_epoch_end_checkpoint_trains_on_as_the_uninterrupted_run(tmp_path):
+    # Lightning replays on_train_epoch_end of the checkpoint's epoch before any validation in the new process
+    def stop() -> EarlyStopping:
+        return EarlyStopping(monitor="val/acc", mode="max", patience=5)
+
+    full = LossLog()
+    run(faults.compose_config([*faults.TINY, "trainer.max_steps=16"]), tmp_path / "full", callbacks=[full, stop()])
+    run(faults.compose_config([*faults.TINY, "trainer.max_steps=8"]), tmp_path / "run", callbacks=[stop()])
+    (tmp_path / "run" / RESULTS_JSON).rename(tmp_path / "run" / "results.first.json")  # run on, as a longer run
+    resumed = LossLog()
+    record = run(faults.compose_config([*faults.TINY, "trainer.max_steps=16", "ckpt_path=last"]), tmp_path / "run",
+                 callbacks=[resumed, stop()])
+    assert record.status == "ok" and record.steps == 16
+    assert resumed.losses == full.losses[8:]

@@ -337,6 +337,17 @@ class ArmedEarlyStopping(EarlyStopping):
         return should_stop, reason
 
 
+def check_at_validation(callbacks: list[pl.Callback]) -> list[pl.Callback]:
+    """``callbacks``, each EarlyStopping left to Lightning's choice (``check_on_train_epoch_end`` unset) set to
+    check after each validation only. Lightning's default with one validation per epoch checks at the epoch's end
+    instead, and a run resumed from a checkpoint saved at an epoch's end replays that hook before any validation
+    has run in the new process, where the check raises for want of the metric."""
+    for callback in callbacks:
+        if isinstance(callback, EarlyStopping) and callback._check_on_train_epoch_end is None:
+            callback._check_on_train_epoch_end = False
+    return callbacks
+
+
 def early_stopping_outcome(callbacks: list[pl.Callback]) -> tuple[bool, bool]:
     """(whether an EarlyStopping callback ran, whether one stopped the run because its metric stopped
     improving: patience exhausted or ``stopping_threshold`` reached; a stop on divergence or a non-finite

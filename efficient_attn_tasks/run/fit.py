@@ -102,6 +102,7 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
         SaveOnInterrupt,
         Throughput,
         ValidateAtMaxSteps,
+        check_at_validation,
         early_stopping_outcome,
         keep_averaged_weights_for_test,
         progress_bar,
@@ -174,7 +175,7 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
             trainer_args["plugins"] = [*(trainer_args.get("plugins") or []), *plugins]
         optional = optional_callbacks(cfg.get("callbacks"), module.monitor, module.monitor_mode)
         trainer = pl.Trainer(**trainer_args, default_root_dir=str(out_dir), logger=logger,
-                             callbacks=[*own, *optional, *callbacks])
+                             callbacks=check_at_validation([*own, *optional, *callbacks]))
         attempt.trainer = trainer
         if logger:
             logger.log_hyperparams({"num_parameters": module.num_parameters()})
