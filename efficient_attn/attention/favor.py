@@ -41,8 +41,8 @@ class FavorAttention(KernelAttention):
     (default) only q, k, [v, 1] and the output, O(L·d), the rest made again in backward; without it also the
     features and, causal, the score blocks and chunk states.
     Stabilized per key (a log-scale against the largest visible key: see ``kernel`` and ``features``).
-    Decoding (``decode_step``) makes a step's q and k features in one product with a cached, scaled copy
-    of the projection (``step_features``).
+    Decoding (``decode_step``): positive kernels make a step's features from a cached, scaled copy of the
+    projection and rescale the state only when the running maximum key log-scale grows.
     Masks: key padding yes; causal yes. The m×d projection (rows w, shared by all heads) is a
     float32 buffer (float64 under ``.double()``; it stays float32 when the module is cast to
     bf16/fp16), saved in checkpoints. It is redrawn every ``redraw_interval`` optimizer steps
