@@ -1,5 +1,5 @@
-"""Copy a sweep's finished run records (results.json and .hydra/) into results/, for tables that rebuild
-without re-training: ``python -m tools.copy_run_records SWEEP_DIR results/ablations/NAME``.
+"""Copy a sweep's finished run records (results.json, .hydra/ and curves.csv) into results/, for tables and
+learning curves that rebuild without re-training: ``python -m tools.copy_run_records SWEEP_DIR results/ablations/NAME``.
 
 A record written before run records carried ``best_step`` gets it from the run's own best checkpoint
 file name (``checkpoints/best-step=N.ckpt``), so the report can tell runs still improving at their cap.
@@ -28,6 +28,8 @@ def copy_records(sweep: Path, dest: Path) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
         shutil.copytree(run / ".hydra", out / ".hydra", dirs_exist_ok=True)
+        if (run / "curves.csv").is_file():  # validation metrics by step: efficient-attn-report --curves
+            shutil.copy2(run / "curves.csv", out / "curves.csv")
         copied += 1
     return copied
 
