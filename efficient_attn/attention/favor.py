@@ -15,7 +15,7 @@ from ..ops.features import (
     relu_features,
     trig_features,
 )
-from ..ops.numerics import normalize, upcast_with_ones
+from ..ops.numerics import normalize, upcast, upcast_with_ones
 from ..registry import register_attention
 from .base import check_inputs, check_step
 from .kernel import KernelAttention
@@ -232,14 +232,12 @@ class FavorAttention(KernelAttention):
             return super().attend(q, k, v, key_padding_mask, causal)
         out_dtype = v.dtype
         with torch.autocast(q.device.type, enabled=False):
-            q, k, v1 = upcast_with_ones(q, k, v)  # v1 (B, H, S, Dv+1)
-            if key_padding_mask is not None:  # k, v are zero there already; drop their normalizer too
-                v1 = v1.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+            q, k, v = upcast(q, k, v)  # k, v are zero on padded keys already; their normalizer is dropped inside
             w = self.projection.to(q.dtype)  # (m, d)
             if self.kernel == "softmax_hyp":
                 w = torch.cat([w, -w])  # (2m, d): hyperbolic features are the positive features of ±w
             out = favor_positive_attention(
-                q, k, v1, w, self.head_dim**-0.25, key_padding_mask, causal, self.chunk_size,
+                q, k, v, w, self.head_dim**-0.25, key_padding_mask, causal, self.chunk_size,
                 recompute=self.remakes_features(),
             )  # (B, H, L, Dv)
         return out.to(out_dtype)
