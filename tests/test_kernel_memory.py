@@ -159,3 +159,19 @@ def test_sliding_window_recompute_keeps_at_most_what_softmax_keeps(causal):
         results.append((out, torch.autograd.grad(out, (q, k, v), torch.randn(out.shape))))
     (out0, grads0), (out1, grads1) = results
     assert torch.equal(out1, out0) and all(torch.equal(a, b) for a, b in zip(grads1, grads0))
+
+
+def test_taylor_never_makes_its_features_whole():
+    """Taylor's 273 features (d' = 16) are made per chunk inside the products, forward and backward: the most bytes
+    live during a forward and backward of the attention (inputs there before) stay within 9.5 (B, H, L, D) float32
+    units at D = 64, L = 2048 (measured 7.8; softmax's SDPA 7.0), where one whole (L, 273) feature tensor is 4.3
+    units (the generic path, which makes φ(q), φ(k) and their gradients whole, or keeps them: 23.7)."""
+    from efficient_attn_tasks.bench.saved import peak_bytes
+
+    torch.manual_seed(0)
+    b, h, length, d = 1, 2, 2048, 64
+    attn = ea.create_attention("taylor", head_dim=d, num_heads=h, feature_dim=16).train()
+    q, k, v = (torch.randn(b, h, length, d, requires_grad=True) for _ in range(3))
+    grad = torch.randn(b, h, length, d)
+    peak = peak_bytes(lambda: attn(q, k, v, causal=True).backward(grad))
+    assert peak <= 9.5 * b * h * length * d * 4, peak / (b * h * length * d * 4)
