@@ -1,6 +1,6 @@
 """Training memory of the kernel attentions: what a forward keeps for backward (a memory property, not a timing).
 
-With ``recompute`` (the default) a kernel attention keeps q, k, [v, 1] and its output, (B, H, L, D)-sized, never
+With ``recompute`` (the default) a kernel attention keeps q, k, v, its output and normalizer, never
 its (B, H, L, M) features, the feature map's intermediates, or per-chunk score blocks and states. Counted with
 ``efficient_attn_tasks.bench.saved.saved_for_backward`` (saved-tensor hooks plus the tensors custom Functions keep
 as attributes), each storage once, parameters left out.

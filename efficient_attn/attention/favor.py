@@ -38,7 +38,7 @@ class FavorAttention(KernelAttention):
     and contradicting (``orthogonal=True`` with "iid", ``False`` with a block kind) raises ValueError.
     O(L·m·d) time, O(L·(m+d)) memory; causal by chunked prefix sums, O(L·(m+d) + L·chunk + (L/chunk)·m·d)
     memory (positive kernels fused into the products: ``favor_fused``). Kept for backward: with ``recompute``
-    (default) only q, k, [v, 1] and the output, O(L·d), the rest made again in backward; without it also the
+    (default) only q, k, v, the output and the normalizer, O(L·d), the rest made again in backward; without it also the
     features and, causal, the score blocks and chunk states.
     Stabilized per key (a log-scale against the largest visible key: see ``kernel`` and ``features``).
     Decoding (``decode_step``) makes a step's q and k features in one product with a cached, scaled copy
