@@ -107,9 +107,11 @@ class _plain_functions:
             (favor, "favor_positive_attention", favor.favor_positive_attention),
         ]
 
-        def favor_plain(q, k, v1, w, scale, mask, causal, chunk, recompute=False):  # recompute: no effect here
+        def favor_plain(q, k, v, w, scale, mask, causal, chunk, recompute=False):  # recompute: no effect here
+            from efficient_attn.ops.numerics import with_ones
+
             b, h, length, _ = q.shape
-            flat = [t.reshape(b * h, t.shape[2], -1) for t in (q, k, v1)]
+            flat = [t.reshape(b * h, t.shape[2], -1) for t in (q, k, with_ones(v, mask))]
             pad = None if mask is None else mask[:, None, :].expand(b, h, -1).reshape(b * h, -1)
             return favor_fused._favor_plain(*flat, w, scale, pad, causal).reshape(b, h, length, -1)
 

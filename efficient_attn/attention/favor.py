@@ -15,7 +15,7 @@ from ..ops.features import (
     relu_features,
     trig_features,
 )
-from ..ops.numerics import normalize, upcast_with_ones
+from ..ops.numerics import normalize, upcast, upcast_with_ones
 from ..registry import register_attention
 from .base import check_inputs, check_step
 from .kernel import KernelAttention
@@ -38,7 +38,7 @@ class FavorAttention(KernelAttention):
     and contradicting (``orthogonal=True`` with "iid", ``False`` with a block kind) raises ValueError.
     O(L·m·d) time, O(L·(m+d)) memory; causal by chunked prefix sums, O(L·(m+d) + L·chunk + (L/chunk)·m·d)
     memory (positive kernels fused into the products: ``favor_fused``). Kept for backward: with ``recompute``
-    (default) only q, k, [v, 1] and the output, O(L·d), the rest made again in backward; without it also the
+    (default) only q, k, v, the output and the normalizer, O(L·d), the rest made again in backward; without it also the
     features and, causal, the score blocks and chunk states.
     Stabilized per key (a log-scale against the largest visible key: see ``kernel`` and ``features``).
     Decoding (``decode_step``): positive kernels make a step's features from a cached, scaled copy of the
@@ -232,14 +232,12 @@ class FavorAttention(KernelAttention):
             return super().attend(q, k, v, key_padding_mask, causal)
         out_dtype = v.dtype
         with torch.autocast(q.device.type, enabled=False):
-            q, k, v1 = upcast_with_ones(q, k, v)  # v1 (B, H, S, Dv+1)
-            if key_padding_mask is not None:  # k, v are zero there already; drop their normalizer too
-                v1 = v1.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+            q, k, v = upcast(q, k, v)  # k, v are zero on padded keys already; their normalizer is dropped inside
             w = self.projection.to(q.dtype)  # (m, d)
             if self.kernel == "softmax_hyp":
                 w = torch.cat([w, -w])  # (2m, d): hyperbolic features are the positive features of ±w
             out = favor_positive_attention(
-                q, k, v1, w, self.head_dim**-0.25, key_padding_mask, causal, self.chunk_size,
+                q, k, v, w, self.head_dim**-0.25, key_padding_mask, causal, self.chunk_size,
                 recompute=self.remakes_features(),
             )  # (B, H, L, Dv)
         return out.to(out_dtype)

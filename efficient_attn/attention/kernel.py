@@ -13,8 +13,9 @@ each (batch, head), every one visible to every query; causal, the running maximu
 and future keys cannot move an output, and every factor e^{g_j − G} is ≤ 1.
 
 Training memory: with ``recompute`` (the default) the features are made again in backward from q and k
-instead of being kept, so a layer keeps for backward q, k, [v, 1] and the output, (B, H, L, D)-sized
-tensors, not the (B, H, L, M) features (M ≫ D for FAVOR+, Hedgehog, Taylor) nor the map's own
+instead of being kept, so a layer keeps for backward q, k, v, the output and the normalizer (B, H, L, 1), what
+softmax's fused kernel keeps (q, k, v, output, log-sum-exp; the ones column of [v, 1] is made again in backward),
+(B, H, L, D)-sized tensors, not the (B, H, L, M) features (M ≫ D for FAVOR+, Hedgehog, Taylor) nor the map's own
 intermediates. The products are not redone: backward runs the chunked (causal) or closed-form (non-causal)
 gradient on re-made features (values only, no graph; the keys' gradient written over their features), drops
 them, and then differentiates each map alone, made again with its graph: backward's working set is the features
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from ..ops.causal_linear import causal_linear_attention, causal_linear_backward
 from ..ops.differentiable import double_backward_by_recompute, recompute_active
-from ..ops.numerics import PADDED_LOG_SCALE, normalize, scale_values, upcast_with_ones
+from ..ops.numerics import PADDED_LOG_SCALE, normalize, scale_values, upcast, upcast_with_ones, with_ones
 from .base import Attention, check_inputs, check_step, unsupported_use
 
 
@@ -69,13 +70,12 @@ class KernelAttention(Attention):
     ) -> Tensor:
         out_dtype = v.dtype
         with torch.autocast(q.device.type, enabled=False):
-            q, k, v1 = upcast_with_ones(q, k, v)  # v1 (B, H, S, Dv+1)
-            if key_padding_mask is not None:  # k, v are zero there already; drop their normalizer too
-                v1 = v1.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+            q, k, v = upcast(q, k, v)
             params = [p for p in self.parameters() if p.requires_grad]
             if self.remakes_features() and (q.requires_grad or k.requires_grad or params):
-                out = _Recomputed.apply(self, key_padding_mask, causal, q, k, v1, *params)  # (B, H, L, Dv)
+                out = _Recomputed.apply(self, key_padding_mask, causal, q, k, v, *params)  # (B, H, L, Dv)
             else:
+                v1 = with_ones(v, key_padding_mask)  # (B, H, S, Dv+1), padded keys' rows zero
                 out = normalize(self._contract(q, k, v1, key_padding_mask, causal))  # (B, H, L, Dv)
         return out.to(out_dtype)
 
@@ -195,19 +195,22 @@ def _mask_log_scale(log_scale: Tensor | None, key_padding_mask: Tensor | None) -
 
 
 class _Recomputed(torch.autograd.Function):
-    """``KernelAttention._contract`` that keeps q, k, v1 for backward and makes the features again there.
+    """``KernelAttention._contract`` that keeps q, k, v for backward and makes the features again there.
 
-    Inputs: the module, key padding mask, causal flag, q, k, v1 and the module's trainable parameters
+    Inputs: the module, key padding mask, causal flag, q, k, v (B, H, S, Dv) and the module's trainable parameters
     (passed so that their gradients, from the re-made features' graph, reach them). Backward: the
     features again (values only), the products' gradient on them (``causal_linear_backward``, or the
     non-causal closed form); then, the features dropped, each feature map (queries', then keys') made again
     with autograd on and differentiated alone, so backward never holds both maps' graphs (for Hedgehog a
-    second copy of the features, its softmax outputs) next to the features and their gradients. Second derivatives
+    second copy of the features, its softmax outputs) next to the features and their gradients. [v, 1] is made in
+forward and again in backward, so the ones column is never kept (v's gradient is [v, 1]'s without it, zero on
+padded keys, as autograd through ``with_ones`` gives). Second derivatives
     (``create_graph=True``) differentiate a plain re-computation (``double_backward_by_recompute``).
     """
 
     @staticmethod
-    def forward(ctx, module, pad, causal, q, k, v1, *params):
+    def forward(ctx, module, pad, causal, q, k, v, *params):
+        v1 = with_ones(v, pad)  # (B, H, S, Dv+1)
         phi_q, phi_k, log_scale = module._features(q, k, pad)  # grad mode is off inside forward
         out1 = _products(phi_q, phi_k, v1, log_scale, causal, module.chunk_size)  # (B, H, L, Dv+1)
         b, h, length, e = out1.shape
@@ -216,35 +219,39 @@ class _Recomputed(torch.autograd.Function):
         out = out1.new_empty(b, length, h, e - 1).transpose(1, 2)  # (B, H, L, Dv) in (B, L, H, Dv) memory
         torch.div(num, den, out=out)
         ctx.module, ctx.pad, ctx.causal, ctx.num_params = module, pad, causal, len(params)
-        ctx.save_for_backward(q, k, v1, out, den)
+        ctx.save_for_backward(q, k, v, out, den)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v1, out, den = ctx.saved_tensors
+        q, k, v, out, den = ctx.saved_tensors
         module, pad, causal = ctx.module, ctx.pad, ctx.causal
         params = [p for p in module.parameters() if p.requires_grad]
         if len(params) != ctx.num_params:
             raise RuntimeError("kernel attention: trainable parameters changed between forward and backward")
         if torch.is_grad_enabled():  # create_graph=True: differentiate a plain re-computation
             grads = double_backward_by_recompute(
-                lambda a, b, c, *_: normalize(module._contract(a, b, c, pad, causal)), (q, k, v1, *params),
-                (grad_out,),
+                lambda a, b, c, *_: normalize(module._contract(a, b, with_ones(c, pad), pad, causal)),
+                (q, k, v, *params), (grad_out,),
             )
             return (None, None, None, *grads)
         dot = (grad_out * out).sum(-1, keepdim=True).neg_()  # (B, H, L, 1): −Σ_e grad_e out_e
         grad_out1 = torch.cat([grad_out, dot], dim=-1).div_(den)  # (B, H, L, Dv+1): numerators, normalizer
+        v1 = with_ones(v, pad)  # (B, H, S, Dv+1), as in forward
         phi_q, phi_k, log_scale = module._features(q, k, pad)  # grad mode is off here: values only, no graph
-        owned = phi_k.untyped_storage().data_ptr() not in {t.untyped_storage().data_ptr() for t in (q, k, v1)}
-        grad_phi_q, grad_phi_k, grad_v1 = _feature_grads(  # dφ(k) written into φ(k) when no input shares it
-            phi_q, phi_k, v1, log_scale, causal, module.chunk_size, grad_out1, overwrite_k=owned
-        )
-        del phi_q, phi_k, grad_out1  # before the maps' graphs: the features are not held twice
+        owned = phi_k.untyped_storage().data_ptr() not in {t.untyped_storage().data_ptr() for t in (q, k, v, v1)}
+        grad_phi_q, grad_phi_k, grad_v1 = _feature_grads(  # dφ(k) written into φ(k) when no input shares it,
+            phi_q, phi_k, v1, log_scale, causal, module.chunk_size, grad_out1, overwrite_k=owned, overwrite_v=True
+        )  # d[v, 1] into [v, 1] (made here)
+        del phi_q, phi_k, grad_out1, v1  # before the maps' graphs: the features are not held twice
+        grad_v = grad_v1[..., :-1]  # (B, H, S, Dv): the ones column is a constant
+        if pad is not None:
+            grad_v = grad_v.masked_fill(pad[:, None, :, None], 0.0)
         grad_q, *params_q = _map_grads(module, q, True, grad_phi_q, params)
         del grad_phi_q
         grad_k, *params_k = _map_grads(module, k, False, grad_phi_k, params)
         grad_params = [a if b is None else b if a is None else a + b for a, b in zip(params_q, params_k)]
-        return (None, None, None, grad_q, grad_k, grad_v1, *grad_params)
+        return (None, None, None, grad_q, grad_k, grad_v, *grad_params)
 
 
 def _map_grads(
@@ -271,17 +278,18 @@ def _products(
 
 def _feature_grads(
     phi_q: Tensor, phi_k: Tensor, v1: Tensor, log_scale: Tensor | None, causal: bool, chunk: int, grad: Tensor,
-    overwrite_k: bool = False,
+    overwrite_k: bool = False, overwrite_v: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of the unnormalised output (B, H, L, E) for φ(q), φ(k) and v1, from the output's ``grad``;
-    ``overwrite_k`` (causal): φ(k) is the caller's own buffer, and its gradient is written into it."""
+    ``overwrite_k`` (causal): φ(k) is the caller's own buffer, and its gradient is written into it; ``overwrite_v``
+    (causal) likewise for v1."""
     b, h, length, m = phi_q.shape
     if causal:
         flat = [t.reshape(b * h, length, -1) for t in (phi_q, phi_k, v1, grad)]  # (BH, L, ·)
         g = None if log_scale is None else log_scale.reshape(b * h, length)  # (BH, L)
         run_max = None if g is None else g.cummax(-1).values  # (BH, L)
         grads = causal_linear_backward(*flat[:3], g, run_max, max(1, min(chunk, length)), flat[3].contiguous(),
-                                       overwrite_k=overwrite_k)
+                                       overwrite_k=overwrite_k, overwrite_v=overwrite_v)
         return tuple(t.reshape(b, h, length, -1) for t in grads)
     weights = None
     if log_scale is not None:

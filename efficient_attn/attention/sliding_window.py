@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.differentiable import recompute_active, recompute_in_backward
 from ..ops.numerics import upcast, upcast_call
 from ..registry import register_attention
 from .base import Attention, check_inputs, check_step
@@ -32,22 +33,37 @@ class SlidingWindowAttention(Attention):
     Masks: key padding yes; causal yes. Self-attention only: query i and key i are the same position,
     so cross-attention (S ≠ L) raises. Decoding keeps the last w keys/values (a cache bounded by w).
     Computed in float32 (float64 stays float64), also under autocast; the output comes in v's dtype.
+    ``recompute`` (default True): in training, keep only q, k, v for backward (less than softmax's SDPA, which also
+    keeps its output and log-sum-exp) and make the score blocks again there, instead of keeping the (L, w)-sized
+    blocks (scores, weights, the key blocks' copies); same forward, same gradients (the same blocked computation,
+    run once more in backward), at the cost of one more forward of the attention.
     """
 
     supports_cross_attention = False
 
-    def __init__(self, head_dim: int, num_heads: int, *, window: int = 64, scale: float | None = None) -> None:
+    def __init__(
+        self, head_dim: int, num_heads: int, *, window: int = 64, scale: float | None = None, recompute: bool = True
+    ) -> None:
         super().__init__(head_dim, num_heads)
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
             raise ValueError(f"window must be a positive int, got {window!r}")
         if scale is not None and not scale > 0:
             raise ValueError(f"scale must be positive, got {scale!r}")
-        self.window = window
+        self.window, self.recompute = window, bool(recompute)
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, causal: bool
     ) -> Tensor:
+        if recompute_active(self.recompute) and (q.requires_grad or k.requires_grad or v.requires_grad):
+            window, scale = self.window, self.scale
+
+            def blocked(a: Tensor, b: Tensor, c: Tensor) -> Tensor:  # (B, H, L, D) twice, (B, H, L, Dv)
+                return _banded_for_autograd(a, b, c, key_padding_mask, causal, window, scale)
+
+            with torch.autocast(q.device.type, enabled=False):
+                out = recompute_in_backward(blocked, *upcast(q, k, v))  # (B, H, L, Dv)
+            return out.to(v.dtype)
         return upcast_call(banded_softmax_attention, q, k, v, key_padding_mask, causal, self.window, self.scale)
 
     def prefill(self, k: Tensor, v: Tensor) -> dict[str, Tensor]:
@@ -72,7 +88,7 @@ class SlidingWindowAttention(Attention):
         return out.to(v.dtype), {"k": k, "v": v}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, window={self.window}, scale={self.scale:.4g}"
+        return f"{super().extra_repr()}, window={self.window}, scale={self.scale:.4g}, recompute={self.recompute}"
 
 
 def banded_softmax_attention(

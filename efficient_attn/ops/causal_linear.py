@@ -122,7 +122,7 @@ class _CausalLinear(torch.autograd.Function):
 
 def causal_linear_backward(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, run_max: Tensor | None, chunk: int, grad_out: Tensor,
-    *, overwrite_k: bool = False,
+    *, overwrite_k: bool = False, overwrite_v: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq_i = Σ_{j≤i} (g_i·v_j) w_ij φ(k_j);  dk_j = Σ_{i≥j} (g_i·v_j) w_ij φ(q_i);
     dv_j = Σ_{i≥j} (φ(q_i)·φ(k_j)) w_ij g_i,  w_ij = e^{g_j − G_i} (1 without log-scales).
@@ -130,12 +130,13 @@ def causal_linear_backward(
     the chunk C, the output's gradient (BH, L, E). The forward pass's masked score blocks (with w) are made
     again in the reverse pass, where they are used; every other factor comes from ``Scales`` (all ≤ 1).
     ``overwrite_k``: k is a buffer no one else holds; dk is written into it, each chunk after that chunk's last use
-    of k (the reverse pass goes last), so backward needs one (L, M) buffer fewer."""
+    of k (the reverse pass goes last), so backward needs one (L, M) buffer fewer; ``overwrite_v`` likewise for v
+    and dv (each chunk of v is last read in its reverse step, before dv is written there)."""
     chunks = chunk_spans(q.shape[1], chunk)
     scales = None if g is None else Scales(g, run_max, chunks).reverse()
     v_in = v if g is None else v * scales.decay  # (BH, L, E), as in forward
     g_in = grad_out if g is None else grad_out * scales.weight  # (BH, L, E): what enters rev
-    grad_q, grad_v = torch.empty_like(q), torch.empty_like(v)
+    grad_q, grad_v = torch.empty_like(q), v if overwrite_v else torch.empty_like(v)
     grad_k = k if overwrite_k else torch.empty_like(k)
     state = q.new_zeros(q.shape[0], q.shape[2], v.shape[2])  # (BH, M, E), as in forward
     gvs = []

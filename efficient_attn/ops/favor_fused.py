@@ -26,44 +26,50 @@ autograd (``double_backward_by_recompute`` on ``_favor_plain``), as everywhere i
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .causal_linear import Scales, causal_plain, chunk_spans, intra_weights
 from .differentiable import double_backward_by_recompute
 from .features import positive_features_plain
-from .numerics import PADDED_LOG_SCALE, normalize, scale_values
+from .numerics import PADDED_LOG_SCALE, normalize, scale_values, with_ones
 
 BLOCK_ELEMENTS = 1 << 20  # features made at once, all heads (rows × m): 4 MiB fp32, cache-sized
 MIN_BLOCK_ROWS = 64  # many heads (training batches) still get matrix products of some size
 
 
 def favor_positive_attention(
-    q: Tensor, k: Tensor, v1: Tensor, w: Tensor, scale: float,
+    q: Tensor, k: Tensor, v: Tensor, w: Tensor, scale: float,
     key_padding_mask: Tensor | None, causal: bool, chunk_size: int, recompute: bool = False,
 ) -> Tensor:
     """Normalised FAVOR+ attention with positive features of ``scale``·x against the rows of w.
 
-    q (B, H, L, d), k (B, H, S, d), v1 (B, H, S, Dv+1): values with the normalizer's column of ones,
-    zero on padded keys; w (m, d); key_padding_mask (B, S) or None; ``chunk_size``: causal chunk C.
+    q (B, H, L, d), k (B, H, S, d), v (B, H, S, Dv): values, zero on padded keys (the normalizer's column of
+    ones, [v, 1], is appended here, zero on padded keys too); w (m, d); key_padding_mask (B, S) or None;
+    ``chunk_size``: causal chunk C.
     Returns (B, H, L, Dv); a row that sees no key gets 0. Float32 or float64 throughout.
     ``recompute`` (causal): keep no features, score blocks or chunk states for backward, which makes them
-    again chunk by chunk (one more pass of the feature map over q and two over k, one more state sweep).
+    again chunk by chunk (one more pass of the feature map over q and two over k, one more state sweep; the keys'
+    log-scales made again too), so that it keeps what softmax's fused kernel keeps: q, k, v, the output and one
+    (L,)-sized statistic per row (the normalizer).
     """
     b, h, length, _ = q.shape
     s_len = k.shape[2]
-    flat = [t.reshape(b * h, t.shape[2], t.shape[3]) for t in (q, k, v1)]  # (BH, ·, ·)
     pad = None
     if key_padding_mask is not None:
         pad = key_padding_mask[:, None, :].expand(b, h, s_len).reshape(b * h, s_len)  # (BH, S)
     rows = max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // (b * h * w.shape[0]))
-    if causal:
+    if causal:  # [v, 1] made inside, so that backward keeps v, not [v, 1]
+        flat = [t.reshape(b * h, t.shape[2], t.shape[3]) for t in (q, k, v)]  # (BH, ·, ·)
         chunk = max(1, min(chunk_size, length))
         out = _CausalFavor.apply(*flat, w, scale, pad, chunk, max(1, rows // chunk) * chunk, recompute, b)
-    elif _pairwise_is_cheaper(length, s_len, w.shape[0], v1.shape[-1]) and max(length, s_len) <= rows:
+        return out.reshape(b, h, length, -1)  # (B, H, L, Dv) in (B, L, H, Dv) memory already
+    flat = [t.reshape(b * h, t.shape[2], t.shape[3]) for t in (q, k, with_ones(v, key_padding_mask))]  # (BH, ·, ·)
+    if _pairwise_is_cheaper(length, s_len, w.shape[0], v.shape[-1] + 1) and max(length, s_len) <= rows:
         out = _PairwiseFavor.apply(*flat, w, scale, pad)
     else:
         out = _NoncausalFavor.apply(*flat, w, scale, pad, rows)
-    return out.reshape(b, h, length, -1)  # causal: (B, H, L, Dv) in (B, L, H, Dv) memory already
+    return out.reshape(b, h, length, -1)  # (B, H, L, Dv)
 
 
 def _features(x: Tensor, w_s: Tensor, s: slice) -> tuple[Tensor, Tensor]:
@@ -82,8 +88,22 @@ def _key_features(
     for s in chunk_spans(x.shape[1], rows):
         phi, g[:, s] = _features(x, w_s, s)
         blocks.append(phi)
-    g.sub_(x.square().sum(-1).mul_(scale * scale / 2.0))
-    return blocks, g if pad is None else g.masked_fill_(pad, PADDED_LOG_SCALE)
+    return blocks, _log_scales(g, x, scale, pad)
+
+
+def _key_log_scales(x: Tensor, w_s: Tensor, scale: float, pad: Tensor | None, rows: int) -> Tensor:
+    """The log-scales of ``_key_features`` (BH, S) alone, bit for bit (the same products, block by block), no
+    features kept: one (rows, m) block of logits at a time."""
+    g = x.new_empty(x.shape[:2])  # (BH, S)
+    for s in chunk_spans(x.shape[1], rows):
+        g[:, s] = torch.matmul(x[:, s], w_s.t()).amax(-1)  # (BH, C): each key's largest logit r
+    return _log_scales(g, x, scale, pad)
+
+
+def _log_scales(r: Tensor, x: Tensor, scale: float, pad: Tensor | None) -> Tensor:
+    """g = r − scale²‖x‖²/2 (BH, S), written into r; padded keys at ``PADDED_LOG_SCALE``."""
+    r.sub_(x.square().sum(-1).mul_(scale * scale / 2.0))
+    return r if pad is None else r.masked_fill_(pad, PADDED_LOG_SCALE)
 
 
 def _query_features(x: Tensor, w_s: Tensor, rows: int) -> list[Tensor]:
@@ -208,12 +228,15 @@ class _CausalFavor(torch.autograd.Function):
     turns each chunk's feature gradients into dq, dk at once. The first chunk has no incoming state
     and the last no later rows: their products with a zero state are skipped (a single chunk, as at
     the quickstart's lengths, is then just the masked (C, C) scores).
-    With ``recompute`` nothing (L, m)- or per-chunk-sized is kept: backward first sweeps the chunks forward
-    to make the incoming states again (key features made per chunk), then in its reverse pass makes each
-    chunk's features and masked scores again; the states are held only during this backward."""
+    With ``recompute`` nothing (L, m)- or per-chunk-sized is kept, nor the keys' log-scales: backward makes the
+    log-scales again (``_key_log_scales``), sweeps the chunks forward to make the incoming states again (key
+    features made per chunk), then in its reverse pass makes each chunk's features and masked scores again; the
+    states are held only during this backward. Takes v (BH, S, Dv) and keeps it, [v, 1] made in forward and
+    again in backward."""
 
     @staticmethod
-    def forward(ctx, xq, xk, v1, w, scale, pad, chunk, rows, recompute=False, batch=None):
+    def forward(ctx, xq, xk, v, w, scale, pad, chunk, rows, recompute=False, batch=None):
+        v1 = _with_ones(v, pad)  # (BH, S, Dv+1)
         bh, length, _ = xq.shape
         w_s = w * scale
         keys, g = _key_features(xk, w_s, scale, pad, rows)
@@ -244,22 +267,26 @@ class _CausalFavor(torch.autograd.Function):
             out = out1.new_empty(batch, length, bh // batch, out1.shape[-1] - 1).transpose(1, 2)
             out.copy_(out1[..., :-1].view(out.shape) / den.view(*out.shape[:-1], 1))  # compile refuses a strided out=
         if recompute:
-            keys, queries = [], []
-        ctx.save_for_backward(xq, xk, v1, w, pad, g, out, den, *keys, *queries, *kept)
+            keys, queries, g = [], [], None
+        ctx.save_for_backward(xq, xk, v, w, pad, g, out, den, *keys, *queries, *kept)
         ctx.scale, ctx.chunk, ctx.rows, ctx.blocks, ctx.recompute = scale, chunk, rows, len(keys), recompute
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        xq, xk, v1, w, pad, g, out, den, *kept = ctx.saved_tensors
+        xq, xk, v, w, pad, g, out, den, *kept = ctx.saved_tensors
         out, grad_out = out.reshape(-1, *out.shape[-2:]), grad_out.reshape(-1, *grad_out.shape[-2:])  # (BH, L, Dv)
         if torch.is_grad_enabled():  # create_graph=True: differentiate a plain re-computation
             grads = double_backward_by_recompute(
-                lambda a, b, c: _favor_plain(a, b, c, w, ctx.scale, pad, True), (xq, xk, v1), (grad_out,)
+                lambda a, b, c: _favor_plain(a, b, _with_ones(c, pad), w, ctx.scale, pad, True), (xq, xk, v),
+                (grad_out,),
             )
             return (*grads, None, None, None, None, None, None, None)
         keys, queries, kept = kept[: ctx.blocks], kept[ctx.blocks : 2 * ctx.blocks], kept[2 * ctx.blocks :]
         w_s = w * ctx.scale
+        v1 = _with_ones(v, pad)  # (BH, S, Dv+1), as in forward
+        if g is None:  # recompute: the keys' log-scales again, the same values
+            g = _key_log_scales(xk, w_s, ctx.scale, pad, ctx.rows)
         w_aug = _augmented(w_s, ctx.scale)
         run_max = g.cummax(-1).values  # (BH, L): G_i
         chunks = chunk_spans(xq.shape[1], ctx.chunk)
@@ -301,7 +328,16 @@ class _CausalFavor(torch.autograd.Function):
                 rev = entering if rev is None else entering.add_(rev.mul_(scales.grow[:, n]))
             grad_xq[:, s] = _x_grad(grad_q, qc, w_s, None)
             grad_xk[:, s] = _x_grad(grad_k, kc, w_aug, xk[:, s])
-        return grad_xq, grad_xk, grad_v1, None, None, None, None, None, None, None
+        grad_v = grad_v1[..., :-1]  # (BH, S, Dv): the ones column is a constant
+        if pad is not None:
+            grad_v = grad_v.masked_fill(pad[..., None], 0.0)
+        return grad_xq, grad_xk, grad_v, None, None, None, None, None, None, None
+
+
+def _with_ones(v: Tensor, pad: Tensor | None) -> Tensor:
+    """Flat v (BH, S, Dv) -> [v, 1] (BH, S, Dv+1), padded keys' rows (pad (BH, S)) zero."""
+    v1 = F.pad(v, (0, 1), value=1.0)  # (BH, S, Dv+1)
+    return v1 if pad is None else v1.masked_fill(pad[..., None], 0.0)
 
 
 def _in_block(blocks: list[Tensor], s: slice, rows: int) -> Tensor:

@@ -30,6 +30,13 @@ def upcast_with_ones(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, T
     return q, k, F.pad(v, (0, 1), value=1.0)
 
 
+def with_ones(v: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    """v (B, H, S, Dv) -> [v, 1] (B, H, S, Dv+1), rows of padded keys (mask (B, S)) all zero (v is zero there
+    already; this drops their normalizer too)."""
+    v1 = F.pad(v, (0, 1), value=1.0)  # (B, H, S, Dv+1)
+    return v1 if key_padding_mask is None else v1.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+
+
 def scale_values(v1: Tensor, log_scale: Tensor | None) -> Tensor:
     """Non-causal: v1 (B, H, S, Dv+1) rows times e^{g_j − G}, G the largest log-scale of the (b, h)."""
     if log_scale is None:

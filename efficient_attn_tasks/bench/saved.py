@@ -10,7 +10,9 @@ and the node that holds it. Parameters are left out (they are not activations).
     python -m efficient_attn_tasks.bench.saved --attentions softmax,linear,favor --lengths 1024 4096 --layers 2
 
 prints, per attention and L, the saved MiB by module kind (attention core, projections, MLP, norms,
-rest) and the core's largest entries (node, shape, MiB); with ``--peak`` also the most bytes live at once during
+rest) and the core's largest entries (node, shape, MiB); ``--train-batch B`` holds the batch at B, so the tokens
+grow with L (B·L), as ``efficient-attn-bench --train-batch`` does, instead of the tokens at ``--tokens-per-batch``
+(batch = tokens / L); with ``--peak`` also the most bytes live at once during
 forward and backward (``lm_step_peak``: what a step's peak RSS measures, without the allocator's caching). No forward
 runs at import.
 """
@@ -159,8 +161,9 @@ def summarize(rows: list[Saved]) -> tuple[dict[str, int], list[tuple[str, int, i
 
 
 def _lm(attention: str, length: int, tokens: int, layers: int, d_model: int, heads: int, d_ff: int,
-        num_features: int, options: dict[str, Any] | None) -> tuple[Any, Callable[[], Any]]:
-    """The train mode's LM (batch = tokens / L) and a function running its forward and loss on fixed tokens."""
+        num_features: int, options: dict[str, Any] | None, batch: int | None = None) -> tuple[Any, Callable[[], Any]]:
+    """The train mode's LM and a function running its forward and loss on fixed data: ``batch`` sequences of
+    length L, or (``batch`` None) tokens / L of them."""
     import torch
     import torch.nn.functional as F
 
@@ -172,7 +175,7 @@ def _lm(attention: str, length: int, tokens: int, layers: int, d_model: int, hea
                             max_len=length)
     kwargs = attention_kwargs(attention, {"num_features": num_features, "L": length}) | (options or {})
     model = TransformerLM(cfg, VOCAB, attention=AttentionSpec(attention, kwargs))
-    batch = max(1, tokens // length)
+    batch = batch_size(length, tokens, batch)
     data = torch.randint(0, VOCAB, (batch, length + 1))  # (B, L + 1)
 
     def forward() -> Any:
@@ -182,10 +185,16 @@ def _lm(attention: str, length: int, tokens: int, layers: int, d_model: int, hea
     return model, forward
 
 
+def batch_size(length: int, tokens: int, batch: int | None = None) -> int:
+    """The batch: ``batch`` when given (tokens B·L grow with L), else tokens / L (at least 1)."""
+    return batch if batch is not None else max(1, tokens // length)
+
+
 def lm_breakdown(attention: str, length: int, tokens: int, layers: int, d_model: int = 256, heads: int = 4,
-                 d_ff: int = 1024, num_features: int = 256, options: dict[str, Any] | None = None) -> list[Saved]:
-    """The saved tensors of one forward + loss of the train mode's LM (batch = tokens / L)."""
-    model, forward = _lm(attention, length, tokens, layers, d_model, heads, d_ff, num_features, options)
+                 d_ff: int = 1024, num_features: int = 256, options: dict[str, Any] | None = None,
+                 batch: int | None = None) -> list[Saved]:
+    """The saved tensors of one forward + loss of the train mode's LM (batch ``batch``, or tokens / L)."""
+    model, forward = _lm(attention, length, tokens, layers, d_model, heads, d_ff, num_features, options, batch)
     return saved_for_backward(model, forward)
 
 
@@ -207,10 +216,12 @@ def peak_bytes(fn: Callable[[], Any]) -> int:
 
 
 def lm_step_peak(attention: str, length: int, tokens: int, layers: int, d_model: int = 256, heads: int = 4,
-                 d_ff: int = 1024, num_features: int = 256, options: dict[str, Any] | None = None) -> int:
-    """Peak bytes live during one forward, loss and backward of the train mode's LM, parameters left out (they
-    exist before), gradients included: the allocator's counterpart of a training step's peak RSS."""
-    model, forward = _lm(attention, length, tokens, layers, d_model, heads, d_ff, num_features, options)
+                 d_ff: int = 1024, num_features: int = 256, options: dict[str, Any] | None = None,
+                 batch: int | None = None) -> int:
+    """Peak bytes live during one forward, loss and backward of the train mode's LM (batch ``batch``, or
+    tokens / L), parameters left out (they exist before), gradients included: the allocator's counterpart of a
+    training step's peak RSS."""
+    model, forward = _lm(attention, length, tokens, layers, d_model, heads, d_ff, num_features, options, batch)
     return peak_bytes(lambda: forward().backward())
 
 
@@ -219,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attentions", default="softmax,linear,favor")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--tokens-per-batch", type=int, default=16384)
+    p.add_argument("--train-batch", type=int, metavar="B",
+                   help="hold the batch at B (tokens B·L grow with L) instead of the tokens at --tokens-per-batch")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--num-features", type=int, default=256)
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -227,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peak", action="store_true",
                    help="also the peak bytes live during a forward and backward (profiler memory events)")
     args = p.parse_args(argv)
+    if args.train_batch is not None and args.train_batch < 1:
+        p.error(f"--train-batch must be >= 1, got {args.train_batch}")
     import efficient_attn as ea
 
     for name in args.attentions.split(","):
@@ -236,16 +251,17 @@ def main(argv: list[str] | None = None) -> None:
             if key in ea.attention_options(name):
                 options[key] = {"true": True, "false": False}.get(value.lower(), value)
         for length in args.lengths:
+            batch = batch_size(length, args.tokens_per_batch, args.train_batch)
             rows = lm_breakdown(name, length, args.tokens_per_batch, args.layers, num_features=args.num_features,
-                                options=options)
+                                options=options, batch=batch)
             by_kind, entries = summarize(rows)
             total = sum(by_kind.values())
             shown = ", ".join(f"{k} {b / MIB:.1f}" for k, b in sorted(by_kind.items(), key=lambda kv: -kv[1]))
-            print(f"{name} L={length} B={max(1, args.tokens_per_batch // length)} layers={args.layers} "
+            print(f"{name} L={length} B={batch} layers={args.layers} "
                   f"{options or ''}: saved {total / MIB:.1f} MiB ({shown})")
             if args.peak:
                 peak = lm_step_peak(name, length, args.tokens_per_batch, args.layers, num_features=args.num_features,
-                                    options=options)
+                                    options=options, batch=batch)
                 print(f"    step peak (forward + backward, above the parameters): {peak / MIB:.1f} MiB")
             for label, count, nbytes in entries[: args.top]:
                 print(f"    {re.sub(r'Backward0?$', '', label):<60} x{count:<4} {nbytes / MIB:8.1f} MiB")
