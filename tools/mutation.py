@@ -27,6 +27,7 @@ from tools.mutation_sites import MUTATIONS, ROOT, Mutant, all_mutants, targets
 ATTENTION_TESTS = [  # fast and sharp first: with -x a killed mutant stops at its first failure
     "tests/test_reference.py", "tests/test_core_exact.py", "tests/test_gradcheck.py",
     "tests/test_properties.py", "tests/test_decode.py", "tests/test_numerics.py", "tests/test_favor.py",
+    "tests/test_favor_features.py",
     "tests/test_favor_precision.py", "tests/test_favor_fused.py", "tests/test_double_backward.py",
     "tests/test_multihead.py", "tests/test_registry.py", "tests/test_seeding.py",
 ]
