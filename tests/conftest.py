@@ -1,4 +1,5 @@
-"""Fixtures of every test: a fixed seed, an isolated environment (no W&B, temp caches), one thread on request."""
+"""Fixtures of every test: a fixed seed, an isolated environment (no W&B, temp caches), one thread on request; a tiny
+trained softmax run for the conversion tests."""
 
 import pytest
 import torch
@@ -35,3 +36,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def softmax_run(tmp_path_factory):
+    """The run dir of a tiny MQAR softmax run (6 steps), trained once per module on one thread."""
+    from efficient_attn_tasks.run.fit import run
+    from tests.helpers import config, tiny_overrides
+
+    out = tmp_path_factory.mktemp("runs") / "softmax"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(config(*tiny_overrides("mqar", "attention=softmax", "trainer.max_steps=6")), out)
+    finally:
+        torch.set_num_threads(threads)
+    return out

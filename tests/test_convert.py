@@ -28,19 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def softmax_run(tmp_path_factory) -> Path:
-    """The run dir of a tiny MQAR softmax run (6 steps), trained once per module on one thread."""
-    out = tmp_path_factory.mktemp("runs") / "softmax"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run(config(*tiny_overrides("mqar", "attention=softmax", "trainer.max_steps=6")), out)
-    finally:
-        torch.set_num_threads(threads)
-    return out
-
-
 def score(*argv) -> dict:
     return scoring.run(evaluate.parser().parse_args([str(a) for a in argv]))
 

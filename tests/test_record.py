@@ -30,6 +30,7 @@ OK_KEYS = ["version", "name", "task", "attention", "attention_config", "seed", "
            "feature_redraws", "processes", "train_tokens",
            "train_tokens_per_s", "train_tokens_per_s_scope", "peak_memory_mib", "fit_time_s", "wall_time_s",
            "hardware", "versions", "skipped_updates", "scaler_skipped_steps", "precision", "resumed_from", "threads"]
+OPTIONAL_KEYS = ["transfer"]  # after OK_KEYS, only where the run set them
 FAILED_KEYS = ["version", "name", "task", "attention", "seed", "status", "error", "config", "overrides", "steps",
                "resumed_from", "wall_time_s", "versions"]
 
@@ -105,7 +106,7 @@ def test_every_committed_record_reads_and_writes_back_what_it_holds():
         assert kept == {k: v for k, v in raw.items() if k not in ("version", "metrics")}, path
         assert written["version"] == RECORD_VERSION, path  # a format 2 record is stamped with the current format
         assert {k: v for k, v in written["metrics"].items() if k in raw["metrics"]} == raw["metrics"], path
-        assert list(written) == OK_KEYS, path
+        assert list(written) == OK_KEYS + [k for k in OPTIONAL_KEYS if k in raw], path
 
 
 def test_a_hand_written_format_1_record_gets_its_defaults_in_from_json():
