@@ -20,9 +20,10 @@ import torch
 import efficient_attn as ea
 
 
-def median_ms(call: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``call`` in ms, after one warm-up call."""
-    call()
+def median_ms(call: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``call`` in ms, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        call()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

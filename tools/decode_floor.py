@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -25,20 +24,9 @@ import torch
 import torch.nn.functional as F
 
 import efficient_attn as ea
+from tools.ab_step import median_ms
 
 B, H, D, M = 1, 8, 64, 256
-
-
-def median_us(call: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``call`` in µs after 50 untimed calls."""
-    for _ in range(50):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times)
 
 
 def bare_favor(q, k, v, kv, run_max, w):
@@ -120,7 +108,8 @@ def main() -> None:
         timed = calls(args.prefix, torch.Generator().manual_seed(0))
         for r in range(args.rounds):
             for (form, name), call in timed.items():
-                rows.append({"round": r, "form": form, "attention": name, "us": median_us(call, args.repeats)})
+                us = 1e3 * median_ms(call, args.repeats, warmup=50)
+                rows.append({"round": r, "form": form, "attention": name, "us": us})
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "floor.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -60,15 +60,15 @@ def run_transfer(module: Any, datamodule: Any, cfg: DictConfig, device: torch.de
     params = transfer_parameters(module)
     lr = float(cfg.transfer_lr if cfg.get("transfer_lr") is not None else cfg.optim.lr)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.optim.betas), weight_decay=0.0)
+    try:
+        check_transfer(module)
+    except ValueError as err:  # a layer with options: the core alone has no softmax target
+        raise ConfigError(f"transfer_steps={steps}: {err}; set transfer_steps=0") from None
     trained = {id(p) for p in params}
     flags = {p: p.requires_grad for p in module.parameters()}
     for p in module.parameters():
         p.requires_grad_(id(p) in trained)
     was_training, first, losses, start = module.training, None, [], time.perf_counter()
-    try:
-        check_transfer(module)
-    except ValueError as err:  # a layer with options: the core alone has no softmax target
-        raise ConfigError(f"transfer_steps={steps}: {err}; set transfer_steps=0") from None
     module.to(device).eval()
     datamodule.setup("fit")
     try:
