@@ -4,8 +4,9 @@ each other attention swapped in, untrained (``efficient-attn-eval RUN --attentio
     python -m tools.swap_in RUN_DIR [RUN_DIR ...] --swap favor_plus:num_features=256 linear --out DIR
 
 Writes DIR/swap_in.csv (one row per run and attention: run, seed, attention, kwargs, each test metric) and
-DIR/swap_in.md (per attention: mean [95% bootstrap interval inside the metric's range], per-seed values, and the
-change from the run's own attention), plus every evaluation's JSON record under DIR/records/.
+DIR/swap_in.md (per attention: mean [95% bootstrap interval inside the metric's range: [0, 1] for an accuracy,
+``--bounds`` for another metric, e.g. ``--metric bleu --bounds 0,100``], per-seed values, and the change from the
+run's own attention), plus every evaluation's JSON record under DIR/records/.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from efficient_attn_tasks.commands.evaluate import parser as eval_parser
+from efficient_attn_tasks.report.cells import metric_bounds
 from efficient_attn_tasks.report.stats import mean_interval, per_seed
 
 
@@ -24,6 +26,17 @@ def parse_swap(text: str) -> tuple[str, list[str]]:
     """``favor_plus:num_features=256,redraw_interval=null`` → ("favor_plus", ["num_features=256", ...])."""
     name, _, kwargs = text.partition(":")
     return name, [kv for kv in kwargs.split(",") if kv]
+
+
+def parse_bounds(text: str) -> tuple[float, float]:
+    """``0,100`` -> (0.0, 100.0)."""
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI, e.g. 0,100; got {text!r}") from None
+    if not lo < hi:
+        raise argparse.ArgumentTypeError(f"expected LO < HI; got {text!r}")
+    return lo, hi
 
 
 def evaluate(run: Path, swap: tuple[str, list[str]] | None, records: Path) -> dict[str, Any]:
@@ -38,14 +51,17 @@ def evaluate(run: Path, swap: tuple[str, list[str]] | None, records: Path) -> di
     return {"run": run.name, "seed": record["seed"], "attention": label, **record["metrics"]}
 
 
-def summary(rows: list[dict[str, Any]], metric: str) -> list[str]:
+def summary(rows: list[dict[str, Any]], metric: str, bounds: tuple[float, float] | None = None) -> list[str]:
+    """The table's lines; the interval is clipped to ``bounds``, else to [0, 1] for an accuracy, else unbounded."""
+    given = {metric: bounds} if bounds is not None else {}
+    bounds = metric_bounds(metric, [r[metric] for r in rows], given)
     base = {r["run"]: r[metric] for r in rows if r["attention"] == "as trained"}
     lines = [f"| attention | n | {metric} mean [95% interval] | by seed | change from as trained (mean) |",
              "|---|---|---|---|---|"]
     for label in dict.fromkeys(r["attention"] for r in rows):
         mine = [r for r in rows if r["attention"] == label]
         change = sum(r[metric] - base[r["run"]] for r in mine) / len(mine)
-        lines.append(f"| {label} | {len(mine)} | {mean_interval([r[metric] for r in mine], (0.0, 1.0))} "
+        lines.append(f"| {label} | {len(mine)} | {mean_interval([r[metric] for r in mine], bounds)} "
                      f"| {per_seed([(r['seed'], r[metric]) for r in mine])} | {change:+.4g} |")
     return lines
 
@@ -55,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("runs", type=Path, nargs="+")
     p.add_argument("--swap", nargs="+", required=True, help="NAME or NAME:key=value,key=value")
     p.add_argument("--metric", default="acc")
+    p.add_argument("--bounds", type=parse_bounds, default=None, metavar="LO,HI",
+                   help="the metric's range (default: [0, 1] for an accuracy, else none)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     records = a.out / "records"
@@ -64,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
-    (a.out / "swap_in.md").write_text("\n".join(summary(rows, a.metric)) + "\n")
+    (a.out / "swap_in.md").write_text("\n".join(summary(rows, a.metric, a.bounds)) + "\n")
     print((a.out / "swap_in.md").read_text())
 
 
