@@ -201,6 +201,21 @@ def test_paired_delta_and_p_match_ttest_rel_where_welch_sees_noise(tmp_path, cap
     assert rows["shifted / 64"][column] == "+0.125 (0) *"  # every difference the same non-zero number (scipy: nan)
 
 
+def test_paired_with_ci_gives_the_interval_of_the_mean_difference(tmp_path, capsys):
+    paired_grid(tmp_path)
+    main([str(tmp_path), "--rows", ROWS, "--metrics", "test/acc", "--paired", "softmax", "--ci"])
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    column = "Δ test/acc vs softmax (paired p)"
+    result = stats.ttest_rel(FAVOR, SOFTMAX)
+    lo, hi = result.confidence_interval()
+    delta = sum(f - s for f, s in zip(FAVOR, SOFTMAX)) / 4
+    assert rows["favor_m16 / 64"][column] == f"{delta:+.4g} [{lo:+.4g}, {hi:+.4g}] ({result.pvalue:.3g}) *"
+    assert lo > 0  # the consistent offset: an interval above 0
+    assert rows["linear / 64"][column] == "-0.25 (n<2)"  # one pair: no interval
+    assert "[its 95% t-interval, raw]" in out
+
+
 def test_paired_needs_attention_in_rows_excludes_baseline_and_needs_one_run_per_seed(tmp_path):
     paired_grid(tmp_path)
     with pytest.raises(SystemExit):
@@ -226,11 +241,14 @@ def test_stats_csv_has_numeric_columns_per_row(tmp_path, capsys):
     assert (tmp_path / "tables" / "mqar.md").exists() and (tmp_path / "tables" / "mqar.csv").exists()
     assert header[:7] == ["attention", "config.task.seq_len", "n", "config.optim.lr", "config.optim.lr tried",
                           "test/acc_mean", "test/acc_ci"]
-    assert "num_parameters_mean" in header and header[-2:] == ["test/acc_delta", "test/acc_p"]
+    assert "num_parameters_mean" in header
+    assert header[-4:] == ["test/acc_delta", "test/acc_p", "test/acc_delta_lo", "test/acc_delta_hi"]
     favor = rows[("favor_m16", "64")]
     assert favor["n"] == "5" and float(favor["test/acc_mean"]) == pytest.approx(sum(FAVOR) / 5)
     assert float(favor["test/acc_delta"]) == pytest.approx(sum(f - s for f, s in zip(FAVOR, SOFTMAX)) / 4)
     assert float(favor["test/acc_p"]) == pytest.approx(stats.ttest_rel(FAVOR, SOFTMAX).pvalue)
+    interval = stats.ttest_rel(FAVOR, SOFTMAX).confidence_interval()
+    assert (float(favor["test/acc_delta_lo"]), float(favor["test/acc_delta_hi"])) == pytest.approx(tuple(interval))
     softmax = rows[("softmax", "64")]
     assert softmax["config.optim.lr"] == "0.001" and softmax["config.optim.lr tried"] == "2"
     assert float(softmax["test/acc_mean"]) == pytest.approx(sum(SOFTMAX) / 4)  # not the 0.9 of the dropped lr

@@ -10,7 +10,7 @@ from typing import Any
 
 from efficient_attn_tasks.report.cells import Success, is_state_size
 from efficient_attn_tasks.report.rows import Row, numeric_column, sort_key
-from efficient_attn_tasks.report.stats import finite_values, holm, mcnemar_p, paired_p
+from efficient_attn_tasks.report.stats import ci_halfwidth, finite_values, holm, mcnemar_p, paired_p
 
 SIGNIFICANT = 0.05  # --paired appends " *" to a Holm-adjusted p below this
 
@@ -31,20 +31,22 @@ class Test:
     value: Any  # the mean difference (t-test), or (row-only, baseline-only) successes (McNemar)
     p: float | None
     text: str  # the cell without its significance mark
+    interval: tuple[float, float] | None = None  # t-test: 95% t-interval of the mean difference (n ≥ 2)
     adjusted: float | None = None  # Holm over every test of the table
 
 
 def comparisons(rows: list[Row], names: list[str], paired: str | None,
-                successes: list[Success]) -> dict[tuple[str, str], Test]:
+                successes: list[Success], ci: bool = False) -> dict[tuple[str, str], Test]:
     """Every paired test of the table, by (row label, metric or success label), with Holm-adjusted p over all
-    of them (one family: each metric t-test and each McNemar test of every row)."""
+    of them (one family: each metric t-test and each McNemar test of every row); ``ci``: each t-test's cell
+    gives the 95% interval of the mean difference."""
     if paired is None:
         return {}
     partners = partner_rows(rows, paired)
     tests: dict[tuple[str, str], Test] = {}
     for row in rows:
         for k in compared(rows, names):
-            tests[row.label, k] = Test(*paired_test(row, partners[row.label], k))
+            tests[row.label, k] = paired_test(row, partners[row.label], k, ci)
         for s in successes:
             tests[row.label, s.label] = mcnemar_test(row, partners[row.label], s)
     family = [t for t in tests.values() if t.p is not None]
@@ -96,22 +98,28 @@ def by_seed(row: Row, key: str) -> dict[Any, float]:
     return values
 
 
-def paired_test(row: Row, base: Row | None, key: str) -> tuple[float | None, float | None, str]:
-    """(mean over matched seeds of row − base, paired t-test p, the cell text) for one metric.
+def paired_test(row: Row, base: Row | None, key: str, ci: bool = False) -> Test:
+    """The paired t-test of one metric: the mean over matched seeds of row − base, its p, and with n ≥ 2 the
+    95% t-interval of that mean difference (raw, like p; Holm adjusts only p).
 
-    Cell text: "+Δ (p)" (``render`` marks it by its Holm-adjusted p); "+Δ (n<2)" with one matched seed; "—" on
-    the baseline row itself; "n/a" without matched seeds; "no baseline" when the grid lacks that row.
+    Cell text: "+Δ (p)", with ``ci`` "+Δ [lo, hi] (p)" (``render`` marks it by its Holm-adjusted p); "+Δ (n<2)"
+    with one matched seed; "—" on the baseline row itself; "n/a" without matched seeds; "no baseline" when the
+    grid lacks that row.
     """
     if base is None:
-        return None, None, "no baseline"
+        return Test(None, None, "no baseline")
     if base is row:
-        return None, None, "—"
+        return Test(None, None, "—")
     a, b = by_seed(row, key), by_seed(base, key)
     seeds = sorted(a.keys() & b.keys(), key=sort_key)
     if not seeds:
-        return None, None, "n/a"
-    delta = statistics.mean(a[s] - b[s] for s in seeds)
+        return Test(None, None, "n/a")
+    diffs = [a[s] - b[s] for s in seeds]
+    delta = statistics.mean(diffs)
     if len(seeds) < 2:
-        return delta, None, f"{delta:+.4g} (n<2)"
+        return Test(delta, None, f"{delta:+.4g} (n<2)")
     p = paired_p([a[s] for s in seeds], [b[s] for s in seeds])
-    return delta, p, f"{delta:+.4g} ({p:.3g})"
+    half = ci_halfwidth(diffs)
+    interval = (delta - half, delta + half)
+    shown = f" [{interval[0]:+.4g}, {interval[1]:+.4g}]" if ci else ""
+    return Test(delta, p, f"{delta:+.4g}{shown} ({p:.3g})", interval)

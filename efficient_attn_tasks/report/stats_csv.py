@@ -21,7 +21,8 @@ def stats_table(rows: list[Row], names: list[str], keys: list[str], tune_key: st
     ``_mean``, ``_ci`` (t 95% half-width, 0 for n=1), ``_lo``, ``_hi`` (the table's interval: bootstrap inside the
     bounds for a bounded metric, else mean ∓ t half-width) and ``_values`` (per seed); the seeds, [edge]; per
     ``--success`` ``_k``, ``_n``, ``_lo``, ``_hi``, ``_mean_if``; ``still_improving``; then with ``paired`` the
-    McNemar ``_p`` and every test's ``_p_holm``, and last ``_delta`` and ``_p`` per compared metric."""
+    McNemar ``_p`` and every test's ``_p_holm``, and last ``_delta``, ``_p`` and the 95% ``_delta_lo``, ``_delta_hi``
+    per compared metric."""
     opts = options or Options()
     flat = {row.label: row.flat for row in rows}
     numeric = [k for k in names if numeric_column(flat, k)]
@@ -36,7 +37,7 @@ def stats_table(rows: list[Row], names: list[str], keys: list[str], tune_key: st
     if paired is not None:
         header += [f"{s.label}_mcnemar_p" for s in successes]
         header += [f"{k}_p_holm" for k in [*deltas, *(s.label for s in successes)]]
-    header += [f"{k}_{s}" for k in deltas for s in ("delta", "p")]
+    header += [f"{k}_{s}" for k in deltas for s in ("delta", "p", "delta_lo", "delta_hi")]
     tests = comparisons(rows, names, paired, successes)
     body = []
     for row in rows:
@@ -62,7 +63,8 @@ def stats_table(rows: list[Row], names: list[str], keys: list[str], tune_key: st
             line += [tests[row.label, s.label].p for s in successes]
             line += [tests[row.label, k].adjusted for k in [*deltas, *(s.label for s in successes)]]
         for k in deltas:
-            line += [tests[row.label, k].value, tests[row.label, k].p]
+            t = tests[row.label, k]
+            line += [t.value, t.p, *(t.interval or (None, None))]
         body.append(line)
     return header, body
 

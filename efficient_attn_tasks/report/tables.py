@@ -106,7 +106,7 @@ def render(rows: list[Row], names: list[str], missing: list[Path], keys: list[st
         if baseline not in by_label:
             raise SystemExit(f"--baseline {baseline!r} is not a row; rows: {list(by_label)}")
         header += [f"Δ {k} (p)" for k in deltas]
-    tests = comparisons(rows, names, paired, opts.successes)
+    tests = comparisons(rows, names, paired, opts.successes, ci)
     if paired is not None:
         header += [f"Δ {k} vs {paired} (paired p)" for k in deltas]
         header += [f"{s.label} vs {paired} (McNemar p)" for s in opts.successes]
@@ -296,8 +296,8 @@ def notes(args: argparse.Namespace, footer: list[str] | None = None) -> str:
         lines.append(f"Per row, the {short(args.tune)} with the best mean over seeds of the monitored validation "
                      "metric (val_best); every metric is from its runs only.")
     if args.paired:
-        lines.append(f"Δ vs {args.paired}: mean over seeds present in both rows of the per-seed difference; p: "
-                     "two-sided paired t-test (raw).")
+        lines.append(f"Δ vs {args.paired}: mean over seeds present in both rows of the per-seed difference"
+                     + (" [its 95% t-interval, raw]" if args.ci else "") + "; p: two-sided paired t-test (raw).")
     lines += footer or []
     return "\n" + "\n".join(lines) + "\n" if lines else ""
 
