@@ -148,3 +148,21 @@ def test_cached_memory_ignores_nan_in_padded_keys_and_passes_query_gradients():
     (want * weights).sum().backward()
     (got * weights).sum().backward()
     torch.testing.assert_close(q2.grad, q1.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_generic_path_keeps_padded_keys_off_the_maximum_at_large_norms(causal):
+    """``KernelAttention``'s own products (a kernel without a fused path, a prefill) in float32: a padded key
+    is zero, so its log-scale (0) would be far above real keys' (−‖k‖²/2√d + …, hundreds of nats below) and,
+    taken as the maximum, underflow every real feature to zero rows; masked, the rows match float64."""
+    from efficient_attn.attention.kernel import KernelAttention
+
+    attn, attn64 = _favor(64), _favor(64).double()
+    q, k, v, mask = _inputs(64, 8.0)
+    want = attn64(q, k, v, key_padding_mask=mask, causal=causal)
+    pad = mask[:, None, :, None]
+    k0, v0 = (t.float().masked_fill(pad, 0.0) for t in (k, v))  # what ``Attention.forward`` hands ``attend``
+    got = KernelAttention.attend(attn, q.float(), k0, v0, mask, causal)
+    rel, live = _row_rel_error(got, want)
+    assert int(((got.norm(dim=-1) == 0) & live).sum()) == 0
+    assert rel.max() <= 1e-2, f"max relative error {rel.max():.2e}"
