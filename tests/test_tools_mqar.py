@@ -3,9 +3,10 @@ on constructed records: no training."""
 
 import pytest
 
+from efficient_attn_tasks.report.cells import parse_bounds
 from efficient_attn_tasks.run.record import Metrics, RunRecord
 from tools.mqar_protocol import best_lr, item_overrides, parse_item
-from tools.swap_in import parse_bounds, parse_swap, summary
+from tools.swap_in import parse_swap, summary
 
 
 def run(lr: float, seed: int, val: float | None) -> RunRecord:
@@ -43,8 +44,8 @@ def test_swap_in_table_gives_each_attention_its_change_from_the_trained_model():
 
 def test_a_swap_in_interval_lies_in_the_metrics_own_range():
     rows = [{"run": r, "seed": s, "attention": "as trained", "bleu": x} for r, s, x in [("a", 0, 31.4), ("b", 1, 29.0)]]
-    cell = summary(rows, "bleu", parse_bounds("0,100"))[2].split(" | ")[2]
+    cell = summary(rows, "bleu", parse_bounds(["bleu=0,100"]))[2].split(" | ")[2]
     assert cell == "30.2 [29, 31.4]"
     assert summary(rows, "bleu")[2].split(" | ")[2] == "30.2 [29, 31.4]"  # unbounded: never clipped to [0, 1]
     with pytest.raises(SystemExit, match="outside"):
-        summary(rows, "bleu", (0.0, 1.0))
+        summary(rows, "bleu", {"bleu": (0.0, 1.0)})

@@ -5,7 +5,7 @@ each other attention swapped in, untrained (``efficient-attn-eval RUN --attentio
 
 Writes DIR/swap_in.csv (one row per run and attention: run, seed, attention, kwargs, each test metric) and
 DIR/swap_in.md (per attention: mean [95% bootstrap interval inside the metric's range: [0, 1] for an accuracy,
-``--bounds`` for another metric, e.g. ``--metric bleu --bounds 0,100``], per-seed values, and the change from the
+``--bounds`` for another metric, e.g. ``--metric bleu --bounds bleu=0,100``], per-seed values, and the change from the
 run's own attention), plus every evaluation's JSON record under DIR/records/.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from efficient_attn_tasks.commands.evaluate import parser as eval_parser
-from efficient_attn_tasks.report.cells import metric_bounds
+from efficient_attn_tasks.report.cells import metric_bounds, parse_bounds
 from efficient_attn_tasks.report.stats import mean_interval, per_seed
 
 
@@ -26,17 +26,6 @@ def parse_swap(text: str) -> tuple[str, list[str]]:
     """``favor_plus:num_features=256,redraw_interval=null`` → ("favor_plus", ["num_features=256", ...])."""
     name, _, kwargs = text.partition(":")
     return name, [kv for kv in kwargs.split(",") if kv]
-
-
-def parse_bounds(text: str) -> tuple[float, float]:
-    """``0,100`` -> (0.0, 100.0)."""
-    try:
-        lo, hi = (float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI, e.g. 0,100; got {text!r}") from None
-    if not lo < hi:
-        raise argparse.ArgumentTypeError(f"expected LO < HI; got {text!r}")
-    return lo, hi
 
 
 def evaluate(run: Path, swap: tuple[str, list[str]] | None, records: Path) -> dict[str, Any]:
@@ -51,10 +40,10 @@ def evaluate(run: Path, swap: tuple[str, list[str]] | None, records: Path) -> di
     return {"run": run.name, "seed": record["seed"], "attention": label, **record["metrics"]}
 
 
-def summary(rows: list[dict[str, Any]], metric: str, bounds: tuple[float, float] | None = None) -> list[str]:
-    """The table's lines; the interval is clipped to ``bounds``, else to [0, 1] for an accuracy, else unbounded."""
-    given = {metric: bounds} if bounds is not None else {}
-    bounds = metric_bounds(metric, [r[metric] for r in rows], given)
+def summary(rows: list[dict[str, Any]], metric: str, given: dict[str, tuple[float, float]] | None = None) -> list[str]:
+    """The table's lines; the interval is clipped to the metric's range in ``given`` (``--bounds``), else to
+    [0, 1] for an accuracy, else unbounded."""
+    bounds = metric_bounds(metric, [r[metric] for r in rows], given or {})
     base = {r["run"]: r[metric] for r in rows if r["attention"] == "as trained"}
     lines = [f"| attention | n | {metric} mean [95% interval] | by seed | change from as trained (mean) |",
              "|---|---|---|---|---|"]
@@ -71,8 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("runs", type=Path, nargs="+")
     p.add_argument("--swap", nargs="+", required=True, help="NAME or NAME:key=value,key=value")
     p.add_argument("--metric", default="acc")
-    p.add_argument("--bounds", type=parse_bounds, default=None, metavar="LO,HI",
-                   help="the metric's range (default: [0, 1] for an accuracy, else none)")
+    p.add_argument("--bounds", action="append", metavar="METRIC=LO,HI",
+                   help="a metric's range, as efficient-attn-report's, e.g. bleu=0,100 (default: [0, 1] for an accuracy)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     records = a.out / "records"
@@ -82,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
-    (a.out / "swap_in.md").write_text("\n".join(summary(rows, a.metric, a.bounds)) + "\n")
+    (a.out / "swap_in.md").write_text("\n".join(summary(rows, a.metric, parse_bounds(a.bounds))) + "\n")
     print((a.out / "swap_in.md").read_text())
 
 
