@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--swap", nargs="+", required=True, help="NAME or NAME:key=value,key=value")
     p.add_argument("--metric", default="acc")
     p.add_argument("--bounds", action="append", metavar="METRIC=LO,HI",
-                   help="a metric's range, as efficient-attn-report's, e.g. bleu=0,100 (default: [0, 1] for an accuracy)")
+                   help="a metric's range, as in efficient-attn-report, e.g. bleu=0,100 (default: [0, 1] for acc)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     records = a.out / "records"
