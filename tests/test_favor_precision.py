@@ -119,13 +119,16 @@ def test_decoding_matches_causal_at_large_norms():
         assert live.all() and err.max() < 1e-4, err.max()
 
 
-def test_decoding_rescales_when_a_later_key_dominates():
+@pytest.mark.parametrize("path", ["lean", "generic"])
+def test_decoding_rescales_when_a_later_key_dominates(path):
     """Key 0 of huge norm (log-scale hundreds of nats below the next keys'): the decoding state must
-    follow the running maximum, or e^{g − G} overflows; the steps must still equal causal forward."""
+    follow the running maximum, or e^{g − G} overflows; the steps must still equal causal forward. Inputs
+    that need gradients take ``KernelAttention.decode_step`` (generic), others FAVOR+'s own (lean)."""
     attn = _favor(64)
     q, k, v, _ = _inputs(64, 1.0)
-    q, k, v = (t[:, :, :12].float() for t in (q, k, v))
-    k[:, :, 0] *= 12.0
+    q, k, v = (t[:, :, :12].float().requires_grad_(path == "generic") for t in (q, k, v))
+    with torch.no_grad():
+        k[:, :, 0] *= 12.0
     full = attn(q, k, v, causal=True)
     stepped = decode_sequence(attn, q, k, v)
     assert full.isfinite().all()
