@@ -175,3 +175,11 @@ def test_taylor_never_makes_its_features_whole():
     grad = torch.randn(b, h, length, d)
     peak = peak_bytes(lambda: attn(q, k, v, causal=True).backward(grad))
     assert peak <= 9.5 * b * h * length * d * 4, peak / (b * h * length * d * 4)
+
+
+def test_recompute_is_active_only_when_asked_in_grad_mode_and_eager():
+    from efficient_attn.ops.differentiable import recompute_active
+
+    assert recompute_active(True) and not recompute_active(False)
+    with torch.no_grad():
+        assert not recompute_active(True)

@@ -267,3 +267,15 @@ def test_band_masks_made_under_inference_mode_do_not_reach_autograd():
     assert q.grad.isfinite().all()
     with torch.no_grad():  # the kept mask, outside inference mode
         torch.testing.assert_close(attn(q, k, v, causal=True), want)
+
+
+def test_the_band_mask_cache_stays_bounded():
+    """One band mask is kept per shape, at most ``_MASKS_KEPT``: a run over many lengths (bucketed batches,
+    a growing prefix) must not keep every mask it ever made."""
+    from efficient_attn.attention import sliding_window
+
+    attn = build(3, dtype=torch.float32)
+    with torch.no_grad():
+        for length in range(5, 5 + 3 * sliding_window._MASKS_KEPT):
+            attn(*make_qkv(b=1, h=2, length=length, d=8, dtype=torch.float32))
+            assert len(sliding_window._MASKS) <= sliding_window._MASKS_KEPT

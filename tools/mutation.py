@@ -29,6 +29,7 @@ ATTENTION_TESTS = [  # fast and sharp first: with -x a killed mutant stops at it
     "tests/test_properties.py", "tests/test_decode.py", "tests/test_numerics.py", "tests/test_favor.py",
     "tests/test_favor_features.py",
     "tests/test_favor_precision.py", "tests/test_favor_fused.py", "tests/test_double_backward.py",
+    "tests/test_kernel_memory.py",  # recompute on and off: the paths kept for backward, and their memory
     "tests/test_multihead.py", "tests/test_registry.py", "tests/test_seeding.py",
 ]
 GENERATE_TESTS = ["tests/test_generate.py", "tests/test_beam.py"]
