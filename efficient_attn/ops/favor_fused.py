@@ -235,7 +235,7 @@ class _CausalFavor(torch.autograd.Function):
     again in backward."""
 
     @staticmethod
-    def forward(ctx, xq, xk, v, w, scale, pad, chunk, rows, recompute=False, batch=None):
+    def forward(ctx, xq, xk, v, w, scale, pad, chunk, rows, recompute, batch):
         v1 = _with_ones(v, pad)  # (BH, S, Dv+1)
         bh, length, _ = xq.shape
         w_s = w * scale
@@ -261,11 +261,9 @@ class _CausalFavor(torch.autograd.Function):
             if n + 1 < len(chunks):
                 state = state.mul(scales.shrink[:, n]).baddbmm_(kc.transpose(1, 2), v_in[:, s])
         den = _divisor(out1)
-        if batch is None:
-            out = out1[..., :-1].div_(den)  # (BH, L, Dv)
-        else:  # (B, H, L, Dv) in (B, L, H, Dv) memory: the heads' merge after it is a view, not a copy
-            out = out1.new_empty(batch, length, bh // batch, out1.shape[-1] - 1).transpose(1, 2)
-            out.copy_(out1[..., :-1].view(out.shape) / den.view(*out.shape[:-1], 1))  # compile refuses a strided out=
+        # (B, H, L, Dv) in (B, L, H, Dv) memory: the heads' merge after it is a view, not a copy
+        out = out1.new_empty(batch, length, bh // batch, out1.shape[-1] - 1).transpose(1, 2)
+        out.copy_(out1[..., :-1].view(out.shape) / den.view(*out.shape[:-1], 1))  # compile refuses a strided out=
         if recompute:
             keys, queries, g = [], [], None
         ctx.save_for_backward(xq, xk, v, w, pad, g, out, den, *keys, *queries, *kept)
