@@ -148,6 +148,8 @@ def test_sliding_window_recompute_keeps_at_most_what_softmax_keeps(causal):
     as without, bit for bit (the same blocked computation, run again in backward)."""
     rows = _saved("sliding_window", {"window": 32}, causal, recompute=True)
     assert sum(r.nbytes for r in rows) <= _softmax_saved(causal), [(r.node, r.shape, r.nbytes) for r in rows]
+    plain = _saved("sliding_window", {"window": 32}, causal, recompute=False)  # autograd keeps the score blocks
+    assert sum(r.nbytes for r in plain) > sum(r.nbytes for r in rows)
     results = []
     for recompute in (False, True):
         attn = ea.create_attention("sliding_window", head_dim=D, num_heads=H, window=32, recompute=recompute).train()
