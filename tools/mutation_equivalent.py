@@ -158,4 +158,51 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
      'w = min(window, length)',
      'call -> its first argument in `min(window, length)`'):
         'a block longer than the sequence is padded and its extra keys masked: the same output, more work',
+    ('efficient_attn/attention/favor.py',
+     'check_inputs(q, k, v, None, True, self.num_heads, self.head_dim)',
+     'constant True -> False in `True`'):
+        "decode_step's q and k are one position each, so the causal check (L == S) holds either way",
+    ('efficient_attn/attention/favor.py',
+     'if run_max.device.type != "cpu" or bool((g > run_max).any()):',
+     'comparison -> Eq in `run_max.device.type != "cpu"`'):
+        'on CPU the step then rescales every time: a maximum that did not grow gives the factor e^0 = 1 '
+        'exactly, so the same state; the GPU branch cannot run here',
+    ('efficient_attn/attention/kernel.py',
+     'if run_max.device.type != "cpu" or not torch.equal(run_max, before):',
+     'comparison -> Eq in `run_max.device.type != "cpu"`'):
+        'on CPU the step then rescales every time: a maximum that did not grow gives the factor e^0 = 1 '
+        'exactly, so the same state; the GPU branch cannot run here',
+    ('efficient_attn/attention/favor.py',
+     'if cached is not None and cached[0] is w and cached[1] == (w._version, w.data_ptr(), dtype, self.kernel):',
+     'delete return branch in `if cached is not None and cached[0] is w and cached[1] == (w._versi...`'):
+        'without the cache the step projection is made again from the same buffer at every step: the same '
+        'values, slower',
+    ('efficient_attn/attention/kernel.py',
+     'grad_v = grad_v.masked_fill(pad[:, None, :, None], 0.0)',
+     'call -> its receiver in `grad_v.masked_fill(pad[:, None, :, None], 0.0)`'):
+        'Attention.forward zeroes padded keys and values (masked_fill) before attend, so autograd zeroes the '
+        "padded rows' value gradient again; the line only guards a direct call of attend",
+    ('efficient_attn/attention/taylor.py',
+     'grad_v = grad_v.masked_fill(pad[:, None, :, None], 0.0)',
+     'constant 0.0 -> 1.0 in `0.0`'):
+        'Attention.forward zeroes padded keys and values (masked_fill) before attend, so autograd zeroes the '
+        "padded rows' value gradient again; the line only guards a direct call of attend",
+    ('efficient_attn/attention/kernel.py',
+     'run_max = None if g is None else g.cummax(-1).values  # (BH, L)',
+     'drop unary operator in `-1`'):
+        'g is 2-D (BH, L): cummax(1) is cummax(-1)',
+    ('efficient_attn/attention/sliding_window.py',
+     'if recompute_active(self.recompute) and (q.requires_grad or k.requires_grad or v.requires_grad):',
+     'boolean -> And in `q.requires_grad or k.requires_grad or v.requires_grad`'):
+        'recompute then only when q, k and v all need gradients (as in every model); otherwise the plain '
+        'path, whose output and gradients are bit-identical (tested): memory only, in a case no model makes',
+    ('efficient_attn/attention/sliding_window.py',
+     'c = min(w, BLOCK)  # queries per block',
+     'call -> its first argument in `min(w, BLOCK)`'):
+        'blocks of w queries instead of min(w, BLOCK): other blocks over the same bands, the same values; '
+        'speed and memory only',
+    ('efficient_attn/attention/sliding_window.py',
+     'scores = torch.baddbmm(zero, qb, kb, beta=0.0, alpha=scale).view(b, h, n, c, span)  # (B, H, N, c, span)',
+     'constant 0.0 -> 1.0 in `0.0`'):
+        'beta = 1 adds the zero tensor `zero`: the same scores',
 }
