@@ -87,6 +87,16 @@ def test_without_recompute_favor_keeps_its_features():
     assert sum(r.nbytes for r in rows) > 5 * B * H * L * (D + 1) * 4
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("name,options", CASES, ids=[f"{n}-{o.get('kernel', '')}" for n, o in CASES])
+def test_recompute_off_is_plain_autograd(name, options, causal):
+    """``recompute=False`` takes the plain path, which keeps more than the recompute path (its features)."""
+    if name == "favor" and options.get("kernel") is None and not causal:
+        pytest.skip("the fused non-causal FAVOR+ keeps its features either way")
+    plain = sum(r.nbytes for r in _saved(name, options, causal, recompute=False))
+    assert plain > sum(r.nbytes for r in _saved(name, options, causal, recompute=True))
+
+
 @pytest.mark.parametrize("name,options", CASES, ids=[f"{n}-{o.get('kernel', '')}" for n, o in CASES])
 def test_recompute_matches_kept_features(name, options):
     """Same output, same gradients (float64; q, k, v and the module's parameters), causal and not."""
