@@ -205,4 +205,20 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
      'scores = torch.baddbmm(zero, qb, kb, beta=0.0, alpha=scale).view(b, h, n, c, span)  # (B, H, N, c, span)',
      'constant 0.0 -> 1.0 in `0.0`'):
         'beta = 1 adds the zero tensor `zero`: the same scores',
+    ('efficient_attn/ops/favor_fused.py',
+     'if _pairwise_is_cheaper(length, s_len, w.shape[0], v.shape[-1] + 1) and max(length, s_len) <= rows:',
+     'operator -> Sub in `v.shape[-1] + 1`'):
+        'the cost model then counts E − 2 value columns: only which of the two product orders runs changes, '
+        'and both give the same estimator (tested equal in both orders)',
+    ('efficient_attn/ops/favor_fused.py',
+     'if _pairwise_is_cheaper(length, s_len, w.shape[0], v.shape[-1] + 1) and max(length, s_len) <= rows:',
+     'call -> its first argument in `max(length, s_len)`'):
+        "the pairwise order's size bound then checks L only: only which of the two product orders runs "
+        'changes, and both give the same estimator (tested equal in both orders)',
+    ('efficient_attn/ops/favor_fused.py',
+     'return v1 if pad is None else v1.masked_fill(pad[..., None], 0.0)',
+     'call -> its receiver in `v1.masked_fill(pad[..., None], 0.0)`'):
+        "padded keys' log-scales are PADDED_LOG_SCALE, so their weight e^{g − G} is 0 wherever a real key is "
+        'visible (and v is zero there, from Attention.forward): a row that sees only padding gets 0 / den = 0'
+        ' either way',
 }
