@@ -13,6 +13,7 @@ import datetime
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -206,12 +207,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="mutate efficient_attn/ as of this git revision (tests too, but for OVERLAY)")
     parser.add_argument("--only", type=int, nargs="*", default=None, help="run just these mutant ids")
     parser.add_argument("--file", default=None, help="only mutants of files whose path contains this")
+    parser.add_argument("--changed-since", default=None, metavar="REV",
+                        help="only mutants on lines changed since this git revision (in the source mutated)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     return parser.parse_args(argv)
 
 
+def changed_lines(since: str, rev: str | None) -> dict[str, set[int]]:
+    """Per file of efficient_attn/, the line numbers (in ``rev``, or the working tree) that ``git diff -U0`` from
+    ``since`` marks as added or changed."""
+    command = ["git", "-C", str(ROOT), "diff", "-U0", since, *([rev] if rev else []), "--", "efficient_attn"]
+    return added_lines(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+
+def added_lines(diff: str) -> dict[str, set[int]]:
+    """The new side's line numbers of each hunk of a ``git diff -U0``, per file (deleted files left out)."""
+    lines: dict[str, set[int]] = {}
+    path = None
+    for text in diff.splitlines():
+        if text.startswith("+++ "):
+            path = text[6:] if text.startswith("+++ b/") else None
+        hunk = re.match(r"@@ -\S+ \+(\d+)(?:,(\d+))? @@", text)
+        if hunk and path is not None:
+            start, count = int(hunk.group(1)), int(hunk.group(2) or 1)
+            lines.setdefault(path, set()).update(range(start, start + count))
+    return lines
+
+
 def select(mutants: list[Mutant], args: argparse.Namespace) -> list[Mutant]:
     chosen = [m for m in mutants if args.file is None or args.file in m.path]
+    if args.changed_since is not None:
+        changed = changed_lines(args.changed_since, args.rev)
+        chosen = [m for m in chosen if m.line in changed.get(m.path, ())]
     if args.only is not None:
         chosen = [m for m in chosen if m.ident in set(args.only)]
     if args.limit and args.limit < len(chosen):
