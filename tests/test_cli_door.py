@@ -246,3 +246,15 @@ def test_multirun_with_cfg_is_one_line(monkeypatch, tmp_path, capfd):
     code = train_main(monkeypatch, tmp_path, "-m", "experiment=quickstart", "--cfg", "job")
     err = capfd.readouterr().err
     assert code == 2 and err.startswith("error: Only one of --run, --multirun") and len(err.splitlines()) == 1, err
+
+
+def test_a_key_only_the_swept_attentions_have_gets_the_sweep_fix(monkeypatch, tmp_path, capfd):
+    """In a -m run Hydra applies a plain override to its first composition too (softmax here, without the key)."""
+    sweep = ["-m", "attention=favor_plus,favor_m64", "attention.kwargs.redraw_interval=500"]
+    code = train_main(monkeypatch, tmp_path, *sweep)
+    err = capfd.readouterr().err
+    assert code == 2 and err.strip() == (
+        "error: unknown config key attention.kwargs.redraw_interval before the sweep's values are set: in a -m run, "
+        "give a key that only the swept options have as a one-value sweep, attention.kwargs.redraw_interval=choice(500)"
+    ), err
+    assert not (tmp_path / "multirun").exists()

@@ -40,6 +40,10 @@ def _missing_option(err: MissingConfigException) -> str | None:
     return f"{group}={option}: no such config; {fix}"
 
 
+def _multirun() -> bool:
+    return any(arg in ("-m", "--multirun") for arg in sys.argv[1:])
+
+
 def _unknown_key(err: ConfigCompositionException) -> str | None:
     cause = err.__cause__
     full_key = getattr(cause, "full_key", None)
@@ -54,6 +58,9 @@ def _unknown_key(err: ConfigCompositionException) -> str | None:
     added = re.search(r"use \+(\S+)", str(err))  # Hydra's advice: +<key>=<value>
     value = added.group(1).partition("=")[2] if added else None
     if not close:
+        if _multirun():  # Hydra applies plain overrides to its first composition too, before any sweep value
+            return (f"unknown config key {full_key} before the sweep's values are set: in a -m run, give a key that "
+                    f"only the swept options have as a one-value sweep, {full_key}=choice({value or 'VALUE'})")
         how = f" (a new key is added with +{added.group(1)})" if added else ""
         return f"unknown config key {full_key}{how}; efficient-attn-train --cfg job shows the config"
     name = f"{prefix}.{close[0]}" if prefix else close[0]
