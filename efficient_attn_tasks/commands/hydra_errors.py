@@ -40,8 +40,12 @@ def _missing_option(err: MissingConfigException) -> str | None:
     return f"{group}={option}: no such config; {fix}"
 
 
-def _multirun() -> bool:
-    return any(arg in ("-m", "--multirun") for arg in sys.argv[1:])
+def _sweeps_a_group() -> bool:
+    """Whether the command line is a -m run that sweeps a config group (e.g. attention=favor_plus,favor_m64)."""
+    args = sys.argv[1:]
+    groups = {p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
+    return any(a in ("-m", "--multirun") for a in args) and any(
+        "," in a.partition("=")[2] and a.partition("=")[0].lstrip("+~") in groups for a in args)
 
 
 def _unknown_key(err: ConfigCompositionException) -> str | None:
@@ -58,7 +62,7 @@ def _unknown_key(err: ConfigCompositionException) -> str | None:
     added = re.search(r"use \+(\S+)", str(err))  # Hydra's advice: +<key>=<value>
     value = added.group(1).partition("=")[2] if added else None
     if not close:
-        if _multirun():  # Hydra applies plain overrides to its first composition too, before any sweep value
+        if _sweeps_a_group():  # Hydra applies plain overrides to its first composition too, before the sweep
             return (f"unknown config key {full_key} before the sweep's values are set: in a -m run, give a key that "
                     f"only the swept options have as a one-value sweep, {full_key}=choice({value or 'VALUE'})")
         how = f" (a new key is added with +{added.group(1)})" if added else ""
