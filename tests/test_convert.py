@@ -19,8 +19,9 @@ from efficient_attn_tasks.config.checks import ConfigError
 from efficient_attn_tasks.inference import checkpoint
 from efficient_attn_tasks.inference import evaluate as scoring
 from efficient_attn_tasks.run import convert
+from efficient_attn_tasks.run.curves import read_curves
 from efficient_attn_tasks.run.fit import run
-from efficient_attn_tasks.run.record import RunRecord
+from efficient_attn_tasks.run.record import RunRecord, checkpoint_step
 from efficient_attn_tasks.tasks import mqar
 from tests.helpers import config, tiny_overrides
 
@@ -168,3 +169,25 @@ def test_a_run_started_from_init_from_resumes_from_its_own_last_checkpoint(softm
 def test_the_swap_in_help_example_names_a_real_option():
     text = evaluate.parser().format_help()
     assert "last.ckpt --split val --attention favor_plus --attention-kwargs num_features=64" in text
+
+
+def test_validate_first_scores_the_starting_weights_at_step_0_and_leaves_training_as_it_was(softmax_run, tmp_path):
+    """``validate_first=true`` from init_from with the same attention: step 0 of curves.csv is the source run's
+    validation of its best checkpoint, to the bit; the training steps after it are those of a run without it."""
+    def curves(validate_first: bool) -> dict:
+        out = tmp_path / f"first={validate_first}"
+        cfg = config(*tiny_overrides("mqar", "attention=softmax", f"init_from={softmax_run}", "trainer.max_steps=2",
+                                     f"validate_first={str(validate_first).lower()}"))
+        assert run(cfg, out).status == "ok"
+        return read_curves(out / "curves.csv")
+
+    first, plain = curves(True), curves(False)
+    source = read_curves(softmax_run / "curves.csv")
+    best = checkpoint_step(str(checkpoint.find(softmax_run)[0]))
+    for key in ("val/loss", "val/acc"):
+        assert first[key][0][0] == 0 and 0 not in plain[key][0]
+        assert first[key][1][0] == source[key][1][source[key][0].index(best)]
+        assert (first[key][0][1:], first[key][1][1:]) == plain[key]
+    assert first["train/loss"] == plain["train/loss"]
+    with pytest.raises(ConfigError, match="validate_first must be true or false"):
+        run(config(*tiny_overrides("mqar", "validate_first=yes")), tmp_path / "typo")

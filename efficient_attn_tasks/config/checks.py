@@ -30,7 +30,7 @@ from efficient_attn_tasks.tasks import task_module
 # Start-up stays light: --help and the checks of the top-level, optim, trainer and logger sections load
 # neither torch nor Lightning (tests/test_cli_train.py); the task's module loads them, W&B loads when a run starts.
 TOP_LEVEL = {"seed", "name", "row", "data_dir", "cache_dir", "ckpt_path", "init_from", "transfer_steps",
-             "transfer_lr", "overwrite", "checkpoint_every",
+             "transfer_lr", "validate_first", "overwrite", "checkpoint_every",
              "test", "threads", "nonfinite", "imports", "optim", "task", "attention", "model", "trainer", "logger",
              "callbacks"}
 CONFIG_DIR = str(config_dir())
@@ -127,6 +127,9 @@ def check_config(cfg: DictConfig) -> Any:
     if cfg.logger.get("kind") not in LOGGER_KEYS:
         raise ConfigError(f"logger.kind must be one of {sorted(LOGGER_KEYS)}, got {cfg.logger.get('kind')!r}")
     _known(set(cfg.logger.keys()), LOGGER_KEYS[cfg.logger.kind], "logger.")
+    for key in ("test", "overwrite", "validate_first"):
+        if not isinstance(cfg.get(key), bool):
+            raise ConfigError(f"{key} must be true or false, got {cfg.get(key)!r}")
     if cfg.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"nonfinite must be 'stop' or 'skip', got {cfg.nonfinite!r}")
     check_init_from(cfg.get("init_from"), cfg.get("ckpt_path"))

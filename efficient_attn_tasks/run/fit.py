@@ -183,6 +183,9 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
 
         transfer = transfer_stage(cfg, source is not None, bool(ckpt_path), module, datamodule, trainer, logger,
                                   out_dir)
+        if cfg.validate_first and not ckpt_path:  # step 0 of the curves (a resumed run has it in its checkpoint)
+            trainer.validate_loop.inference_mode = False  # as fit's validations run: no inference tensors left behind
+            trainer.validate(module, datamodule=datamodule, verbose=False)
         fit_start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         fit_s = time.perf_counter() - fit_start
