@@ -271,3 +271,29 @@ def test_per_layer_runs_keep_their_label_not_the_attention_choice(tmp_path, caps
     main([str(tmp_path), "--rows", "attention"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].startswith("| softmax | 1 |") and lines[3].startswith("| taylor+sliding_window_w16 | 1 |")
+
+
+def test_a_rows_or_tune_key_no_record_has_is_an_error_naming_what_is_there(tmp_path, capsys):
+    """A misspelt key would group every run into one row labelled None; a key whose value is null is a key."""
+    for name, decoder in (("0", "gla"), ("1", None)):
+        rec = record("softmax", int(name), 30.0)
+        rec["config"] = {"model": {"decoder_attention": decoder, "encoder_attention": None}, "optim": {"lr": 1e-3}}
+        write_run(tmp_path, name, rec)
+
+    def error(*argv: str) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            main([str(tmp_path), *argv])
+        assert exit_.value.code == 2
+        return capsys.readouterr().err
+
+    assert "error: --rows config.model.decoder_attention.name: no run record has config.model.decoder_attention" \
+           ".name; config.model.decoder_attention is a value ('gla'), not a section" in \
+           error("--rows", "attention,config.model.decoder_attention.name")
+    assert "--tune config.optim.rate: no run record has config.optim.rate; config.optim has ['lr']" in \
+           error("--tune", "config.optim.rate")
+    assert "--rows atention: no run record has atention;" in error("--rows", "atention")
+    main([str(tmp_path), "--rows", "attention,config.model.decoder_attention", "--metrics", "test/bleu"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("| softmax / None | 1 | 30 |") and lines[3].startswith("| softmax / gla | 1 | 30 |")
+    main([str(tmp_path), "--rows", "attention,config.model.encoder_attention", "--metrics", "test/bleu"])  # null in all
+    assert capsys.readouterr().out.splitlines()[2].startswith("| softmax / None | 2 | 30 ± 0 |")

@@ -77,6 +77,31 @@ def field(record: dict[str, Any], key: str) -> Any:
     return value
 
 
+def has_field(record: dict[str, Any], key: str) -> bool:
+    """Whether ``key`` (``config.a.b``) is in the record, whatever its value (null included)."""
+    value: Any = record
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False
+        value = value[part]
+    return True
+
+
+def unknown_field(records: list[dict[str, Any]], key: str) -> str | None:
+    """None when some record has ``key``; else why not, naming the longest part of it that a record has."""
+    if not records or any(has_field(r, key) for r in records):
+        return None
+    parts = key.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:n])
+        found = next((field(r, prefix) for r in records if has_field(r, prefix)), None)
+        if isinstance(found, dict):
+            return f"no run record has {key}; {prefix} has {sorted(found)}"
+        if any(has_field(r, prefix) for r in records):
+            return f"no run record has {key}; {prefix} is a value ({found!r}), not a section"
+    return f"no run record has {key}"
+
+
 def best_column(monitor: str) -> str:
     """The column of the monitored metric's best validation value: ``val/bleu (best)``."""
     return f"{monitor} (best)"
