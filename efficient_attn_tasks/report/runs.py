@@ -94,10 +94,11 @@ def unknown_field(records: list[dict[str, Any]], key: str) -> str | None:
     parts = key.split(".")
     for n in range(len(parts) - 1, 0, -1):
         prefix = ".".join(parts[:n])
-        found = next((field(r, prefix) for r in records if has_field(r, prefix)), None)
-        if isinstance(found, dict):
-            return f"no run record has {key}; {prefix} has {sorted(found)}"
-        if any(has_field(r, prefix) for r in records):
+        holders = [r for r in records if has_field(r, prefix)]
+        if holders:
+            found = field(holders[0], prefix)
+            if isinstance(found, dict):
+                return f"no run record has {key}; {prefix} has {sorted(found)}"
             return f"no run record has {key}; {prefix} is a value ({found!r}), not a section"
     return f"no run record has {key}"
 
