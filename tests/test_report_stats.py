@@ -110,6 +110,39 @@ def test_holm_adjusts_every_paired_test_of_the_table(tmp_path, capsys):
     assert "Holm correction over all 4 tests of the table (2 exact McNemar, 2 paired t)" in out
 
 
+def test_paired_baseline_by_other_keys_or_one_row_for_all(tmp_path, capsys):
+    """--paired KEY=VALUE: the baseline differs from a row in the named keys (converted vs scratch of the same
+    attention); naming every --rows key pairs every row with one baseline row."""
+    base = [0.1, 0.2, 0.3]
+    for seed, acc in enumerate(base):
+        write(tmp_path, "softmax", seed, acc + 0.4 + seed / 50, name="trained")
+        write(tmp_path, "softmax", seed, acc, name="scratch")
+        write(tmp_path, "taylor", seed, acc, name="trained")  # no scratch row: no baseline
+        for attention, gain in (("favor", 0.1), ("linear", 0.2)):
+            write(tmp_path, attention, seed, acc, name="scratch")
+            write(tmp_path, attention, seed, acc + gain + seed / 100, name="convert")
+    main([str(tmp_path), "--rows", "name,attention", "--metrics", "test/acc", "--paired", "name=scratch"])
+    rows = table_rows(capsys.readouterr().out)
+    p_favor = stats.ttest_rel([a + 0.1 + s / 100 for s, a in enumerate(base)], base).pvalue
+    assert rows["convert / favor"]["Δ test/acc vs name=scratch (paired p)"].startswith(f"+0.11 ({p_favor:.3g})")
+    assert rows["scratch / linear"]["Δ test/acc vs name=scratch (paired p)"] == "—"
+    assert rows["trained / taylor"]["Δ test/acc vs name=scratch (paired p)"] == "no baseline"
+    assert rows["trained / softmax"]["Δ test/acc vs name=scratch (paired p)"].startswith("+0.42 (")
+    main([str(tmp_path), "--rows", "name,attention", "--metrics", "test/acc", "--paired",
+          "name=trained,attention=softmax"])
+    rows = table_rows(capsys.readouterr().out)
+    column = "Δ test/acc vs name=trained,attention=softmax (paired p)"
+    assert rows["scratch / favor"][column].startswith("-0.42 (") and rows["trained / softmax"][column] == "—"
+    assert rows["scratch / softmax"][column].startswith("-0.42 (")
+    assert rows["convert / linear"][column].startswith("-0.21 (")
+    with pytest.raises(SystemExit, match=r"no row has those values; values of those keys: \{'name'"):
+        main([str(tmp_path), "--rows", "name,attention", "--paired", "name=none"])
+    for bad in ("seed=0", "name=", "name=scratch,softmax"):
+        with pytest.raises(SystemExit):
+            main([str(tmp_path), "--rows", "name,attention", "--paired", bad])
+    assert "not in --rows" in capsys.readouterr().err
+
+
 def test_grid_edge_marks_a_best_value_at_either_end(tmp_path, capsys):
     for seed in (0, 1):
         for lr, val in ((1e-4, 0.2), (1e-3, 0.9), (1e-2, 0.5)):  # the middle value wins

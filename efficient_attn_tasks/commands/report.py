@@ -39,9 +39,10 @@ def parser() -> argparse.ArgumentParser:
     compare = p.add_mutually_exclusive_group()
     compare.add_argument("--baseline", metavar="ROW",
                          help="a row label: adds Δ and Welch t-test p for every val/ and test/ metric")
-    compare.add_argument("--paired", metavar="ATTENTION",
-                         help="adds Δ and paired (by seed) t-test p against the row with this attention and the "
-                              "same other --rows values; needs attention in --rows")
+    compare.add_argument("--paired", metavar="ATTENTION|KEY=VALUE,...",
+                         help="adds Δ and paired (by seed) t-test p against the row with this attention (or these "
+                              "--rows values, e.g. name=scratch or every key to pair all rows with one) and the "
+                              "same other --rows values")
     p.add_argument("--metrics", help='comma-separated metric columns to keep, e.g. "val/bleu (last),val/ppl (last)" '
                                      "(default: every metric)")
     p.add_argument("--tune", metavar="KEY", help="e.g. config.optim.lr (not a --rows key): per row, keep the runs of "
@@ -93,8 +94,12 @@ def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 "not --pivot")
     if args.tune and args.tune in rows:
         p.error(f"--tune {args.tune} is a --rows key: each row would have one value to choose from")
-    if args.paired and "attention" not in rows:
-        p.error("--paired pairs rows that differ only in attention: put attention in --rows")
+    if args.paired:
+        from efficient_attn_tasks.report.compare import paired_spec
+
+        outside = [k for k in paired_spec(args.paired) if k not in rows]
+        if outside:
+            p.error(f"--paired {args.paired}: {outside} not in --rows; it pairs rows that differ only in its keys")
     plot_only = {"--x": args.x, "--y": args.y, "--panel": args.panel, "--logx": args.logx,
                  "--xlabel-key": args.xlabel_key}
     if not args.plot and any(plot_only.values()):

@@ -1,5 +1,5 @@
 """The comparisons of ``efficient-attn-report``'s grouped table: which metrics get a Δ column, and ``--paired``:
-each row against the row of a seed-matched attention (paired t-test per metric, exact McNemar per ``--success``),
+each row against a seed-matched baseline row (paired t-test per metric, exact McNemar per ``--success``),
 with Holm's correction over every test of the table."""
 
 from __future__ import annotations
@@ -71,15 +71,32 @@ def mcnemar_test(row: Row, base: Row | None, success: Success) -> Test:
     return Test((row_only, base_only), p, f"{row_only}/{base_only} of {len(seeds)} ({p:.3g})")
 
 
-def partner_rows(rows: list[Row], attention: str) -> dict[str, Row | None]:
-    """Each row's ``--paired`` baseline: the row with the same other key values whose attention is ``attention``."""
-    def others(row: Row) -> tuple[str, ...]:
-        return tuple(str(v) for k, v in row.keys.items() if k != "attention")
+def paired_spec(paired: str) -> dict[str, str]:
+    """``--paired``'s baseline as {--rows key: value}: an attention name, or ``KEY=VALUE[,KEY=VALUE...]``."""
+    if "=" not in paired:
+        return {"attention": paired}
+    parts = [part.split("=", 1) for part in paired.split(",")]
+    spec = dict(part for part in parts if len(part) == 2 and all(part))
+    if len(spec) != len(parts):
+        raise SystemExit(f"--paired {paired!r}: expected ATTENTION or KEY=VALUE[,KEY=VALUE...] with --rows keys")
+    return spec
 
-    bases = {others(row): row for row in rows if str(row.keys.get("attention")) == attention}
+
+def partner_rows(rows: list[Row], paired: str) -> dict[str, Row | None]:
+    """Each row's ``--paired`` baseline: the row whose keys named in ``paired`` have the values given there
+    (compared as printed, e.g. ``None``) and whose other keys are this row's."""
+    spec = paired_spec(paired)
+
+    def others(row: Row) -> tuple[str, ...]:
+        return tuple(str(v) for k, v in row.keys.items() if k not in spec)
+
+    def is_base(row: Row) -> bool:
+        return all(str(row.keys.get(k)) == v for k, v in spec.items())
+
+    bases = {others(row): row for row in rows if is_base(row)}
     if not bases:
-        raise SystemExit(f"--paired {attention!r}: no row has that attention; "
-                         f"attentions: {sorted({str(row.keys.get('attention')) for row in rows})}")
+        seen = {k: sorted({str(row.keys.get(k)) for row in rows}) for k in spec}
+        raise SystemExit(f"--paired {paired!r}: no row has those values; values of those keys: {seen}")
     return {row.label: bases.get(others(row)) for row in rows}
 
 
