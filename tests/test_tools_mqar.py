@@ -4,8 +4,8 @@ on constructed records: no training."""
 import pytest
 
 from efficient_attn_tasks.report.cells import parse_bounds
-from efficient_attn_tasks.run.record import Metrics, RunRecord
-from tools.mqar_protocol import best_lr, item_overrides, parse_item
+from efficient_attn_tasks.run.record import Metrics, RunError, RunRecord
+from tools.mqar_protocol import best_lr, item_overrides, launches, parse_item
 from tools.swap_in import parse_swap, summary
 
 
@@ -28,6 +28,17 @@ def test_the_rate_is_chosen_on_the_search_seeds_and_a_diverged_run_scores_the_wo
     assert best_lr(runs, [1e-3, 3e-3, 1e-2], [0, 1]) == 1e-3
     assert best_lr(runs, [1e-3, 3e-3, 1e-2], [2]) == 3e-3
     assert best_lr([], [1e-3], [0, 1]) is None
+
+
+def test_a_diverged_run_is_not_launched_again_and_other_failures_are():
+    diverged = RunRecord(seed=1, status="failed", config={"optim": {"lr": 1e-2}},
+                         error=RunError("FloatingPointError", "non-finite loss or gradient at step 241"))
+    crashed = RunRecord(seed=0, status="failed", config={"optim": {"lr": 1e-2}}, error=RunError("OSError", "disk"))
+    grid = [1e-3, 3e-3, 1e-2]
+    assert launches([run(1e-3, 0, 0.9), crashed], grid, [0, 1]) == [(grid, [0, 1])]
+    assert launches([diverged, crashed, run(1e-2, 0, 0.5)], grid, [0, 1]) == [([1e-3, 3e-3], [0, 1]), ([1e-2], [0])]
+    both = RunRecord(seed=0, status="failed", config={"optim": {"lr": 1e-2}}, error=diverged.error)
+    assert launches([diverged, both], [1e-2], [0, 1]) == []
 
 
 def test_swap_in_table_gives_each_attention_its_change_from_the_trained_model():

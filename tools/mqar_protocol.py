@@ -10,6 +10,7 @@ call into SWEEP_DIR (``ckpt_path=last``: finished jobs are skipped, interrupted 
 2. confirm: the learning rate with the best mean ``val_best`` over the search seeds, seeds up to ``--seeds``;
 3. widen: where the confirmed runs disagree about success (``val_best >= --success``), seeds up to ``--more-seeds``.
 
+A run that failed on a non-finite loss is not launched again: with the same seed it diverges at the same step.
 Workers take items in order (one job each, one thread), so every item finishes whole before the queue moves on.
 Selection reads validation only; the report (``--tune config.optim.lr``) compares rates on the seeds every rate has.
 """
@@ -49,6 +50,19 @@ def train(sweep: Path, overrides: list[str], lrs: list[float], seeds: list[int],
     subprocess.run(cmd, check=False, cwd=sweep)
 
 
+def launches(runs: list[RunRecord], lrs: list[float], seeds: list[int]) -> list[tuple[list[float], list[int]]]:
+    """The (rates, seeds) grids to launch: every rate × seed except those whose run diverged (a failed record
+    whose error is a FloatingPointError); rates that keep the same seeds share one launch."""
+    diverged = {(r.config["optim"]["lr"], r.seed) for r in runs
+                if r.status == "failed" and r.error is not None and r.error.type == "FloatingPointError"}
+    grids: dict[tuple[int, ...], list[float]] = {}
+    for lr in lrs:
+        kept = tuple(s for s in seeds if not any(abs(lr - d) < 1e-12 and s == ds for d, ds in diverged))
+        if kept:
+            grids.setdefault(kept, []).append(lr)
+    return [(rates, list(kept)) for kept, rates in grids.items()]
+
+
 def records(sweep: Path, name: str, conv: int, cell_len: tuple[int, int], width: int) -> list[RunRecord]:
     """The finished (ok) and failed runs of one item in the sweep dir."""
     found = []
@@ -84,17 +98,20 @@ def run_item(sweep: Path, item: str, args: argparse.Namespace) -> None:
     name, conv, cell, width = parse_item(item)
     overrides = item_overrides(name, conv, cell, width)
     cell_len = cell_of(cell)
-    train(sweep, overrides, args.lrs, args.search_seeds, args.extra)
+    for rates, seeds in launches(records(sweep, name, conv, cell_len, width), args.lrs, args.search_seeds):
+        train(sweep, overrides, rates, seeds, args.extra)
     lr = best_lr(records(sweep, name, conv, cell_len, width), args.lrs, args.search_seeds)
     if lr is None:
         print(f"{item}: no finished search run", flush=True)
         return
-    train(sweep, overrides, [lr], list(range(args.seeds)), args.extra)
+    for rates, seeds in launches(records(sweep, name, conv, cell_len, width), [lr], list(range(args.seeds))):
+        train(sweep, overrides, rates, seeds, args.extra)
     chosen = [r for r in records(sweep, name, conv, cell_len, width)
               if r.status == "ok" and abs(r.config["optim"]["lr"] - lr) < 1e-12]
     wins = {r.metrics.val_best >= args.success for r in chosen}
     if len(wins) > 1 and args.more_seeds > args.seeds:
-        train(sweep, overrides, [lr], list(range(args.more_seeds)), args.extra)
+        for rates, seeds in launches(records(sweep, name, conv, cell_len, width), [lr], list(range(args.more_seeds))):
+            train(sweep, overrides, rates, seeds, args.extra)
 
 
 def claim(sweep: Path, item: str) -> bool:
