@@ -114,6 +114,35 @@ def test_the_sweep_exits_1_after_its_summary_when_a_job_failed(tmp_path, capsys)
     assert exit_.value.code == 1 and "Failed jobs" in out.out and "1 job(s) of the sweep failed" in out.err
 
 
+def test_a_job_another_launch_is_running_is_listed_and_not_counted_as_failed(tmp_path, capsys):
+    """Two launches share a sweep dir: the job the other one runs holds its dir's lock (RunDirGuard.on_job_start),
+    so this launch's summary lists it as running and does not exit 1 for it; once released, it counts again."""
+    from omegaconf import OmegaConf
+
+    from efficient_attn_tasks.run.lock import RunDirBusy, RunDirGuard, holder
+
+    _job(tmp_path, 0, "softmax", 0, 30.0)
+    _job(tmp_path, 1, "linear", 0, None)  # no results.json
+    job = OmegaConf.create({"hydra": {"mode": "MULTIRUN", "runtime": {"output_dir": str(tmp_path / "1_linear")}}})
+    other = RunDirGuard()
+    other.on_job_start(job)  # the other launch's job, live
+    assert holder(tmp_path / "1_linear") == str(os.getpid())
+    with pytest.raises(RunDirBusy):
+        RunDirGuard().on_job_start(job)  # the same job cannot run twice
+    text, failed = summarize(tmp_path)
+    assert failed == 0 and text.splitlines()[0] == f"1 run(s) in {tmp_path}, 1 running in another launch"
+    assert _table(text)[-1][0] == f"linear (running, seed 0, job 1, pid {os.getpid()})"
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    RunSummary().on_multirun_end(config)  # no exit
+    other.on_job_end(job)
+    assert holder(tmp_path / "1_linear") is None
+    assert summarize(tmp_path)[1] == 1
+    single = OmegaConf.create({"hydra": {"mode": "RUN", "runtime": {"output_dir": str(tmp_path / "2")}}})
+    RunDirGuard().on_job_start(single)  # a single run holds its lock from on_run_start, not here
+    assert not (tmp_path / "2").exists()
+    capsys.readouterr()
+
+
 def test_every_multirun_ends_with_the_summary():
     for overrides in ([], ["experiment=quickstart"], ["experiment=mqar/quick"]):
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

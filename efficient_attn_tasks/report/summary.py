@@ -66,10 +66,14 @@ def rows_in_launch_order(records: list[dict[str, Any]], keys: list[str]) -> dict
 def load_sweep(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
     """(run records with their overrides, failed jobs and jobs without results.json, the swept keys that
     split rows)."""
+    from efficient_attn_tasks.run.lock import holder
+
     records, missing, failures = find_runs([sweep_dir])
     for r in records:
         r["_overrides"] = overrides(Path(r["_dir"]))
     failed = [_failed_job(Path(r["_dir"]), r) for r in failures] + [_failed_job(path) for path in missing]
+    for job in failed:
+        job["running"] = holder(Path(job["dir"])) if job["error"] is None else None
     return records, failed, swept([r["_overrides"] for r in records] + [job["overrides"] for job in failed])
 
 
@@ -92,6 +96,7 @@ def compact_table(records: list[dict[str, Any]], failed: list[dict[str, Any]],
         seed = f", seed {job['overrides']['seed']}" if "seed" in job["overrides"] else ""
         number = f", job {job['job']}" if job["job"] is not None else ""
         what = (f"{job['status']} at step {job['steps']}{seed}{number}" if job["error"] is not None else
+                f"running{seed}{number}, pid {job['running']}" if job["running"] else
                 f"no results.json{seed}{number}: failed, killed or running")
         body.append([f"{row_label(job['attention'], job['overrides'], keys)} ({what})", "0",
                      *["n/a"] * (len(header) - 2)])
@@ -133,12 +138,16 @@ def summary(sweep_dir: Path | str) -> str:
 
 
 def summarize(sweep_dir: Path | str) -> tuple[str, int]:
-    """(the summary text, how many jobs failed or left no results.json): the sweep's exit code follows the count."""
+    """(the summary text, how many jobs failed or left no results.json, not counting jobs another live launch
+    holds): the sweep's exit code follows the count."""
     records, failed, keys = load_sweep(Path(sweep_dir))
     header, body = compact_table(records, failed, keys)
     errors = [job for job in failed if job["error"] is not None]
+    running = [job for job in failed if job["running"]]
+    missing = len(failed) - len(errors) - len(running)
     count = f"{len(records)} run(s) in {sweep_dir}" + (f", {len(errors)} failed" if errors else "") + \
-        (f", {len(failed) - len(errors)} without results.json" if len(failed) > len(errors) else "")
+        (f", {missing} without results.json" if missing else "") + \
+        (f", {len(running)} running in another launch" if running else "")
     lines = [count, markdown(header, body).rstrip(),
              "main metric: mean ± 95% CI over the row's runs (seeds), n of them (an accuracy in [0, 1]: mean [lo, hi], "
              "a bootstrap interval inside [0, 1]); tokens/s, peak MiB, wall s: means"]
@@ -148,4 +157,4 @@ def summarize(sweep_dir: Path | str) -> tuple[str, int]:
                      "runs them again):")
         lines += [f"  {job['dir']}: {job['error']}" for job in sorted(errors, key=_launch_order)]
     lines.append(f"Full table (every metric): {report_command(sweep_dir, records, keys)}")
-    return "\n".join(lines), len(failed)
+    return "\n".join(lines), len(failed) - len(running)

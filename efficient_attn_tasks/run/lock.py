@@ -5,8 +5,9 @@ says ``overwrite=true`` (:func:`clear_run` removes the earlier run's outputs). :
 callback of configs/train.yaml, applies both before Hydra writes ``.hydra/`` into the dir.
 
 In DDP only the launching process (rank 0) holds the lock: the processes Lightning starts for the other ranks
-run the same command in the same dir. Multirun job dirs are not guarded (a sweep dir is new, or is resumed
-with ``ckpt_path=last``).
+run the same command in the same dir. A multirun job holds its job dir's lock while it runs (a sweep dir is
+new, or is resumed with ``ckpt_path=last``, so nothing more is checked), and the sweep summary tells a job
+that is running in another launch (:func:`holder`) from one that failed.
 """
 
 from __future__ import annotations
@@ -51,6 +52,19 @@ def hold_run_dir(run_dir: Path) -> IO[str]:
     lock.write(f"{os.getpid()}\n")
     lock.flush()
     return lock
+
+
+def holder(run_dir: Path) -> str | None:
+    """The pid (as written) of the live run holding ``run_dir``'s lock, else None (no lock file, or free)."""
+    path = run_dir / RUN_LOCK
+    if not path.is_file():
+        return None
+    with open(path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return lock.read().strip() or "?"
+    return None
 
 
 def earlier_run(run_dir: Path) -> str | None:
@@ -129,3 +143,17 @@ class RunDirGuard(Callback):
         if self.lock is not None:
             self.lock.close()
             self.lock = None
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A multirun job: hold its dir's lock for the job (a single run holds it from ``on_run_start``)."""
+        if _multirun_job(config):
+            self.lock = hold_run_dir(Path(str(config.hydra.runtime.output_dir)))  # RunDirBusy: it runs elsewhere
+
+    def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if _multirun_job(config):
+            self.on_run_end(config)
+
+
+def _multirun_job(config: DictConfig) -> bool:
+    mode = OmegaConf.select(config, "hydra.mode")  # hydra.types.RunMode in Hydra's config
+    return getattr(mode, "name", mode) == "MULTIRUN" and launching_process()
