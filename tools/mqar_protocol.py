@@ -98,20 +98,24 @@ def run_item(sweep: Path, item: str, args: argparse.Namespace) -> None:
     name, conv, cell, width = parse_item(item)
     overrides = item_overrides(name, conv, cell, width)
     cell_len = cell_of(cell)
-    for rates, seeds in launches(records(sweep, name, conv, cell_len, width), args.lrs, args.search_seeds):
-        train(sweep, overrides, rates, seeds, args.extra)
-    lr = best_lr(records(sweep, name, conv, cell_len, width), args.lrs, args.search_seeds)
+
+    def found() -> list[RunRecord]:
+        return records(sweep, name, conv, cell_len, width)
+
+    def stage(lrs: list[float], seeds: list[int]) -> None:
+        for rates, kept in launches(found(), lrs, seeds):
+            train(sweep, overrides, rates, kept, args.extra)
+
+    stage(args.lrs, args.search_seeds)
+    lr = best_lr(found(), args.lrs, args.search_seeds)
     if lr is None:
         print(f"{item}: no finished search run", flush=True)
         return
-    for rates, seeds in launches(records(sweep, name, conv, cell_len, width), [lr], list(range(args.seeds))):
-        train(sweep, overrides, rates, seeds, args.extra)
-    chosen = [r for r in records(sweep, name, conv, cell_len, width)
-              if r.status == "ok" and abs(r.config["optim"]["lr"] - lr) < 1e-12]
+    stage([lr], list(range(args.seeds)))
+    chosen = [r for r in found() if r.status == "ok" and abs(r.config["optim"]["lr"] - lr) < 1e-12]
     wins = {r.metrics.val_best >= args.success for r in chosen}
     if len(wins) > 1 and args.more_seeds > args.seeds:
-        for rates, seeds in launches(records(sweep, name, conv, cell_len, width), [lr], list(range(args.more_seeds))):
-            train(sweep, overrides, rates, seeds, args.extra)
+        stage([lr], list(range(args.more_seeds)))
 
 
 def claim(sweep: Path, item: str) -> bool:
