@@ -1,11 +1,13 @@
 """tools/mqar_protocol (the learning-rate choice of the resumable MQAR queue) and tools/swap_in (its table),
 on constructed records: no training."""
 
+import argparse
+
 import pytest
 
 from efficient_attn_tasks.report.cells import parse_bounds
 from efficient_attn_tasks.run.record import Metrics, RunError, RunRecord
-from tools.mqar_protocol import best_lr, item_overrides, launches, parse_item
+from tools.mqar_protocol import best_lr, item_overrides, launches, parse_item, progress
 from tools.swap_in import parse_swap, summary
 
 
@@ -39,6 +41,22 @@ def test_a_diverged_run_is_not_launched_again_and_other_failures_are():
     assert launches([diverged, crashed, run(1e-2, 0, 0.5)], grid, [0, 1]) == [([1e-3, 3e-3], [0, 1]), ([1e-2], [0])]
     both = RunRecord(seed=0, status="failed", config={"optim": {"lr": 1e-2}}, error=diverged.error)
     assert launches([diverged, both], [1e-2], [0, 1]) == []
+
+
+def test_status_names_the_first_unfinished_stage_of_an_item():
+    args = argparse.Namespace(lrs=[1e-3, 1e-2], search_seeds=[0, 1], seeds=3, more_seeds=5, success=0.9)
+    blowup = RunRecord(seed=1, status="failed", config={"optim": {"lr": 1e-2}},
+                       error=RunError("FloatingPointError", "non-finite loss or gradient at step 9"))
+    crashed = RunRecord(seed=1, status="failed", config={"optim": {"lr": 1e-3}}, error=RunError("OSError", "disk"))
+    search = [run(1e-3, 0, 0.95), run(1e-2, 0, 0.5), blowup]
+    assert progress(search + [crashed], args) == "search 3/4"  # a crash is run again; a divergence is not
+    search.append(run(1e-3, 1, 0.2))
+    assert progress(search, args) == "confirm at lr 0.001 2/3"
+    agree = search[:-1] + [run(1e-3, 1, 0.96), run(1e-3, 2, 0.99)]
+    assert progress(agree, args) == "done at lr 0.001: 3/3 with val >= 0.9"
+    disagree = search + [run(1e-3, 2, 0.99)]  # 2 of 3 succeed: widened to 5 seeds
+    assert progress(disagree, args) == "widen at lr 0.001 3/5"
+    assert progress(disagree + [run(1e-3, 3, 0.1), run(1e-3, 4, 0.9)], args) == "done at lr 0.001: 3/5 with val >= 0.9"
 
 
 def test_swap_in_table_gives_each_attention_its_change_from_the_trained_model():

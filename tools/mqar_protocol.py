@@ -2,6 +2,7 @@
 then more seeds at the chosen rate, then more again where the seeds disagree about success.
 
     python -m tools.mqar_protocol SWEEP_DIR --items softmax:L64_kv8:64 deltanet+conv4:L64_kv8:64 [--workers 2]
+    python -m tools.mqar_protocol SWEEP_DIR --items ... --status   # each item's stage and runs done; launches nothing
 
 An item is ``ATTENTION[+convK]:CELL:D_MODEL``. Stages, each one ``efficient-attn-train -m experiment=mqar/grid``
 call into SWEEP_DIR (``ckpt_path=last``: finished jobs are skipped, interrupted ones resume):
@@ -50,17 +51,54 @@ def train(sweep: Path, overrides: list[str], lrs: list[float], seeds: list[int],
     subprocess.run(cmd, check=False, cwd=sweep)
 
 
+def same(a: float, b: float) -> bool:
+    """Two learning rates are the same rate (a record's float against the grid's)."""
+    return abs(a - b) < 1e-12
+
+
+def diverged(r: RunRecord) -> bool:
+    """A run that failed on a non-finite loss: with the same seed it diverges at the same step."""
+    return r.status == "failed" and r.error is not None and r.error.type == "FloatingPointError"
+
+
 def launches(runs: list[RunRecord], lrs: list[float], seeds: list[int]) -> list[tuple[list[float], list[int]]]:
     """The (rates, seeds) grids to launch: every rate × seed except those whose run diverged (a failed record
     whose error is a FloatingPointError); rates that keep the same seeds share one launch."""
-    diverged = {(r.config["optim"]["lr"], r.seed) for r in runs
-                if r.status == "failed" and r.error is not None and r.error.type == "FloatingPointError"}
+    skip = {(r.config["optim"]["lr"], r.seed) for r in runs if diverged(r)}
     grids: dict[tuple[int, ...], list[float]] = {}
     for lr in lrs:
-        kept = tuple(s for s in seeds if not any(abs(lr - d) < 1e-12 and s == ds for d, ds in diverged))
+        kept = tuple(s for s in seeds if not any(same(lr, d) and s == ds for d, ds in skip))
         if kept:
             grids.setdefault(kept, []).append(lr)
     return [(rates, list(kept)) for kept, rates in grids.items()]
+
+
+def settled(runs: list[RunRecord]) -> set[tuple[float, int]]:
+    """(lr, seed) of the runs that need no launch: finished, or diverged (a FloatingPointError)."""
+    return {(r.config["optim"]["lr"], r.seed) for r in runs if r.status == "ok" or diverged(r)}
+
+
+def progress(runs: list[RunRecord], args: argparse.Namespace) -> str:
+    """The item's first unfinished stage and its runs done, or ``done`` with the chosen rate and its successes."""
+    have = settled(runs)
+
+    def count(lrs: list[float], seeds: list[int]) -> tuple[int, int]:
+        return sum(any(same(lr, h) and s == hs for h, hs in have) for lr in lrs for s in seeds), len(lrs) * len(seeds)
+
+    done, need = count(args.lrs, args.search_seeds)
+    if done < need:
+        return f"search {done}/{need}"
+    lr = best_lr(runs, args.lrs, args.search_seeds)
+    chosen = [r for r in runs if r.status == "ok" and same(r.config["optim"]["lr"], lr)]
+    stages = [("confirm", args.seeds)]
+    if len({r.metrics.val_best >= args.success for r in chosen if r.seed < args.seeds}) > 1:
+        stages.append(("widen", args.more_seeds))
+    for name, n in stages:
+        done, need = count([lr], list(range(n)))
+        if done < need:
+            return f"{name} at lr {lr:g} {done}/{need}"
+    wins = sum(r.metrics.val_best >= args.success for r in chosen)
+    return f"done at lr {lr:g}: {wins}/{len(chosen)} with val >= {args.success:g}"
 
 
 def records(sweep: Path, name: str, conv: int, cell_len: tuple[int, int], width: int) -> list[RunRecord]:
@@ -82,7 +120,7 @@ def best_lr(runs: list[RunRecord], lrs: list[float], seeds: list[int]) -> float 
     def score(r: RunRecord) -> float:
         return r.metrics.val_best if r.status == "ok" else -math.inf
 
-    scores = {lr: [score(r) for r in runs if abs(r.config["optim"]["lr"] - lr) < 1e-12 and r.seed in seeds]
+    scores = {lr: [score(r) for r in runs if same(r.config["optim"]["lr"], lr) and r.seed in seeds]
               for lr in lrs}
     scored = {lr: statistics.mean(v) for lr, v in scores.items() if v}
     return max(scored, key=scored.get) if scored else None
@@ -112,7 +150,7 @@ def run_item(sweep: Path, item: str, args: argparse.Namespace) -> None:
         print(f"{item}: no finished search run", flush=True)
         return
     stage([lr], list(range(args.seeds)))
-    chosen = [r for r in found() if r.status == "ok" and abs(r.config["optim"]["lr"] - lr) < 1e-12]
+    chosen = [r for r in found() if r.status == "ok" and same(r.config["optim"]["lr"], lr)]
     wins = {r.metrics.val_best >= args.success for r in chosen}
     if len(wins) > 1 and args.more_seeds > args.seeds:
         stage([lr], list(range(args.more_seeds)))
@@ -143,8 +181,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--success", type=float, default=0.9)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for every job, e.g. trainer.max_steps=5")
+    p.add_argument("--status", action="store_true", help="print each item's stage and runs done; launch nothing")
     args = p.parse_args(argv)
     sweep = args.sweep.resolve()
+    if args.status:
+        for item in args.items:
+            name, conv, cell, width = parse_item(item)
+            print(f"{item}: {progress(records(sweep, name, conv, cell_of(cell), width), args)}")
+        return
     (sweep / ".claims").mkdir(parents=True, exist_ok=True)
     if os.environ.get("MQAR_PROTOCOL_WORKER"):
         worker(sweep, args.items, args)
