@@ -18,7 +18,7 @@ from efficient_attn_tasks.config.checks import CONFIG_DIR
 from efficient_attn_tasks.report.stats import as_number
 from efficient_attn_tasks.report.summary import summarize, summary
 from efficient_attn_tasks.run.fit import default_threads
-from tests.helpers import REPO
+from tests.helpers import REPO, TINY_MQAR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,6 +141,32 @@ def test_a_job_another_launch_is_running_is_listed_and_not_counted_as_failed(tmp
     RunDirGuard().on_job_start(single)  # a single run holds its lock from on_run_start, not here
     assert not (tmp_path / "2").exists()
     capsys.readouterr()
+
+
+def test_a_job_another_launch_holds_is_skipped_not_trained_a_second_time(tmp_path):
+    """Hydra only warns when a callback raises, so RunDirBusy in on_job_start alone does not stop the job: the job
+    itself must see that another process holds its dir and return without training (two launches of one sweep
+    dir once trained the same run in the same dir at the same time)."""
+    from efficient_attn_tasks.run.lock import hold_run_dir
+
+    sweep = tmp_path / "sweep"
+    held = hold_run_dir(sweep / "job")  # the other launch: this test's process
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "WANDB_MODE": "disabled"}
+    argv = [sys.executable, "-m", "efficient_attn_tasks.commands.train", "-m", "task=mqar", *TINY_MQAR, "model=tiny",
+            "trainer.max_epochs=1", "logger=none", "attention=softmax", f"hydra.sweep.dir={sweep}",
+            "hydra.sweep.subdir=job", "ckpt_path=last"]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    finally:
+        held.close()
+    assert out.returncode == 0, out.stderr
+    assert f"job {sweep / 'job'} is running in another launch (pid {os.getpid()})" in out.stderr
+    assert "1 running in another launch" in out.stdout
+    assert not (sweep / "job" / "results.json").exists() and not (sweep / "job" / "checkpoints").exists()
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)  # released: it runs
+    assert out.returncode == 0, out.stderr
+    assert json.loads((sweep / "job" / "results.json").read_text())["status"] == "ok"
 
 
 def test_every_multirun_ends_with_the_summary():

@@ -19,6 +19,7 @@ from efficient_attn_tasks.commands.cli import bare, known_errors
 from efficient_attn_tasks.commands.hydra_errors import hydra_usage_errors
 from efficient_attn_tasks.config.checks import CONFIG_DIR, ConfigError
 from efficient_attn_tasks.run.fit import interrupt_signal, run
+from efficient_attn_tasks.run.lock import held_elsewhere
 from efficient_attn_tasks.run.record import (
     RESULTS_JSON,
     RunRecord,
@@ -76,6 +77,9 @@ def _app(cfg: DictConfig) -> None:
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    if sweep and (pid := held_elsewhere(out_dir)):  # RunDirBusy in RunDirGuard.on_job_start: Hydra only warns
+        print(f"job {out_dir} is running in another launch (pid {pid}); this launch skips it", file=sys.stderr)
+        return
     if sweep:  # a job of its sweep dir, which SLURM may requeue (hydra/launcher=slurm): it resumes there
         cfg.ckpt_path = requeued_checkpoint(cfg.ckpt_path)
     try:

@@ -67,6 +67,14 @@ def holder(run_dir: Path) -> str | None:
     return None
 
 
+def held_elsewhere(run_dir: Path) -> str | None:
+    """The pid of another process holding ``run_dir``'s lock, else None: a multirun job whose
+    :class:`RunDirGuard` could not take the lock (Hydra turns the callback's RunDirBusy into a warning) must not
+    run. Ranks other than 0 never hold the lock, so they are never told this."""
+    pid = holder(run_dir)
+    return pid if pid is not None and pid != str(os.getpid()) and launching_process() else None
+
+
 def earlier_run(run_dir: Path) -> str | None:
     """What in ``run_dir`` shows an earlier run that trained ("results.json", "checkpoints/"), else None.
     A failed or interrupted record with no checkpoint (a run stopped before it saved) is no such run: a new run
