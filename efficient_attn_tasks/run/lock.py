@@ -6,8 +6,9 @@ callback of configs/train.yaml, applies both before Hydra writes ``.hydra/`` int
 
 In DDP only the launching process (rank 0) holds the lock: the processes Lightning starts for the other ranks
 run the same command in the same dir. A multirun job holds its job dir's lock while it runs (a sweep dir is
-new, or is resumed with ``ckpt_path=last``, so nothing more is checked), and the sweep summary tells a job
-that is running in another launch (:func:`holder`) from one that failed.
+new, or is resumed with ``ckpt_path=last``, so nothing more is checked); a job whose lock another launch holds
+is skipped (:func:`held_elsewhere`), and the sweep summary tells a job that is running in another launch
+(:func:`holder`) from one that failed.
 """
 
 from __future__ import annotations
