@@ -7,7 +7,7 @@ import pytest
 
 from efficient_attn_tasks.report.cells import parse_bounds
 from efficient_attn_tasks.run.record import Metrics, RunError, RunRecord
-from tools.mqar_protocol import best_lr, item_overrides, launches, parse_item, progress
+from tools.mqar_protocol import best_lr, item_overrides, launches, parse_item, progress, widens
 from tools.swap_in import parse_swap, summary
 
 
@@ -57,6 +57,15 @@ def test_status_names_the_first_unfinished_stage_of_an_item():
     disagree = search + [run(1e-3, 2, 0.99)]  # 2 of 3 succeed: widened to 5 seeds
     assert progress(disagree, args) == "widen at lr 0.001 3/5"
     assert progress(disagree + [run(1e-3, 3, 0.1), run(1e-3, 4, 0.9)], args) == "done at lr 0.001: 3/5 with val >= 0.9"
+
+
+def test_only_the_confirmed_seeds_decide_whether_an_item_widens():
+    args = argparse.Namespace(seeds=3, more_seeds=5, success=0.9)
+    agree = [run(1e-3, 0, 0.95), run(1e-3, 1, 0.99), run(1e-3, 2, 0.9)]  # 0.9 is a success
+    assert not widens(agree, args)
+    assert not widens(agree + [run(1e-3, 3, 0.1)], args)  # a seed past --seeds does not reopen the item
+    assert widens(agree[:2] + [run(1e-3, 2, 0.89)], args)
+    assert not widens(agree[:2] + [run(1e-3, 2, 0.89)], argparse.Namespace(seeds=3, more_seeds=3, success=0.9))
 
 
 def test_swap_in_table_gives_each_attention_its_change_from_the_trained_model():

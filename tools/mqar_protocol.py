@@ -78,6 +78,13 @@ def settled(runs: list[RunRecord]) -> set[tuple[float, int]]:
     return {(r.config["optim"]["lr"], r.seed) for r in runs if r.status == "ok" or diverged(r)}
 
 
+def widens(chosen: list[RunRecord], args: argparse.Namespace) -> bool:
+    """Whether an item goes on to ``--more-seeds``: its finished runs at the chosen rate with seeds below ``--seeds``
+    disagree about success."""
+    wins = {r.metrics.val_best >= args.success for r in chosen if r.seed < args.seeds}
+    return len(wins) > 1 and args.more_seeds > args.seeds
+
+
 def progress(runs: list[RunRecord], args: argparse.Namespace) -> str:
     """The item's first unfinished stage and its runs done, or ``done`` with the chosen rate and its successes."""
     have = settled(runs)
@@ -91,7 +98,7 @@ def progress(runs: list[RunRecord], args: argparse.Namespace) -> str:
     lr = best_lr(runs, args.lrs, args.search_seeds)
     chosen = [r for r in runs if r.status == "ok" and same(r.config["optim"]["lr"], lr)]
     stages = [("confirm", args.seeds)]
-    if len({r.metrics.val_best >= args.success for r in chosen if r.seed < args.seeds}) > 1:
+    if widens(chosen, args):
         stages.append(("widen", args.more_seeds))
     for name, n in stages:
         done, need = count([lr], list(range(n)))
@@ -151,8 +158,7 @@ def run_item(sweep: Path, item: str, args: argparse.Namespace) -> None:
         return
     stage([lr], list(range(args.seeds)))
     chosen = [r for r in found() if r.status == "ok" and same(r.config["optim"]["lr"], lr)]
-    wins = {r.metrics.val_best >= args.success for r in chosen}
-    if len(wins) > 1 and args.more_seeds > args.seeds:
+    if widens(chosen, args):
         stage([lr], list(range(args.more_seeds)))
 
 
