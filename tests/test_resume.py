@@ -1,5 +1,7 @@
 """Sampling and resume: the data position of each checkpoint, kill or SIGTERM then resume, last.ckpt at validation."""
 
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -9,9 +11,10 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from efficient_attn_tasks.config.checks import ConfigError
+from efficient_attn_tasks.run.callbacks import WallClock
 from efficient_attn_tasks.run.curves import read_curves
 from efficient_attn_tasks.run.fit import run
-from efficient_attn_tasks.run.record import RESULTS_JSON
+from efficient_attn_tasks.run.record import RESULTS_JSON, Attempt
 from efficient_attn_tasks.run.resume import resume_argv
 from efficient_attn_tasks.tasks.sampling import ShardedBatches, shuffled
 from tests.helpers import LossLog
@@ -56,6 +59,56 @@ def test_sigterm_saves_and_the_same_command_continues_the_same_run_and_wandb_id(
     assert result["second_returncode"] == 0, result["second_output"]
     assert result["run_dirs"] == 1 and result["steps"] == 60 and result["resumed_from"].endswith("last.ckpt")
     assert len(result["wandb_runs"]) == 2 and result["same_wandb_id"]
+
+
+class Slow(pl.Callback):
+    """Sleeps ``seconds`` after every training step."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        time.sleep(self.seconds)
+
+
+def test_a_resumed_run_records_the_wall_time_of_its_earlier_attempts(tmp_path):
+    # attempt 1 sleeps 0.3 s a step and is stopped at step 5, where last.ckpt saves its clock; attempt 2 resumes and
+    # is stopped at step 6; attempt 3 resumes to step 8 and tests the best checkpoint. Each record counts the
+    # earlier attempts up to the checkpoint it resumed from, then its own seconds.
+    overrides = [*faults.TINY, "trainer.max_steps=8", "test=true"]
+
+    def clock() -> float:
+        saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        return saved["callbacks"]["WallClock"]["seconds"]
+
+    with pytest.raises(SIGTERMException):
+        run(faults.compose_config(overrides), tmp_path, callbacks=[Slow(0.3), StopAt(5)])
+    first = clock()
+    assert 1.5 <= first <= json.loads((tmp_path / RESULTS_JSON).read_text())["wall_time_s"]
+    with pytest.raises(SIGTERMException):
+        run(faults.compose_config([*overrides, "ckpt_path=last"]), tmp_path, callbacks=[StopAt(6)])
+    second = clock()
+    assert first < second <= json.loads((tmp_path / RESULTS_JSON).read_text())["wall_time_s"]
+    cfg = faults.compose_config([*overrides, "ckpt_path=last"])
+    start = time.perf_counter()
+    record = run(cfg, tmp_path)
+    third = time.perf_counter() - start
+    assert record.resumed_from and record.steps == 8
+    assert second < record.wall_time_s < second + third
+
+
+def test_only_fit_restores_the_wall_clock():
+    # test(ckpt_path) and validate(ckpt_path) load a checkpoint's callback states too: this attempt's seconds
+    # would then count twice
+    attempt = Attempt(time.perf_counter())
+    clock = WallClock(attempt)
+    clock.setup(None, None, "fit")
+    clock.load_state_dict({"seconds": 100.0})
+    assert attempt.before == 100.0 and 100.0 <= clock.state_dict()["seconds"] < 101.0
+    for stage in ("test", "validate"):
+        clock.setup(None, None, stage)
+        clock.load_state_dict({"seconds": 500.0})
+        assert attempt.before == 100.0
 
 
 def test_ckpt_path_last_on_a_finished_run_does_not_train_again(tmp_path):

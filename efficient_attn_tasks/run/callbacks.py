@@ -268,6 +268,26 @@ class Throughput(pl.Callback):
         self.tokens, self.seconds = state["tokens"], state["seconds"]
 
 
+class WallClock(pl.Callback):
+    """The run's wall seconds across attempts: each checkpoint carries the seconds up to its save, and an attempt
+    resumed from it counts on from there (``attempt.wall_s``). What a stopped attempt ran after its last
+    checkpoint is run again, so it is counted once. Only fit restores the clock: ``test(ckpt_path)`` loads the
+    best checkpoint's callback states too, which would count this attempt's seconds twice."""
+
+    def __init__(self, attempt: Any) -> None:
+        self.attempt, self._restore = attempt, False
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._restore = stage == "fit"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.attempt.wall_s}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._restore:
+            self.attempt.before = float(state["seconds"])
+
+
 class NonFiniteGuard(pl.Callback):
     """Stops the run (or skips the update) when a training step yields a NaN/Inf loss or gradient.
 

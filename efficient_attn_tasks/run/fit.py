@@ -87,7 +87,6 @@ def saved_step(trainer: pl.Trainer | None) -> int | None:
 
 def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plugins: Sequence[Any],
            attempt: Attempt) -> RunRecord:
-    start = attempt.start
     task = check_config(cfg)
     import pytorch_lightning as pl
     import torch
@@ -102,6 +101,7 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
         SaveOnInterrupt,
         Throughput,
         ValidateAtMaxSteps,
+        WallClock,
         check_at_validation,
         early_stopping_outcome,
         keep_averaged_weights_for_test,
@@ -163,7 +163,7 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
                                filename="best-{step}", enable_version_counter=False)
         throughput, guard, curves = Throughput(), NonFiniteGuard(cfg.nonfinite, attention_label(cfg)), CurveLog()
         own = [best, LastAtValidation(checkpoints / "last.ckpt"), throughput, guard,
-               SaveOnInterrupt(checkpoints / "last.ckpt"), ValidateAtMaxSteps(), curves]
+               SaveOnInterrupt(checkpoints / "last.ckpt"), ValidateAtMaxSteps(), curves, WallClock(attempt)]
         if cfg.checkpoint_every:
             own.append(ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=int(cfg.checkpoint_every),
                                        save_top_k=0, save_last=True, enable_version_counter=False))
@@ -202,7 +202,7 @@ def _train(cfg: DictConfig, out_dir: Path, callbacks: Sequence[pl.Callback], plu
             test = trainer.test(module, datamodule=datamodule, ckpt_path=tested["path"], verbose=False)[0]
             for c, state in fit_states:  # test(ckpt_path) loaded the best checkpoint's callback states: the whole run's
                 c.load_state_dict(state)
-        record = run_record(cfg, module, trainer, best, throughput, val, test, fit_s, time.perf_counter() - start)
+        record = run_record(cfg, module, trainer, best, throughput, val, test, fit_s, attempt.wall_s)
         record.metrics.test_checkpoint = tested
         record.stopped_step, record.best_step, record.converged = stopped_step, best_step, converged
         record.feature_redraws = redraws

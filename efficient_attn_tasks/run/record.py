@@ -188,15 +188,21 @@ def _split(cls: type, raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
 @dataclasses.dataclass
 class Attempt:
     """A run in progress, as its failed record needs it: when it started, where it resumed from, its Trainer
-    once built (the step it reached)."""
+    once built (the step it reached), the wall seconds of the earlier attempts its checkpoint carries."""
 
     start: float
     resumed_from: str | None = None
     trainer: Any = None
+    before: float = 0.0  # set by WallClock when the attempt resumes from a checkpoint
 
     @property
     def step(self) -> int:
         return int(self.trainer.global_step) if self.trainer is not None else 0
+
+    @property
+    def wall_s(self) -> float:
+        """Wall seconds of the run so far: the earlier attempts up to the checkpoint resumed from, and this one."""
+        return self.before + time.perf_counter() - self.start
 
 
 def tested_checkpoint(best_path: str, last_step: int, announce: bool = True) -> dict[str, Any]:
@@ -320,7 +326,7 @@ def failed_record(cfg: DictConfig, err: BaseException, attempt: Attempt, status:
         overrides=job_overrides(),
         steps=attempt.step,
         resumed_from=str(attempt.resumed_from) if attempt.resumed_from else None,
-        wall_time_s=time.perf_counter() - attempt.start,
+        wall_time_s=attempt.wall_s,
         versions=versions(),
     )
 
