@@ -2,6 +2,8 @@
 on constructed records: no training."""
 
 import argparse
+import csv
+import json
 
 import pytest
 
@@ -87,3 +89,30 @@ def test_a_swap_in_interval_lies_in_the_metrics_own_range():
     assert summary(rows, "bleu")[2].split(" | ")[2] == "30.2 [29, 31.4]"  # unbounded: never clipped to [0, 1]
     with pytest.raises(SystemExit, match="outside"):
         summary(rows, "bleu", {"bleu": (0.0, 1.0)})
+
+
+def test_compute_sums_every_run_of_a_row_failed_ones_and_resumed_attempts_included(tmp_path, capsys):
+    from tools.run_compute import main as compute
+
+    def write(name: str, **rec) -> None:
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        base = {"name": "mqar", "task": "mqar", "seed": 0, "status": "ok", "config": {"model": {"d_model": 64}}}
+        (tmp_path / name / "results.json").write_text(json.dumps({**base, **rec}))
+
+    write("a", attention="softmax", wall_time_s=3600.0, train_tokens=7200, train_tokens_per_s=2.0)  # 1 h of training
+    write("b", attention="softmax", wall_time_s=60.0, train_tokens=1800, train_tokens_per_s=1.0,  # 0.5 h over two
+          resumed_from="b/checkpoints/last.ckpt")                                       # attempts, 60 s in the last
+    write("c", attention="softmax", status="failed", wall_time_s=720.0, steps=9,
+          error={"type": "FloatingPointError", "message": "non-finite loss"})
+    write("d", attention="softmax", status="interrupted", wall_time_s=999.0, steps=9,
+          error={"type": "KeyboardInterrupt", "message": "interrupted"})  # resumed or re-run: not a run of its own
+    write("e", attention="linear", wall_time_s=1800.0, train_tokens=900, train_tokens_per_s=1.0)
+    compute([str(tmp_path), "--rows", "attention,config.model.d_model", "--out", str(tmp_path / "out")])
+    rows = {r["row"]: r for r in csv.DictReader(open(tmp_path / "out.csv"))}
+    assert rows["softmax / 64"] == {"row": "softmax / 64", "runs": "2", "failed": "1", "wall_h": "1.217",
+                                    "train_h": "1.500", "resumed": "1"}
+    assert rows["linear / 64"]["wall_h"] == "0.500" and rows["linear / 64"]["train_h"] == "0.250"
+    assert rows["total"] == {"row": "total", "runs": "3", "failed": "1", "wall_h": "1.717", "train_h": "1.750",
+                             "resumed": "1"}
+    assert list(rows) == ["linear / 64", "softmax / 64", "total"]
+    assert "| softmax / 64 | 2 | 1 | 1.22 | 1.50 | 1 |" in capsys.readouterr().out
