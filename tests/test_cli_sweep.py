@@ -111,7 +111,7 @@ def test_the_sweep_exits_1_after_its_summary_when_a_job_failed(tmp_path, capsys)
     with pytest.raises(SystemExit) as exit_:
         RunSummary().on_multirun_end(config)
     out = capsys.readouterr()
-    assert exit_.value.code == 1 and "Failed jobs" in out.out and "1 job(s) of the sweep failed" in out.err
+    assert exit_.value.code == 1 and "Failed jobs" in out.out and "1 job(s) of this launch failed" in out.err
 
 
 def test_a_job_another_launch_is_running_is_listed_and_not_counted_as_failed(tmp_path, capsys):
@@ -119,7 +119,7 @@ def test_a_job_another_launch_is_running_is_listed_and_not_counted_as_failed(tmp
     so this launch's summary lists it as running and does not exit 1 for it; once released, it counts again."""
     from omegaconf import OmegaConf
 
-    from efficient_attn_tasks.run.lock import RunDirBusy, RunDirGuard, holder
+    from efficient_attn_tasks.run.lock import RunDirBusy, RunDirGuard, hold_run_dir, holder
 
     _job(tmp_path, 0, "softmax", 0, 30.0)
     _job(tmp_path, 1, "linear", 0, None)  # no results.json
@@ -127,8 +127,11 @@ def test_a_job_another_launch_is_running_is_listed_and_not_counted_as_failed(tmp
     other = RunDirGuard()
     other.on_job_start(job)  # the other launch's job, live
     assert holder(tmp_path / "1_linear") == str(os.getpid())
+    second = RunDirGuard()
+    second.on_job_start(job)  # the same job cannot run twice: no lock, and no warning from Hydra
+    assert second.lock is None and holder(tmp_path / "1_linear") == str(os.getpid())
     with pytest.raises(RunDirBusy):
-        RunDirGuard().on_job_start(job)  # the same job cannot run twice
+        hold_run_dir(tmp_path / "1_linear")
     text, failed = summarize(tmp_path)
     assert failed == 0 and text.splitlines()[0] == f"1 run(s) in {tmp_path}, 1 running in another launch"
     assert _table(text)[-1][0] == f"linear (running, seed 0, job 1, pid {os.getpid()})"
@@ -140,6 +143,55 @@ def test_a_job_another_launch_is_running_is_listed_and_not_counted_as_failed(tmp
     single = OmegaConf.create({"hydra": {"mode": "RUN", "runtime": {"output_dir": str(tmp_path / "2")}}})
     RunDirGuard().on_job_start(single)  # a single run holds its lock from on_run_start, not here
     assert not (tmp_path / "2").exists()
+    capsys.readouterr()
+
+
+def test_only_the_jobs_this_launch_started_set_its_exit_code(tmp_path, capsys):
+    """Two launches share a sweep dir: a failed (or interrupted) job the other launch started last is listed in
+    this launch's summary but does not make it exit 1; this launch's own failed job does. A job no launch marked
+    (an older version's) is no launch's; without a launch id, every failed job counts."""
+    import pickle
+
+    from omegaconf import OmegaConf
+
+    from efficient_attn_tasks.run.lock import RunDirGuard, hold_run_dir, launch_of
+
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    ours, theirs = RunSummary(), RunSummary()
+    ours.on_multirun_start(config)
+    theirs.on_multirun_start(config)
+    assert ours.launch and theirs.launch and ours.launch != theirs.launch
+
+    def start(callback: RunSummary, run_dir: Path) -> None:  # Hydra's on_job_start, in the job's process
+        job = OmegaConf.create({"hydra": {"mode": "MULTIRUN", "runtime": {"output_dir": str(run_dir)}}})
+        guard = RunDirGuard()
+        guard.on_job_start(job)
+        pickle.loads(pickle.dumps(callback)).on_job_start(job)  # a joblib worker's copy keeps the launch id
+        guard.on_job_end(job)
+
+    _job(tmp_path, 0, "softmax", 0, 30.0)
+    start(ours, tmp_path / "0_softmax")
+    start(theirs, _failed(tmp_path, 1, "linear", 0))
+    mine = _failed(tmp_path, 2, "favor_plus", 0)
+    assert summarize(tmp_path, ours.launch)[1] == 0 and summarize(tmp_path)[1] == 2  # job 2 is nobody's yet
+    start(ours, mine)
+    assert launch_of(mine) == ours.launch and launch_of(tmp_path / "1_linear") == theirs.launch
+    assert summarize(tmp_path, ours.launch)[1] == 1 and summarize(tmp_path, theirs.launch)[1] == 1
+    with pytest.raises(SystemExit) as exit_:
+        ours.on_multirun_end(config)
+    out = capsys.readouterr()
+    assert exit_.value.code == 1 and "1 job(s) of this launch failed" in out.err
+    assert ("1 of the failed jobs or jobs without results.json were not last started by this launch: they do not "
+            "count in its exit code") in out.out
+    held = hold_run_dir(mine)  # a third process runs job 2 (its pid in the lock file)
+    held.seek(0), held.truncate(), held.write("999999999\n"), held.flush()
+    start(theirs, mine)  # a third process holds job 2: the other launch skips it and does not mark it
+    held.close()
+    assert launch_of(mine) == ours.launch
+    start(theirs, mine)  # the other launch runs job 2 again (and it fails again): now it is theirs
+    ours.on_multirun_end(config)  # no exit
+    with pytest.raises(SystemExit):
+        theirs.on_multirun_end(config)
     capsys.readouterr()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shlex
 import sys
 import traceback
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -19,7 +20,7 @@ from efficient_attn_tasks.commands.cli import bare, known_errors
 from efficient_attn_tasks.commands.hydra_errors import hydra_usage_errors
 from efficient_attn_tasks.config.checks import CONFIG_DIR, ConfigError
 from efficient_attn_tasks.run.fit import interrupt_signal, run
-from efficient_attn_tasks.run.lock import held_elsewhere
+from efficient_attn_tasks.run.lock import held_elsewhere, launching_process, mark_launch
 from efficient_attn_tasks.run.record import (
     RESULTS_JSON,
     RunRecord,
@@ -53,16 +54,29 @@ SWEEP_FAILED_EXIT = 1  # a multirun in which a job failed (or left no results.js
 
 class RunSummary(Callback):
     """Hydra callback (configs/train.yaml, every multirun): print the compact table of
-    efficient_attn_tasks/report/summary.py, then exit with ``SWEEP_FAILED_EXIT`` if a job failed, so a script
-    sees it (the jobs themselves return, for the sweep to go on: ``_app``)."""
+    efficient_attn_tasks/report/summary.py, then exit with ``SWEEP_FAILED_EXIT`` if a job of this launch failed,
+    so a script sees it (the jobs themselves return, for the sweep to go on: ``_app``). Each job this launch
+    starts is marked with the launch's id (``mark_launch``), so the jobs of another launch sharing the sweep dir
+    do not set this launch's exit code."""
+
+    def __init__(self) -> None:
+        self.launch: str | None = None  # set before the launcher sends this callback to its job processes
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.launch = uuid.uuid4().hex
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        out_dir = Path(str(config.hydra.runtime.output_dir))
+        if self.launch is not None and launching_process() and not held_elsewhere(out_dir):
+            mark_launch(out_dir, self.launch)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from efficient_attn_tasks.report.summary import summarize
 
-        text, failed = summarize(config.hydra.sweep.dir)
+        text, failed = summarize(config.hydra.sweep.dir, self.launch)
         print("\n" + text)
         if failed:
-            print(f"error: {failed} job(s) of the sweep failed (listed above); exit code {SWEEP_FAILED_EXIT}",
+            print(f"error: {failed} job(s) of this launch failed (listed above); exit code {SWEEP_FAILED_EXIT}",
                   file=sys.stderr)
             sys.exit(SWEEP_FAILED_EXIT)  # a SystemExit: Hydra's callback runner lets it through
 
@@ -77,7 +91,7 @@ def _app(cfg: DictConfig) -> None:
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
-    if sweep and (pid := held_elsewhere(out_dir)):  # RunDirBusy in RunDirGuard.on_job_start: Hydra only warns
+    if sweep and (pid := held_elsewhere(out_dir)):  # RunDirGuard.on_job_start left it to the launch holding it
         print(f"job {out_dir} is running in another launch (pid {pid}); this launch skips it", file=sys.stderr)
         return
     if sweep:  # a job of its sweep dir, which SLURM may requeue (hydra/launcher=slurm): it resumes there

@@ -66,7 +66,7 @@ def rows_in_launch_order(records: list[dict[str, Any]], keys: list[str]) -> dict
 def load_sweep(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
     """(run records with their overrides, failed jobs and jobs without results.json, the swept keys that
     split rows)."""
-    from efficient_attn_tasks.run.lock import holder
+    from efficient_attn_tasks.run.lock import holder, launch_of
 
     records, missing, failures = find_runs([sweep_dir])
     for r in records:
@@ -74,6 +74,7 @@ def load_sweep(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, An
     failed = [_failed_job(Path(r["_dir"]), r) for r in failures] + [_failed_job(path) for path in missing]
     for job in failed:
         job["running"] = holder(Path(job["dir"])) if job["error"] is None else None
+        job["launch"] = launch_of(Path(job["dir"]))
     return records, failed, swept([r["_overrides"] for r in records] + [job["overrides"] for job in failed])
 
 
@@ -137,14 +138,16 @@ def summary(sweep_dir: Path | str) -> str:
     return summarize(sweep_dir)[0]
 
 
-def summarize(sweep_dir: Path | str) -> tuple[str, int]:
+def summarize(sweep_dir: Path | str, launch: str | None = None) -> tuple[str, int]:
     """(the summary text, how many jobs failed or left no results.json, not counting jobs another live launch
-    holds): the sweep's exit code follows the count."""
+    holds, nor, given this launch's id ``launch``, jobs this launch did not start last): the sweep's exit code
+    follows the count."""
     records, failed, keys = load_sweep(Path(sweep_dir))
     header, body = compact_table(records, failed, keys)
     errors = [job for job in failed if job["error"] is not None]
     running = [job for job in failed if job["running"]]
     missing = len(failed) - len(errors) - len(running)
+    ours = [job for job in failed if not job["running"] and (launch is None or job["launch"] == launch)]
     count = f"{len(records)} run(s) in {sweep_dir}" + (f", {len(errors)} failed" if errors else "") + \
         (f", {missing} without results.json" if missing else "") + \
         (f", {len(running)} running in another launch" if running else "")
@@ -156,5 +159,8 @@ def summarize(sweep_dir: Path | str) -> tuple[str, int]:
         lines.append(f"Failed jobs (results.json status {statuses}; ckpt_path=last with the same hydra.sweep.dir "
                      "runs them again):")
         lines += [f"  {job['dir']}: {job['error']}" for job in sorted(errors, key=_launch_order)]
+    if len(ours) < len(failed) - len(running):
+        lines.append(f"{len(failed) - len(running) - len(ours)} of the failed jobs or jobs without results.json "
+                     "were not last started by this launch: they do not count in its exit code")
     lines.append(f"Full table (every metric): {report_command(sweep_dir, records, keys)}")
-    return "\n".join(lines), len(failed) - len(running)
+    return "\n".join(lines), len(ours)

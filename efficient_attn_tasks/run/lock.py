@@ -8,7 +8,8 @@ In DDP only the launching process (rank 0) holds the lock: the processes Lightni
 run the same command in the same dir. A multirun job holds its job dir's lock while it runs (a sweep dir is
 new, or is resumed with ``ckpt_path=last``, so nothing more is checked); a job whose lock another launch holds
 is skipped (:func:`held_elsewhere`), and the sweep summary tells a job that is running in another launch
-(:func:`holder`) from one that failed.
+(:func:`holder`) from one that failed, and a job this launch ran from one another launch ran
+(:func:`mark_launch`, :func:`launch_of`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from efficient_attn_tasks.run.record import RESULTS_JSON, record_status
 
 RUN_LOCK = ".run.lock"
+LAUNCH_MARK = ".launch"  # the id of the multirun launch that last started the job in this dir
 # what a run writes into its dir besides Hydra's .hydra/ and log (run/fit.py, run/loggers.py, run/curves.py)
 RUN_OUTPUTS = (RESULTS_JSON, "checkpoints", "curves.csv", "curves.png", "test_hypotheses.txt", "metrics.csv",
                "hparams.yaml", "wandb", "wandb_id")
@@ -70,10 +72,23 @@ def holder(run_dir: Path) -> str | None:
 
 def held_elsewhere(run_dir: Path) -> str | None:
     """The pid of another process holding ``run_dir``'s lock, else None: a multirun job whose
-    :class:`RunDirGuard` could not take the lock (Hydra turns the callback's RunDirBusy into a warning) must not
-    run. Ranks other than 0 never hold the lock, so they are never told this."""
+    :class:`RunDirGuard` could not take the lock must not run. Ranks other than 0 never hold the lock, so they
+    are never told this."""
     pid = holder(run_dir)
     return pid if pid is not None and pid != str(os.getpid()) and launching_process() else None
+
+
+def mark_launch(run_dir: Path, launch: str) -> None:
+    """Say that the multirun launch ``launch`` started the job of ``run_dir`` (it holds the dir's lock)."""
+    (run_dir / LAUNCH_MARK).write_text(f"{launch}\n")
+
+
+def launch_of(run_dir: Path) -> str | None:
+    """The id of the launch that last started the job of ``run_dir``, else None (no job marked it)."""
+    try:
+        return (run_dir / LAUNCH_MARK).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def earlier_run(run_dir: Path) -> str | None:
@@ -154,9 +169,13 @@ class RunDirGuard(Callback):
             self.lock = None
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """A multirun job: hold its dir's lock for the job (a single run holds it from ``on_run_start``)."""
+        """A multirun job: hold its dir's lock for the job (a single run holds it from ``on_run_start``). A job
+        another launch holds is left to it: the job sees that (:func:`held_elsewhere`) and skips itself."""
         if _multirun_job(config):
-            self.lock = hold_run_dir(Path(str(config.hydra.runtime.output_dir)))  # RunDirBusy: it runs elsewhere
+            try:
+                self.lock = hold_run_dir(Path(str(config.hydra.runtime.output_dir)))
+            except RunDirBusy:  # raising here would only make Hydra warn
+                self.lock = None
 
     def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
         if _multirun_job(config):
