@@ -214,6 +214,8 @@ def test_a_job_another_launch_holds_is_skipped_not_trained_a_second_time(tmp_pat
         held.close()
     assert out.returncode == 0, out.stderr
     assert f"job {sweep / 'job'} is running in another launch (pid {os.getpid()})" in out.stderr
+    assert "Callback RunDirGuard" not in out.stderr  # no warning from Hydra before the skip line
+    assert not (sweep / "job" / ".launch").exists()  # the job is the other launch's
     assert "1 running in another launch" in out.stdout
     assert not (sweep / "job" / "results.json").exists() and not (sweep / "job" / "checkpoints").exists()
     out = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)  # released: it runs
