@@ -147,7 +147,8 @@ def summarize(sweep_dir: Path | str, launch: str | None = None) -> tuple[str, in
     errors = [job for job in failed if job["error"] is not None]
     running = [job for job in failed if job["running"]]
     missing = len(failed) - len(errors) - len(running)
-    ours = [job for job in failed if not job["running"] and (launch is None or job["launch"] == launch)]
+    counted = [job for job in failed if not job["running"]]
+    ours = [job for job in counted if launch is None or job["launch"] == launch]
     count = f"{len(records)} run(s) in {sweep_dir}" + (f", {len(errors)} failed" if errors else "") + \
         (f", {missing} without results.json" if missing else "") + \
         (f", {len(running)} running in another launch" if running else "")
@@ -159,8 +160,8 @@ def summarize(sweep_dir: Path | str, launch: str | None = None) -> tuple[str, in
         lines.append(f"Failed jobs (results.json status {statuses}; ckpt_path=last with the same hydra.sweep.dir "
                      "runs them again):")
         lines += [f"  {job['dir']}: {job['error']}" for job in sorted(errors, key=_launch_order)]
-    if len(ours) < len(failed) - len(running):
-        lines.append(f"{len(failed) - len(running) - len(ours)} of the failed jobs or jobs without results.json "
+    if len(ours) < len(counted):
+        lines.append(f"{len(counted) - len(ours)} of the failed jobs or jobs without results.json "
                      "were not last started by this launch: they do not count in its exit code")
     lines.append(f"Full table (every metric): {report_command(sweep_dir, records, keys)}")
     return "\n".join(lines), len(ours)
