@@ -297,3 +297,26 @@ def test_a_rows_or_tune_key_no_record_has_is_an_error_naming_what_is_there(tmp_p
     assert lines[2].startswith("| softmax / None | 1 | 30 |") and lines[3].startswith("| softmax / gla | 1 | 30 |")
     main([str(tmp_path), "--rows", "attention,config.model.encoder_attention", "--metrics", "test/bleu"])  # null in all
     assert capsys.readouterr().out.splitlines()[2].startswith("| softmax / None | 2 | 30 ± 0 |")
+
+
+def test_default_gives_records_written_before_a_key_existed_its_value(tmp_path, capsys):
+    """--default config.transfer_steps=0: old records (no key) join the rows of new ones that recorded 0; a record
+    with the key, null included, keeps its own value."""
+    for name, steps in (("0", "absent"), ("1", 0), ("2", 200), ("3", None)):
+        rec = record("linear", int(name), 30.0 + int(name))
+        rec["config"] = {"optim": {"lr": 1e-3}} if steps == "absent" else {"transfer_steps": steps}
+        write_run(tmp_path, name, rec)
+    argv = [str(tmp_path), "--rows", "attention,config.transfer_steps", "--metrics", "test/bleu"]
+
+    def rows(*extra: str) -> list[str]:
+        main([*argv, *extra])
+        return [line.split(" | ")[0] + " | " + line.split(" | ")[1] for line in capsys.readouterr().out.splitlines()
+                if line.startswith("| linear")]
+
+    assert rows() == ["| linear / 0 | 1", "| linear / 200 | 1", "| linear / None | 2"]
+    assert rows("--default", "config.transfer_steps=0") == [
+        "| linear / 0 | 2", "| linear / 200 | 1", "| linear / None | 1"]
+    assert rows("--default", "config.transfer_steps=7", "--default", "config.optim.lr=5") == [
+        "| linear / 0 | 1", "| linear / 7 | 1", "| linear / 200 | 1", "| linear / None | 1"]
+    with pytest.raises(SystemExit, match="expected config"):
+        main([*argv, "--default", "transfer_steps=0"])

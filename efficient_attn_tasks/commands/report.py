@@ -43,6 +43,9 @@ def parser() -> argparse.ArgumentParser:
                          help="adds Δ and paired (by seed) t-test p against the row with this attention (or these "
                               "--rows values, e.g. name=scratch or every key to pair all rows with one) and the "
                               "same other --rows values")
+    p.add_argument("--default", action="append", metavar="KEY=VALUE",
+                   help="e.g. config.transfer_steps=0 (repeatable): the value of a config key for the records "
+                        "written before it existed (a record that has it keeps its own)")
     p.add_argument("--metrics", help='comma-separated metric columns to keep, e.g. "val/bleu (last),val/ppl (last)" '
                                      "(default: every metric)")
     p.add_argument("--tune", metavar="KEY", help="e.g. config.optim.lr (not a --rows key): per row, keep the runs of "

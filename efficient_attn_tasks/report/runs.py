@@ -77,6 +77,42 @@ def field(record: dict[str, Any], key: str) -> Any:
     return value
 
 
+def parse_defaults(items: list[str] | None) -> dict[str, Any]:
+    """``["config.transfer_steps=0"]`` -> {"config.transfer_steps": 0}: ints and floats as numbers, else text."""
+    defaults: dict[str, Any] = {}
+    for text in items or []:
+        key, sep, raw = text.partition("=")
+        if not sep or not key.startswith("config.") or not raw:
+            raise SystemExit(f"--default {text!r}: expected config.<dotted.key>=VALUE, e.g. config.transfer_steps=0")
+        defaults[key] = _number(raw)
+    return defaults
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def fill_defaults(records: list[dict[str, Any]], defaults: dict[str, Any]) -> None:
+    """Give each record without ``config.a.b`` (written before the key existed) the value ``defaults`` names;
+    a record that has the key, null included, keeps its own."""
+    for key, value in defaults.items():
+        *path, last = key.split(".")
+        for record in records:
+            if has_field(record, key):
+                continue
+            node = record
+            for part in path:
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}
+                node = node[part]
+            node[last] = value
+
+
 def has_field(record: dict[str, Any], key: str) -> bool:
     """Whether ``key`` (``config.a.b``) is in the record, whatever its value (null included)."""
     value: Any = record

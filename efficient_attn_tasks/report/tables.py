@@ -30,7 +30,16 @@ from efficient_attn_tasks.report.cells import (
 )
 from efficient_attn_tasks.report.compare import SIGNIFICANT, Test, compared, comparisons
 from efficient_attn_tasks.report.rows import Row, columns, group, numeric_column
-from efficient_attn_tasks.report.runs import column_name, field, find_runs, metrics, not_run_labels, unknown_field
+from efficient_attn_tasks.report.runs import (
+    column_name,
+    field,
+    fill_defaults,
+    find_runs,
+    metrics,
+    not_run_labels,
+    parse_defaults,
+    unknown_field,
+)
 from efficient_attn_tasks.report.stats import BOOTSTRAP_RESAMPLES, as_number, mean_std, per_seed, success_ci, welch
 from efficient_attn_tasks.report.stats_csv import stats_table, write_stats
 from efficient_attn_tasks.report.tune import at_edge, tune
@@ -247,6 +256,7 @@ def run(args: argparse.Namespace) -> None:
     records, missing, failed = find_runs(args.dirs)
     if not records and not missing and not failed:
         raise UsageError(f"no run dirs (with .hydra/) under {[str(d) for d in args.dirs]}")
+    fill_defaults(records + failed, parse_defaults(getattr(args, "default", None)))
     for option, key in [("--rows", k) for k in rows] + ([("--tune", args.tune)] if args.tune else []):
         why = unknown_field(records + failed, key)  # a misspelt key would put every run in one "None" row
         if why is not None:
