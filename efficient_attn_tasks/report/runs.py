@@ -105,12 +105,11 @@ def fill_defaults(records: list[dict[str, Any]], defaults: dict[str, Any]) -> No
         for record in records:
             if has_field(record, key):
                 continue
-            node = record
+            node: Any = record
             for part in path:
-                if not isinstance(node.get(part), dict):
-                    node[part] = {}
-                node = node[part]
-            node[last] = value
+                node = node.setdefault(part, {}) if isinstance(node, dict) else None
+            if isinstance(node, dict):  # a section the record has as a value keeps that value
+                node[last] = value
 
 
 def has_field(record: dict[str, Any], key: str) -> bool:
