@@ -39,6 +39,37 @@ def test_chunked_gated_equals_recurrence(length, chunk, channels):
     torch.testing.assert_close(state, want_state, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [5, 16, 48, 64])
+@pytest.mark.parametrize("gate_scale", [0.5, 8.0])
+def test_per_channel_scores_equal_recurrence_mild_and_strong(chunk, gate_scale):
+    """Per-channel gates mild (0.5) or strong (8: products of e^−100 and less inside a chunk), chunks of a
+    power of two or not (padded inside): equal to the recurrence, with exact gradients across the joins."""
+    q, k, v, log_gate, _ = _inputs(150, gate_scale=gate_scale)
+    out, state = chunked_gated_with_state(q, k, v, log_gate, chunk)
+    want, want_state = gated_recurrence_with_state(q, k, v, log_gate)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(state, want_state, rtol=1e-10, atol=1e-12)
+    if chunk <= 16:  # gradients through a padded chunk (5 -> 8) and a whole one, across two joins
+        q, k, v, log_gate = (t[:1, :1, : 2 * chunk + 3, :2].clone().requires_grad_() for t in (q, k, v, log_gate))
+        assert torch.autograd.gradcheck(lambda *a: chunked_gated_with_state(*a, chunk)[0], (q, k, v, log_gate))
+
+
+@pytest.mark.parametrize("chunk", [64, 48])
+def test_float32_strong_per_channel_gates_stay_finite(chunk):
+    """Log gates of −8 per step on half the channels: e^{b_i − b_j} spans e^0 to e^−512 inside a chunk of 64
+    (below float32's range from 12 rows apart); no factor overflows, in a whole chunk or one padded to a power
+    of two (48 -> 64): finite and equal to float64, gradients too."""
+    q, k, v, log_gate, _ = _inputs(256, d=8, e=4, seed=5)
+    log_gate[..., :4] = -8.0
+    want = gated_recurrence_with_state(q, k, v, log_gate)[0]
+    args = [t.float().requires_grad_() for t in (q, k, v, log_gate)]
+    got = chunked_gated_with_state(*args, chunk)[0]
+    assert got.isfinite().all()
+    assert (got.double() - want).abs().max() / want.abs().max() < 1e-5
+    got.square().sum().backward()
+    assert all(a.grad.isfinite().all() for a in args)
+
+
 @pytest.mark.parametrize("length, chunk", [(1, 4), (13, 4), (13, 5), (16, 16), (37, 8), (37, 64)])
 @pytest.mark.parametrize("gated", [False, True])
 def test_chunked_delta_equals_recurrence(length, chunk, gated):

@@ -3,9 +3,9 @@
 S_t = Diag(a_t) S_{t−1} + k_tᵀ v_t,   o_t = q_t S_t,   a_t = exp(log_gate_t) (per channel, or one per head),
 q, k (B, H, L, D), v (B, H, L, E), S (D, E). No scale is applied here (callers scale q).
 
-Every product of gates is formed in log space as a difference of cumulative sums inside one chunk,
-b_i − b_j with j ≤ i (≤ 0 for gates in (0, 1]), so no factor overflows and none underflows to a silent
-zero unless the true value is below the float's range.
+Every product of gates is formed in log space from cumulative sums inside one chunk, b_i − b_j with j ≤ i
+(≤ 0 for gates in (0, 1]), split at a row r between them into e^{b_i − b_r} · e^{b_r − b_j}, both ≤ 1, so no
+factor overflows and none underflows to a silent zero unless the true value is below the float's range.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-SUB_BLOCK = 16  # per-channel gates: pairwise (c, c, D) factors only inside sub-blocks of this many rows
 
 
 def gated_recurrence(q: Tensor, k: Tensor, v: Tensor, log_gate: Tensor, state: Tensor | None = None) -> Tensor:
@@ -48,7 +46,7 @@ def chunked_gated_with_state(
 
     Chunk n, row i: Σ_{j≤i in chunk} (Σ_d q_id k_jd e^{b_id − b_jd}) v_j + (q_i ⊙ e^{b_i}) S_n, with b the
     cumulative log gate inside the chunk; S_{n+1} = e^{b_C} ⊙ S_n + Σ_j (k_j ⊙ e^{b_C − b_j})ᵀ v_j.
-    A per-channel gate forms the (C, C, D) factors (O(L·C·D) memory); a scalar gate only (C, C).
+    A per-channel gate never forms (C, C, D) factors (:func:`_channel_scores`); a scalar gate forms (C, C).
     """
     b, h, length, d = q.shape
     c = max(1, min(chunk_size, length))
@@ -59,7 +57,7 @@ def chunked_gated_with_state(
     if gc.shape[-1] == 1:
         scores = (qc @ kc.transpose(-1, -2)) * _pairwise_decay(cum)[..., 0]  # (B, H, N, C, C)
     else:
-        scores = _channel_scores(qc, kc, cum, SUB_BLOCK)  # (B, H, N, C, C)
+        scores = _channel_scores(qc, kc, cum)  # (B, H, N, C, C)
     out = scores @ vc  # (B, H, N, C, E)
     last = cum[..., -1:, :]  # (B, H, N, 1, D|1): b_C
     k_out = kc * (last - cum).exp()  # (B, H, N, C, D): k_j ⊙ e^{b_C − b_j}
@@ -81,26 +79,42 @@ def _pairwise_decay(cum: Tensor) -> Tensor:
     return diff.masked_fill(upper[:, :, None], float("-inf")).exp()
 
 
-def _channel_scores(q: Tensor, k: Tensor, cum: Tensor, sub: int) -> Tensor:
+def _channel_scores(q: Tensor, k: Tensor, cum: Tensor) -> Tensor:
     """(…, C, D) q, k, cumulative per-channel log gates -> (…, C, C) Σ_d q_id k_jd e^{b_id − b_jd}, j ≤ i.
 
-    Inside each sub-block of s rows the (s, s, D) factors are formed pairwise; across sub-blocks J < I
-    the factor splits at r, the last row of J: e^{b_i − b_r} · e^{b_r − b_j}, both ≤ 1, so those
-    blocks are matrix products. O(C·s·D) elementwise and O(C²·D) in products per chunk.
+    By halving: for blocks of 2w rows (w = 1, 2, 4, …), the scores of the late half's rows i on the early
+    half's keys j are one matrix product split at r, the early half's last row: (q_i ⊙ e^{b_i − b_r}) ·
+    (k_j ⊙ e^{b_r − b_j}), both factors ≤ 1; with the diagonal (factor 1) these blocks tile j ≤ i. C is padded
+    to a power of two with rows that change nothing. O(C·D·log C) elementwise and O(C²·D) in products per
+    chunk; no (C, C, D) tensor.
     """
-    c = q.shape[-2]
-    s = sub if c % sub == 0 and c > sub else c
-    m = c // s  # sub-blocks
-    qs, ks, cs = (t.unflatten(-2, (m, s)) for t in (q, k, cum))  # (…, m, s, D)
-    diag = (qs[..., :, None, :] * ks[..., None, :, :] * _pairwise_decay(cs)).sum(-1)  # (…, m, s, s)
-    if m == 1:
-        return diag[..., 0, :, :]  # (…, C, C)
-    ref = cs[..., -1, :]  # (…, m, D): b_r at the last row of each sub-block J
-    q_from = q[..., None, :, :] * (cum[..., None, :, :] - ref[..., :, None, :]).clamp_max(0.0).exp()  # (…, m, C, D)
-    k_to = ks * (ref[..., None, :] - cs).exp()  # (…, m, s, D): e^{b_r − b_j} ≤ 1
-    cross = (q_from @ k_to.transpose(-1, -2)).transpose(-3, -2).flatten(-2)  # (…, m, C, s) -> (…, C, m·s)
-    block = torch.arange(c, device=q.device) // s  # (C,): each row's sub-block
-    later = block[:, None] > block[None, :]  # (C, C): j in an earlier sub-block than i
-    same = block[:, None] == block[None, :]  # (C, C)
-    diag_full = diag[..., :, :, None, :].expand(*diag.shape[:-1], m, s).flatten(-4, -3).flatten(-2)  # (…, C, C)
-    return torch.where(same, diag_full, torch.where(later, cross, 0.0))  # (…, C, C)
+    c, d = q.shape[-2:]
+    size = 1 << (c - 1).bit_length()  # the power of two ≥ C
+    if size > c:  # padded rows: q = k = 0, gate 1 (b stays at its last value)
+        q, k = (F.pad(t, (0, 0, 0, size - c)) for t in (q, k))  # (…, size, D)
+        cum = torch.cat([cum, cum[..., -1:, :].expand(*cum.shape[:-2], size - c, d)], dim=-2)  # (…, size, D)
+    parts, w = [(q * k).sum(-1)], 1  # the diagonal (…, size)
+    while w < size:
+        qb, kb, cb = (t.unflatten(-2, (size // (2 * w), 2, w)) for t in (q, k, cum))  # (…, n, 2, w, D)
+        ref = cb[..., 0, -1:, :]  # (…, n, 1, D): b_r, the early half's last row
+        q_late = qb[..., 1, :, :] * (cb[..., 1, :, :] - ref).exp()  # (…, n, w, D): e^{b_i − b_r} ≤ 1
+        k_early = kb[..., 0, :, :] * (ref - cb[..., 0, :, :]).exp()  # (…, n, w, D): e^{b_r − b_j} ≤ 1
+        parts.append((q_late @ k_early.transpose(-1, -2)).flatten(-3))  # (…, n·w·w)
+        w *= 2
+    flat = torch.cat(parts, dim=-1)  # (…, size·(size+1)/2): every j ≤ i once
+    scores = flat.new_zeros(*flat.shape[:-1], size * size).index_copy(-1, _halving_index(size, q.device), flat)
+    return scores.unflatten(-1, (size, size))[..., :c, :c]  # (…, C, C)
+
+
+def _halving_index(size: int, device: torch.device) -> Tensor:
+    """Flat positions i·size + j of the entries :func:`_channel_scores` concatenates: the diagonal, then for
+    each w the late-half rows × early-half keys of every block of 2w rows."""
+    rows = torch.arange(size, device=device)
+    index, w = [rows * (size + 1)], 1
+    while w < size:
+        start = torch.arange(0, size, 2 * w, device=device)[:, None, None]  # (n, 1, 1): each block's first row
+        offset = torch.arange(w, device=device)
+        i, j = start + w + offset[:, None], start + offset[None, :]  # (n, w, 1), (n, 1, w)
+        index.append((i * size + j).flatten())  # (n·w·w,)
+        w *= 2
+    return torch.cat(index)
