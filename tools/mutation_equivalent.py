@@ -7,10 +7,10 @@ beside each such survivor. Add one after reading a survivor.
 
 EQUIVALENT: dict[tuple[str, str, str], str] = {
     ('efficient_attn/ops/gated.py',
-     'q_from = q[..., None, :, :] * (cum[..., None, :, :] - ref[..., :, None, :]).clamp_max(0.0).exp()  # (…, m, C, D)',
-     'constant 0.0 -> 1.0 in `0.0`'):
-        'the clamp only keeps the rows of a sub-block and earlier (exponent > 0) from overflowing; '
-        'those entries are discarded by the sub-block mask, so any clamp far below 88 gives the same scores',
+     'size = 1 << (c - 1).bit_length()  # the power of two ≥ C',
+     'constant 1 -> 0 in `1`'):
+        '(the `c - 1` one; `0 << …` gives size 0 and is killed) size becomes the power of two above C, twice C '
+        'when C is one: more padded rows, which change nothing, and the same scores, only slower',
     ('efficient_attn/attention/base.py',
      's = key_padding_mask.shape[-1]',
      'drop unary operator in `-1`'):
