@@ -27,31 +27,21 @@ def _inputs(length: int, d: int = 6, e: int = 5, dtype=torch.float64, seed: int 
     return q, k, v, log_gate, beta
 
 
-@pytest.mark.parametrize("length, chunk", [(1, 4), (13, 4), (13, 5), (16, 16), (37, 8), (37, 64), (70, 32), (150, 64)])
+@pytest.mark.parametrize(
+    "length, chunk", [(1, 4), (13, 4), (13, 5), (16, 16), (37, 8), (37, 64), (70, 32), (150, 48), (150, 64)]
+)
 @pytest.mark.parametrize("channels", ["per_channel", "scalar"])
-def test_chunked_gated_equals_recurrence(length, chunk, channels):
-    q, k, v, log_gate, _ = _inputs(length)
+@pytest.mark.parametrize("gate_scale", [0.5, 8.0], ids=["mild", "strong"])
+def test_chunked_gated_equals_recurrence(length, chunk, channels, gate_scale):
+    """Chunks of a power of two or not (padded inside); gates mild or strong (8: products of e^−100 and less
+    inside a chunk)."""
+    q, k, v, log_gate, _ = _inputs(length, gate_scale=gate_scale)
     if channels == "scalar":
         log_gate = log_gate[..., :1]  # (B, H, L, 1)
     out, state = chunked_gated_with_state(q, k, v, log_gate, chunk)
     want, want_state = gated_recurrence_with_state(q, k, v, log_gate)
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(state, want_state, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("chunk", [5, 16, 48, 64])
-@pytest.mark.parametrize("gate_scale", [0.5, 8.0])
-def test_per_channel_scores_equal_recurrence_mild_and_strong(chunk, gate_scale):
-    """Per-channel gates mild (0.5) or strong (8: products of e^−100 and less inside a chunk), chunks of a
-    power of two or not (padded inside): equal to the recurrence, with exact gradients across the joins."""
-    q, k, v, log_gate, _ = _inputs(150, gate_scale=gate_scale)
-    out, state = chunked_gated_with_state(q, k, v, log_gate, chunk)
-    want, want_state = gated_recurrence_with_state(q, k, v, log_gate)
-    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(state, want_state, rtol=1e-10, atol=1e-12)
-    if chunk <= 16:  # gradients through a padded chunk (5 -> 8) and a whole one, across two joins
-        q, k, v, log_gate = (t[:1, :1, : 2 * chunk + 3, :2].clone().requires_grad_() for t in (q, k, v, log_gate))
-        assert torch.autograd.gradcheck(lambda *a: chunked_gated_with_state(*a, chunk)[0], (q, k, v, log_gate))
 
 
 @pytest.mark.parametrize("chunk", [64, 48])
@@ -82,9 +72,10 @@ def test_chunked_delta_equals_recurrence(length, chunk, gated):
     torch.testing.assert_close(state, want_state, rtol=1e-10, atol=1e-12)
 
 
-def test_gradcheck_across_chunk_boundaries():
-    """Gradients of every input (gates and β included) through chunks of 3 over L = 8."""
-    q, k, v, log_gate, beta = (t.requires_grad_() for t in _inputs(8, d=3, e=2))
+@pytest.mark.parametrize("gate_scale", [0.5, 8.0], ids=["mild", "strong"])
+def test_gradcheck_across_chunk_boundaries(gate_scale):
+    """Gradients of every input (gates and β included) through chunks of 3 (padded to 4 inside) over L = 8."""
+    q, k, v, log_gate, beta = (t.requires_grad_() for t in _inputs(8, d=3, e=2, gate_scale=gate_scale))
     assert torch.autograd.gradcheck(lambda *a: chunked_gated_with_state(*a, 3)[0], (q, k, v, log_gate))
     assert torch.autograd.gradcheck(lambda *a: chunked_gated_with_state(*a, 3)[0], (q, k, v, log_gate[..., :1]))
     kn = F.normalize(k, dim=-1)
