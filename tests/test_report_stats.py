@@ -149,15 +149,37 @@ def test_grid_edge_marks_a_best_value_at_either_end(tmp_path, capsys):
             write(tmp_path, "softmax", seed, 0.5, lr=lr, val=val)
         for lr, val in ((1e-4, 0.2), (1e-3, 0.5), (1e-2, 0.9)):  # the largest value wins
             write(tmp_path, "favor", seed, 0.5, lr=lr, val=val)
+        for lr, val in ((1e-4, 1.0), (1e-3, 1.0), (1e-2, 0.3)):  # a tie at 1.0 goes to the smallest: the ceiling
+            write(tmp_path, "linear", seed, 1.0, lr=lr, val=val)
+        for lr, val in ((1e-4, 0.9999), (1e-3, 0.9998), (1e-2, 0.3)):  # just below the ceiling: a plain edge
+            write(tmp_path, "taylor", seed, 1.0, lr=lr, val=val)
     main([str(tmp_path), "--rows", "attention", "--metrics", "test/acc", "--tune", "config.optim.lr", "--out",
           str(tmp_path / "t")])
     out = capsys.readouterr().out
     rows = table_rows(out)
     assert rows["softmax"]["best optim.lr"] == "0.001" and rows["favor"]["best optim.lr"] == "0.01 (edge)"
+    assert rows["linear"]["best optim.lr"] == "0.0001 (edge, at ceiling)"
+    assert rows["taylor"]["best optim.lr"] == "0.0001 (edge)"
     assert "(edge): the chosen value is the smallest or largest tried" in out
+    assert "(edge, at ceiling): the chosen value is the smallest or largest tried, but its mean validation" in out
     _, stats_rows = read_stats_by_attention(tmp_path / "t_stats.csv")
-    assert stats_rows["favor"]["config.optim.lr edge"] == "True"
-    assert stats_rows["softmax"]["config.optim.lr edge"] == "False"
+    assert [stats_rows[a]["config.optim.lr edge"] for a in ("softmax", "favor", "linear", "taylor")] == \
+        ["False", "True", "True", "True"]
+    assert [stats_rows[a]["config.optim.lr at ceiling"] for a in ("softmax", "favor", "linear", "taylor")] == \
+        ["False", "False", "True", "False"]
+
+
+def test_no_ceiling_for_an_unbounded_monitor(tmp_path, capsys):
+    """A loss monitor has no best possible value the report knows: an edge there is always a plain edge."""
+    for seed in (0, 1):
+        for lr, val in ((1e-4, 0.0), (1e-3, 0.5)):
+            write(tmp_path, "softmax", seed, 0.5, lr=lr, val=val)
+    for d in tmp_path.iterdir():
+        record = json.loads((d / "results.json").read_text())
+        record["metrics"]["monitor"] = "val/loss"
+        (d / "results.json").write_text(json.dumps(record))
+    main([str(tmp_path), "--rows", "attention", "--metrics", "test/acc", "--tune", "config.optim.lr"])
+    assert table_rows(capsys.readouterr().out)["softmax"]["best optim.lr"] == "0.0001 (edge)"
 
 
 def test_still_improving_counts_unconverged_runs(tmp_path, capsys):

@@ -23,6 +23,7 @@ class Row:
     tuned: Any = None  # the --tune value chosen
     tried: int = 0  # how many --tune values the row's runs had
     edge: bool = False  # the chosen --tune value is the smallest or largest tried (the best may lie outside)
+    ceiling: bool = False  # its validation score is the monitor's best possible (nothing outside can beat it)
 
 
 def group(records: list[dict[str, Any]], keys: list[str]) -> dict[str, list[dict[str, Any]]]:

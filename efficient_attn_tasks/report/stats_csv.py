@@ -19,10 +19,10 @@ def stats_table(rows: list[Row], names: list[str], keys: list[str], tune_key: st
                 paired: str | None = None, options: Options | None = None) -> tuple[list[str], list[list[Any]]]:
     """Numbers for plots (``<out>_stats.csv``): per row its key values, n, [tuned value, tried]; per numeric metric
     ``_mean``, ``_ci`` (t 95% half-width, 0 for n=1), ``_lo``, ``_hi`` (the table's interval: bootstrap inside the
-    bounds for a bounded metric, else mean ∓ t half-width) and ``_values`` (per seed); the seeds, [edge]; per
-    ``--success`` ``_k``, ``_n``, ``_lo``, ``_hi``, ``_mean_if``; ``still_improving``; then with ``paired`` the
-    McNemar ``_p`` and every test's ``_p_holm``, and last ``_delta``, ``_p`` and the 95% ``_delta_lo``, ``_delta_hi``
-    per compared metric."""
+    bounds for a bounded metric, else mean ∓ t half-width) and ``_values`` (per seed); the seeds, [edge, at
+    ceiling]; per ``--success`` ``_k``, ``_n``, ``_lo``, ``_hi``, ``_mean_if``; ``still_improving``; then with
+    ``paired`` the McNemar ``_p`` and every test's ``_p_holm``, and last ``_delta``, ``_p`` and the 95%
+    ``_delta_lo``, ``_delta_hi`` per compared metric."""
     opts = options or Options()
     flat = {row.label: row.flat for row in rows}
     numeric = [k for k in names if numeric_column(flat, k)]
@@ -31,7 +31,7 @@ def stats_table(rows: list[Row], names: list[str], keys: list[str], tune_key: st
     successes = [s for s in opts.successes if s.metric in numeric]
     header = [*keys, "n", *([tune_key, f"{tune_key} tried"] if tune_key is not None else [])]
     header += [f"{k}_{s}" for k in numeric for s in ("mean", "ci", "lo", "hi", "values")]
-    header += ["seeds", *([f"{tune_key} edge"] if tune_key is not None else [])]
+    header += ["seeds", *([f"{tune_key} edge", f"{tune_key} at ceiling"] if tune_key is not None else [])]
     header += [f"{s.label}_{x}" for s in successes for x in ("k", "n", "lo", "hi", "mean_if")]
     header += ["still_improving"]
     if paired is not None:
@@ -52,7 +52,7 @@ def stats_table(rows: list[Row], names: list[str], keys: list[str], tune_key: st
             lo, hi = bounded_interval(values, bounds[k]) if bounds[k] is not None else (mean - half, mean + half)
             line += [mean, half, lo, hi, per_seed([(run["seed"], r.get(k)) for run, r in zip(row.runs, row.flat)])]
         line += [per_seed([(run["seed"], run["seed"]) for run in row.runs], lambda seed: str(seed))]
-        line += [row.edge] if tune_key is not None else []
+        line += [row.edge, row.ceiling] if tune_key is not None else []
         for s in successes:
             k, n, hits = success_cells(row, s)
             mean_if = statistics.mean(hits) if hits else None

@@ -42,7 +42,7 @@ from efficient_attn_tasks.report.runs import (
 )
 from efficient_attn_tasks.report.stats import BOOTSTRAP_RESAMPLES, as_number, mean_std, per_seed, success_ci, welch
 from efficient_attn_tasks.report.stats_csv import stats_table, write_stats
-from efficient_attn_tasks.report.tune import at_edge, tune
+from efficient_attn_tasks.report.tune import at_ceiling, at_edge, tune
 
 # the --pivot task columns
 HEADLINE = {"translation": "test/bleu", "listops": "test/acc", "lm": "test/bpc", "mqar": "test/acc"}
@@ -56,13 +56,14 @@ def build(records: list[dict[str, Any]], keys: list[str], keep: list[str] | None
     rows = []
     failed_by = group(failed, keys) if failed and tune_key is not None else {}
     for label, runs in group(records, keys).items():
-        tuned, tried, edge = None, 0, False
+        tuned, tried, edge, ceiling = None, 0, False, False
         if tune_key is not None:
-            edge_of = runs
+            searched = runs
             runs, tuned, tried = tune(runs, tune_key, label, failed_by.get(label))
-            edge = at_edge(edge_of, tune_key, tuned)
+            edge = at_edge(searched, tune_key, tuned)
+            ceiling = at_ceiling(searched, tune_key, tuned, failed_by.get(label))
         rows.append(Row(label, {k: field(runs[0], k) for k in keys}, runs, [metrics(r) for r in runs], tuned, tried,
-                        edge))
+                        edge, ceiling))
     return rows, columns({row.label: row.flat for row in rows}, keep)
 
 
@@ -90,7 +91,8 @@ def render(rows: list[Row], names: list[str], missing: list[Path], keys: list[st
            baseline: str | None = None, tune_key: str | None = None, ci: bool = False,
            paired: str | None = None, failed: list[dict[str, Any]] | None = None,
            options: Options | None = None, footer: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
-    """Header and display rows: label, n, [best <tune key> ("(edge)" at either end of the values tried), tried],
+    """Header and display rows: label, n, [best <tune key> ("(edge)" at either end of the values tried, "(edge, at
+    ceiling)" when its validation score there is the monitor's best possible), tried],
     metric cells, [per-seed values], [success rates], [still improving], [Δ columns], then failed and missing
     runs. ``footer``, if given, gets the lines that say which tests were run and corrected."""
     opts = options or Options()
@@ -124,7 +126,7 @@ def render(rows: list[Row], names: list[str], missing: list[Path], keys: list[st
     for row, runs_improving in zip(rows, improving):
         line = [row.label, str(len(row.runs))]
         if tune_key is not None:
-            line += [f"{row.tuned}" + (" (edge)" if row.edge else ""), str(row.tried)]
+            line += [f"{row.tuned}" + edge_mark(row), str(row.tried)]
         line += [cell(k, [r.get(k) for r in row.flat], ci, bounds.get(k)) for k in names]
         if opts.per_seed:
             line += [per_seed([(run["seed"], r.get(k)) for run, r in zip(row.runs, row.flat)]) for k in deltas]
@@ -153,6 +155,13 @@ def render(rows: list[Row], names: list[str], missing: list[Path], keys: list[st
     return header, body
 
 
+def edge_mark(row: Row) -> str:
+    """The tuned value's mark: "" inside the grid, " (edge)", or " (edge, at ceiling)"."""
+    if not row.edge:
+        return ""
+    return " (edge, at ceiling)" if row.ceiling else " (edge)"
+
+
 def _footer(rows: list[Row], tests: dict[tuple[str, str], Test], bounds: dict[str, tuple[float, float] | None],
             opts: Options, ci: bool, tuned: bool, show_improving: bool, paired: str | None) -> list[str]:
     """The lines under the table that say what the new cells mean and which tests were corrected."""
@@ -168,9 +177,13 @@ def _footer(rows: list[Row], tests: dict[tuple[str, str], Test], bounds: dict[st
     if opts.successes:
         lines.append("Successes: runs meeting the threshold / runs, [exact Clopper–Pearson 95% interval]; "
                      "\"if\": mean ± std over the successful runs only.")
-    if tuned and any(row.edge for row in rows):
+    if tuned and any(row.edge and not row.ceiling for row in rows):
         lines.append("(edge): the chosen value is the smallest or largest tried; a better one may lie outside "
                      "the grid.")
+    if tuned and any(row.edge and row.ceiling for row in rows):
+        lines.append("(edge, at ceiling): the chosen value is the smallest or largest tried, but its mean validation "
+                     "score is the monitor's best possible (1 for an accuracy), so no value outside the grid can "
+                     "beat it.")
     if show_improving:
         lines.append("still improving: runs whose early stopping did not fire (converged false) or, without that "
                      "field, whose best validation checkpoint was their last step / runs that say either.")

@@ -1,6 +1,6 @@
 """``efficient-attn-report --tune KEY``: per table row, the value of a hyper-parameter (a learning rate, say) whose
-runs have the best mean validation score, chosen on validation metrics only, and whether that value lies at
-either end of the values tried."""
+runs have the best mean validation score, chosen on validation metrics only, whether that value lies at
+either end of the values tried, and whether its score is the best the monitor can take."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Hashable
 from typing import Any
 
+from efficient_attn_tasks.report.cells import metric_bounds
 from efficient_attn_tasks.report.rows import sort_key
 from efficient_attn_tasks.report.runs import field
 from efficient_attn_tasks.report.stats import finite_values
@@ -33,6 +34,18 @@ def tune(runs: list[dict[str, Any]], key: str, label: str = "",
     seed and scores the worst possible, so its value is never chosen over one whose runs all finished. Test
     metrics are never looked at, so they stay an unbiased estimate for the chosen value.
     """
+    by_value, scores = _scores(runs, key, failed)
+    candidates = sorted((v for v, s in scores.items() if s), key=sort_key)  # ascending: min/max keep the first tie
+    if not candidates:
+        raise SystemExit(f"--tune {key}: no run of row {label!r} has a finite metrics.val_best")
+    pick = min if minimises(runs) else max
+    best = pick(candidates, key=lambda v: statistics.mean(scores[v]))
+    return by_value[best], best, len(by_value)
+
+
+def _scores(runs: list[dict[str, Any]], key: str, failed: list[dict[str, Any]] | None
+            ) -> tuple[dict[Any, list[dict[str, Any]]], dict[Any, list[float]]]:
+    """(the runs of each ``key`` value, the ``val_best`` scores ``tune`` compares for each value)."""
     worst = math.inf if minimises(runs) else -math.inf
     by_value: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
@@ -46,13 +59,19 @@ def tune(runs: list[dict[str, Any]], key: str, label: str = "",
                 score_of[v][r.get("seed")] = r["metrics"]["val_best"]
     seeds = [set(score_of[v]) for v in by_value if score_of[v]]
     common = set.intersection(*seeds) if seeds else set()
-    scores = {v: [x for seed, x in score_of[v].items() if not common or seed in common] for v in by_value}
-    candidates = sorted((v for v, s in scores.items() if s), key=sort_key)  # ascending: min/max keep the first tie
-    if not candidates:
-        raise SystemExit(f"--tune {key}: no run of row {label!r} has a finite metrics.val_best")
-    pick = min if minimises(runs) else max
-    best = pick(candidates, key=lambda v: statistics.mean(scores[v]))
-    return by_value[best], best, len(by_value)
+    return by_value, {v: [x for seed, x in score_of[v].items() if not common or seed in common] for v in by_value}
+
+
+def at_ceiling(runs: list[dict[str, Any]], key: str, chosen: Any,
+               failed: list[dict[str, Any]] | None = None) -> bool:
+    """Whether ``chosen``'s score in ``tune`` is the best its monitor can take (1 for an accuracy-like monitor whose
+    values lie in [0, 1], maximised), so that no value outside the grid can beat it; False for an unbounded one."""
+    _, scores = _scores(runs, key, failed)
+    values = [r["metrics"]["val_best"] for r in runs]
+    bounds = metric_bounds(str(runs[0]["metrics"]["monitor"]), values, {})
+    if bounds is None or not scores.get(chosen):
+        return False
+    return statistics.mean(scores[chosen]) == (bounds[0] if minimises(runs) else bounds[1])
 
 
 def at_edge(runs: list[dict[str, Any]], key: str, chosen: Any) -> bool:
