@@ -59,9 +59,9 @@ def build(records: list[dict[str, Any]], keys: list[str], keep: list[str] | None
         tuned, tried, edge, ceiling = None, 0, False, False
         if tune_key is not None:
             searched = runs
-            runs, tuned, tried = tune(runs, tune_key, label, failed_by.get(label))
+            runs, tuned, tried, score = tune(runs, tune_key, label, failed_by.get(label))
             edge = at_edge(searched, tune_key, tuned)
-            ceiling = at_ceiling(searched, tune_key, tuned, failed_by.get(label))
+            ceiling = at_ceiling(searched, score)
         rows.append(Row(label, {k: field(runs[0], k) for k in keys}, runs, [metrics(r) for r in runs], tuned, tried,
                         edge, ceiling))
     return rows, columns({row.label: row.flat for row in rows}, keep)

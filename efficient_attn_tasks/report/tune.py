@@ -24,8 +24,8 @@ def _hashable(value: Any) -> Any:
 
 
 def tune(runs: list[dict[str, Any]], key: str, label: str = "",
-         failed: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], Any, int]:
-    """(the runs of the chosen ``key`` value, that value, how many values the runs tried).
+         failed: list[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], Any, int, float]:
+    """(the runs of the chosen ``key`` value, that value, how many values the runs tried, its mean score).
 
     The chosen value has the best mean of ``metrics.val_best`` over the seeds that every value was run with
     (all its runs when no seed is common): the largest, or the smallest when the monitor is loss-like (see
@@ -40,7 +40,7 @@ def tune(runs: list[dict[str, Any]], key: str, label: str = "",
         raise SystemExit(f"--tune {key}: no run of row {label!r} has a finite metrics.val_best")
     pick = min if minimises(runs) else max
     best = pick(candidates, key=lambda v: statistics.mean(scores[v]))
-    return by_value[best], best, len(by_value)
+    return by_value[best], best, len(by_value), statistics.mean(scores[best])
 
 
 def _scores(runs: list[dict[str, Any]], key: str, failed: list[dict[str, Any]] | None
@@ -62,16 +62,13 @@ def _scores(runs: list[dict[str, Any]], key: str, failed: list[dict[str, Any]] |
     return by_value, {v: [x for seed, x in score_of[v].items() if not common or seed in common] for v in by_value}
 
 
-def at_ceiling(runs: list[dict[str, Any]], key: str, chosen: Any,
-               failed: list[dict[str, Any]] | None = None) -> bool:
-    """Whether ``chosen``'s score in ``tune`` is the best its monitor can take (1 for an accuracy-like monitor whose
-    values lie in [0, 1], maximised), so that no value outside the grid can beat it; False for an unbounded one."""
-    _, scores = _scores(runs, key, failed)
+def at_ceiling(runs: list[dict[str, Any]], score: float) -> bool:
+    """Whether ``score`` (the chosen value's mean in ``tune``) is the best the runs' monitor can take (1 for an
+    accuracy-like monitor whose values lie in [0, 1], maximised), so that no value outside the grid can beat it;
+    False for an unbounded one."""
     values = [r["metrics"]["val_best"] for r in runs]
     bounds = metric_bounds(str(runs[0]["metrics"]["monitor"]), values, {})
-    if bounds is None or not scores.get(chosen):
-        return False
-    return statistics.mean(scores[chosen]) == (bounds[0] if minimises(runs) else bounds[1])
+    return bounds is not None and score == (bounds[0] if minimises(runs) else bounds[1])
 
 
 def at_edge(runs: list[dict[str, Any]], key: str, chosen: Any) -> bool:
