@@ -212,3 +212,17 @@ def test_summary_line_reads_the_record():
     older = finished()
     older.attention_config = None  # a format 1 record: the registry name
     assert summary_line(older).startswith("[listops / favor] ")
+
+
+def test_hardware_names_the_cpu_family_and_the_isa_torch_dispatches_to(monkeypatch):
+    import torch
+
+    from efficient_attn_tasks.run import machine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    text = machine.hardware()
+    assert f"{torch.backends.cpu.get_cpu_capability()})" in text, text
+    assert text.endswith(f", {torch.get_num_threads()} threads"), text
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and "cpu family" in cpuinfo.read_text():
+        assert "family " in text and " model " in text, text

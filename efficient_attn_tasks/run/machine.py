@@ -38,18 +38,25 @@ def peak_memory_mib() -> float:
 
 
 def hardware() -> str:
+    """The GPU, or the CPU: its name, family and model, the vector ISA torch dispatches to (two CPUs sold under
+    one name can round differently, and a run near a learning transition can then end differently) and the
+    thread count."""
     import torch
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     cpu = platform.processor() or platform.machine()
+    info: dict[str, str] = {}
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())  # the first processor's fields
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    cpu = info.get("model name", cpu)
+    detail = [f"family {info['cpu family']} model {info['model']}"] if "cpu family" in info and "model" in info else []
+    detail.append(torch.backends.cpu.get_cpu_capability())
+    return f"{cpu} ({', '.join(detail)}), {torch.get_num_threads()} threads"
 
 
 def versions() -> dict[str, str]:
