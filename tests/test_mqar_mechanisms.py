@@ -198,3 +198,21 @@ def test_accuracy_splits_at_the_reach():
     correct = torch.tensor([True, True, False, False, True])
     assert by_reach(distances, correct, 5) == {"reach_stack": 0.4, "acc_near": 1.0, "acc_far": pytest.approx(1 / 3)}
     assert math.isnan(by_reach(distances, correct, 10)["acc_far"])  # every key within reach
+
+
+def test_keep_reads_earlier_rows_back_and_replaces_only_the_runs_measured_again(tmp_path):
+    from tools.mqar_mechanisms import kept_rows, merged, write
+
+    def row(run, acc, **extra):
+        return {"run": run, "attention": "linear", "seq_len": 64, "num_kv_pairs": 2, "d_model": 64, "lr": 1e-4,
+                "seed": 0, "acc": acc, "acc_pair0": acc, "acc_pair1": acc, "kl_softmax_model": math.inf, **extra}
+
+    old = [row("a", 0.5, reach1=0.25), row("c", 0.125)]
+    write(old, tmp_path / "mech")
+    first = (tmp_path / "mech.csv").read_text()
+    assert kept_rows(tmp_path / "mech.csv") == old  # numbers come back as numbers, empty cells stay absent
+    write(kept_rows(tmp_path / "mech.csv"), tmp_path / "mech")
+    assert (tmp_path / "mech.csv").read_text() == first  # a kept row is written back as it was
+    rows = merged(kept_rows(tmp_path / "mech.csv"), [row("c", 0.75), row("b", 1.0)])
+    assert [(r["run"], r["acc"]) for r in rows] == [("a", 0.5), ("b", 1.0), ("c", 0.75)]
+    assert kept_rows(tmp_path / "missing.csv") == []

@@ -137,12 +137,38 @@ def write(rows: list[dict[str, Any]], out: Path) -> None:
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def kept_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of an earlier OUT.csv, numbers read back as int or float (empty cells dropped)."""
+    if not path.is_file():
+        return []
+
+    def number(text: str) -> int | float | str:
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+
+    with open(path, newline="") as f:
+        return [{key: number(value) for key, value in row.items() if value != ""} for row in csv.DictReader(f)]
+
+
+def merged(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Old rows of runs not in ``new``, and ``new``, sorted by run dir name (the order a sweep is read in)."""
+    measured = {r["run"] for r in new}
+    return sorted([r for r in old if r["run"] not in measured] + new, key=lambda r: r["run"])
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", type=Path, help="an MQAR sweep dir (run dirs with results.json and checkpoints/)")
     p.add_argument("--out", type=Path, required=True, help="OUT.csv and OUT.md are written (suffix replaced)")
     p.add_argument("--rows-batch", type=int, default=32, help="test sequences the attention rows are measured on")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--keep", action="store_true",
+                   help="keep OUT.csv's rows of runs this sweep does not measure (their checkpoints are on another "
+                        "machine); a run measured here replaces its old row")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
@@ -164,6 +190,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               f"acc={r['acc']:.3f} in_context={r['in_context']:.3f} rows={r['rows']}", flush=True)
     if not rows:
         raise SystemExit(f"{a.sweep}: no run could be measured")
+    if a.keep:
+        rows = merged(kept_rows(a.out.with_suffix(".csv")), rows)
     write(rows, a.out)
     print(f"wrote {a.out.with_suffix('.csv')} {a.out.with_suffix('.md')}")
     return rows
