@@ -139,19 +139,12 @@ def write(rows: list[dict[str, Any]], out: Path) -> None:
 
 def kept_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of an earlier OUT.csv, numbers read back as int or float (empty cells dropped)."""
+    from efficient_attn_tasks.report.runs import parse_number
+
     if not path.is_file():
         return []
-
-    def number(text: str) -> int | float | str:
-        for kind in (int, float):
-            try:
-                return kind(text)
-            except ValueError:
-                pass
-        return text
-
     with open(path, newline="") as f:
-        return [{key: number(value) for key, value in row.items() if value != ""} for row in csv.DictReader(f)]
+        return [{key: parse_number(value) for key, value in row.items() if value != ""} for row in csv.DictReader(f)]
 
 
 def merged(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:

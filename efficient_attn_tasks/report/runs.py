@@ -84,11 +84,12 @@ def parse_defaults(items: list[str] | None) -> dict[str, Any]:
         key, sep, raw = text.partition("=")
         if not sep or not key.startswith("config.") or not raw:
             raise SystemExit(f"--default {text!r}: expected config.<dotted.key>=VALUE, e.g. config.transfer_steps=0")
-        defaults[key] = _number(raw)
+        defaults[key] = parse_number(raw)
     return defaults
 
 
-def _number(text: str) -> Any:
+def parse_number(text: str) -> Any:
+    """"3" -> 3, "0.5" -> 0.5, "inf" -> inf; other text as it is."""
     for kind in (int, float):
         try:
             return kind(text)
