@@ -38,9 +38,7 @@ def peak_memory_mib() -> float:
 
 
 def hardware() -> str:
-    """The GPU, or the CPU: its name, family and model, the vector ISA torch dispatches to (two CPUs sold under
-    one name can round differently, and a run near a learning transition can then end differently) and the
-    thread count."""
+    """The GPU, or the CPU's name, family/model and the vector ISA torch dispatches to, and the thread count."""
     import torch
 
     if torch.cuda.is_available():
