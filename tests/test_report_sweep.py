@@ -128,6 +128,23 @@ def test_tune_counts_a_diverged_run_as_the_worst_score_of_its_value(tmp_path, ca
     assert row["best optim.lr"] == "0.001 (edge)" and row["n"] == "2"
 
 
+def test_a_value_whose_every_run_diverged_was_tried_so_its_neighbour_is_not_at_the_edge(tmp_path, capsys):
+    """1e-2 diverged on both seeds: 1e-3 is the largest finished value but not the largest tried."""
+    for seed in (0, 1):
+        write_run(tmp_path, "softmax", seed, lr=1e-4, val=0.5, acc=0.5)
+        write_run(tmp_path, "softmax", seed, lr=1e-3, val=0.9, acc=0.9)
+        write_run(tmp_path, "softmax", seed, lr=1e-2, val=0.99, acc=0.99)
+    for run in sorted(tmp_path.iterdir()):
+        record = json.loads((run / "results.json").read_text())
+        if record["config"]["optim"]["lr"] == 1e-2:
+            record.update(status="failed", metrics=None, steps=3,
+                          error={"type": "FloatingPointError", "message": "non-finite loss", "traceback": ""})
+            (run / "results.json").write_text(json.dumps(record))
+    main([str(tmp_path), "--rows", ROWS, "--tune", "config.optim.lr", "--metrics", "test/acc"])
+    row = table_rows(capsys.readouterr().out)["softmax / 64"]
+    assert row["best optim.lr"] == "0.001" and row["n"] == "2"
+
+
 def test_tune_key_among_rows_is_an_error(tmp_path):
     lr_sweep(tmp_path)
     with pytest.raises(SystemExit):

@@ -9,7 +9,7 @@ import pytest
 
 from efficient_attn_tasks.report.cells import parse_bounds
 from efficient_attn_tasks.run.record import Metrics, RunError, RunRecord
-from tools.mqar_protocol import best_lr, item_overrides, launches, parse_item, progress, widens
+from tools.mqar_protocol import best_lr, extension, item_overrides, launches, next_rate, parse_item, progress, widens
 from tools.swap_in import parse_swap, summary
 
 
@@ -46,7 +46,7 @@ def test_a_diverged_run_is_not_launched_again_and_other_failures_are():
 
 
 def test_status_names_the_first_unfinished_stage_of_an_item():
-    args = argparse.Namespace(lrs=[1e-3, 1e-2], search_seeds=[0, 1], seeds=3, more_seeds=5, success=0.9)
+    args = argparse.Namespace(lrs=[1e-3, 1e-2], search_seeds=[0, 1], seeds=3, more_seeds=5, success=0.9, extend=0)
     blowup = RunRecord(seed=1, status="failed", config={"optim": {"lr": 1e-2}},
                        error=RunError("FloatingPointError", "non-finite loss or gradient at step 9"))
     crashed = RunRecord(seed=1, status="failed", config={"optim": {"lr": 1e-3}}, error=RunError("OSError", "disk"))
@@ -59,6 +59,39 @@ def test_status_names_the_first_unfinished_stage_of_an_item():
     disagree = search + [run(1e-3, 2, 0.99)]  # 2 of 3 succeed: widened to 5 seeds
     assert progress(disagree, args) == "widen at lr 0.001 3/5"
     assert progress(disagree + [run(1e-3, 3, 0.1), run(1e-3, 4, 0.9)], args) == "done at lr 0.001: 3/5 with val >= 0.9"
+
+
+def test_rates_are_half_a_decade_apart_past_either_end():
+    assert [next_rate(x, 1) for x in (1e-2, 3e-2, 1e-4, 3e-4)] == [3e-2, 1e-1, 3e-4, 1e-3]
+    assert [next_rate(x, -1) for x in (1e-4, 3e-5, 1e-2, 3e-3)] == [3e-5, 1e-5, 3e-3, 1e-3]
+
+
+def test_the_search_goes_past_an_end_that_holds_the_best_rate_below_the_ceiling():
+    args = argparse.Namespace(lrs=[1e-4, 1e-3, 1e-2], search_seeds=[0, 1], extend=2)
+    grid = [run(lr, s, v) for lr, v in ((1e-4, 0.2), (1e-3, 0.5)) for s in (0, 1)]
+    top = grid + [run(1e-2, 0, 0.9), run(1e-2, 1, 0.8), run(1e-2, 2, 0.1)]  # seed 2 is not a search seed
+    assert extension(top, args.lrs, args) == 3e-2
+    assert extension(top + [run(3e-2, 0, 0.95), run(3e-2, 1, 0.95)], args.lrs + [3e-2], args) == 1e-1
+    assert extension(top + [run(3e-2, 0, 0.1), run(3e-2, 1, None)], args.lrs + [3e-2], args) is None  # inside now
+    assert extension(top, args.lrs + [3e-2, 1e-1], args) is None  # --extend spent
+    perfect = grid + [run(1e-2, 0, 1.0), run(1e-2, 1, 1.0)]  # at ceiling: no rate outside can beat it
+    assert extension(perfect, args.lrs, args) is None
+    bottom = [run(1e-4, s, 0.9) for s in (0, 1)] + [run(lr, s, 0.3) for lr in (1e-3, 1e-2) for s in (0, 1)]
+    assert extension(bottom, args.lrs, args) == 3e-5
+    inside = [run(lr, s, v) for lr, v in ((1e-4, 0.2), (1e-3, 0.9), (1e-2, None)) for s in (0, 1)]
+    assert extension(inside, args.lrs, args) is None
+    tie = bottom + [run(3e-5, s, 0.9) for s in (0, 1)]  # an added rate ties the old end: the smaller wins
+    assert best_lr(tie, args.lrs + [3e-5], [0, 1]) == 3e-5 and extension(tie, args.lrs + [3e-5], args) == 1e-5
+
+
+def test_status_names_the_extension_in_flight_then_confirms_at_its_best_rate():
+    args = argparse.Namespace(lrs=[1e-3, 1e-2], search_seeds=[0, 1], seeds=3, more_seeds=3, success=0.9, extend=2)
+    search = [run(1e-3, s, 0.3) for s in (0, 1)] + [run(1e-2, s, 0.8) for s in (0, 1)]
+    assert progress(search, args) == "extend to lr 0.03 0/2"
+    search += [run(3e-2, 0, 0.95), run(3e-2, 1, 0.9)]
+    assert progress(search, args) == "extend to lr 0.1 0/2"
+    search += [run(1e-1, 0, 0.1), run(1e-1, 1, 0.1)]
+    assert progress(search, args) == "confirm at lr 0.03 2/3"
 
 
 def test_only_the_confirmed_seeds_decide_whether_an_item_widens():

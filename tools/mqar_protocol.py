@@ -7,7 +7,9 @@ then more seeds at the chosen rate, then more again where the seeds disagree abo
 An item is ``ATTENTION[+convK]:CELL:D_MODEL``. Stages, each one ``efficient-attn-train -m experiment=mqar/grid``
 call into SWEEP_DIR (``ckpt_path=last``: finished jobs are skipped, interrupted ones resume):
 
-1. search: every ``--lrs`` value × ``--search-seeds``;
+1. search: every ``--lrs`` value × ``--search-seeds``; while the best rate is the grid's smallest or largest and
+   its mean validation accuracy is below 1, half a decade more past that end (3e-2 after 1e-2), ``--extend``
+   rates at most;
 2. confirm: the learning rate with the best mean ``val_best`` over the search seeds, seeds up to ``--seeds``;
 3. widen: where the confirmed runs disagree about success (``val_best >= --success``), seeds up to ``--more-seeds``.
 
@@ -95,7 +97,13 @@ def progress(runs: list[RunRecord], args: argparse.Namespace) -> str:
     done, need = count(args.lrs, args.search_seeds)
     if done < need:
         return f"search {done}/{need}"
-    lr = best_lr(runs, args.lrs, args.search_seeds)
+    lrs = list(args.lrs)
+    while (more := extension(runs, lrs, args)) is not None:
+        lrs.append(more)
+        done, need = count([more], args.search_seeds)
+        if done < need:
+            return f"extend to lr {more:g} {done}/{need}"
+    lr = best_lr(runs, lrs, args.search_seeds)
     chosen = [r for r in runs if r.status == "ok" and same(r.config["optim"]["lr"], lr)]
     stages = [("confirm", args.seeds)]
     if widens(chosen, args):
@@ -122,15 +130,42 @@ def records(sweep: Path, name: str, conv: int, cell_len: tuple[int, int], width:
     return found
 
 
-def best_lr(runs: list[RunRecord], lrs: list[float], seeds: list[int]) -> float | None:
-    """The rate with the best mean val_best over the search seeds; a failed (diverged) run scores the worst."""
+def mean_scores(runs: list[RunRecord], lrs: list[float], seeds: list[int]) -> dict[float, float]:
+    """Each rate's mean val_best over the search seeds, ascending by rate; a failed (diverged) run scores the
+    worst."""
     def score(r: RunRecord) -> float:
         return r.metrics.val_best if r.status == "ok" else -math.inf
 
     scores = {lr: [score(r) for r in runs if same(r.config["optim"]["lr"], lr) and r.seed in seeds]
-              for lr in lrs}
-    scored = {lr: statistics.mean(v) for lr, v in scores.items() if v}
+              for lr in sorted(lrs)}
+    return {lr: statistics.mean(v) for lr, v in scores.items() if v}
+
+
+def best_lr(runs: list[RunRecord], lrs: list[float], seeds: list[int]) -> float | None:
+    """The rate with the best mean val_best over the search seeds (ties to the smaller rate)."""
+    scored = mean_scores(runs, lrs, seeds)
     return max(scored, key=scored.get) if scored else None
+
+
+def next_rate(lr: float, step: int) -> float:
+    """Half a decade up (``step`` 1) or down (-1) on the 1-3-10 grid: 1e-2 → 3e-2, 1e-4 → 3e-5."""
+    return float(f"{10 ** ((round(2 * math.log10(lr)) + step) / 2):.0e}")
+
+
+def extension(runs: list[RunRecord], lrs: list[float], args: argparse.Namespace) -> float | None:
+    """The rate the search adds next: half a decade past the grid's end when the best rate is that end and its
+    mean validation accuracy is below 1 (a rate outside could beat it), ``--extend`` rates past ``--lrs`` at
+    most; None when the best rate is inside the grid (a diverged rate counts as tried), at ceiling, or the
+    extensions are spent."""
+    scored = mean_scores(runs, lrs, args.search_seeds)
+    if not scored or len(lrs) - len(args.lrs) >= args.extend:
+        return None
+    best = max(scored, key=scored.get)
+    if scored[best] >= 1:
+        return None
+    if same(best, max(lrs)):
+        return next_rate(best, 1)
+    return next_rate(best, -1) if same(best, min(lrs)) else None
 
 
 def cell_of(cell: str) -> tuple[int, int]:
@@ -152,7 +187,11 @@ def run_item(sweep: Path, item: str, args: argparse.Namespace) -> None:
             train(sweep, overrides, rates, kept, args.extra)
 
     stage(args.lrs, args.search_seeds)
-    lr = best_lr(found(), args.lrs, args.search_seeds)
+    lrs = list(args.lrs)
+    while (more := extension(found(), lrs, args)) is not None:
+        lrs.append(more)
+        stage([more], args.search_seeds)
+    lr = best_lr(found(), lrs, args.search_seeds)
     if lr is None:
         print(f"{item}: no finished search run", flush=True)
         return
@@ -181,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("sweep", type=Path)
     p.add_argument("--items", nargs="+", required=True)
     p.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")], default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2])
+    p.add_argument("--extend", type=int, default=2, help="rates the search may add past an end of --lrs")
     p.add_argument("--search-seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--more-seeds", type=int, default=10)

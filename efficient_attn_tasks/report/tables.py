@@ -60,7 +60,7 @@ def build(records: list[dict[str, Any]], keys: list[str], keep: list[str] | None
         if tune_key is not None:
             searched = runs
             runs, tuned, tried, score = tune(runs, tune_key, label, failed_by.get(label))
-            edge = at_edge(searched, tune_key, tuned)
+            edge = at_edge(searched + failed_by.get(label, []), tune_key, tuned)
             ceiling = at_ceiling(searched, score)
         rows.append(Row(label, {k: field(runs[0], k) for k in keys}, runs, [metrics(r) for r in runs], tuned, tried,
                         edge, ceiling))

@@ -72,7 +72,8 @@ def at_ceiling(runs: list[dict[str, Any]], score: float) -> bool:
 
 
 def at_edge(runs: list[dict[str, Any]], key: str, chosen: Any) -> bool:
-    """Whether ``chosen`` is the smallest or the largest of the ``key`` values the runs tried (two or more)."""
+    """Whether ``chosen`` is the smallest or the largest of the ``key`` values the runs tried (two or more; a
+    failed run's value was tried)."""
     tried = sorted({_hashable(field(r, key)) for r in runs}, key=sort_key)
     return len(tried) >= 2 and chosen in (tried[0], tried[-1])
 
